@@ -1,0 +1,173 @@
+"""``ember`` command line: a thin layer over the Python API (every option has an API twin).
+
+Errors an input can cause (EmberError) print as one line on stderr with exit code 2,
+not a traceback; ``EMBER_DEBUG=1`` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from ember.errors import EmberError
+
+# Subcommands that live with their feature: module path -> function add_parser(subparsers).
+EXTENSIONS = [
+    "ember.runtime.diffusion.cli",
+    "ember.server.cli",
+    "ember.bench.cli",
+    "ember.compiler.check_cli",
+]
+
+
+def _add_compile(sub) -> None:
+    p = sub.add_parser("compile", help="compile a model source into an engine folder")
+    p.add_argument("source", help="a local Hugging Face model folder, or a built-in config "
+                                  "(gpt2-tiny, gpt2-124m, llama-tiny, llama-1b, sd-tiny, sd-small)")
+    p.add_argument("-o", "--output", help="engine folder to write (default: artifacts/<name>)")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+    p.add_argument("--quantize", choices=["int8", "fp8", "int8-weights"], help="insert Q/DQ nodes (TensorRT-compatible)")
+    p.add_argument("--calib", help="calibration prompts: a text file (one per line) or a JSON list")
+    p.add_argument("--calib-method", default="max", choices=["max", "percentile", "entropy"])
+    p.add_argument("--smoothquant", type=float, metavar="ALPHA", help="SmoothQuant migration strength (e.g. 0.5)")
+    p.add_argument("--max-error", type=float, help="fail if the quantized engine's relative error exceeds this")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (one engine per rank)")
+    p.add_argument("--seed", type=int, default=0, help="seed of a built-in config's random weights")
+    p.add_argument("--no-validate", action="store_true", help="skip the ONNX-vs-torch check after export")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_compile)
+    try:
+        from ember.runtime.diffusion.cli import add_diffusion_compile_args
+
+        add_diffusion_compile_args(p)
+    except ImportError:
+        pass
+
+
+def _is_diffusion_source(source: str) -> bool:
+    return source.startswith("sd-") or (Path(source) / "model_index.json").exists()
+
+
+def _cmd_compile(a) -> int:
+    out = a.output or str(Path("artifacts") / Path(a.source.rstrip("/")).name)
+    if _is_diffusion_source(a.source):
+        from ember.runtime.diffusion.cli import run_diffusion_compile
+
+        return run_diffusion_compile(a, out)
+    from ember.compiler.compile import CompileOptions, compile_decoder
+
+    opts = CompileOptions(backend=a.backend, dtype=a.dtype, quantize=a.quantize, calib=a.calib,
+                          calib_method=a.calib_method, smoothquant=a.smoothquant, max_error=a.max_error,
+                          seed=a.seed, validate=not a.no_validate, tp=a.tp, quiet=a.quiet)
+    compile_decoder(a.source, out, opts)
+    return 0
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="print an engine folder's manifest in human form")
+    p.add_argument("folder")
+    p.add_argument("--json", action="store_true", help="print the raw manifest JSON")
+    p.set_defaults(func=_cmd_inspect)
+
+
+def _cmd_inspect(a) -> int:
+    from ember.compiler.inspect import describe
+    from ember.compiler.manifest import read_manifest
+
+    m = read_manifest(a.folder)
+    print(m.to_json() if a.json else describe(m, Path(a.folder)))
+    return 0
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with a compiled decoder")
+    p.add_argument("folder")
+    p.add_argument("prompt", nargs="+", help="one or more prompts (batched together)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    p.add_argument("--tp", type=int, default=None, help="(tensor-parallel folders) number of ranks to launch")
+    p.add_argument("--no-stream", action="store_true", help="print whole completions at the end")
+    p.add_argument("--json", action="store_true", help="print completions as JSON lines")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _cmd_generate(a) -> int:
+    import ember
+
+    opts = {"threads": a.threads, "device": a.device}
+    if a.tp is not None:
+        opts["tp"] = a.tp
+    t0 = time.perf_counter()
+    with ember.load(a.folder, **opts) as eng:
+        load_s = time.perf_counter() - t0
+        stream_one = len(a.prompt) == 1 and not a.no_stream and not a.json
+
+        def on_token(i, ev):
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+
+        t1 = time.perf_counter()
+        res = eng.generate(a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                           top_p=a.top_p, seed=a.seed, stop=a.stop, ignore_eos=a.ignore_eos,
+                           stream=on_token if stream_one else None)
+        dt = time.perf_counter() - t1
+    if stream_one:
+        print()
+    for i, c in enumerate(res):
+        if a.json:
+            print(json.dumps({"prompt": a.prompt[i], "text": c.text, "token_ids": c.token_ids,
+                              "finish_reason": c.finish_reason.value}))
+        elif not stream_one:
+            print(f"--- [{i}] {a.prompt[i]!r} ({c.finish_reason.value})\n{c.text}")
+    n = sum(len(c.token_ids) for c in res)
+    print(f"[ember] {n} tokens in {dt:.2f} s ({n / max(dt, 1e-9):.1f} tok/s), load {load_s:.2f} s", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ember", description="Ember: compile generative models, then run them.")
+    parser.add_argument("--version", action="version", version=f"ember {__import__('ember').__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_compile(sub)
+    _add_inspect(sub)
+    _add_generate(sub)
+    for mod in EXTENSIONS:
+        try:
+            m = importlib.import_module(mod)
+        except ImportError as e:
+            if e.name and mod.startswith(e.name):  # the feature is not present in this build
+                continue
+            raise
+        m.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        return a.func(a) or 0
+    except EmberError as e:
+        if os.environ.get("EMBER_DEBUG"):
+            raise
+        print(f"ember: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ember: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

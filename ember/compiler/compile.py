@@ -1,0 +1,143 @@
+"""The decoder compile plan: source -> step graph ONNX -> passes -> backend engine -> folder.
+
+``compile_decoder`` is the API behind ``ember compile``; every CLI option is a field of
+``CompileOptions``. The folder is written atomically (see ``artifact.atomic_folder``).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import onnx
+
+from ember.compiler import manifest as mf
+from ember.compiler.artifact import atomic_folder, write_manifest
+from ember.compiler.onnx_io import io_specs
+from ember.errors import ConfigError, EmberError
+from ember.progress import StageLog
+
+BACKENDS = ("onnxruntime", "tensorrt")
+DTYPES = ("fp32", "fp16")
+QUANT_SCHEMES = ("int8", "fp8", "int8-weights")
+STEP_FILE = "step.onnx"
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    backend: str = "onnxruntime"
+    dtype: str = "fp32"
+    quantize: str | None = None  # int8 | fp8 | int8-weights
+    calib: str | None = None  # file of calibration prompts (one per line, or a JSON list)
+    calib_method: str = "max"  # max | percentile | entropy
+    smoothquant: float | None = None  # SmoothQuant alpha
+    max_error: float | None = None  # fail compile if the quantized engine's relative error exceeds this
+    seed: int = 0  # seed of built-in configs' random weights
+    validate: bool = True  # check the ONNX against torch after export
+    max_validation_error: float = 1e-3  # relative; beyond it the export is considered broken
+    tp: int = 1
+    overwrite: bool = True
+    quiet: bool = False
+    extra: dict = field(default_factory=dict)  # backend-specific (TensorRT profiles, ...)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"--backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.quantize is not None and self.quantize not in QUANT_SCHEMES:
+            raise ConfigError(f"--quantize {self.quantize!r} is not one of {', '.join(QUANT_SCHEMES)}")
+        if self.tp < 1:
+            raise ConfigError(f"--tp {self.tp} must be >= 1")
+
+
+def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions = CompileOptions()) -> mf.Manifest:
+    """Compile a decoder SOURCE (HF folder or built-in name) into the engine folder ``out``."""
+    from ember.export.onnx_export import check_against_torch, export_step_graph, save_onnx
+    from ember.export.sources import resolve_decoder_source
+
+    passes = [p for p in (options.dtype == "fp16", options.quantize) if p]
+    log = StageLog(total=5 + len(passes) + int(options.validate) - 1, quiet=options.quiet)
+    with log.stage(f"loading model source {source}"):
+        src = resolve_decoder_source(source, seed=options.seed)
+        c = src.config
+        log.note(f"{c.family}: {c.num_layers} layers, hidden {c.hidden_size}, heads {c.num_heads}/{c.num_kv_heads} kv, "
+                 f"vocab {c.vocab_size}, {sum(p.numel() for p in src.model.parameters()) / 1e6:.1f} M parameters")
+    with atomic_folder(out, overwrite=options.overwrite) as tmp:
+        step_path = tmp / STEP_FILE
+        with log.stage("exporting the step graph to ONNX"):
+            export_step_graph(src.model, c, step_path)
+        check = None
+        if options.validate:
+            with log.stage("validating ONNX against torch"):
+                check = check_against_torch(src.model, c, step_path)
+                log.note(f"max abs error {check.max_abs_error:.2e}, max rel error {check.max_rel_error:.2e} ({check.worst_output})")
+                if check.max_rel_error > options.max_validation_error:
+                    raise EmberError(
+                        f"exported graph differs from the torch model (relative error {check.max_rel_error:.2e} "
+                        f"on {check.worst_output}); this is an Ember export bug: please report it with the source"
+                    )
+        quant_info = None
+        proto = onnx.load(str(step_path))
+        if options.dtype == "fp16":
+            with log.stage("converting to FP16"):
+                from ember.passes.fp16 import convert_to_fp16
+
+                proto = convert_to_fp16(proto)
+        if options.quantize:
+            with log.stage(f"quantizing ({options.quantize}, calibration {options.calib_method})"):
+                from ember.compiler.quantize_step import quantize_step_graph
+
+                proto, quant_info = quantize_step_graph(proto, src, options, tmp, log)
+        if passes:
+            for f in tmp.glob(STEP_FILE + "*"):
+                f.unlink()
+            save_onnx(proto, step_path)
+        files = sorted(f.name for f in tmp.glob(STEP_FILE + "*"))
+        with log.stage(f"building the {options.backend} engine"):
+            part = _build_part(tmp, "step", step_path, files, options)
+        with log.stage("writing tokenizer and manifest"):
+            tokenizer = None
+            if src.tokenizer is not None:
+                (tmp / "tokenizer").mkdir()
+                src.tokenizer.save(str(tmp / "tokenizer" / "tokenizer.json"))
+                tokenizer = {"file": "tokenizer/tokenizer.json"}
+            build = mf.build_environment()
+            build["compile_times_s"] = log.times
+            m = mf.Manifest(
+                kind="decoder",
+                model={"name": src.name, "family": c.family, "origin": src.origin, "seed": src.seed, "config": c.to_dict()},
+                parts=[part],
+                tokenizer=tokenizer,
+                quantization=quant_info,
+                build=build,
+                tables=[mf.file_record(tmp, t) for t in sorted(_tables(tmp))],
+                extra={"dtype": options.dtype, "export_check": check.to_dict() if check else None,
+                       "options": {k: v for k, v in asdict(options).items() if k not in ("quiet", "overwrite")}},
+            )
+            write_manifest(tmp, m)
+    if not options.quiet:
+        total = sum((Path(out) / f).stat().st_size for f in files)
+        log.note(f"wrote {out} ({total / 1e6:.1f} MB engine)")
+    return m
+
+
+def _tables(folder: Path) -> list[str]:
+    return [p.relative_to(folder).as_posix() for p in folder.glob("tables/*") if p.is_file()]
+
+
+def _build_part(folder: Path, name: str, onnx_path: Path, files: list[str], options: CompileOptions) -> mf.EnginePart:
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    inputs, outputs = io_specs(proto)
+    ext = [mf.file_record(folder, f) for f in files if f != onnx_path.name]
+    if options.backend == "onnxruntime":
+        from ember.compiler.backends.onnxruntime import check_loads
+
+        check_loads(onnx_path)
+        rec = mf.file_record(folder, onnx_path.name)
+        return mf.EnginePart(name=name, backend="onnxruntime", file=rec["file"], sha256=rec["sha256"], size=rec["size"],
+                             inputs=inputs, outputs=outputs, external_data=ext, extra={"dtype": options.dtype})
+    from ember.compiler.backends.tensorrt import build_plan_part
+
+    return build_plan_part(folder, name, onnx_path, inputs, outputs, options)

@@ -1,0 +1,65 @@
+"""Accuracy of a quantized graph against its float original, on held-out inputs."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ember.errors import ConfigError
+from ember.passes.quant_graph import ort_session
+
+
+def accuracy_report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
+                    feeds: Sequence[dict[str, np.ndarray]], logits_output: str = "logits",
+                    threads: int = 0) -> dict[str, Any]:
+    """Run both graphs in ONNX Runtime on every feed and compare every output.
+
+    Per output: ``rel_error`` = ||q - f||_2 / ||f||_2 over all feeds, ``max_abs_error``.
+    For ``logits_output`` (last axis = vocabulary): ``top1_agreement`` = fraction of rows whose
+    argmax matches, over ``rows`` rows. ``max_rel_error`` is the worst output's rel_error.
+    """
+    if not feeds:
+        raise ConfigError("accuracy_report needs at least one held-out feed")
+    f_sess, q_sess = ort_session(float_model, threads), ort_session(quant_model, threads)
+    names = [o.name for o in f_sess.get_outputs()]
+    diff2 = dict.fromkeys(names, 0.0)
+    ref2 = dict.fromkeys(names, 0.0)
+    max_abs = dict.fromkeys(names, 0.0)
+    agree = rows = 0
+    for feed in feeds:
+        ref = dict(zip(names, f_sess.run(names, feed)))
+        got = dict(zip(names, q_sess.run(names, feed)))
+        for n in names:
+            r, g = ref[n].astype(np.float64), got[n].astype(np.float64)
+            if r.size == 0:
+                continue
+            diff2[n] += float(np.sum((g - r) ** 2))
+            ref2[n] += float(np.sum(r ** 2))
+            max_abs[n] = max(max_abs[n], float(np.max(np.abs(g - r))))
+        if logits_output in ref:
+            r = ref[logits_output].reshape(-1, ref[logits_output].shape[-1])
+            g = got[logits_output].reshape(r.shape)
+            agree += int(np.sum(np.argmax(r, -1) == np.argmax(g, -1)))
+            rows += r.shape[0]
+    outputs = {n: {"rel_error": float(np.sqrt(diff2[n] / ref2[n])) if ref2[n] > 0 else float(np.sqrt(diff2[n])),
+                   "max_abs_error": max_abs[n]} for n in names}
+    report: dict[str, Any] = {
+        "feeds": len(feeds),
+        "outputs": outputs,
+        "max_rel_error": max(o["rel_error"] for o in outputs.values()),
+        "worst_output": max(outputs, key=lambda n: outputs[n]["rel_error"]),
+    }
+    if rows:
+        report["top1_agreement"] = agree / rows
+        report["rows"] = rows
+    return report
+
+
+def format_accuracy(report: dict[str, Any]) -> str:
+    """One line for compile logs."""
+    line = f"max rel error {report['max_rel_error']:.3%} ({report['worst_output']}) over {report['feeds']} feeds"
+    if "top1_agreement" in report:
+        line += f"; top-1 agreement {report['top1_agreement']:.2%} over {report['rows']} rows"
+    return line

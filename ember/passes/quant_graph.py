@@ -1,0 +1,185 @@
+"""Graph plumbing shared by the quantization pass: an index of producers/consumers/constants,
+opset handling, and an ONNX Runtime session over an in-memory model.
+
+Nothing here decides *what* to quantize (that is ``quant_plan``) or *how* (``quant_insert``).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ember.errors import ConfigError
+
+# Ops that only move or view data: per-tensor quantization commutes with them, so a Q/DQ pair
+# belongs *before* them (TensorRT propagates Q/DQ across them; ONNX Runtime's QDQ propagation
+# moves the DQ back down to the consumer).
+DATA_MOVEMENT_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})
+# Ops whose outputs never get a Q/DQ pair (DESIGN §6).
+NO_QDQ_OUTPUT_OPS = frozenset({"Concat", "Softmax", "Reshape", "Transpose"})
+# ONNX protobufs are capped at 2 GiB; above this, sessions load from a temporary file.
+_INLINE_LIMIT = 1 << 30
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The version of the default ("" / "ai.onnx") domain the model imports."""
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    raise ConfigError("the model imports no default-domain opset; re-export it with torch.onnx.export(opset_version=17)")
+
+
+def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """Convert ``model`` to default-domain opset ``target`` (new model) with onnx's version converter."""
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(model, target)
+    except Exception as e:  # the converter raises plain RuntimeErrors with adapter names
+        raise ConfigError(
+            f"could not convert the model from opset {default_opset(model)} to {target} ({e}); "
+            f"re-export it with torch.onnx.export(opset_version={target})"
+        ) from e
+
+
+@dataclass
+class GraphIndex:
+    """Producers, consumers and constant values of one graph (a snapshot: rebuild after edits)."""
+
+    graph: onnx.GraphProto
+    producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
+    consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=lambda: defaultdict(list))
+    initializers: dict[str, onnx.TensorProto] = field(default_factory=dict)
+    graph_outputs: set[str] = field(default_factory=set)
+
+    @staticmethod
+    def build(graph: onnx.GraphProto) -> "GraphIndex":
+        idx = GraphIndex(graph)
+        idx.initializers = {t.name: t for t in graph.initializer}
+        idx.graph_outputs = {o.name for o in graph.output}
+        for node in graph.node:
+            for o in node.output:
+                idx.producer[o] = node
+            for i in node.input:
+                if i:
+                    idx.consumers[i].append(node)
+        return idx
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of ``name`` if it is an initializer or a Constant node's output, else None."""
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t)
+        return None
+
+    def is_constant(self, name: str) -> bool:
+        return name in self.initializers or (name in self.producer and self.producer[name].op_type == "Constant")
+
+    def constant_weight(self, name: str) -> tuple[np.ndarray, list[onnx.NodeProto]] | None:
+        """A constant weight, possibly behind Transpose nodes of a constant (folded here).
+
+        Returns (value, the Transpose nodes folded) or None when ``name`` is computed at run time.
+        """
+        folded: list[onnx.NodeProto] = []
+        perms: list[list[int] | None] = []
+        cur = name
+        while not self.is_constant(cur):
+            node = self.producer.get(cur)
+            if node is None or node.op_type != "Transpose":
+                return None
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            folded.append(node)
+            perms.append(perm)
+            cur = node.input[0]
+        value = self.constant(cur)
+        assert value is not None
+        for perm in reversed(perms):
+            value = np.transpose(value, perm)
+        return np.ascontiguousarray(value), folded
+
+    def source_through_movement(self, name: str) -> str:
+        """Walk up single-consumer data-movement ops from ``name``; the highest tensor reached.
+
+        A Q/DQ pair placed there sits above the Reshape/Transpose chain instead of on a
+        Reshape/Transpose output; the chain's first op is then ``consumers[result][0]``.
+        """
+        cur = name
+        while True:
+            node = self.producer.get(cur)
+            if node is None or node.op_type not in DATA_MOVEMENT_OPS:
+                return cur
+            up = node.input[0]
+            if len(self.consumers[up]) != 1 or self.is_constant(up) or up in self.graph_outputs:
+                return cur
+            cur = up
+
+
+def topological_order(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+    """``nodes`` sorted so every input is produced before use; ties keep the given order (Kahn)."""
+    import heapq
+
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+    waiting = [0] * len(nodes)
+    readers: dict[int, list[int]] = defaultdict(list)
+    for i, n in enumerate(nodes):
+        deps = {producer[x] for x in n.input if x and x not in available and x in producer}
+        waiting[i] = len(deps)
+        for d in deps:
+            readers[d].append(i)
+    heap = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(heap)
+    out = []
+    while heap:
+        i = heapq.heappop(heap)
+        out.append(nodes[i])
+        for r in readers[i]:
+            waiting[r] -= 1
+            if waiting[r] == 0:
+                heapq.heappush(heap, r)
+    if len(out) != len(nodes):
+        raise ValueError("the rewritten graph has a cycle")
+    return out
+
+
+def unique_name(taken: set[str], base: str) -> str:
+    """``base`` or ``base_N``, not in ``taken``; adds the result to ``taken``."""
+    name, n = base, 1
+    while name in taken:
+        name, n = f"{base}_{n}", n + 1
+    taken.add(name)
+    return name
+
+
+def all_names(model: onnx.ModelProto) -> set[str]:
+    g = model.graph
+    names = {t.name for t in g.initializer} | {v.name for v in g.input} | {n.name for n in g.node}
+    for node in g.node:
+        names.update(node.output)
+    return names
+
+
+def ort_session(model: onnx.ModelProto, threads: int = 0, optimized_path: str | None = None):
+    """An ONNX Runtime CPU session over ``model`` (through a temp file when it is too big to inline)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    if optimized_path:
+        so.optimized_model_filepath = optimized_path
+    if model.ByteSize() < _INLINE_LIMIT:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="model.data")
+        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])

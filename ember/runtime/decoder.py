@@ -1,0 +1,272 @@
+"""The decoder engine: requests in, tokens streamed out, every live sequence fused into one
+step per iteration (DESIGN §4). The loop is ``schedule -> execute -> update`` on a
+background thread that runs while there is work; ``submit`` is thread-safe.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence as Seq
+
+import numpy as np
+
+from ember.errors import EmberError, InputError
+from ember.runtime.detokenize import Detokenizer
+from ember.runtime.requests import Completion, FinishReason, RequestHandle, SamplingParams, TokenEvent
+from ember.runtime.sampling import sample_token
+from ember.runtime.scheduler import FusionScheduler, Phase, Sequence, StepPlan
+
+
+@dataclass
+class _RequestState:
+    handle: RequestHandle
+    rng: np.random.Generator | None
+    detok: Detokenizer
+    first_token_at: float | None = None
+    token_times: list[float] | None = None
+
+
+class DecoderEngine:
+    """Owns an executor (session + KV pool), a scheduler and the loop thread."""
+
+    def __init__(self, executor, scheduler: FusionScheduler, *, tokenizer=None, eos_token_id: int | None = None,
+                 max_positions: int, config: dict | None = None, manifest=None):
+        self.executor, self.scheduler = executor, scheduler
+        self.tokenizer, self.eos_token_id = tokenizer, eos_token_id
+        self.max_positions = max_positions
+        self.config, self.manifest = config or {}, manifest
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._ids = itertools.count()
+        self._cancel: list[Sequence] = []
+        self.counters = {"tokens_generated_total": 0, "requests_finished_total": 0, "iterations_total": 0,
+                         "prompt_tokens_total": 0, "requests_failed_total": 0}
+
+    # -- submission ------------------------------------------------------------------------
+    def encode(self, prompt: str | Seq[int]) -> np.ndarray:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InputError("this engine has no tokenizer: pass prompts as lists of token ids")
+            ids = self.tokenizer.encode(prompt).ids
+        else:
+            ids = [int(t) for t in prompt]
+            vocab = int(self.config.get("vocab_size", 1 << 62))
+            if any(t < 0 or t >= vocab for t in ids):
+                raise InputError(f"prompt token ids must be in [0, {vocab})")
+        if not ids:
+            raise InputError("prompt is empty: give at least one token")
+        if len(ids) >= self.max_positions:
+            raise InputError(
+                f"prompt has {len(ids)} tokens; the model's maximum sequence length is {self.max_positions} "
+                f"(prompt + generated tokens): shorten the prompt"
+            )
+        return np.asarray(ids, dtype=np.int64)
+
+    def submit(self, prompt: str | Seq[int], params: SamplingParams | None = None, **overrides: Any) -> RequestHandle:
+        """Queue one request; returns its streaming handle. Raises OverloadedError when full."""
+        if params is None:
+            params = SamplingParams(**overrides)
+        elif overrides:
+            params = SamplingParams(**{**params.__dict__, **overrides})
+        ids = self.encode(prompt)
+        reserved = min(len(ids) + params.max_new_tokens, self.max_positions)
+        rid = f"req-{next(self._ids)}"
+        seq = Sequence(request_id=rid, prompt_ids=ids, params=params, reserved=reserved)
+        handle = RequestHandle(rid, len(ids), lambda h, s=seq: self._request_cancel(s))
+        rng = np.random.default_rng(params.seed) if params.temperature > 0 else None
+        seq.payload = _RequestState(handle, rng, Detokenizer(self.tokenizer, params.stop), token_times=[])
+        with self._cv:
+            if self._closed:
+                raise EmberError("engine is closed")
+            self.scheduler.add(seq)
+            self.counters["prompt_tokens_total"] += len(ids)
+            self._ensure_loop()
+            self._cv.notify()
+        return handle
+
+    def generate(self, prompts: Seq[str | Seq[int]], max_new_tokens: int = 16, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: Seq[str] = (),
+                 ignore_eos: bool = False, stream: Callable[[int, TokenEvent], None] | None = None) -> list[Completion]:
+        """Run a list of prompts to completion (fused with anything else in flight).
+
+        ``seed`` seeds request i with ``seed + i`` so each prompt has its own stream.
+        ``stream(i, event)`` is called for each token of prompt i, from this thread.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        handles = []
+        for i, p in enumerate(prompts):
+            params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                    seed=None if seed is None else seed + i, stop=tuple(stop), ignore_eos=ignore_eos)
+            handles.append(self.submit(p, params))
+        if stream is not None:
+            for i, h in enumerate(handles):
+                for ev in h:
+                    stream(i, ev)
+        return [h.result() for h in handles]
+
+    def _request_cancel(self, seq: Sequence) -> None:
+        with self._cv:
+            seq.cancelled = True
+            self._cancel.append(seq)
+            self._cv.notify()
+
+    def stats(self) -> dict[str, Any]:
+        with self._cv:
+            running = self.scheduler.running
+            return {
+                "queue_depth": len(self.scheduler.waiting),
+                "running": len(running),
+                "kv_used_tokens": int(self.executor.used_tokens),
+                "kv_capacity_tokens": int(self.scheduler.kv_capacity_tokens),
+                "max_batch": self.scheduler.max_batch,
+                "slot_moves_total": self.scheduler.total_moves,
+                **self.counters,
+            }
+
+    # -- loop ------------------------------------------------------------------------------
+    def _ensure_loop(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="ember-engine", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and not self._cancel and not self.scheduler.has_work():
+                    self._cv.wait()
+                if self._closed:
+                    return
+                for seq in self._cancel:
+                    if seq.phase is not Phase.DONE:
+                        self._finish(seq, FinishReason.CANCELLED)
+                self._cancel.clear()
+                plan = self.scheduler.schedule()
+            if plan.empty and not plan.moves:
+                continue
+            try:
+                self._execute(plan)
+            except Exception as e:  # a failed step fails the requests in it, not the engine
+                self._fail_plan(plan, e)
+            self.counters["iterations_total"] += 1
+
+    def _execute(self, plan: StepPlan) -> None:
+        ex = self.executor
+        if plan.moves:
+            ex.move(plan.moves)
+        finished_prefill: list[tuple[Sequence, np.ndarray]] = []
+        for g in plan.prefill:
+            b, t = len(g.seqs), max(g.lengths)
+            ids = np.zeros((b, t), dtype=np.int64)
+            pos = np.zeros((b, t), dtype=np.int64)
+            for r, (s, n) in enumerate(zip(g.seqs, g.lengths)):
+                ids[r, :n] = s.prompt_ids[s.num_cached:s.num_cached + n]
+                pos[r, :n] = np.arange(s.num_cached, s.num_cached + n)
+            logits = ex.run(g.start, ids, pos, np.asarray(g.lengths, dtype=np.int64))
+            for r, (s, n) in enumerate(zip(g.seqs, g.lengths)):
+                s.num_cached += n
+                if s.num_cached == len(s.prompt_ids):
+                    finished_prefill.append((s, logits[r]))
+        decoded: list[tuple[Sequence, np.ndarray]] = []
+        if plan.decode_stop > plan.decode_start:
+            start, b = plan.decode_start, plan.decode_stop - plan.decode_start
+            ids = np.zeros((b, 1), dtype=np.int64)
+            pos = np.zeros((b, 1), dtype=np.int64)
+            new = np.zeros(b, dtype=np.int64)
+            for s in plan.decode_seqs:
+                r = s.slot - start
+                ids[r, 0], pos[r, 0], new[r] = s.next_input(), s.num_cached, 1
+            logits = ex.run(start, ids, pos, new)
+            for s in plan.decode_seqs:
+                s.num_cached += 1
+                decoded.append((s, logits[s.slot - start]))
+        now = time.perf_counter()
+        with self._cv:
+            for s, row in finished_prefill:
+                s.phase = Phase.DECODE
+                self._emit(s, row, now)
+            for s, row in decoded:
+                self._emit(s, row, now)
+
+    def _emit(self, s: Sequence, logits_row: np.ndarray, now: float) -> None:
+        """Sample the next token of ``s``, stream it, and finish the request if it is done."""
+        if s.phase is Phase.DONE:
+            return
+        st: _RequestState = s.payload
+        if s.cancelled:
+            self._finish(s, FinishReason.CANCELLED)
+            return
+        tok = sample_token(logits_row, s.params, st.rng)
+        s.generated.append(tok)
+        self.counters["tokens_generated_total"] += 1
+        if st.first_token_at is None:
+            st.first_token_at = now
+        st.token_times.append(now)
+        is_eos = tok == self.eos_token_id and not s.params.ignore_eos
+        delta = "" if is_eos else st.detok.add(s.generated)
+        st.handle._push(TokenEvent(tok, delta, len(s.generated) - 1))
+        if is_eos:
+            self._finish(s, FinishReason.EOS)
+        elif st.detok.stopped:
+            self._finish(s, FinishReason.STOP)
+        elif len(s.generated) >= s.params.max_new_tokens or s.total_tokens >= min(self.max_positions, self.scheduler.max_seq_len):
+            self._finish(s, FinishReason.LENGTH)
+
+    def _finish(self, s: Sequence, reason: FinishReason, error: str | None = None) -> None:
+        st: _RequestState = s.payload
+        slot = s.slot
+        self.scheduler.retire(s)
+        if slot is not None:
+            self.executor.release(slot)
+        tail = st.detok.flush() if reason not in (FinishReason.CANCELLED, FinishReason.ERROR) else ""
+        if tail:
+            st.handle._push(TokenEvent(-1, tail, len(s.generated)))
+        self.counters["requests_finished_total"] += 1
+        if reason is FinishReason.ERROR:
+            self.counters["requests_failed_total"] += 1
+        st.handle._finish(Completion(
+            request_id=s.request_id, prompt_tokens=len(s.prompt_ids), token_ids=list(s.generated),
+            text=st.detok.text, finish_reason=reason, error=error, submitted_at=st.handle.submitted_at,
+            first_token_at=st.first_token_at, finished_at=time.perf_counter(), token_times=st.token_times,
+        ))
+        if not self.scheduler.running:
+            self.executor.maybe_shrink()
+
+    def _fail_plan(self, plan: StepPlan, e: Exception) -> None:
+        msg = f"{type(e).__name__}: {e}"
+        traceback.print_exc()
+        with self._cv:
+            for s in [s for g in plan.prefill for s in g.seqs] + list(plan.decode_seqs):
+                if s.phase is not Phase.DONE:
+                    self._finish(s, FinishReason.ERROR, error=msg)
+
+    # -- lifetime --------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the loop and cancel what is left. Idempotent."""
+        with self._cv:
+            if self._closed:
+                return
+            self._closed = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        with self._cv:
+            for s in list(self.scheduler.running) + list(self.scheduler.waiting):
+                self._finish(s, FinishReason.CANCELLED)
+        self.executor.close()
+
+    def __enter__(self) -> "DecoderEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

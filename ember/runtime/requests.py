@@ -1,0 +1,177 @@
+"""Request records: sampling parameters, token events, completions, and the streaming handle.
+
+A ``RequestHandle`` is filled by the engine's loop thread and read by the caller, from any
+thread (iterator) or an asyncio loop (async iterator). The handle owns its event queue.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from ember.errors import InputError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        checks = [
+            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens", "an integer >= 1"),
+            (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0,
+             "temperature", "a finite number >= 0 (0 = greedy)"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "an integer >= 0 (0 = off)"),
+            (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]"),
+            (self.seed is None or (isinstance(self.seed, int) and self.seed >= 0), "seed", "a non-negative integer"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings"),
+        ]
+        for ok, name, want in checks:
+            if not ok:
+                raise InputError(f"sampling parameter {name}={getattr(self, name)!r} is invalid: it must be {want}")
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"
+    EOS = "eos"
+    STOP = "stop"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    text: str  # decoded text delta ("" while a UTF-8 character is incomplete)
+    index: int  # 0-based index among the generated tokens
+
+
+@dataclass
+class Completion:
+    request_id: str
+    prompt_tokens: int
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    error: str | None
+    submitted_at: float
+    first_token_at: float | None
+    finished_at: float
+    token_times: list[float] = field(default_factory=list)
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.submitted_at
+
+    @property
+    def tpot(self) -> float | None:
+        n = len(self.token_times)
+        return None if n < 2 else (self.token_times[-1] - self.token_times[0]) / (n - 1)
+
+    @property
+    def e2e(self) -> float:
+        return self.finished_at - self.submitted_at
+
+
+_DONE = object()
+
+
+class RequestHandle:
+    """Streams a request's tokens; ends with a finish reason. Thread-safe; one reader."""
+
+    def __init__(self, request_id: str, prompt_tokens: int, cancel_fn: Callable[["RequestHandle"], None]):
+        self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self.submitted_at = time.perf_counter()
+        self._cancel_fn = cancel_fn
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._finished = threading.Event()
+        self._completion: Completion | None = None
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._lock = threading.Lock()
+
+    # -- engine side ---------------------------------------------------------------------
+    def _push(self, ev: TokenEvent) -> None:
+        self._events.put(ev)
+        self._wake_async()
+
+    def _finish(self, completion: Completion) -> None:
+        self._completion = completion
+        self._events.put(_DONE)
+        self._finished.set()
+        self._wake_async()
+
+    def _wake_async(self) -> None:
+        with self._lock:
+            waiters = list(self._async_waiters)
+        for loop, ev in waiters:
+            try:
+                loop.call_soon_threadsafe(ev.set)
+            except RuntimeError:  # loop closed
+                pass
+
+    # -- caller side ---------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self._finished.is_set()
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return self._completion.finish_reason if self._completion else None
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this request; its memory is reclaimed at the next iteration."""
+        if not self.done:
+            self._cancel_fn(self)
+
+    def result(self, timeout: float | None = None) -> Completion:
+        if not self._finished.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
+        assert self._completion is not None
+        return self._completion
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        while True:
+            ev = self._events.get()
+            if ev is _DONE:
+                return
+            yield ev
+
+    def __aiter__(self):
+        return self._aiter()
+
+    async def _aiter(self):
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        with self._lock:
+            self._async_waiters.append((loop, wake))
+        try:
+            while True:
+                try:
+                    ev = self._events.get_nowait()
+                except queue.Empty:
+                    wake.clear()
+                    if self._events.empty():
+                        await wake.wait()
+                    continue
+                if ev is _DONE:
+                    return
+                yield ev
+        finally:
+            with self._lock:
+                self._async_waiters.remove((loop, wake))

@@ -1,0 +1,225 @@
+"""The temporal fusion scheduler's policy (DESIGN §4): admission, slots, chunked prefill,
+compaction. It never touches an engine: ``schedule()`` returns a plain ``StepPlan`` that the
+engine executes, so the policy is testable with a fake step function.
+
+Algorithm, once per iteration:
+1. Free the slots of finished/cancelled sequences (``retire``, called by the engine).
+2. Compact (``compaction="min-move"``, Flover's buffer reordering): the K live slots should
+   form one contiguous range so one decode call covers them without computing dead rows.
+   Slide a width-K window over the slot array, take the window holding the most live slots,
+   and move each live slot outside it into a free position inside it -- the fewest moves.
+   ``compaction="holes"`` leaves dead slots in place (they are computed but ignored).
+3. Admit waiting sequences FIFO while a slot is free; new ones go next to the live range.
+   The KV pool is ``max_batch`` rows of up to ``max_seq_len`` positions, so the memory
+   budget is enforced per sequence at ``add``: reserved length (prompt + max_new_tokens)
+   <= kv_capacity_tokens // max_batch.
+4. Give prefill chunks to prefilling sequences, FIFO, under ``prefill_chunk`` tokens.
+5. Decode: one fused call over the slot range spanning every sequence in decode phase.
+"""
+from __future__ import annotations
+
+import collections
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ember.errors import InputError, OverloadedError
+from ember.runtime.requests import SamplingParams
+
+
+class Phase(enum.Enum):
+    WAITING = 0
+    PREFILL = 1
+    DECODE = 2
+    DONE = 3
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request as the scheduler sees it. ``num_cached`` tokens have K/V in the pool."""
+
+    request_id: str
+    prompt_ids: np.ndarray  # int64 [P]
+    params: SamplingParams
+    reserved: int  # max total tokens it may occupy (prompt + max_new_tokens, capped)
+    payload: Any = None  # the engine's per-request state (handle, rng, detokenizer)
+    slot: int | None = None
+    num_cached: int = 0
+    generated: list[int] = field(default_factory=list)
+    phase: Phase = Phase.WAITING
+    cancelled: bool = False
+    order: int = 0  # arrival order, set by the scheduler
+
+    def __post_init__(self) -> None:
+        assert self.prompt_ids.ndim == 1 and len(self.prompt_ids) >= 1, "a sequence needs a non-empty prompt"
+        assert self.reserved >= len(self.prompt_ids)
+
+    @property
+    def total_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.generated)
+
+    def next_input(self) -> int:
+        """The token a decode step feeds: the last generated one."""
+        return self.generated[-1]
+
+
+@dataclass(frozen=True)
+class PrefillGroup:
+    """Rows of one prefill call: sequences in consecutive slots [start, start+len(seqs))."""
+
+    start: int
+    seqs: list[Sequence]
+    lengths: list[int]  # new tokens of each row this iteration
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    moves: list[tuple[int, int]]  # (src, dst) slot moves to apply first, in order
+    prefill: list[PrefillGroup]
+    decode_start: int
+    decode_stop: int  # decode call covers slots [start, stop); empty when start == stop
+    decode_seqs: list[Sequence]  # the rows that really decode (others in range are ignored)
+
+    @property
+    def empty(self) -> bool:
+        return not self.prefill and self.decode_stop <= self.decode_start
+
+
+def min_move_plan(live: list[bool]) -> list[tuple[int, int]]:
+    """Flover's reordering: moves that make the live slots contiguous, fewest possible."""
+    n, k = len(live), sum(live)
+    if k == 0:
+        return []
+    prefix = np.concatenate([[0], np.cumsum(live)])
+    counts = prefix[k:] - prefix[: n - k + 1]  # live slots inside window [w, w+k)
+    w = int(np.argmax(counts))  # first best window: ties go to the lowest start
+    holes = [i for i in range(w, w + k) if not live[i]]
+    outside = [i for i in itertools.chain(range(0, w), range(w + k, n)) if live[i]]
+    return list(zip(outside, holes))
+
+
+class FusionScheduler:
+    def __init__(self, max_batch: int, kv_capacity_tokens: int, max_seq_len: int, prefill_chunk: int = 128,
+                 max_queue: int = 1024, compaction: str = "min-move"):
+        if compaction not in ("min-move", "holes"):
+            raise InputError(f"compaction={compaction!r} must be 'min-move' or 'holes'")
+        if max_batch < 1 or prefill_chunk < 1:
+            raise InputError("max_batch and prefill_chunk must be >= 1")
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.prefill_chunk, self.compaction = prefill_chunk, compaction
+        # The pool is max_batch rows x S_cap positions: the budget caps the longest sequence.
+        self.max_seq_len = min(max_seq_len, kv_capacity_tokens // max_batch)
+        self.kv_capacity_tokens = kv_capacity_tokens
+        if self.max_seq_len < 2:
+            raise InputError(
+                f"KV memory of {kv_capacity_tokens} tokens cannot hold {max_batch} sequences; "
+                f"raise --kv-memory or lower --max-batch"
+            )
+        self.slots: list[Sequence | None] = [None] * max_batch
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.total_moves = 0
+        self._arrivals = itertools.count()
+
+    # -- queue -----------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        if seq.reserved > self.max_seq_len:
+            raise InputError(
+                f"request {seq.request_id} needs up to {seq.reserved} tokens (prompt {len(seq.prompt_ids)} + "
+                f"max_new_tokens), more than this engine's per-sequence limit of {self.max_seq_len}; "
+                f"shorten the prompt/max_new_tokens or raise --kv-memory"
+            )
+        if len(self.waiting) >= self.max_queue:
+            raise OverloadedError(f"request queue is full ({self.max_queue} waiting); retry later")
+        seq.order = next(self._arrivals)
+        self.waiting.append(seq)
+
+    @property
+    def running(self) -> list[Sequence]:
+        return [s for s in self.slots if s is not None]
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(s is not None for s in self.slots)
+
+    def retire(self, seq: Sequence) -> None:
+        """Free a finished or cancelled sequence's slot (or drop it from the queue)."""
+        seq.phase = Phase.DONE
+        if seq.slot is not None:
+            self.slots[seq.slot] = None
+            seq.slot = None
+        else:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+
+    # -- the plan --------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        moves = self._compact() if self.compaction == "min-move" else []
+        self._admit()
+        prefill = self._prefill_groups()
+        dec = [s for s in self.slots if s is not None and s.phase is Phase.DECODE]
+        if dec:
+            start = min(s.slot for s in dec)
+            stop = max(s.slot for s in dec) + 1
+        else:
+            start = stop = 0
+        return StepPlan(moves=moves, prefill=prefill, decode_start=start, decode_stop=stop, decode_seqs=dec)
+
+    def _compact(self) -> list[tuple[int, int]]:
+        moves = min_move_plan([s is not None for s in self.slots])
+        for src, dst in moves:
+            seq = self.slots[src]
+            self.slots[dst], self.slots[src] = seq, None
+            seq.slot = dst
+        self.total_moves += len(moves)
+        return moves
+
+    def _free_slot(self) -> int | None:
+        """A free slot next to the live range: after its end, else before its start."""
+        live = [i for i, s in enumerate(self.slots) if s is not None]
+        if not live:
+            return 0
+        end = live[-1] + 1
+        if end < self.max_batch:
+            return end
+        for i in range(live[0] - 1, -1, -1) if self.compaction == "min-move" else range(self.max_batch):
+            if self.slots[i] is None:
+                return i
+        return None
+
+    def _admit(self) -> None:
+        while self.waiting:
+            seq = self.waiting[0]
+            if seq.cancelled:
+                self.waiting.popleft()
+                continue
+            slot = self._free_slot()
+            if slot is None:
+                return
+            self.waiting.popleft()
+            seq.slot, seq.phase = slot, Phase.PREFILL
+            self.slots[slot] = seq
+
+    def _prefill_groups(self) -> list[PrefillGroup]:
+        budget = self.prefill_chunk
+        chosen: list[tuple[Sequence, int]] = []
+        pre = sorted((s for s in self.slots if s is not None and s.phase is Phase.PREFILL), key=lambda s: s.order)
+        for s in pre:
+            if budget <= 0:
+                break
+            n = min(budget, len(s.prompt_ids) - s.num_cached)
+            chosen.append((s, n))
+            budget -= n
+        chosen.sort(key=lambda x: x[0].slot)
+        groups: list[PrefillGroup] = []
+        for s, n in chosen:
+            g = groups[-1] if groups else None
+            if g is not None and g.start + len(g.seqs) == s.slot:
+                g.seqs.append(s)
+                g.lengths.append(n)
+            else:
+                groups.append(PrefillGroup(start=s.slot, seqs=[s], lengths=[n]))
+        return groups

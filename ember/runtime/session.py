@@ -1,0 +1,50 @@
+"""ONNX Runtime CPU session over the decoder step graph (DESIGN §3 contract).
+
+``StepSession.run`` takes numpy arrays; contiguous inputs (the KV pool's slot-range views)
+are read in place by ONNX Runtime. Outputs are fresh arrays owned by the caller.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from ember.errors import ArtifactError
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+class StepSession:
+    def __init__(self, onnx_path: str | os.PathLike, num_layers: int, threads: int | None = None,
+                 providers: list[str] | None = None):
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = threads or default_threads()
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        try:
+            self.sess = ort.InferenceSession(str(onnx_path), so, providers=providers or ["CPUExecutionProvider"])
+        except Exception as e:  # ORT's own exception types
+            raise ArtifactError(f"{Path(onnx_path)} could not be loaded by ONNX Runtime ({e}); recompile the folder") from e
+        self.num_layers = num_layers
+        self.kv_names = []
+        for i in range(num_layers):
+            self.kv_names += [f"past_key.{i}", f"past_value.{i}"]
+        self.output_names = [o.name for o in self.sess.get_outputs()]
+
+    def run(self, input_ids: np.ndarray, positions: np.ndarray, past_lengths: np.ndarray, new_lengths: np.ndarray,
+            kv: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """input_ids/positions int64 [B,T]; lengths int64 [B]; kv 2L arrays [B,Hkv,P,D].
+
+        Returns logits [B,V] (float32) and the new tokens' K/V, 2L arrays [B,Hkv,T,D].
+        """
+        feeds = {"input_ids": input_ids, "positions": positions, "past_lengths": past_lengths, "new_lengths": new_lengths}
+        feeds.update(zip(self.kv_names, kv))
+        out = self.sess.run(self.output_names, feeds)
+        logits = out[0] if out[0].dtype == np.float32 else out[0].astype(np.float32)
+        return logits, out[1:]

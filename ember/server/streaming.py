@@ -1,0 +1,96 @@
+"""Waiting on a request while watching the client: disconnect cancels the request.
+
+Both paths (a JSON answer, or server-sent events) race the engine against the ASGI
+``http.disconnect`` message, so a client that goes away while its request is still queued
+or generating cancels it at once (``handle.cancel()``; the engine frees its KV at the next
+iteration) rather than when the next token fails to send.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any, AsyncIterator, Callable
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from ember.runtime.requests import Completion, RequestHandle
+
+
+async def wait_disconnect(receive: Receive) -> None:
+    """Return when the client disconnects (call after the request body was read)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def drain(handle: RequestHandle) -> Completion:
+    """Consume the handle's events until it finishes; its ``Completion``."""
+    async for _ in handle:
+        pass
+    return handle.result()
+
+
+async def collect(handle: RequestHandle, receive: Receive) -> Completion | None:
+    """The finished ``Completion``, or None if the client disconnected first (the request
+    is then cancelled). Task cancellation (shutdown deadline) also cancels the request."""
+    work = asyncio.ensure_future(drain(handle))
+    gone = asyncio.ensure_future(wait_disconnect(receive))
+    try:
+        done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if work in done:
+            return work.result()
+        handle.cancel()
+        return None
+    finally:
+        for t in (work, gone):
+            t.cancel()
+        if not handle.done:
+            handle.cancel()
+
+
+def sse(data: Any) -> bytes:
+    """One server-sent event carrying ``data`` (a JSON-able object or the literal "[DONE]")."""
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return f"data: {text}\n\n".encode()
+
+
+class EventStream(Response):
+    """A ``text/event-stream`` response fed by ``events`` (bytes). If the client disconnects
+    first, ``on_disconnect()`` runs and ``events`` is closed (its ``finally`` blocks run)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[bytes], on_disconnect: Callable[[], None]):
+        super().__init__(content=None, status_code=200,
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.events = events
+        self.on_disconnect = on_disconnect
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+
+        async def pump() -> None:
+            async for chunk in self.events:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        work = asyncio.ensure_future(pump())
+        gone = asyncio.ensure_future(wait_disconnect(receive))
+        try:
+            done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if work in done:
+                work.result()  # re-raise a failure of the stream itself
+            else:
+                self.on_disconnect()
+        finally:
+            for t in (work, gone):
+                t.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await work
+            aclose = getattr(self.events, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
