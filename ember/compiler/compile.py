@@ -56,6 +56,7 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
     """Compile a decoder SOURCE (HF folder or built-in name) into the engine folder ``out``."""
     from ember.export.onnx_export import check_against_torch, export_step_graph, save_onnx
     from ember.export.sources import resolve_decoder_source
+    from ember.passes.lm_head_gemm import lm_head_gemm
 
     passes = [p for p in (options.dtype == "fp16", options.quantize) if p]
     log = StageLog(total=5 + len(passes) + int(options.validate) - 1, quiet=options.quiet)
@@ -64,10 +65,16 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
         c = src.config
         log.note(f"{c.family}: {c.num_layers} layers, hidden {c.hidden_size}, heads {c.num_heads}/{c.num_kv_heads} kv, "
                  f"vocab {c.vocab_size}, {sum(p.numel() for p in src.model.parameters()) / 1e6:.1f} M parameters")
+    if options.tp > 1:  # tensor parallel: per-rank segment engines (ember/compiler/tp_compile.py)
+        from ember.compiler.tp_compile import compile_tp_folder
+
+        return compile_tp_folder(src, out, options, log)
     with atomic_folder(out, overwrite=options.overwrite) as tmp:
         step_path = tmp / STEP_FILE
         with log.stage("exporting the step graph to ONNX"):
-            export_step_graph(src.model, c, step_path)
+            proto = export_step_graph(src.model, c, tmp)
+            lm_head_gemm(proto)
+            save_onnx(proto, step_path)
         check = None
         if options.validate:
             with log.stage("validating ONNX against torch"):
@@ -79,7 +86,6 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
                         f"on {check.worst_output}); this is an Ember export bug: please report it with the source"
                     )
         quant_info = None
-        proto = onnx.load(str(step_path))
         if options.dtype == "fp16":
             with log.stage("converting to FP16"):
                 from ember.passes.fp16 import convert_to_fp16

@@ -123,6 +123,38 @@ def compile_tp(src, tmp_folder: Path, options, log: StageLog) -> list[mf.EngineP
     return parts
 
 
+def compile_tp_folder(src, out, options, log: StageLog) -> mf.Manifest:
+    """The whole ``--tp N`` compile after the source is loaded: parts, tokenizer, manifest,
+    written atomically to ``out`` (called by ``compile_decoder`` when ``options.tp > 1``)."""
+    from dataclasses import asdict
+
+    from ember.compiler.artifact import atomic_folder, write_manifest
+
+    log.total = log.i + 3 + int(options.validate)
+    c = src.config
+    with atomic_folder(out, overwrite=options.overwrite) as tmp:
+        parts = compile_tp(src, tmp, options, log)
+        with log.stage("writing tokenizer and manifest"):
+            tokenizer = None
+            if src.tokenizer is not None:
+                (tmp / "tokenizer").mkdir()
+                src.tokenizer.save(str(tmp / "tokenizer" / "tokenizer.json"))
+                tokenizer = {"file": "tokenizer/tokenizer.json"}
+            build = mf.build_environment()
+            build["compile_times_s"] = log.times
+            m = mf.Manifest(
+                kind="decoder",
+                model={"name": src.name, "family": c.family, "origin": src.origin, "seed": src.seed, "config": c.to_dict()},
+                parts=parts, tokenizer=tokenizer, build=build,
+                extra={"dtype": options.dtype, "tp": parts[0].extra["tp"],
+                       "options": {k: v for k, v in asdict(options).items() if k not in ("quiet", "overwrite")}},
+            )
+            write_manifest(tmp, m)
+    size = sum(p.size for p in parts) / options.tp
+    log.note(f"wrote {out} ({options.tp} ranks x {len(parts) // options.tp} segments, {size / 1e6:.1f} MB per rank)")
+    return m
+
+
 def _sessions(folder: Path, rel_paths: list[list[str]]):
     import onnxruntime as ort
 

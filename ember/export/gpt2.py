@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ember.export.config import DecoderConfig
-from ember.export.step_attention import last_valid, step_attention
+from ember.export.step_attention import attention_biases, last_valid, step_attention
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -27,12 +27,12 @@ class GPT2Block(nn.Module):
         self.c_fc = nn.Linear(c, cfg.intermediate_size)
         self.mlp_proj = nn.Linear(cfg.intermediate_size, c)
 
-    def forward(self, x, past_k, past_v, past_lengths, new_lengths):
+    def forward(self, x, past_k, past_v, past_bias, new_bias):
         b, t, c = x.shape
         d = c // self.heads
         qkv = self.c_attn(self.ln_1(x)).reshape(b, t, 3, self.heads, d)
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [B, H, T, D]
-        a = step_attention(q, k, v, past_k, past_v, past_lengths, new_lengths)
+        a = step_attention(q, k, v, past_k, past_v, past_bias, new_bias)
         x = x + self.c_proj(a)
         x = x + self.mlp_proj(gelu_tanh(self.c_fc(self.ln_2(x))))
         return x, k, v
@@ -52,9 +52,10 @@ class GPT2Step(nn.Module):
 
     def forward(self, input_ids, positions, past_lengths, new_lengths, *past_kv):
         x = self.wte(input_ids) + self.wpe(positions)
+        past_bias, new_bias = attention_biases(past_lengths, new_lengths, past_kv[0].shape[2], input_ids.shape[1], x.dtype)
         new_kv = []
         for i, blk in enumerate(self.blocks):
-            x, k, v = blk(x, past_kv[2 * i], past_kv[2 * i + 1], past_lengths, new_lengths)
+            x, k, v = blk(x, past_kv[2 * i], past_kv[2 * i + 1], past_bias, new_bias)
             new_kv += [k, v]
         h = self.ln_f(last_valid(x, new_lengths))
         w = self.wte.weight if self.lm_head is None else self.lm_head.weight

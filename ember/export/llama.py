@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ember.export.config import DecoderConfig
-from ember.export.step_attention import last_valid, step_attention
+from ember.export.step_attention import attention_biases, last_valid, step_attention
 
 
 class RMSNorm(nn.Module):
@@ -44,7 +44,7 @@ class LlamaBlock(nn.Module):
         self.up_proj = nn.Linear(c, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, c, bias=False)
 
-    def forward(self, x, cos, sin, past_k, past_v, past_lengths, new_lengths):
+    def forward(self, x, cos, sin, past_k, past_v, past_bias, new_bias):
         b, t, _ = x.shape
         y = self.input_layernorm(x)
         q = self.q_proj(y).reshape(b, t, self.h, self.d).transpose(1, 2)
@@ -52,7 +52,7 @@ class LlamaBlock(nn.Module):
         v = self.v_proj(y).reshape(b, t, self.hkv, self.d).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        a = step_attention(q, k, v, past_k, past_v, past_lengths, new_lengths)
+        a = step_attention(q, k, v, past_k, past_v, past_bias, new_bias)
         x = x + self.o_proj(a)
         y = self.post_attention_layernorm(x)
         x = x + self.down_proj(F.silu(self.gate_proj(y)) * self.up_proj(y))
@@ -78,9 +78,10 @@ class LlamaStep(nn.Module):
         freqs = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq  # [B, T, D/2]
         emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)  # [B, 1, T, D]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        past_bias, new_bias = attention_biases(past_lengths, new_lengths, past_kv[0].shape[2], input_ids.shape[1], x.dtype)
         new_kv = []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, cos, sin, past_kv[2 * i], past_kv[2 * i + 1], past_lengths, new_lengths)
+            x, k, v = layer(x, cos, sin, past_kv[2 * i], past_kv[2 * i + 1], past_bias, new_bias)
             new_kv += [k, v]
         h = self.norm(last_valid(x, new_lengths))
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -43,9 +43,12 @@ def example_step_inputs(cfg: DecoderConfig, batch: int, tokens: int, past: int, 
     return (ids, pos, pl, nl, *kv)
 
 
-def export_step_graph(model: torch.nn.Module, cfg: DecoderConfig, path: str | os.PathLike) -> Path:
-    """Export ``model`` (a *Step module) to ``path``; weights go external past 1 GiB."""
-    path = Path(path)
+def export_step_graph(model: torch.nn.Module, cfg: DecoderConfig, workdir: str | os.PathLike):
+    """Export ``model`` (a *Step module); returns the in-memory ``onnx.ModelProto``.
+
+    ``workdir`` holds the exporter's temporary file (removed before returning).
+    """
+    path = Path(workdir) / "step.onnx"
     inputs, outputs = step_io_names(cfg)
     dyn = {"input_ids": {0: "batch", 1: "tokens"}, "positions": {0: "batch", 1: "tokens"},
            "past_lengths": {0: "batch"}, "new_lengths": {0: "batch"}, "logits": {0: "batch"}}
@@ -54,7 +57,6 @@ def export_step_graph(model: torch.nn.Module, cfg: DecoderConfig, path: str | os
     for n in outputs[1:]:
         dyn[n] = {0: "batch", 2: "tokens"}
     args = example_step_inputs(cfg, batch=2, tokens=3, past=5)
-    big = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_THRESHOLD
     tmp = path.with_suffix(".export.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -64,11 +66,10 @@ def export_step_graph(model: torch.nn.Module, cfg: DecoderConfig, path: str | os
 
     proto = onnx.load(str(tmp))
     _name_output_dims(proto, cfg)
-    for f in tmp.parent.iterdir():  # the exporter may have written per-tensor external files
-        if f.name.startswith(tmp.name) or f == tmp:
+    for f in list(tmp.parent.iterdir()):  # the exporter may have written per-tensor external files
+        if f.name.startswith(tmp.name):
             f.unlink()
-    save_onnx(proto, path, external=big)
-    return path
+    return proto
 
 
 def _name_output_dims(proto, cfg: DecoderConfig) -> None:
@@ -96,11 +97,15 @@ def save_onnx(proto, path: str | os.PathLike, external: bool | None = None) -> l
 
     path = Path(path)
     if external is None:
-        external = proto.ByteSize() > EXTERNAL_DATA_THRESHOLD
+        external = sum(len(i.raw_data) for i in proto.graph.initializer) > EXTERNAL_DATA_THRESHOLD
     if external:
         data = path.name + ".data"
         onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data, size_threshold=1024)
+        # saving moved the weights out of ``proto``: read them back so the caller's model stays whole
+        from onnx.external_data_helper import load_external_data_for_model
+
+        load_external_data_for_model(proto, str(path.parent))
         return [path.name, data]
     onnx.save_model(proto, str(path))
     return [path.name]

@@ -13,34 +13,41 @@ import math
 import torch
 
 
+def attention_biases(past_lengths: torch.Tensor, new_lengths: torch.Tensor, p: int, t: int,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive masks, computed once per step and shared by every layer.
+
+    past_bias [B,1,1,1,P]: 0 where position < past_lengths[b], -inf elsewhere.
+    new_bias  [B,1,1,T,T]: 0 where key <= query (causal) and key < new_lengths[b].
+    """
+    b = past_lengths.shape[0]
+    neg = torch.tensor(float("-inf"), dtype=dtype)
+    zero = torch.tensor(0.0, dtype=dtype)
+    past_ok = torch.arange(p).unsqueeze(0) < past_lengths.unsqueeze(1)  # [B, P]
+    key = torch.arange(t)
+    new_ok = (key.unsqueeze(0) <= key.unsqueeze(1)).unsqueeze(0) & (key.reshape(1, 1, t) < new_lengths.reshape(b, 1, 1))
+    past_bias = torch.where(past_ok, zero, neg).reshape(b, 1, 1, 1, p)
+    new_bias = torch.where(new_ok, zero, neg).reshape(b, 1, 1, t, t)
+    return past_bias, new_bias
+
+
 def step_attention(
     q: torch.Tensor,
     k_new: torch.Tensor,
     v_new: torch.Tensor,
     past_k: torch.Tensor,
     past_v: torch.Tensor,
-    past_lengths: torch.Tensor,
-    new_lengths: torch.Tensor,
+    past_bias: torch.Tensor,
+    new_bias: torch.Tensor,
 ) -> torch.Tensor:
-    """Returns the attention output [B, T, H*D]."""
+    """Returns the attention output [B, T, H*D]. Biases from ``attention_biases``."""
     b, h, t, d = q.shape
     hkv = k_new.shape[1]
     g = h // hkv
     p = past_k.shape[2]
     qg = q.reshape(b, hkv, g * t, d) * (1.0 / math.sqrt(d))
-    s_past = torch.matmul(qg, past_k.transpose(2, 3)).reshape(b, hkv, g, t, p)
-    s_new = torch.matmul(qg, k_new.transpose(2, 3)).reshape(b, hkv, g, t, t)
-
-    past_pos = torch.arange(p, device=q.device)
-    past_ok = (past_pos.unsqueeze(0) < past_lengths.unsqueeze(1)).reshape(b, 1, 1, 1, p)
-    key_pos = torch.arange(t, device=q.device)
-    causal = key_pos.unsqueeze(0) <= key_pos.unsqueeze(1)  # [Tq, Tk]
-    new_ok = causal.unsqueeze(0) & (key_pos.reshape(1, 1, t) < new_lengths.reshape(b, 1, 1))
-    new_ok = new_ok.reshape(b, 1, 1, t, t)
-
-    neg = torch.tensor(float("-inf"), dtype=q.dtype)
-    s_past = torch.where(past_ok, s_past, neg)
-    s_new = torch.where(new_ok, s_new, neg)
+    s_past = torch.matmul(qg, past_k.transpose(2, 3)).reshape(b, hkv, g, t, p) + past_bias
+    s_new = torch.matmul(qg, k_new.transpose(2, 3)).reshape(b, hkv, g, t, t) + new_bias
     probs = torch.softmax(torch.cat([s_past, s_new], dim=-1), dim=-1)
     p_past = probs[..., :p].reshape(b, hkv, g * t, p)
     p_new = probs[..., p:].reshape(b, hkv, g * t, t)

@@ -36,7 +36,7 @@ from ember.errors import ConfigError
 from ember.export.config import DecoderConfig
 from ember.export.gpt2 import gelu_tanh
 from ember.export.llama import rotate_half
-from ember.export.step_attention import last_valid, step_attention
+from ember.export.step_attention import attention_biases, last_valid, step_attention
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -168,7 +168,8 @@ class AttnSegment(nn.Module):
             cos, sin = emb.cos().to(y.dtype), emb.sin().to(y.dtype)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
-        a = step_attention(q, k, v, past_k, past_v, past_lengths, new_lengths)
+        past_bias, new_bias = attention_biases(past_lengths, new_lengths, past_k.shape[2], t, y.dtype)
+        a = step_attention(q, k, v, past_k, past_v, past_bias, new_bias)
         out = self.o(a)
         return (out + hidden if self.residual else out), k, v
 

@@ -102,10 +102,13 @@ def _check_weight(dq: onnx.NodeProto, idx: GraphIndex, v: QdqValidation, weights
 
 
 def _dequantized(name: str, idx: GraphIndex) -> bool:
-    """Whether ``name`` is a DQ output, possibly through data-movement ops placed after the DQ."""
+    """Whether ``name`` is a DQ output, possibly through data-movement ops placed after the DQ,
+    or a Concat of such outputs (Q/DQ on every Concat input, one shared scale)."""
     node = idx.producer.get(name)
     while node is not None and node.op_type in ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"):
         node = idx.producer.get(node.input[0])
+    if node is not None and node.op_type == "Concat":
+        return all(_dequantized(i, idx) for i in node.input)
     return node is not None and node.op_type == "DequantizeLinear"
 
 

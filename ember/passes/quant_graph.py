@@ -22,6 +22,10 @@ from ember.errors import ConfigError
 DATA_MOVEMENT_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})
 # Ops whose outputs never get a Q/DQ pair (DESIGN §6).
 NO_QDQ_OUTPUT_OPS = frozenset({"Concat", "Softmax", "Reshape", "Transpose"})
+# ONNX Runtime 1.32's ReluQuantRewrite drops a Relu before an FP8 QuantizeLinear as if FP8 could
+# not hold negatives (measured: 94% output error on a Relu->Q(FP8) graph); sessions running FP8
+# Q/DQ graphs must disable it.
+ORT_FP8_DISABLED_OPTIMIZERS = ("ReluQuantRewrite",)
 # ONNX protobufs are capped at 2 GiB; above this, sessions load from a temporary file.
 _INLINE_LIMIT = 1 << 30
 
@@ -70,8 +74,17 @@ class GraphIndex:
                     idx.consumers[i].append(node)
         return idx
 
+    def _through_identity(self, name: str) -> str:
+        node = self.producer.get(name)
+        while node is not None and node.op_type == "Identity":  # exporters alias shared weights so
+            name = node.input[0]
+            node = self.producer.get(name)
+        return name
+
     def constant(self, name: str) -> np.ndarray | None:
-        """The value of ``name`` if it is an initializer or a Constant node's output, else None."""
+        """The value of ``name`` if it is an initializer or a Constant node's output (through
+        Identity nodes), else None."""
+        name = self._through_identity(name)
         if name in self.initializers:
             return numpy_helper.to_array(self.initializers[name])
         node = self.producer.get(name)
@@ -82,6 +95,7 @@ class GraphIndex:
         return None
 
     def is_constant(self, name: str) -> bool:
+        name = self._through_identity(name)
         return name in self.initializers or (name in self.producer and self.producer[name].op_type == "Constant")
 
     def constant_weight(self, name: str) -> tuple[np.ndarray, list[onnx.NodeProto]] | None:
@@ -167,10 +181,18 @@ def all_names(model: onnx.ModelProto) -> set[str]:
     return names
 
 
+def has_fp8(model: onnx.ModelProto) -> bool:
+    return any(t.data_type == onnx.TensorProto.FLOAT8E4M3FN for t in model.graph.initializer)
+
+
 def ort_session(model: onnx.ModelProto, threads: int = 0, optimized_path: str | None = None):
-    """An ONNX Runtime CPU session over ``model`` (through a temp file when it is too big to inline)."""
+    """An ONNX Runtime CPU session over ``model`` (through a temp file when it is too big to inline).
+
+    FP8 graphs get ORT_FP8_DISABLED_OPTIMIZERS disabled.
+    """
     import onnxruntime as ort
 
+    kwargs = {"disabled_optimizers": list(ORT_FP8_DISABLED_OPTIMIZERS)} if has_fp8(model) else {}
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:
@@ -178,8 +200,8 @@ def ort_session(model: onnx.ModelProto, threads: int = 0, optimized_path: str | 
     if optimized_path:
         so.optimized_model_filepath = optimized_path
     if model.ByteSize() < _INLINE_LIMIT:
-        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"], **kwargs)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.onnx")
         onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="model.data")
-        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"], **kwargs)

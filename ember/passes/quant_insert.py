@@ -42,6 +42,9 @@ class QuantFormat:
 
 
 INT8 = QuantFormat("int8", TensorProto.INT8, INT8_WEIGHT_MAX, INT8_ACT_MAX)
+# ONNX Runtime's AVX2 int8 GEMM (no VNNI) adds pairs of u8*s8 products in int16 (vpmaddubsw),
+# which saturates with full-range weights: 7-bit weights keep every pair below 2**15.
+INT8_REDUCED = QuantFormat("int8", TensorProto.INT8, 63.0, INT8_ACT_MAX)
 FP8 = QuantFormat("fp8", TensorProto.FLOAT8E4M3FN, FP8_E4M3_MAX, FP8_E4M3_MAX)
 
 

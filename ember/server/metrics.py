@@ -70,7 +70,6 @@ class ServerMetrics:
         self.ttft = Histogram(TTFT_BUCKETS_S)
         self.tpot = Histogram(TPOT_BUCKETS_S)
         self.e2e = Histogram(E2E_BUCKETS_S)
-        self.prompt_tokens_total = 0
         self._window_s = window_s
         self._clock = clock
         self._samples: deque[tuple[float, float, float]] = deque()  # (t, tokens_total, finished_total)
@@ -80,7 +79,6 @@ class ServerMetrics:
 
     def observe_completion(self, c: Completion) -> None:
         self.finishes[c.finish_reason.value] += 1
-        self.prompt_tokens_total += c.prompt_tokens
         if c.ttft is not None:
             self.ttft.observe(c.ttft)
         if c.tpot is not None:
@@ -117,7 +115,8 @@ class ServerMetrics:
             for key, value in stats.items():
                 if not isinstance(value, (int, float)) or isinstance(value, bool):
                     continue
-                name, kind, text = ENGINE_GAUGES.get(key, (f"ember_engine_{key}", "gauge", f"engine.stats()['{key}']"))
+                kind = "counter" if key.endswith("_total") else "gauge"
+                name, kind, text = ENGINE_GAUGES.get(key, (f"ember_engine_{key}", kind, f"engine.stats()['{key}']"))
                 head(name, kind, text)
                 out.append(f"{name} {value}")
             cap = stats.get("kv_capacity_tokens") or 0
@@ -128,8 +127,6 @@ class ServerMetrics:
         out.append(f"ember_generation_tokens_per_second {tok_s}")
         head("ember_requests_finished_per_second", "gauge", f"Finished requests/s over the last {self._window_s:g} s")
         out.append(f"ember_requests_finished_per_second {req_s}")
-        head("ember_prompt_tokens_total", "counter", "Prompt tokens of finished requests")
-        out.append(f"ember_prompt_tokens_total {self.prompt_tokens_total}")
         head("ember_http_responses_total", "counter", "HTTP responses by endpoint and status code")
         for (endpoint, status), n in sorted(self.responses.items()):
             out.append(f'ember_http_responses_total{{endpoint="{endpoint}",status="{status}"}} {n}')

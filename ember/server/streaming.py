@@ -59,20 +59,22 @@ def sse(data: Any) -> bytes:
 
 class EventStream(Response):
     """A ``text/event-stream`` response fed by ``events`` (bytes). If the client disconnects
-    first, ``on_disconnect()`` runs and ``events`` is closed (its ``finally`` blocks run)."""
+    first, ``on_disconnect()`` runs; ``on_close()`` always runs at the end (also when the
+    stream never started or its task was cancelled), then ``events`` is closed."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncIterator[bytes], on_disconnect: Callable[[], None]):
-        super().__init__(content=None, status_code=200,
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    def __init__(self, events: AsyncIterator[bytes], on_disconnect: Callable[[], None],
+                 on_close: Callable[[], None] = lambda: None):
+        # No super().__init__: a body-less Response would declare Content-Length: 0.
+        self.status_code, self.background = 200, None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.events = events
-        self.on_disconnect = on_disconnect
+        self.on_disconnect, self.on_close = on_disconnect, on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-
         async def pump() -> None:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             async for chunk in self.events:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -88,6 +90,7 @@ class EventStream(Response):
         finally:
             for t in (work, gone):
                 t.cancel()
+            self.on_close()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await work
             aclose = getattr(self.events, "aclose", None)

@@ -162,7 +162,7 @@ def load_folder(folder: Path) -> DiffusionSource:
         sample_size=int(unet.config.sample_size),
         vae_scale=vae_scale,
         vae_scaling_factor=float(vae.config.scaling_factor),
-        config={"source": str(folder), "unet": dict(unet.config), "vae_scale": vae_scale},
+        config=json.loads(json.dumps({"source": str(folder), "unet": dict(unet.config), "vae_scale": vae_scale}, default=str)),
     )
 
 
@@ -209,3 +209,27 @@ def _folder_tokenizer(folder: Path, max_len: int) -> tuple[Any, int]:
     tok.no_padding()
     tok.no_truncation()
     return _pad_and_truncate(tok, max_len, pad_id), pad_id
+
+
+def save_pipeline_folder(src: DiffusionSource, folder: str | Path) -> Path:
+    """Write ``src`` as a diffusers StableDiffusionPipeline folder (DDIM scheduler, fast tokenizer).
+
+    Used to make local test sources from built-ins and to hand the same weights to diffusers.
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer.from_str(src.tokenizer.to_str())
+    tok.no_padding()
+    tok.no_truncation()
+    pad = tok.id_to_token(src.pad_token_id)
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=pad,
+                                     model_max_length=src.max_text_length)
+    pipe = StableDiffusionPipeline(
+        vae=src.vae, text_encoder=src.text_encoder, tokenizer=hf_tok, unet=src.unet,
+        scheduler=DDIMScheduler.from_config({k: v for k, v in src.scheduler_config.items() if not k.startswith("_")}),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return Path(folder)

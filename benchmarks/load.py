@@ -1,0 +1,383 @@
+"""Load and fault test of `ember serve` over loopback.
+
+Starts `python -m ember.server FOLDER` on 127.0.0.1 (or attaches to a running loopback
+server with --url), then runs phases of increasing concurrency (closed loop: each client
+sends its next request when the previous one ends). Besides normal requests (streaming and
+not, greedy and seeded sampling, random prompt/output lengths) it injects faults:
+clients that disconnect at a random moment, malformed JSON, oversized bodies, invalid
+parameters. Every request is classified:
+
+  completed        200 with a full answer (streams end with a finish reason and [DONE])
+  disconnected     the client went away on purpose (the server must cancel it)
+  rejected_4xx     an injected fault answered with the expected 4xx and an error message
+  overloaded_429   queue full (allowed, counted)
+  lost             anything else: timeouts, transport errors, 5xx, wrong status, truncated streams
+
+Checks at the end: zero lost; KV usage and running sequences return to zero; /health 200;
+the server answered every /v1/completions request whose client stayed (its response
+counter lies between sent - disconnected and sent). Bounded: a fixed
+request count per phase and a wall-clock cap. Writes results/load.json and results/load.md.
+
+    flock /tmp/ember-bench.lock python benchmarks/load.py --folder artifacts/gpt2-124m
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ember.server.cli import is_loopback  # noqa: E402
+from ember.server.metrics import parse_prometheus  # noqa: E402
+
+RESULTS = Path(__file__).with_name("results")
+WORDS = ("the model of a small engine runs tokens through layers and every request gets its own "
+         "cache memory while the scheduler fuses work across many sequences at once").split()
+INVALID = [{"top_p": 5}, {"max_tokens": -1}, {"temperature": "hot"}, {"prompt": [1, 2, -3]}, {"n": 3},
+           {"stop": ["a", "b", "c", "d", "e"]}, {"max_tokens": 100000}, {"seed": -2}]
+
+
+@dataclass
+class Outcome:
+    kind: str  # normal | disconnect | malformed | oversized | invalid
+    phase: int
+    result: str  # completed | disconnected | rejected_4xx | overloaded_429 | lost
+    reason: str  # detail: finish reason, status, exception name
+    stream: bool = False
+    latency_s: float | None = None
+    ttft_s: float | None = None
+    tokens: int = 0
+
+
+@dataclass
+class Plan:
+    phases: list[tuple[int, int]]  # (concurrent clients, requests)
+    disconnect: float = 0.10
+    malformed: float = 0.02
+    oversized: float = 0.02
+    invalid: float = 0.03
+    max_tokens: tuple[int, int] = (4, 24)
+    prompt_words: tuple[int, int] = (4, 40)
+    seed: int = 0
+    max_body_bytes: int = 65536
+    request_timeout_s: float = 120.0
+    stats: dict = field(default_factory=dict)
+
+
+def machine() -> str:
+    cpu = platform.processor() or ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def percentiles(xs: list[float]) -> dict[str, float | None]:
+    if not xs:
+        return {"p50": None, "p90": None, "p99": None, "max": None}
+    s = sorted(xs)
+
+    def q(p: float) -> float:
+        return s[min(len(s) - 1, int(round(p * (len(s) - 1))))]
+    return {"p50": q(0.50), "p90": q(0.90), "p99": q(0.99), "max": s[-1]}
+
+
+class Driver:
+    def __init__(self, url: str, plan: Plan):
+        self.url, self.plan = url, plan
+        self.rng = random.Random(plan.seed)
+        self.outcomes: list[Outcome] = []
+
+    def body(self) -> dict:
+        r = self.rng
+        words = [r.choice(WORDS) for _ in range(r.randint(*self.plan.prompt_words))]
+        b = {"prompt": " ".join(words), "max_tokens": r.randint(*self.plan.max_tokens)}
+        if r.random() < 0.5:
+            b["temperature"] = 0
+        else:
+            b.update(temperature=0.8, top_p=0.95, top_k=40, seed=r.randrange(1 << 30))
+        return b
+
+    async def one(self, client: httpx.AsyncClient, phase: int) -> Outcome:
+        r = self.rng
+        u = r.random()
+        p = self.plan
+        kind = ("malformed" if u < p.malformed else "oversized" if u < p.malformed + p.oversized
+                else "invalid" if u < p.malformed + p.oversized + p.invalid
+                else "disconnect" if r.random() < p.disconnect else "normal")
+        body, stream = self.body(), r.random() < 0.5
+        if kind == "malformed":
+            raw = json.dumps(body)[: r.randint(1, 20)].encode()
+            return await self.expect_4xx(client, kind, phase, raw, {400})
+        if kind == "oversized":
+            raw = json.dumps({**body, "prompt": "x" * (p.max_body_bytes + r.randint(1, 4 * p.max_body_bytes))}).encode()
+            return await self.expect_4xx(client, kind, phase, raw, {413})
+        if kind == "invalid":
+            raw = json.dumps({**body, **r.choice(INVALID)}).encode()
+            return await self.expect_4xx(client, kind, phase, raw, {400})
+        body["stream"] = stream
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        cut = r.uniform(0.0, 1.5) if kind == "disconnect" else None
+        try:
+            if cut is None:
+                return await self.generate(client, kind, phase, body)
+            return await asyncio.wait_for(self.generate(client, kind, phase, body), timeout=cut)
+        except asyncio.TimeoutError:
+            return Outcome(kind, phase, "disconnected", "client closed the connection", stream)
+
+    async def expect_4xx(self, client, kind: str, phase: int, raw: bytes, want: set[int]) -> Outcome:
+        try:
+            resp = await client.post(self.url + "/v1/completions", content=raw,
+                                     headers={"content-type": "application/json"}, timeout=self.plan.request_timeout_s)
+        except httpx.HTTPError as e:
+            return Outcome(kind, phase, "lost", type(e).__name__)
+        msg = _error_message(resp)
+        if resp.status_code in want and msg:
+            return Outcome(kind, phase, "rejected_4xx", str(resp.status_code))
+        if resp.status_code == 429:
+            return Outcome(kind, phase, "overloaded_429", "429")
+        return Outcome(kind, phase, "lost", f"status {resp.status_code}, expected {sorted(want)}: {msg!r}")
+
+    async def generate(self, client, kind: str, phase: int, body: dict) -> Outcome:
+        t0 = time.perf_counter()
+        stream = body["stream"]
+        try:
+            if not stream:
+                resp = await client.post(self.url + "/v1/completions", json=body, timeout=self.plan.request_timeout_s)
+                if resp.status_code != 200:
+                    return self.bad_status(kind, phase, resp, stream)
+                d = resp.json()
+                reason = d["choices"][0]["finish_reason"]
+                ok = reason in ("length", "stop") and d["usage"]["completion_tokens"] >= 1
+                return Outcome(kind, phase, "completed" if ok else "lost", reason, stream,
+                               time.perf_counter() - t0, None, d["usage"]["completion_tokens"])
+            ttft, reason, tokens, done = None, None, 0, False
+            async with client.stream("POST", self.url + "/v1/completions", json=body,
+                                     timeout=self.plan.request_timeout_s) as resp:
+                if resp.status_code != 200:
+                    await resp.aread()
+                    return self.bad_status(kind, phase, resp, stream)
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[6:]
+                    if data == "[DONE]":
+                        done = True
+                        break
+                    ev = json.loads(data)
+                    if "error" in ev:
+                        return Outcome(kind, phase, "lost", f"stream error: {ev['error']['message']}", stream)
+                    if ev["choices"]:
+                        ttft = ttft if ttft is not None else time.perf_counter() - t0
+                        reason = ev["choices"][0]["finish_reason"] or reason
+                    if "usage" in ev:
+                        tokens = ev["usage"]["completion_tokens"]
+            ok = done and reason in ("length", "stop") and tokens >= 1
+            return Outcome(kind, phase, "completed" if ok else "lost", reason or "truncated stream", stream,
+                           time.perf_counter() - t0, ttft, tokens)
+        except httpx.HTTPError as e:
+            return Outcome(kind, phase, "lost", f"{type(e).__name__}: {e}", stream)
+
+    def bad_status(self, kind: str, phase: int, resp: httpx.Response, stream: bool) -> Outcome:
+        if resp.status_code == 429:
+            return Outcome(kind, phase, "overloaded_429", "429", stream)
+        return Outcome(kind, phase, "lost", f"status {resp.status_code}: {_error_message(resp)!r}", stream)
+
+    async def run_phase(self, index: int, clients: int, requests: int, deadline: float) -> dict:
+        remaining = [requests]
+        t0 = time.perf_counter()
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        async with httpx.AsyncClient(limits=limits) as client:
+            async def worker():
+                while remaining[0] > 0 and time.monotonic() < deadline:
+                    remaining[0] -= 1
+                    self.outcomes.append(await self.one(client, index))
+            await asyncio.gather(*(worker() for _ in range(clients)))
+        return {"clients": clients, "requests": requests - remaining[0], "wall_s": time.perf_counter() - t0}
+
+
+def _error_message(resp: httpx.Response) -> str:
+    try:
+        return resp.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return ""
+
+
+async def wait_idle(url: str, timeout_s: float) -> dict[str, float]:
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient() as c:
+        while True:
+            m = parse_prometheus((await c.get(url + "/metrics", timeout=10)).text)
+            idle = m["ember_kv_used_tokens"] == 0 and m["ember_running_sequences"] == 0 and m["ember_queue_depth"] == 0
+            if idle or time.monotonic() > deadline:
+                return m
+            await asyncio.sleep(0.1)
+
+
+def start_server(folder: str, port: int, extra: list[str], log_path: Path) -> subprocess.Popen:
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "ember.server", folder, "--port", str(port), "--no-access-log",
+                             *extra], stdout=log, stderr=subprocess.STDOUT)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 300
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}; see {log_path}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit(f"server not ready after 300 s; see {log_path}")
+        time.sleep(0.2)
+
+
+def summarize(driver: Driver, phases: list[dict], before: dict, after: dict, healthy: bool, info: dict) -> dict:
+    outs = driver.outcomes
+    by_result = Counter(o.result for o in outs)
+    lost = [o for o in outs if o.result == "lost"]
+    done = [o for o in outs if o.result == "completed"]
+    sent = len(outs)
+    served = sum(v - before.get(k, 0) for k, v in after.items()
+                 if k.startswith('ember_http_responses_total{endpoint="/v1/completions"'))
+    tokens = sum(o.tokens for o in done)
+    wall = sum(p["wall_s"] for p in phases)
+    for i, p in enumerate(phases):
+        ph = [o for o in outs if o.phase == i]
+        p["completed"] = sum(o.result == "completed" for o in ph)
+        p["latency_s"] = percentiles([o.latency_s for o in ph if o.result == "completed"])
+    checks = {
+        "zero_lost_requests": not lost,
+        "kv_returned_to_zero": after["ember_kv_used_tokens"] == 0 and after["ember_running_sequences"] == 0,
+        "healthy_at_end": healthy,
+        # A client that left before its request was read gets no response; every other one must.
+        "server_answered_every_request_whose_client_stayed": sent - by_result["disconnected"] <= served <= sent,
+    }
+    return {
+        "machine": machine(), **info,
+        "requests_sent": sent,
+        "by_result": dict(by_result),
+        "by_kind_and_result": {f"{k}/{r}": n for (k, r), n in sorted(Counter((o.kind, o.result) for o in outs).items())},
+        "completed_finish_reasons": dict(Counter(o.reason for o in done)),
+        "rejected_statuses": dict(Counter(f"{o.kind}:{o.reason}" for o in outs if o.result == "rejected_4xx")),
+        "lost_reasons": dict(Counter(o.reason for o in lost)),
+        "latency_s": {"all_completed": percentiles([o.latency_s for o in done]),
+                      "streaming_ttft": percentiles([o.ttft_s for o in done if o.ttft_s is not None])},
+        "output_tokens": tokens, "output_tokens_per_s": tokens / wall if wall else 0.0, "wall_s": wall,
+        "phases": phases,
+        "server": {"responses_to_completions": served, "client_disconnects_seen": after.get("ember_client_disconnects_total", 0)
+                   - before.get("ember_client_disconnects_total", 0),
+                   "cancelled_by_engine": after.get('ember_request_finish_total{reason="cancelled"}', 0)
+                   - before.get('ember_request_finish_total{reason="cancelled"}', 0),
+                   "kv_used_tokens_at_end": after["ember_kv_used_tokens"],
+                   "kv_capacity_tokens": after.get("ember_kv_capacity_tokens")},
+        "checks": checks, "passed": all(checks.values()),
+    }
+
+
+def markdown(r: dict) -> str:
+    def ms(v):
+        return "-" if v is None else f"{v * 1000:.0f}"
+    lines = [f"# `ember serve` load/fault test: {r['model']}", "",
+             f"Machine: {r['machine']}. Server: `{r['server_args']}`. Seed {r['plan']['seed']}.", "",
+             f"**{r['requests_sent']} requests**, {'PASSED' if r['passed'] else 'FAILED'}: "
+             + ", ".join(f"{k} = {v}" for k, v in r["checks"].items()), "",
+             "| outcome | requests |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in sorted(r["by_result"].items())]
+    lines += ["", "| kind / outcome | requests |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in r["by_kind_and_result"].items()]
+    lines += ["", "| phase | clients | requests | completed | wall s | p50 ms | p90 ms | p99 ms |", "|---|---|---|---|---|---|---|---|"]
+    for i, p in enumerate(r["phases"]):
+        lat = p["latency_s"]
+        lines.append(f"| {i} | {p['clients']} | {p['requests']} | {p['completed']} | {p['wall_s']:.1f} | "
+                     f"{ms(lat['p50'])} | {ms(lat['p90'])} | {ms(lat['p99'])} |")
+    a, t = r["latency_s"]["all_completed"], r["latency_s"]["streaming_ttft"]
+    lines += ["", "| latency (completed requests) | p50 ms | p90 ms | p99 ms | max ms |", "|---|---|---|---|---|",
+              f"| end to end | {ms(a['p50'])} | {ms(a['p90'])} | {ms(a['p99'])} | {ms(a['max'])} |",
+              f"| time to first token (streaming) | {ms(t['p50'])} | {ms(t['p90'])} | {ms(t['p99'])} | {ms(t['max'])} |",
+              "", f"Output: {r['output_tokens']} tokens, {r['output_tokens_per_s']:.1f} tokens/s over {r['wall_s']:.0f} s. "
+              f"Server side: {r['server']['responses_to_completions']} responses to /v1/completions, "
+              f"{r['server']['client_disconnects_seen']} client disconnects seen, "
+              f"{r['server']['cancelled_by_engine']} requests cancelled by the engine, "
+              f"KV used at the end: {r['server']['kv_used_tokens_at_end']:.0f} tokens."]
+    if r["lost_reasons"]:
+        lines += ["", "Lost: " + "; ".join(f"{k} ({v})" for k, v in r["lost_reasons"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--folder", default="artifacts/gpt2-124m", help="engine folder to serve")
+    ap.add_argument("--url", help="attach to a running server instead (loopback only)")
+    ap.add_argument("--phases", default="8:64,16:128,32:256,64:1000", help="clients:requests,... (a ramp)")
+    ap.add_argument("--disconnect", type=float, default=0.10, help="fraction of requests the client abandons")
+    ap.add_argument("--max-tokens", default="4:24", help="uniform range of max_tokens")
+    ap.add_argument("--max-duration", type=float, default=900.0, help="wall-clock cap, seconds")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--server-args", default="--max-batch 64 --max-queue 256",
+                    help="extra `ember serve` options when this script starts the server")
+    ap.add_argument("--out", default=str(RESULTS / "load"), help="output path without extension")
+    a = ap.parse_args(argv)
+    phases = [tuple(int(x) for x in p.split(":")) for p in a.phases.split(",")]
+    lo, hi = (int(x) for x in a.max_tokens.split(":"))
+    plan = Plan(phases=phases, disconnect=a.disconnect, max_tokens=(lo, hi), seed=a.seed)
+    proc = None
+    server_args = a.server_args.split() + ["--max-body-bytes", str(plan.max_body_bytes)]
+    if a.url:
+        if not is_loopback(urlparse(a.url).hostname or ""):
+            raise SystemExit(f"--url {a.url}: this load test only drives loopback servers (127.0.0.1 / ::1)")
+        url = a.url.rstrip("/")
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        t0 = time.perf_counter()
+        proc = start_server(a.folder, port, server_args, Path(a.out).with_suffix(".server.log"))
+        print(f"server ready in {time.perf_counter() - t0:.1f} s at {url}", flush=True)
+    try:
+        driver = Driver(url, plan)
+        before = parse_prometheus(httpx.get(url + "/metrics", timeout=10).text)
+        deadline = time.monotonic() + a.max_duration
+        done_phases = []
+        for i, (clients, n) in enumerate(phases):
+            info = asyncio.run(driver.run_phase(i, clients, n, deadline))
+            done_phases.append(info)
+            print(f"phase {i}: {clients} clients, {info['requests']} requests in {info['wall_s']:.1f} s", flush=True)
+        after = asyncio.run(wait_idle(url, 60))
+        healthy = httpx.get(url + "/health", timeout=10).status_code == 200
+        model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
+        result = summarize(driver, done_phases, before, after, healthy,
+                           {"model": model, "server_args": " ".join(server_args) if proc else f"attached to {url}",
+                            "plan": {k: v for k, v in asdict(plan).items() if k != "stats"}})
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(120)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

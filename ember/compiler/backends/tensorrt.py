@@ -1,0 +1,229 @@
+"""TensorRT backend: ONNX step graph -> ``step.plan`` through polygraphy's loaders (DESIGN §7).
+
+Data flow (each stage a polygraphy loader, called once at the end)::
+
+    NetworkFromOnnxPath(onnx, strongly_typed=True)      # FP16 / Q/DQ types come from the graph
+      -> CreateConfig(profiles=[decode, prefill],       # from compiler.profiles, checked first
+                      load_timing_cache=cache,          # shared, file-locked, merged on save
+                      version_compatible=..., hardware_compatibility_level=...)
+      -> EngineFromNetwork(network, config, save_timing_cache=cache)
+      -> SaveEngine(path=step.plan)
+
+TensorRT's builder ships from NVIDIA's package index only; without it ``build_plan_part``
+fails with a ConfigError that says how to install it. The plan's TensorRT version, CUDA
+version and GPU compute capability go into the manifest part's ``extra``;
+``check_plan_compat`` compares them with the loading machine before deserializing (a plan
+runs only where it was built unless built version-/hardware-compatible). Plans can carry
+host code (version-compatible plans do): load only folders you trust.
+
+Everything except the build itself is pure Python and unit-tested without TensorRT.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from ember.compiler import manifest as mf
+from ember.compiler.profiles import ProfileSpec, check_profile, profile_shapes, step_profiles
+from ember.errors import ArtifactError, ConfigError
+
+NAME = "tensorrt"
+PLAN_SUFFIX = ".plan"
+INSTALL_HINT = ("TensorRT is not installed: its builder ships from NVIDIA's package index, not PyPI "
+                "(pip install --extra-index-url https://pypi.nvidia.com tensorrt); or compile with --backend onnxruntime")
+HW_LEVELS = {"none": "NONE", "ampere+": "AMPERE_PLUS", "same-compute-capability": "SAME_COMPUTE_CAPABILITY"}
+
+
+@dataclass(frozen=True)
+class TensorRTOptions:
+    """Build options (``CompileOptions.extra`` keys of the same names; CLI flags in docs/gpu.md)."""
+
+    max_batch: int = 128  # decode profile: batch 1..max_batch
+    max_past: int = 2048  # both profiles: KV capacity 1..max_past
+    prefill_tokens: int = 512  # prefill profile: T 2..prefill_tokens
+    prefill_batch: int = 8  # prefill profile: batch 1..prefill_batch
+    timing_cache: str | None = None  # default: $EMBER_CACHE or ~/.cache/ember/tensorrt.timing
+    version_compatible: bool = False  # plan runs on later TensorRT versions of the same major
+    hardware_compatibility_level: str = "none"  # none | ampere+ | same-compute-capability
+    builder_optimization_level: int | None = None  # 0..5 (TensorRT default 3)
+    profiles: tuple[dict, ...] | None = None  # explicit ProfileSpec dicts; overrides the derived ones
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_past", "prefill_tokens", "prefill_batch"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"TensorRT option {name}={v!r} must be an integer >= 1")
+        if self.hardware_compatibility_level not in HW_LEVELS:
+            raise ConfigError(f"--hardware-compatibility-level {self.hardware_compatibility_level!r} is not one of "
+                              f"{', '.join(HW_LEVELS)}")
+        lvl = self.builder_optimization_level
+        if lvl is not None and not (isinstance(lvl, int) and 0 <= lvl <= 5):
+            raise ConfigError(f"builder_optimization_level={lvl!r} must be an integer in 0..5")
+
+    @staticmethod
+    def from_extra(extra: dict[str, Any], max_past: int | None = None) -> "TensorRTOptions":
+        known = {f.name for f in fields(TensorRTOptions)}
+        unknown = sorted(set(extra) - known)
+        if unknown:
+            raise ConfigError(f"unknown TensorRT option(s) {unknown}; known: {', '.join(sorted(known))}")
+        kw = dict(extra)
+        if max_past is not None and "max_past" not in kw:
+            kw["max_past"] = max_past
+        if kw.get("profiles") is not None:
+            kw["profiles"] = tuple(kw["profiles"])
+        return TensorRTOptions(**kw)
+
+    def cache_path(self) -> Path:
+        if self.timing_cache:
+            return Path(self.timing_cache)
+        root = os.environ.get("EMBER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ember")
+        return Path(root) / "tensorrt.timing"
+
+
+def plan_profiles(inputs: list[mf.TensorSpec], opts: TensorRTOptions) -> list[ProfileSpec]:
+    """The profiles to build, checked for consistency (shared dims share ranges) before any build."""
+    if opts.profiles is not None:
+        profiles = [ProfileSpec.from_dict(p) for p in opts.profiles]
+    else:
+        profiles = step_profiles(inputs, max_batch=opts.max_batch, max_past=opts.max_past,
+                                 prefill_tokens=opts.prefill_tokens, prefill_batch=opts.prefill_batch)
+    if not profiles:
+        raise ConfigError("no optimization profiles: give at least one")
+    for p in profiles:
+        check_profile(inputs, profile_shapes(inputs, p), profile_name=f"profile {p.name!r}")
+    return profiles
+
+
+def require_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise ConfigError(INSTALL_HINT) from e
+    return trt
+
+
+def gpu_environment(device_index: int = 0) -> dict[str, Any]:
+    """This machine's TensorRT / CUDA versions and GPU (what a plan is tied to)."""
+    env: dict[str, Any] = {}
+    try:
+        import tensorrt as trt
+
+        env["tensorrt"] = trt.__version__
+    except ImportError:
+        env["tensorrt"] = None
+    try:
+        import torch
+
+        env["cuda"] = torch.version.cuda
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(device_index)
+            env["compute_capability"] = f"{major}.{minor}"
+            env["gpu"] = torch.cuda.get_device_name(device_index)
+    except ImportError:
+        pass
+    return env
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    out = []
+    for p in str(v).split("."):
+        digits = "".join(ch for ch in p if ch.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+def check_plan_compat(extra: dict[str, Any], env: dict[str, Any], plan: str = "step.plan", rebuild: str = "") -> None:
+    """Raise ArtifactError (naming the fix) when a plan built as ``extra`` says cannot run in ``env``.
+
+    Rules: without version compatibility the TensorRT version must match exactly; with it,
+    the same major and a runtime at least as new. Without a hardware-compatibility level the
+    compute capability must match; ``ampere+`` needs sm_80 or newer; ``same-compute-capability``
+    needs the same one.
+    """
+    rebuild = rebuild or "ember compile SOURCE --backend tensorrt -o FOLDER"
+    built_trt, here_trt = extra.get("tensorrt"), env.get("tensorrt")
+    built_cc, here_cc = extra.get("compute_capability"), env.get("compute_capability")
+    where = f"{plan} was built with TensorRT {built_trt} for sm_{str(built_cc).replace('.', '')}"
+    if here_trt is None:
+        raise ArtifactError(f"{where}, but TensorRT is not installed here: {INSTALL_HINT.split(': ', 1)[1]}")
+    vc = bool(extra.get("version_compatible"))
+    bt, ht = _version_tuple(built_trt), _version_tuple(here_trt)
+    trt_ok = (bt[:1] == ht[:1] and ht >= bt) if vc else bt == ht
+    level = extra.get("hardware_compatibility_level", "none")
+    if here_cc is None:
+        cc_ok = False
+    elif level == "ampere+":
+        cc_ok = _version_tuple(here_cc) >= (8, 0)
+    else:
+        cc_ok = here_cc == built_cc
+    if trt_ok and cc_ok:
+        return
+    here = f"this machine has TensorRT {here_trt} / sm_{str(here_cc).replace('.', '')}"
+    fixes = [f"rebuild here with `{rebuild}`"]
+    if not trt_ok and not vc:
+        fixes.append("or build with --version-compatible (runs on later TensorRT of the same major)")
+    if not cc_ok and level == "none":
+        fixes.append("or build with --hardware-compatibility-level ampere+ (runs on any sm_80+ GPU)")
+    raise ArtifactError(f"{where}; {here}: " + " ".join(fixes))
+
+
+def build_plan_part(folder: Path, name: str, onnx_path: Path, inputs: list[mf.TensorSpec],
+                    outputs: list[mf.TensorSpec], options) -> mf.EnginePart:
+    """Build ``folder/<name>.plan`` from ``onnx_path`` and return its manifest part.
+
+    ``options`` is a ``CompileOptions``; TensorRT settings come from ``options.extra``
+    (``TensorRTOptions`` fields). The ONNX graph stays in the folder as the part's
+    ``extra['source_onnx']`` (``ember check`` compares the plan against it).
+    """
+    opts = TensorRTOptions.from_extra(dict(options.extra or {}))
+    profiles = plan_profiles(inputs, opts)  # fail on bad profiles before touching TensorRT
+    trt = require_tensorrt()
+    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, SaveEngine
+
+    plan_path = Path(folder) / f"{name}{PLAN_SUFFIX}"
+    cache = opts.cache_path()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    trt_profiles = []
+    for p in profiles:
+        prof = Profile()
+        for tname, (lo, mid, hi) in profile_shapes(inputs, p).items():
+            prof.add(tname, lo, mid, hi)
+        trt_profiles.append(prof)
+    config_kw: dict[str, Any] = {
+        "profiles": trt_profiles,
+        "load_timing_cache": str(cache) if cache.exists() else None,
+        "version_compatible": opts.version_compatible or None,
+        "builder_optimization_level": opts.builder_optimization_level,
+    }
+    if opts.hardware_compatibility_level != "none":
+        config_kw["hardware_compatibility_level"] = getattr(trt.HardwareCompatibilityLevel,
+                                                            HW_LEVELS[opts.hardware_compatibility_level])
+    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
+    config = CreateConfig(**config_kw)
+    # polygraphy locks the cache file for the save and merges into what is there.
+    build = SaveEngine(EngineFromNetwork(network, config, save_timing_cache=str(cache)), path=str(plan_path))
+    try:
+        engine = build()
+    except Exception as e:  # polygraphy raises PolygraphyException with TensorRT's log above it
+        raise ConfigError(f"TensorRT could not build {onnx_path.name} ({e}); see the TensorRT log above. "
+                          f"Try --backend onnxruntime, or report the graph") from e
+    del engine
+    env = gpu_environment()
+    rec = mf.file_record(Path(folder), plan_path.name)
+    src = mf.file_record(Path(folder), onnx_path.name)
+    extra = {
+        "dtype": options.dtype,
+        "profiles": [p.to_dict() for p in profiles],
+        "tensorrt": env.get("tensorrt"),
+        "cuda": env.get("cuda"),
+        "compute_capability": env.get("compute_capability"),
+        "gpu": env.get("gpu"),
+        "version_compatible": opts.version_compatible,
+        "hardware_compatibility_level": opts.hardware_compatibility_level,
+        "source_onnx": src,
+        "options": {k: v for k, v in asdict(opts).items() if k != "profiles"},
+    }
+    return mf.EnginePart(name=name, backend=NAME, file=rec["file"], sha256=rec["sha256"], size=rec["size"],
+                         inputs=inputs, outputs=outputs, extra=extra)

@@ -1,0 +1,211 @@
+"""``ember check FOLDER``: run each engine part on every backend present here and compare it
+with its ONNX graph on ONNX Runtime's CPU provider, output by output.
+
+Reference: the part's ONNX (for a TensorRT part, the graph it was built from,
+``extra['source_onnx']``), or ``reference=`` a float ONNX of the same I/O (e.g. the FP32
+export of an FP16 engine). Candidates, whichever are present: ONNX Runtime CUDA (for ONNX
+parts, when onnxruntime-gpu and a GPU are here), TensorRT (for plans, when tensorrt is
+importable), and ONNX Runtime CPU on the part's own graph when it differs from the
+reference. Inputs follow the decoder step-graph contract (a decode case and a prefill case,
+mixed past lengths, one padded row); other graphs get random inputs with symbolic dims = 2.
+
+An output passes when ``max|got - ref| / max|ref| <= tolerance`` (new K/V compared on the
+valid positions only); logits also report top-1 agreement. Default tolerances by the
+engine's dtype: fp32 1e-3, fp16 2e-2, quantized 1e-1; override per output name.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ember.compiler.manifest import EnginePart, Manifest, read_manifest, verify_files
+from ember.errors import ArtifactError
+
+DEFAULT_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "quantized": 1e-1}
+_NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    part: str
+    backend: str
+    case: str
+    output: str
+    rel_error: float
+    tolerance: float
+    top1_agreement: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return bool(np.isfinite(self.rel_error)) and self.rel_error <= self.tolerance
+
+
+def step_cases(part: EnginePart, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    """Feeds for a decode and a prefill call of a step graph (or generic random feeds)."""
+    rng = np.random.default_rng(seed)
+    names = {t.name for t in part.inputs}
+    if not {"input_ids", "positions", "past_lengths", "new_lengths"} <= names:
+        return {"random": _generic_feeds(part, rng)}
+    vocab = next((int(t.shape[1]) for t in part.outputs if t.name == "logits" and isinstance(t.shape[1], int)), 32)
+    cases = {}
+    for case, (b, t, p, past, new) in {"decode": (4, 1, 32, [0, 5, 32 - 1, 17], [1, 1, 1, 1]),
+                                       "prefill": (2, 8, 32, [0, 11], [8, 5])}.items():
+        dims = {"batch": b, "tokens": t, "past": p}
+        feeds: dict[str, np.ndarray] = {}
+        pl, nl = np.array(past, np.int64), np.array(new, np.int64)
+        feeds["input_ids"] = rng.integers(0, vocab, (b, t)).astype(np.int64)
+        feeds["positions"] = (pl[:, None] + np.arange(t)[None, :]).astype(np.int64)
+        feeds["past_lengths"], feeds["new_lengths"] = pl, nl
+        for spec in part.inputs:
+            if spec.name not in feeds:
+                shape = [dims.get(d, 2) if isinstance(d, str) else d for d in spec.shape]
+                feeds[spec.name] = rng.standard_normal(shape).astype(_NP[spec.dtype])
+        cases[case] = feeds
+    return cases
+
+
+def _generic_feeds(part: EnginePart, rng) -> dict[str, np.ndarray]:
+    feeds = {}
+    for spec in part.inputs:
+        shape = [2 if isinstance(d, str) else d for d in spec.shape]
+        dt = _NP.get(spec.dtype, np.float32)
+        feeds[spec.name] = (rng.integers(0, 2, shape) if np.issubdtype(dt, np.integer) else rng.standard_normal(shape)).astype(dt)
+    return feeds
+
+
+def _cpu_runner(onnx_path: Path) -> Callable[[dict], dict]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    types = {i.name: i.type for i in sess.get_inputs()}
+    names = [o.name for o in sess.get_outputs()]
+
+    def run(feeds: dict) -> dict:
+        fixed = {k: (v.astype(np.float16) if types[k] == "tensor(float16)" else
+                     v.astype(np.float32) if types[k] == "tensor(float)" else v) for k, v in feeds.items()}
+        return dict(zip(names, sess.run(names, fixed)))
+    return run
+
+
+def _device_runner(session, part: EnginePart) -> Callable[[dict], dict]:
+    """Run a device step session (ORT CUDA / TensorRT) on host feeds; outputs back on the host."""
+    import torch
+
+    kv_names = [t.name for t in part.inputs][4:]
+    out_names = [t.name for t in part.outputs]
+
+    def run(feeds: dict) -> dict:
+        kv = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(session.device) for n in kv_names]
+        logits, new = session.run(feeds["input_ids"], feeds["positions"], feeds["past_lengths"], feeds["new_lengths"], kv)
+        torch.cuda.synchronize(session.device)
+        return dict(zip(out_names, [logits.float().cpu().numpy()] + [x.float().cpu().numpy() for x in new]))
+    return run
+
+
+def candidate_runners(folder: Path, part: EnginePart, reference: Path) -> dict[str, Callable[[dict], dict]]:
+    """Every backend present on this machine that can run ``part``."""
+    runners: dict[str, Callable[[dict], dict]] = {}
+    layers = sum(1 for t in part.inputs if t.name.startswith("past_key."))
+    if part.backend == "tensorrt":
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            return runners
+        from ember.runtime.trt_session import TensorRTStepSession
+
+        runners["tensorrt"] = _device_runner(TensorRTStepSession(folder / part.file, part, layers), part)
+        return runners
+    onnx_path = folder / part.file
+    if onnx_path.resolve() != reference.resolve():
+        runners["onnxruntime-cpu"] = _cpu_runner(onnx_path)
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers() and layers:
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                from ember.runtime.cuda_session import CudaStepSession
+
+                runners["onnxruntime-cuda"] = _device_runner(CudaStepSession(onnx_path, layers), part)
+        except ImportError:
+            pass
+    return runners
+
+
+def _rel(got: np.ndarray, ref: np.ndarray) -> float:
+    got, ref = got.astype(np.float64), ref.astype(np.float64)
+    if ref.size == 0:
+        return 0.0
+    if not np.isfinite(got).all():
+        return float("inf")
+    return float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12))
+
+
+def _engine_dtype(manifest: Manifest, part: EnginePart) -> str:
+    if manifest.quantization:
+        return "quantized"
+    return str(part.extra.get("dtype") or manifest.extra.get("dtype") or "fp32")
+
+
+def check_folder(folder: str | os.PathLike, reference: str | os.PathLike | None = None,
+                 tolerances: dict[str, float] | None = None, seed: int = 0) -> list[OutputCheck]:
+    """Compare every part of ``folder`` on every backend present; returns one row per output."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    verify_files(folder, manifest)
+    rows: list[OutputCheck] = []
+    for part in manifest.parts:
+        if reference is not None:
+            ref_path = Path(reference)
+        elif part.backend == "tensorrt":
+            src = part.extra.get("source_onnx")
+            if not src:
+                raise ArtifactError(f"part {part.name!r} records no source ONNX; pass --reference FILE.onnx")
+            ref_path = folder / src["file"]
+        else:
+            ref_path = folder / part.file
+        if not ref_path.exists():
+            raise ArtifactError(f"reference graph {ref_path} is missing; pass --reference FILE.onnx")
+        ref_run = _cpu_runner(ref_path)
+        tol_default = DEFAULT_TOLERANCE.get(_engine_dtype(manifest, part), 1e-3)
+        cases = step_cases(part, seed)
+        for backend, run in candidate_runners(folder, part, ref_path).items():
+            for case, feeds in cases.items():
+                ref, got = ref_run(feeds), run(feeds)
+                for spec in part.outputs:
+                    r, g = ref[spec.name], got[spec.name]
+                    if spec.name.startswith("new_") and "new_lengths" in feeds:
+                        n = int(feeds["new_lengths"].min())
+                        r, g = r[..., :n, :], g[..., :n, :]
+                    top1 = float((g.argmax(-1) == r.argmax(-1)).mean()) if spec.name == "logits" else None
+                    tol = (tolerances or {}).get(spec.name, tol_default)
+                    rows.append(OutputCheck(part.name, backend, case, spec.name, _rel(g, r), tol, top1))
+    return rows
+
+
+def format_report(rows: list[OutputCheck]) -> str:
+    if not rows:
+        return "no backend to check here (needs onnxruntime-gpu + a GPU, TensorRT, or --reference)"
+    lines = ["| part | backend | case | output | rel. error | tolerance | top-1 | ok |", "|---|---|---|---|---|---|---|---|"]
+    worst: dict[tuple, OutputCheck] = {}
+    for r in rows:  # per (part, backend, case): logits and the worst K/V output
+        key = (r.part, r.backend, r.case, r.output if r.output == "logits" else "kv")
+        if key not in worst or r.rel_error > worst[key].rel_error:
+            worst[key] = r
+    for r in worst.values():
+        name = r.output if r.output == "logits" else f"{r.output} (worst K/V)"
+        top1 = "" if r.top1_agreement is None else f"{r.top1_agreement:.3f}"
+        lines.append(f"| {r.part} | {r.backend} | {r.case} | {name} | {r.rel_error:.2e} | {r.tolerance:g} | {top1} | "
+                     f"{'yes' if r.ok else 'NO'} |")
+    return "\n".join(lines)
+
+
+def rows_to_json(rows: list[OutputCheck]) -> list[dict[str, Any]]:
+    return [{**asdict(r), "ok": r.ok} for r in rows]

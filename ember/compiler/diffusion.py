@@ -1,0 +1,273 @@
+"""The diffusion compile plan: pipeline source -> four ONNX parts -> (W8A8) -> cache schedule
+(DP or uniform) -> DEC tables -> engine folder (DESIGN §5).
+
+``compile_diffusion`` is the API behind ``ember compile sd-... --cache-interval N ...``; every
+CLI option is a field of ``DiffusionCompileOptions``. Calibration runs (features for the DP
+schedule, quantization feeds, DEC fits) go through the runtime's own denoising loop.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ember.compiler import manifest as mf
+from ember.compiler import diffusion_calib as calib
+from ember.compiler.artifact import atomic_folder, write_manifest
+from ember.compiler.onnx_io import io_specs
+from ember.errors import ConfigError, EmberError
+from ember.progress import StageLog
+
+PART_NAMES = ("text_encoder", "unet_full", "unet_shallow", "vae_decoder")
+SCHEDULES = ("dp", "uniform")
+# DESIGN §5: keep the input/output convs, the time embedding and shortcut convs in float.
+KEEP_FLOAT = (r"conv_in/", r"conv_out/", r"time_embedding", r"conv_shortcut")
+
+
+@dataclass(frozen=True)
+class DiffusionCompileOptions:
+    steps: int = 50  # denoising steps the schedule and DEC tables are fitted for (the runtime default)
+    cache_interval: int | None = None  # N; None with cache_speedup None = no caching
+    cache_speedup: float | None = None  # target UNet-loop speedup (MACs) instead of N
+    schedule: str = "dp"  # dp | uniform
+    branch: int = 0  # cache branch (0 = shallowest)
+    image_size: int | None = None  # pixels per side (default: the source's sample_size * VAE scale)
+    quantize: str | None = None  # "int8" (W8A8) | "int8-weights"
+    calib_method: str = "max"
+    quant_calib_steps: int = 6  # trajectory steps per calibration prompt used as quantization feeds
+    dec: bool = False  # fit decoupled error correction tables
+    schedule_features: str = "auto"  # float | quantized | auto (quantized when --quantize)
+    calib_prompts: tuple[str, ...] = calib.DEFAULT_CALIB_PROMPTS
+    calib_seed: int = 1000
+    guidance_scale: float = 7.5
+    seed: int = 0  # built-in configs' weight seed
+    validate: bool = True
+    max_validation_error: float = 1e-3  # relative error of each ONNX part vs torch
+    threads: int | None = None
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"--schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.cache_interval is not None and self.cache_speedup is not None:
+            raise ConfigError("give --cache-interval or --cache-speedup, not both")
+        if self.cache_interval is not None and self.cache_interval < 1:
+            raise ConfigError(f"--cache-interval {self.cache_interval} must be >= 1 (1 = no caching)")
+        if self.quantize not in (None, "int8", "int8-weights"):
+            raise ConfigError(f"--quantize {self.quantize!r}: diffusion engines support int8 (W8A8) and int8-weights")
+        if self.schedule_features not in ("float", "quantized", "auto"):
+            raise ConfigError(f"schedule_features {self.schedule_features!r} must be float, quantized or auto")
+        if self.steps < 1:
+            raise ConfigError(f"--steps {self.steps} must be >= 1")
+        if not self.calib_prompts and (self.needs_calibration):
+            raise ConfigError("DP schedules, DEC and quantization need calibration prompts; give at least one")
+
+    @property
+    def caching(self) -> bool:
+        return self.cache_speedup is not None or (self.cache_interval or 1) > 1
+
+    @property
+    def needs_calibration(self) -> bool:
+        return (self.caching and self.schedule == "dp") or self.dec or self.quantize is not None
+
+
+def _schedule(opts: DiffusionCompileOptions, macs: dict[str, int], distances: np.ndarray | None):
+    from ember.passes import cache_schedule as cs
+
+    t = opts.steps
+    if not opts.caching:
+        return cs.CacheSchedule(t, tuple(range(t)), "none", 1.0)
+    if opts.cache_speedup is not None:
+        budget = cs.budget_for_speedup(t, opts.cache_speedup, macs["unet_shallow"] / macs["unet_full"])
+        interval = t / budget
+    else:
+        interval = float(opts.cache_interval)
+        budget = cs.budget_for_interval(t, opts.cache_interval)
+    if opts.schedule == "uniform":
+        return cs.uniform_schedule(t, max(1, int(interval)))
+    return cs.dp_schedule(distances, budget, cs.group_bounds(t, budget), interval=interval)
+
+
+def _part(folder: Path, name: str, dtype: str) -> mf.EnginePart:
+    rel = f"{name}.onnx"
+    ins, outs = io_specs(onnx.load(str(folder / rel), load_external_data=False))
+    rec = mf.file_record(folder, rel)
+    return mf.EnginePart(name=name, backend="onnxruntime", file=rel, sha256=rec["sha256"], size=rec["size"],
+                         inputs=ins, outputs=outs, extra={"dtype": dtype})
+
+
+def _validate(src, folder: Path, branch: int, tol: float) -> dict[str, float]:
+    import onnxruntime as ort
+    import torch
+
+    from ember.export.diffusion.onnx_export import PART_IO, example_inputs, part_modules
+
+    errs = {}
+    with torch.no_grad():
+        ex, mods = example_inputs(src, branch), part_modules(src, branch)
+        for name in PART_NAMES:
+            ref = mods[name](*ex[name])
+            ref = (ref if isinstance(ref, tuple) else (ref,))[0].numpy()
+            sess = ort.InferenceSession(str(folder / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+            got = sess.run(None, {n: t.numpy() for n, t in zip(PART_IO[name][0], ex[name])})[0]
+            errs[name] = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12))
+            if errs[name] > tol:
+                raise EmberError(f"exported {name} differs from torch by {errs[name]:.2e} (relative) > {tol}; export is broken")
+    return errs
+
+
+def _manifest(folder: Path, src, opts: DiffusionCompileOptions, spec: dict[str, Any], quant: dict | None,
+              tables: list[str], dtype: str) -> mf.Manifest:
+    parts = [_part(folder, n, dtype if n.startswith("unet") else "fp32") for n in PART_NAMES]
+    return mf.Manifest(
+        kind="diffusion",
+        model={"family": "stable-diffusion-1", "name": src.name, "config": src.config},
+        parts=parts,
+        tokenizer={"file": "tokenizer/tokenizer.json", "max_length": src.max_text_length, "pad_token_id": src.pad_token_id},
+        quantization=quant,
+        build={**mf.build_environment(), "options": {k: v for k, v in asdict(opts).items() if k != "calib_prompts"}},
+        tables=[{"name": Path(t).stem, **mf.file_record(folder, t)} for t in tables],
+        extra={"diffusion": spec},
+    )
+
+
+def compile_diffusion(source: str | os.PathLike, out_dir: str | os.PathLike,
+                      options: DiffusionCompileOptions = DiffusionCompileOptions()) -> mf.Manifest:
+    """Compile a diffusion SOURCE (diffusers SD-1.x folder or ``sd-tiny``/``sd-small``) into ``out_dir``."""
+    from ember.export.diffusion.onnx_export import count_macs, export_parts
+    from ember.export.diffusion.source import load_source
+    from ember.export.diffusion.unet_split import UNetShallow
+    from ember.runtime.diffusion.pipeline import DiffusionPipeline
+
+    opts = options
+    log = StageLog(total=4 + bool(opts.needs_calibration) + bool(opts.quantize) + bool(opts.dec), quiet=opts.quiet)
+    with log.stage(f"load {source}"):
+        src = load_source(source, seed=opts.seed)
+        _set_image_size(src, opts.image_size)
+        shallow_mod = UNetShallow(src.unet, opts.branch)
+        cc, qc = shallow_mod.cache_channels, shallow_mod.quant_channels
+    with atomic_folder(out_dir) as tmp:
+        with log.stage("export text encoder, UNet full/shallow, VAE decoder to ONNX"):
+            export_parts(src, tmp, opts.branch)
+            (tmp / "tokenizer").mkdir()
+            src.tokenizer.save(str(tmp / "tokenizer" / "tokenizer.json"))
+            macs = count_macs(src, opts.branch)
+            errors = _validate(src, tmp, opts.branch, opts.max_validation_error) if opts.validate else {}
+        spec: dict[str, Any] = {
+            "image_size": src.image_size, "latent_size": src.sample_size, "latent_channels": src.latent_channels,
+            "max_text_length": src.max_text_length, "scheduler": src.scheduler_config, "steps": opts.steps,
+            "guidance_scale": opts.guidance_scale, "branch": opts.branch, "cache_channels": cc, "quant_channels": qc,
+            "macs_per_sample": macs, "validation_error": errors, "dec": None,
+        }
+        spec["cache"] = {**_schedule_stub(opts.steps), "steps": opts.steps}
+        draft = _manifest(tmp, src, opts, spec, None, [], "fp32")
+        traj = traj_q = None
+        if opts.needs_calibration:
+            with log.stage(f"calibrate: {len(opts.calib_prompts)} prompts x {opts.steps} full steps"):
+                pipe = DiffusionPipeline(tmp, draft, threads=opts.threads)
+                traj = calib.collect_trajectories(pipe, list(opts.calib_prompts), opts.steps, opts.calib_seed, opts.guidance_scale)
+        quant = None
+        float_shallow = onnx.load(str(tmp / "unet_shallow.onnx"))
+        if opts.quantize:
+            with log.stage(f"quantize UNet ({opts.quantize}) on trajectory samples"):
+                quant = _quantize(tmp, opts, traj, cc, qc)
+                draft = _manifest(tmp, src, opts, spec, quant, [], "int8")
+                use_q = opts.schedule_features in ("quantized", "auto") and (opts.dec or opts.schedule == "dp") and opts.caching
+                if use_q:
+                    pipe = DiffusionPipeline(tmp, draft, threads=opts.threads)
+                    traj_q = calib.collect_trajectories(pipe, list(opts.calib_prompts), opts.steps, opts.calib_seed,
+                                                        opts.guidance_scale)
+        feats = traj_q if traj_q is not None else traj
+        with log.stage(f"cache schedule ({opts.schedule if opts.caching else 'none'})"):
+            from ember.passes.cache_schedule import pairwise_l1
+
+            need_d = opts.caching and opts.schedule == "dp"
+            sched = _schedule(opts, macs, pairwise_l1(feats.features) if need_d else None)
+            spec["cache"] = {**sched.to_dict(), "budget": sched.budget,
+                             "features": "quantized" if feats is traj_q and traj_q is not None else "float"}
+            log.note(f"full steps ({sched.budget}/{opts.steps}): {list(sched.full_steps)}")
+        tables = list(quant["tables"]) if quant else []
+        if opts.dec:
+            with log.stage("fit decoupled error correction"):
+                _fit_dec(tmp, feats, sched, float_shallow, bool(opts.quantize), opts, cc, qc, spec)
+                tables.append("dec.npz")
+        m = _manifest(tmp, src, opts, spec, quant, tables, "int8" if opts.quantize else "fp32")
+        write_manifest(tmp, m)
+    return m
+
+
+def _set_image_size(src, size: int | None) -> None:
+    """Latent side = size / VAE scale; the UNet halves it once per down block but the last."""
+    if size is None:
+        return
+    unit = src.vae_scale * 2 ** (len(src.unet.down_blocks) - 1)
+    if size <= 0 or size % unit:
+        raise ConfigError(f"--image-size {size} must be a positive multiple of {unit} for this pipeline "
+                          f"(VAE scale {src.vae_scale} x UNet down-sampling {unit // src.vae_scale})")
+    src.sample_size = size // src.vae_scale
+
+
+def _schedule_stub(steps: int) -> dict[str, Any]:
+    return {"method": "none", "full_steps": list(range(steps)), "interval": 1.0, "budget": steps}
+
+
+def _quantize(tmp: Path, opts: DiffusionCompileOptions, traj, cc: int, qc: int) -> dict[str, Any]:
+    from ember.passes.quantize import QuantOptions, quantize_model
+
+    qopts = QuantOptions(scheme=opts.quantize, calib_method=opts.calib_method, exclude_names=KEEP_FLOAT,
+                         threads=opts.threads or 0)
+    interval = opts.cache_interval or 5
+    summary: dict[str, Any] = {"scheme": opts.quantize, "parts": {}}
+    for name, feeds in (("unet_full", calib.full_feeds(traj, opts.quant_calib_steps)),
+                        ("unet_shallow", calib.shallow_feeds(traj, opts.quant_calib_steps, interval, cc, qc))):
+        path = tmp / f"{name}.onnx"
+        model, report = quantize_model(onnx.load(str(path)), feeds if not qopts.weights_only else [], qopts)
+        onnx.save(model, str(path))
+        summary["parts"][name] = report.to_dict()
+        np.savez(tmp / f"{name}.scales.npz", **report.scale_tables())
+    summary["tables"] = [f"{n}.scales.npz" for n in summary["parts"]]
+    return summary
+
+
+def _fit_dec(tmp: Path, traj, sched, float_shallow: onnx.ModelProto, quantized: bool, opts: DiffusionCompileOptions,
+             cc: int, qc: int, spec: dict[str, Any]) -> None:
+    """Cache correction from the trajectory features; quantization correction on the conv that
+    reads the cached channels, float vs quantized shallow graph, both fed the corrected cache."""
+    import onnxruntime as ort
+
+    from ember.passes.error_correction import AffineTable, fit_cache_correction, fit_quant_correction
+
+    ref = sched.reference()
+    cache_t = fit_cache_correction(traj.features, ref)
+    quant_t = AffineTable.identity(opts.steps, qc)
+    if quantized:
+        probe = calib.quant_probe_tensor(float_shallow)
+        q_model = onnx.load(str(tmp / "unet_shallow.onnx"))
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        s_fp = ort.InferenceSession(calib.with_outputs(float_shallow, [probe]).SerializeToString(), so,
+                                    providers=["CPUExecutionProvider"])
+        s_q = ort.InferenceSession(calib.with_outputs(q_model, [probe]).SerializeToString(), so,
+                                   providers=["CPUExecutionProvider"])
+        y_fp: dict[int, np.ndarray] = {}
+        y_q: dict[int, np.ndarray] = {}
+        for t in range(opts.steps):
+            if ref[t] == t:
+                continue
+            fp_rows, q_rows = [], []
+            for feeds, feats in zip(traj.feeds, traj.features):
+                rows = feats.shape[1]
+                f = {**feeds[t], "cached": feats[ref[t]], **calib.identity_rows(rows, cc, qc)}
+                f["cache_scale"] = np.repeat(cache_t.scale[t][None], rows, 0)
+                f["cache_bias"] = np.repeat(cache_t.bias[t][None], rows, 0)
+                fp_rows.append(s_fp.run([probe], f)[0])
+                q_rows.append(s_q.run([probe], f)[0])
+            y_fp[t], y_q[t] = np.concatenate(fp_rows), np.concatenate(q_rows)
+        quant_t = fit_quant_correction(y_fp, y_q, opts.steps, qc)
+    np.savez(tmp / "dec.npz", cache_scale=cache_t.scale, cache_bias=cache_t.bias,
+             quant_scale=quant_t.scale, quant_bias=quant_t.bias)
+    spec["dec"] = {"file": "dec.npz", "cache": True, "quant": quantized, "fitted_on": spec["cache"]["method"]}

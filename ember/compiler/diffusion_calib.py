@@ -1,0 +1,97 @@
+"""Calibration runs for diffusion compiles: trajectories of the full engine, quantization feeds,
+and the probe of the conv that DEC's quantization correction targets.
+
+All runs go through the same runtime loop users get (``DiffusionPipeline.run_jobs``), so the
+features the DP schedule and DEC see are those the engines will produce.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from ember.errors import ConfigError
+
+DEFAULT_CALIB_PROMPTS = (
+    "a photograph of an astronaut riding a horse",
+    "a watercolor painting of a lighthouse at dawn",
+    "a bowl of ramen on a wooden table, studio light",
+)
+
+
+@dataclass
+class Trajectories:
+    """Per calibration prompt: cached feature per step [T, R, Cc, h, w], and full-engine feeds per step."""
+
+    features: list[np.ndarray] = field(default_factory=list)
+    feeds: list[list[dict[str, np.ndarray]]] = field(default_factory=list)
+
+
+def collect_trajectories(pipe, prompts: list[str], steps: int, seed: int, guidance_scale: float) -> Trajectories:
+    """Run every step full (no cache) and record each step's cached feature and UNet inputs."""
+    out = Trajectories()
+    for i, prompt in enumerate(prompts):
+        jobs, _ = pipe.make_jobs([prompt], steps=steps, seed=seed + i, guidance_scale=guidance_scale, cache=False)
+        feats: list[np.ndarray] = []
+        feeds: list[dict[str, np.ndarray]] = []
+
+        def observe(job, kind, f, outs, feats=feats, feeds=feeds):
+            feats.append(outs[1].copy())
+            feeds.append({k: v.copy() for k, v in f.items()})
+
+        pipe.run_jobs(jobs, observer=observe)
+        out.features.append(np.stack(feats))
+        out.feeds.append(feeds)
+    return out
+
+
+def spread_steps(steps: int, count: int) -> list[int]:
+    """``count`` step indices spread evenly over [0, steps) (the trajectory, not just its start)."""
+    return sorted({int(round(x)) for x in np.linspace(0, steps - 1, max(1, min(count, steps)))})
+
+
+def full_feeds(traj: Trajectories, count: int) -> list[dict[str, np.ndarray]]:
+    return [f[t] for f in traj.feeds for t in spread_steps(len(f), count)]
+
+
+def shallow_feeds(traj: Trajectories, count: int, interval: int, cc: int, qc: int) -> list[dict[str, np.ndarray]]:
+    """Shallow-engine feeds: step t's inputs with the cached feature of step t - t % interval."""
+    feeds = []
+    for run_feeds, feats in zip(traj.feeds, traj.features):
+        for t in spread_steps(len(run_feeds), count):
+            r = t - t % max(1, interval)
+            rows = feats.shape[1]
+            feeds.append({**run_feeds[t], "cached": feats[r], **identity_rows(rows, cc, qc)})
+    return feeds
+
+
+def identity_rows(rows: int, cc: int, qc: int) -> dict[str, np.ndarray]:
+    return {"cache_scale": np.ones((rows, cc), np.float32), "cache_bias": np.zeros((rows, cc), np.float32),
+            "quant_scale": np.ones((rows, qc), np.float32), "quant_bias": np.zeros((rows, qc), np.float32)}
+
+
+def quant_probe_tensor(model: onnx.ModelProto) -> str:
+    """Name of the conv output that ``quant_scale`` multiplies (the DEC quantization-correction site)."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    frontier, seen = ["quant_scale"], set()
+    while frontier:
+        name = frontier.pop()
+        for n in consumers.get(name, []):
+            if n.op_type == "Mul":
+                return next(i for i in n.input if i != name)
+            if n.name not in seen and n.op_type in ("Unsqueeze", "Reshape", "Cast", "Identity"):
+                seen.add(n.name)
+                frontier.extend(n.output)
+    raise ConfigError("the shallow graph has no Mul fed by 'quant_scale'; the DEC quantization site is missing (re-export)")
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for n in names:
+        probe.graph.output.append(onnx.ValueInfoProto(name=n))
+    return probe

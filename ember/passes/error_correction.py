@@ -1,0 +1,83 @@
+"""Decoupled error correction (DEC, DESIGN §5): per-step, per-channel least-squares affine fits.
+
+- Cache error: on a cached step t that reuses the feature of full step r, fit
+  ``X_t ≈ a_t ⊙ X_r + b_t`` per channel with ``a = Cov(X_r, X_t) / Var(X_r)``,
+  ``b = E[X_t] − a·E[X_r]``, pooled over calibration runs × batch × H × W.
+- Quantization error: on the conv that consumes the cached channels, fit
+  ``Y_fp ≈ α_t ⊙ Y_q + β_t`` per output channel (same estimator), where both outputs are
+  computed from the cache-corrected input.
+
+Tables are [T, C] float32, one row per step; full steps (and unfitted ones) hold the
+identity (scale 1, bias 0). The runtime feeds row t to the shallow engine as an input.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ember.errors import ConfigError
+
+_MIN_VAR = 1e-12
+
+
+@dataclass
+class AffineTable:
+    """scale/bias [T, C] float32: ``y <- scale[t] * y + bias[t]`` per channel at step t."""
+
+    scale: np.ndarray
+    bias: np.ndarray
+
+    @staticmethod
+    def identity(steps: int, channels: int) -> "AffineTable":
+        return AffineTable(np.ones((steps, channels), np.float32), np.zeros((steps, channels), np.float32))
+
+    def apply(self, step: int, x: np.ndarray) -> np.ndarray:
+        """x [B, C, ...] -> corrected x (channel axis 1)."""
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return x * self.scale[step].reshape(shape) + self.bias[step].reshape(shape)
+
+
+def fit_channel_affine(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares y ≈ a·x + b per channel (axis 1), pooled over every other axis. -> a, b [C]."""
+    if x.shape != y.shape:
+        raise ConfigError(f"affine fit needs equal shapes, got {x.shape} and {y.shape}")
+    c = x.shape[1]
+    xs = np.moveaxis(x, 1, 0).reshape(c, -1).astype(np.float64)
+    ys = np.moveaxis(y, 1, 0).reshape(c, -1).astype(np.float64)
+    mx, my = xs.mean(1), ys.mean(1)
+    var = ((xs - mx[:, None]) ** 2).mean(1)
+    cov = ((xs - mx[:, None]) * (ys - my[:, None])).mean(1)
+    a = np.where(var > _MIN_VAR, cov / np.maximum(var, _MIN_VAR), 1.0)
+    b = my - a * mx
+    return a.astype(np.float32), b.astype(np.float32)
+
+
+def fit_cache_correction(features: Sequence[np.ndarray], reference: np.ndarray) -> AffineTable:
+    """features: one [T, B, C, H, W] array per calibration run (the true cached feature at each
+    step); reference [T]: the full step each step reuses. -> (a_t, b_t) table [T, C]."""
+    steps, channels = features[0].shape[0], features[0].shape[2]
+    table = AffineTable.identity(steps, channels)
+    for t in range(steps):
+        r = int(reference[t])
+        if r == t:
+            continue
+        x = np.concatenate([f[r] for f in features])
+        y = np.concatenate([f[t] for f in features])
+        table.scale[t], table.bias[t] = fit_channel_affine(x, y)
+    return table
+
+
+def fit_quant_correction(y_fp: dict[int, np.ndarray], y_q: dict[int, np.ndarray], steps: int, channels: int) -> AffineTable:
+    """y_fp / y_q: step -> [N, C, H, W] conv outputs (float graph vs quantized graph, same
+    cache-corrected inputs). Steps absent from the dicts keep the identity. -> (α_t, β_t)."""
+    table = AffineTable.identity(steps, channels)
+    for t, ref in y_fp.items():
+        table.scale[t], table.bias[t] = fit_channel_affine(y_q[t], ref)
+    return table
+
+
+def relative_l2(pred: np.ndarray, target: np.ndarray) -> float:
+    """||pred - target||_2 / ||target||_2."""
+    return float(np.linalg.norm((pred - target).ravel()) / max(np.linalg.norm(target.ravel()), 1e-30))

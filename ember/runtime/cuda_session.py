@@ -1,0 +1,331 @@
+"""GPU step execution: ONNX Runtime's CUDA provider with device-resident buffers (DESIGN §7).
+
+The KV pool lives on the GPU (``DeviceKVPool``, the layout of ``kv_pool.KVPool``: per layer
+``[slots, Hkv, S_cap, D]``, so a slot range is one contiguous device view), and every step
+input and output is bound to device memory through IOBinding: per step the host sends the
+new tokens' ids/positions/lengths (a few hundred bytes) and receives the logits it samples
+from; the K/V never leave the device. ORT runs on PyTorch's current CUDA stream
+(``user_compute_stream``), so the pool's K/V writes (PyTorch kernels) and the graph are
+ordered without host synchronisation.
+
+Device memory is held in PyTorch CUDA tensors (PyTorch is the array library of the GPU
+path; the CPU path never imports it). ``DeviceExecutor`` has the four methods of
+``executor.LocalExecutor`` and serves both the ORT CUDA and the TensorRT step sessions.
+
+CUDA graphs (``cuda_graph=True``): decode calls (T = 1) are captured once per
+(slot range, batch, capacity) into static device buffers and replayed; ONNX Runtime only
+allows it when every node of the graph runs on the CUDA provider, otherwise the session
+falls back to plain launches and says why in ``cuda_graph_status``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ember.errors import ArtifactError, ConfigError, InputError
+from ember.runtime.kv_pool import KVPool
+
+
+def _torch(need_cuda: bool = True):
+    try:
+        import torch
+    except ImportError as e:
+        raise ConfigError("the GPU runtime keeps its buffers in PyTorch CUDA tensors: install a CUDA build of torch "
+                          "(pip install torch) or run with --device cpu") from e
+    if need_cuda and not torch.cuda.is_available():
+        raise ConfigError("no CUDA device is visible to PyTorch (torch.cuda.is_available() is False); "
+                          "check the driver / CUDA_VISIBLE_DEVICES, or run with --device cpu")
+    return torch
+
+
+def parse_device(device: str) -> int:
+    """'cuda' -> 0, 'cuda:N' -> N; anything else is an InputError."""
+    if device == "cuda":
+        return 0
+    if device.startswith("cuda:") and device[5:].isdigit():
+        return int(device[5:])
+    raise InputError(f"device {device!r} is not understood; use 'cpu', 'cuda' or 'cuda:N'")
+
+
+_TORCH_DTYPES = {"float16": "float16", "float32": "float32", "int64": "int64", "int32": "int32", "bool": "bool"}
+
+
+def torch_dtype(np_name: str):
+    torch = _torch(need_cuda=False)
+    return getattr(torch, _TORCH_DTYPES[str(np.dtype(np_name))])
+
+
+class DeviceKVPool(KVPool):
+    """``KVPool`` with its per-layer arrays in device memory (PyTorch CUDA tensors).
+
+    Lengths stay on the host (the scheduler reads them). Views are contiguous device
+    tensors valid until the next grow/shrink (which reallocates and copies live positions).
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, slots: int, max_capacity: int,
+                 dtype: str = "float16", device_index: int = 0, capacity: int = 16, device=None):
+        torch = _torch(need_cuda=device is None)
+        self.device = torch.device(device) if device is not None else torch.device("cuda", device_index)
+        self.torch_dtype = torch_dtype(dtype)
+        self.generation = 0  # bumped at every reallocation: cached device addresses are stale
+        super().__init__(num_layers, num_kv_heads, head_dim, slots, max_capacity, dtype=dtype, capacity=capacity)
+
+    def _resize(self, capacity: int, keep: int | None = None) -> None:
+        torch = _torch(need_cuda=False)
+        keep = self.capacity if keep is None else keep
+        keep = min(keep, capacity, self.capacity)
+        shape = (self.slots, self.num_kv_heads, capacity, self.head_dim)
+        new_k, new_v = [], []
+        for arrays, new in ((self.k, new_k), (self.v, new_v)):
+            for old in arrays or [None] * self.num_layers:
+                a = torch.zeros(shape, dtype=self.torch_dtype, device=self.device)
+                if old is not None and keep:
+                    a[:, :, :keep] = old[:, :, :keep]
+                new.append(a)
+        self.k, self.v, self.capacity = new_k, new_v, capacity
+        self.generation += 1
+
+    def write(self, start: int, new_kv: list, new_lengths: np.ndarray) -> None:
+        """Append each row's first ``new_lengths[r]`` new tokens (device tensors [B,Hkv,T,D])."""
+        torch = _torch(need_cuda=False)
+        b = len(new_lengths)
+        past = self.lengths[start:start + b]
+        end = int((past + new_lengths).max()) if b else 0
+        self.ensure_capacity(end)
+        t = new_kv[0].shape[2] if new_kv else 0
+        live = np.flatnonzero(new_lengths > 0)
+        if t == 1 and len(live) == b:  # decode: one scatter per array, indices sent once
+            rows = torch.arange(start, start + b, device=self.device)
+            cols = torch.from_numpy(past.astype(np.int64)).to(self.device)
+            for l in range(self.num_layers):
+                self.k[l][rows, :, cols, :] = new_kv[2 * l][:, :, 0, :]
+                self.v[l][rows, :, cols, :] = new_kv[2 * l + 1][:, :, 0, :]
+        else:
+            for r in live:
+                n, p = int(new_lengths[r]), int(past[r])
+                for l in range(self.num_layers):
+                    self.k[l][start + r, :, p:p + n] = new_kv[2 * l][r, :, :n]
+                    self.v[l][start + r, :, p:p + n] = new_kv[2 * l + 1][r, :, :n]
+        self.lengths[start:start + b] += new_lengths
+
+    def move(self, src: int, dst: int) -> None:
+        n = int(self.lengths[src])
+        for arrays in (self.k, self.v):
+            for a in arrays:
+                a[dst, :, :n] = a[src, :, :n]
+        self.lengths[dst], self.lengths[src] = n, 0
+
+
+def _ort_cuda():
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise ConfigError(
+            f"onnxruntime {ort.__version__} here has no CUDA provider (available: {ort.get_available_providers()}); "
+            f"install onnxruntime-gpu in place of onnxruntime (pip uninstall onnxruntime && pip install onnxruntime-gpu)"
+        )
+    if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels PyTorch brought
+        try:
+            ort.preload_dlls(directory="")
+        except Exception:
+            pass
+    return ort
+
+
+class CudaStepSession:
+    """The step graph on ONNX Runtime's CUDA provider, all I/O bound to device memory.
+
+    ``run`` takes host int64 arrays for ids/positions/lengths and the pool's device views;
+    it returns device tensors: logits [B,V] and the new K/V (2L tensors [B,Hkv,T,D]), which
+    the caller owns.
+    """
+
+    def __init__(self, onnx_path: str | os.PathLike, num_layers: int, device_index: int = 0,
+                 cuda_graph: bool = False, optimized_model_path: str | None = None):
+        ort = _ort_cuda()
+        torch = _torch()
+        self.torch, self.device_index = torch, device_index
+        self.device = torch.device("cuda", device_index)
+        torch.cuda.set_device(self.device)
+        self.stream = torch.cuda.current_stream(self.device)
+        self.num_layers = num_layers
+        self.cuda_graph_status = "off"
+        self.sess = None
+        if cuda_graph:
+            try:
+                self.sess = self._make(ort, onnx_path, True, optimized_model_path)
+                self.cuda_graph_status = "on"
+            except Exception as e:  # ORT refuses graphs when a node is placed on the CPU
+                self.cuda_graph_status = f"unavailable: {str(e).splitlines()[0][:300]}"
+        if self.sess is None:
+            self.sess = self._make(ort, onnx_path, False, optimized_model_path)
+        self.input_names = [i.name for i in self.sess.get_inputs()]
+        self.output_names = [o.name for o in self.sess.get_outputs()]
+        out_types = {o.name: o.type for o in self.sess.get_outputs()}
+        self.logits_dtype = torch.float16 if out_types["logits"] == "tensor(float16)" else torch.float32
+        self.vocab = int(self.sess.get_outputs()[0].shape[1])
+        self._graphs: dict[tuple, dict[str, Any]] = {}
+        self._graph_ids = 0
+
+    def _make(self, ort, path, graph: bool, optimized_model_path):
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimized_model_path:
+            so.optimized_model_filepath = optimized_model_path
+        opts = {"device_id": str(self.device_index), "user_compute_stream": str(self.stream.cuda_stream),
+                "arena_extend_strategy": "kSameAsRequested", "cudnn_conv_algo_search": "HEURISTIC",
+                "enable_cuda_graph": "1" if graph else "0"}
+        try:
+            return ort.InferenceSession(str(path), so, providers=[("CUDAExecutionProvider", opts), "CPUExecutionProvider"])
+        except Exception as e:
+            if graph:
+                raise
+            raise ArtifactError(f"{Path(path)} could not be loaded on the CUDA provider ({e}); recompile the folder") from e
+
+    # -- binding ---------------------------------------------------------------------------
+    def _bind(self, binding, name: str, t) -> None:
+        binding.bind_input(name, "cuda", self.device_index, _np_of(t), list(t.shape), t.data_ptr())
+
+    def _bind_out(self, binding, name: str, t) -> None:
+        binding.bind_output(name, "cuda", self.device_index, _np_of(t), list(t.shape), t.data_ptr())
+
+    def _outputs(self, b: int, t: int, kv: list) -> tuple[Any, list]:
+        torch = self.torch
+        logits = torch.empty((b, self.vocab), dtype=self.logits_dtype, device=self.device)
+        hkv, d = kv[0].shape[1], kv[0].shape[3]
+        new = [torch.empty((b, hkv, t, d), dtype=kv[0].dtype, device=self.device) for _ in range(2 * self.num_layers)]
+        return logits, new
+
+    def run(self, input_ids: np.ndarray, positions: np.ndarray, past_lengths: np.ndarray, new_lengths: np.ndarray,
+            kv: list) -> tuple[Any, list]:
+        """ids/positions int64 [B,T], lengths int64 [B] (host); kv 2L device views [B,Hkv,P,D]."""
+        b, t = input_ids.shape
+        if self.cuda_graph_status == "on" and t == 1:
+            return self._run_graph(input_ids, positions, past_lengths, new_lengths, kv)
+        torch = self.torch
+        small = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.device)
+                 for a in (input_ids, positions, past_lengths, new_lengths)]
+        logits, new = self._outputs(b, t, kv)
+        binding = self.sess.io_binding()
+        for name, a in zip(self.input_names[:4], small):
+            self._bind(binding, name, a)
+        for name, a in zip(self.input_names[4:], kv):
+            self._bind(binding, name, a)
+        self._bind_out(binding, "logits", logits)
+        for name, a in zip(self.output_names[1:], new):
+            self._bind_out(binding, name, a)
+        self.sess.run_with_iobinding(binding)
+        return logits, new
+
+    def _run_graph(self, input_ids, positions, past_lengths, new_lengths, kv) -> tuple[Any, list]:
+        """Decode through a captured CUDA graph: inputs copied into static buffers, same addresses."""
+        torch = self.torch
+        b = input_ids.shape[0]
+        key = (b, tuple(int(a.data_ptr()) for a in kv[:1]), tuple(kv[0].shape))
+        g = self._graphs.get(key)
+        if g is None:
+            import onnxruntime as ort
+
+            small = [torch.zeros((b, 1), dtype=torch.int64, device=self.device),
+                     torch.zeros((b, 1), dtype=torch.int64, device=self.device),
+                     torch.zeros((b,), dtype=torch.int64, device=self.device),
+                     torch.zeros((b,), dtype=torch.int64, device=self.device)]
+            logits, new = self._outputs(b, 1, kv)
+            binding = self.sess.io_binding()
+            for name, a in zip(self.input_names[:4], small):
+                self._bind(binding, name, a)
+            for name, a in zip(self.input_names[4:], kv):
+                self._bind(binding, name, a)
+            self._bind_out(binding, "logits", logits)
+            for name, a in zip(self.output_names[1:], new):
+                self._bind_out(binding, name, a)
+            self._graph_ids += 1
+            ro = ort.RunOptions()
+            ro.add_run_config_entry("gpu_graph_id", str(self._graph_ids))
+            g = {"small": small, "logits": logits, "new": new, "binding": binding, "ro": ro}
+            self._graphs[key] = g
+        for dst, src in zip(g["small"], (input_ids, positions, past_lengths, new_lengths)):
+            dst.copy_(torch.from_numpy(np.ascontiguousarray(src, dtype=np.int64)).reshape(dst.shape))
+        self.sess.run_with_iobinding(g["binding"], g["ro"])
+        # Static buffers: valid until the next replay, by which time the executor has consumed them.
+        return g["logits"], list(g["new"])
+
+    def forget_graphs(self) -> None:
+        """Drop captured graphs (their addresses are stale after the KV pool reallocates)."""
+        self._graphs.clear()
+
+
+def _np_of(t) -> type:
+    import torch
+
+    return {torch.float16: np.float16, torch.float32: np.float32, torch.int64: np.int64, torch.int32: np.int32,
+            torch.bool: np.bool_}[t.dtype]
+
+
+class DeviceExecutor:
+    """``LocalExecutor``'s interface over a device session + ``DeviceKVPool``."""
+
+    def __init__(self, session, pool: DeviceKVPool):
+        self.session, self.pool = session, pool
+        self._generation = pool.generation
+
+    def move(self, moves: list[tuple[int, int]]) -> None:
+        for src, dst in moves:
+            self.pool.move(src, dst)
+
+    def run_device(self, start: int, input_ids: np.ndarray, positions: np.ndarray, new_lengths: np.ndarray):
+        """One step over slots [start, start+B); returns the logits as a device tensor [B,V]."""
+        b = input_ids.shape[0]
+        stop = start + b
+        past = self.pool.lengths[start:stop].copy()
+        self.pool.ensure_capacity(int((past + new_lengths).max()))
+        if self.pool.generation != self._generation and hasattr(self.session, "forget_graphs"):
+            self.session.forget_graphs()
+            self._generation = self.pool.generation
+        run_lengths = np.maximum(new_lengths, 1)  # a skipped row still needs one valid query
+        logits, new_kv = self.session.run(input_ids, positions, past, run_lengths, self.pool.views(start, stop))
+        self.pool.write(start, new_kv, new_lengths)
+        return logits
+
+    def run(self, start: int, input_ids: np.ndarray, positions: np.ndarray, new_lengths: np.ndarray) -> np.ndarray:
+        """As ``LocalExecutor.run``: logits [B,V] float32 on the host (the one transfer per step)."""
+        logits = self.run_device(start, input_ids, positions, new_lengths)
+        return logits.float().cpu().numpy()
+
+    def release(self, slot: int) -> None:
+        self.pool.release(slot)
+
+    def maybe_shrink(self) -> None:
+        self.pool.maybe_shrink()
+
+    @property
+    def used_tokens(self) -> int:
+        return self.pool.used_tokens
+
+    def close(self) -> None:
+        pass
+
+
+def make_cuda_executor(folder: Path, manifest, part, device: str, max_batch: int, max_seq_len: int,
+                       cuda_graph: bool | None = None) -> DeviceExecutor:
+    """The executor ``loader.load_decoder`` uses for ``device='cuda:N'`` (ORT CUDA or TensorRT part)."""
+    index = parse_device(device)
+    cfg = manifest.model["config"]
+    layers, hkv = cfg["num_layers"], cfg["num_kv_heads"]
+    head_dim = cfg["hidden_size"] // cfg["num_heads"]
+    kv_dtype = next(t.dtype for t in part.inputs if t.name == "past_key.0")
+    if cuda_graph is None:
+        cuda_graph = os.environ.get("EMBER_CUDA_GRAPH", "0") == "1"
+    if part.backend == "tensorrt":
+        from ember.runtime.trt_session import TensorRTStepSession
+
+        session = TensorRTStepSession(Path(folder) / part.file, part, layers, device_index=index)
+    else:
+        session = CudaStepSession(Path(folder) / part.file, layers, device_index=index, cuda_graph=cuda_graph)
+    pool = DeviceKVPool(layers, hkv, head_dim, slots=max_batch, max_capacity=max_seq_len, dtype=kv_dtype,
+                        device_index=index)
+    return DeviceExecutor(session, pool)

@@ -1,0 +1,23 @@
+"""Diffusion runtime: load a compiled diffusion folder and generate images (DESIGN §5)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ember.compiler.manifest import Manifest
+
+
+def load_pipeline(folder: Path, manifest: Manifest, *, threads: int | None = None, **opts):
+    """Build a :class:`~ember.runtime.diffusion.pipeline.DiffusionPipeline` (files already verified by the loader).
+
+    Options: ``threads`` (ONNX Runtime intra-op threads). Decoder-only options are rejected.
+    """
+    from ember.errors import InputError
+    from ember.runtime.diffusion.pipeline import DiffusionPipeline
+
+    unknown = {k for k, v in opts.items() if v is not None and k != "device"}
+    if unknown or opts.get("device") not in (None, "cpu"):
+        raise InputError(f"diffusion engines take only threads= (and device='cpu'); got {sorted(unknown) or opts}")
+    return DiffusionPipeline(Path(folder), manifest, threads=threads)
+
+
+__all__ = ["load_pipeline"]

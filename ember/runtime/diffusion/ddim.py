@@ -1,0 +1,80 @@
+"""DDIM sampler (eta = 0) in numpy, vectorised over samples that may sit at different steps.
+
+Follows diffusers' DDIMScheduler for the options SD-1.x uses (``beta_schedule`` linear or
+scaled_linear, ``timestep_spacing`` leading/trailing/linspace, ``steps_offset``,
+``set_alpha_to_one``, epsilon prediction, optional ``clip_sample``). No torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ember.errors import ArtifactError, InputError
+
+
+@dataclass(frozen=True)
+class DDIM:
+    alphas_cumprod: np.ndarray  # [num_train_timesteps] float64
+    final_alpha_cumprod: float
+    num_train_timesteps: int
+    steps_offset: int
+    spacing: str
+    clip_sample: bool
+    clip_sample_range: float
+
+    @staticmethod
+    def from_config(cfg: dict[str, Any]) -> "DDIM":
+        n = int(cfg.get("num_train_timesteps", 1000))
+        start, end = float(cfg.get("beta_start", 0.0001)), float(cfg.get("beta_end", 0.02))
+        kind = cfg.get("beta_schedule", "linear")
+        if kind == "linear":
+            betas = np.linspace(start, end, n, dtype=np.float32)
+        elif kind == "scaled_linear":
+            betas = np.linspace(start**0.5, end**0.5, n, dtype=np.float32) ** 2
+        else:
+            raise ArtifactError(f"scheduler beta_schedule {kind!r} is not supported (linear, scaled_linear)")
+        if cfg.get("prediction_type", "epsilon") != "epsilon":
+            raise ArtifactError(f"scheduler prediction_type {cfg.get('prediction_type')!r} is not supported (epsilon)")
+        spacing = cfg.get("timestep_spacing", "leading")
+        if spacing not in ("leading", "trailing", "linspace"):
+            raise ArtifactError(f"scheduler timestep_spacing {spacing!r} is not supported")
+        # diffusers keeps alphas_cumprod in float32 (torch.cumprod of float32 betas).
+        ac = np.cumprod(1.0 - betas.astype(np.float32), dtype=np.float32)
+        return DDIM(
+            alphas_cumprod=ac,
+            final_alpha_cumprod=1.0 if cfg.get("set_alpha_to_one", True) else float(ac[0]),
+            num_train_timesteps=n,
+            steps_offset=int(cfg.get("steps_offset", 0)),
+            spacing=spacing,
+            clip_sample=bool(cfg.get("clip_sample", False)),
+            clip_sample_range=float(cfg.get("clip_sample_range", 1.0)),
+        )
+
+    def timesteps(self, steps: int) -> np.ndarray:
+        """[steps] int64, descending: the UNet timestep of each denoising step."""
+        n = self.num_train_timesteps
+        if not 1 <= steps <= n:
+            raise InputError(f"steps={steps} must be in [1, {n}]")
+        if self.spacing == "linspace":
+            ts = np.linspace(0, n - 1, steps).round()[::-1].astype(np.int64)
+        elif self.spacing == "leading":
+            ts = (np.arange(0, steps) * (n // steps)).round()[::-1].astype(np.int64) + self.steps_offset
+        else:
+            ts = np.round(np.arange(n, 0, -n / steps)).astype(np.int64) - 1
+        return ts
+
+    def step(self, eps: np.ndarray, t: np.ndarray, x: np.ndarray, steps: np.ndarray) -> np.ndarray:
+        """One DDIM update per sample. eps, x [B,C,h,w]; t [B] int timesteps; steps [B] the
+        number of inference steps of each sample's request (sets its previous timestep)."""
+        prev = t - self.num_train_timesteps // steps
+        a_t = self.alphas_cumprod[t]
+        a_prev = np.where(prev >= 0, self.alphas_cumprod[np.maximum(prev, 0)], self.final_alpha_cumprod).astype(np.float32)
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        a_t, a_prev = a_t.reshape(shape), a_prev.reshape(shape)
+        x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)
+        if self.clip_sample:
+            x0 = np.clip(x0, -self.clip_sample_range, self.clip_sample_range)
+            eps = (x - np.sqrt(a_t) * x0) / np.sqrt(1 - a_t)
+        return (np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps).astype(np.float32)

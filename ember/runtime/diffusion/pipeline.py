@@ -1,0 +1,196 @@
+"""The image-generation pipeline over a compiled diffusion folder (no torch at run time).
+
+prompt -> tokenizer -> text encoder -> fused DDIM loop with CFG (full/shallow UNet engines
+per the cache schedule, DEC rows as engine inputs) -> VAE decoder -> uint8 images / PNG.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ember.compiler.manifest import Manifest
+from ember.errors import ArtifactError, InputError
+from ember.runtime.diffusion.ddim import DDIM
+from ember.runtime.diffusion.denoise import DecRows, DenoiseJob, LoopStats, Observer, run_loop
+from ember.runtime.diffusion.engines import PartSession
+
+
+@dataclass
+class ImageResult:
+    """images: uint8 [H, W, 3] per prompt; latents: final x_0 [N, C, h, w]; seconds per stage."""
+
+    images: list[np.ndarray]
+    latents: np.ndarray
+    timings: dict[str, float]
+    loop: LoopStats
+    notes: list[str] = field(default_factory=list)
+
+    def save(self, path: str | Path, index: int = 0) -> Path:
+        from PIL import Image
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(self.images[index]).save(path, format="PNG")
+        return path
+
+
+def to_uint8(images: np.ndarray) -> list[np.ndarray]:
+    """[N, 3, H, W] in [-1, 1] -> list of uint8 [H, W, 3] (as diffusers' image processor)."""
+    x = np.clip(images / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+    return [np.round(i * 255).astype(np.uint8) for i in x]
+
+
+class DiffusionPipeline:
+    """Owns its engine sessions. ``generate`` is the public entry; ``run_jobs`` the fused loop."""
+
+    def __init__(self, folder: Path, manifest: Manifest, threads: int | None = None) -> None:
+        from tokenizers import Tokenizer
+
+        spec = manifest.extra.get("diffusion")
+        if not isinstance(spec, dict):
+            raise ArtifactError(f"{folder}/manifest.json has no 'diffusion' section; recompile the folder")
+        self.folder, self.manifest, self.spec = folder, manifest, spec
+        self.text = PartSession(folder, manifest.part("text_encoder"), threads)
+        self.full = PartSession(folder, manifest.part("unet_full"), threads)
+        self.shallow = PartSession(folder, manifest.part("unet_shallow"), threads)
+        self.vae = PartSession(folder, manifest.part("vae_decoder"), threads)
+        tok = manifest.tokenizer or {}
+        tok_path = folder / tok.get("file", "tokenizer/tokenizer.json")
+        if not tok_path.exists():
+            raise ArtifactError(f"{tok_path} is missing; recompile the folder")
+        self.tokenizer = Tokenizer.from_file(str(tok_path))
+        self.sampler = DDIM.from_config(spec["scheduler"])
+        self.cache = spec["cache"]
+        self.dec = self._load_dec(spec.get("dec"))
+
+    # ---- configuration -------------------------------------------------------------------
+    @property
+    def image_size(self) -> int:
+        return int(self.spec["image_size"])
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        c, h = int(self.spec["latent_channels"]), int(self.spec["latent_size"])
+        return c, h, h
+
+    def _load_dec(self, dec: dict[str, Any] | None) -> DecRows | None:
+        if not dec:
+            return None
+        with np.load(self.folder / dec["file"]) as z:
+            return DecRows(*(z[k].astype(np.float32) for k in ("cache_scale", "cache_bias", "quant_scale", "quant_bias")))
+
+    def _identity(self, steps: int) -> DecRows:
+        cc, qc = int(self.spec["cache_channels"]), int(self.spec["quant_channels"])
+        return DecRows(np.ones((steps, cc), np.float32), np.zeros((steps, cc), np.float32),
+                       np.ones((steps, qc), np.float32), np.zeros((steps, qc), np.float32))
+
+    def plan(self, steps: int, cache: bool = True, dec: bool = True) -> tuple[np.ndarray, DecRows, list[str]]:
+        """(full-step mask [steps], correction rows, notes) for a request of ``steps`` steps."""
+        notes: list[str] = []
+        full = np.ones(steps, dtype=bool)
+        if not cache or self.cache["method"] == "none":
+            return full, self._identity(steps), notes
+        budget, compiled = int(self.cache["budget"]), int(self.cache["steps"])
+        if steps < budget:
+            raise InputError(
+                f"steps={steps} is fewer than the cache budget of {budget} full steps this engine was compiled for; "
+                f"use steps >= {budget} (compiled for {compiled}) or recompile with a larger --cache-interval"
+            )
+        if steps == compiled:
+            full[:] = False
+            full[self.cache["full_steps"]] = True
+            rows = self.dec if (dec and self.dec is not None) else self._identity(steps)
+            return full, rows, notes
+        interval = max(1, round(float(self.cache["interval"])))
+        full[:] = False
+        full[::interval] = True
+        notes.append(f"schedule and DEC tables were compiled for {compiled} steps; {steps} steps use a uniform "
+                     f"interval of {interval} without DEC")
+        return full, self._identity(steps), notes
+
+    # ---- stages --------------------------------------------------------------------------
+    def encode(self, prompts: Sequence[str]) -> np.ndarray:
+        """prompts -> text embeddings [N, S, D] float32."""
+        ids = np.array([e.ids for e in self.tokenizer.encode_batch(list(prompts))], dtype=np.int64)
+        want = int(self.spec["max_text_length"])
+        if ids.shape[1] != want:
+            raise ArtifactError(f"tokenizer gives {ids.shape[1]} tokens per prompt, the text encoder takes {want}; recompile")
+        return self.text.run({"input_ids": ids})[0]
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """x_0 latents [N, C, h, w] -> images [N, 3, H, W] in about [-1, 1]."""
+        return self.vae.run({"latents": latents.astype(np.float32)})[0]
+
+    def run_jobs(self, jobs: list[DenoiseJob], observer: Observer | None = None) -> LoopStats:
+        return run_loop(jobs, self.sampler, self.full, self.shallow, observer)
+
+    # ---- public API ----------------------------------------------------------------------
+    def make_jobs(self, prompts: Sequence[str], *, negative_prompt: str | Sequence[str] = "", steps: int | None = None,
+                  seed: int | Sequence[int] = 0, guidance_scale: float | None = None, latents: np.ndarray | None = None,
+                  cache: bool = True, dec: bool = True, stagger: int = 0) -> tuple[list[DenoiseJob], list[str]]:
+        """One DenoiseJob per prompt (job i joins at iteration i * stagger)."""
+        n = len(prompts)
+        steps = int(self.spec["steps"]) if steps is None else int(steps)
+        g = float(self.spec["guidance_scale"] if guidance_scale is None else guidance_scale)
+        negs = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
+        seeds = [seed + i for i in range(n)] if isinstance(seed, int) else list(seed)
+        if len(negs) != n or len(seeds) != n:
+            raise InputError(f"got {n} prompts but {len(negs)} negative prompts and {len(seeds)} seeds; give one each")
+        if stagger < 0:
+            raise InputError(f"stagger={stagger} must be >= 0")
+        if latents is not None and latents.shape != (n, *self.latent_shape):
+            raise InputError(f"latents have shape {list(latents.shape)}; this engine takes {[n, *self.latent_shape]}")
+        full, rows, notes = self.plan(steps, cache, dec)
+        timesteps = self.sampler.timesteps(steps)
+        cfg = g > 1.0
+        emb = self.encode(list(negs) + list(prompts) if cfg else list(prompts))
+        jobs = []
+        for i in range(n):
+            x = latents[i] if latents is not None else np.random.default_rng(seeds[i]).standard_normal(self.latent_shape)
+            text = np.stack([emb[i], emb[n + i]]) if cfg else emb[i:i + 1]
+            jobs.append(DenoiseJob(text=text, latents=np.asarray(x, np.float32), timesteps=timesteps, full=full.copy(),
+                                   guidance_scale=g, dec=rows, start=i * stagger))
+        return jobs, notes
+
+    def generate(self, prompts: str | Sequence[str], *, negative_prompt: str | Sequence[str] = "", steps: int | None = None,
+                 seed: int | Sequence[int] = 0, guidance_scale: float | None = None, height: int | None = None,
+                 width: int | None = None, latents: np.ndarray | None = None, cache: bool = True, dec: bool = True,
+                 stagger: int = 0, decode: bool = True) -> ImageResult:
+        """Generate one image per prompt (fused into shared UNet calls).
+
+        steps default to the compiled count; seeds default to seed, seed+1, ...; ``latents``
+        [N, C, h, w] replaces the seeded initial noise; ``cache=False`` runs every step full;
+        ``dec=False`` feeds identity corrections; ``stagger`` delays request i by i*stagger steps.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise InputError("no prompts given; pass at least one prompt")
+        size = self.image_size
+        for name, v in (("height", height), ("width", width)):
+            if v is not None and int(v) != size:
+                raise InputError(f"{name}={v}: this engine was compiled for {size}x{size} images; "
+                                 f"use {size} or recompile with `ember compile ... --image-size {v}`")
+        t0 = time.perf_counter()
+        jobs, notes = self.make_jobs(prompts, negative_prompt=negative_prompt, steps=steps, seed=seed,
+                                     guidance_scale=guidance_scale, latents=latents, cache=cache, dec=dec, stagger=stagger)
+        t1 = time.perf_counter()
+        loop = self.run_jobs(jobs)
+        t2 = time.perf_counter()
+        final = np.stack([j.latents for j in jobs])
+        images = to_uint8(self.decode(final)) if decode else []
+        t3 = time.perf_counter()
+        timings = {"text_s": t1 - t0, "loop_s": t2 - t1, "unet_s": loop.unet_seconds, "vae_s": t3 - t2, "total_s": t3 - t0}
+        return ImageResult(images=images, latents=final, timings=timings, loop=loop, notes=notes)
+
+    def close(self) -> None:
+        """Sessions are freed with the object; present for ``with`` use."""
+
+    def __enter__(self) -> "DiffusionPipeline":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

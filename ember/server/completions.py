@@ -1,0 +1,210 @@
+"""Text generation endpoints over a ``DecoderEngine``: /v1/completions and /v1/chat/completions.
+
+One request = one ``engine.submit``. Checks before submitting (each a 400 naming the limit):
+the prompt is non-empty, its token ids are in the vocabulary, it fits ``max_prompt_tokens``,
+``max_tokens`` fits ``max_tokens_limit``, and prompt + max_tokens fit the model's positions.
+A full engine queue is a 429 with ``Retry-After`` (seconds, estimated from the queue depth
+and the recent finish rate). Streaming answers are server-sent events; the concatenated
+deltas equal the non-streaming text.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive
+
+from ember.errors import InputError, OverloadedError
+from ember.runtime.requests import FinishReason, RequestHandle, SamplingParams
+from ember.server import openai_schema as oa
+from ember.server.chat_template import ChatTemplate, find_chat_template
+from ember.server.metrics import ServerMetrics
+from ember.server.streaming import EventStream, collect, drain, sse
+
+CLIENT_CLOSED = 499  # nginx's "client closed request": logged, never seen by the (gone) client
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Per-request limits. None = derived from the model (its maximum positions)."""
+
+    max_body_bytes: int = 1 << 20  # request body, bytes
+    max_prompt_tokens: int | None = None  # default: max_positions - 1
+    max_tokens_limit: int | None = None  # largest max_tokens accepted; default: max_positions - 1
+    drain_timeout_s: float = 30.0  # SIGTERM: in-flight requests get this long, then are cancelled
+
+
+class DecoderService:
+    """Validates, submits and answers text requests for one loaded decoder engine."""
+
+    def __init__(self, engine: Any, limits: ServerLimits, metrics: ServerMetrics, model_name: str,
+                 folder: str | Path | None = None):
+        self.engine, self.limits, self.metrics, self.model_name = engine, limits, metrics, model_name
+        self.max_positions = int(engine.max_positions)
+        self.max_prompt_tokens = min(limits.max_prompt_tokens or self.max_positions - 1, self.max_positions - 1)
+        self.max_tokens_limit = min(limits.max_tokens_limit or self.max_positions - 1, self.max_positions - 1)
+        self.tokenizer = engine.tokenizer
+        source = find_chat_template(folder, getattr(engine, "manifest", None))
+        self.chat_template = ChatTemplate(source, *self._special_tokens()) if source and self.tokenizer else None
+        self._reapers: set[asyncio.Task] = set()
+        self.inflight: set[RequestHandle] = set()  # submitted, answer not yet sent (event loop only)
+
+    def _special_tokens(self) -> tuple[str, str]:
+        def name(i: Any) -> str:
+            return (self.tokenizer.id_to_token(int(i)) or "") if (self.tokenizer and i is not None) else ""
+        return name((self.engine.config or {}).get("bos_token_id")), name(self.engine.eos_token_id)
+
+    # -- request preparation -----------------------------------------------------------------
+    def encode(self, prompt: str | list[int], *, chat: bool = False) -> list[int]:
+        """Token ids of a prompt (the engine's own encoding; a rendered chat prompt already
+        carries its special tokens, so none are added to it)."""
+        try:
+            if chat:
+                ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+            else:
+                ids = [int(t) for t in self.engine.encode(prompt)]
+        except InputError as e:
+            raise oa.ApiError(400, f"'prompt': {e}", param="prompt") from None
+        if not ids:
+            raise oa.ApiError(400, "'prompt': empty prompt (it encodes to no tokens)", param="prompt")
+        if len(ids) > self.max_prompt_tokens:
+            raise oa.ApiError(400, f"'prompt': {len(ids)} tokens exceeds this server's limit of "
+                                   f"{self.max_prompt_tokens} prompt tokens; shorten the prompt", param="prompt")
+        return ids
+
+    def budget(self, n_prompt: int, requested: int | None, default: int | None) -> int:
+        """max_tokens to generate: the request's, else ``default``, else what the context leaves."""
+        room = self.max_positions - n_prompt
+        want = requested if requested is not None else (default if default is not None else min(room, self.max_tokens_limit))
+        if want > self.max_tokens_limit:
+            raise oa.ApiError(400, f"'max_tokens': {want} exceeds this server's limit of {self.max_tokens_limit}",
+                              param="max_tokens")
+        if want > room:
+            raise oa.ApiError(400, f"this model's maximum context length is {self.max_positions} tokens: the prompt "
+                                   f"has {n_prompt} and max_tokens asks for {want}; reduce max_tokens to <= {room} "
+                                   "or shorten the prompt", param="max_tokens")
+        return want
+
+    def submit(self, ids: list[int], req: oa._Sampling, max_tokens: int) -> RequestHandle:
+        try:
+            params = SamplingParams(**req.sampling_kwargs(max_tokens))
+            return self.engine.submit(ids, params)
+        except OverloadedError as e:
+            raise oa.ApiError(429, str(e), type="overloaded", code="queue_full",
+                              headers={"Retry-After": str(self.retry_after_s())}) from None
+        except InputError as e:
+            raise oa.ApiError(400, str(e)) from None
+
+    def cancel_inflight(self) -> int:
+        """Cancel every request still being answered (the drain deadline passed); their
+        clients get a 503 / an error event. Returns how many were cancelled."""
+        handles = [h for h in self.inflight if not h.done]
+        for h in handles:
+            h.cancel()
+        return len(handles)
+
+    def retry_after_s(self) -> int:
+        """Seconds until the queue has likely drained: queue depth / recent finishes per second."""
+        try:
+            depth = float(self.engine.stats().get("queue_depth", 0))
+        except Exception:  # noqa: BLE001 - an estimate only
+            depth = 0.0
+        _, finished_per_s = self.metrics.rates()
+        return int(min(30, max(1, math.ceil(depth / finished_per_s)))) if finished_per_s > 0 else 1
+
+    # -- endpoints ---------------------------------------------------------------------------
+    async def completions(self, body: Any, receive: Receive) -> Response:
+        req = oa.parse(oa.CompletionRequest, body)
+        self._check_model(req.model)
+        ids = self.encode(req.single_prompt())
+        return await self._answer(req, ids, self.budget(len(ids), req.max_tokens, 16), receive, chat=False)
+
+    async def chat_completions(self, body: Any, receive: Receive) -> Response:
+        if self.chat_template is None:
+            raise oa.ApiError(400, f"model {self.model_name!r} has no chat template (none in its manifest or "
+                                   "tokenizer folder), so /v1/chat/completions is unavailable: use /v1/completions, "
+                                   "or compile from a tokenizer that has one", code="no_chat_template")
+        req = oa.parse(oa.ChatRequest, body)
+        self._check_model(req.model)
+        requested = req.requested_max_tokens()
+        try:
+            text = self.chat_template.render([{"role": m.role, "content": m.text()} for m in req.messages])
+        except ValueError as e:
+            raise oa.ApiError(400, str(e), param="messages") from None
+        ids = self.encode(text, chat=True)
+        return await self._answer(req, ids, self.budget(len(ids), requested, None), receive, chat=True)
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise oa.ApiError(404, f"model {model!r} is not served here; this server serves {self.model_name!r} "
+                                   "(GET /v1/models)", param="model", code="model_not_found")
+
+    async def _answer(self, req: oa._Sampling, ids: list[int], max_tokens: int, receive: Receive,
+                      chat: bool) -> Response:
+        handle = self.submit(ids, req, max_tokens)
+        rid = oa.ResponseIds.new("chatcmpl" if chat else "cmpl", self.model_name)
+        self.inflight.add(handle)
+        if req.stream:
+            return EventStream(self._events(handle, rid, chat, req.include_usage()),
+                               on_disconnect=lambda: self._client_gone(handle), on_close=lambda: self._release(handle))
+        try:
+            c = await collect(handle, receive)
+        finally:
+            self._release(handle)
+        if c is None:
+            self._client_gone(handle)
+            return Response(status_code=CLIENT_CLOSED)
+        self.metrics.observe_completion(c)
+        if c.finish_reason == FinishReason.ERROR:
+            raise oa.ApiError(500, f"generation failed: {c.error}", type="server_error")
+        if c.finish_reason == FinishReason.CANCELLED:
+            raise oa.ApiError(503, "the request was cancelled (server shutting down)", type="service_unavailable")
+        return JSONResponse(oa.chat_body(rid, c) if chat else oa.completion_body(rid, c))
+
+    async def _events(self, handle: RequestHandle, rid: oa.ResponseIds, chat: bool,
+                      include_usage: bool) -> AsyncIterator[bytes]:
+        def chunk(text: str | None, reason: str | None = None) -> bytes:
+            return sse(oa.chat_chunk(rid, text, reason) if chat else oa.completion_chunk(rid, text or "", reason))
+
+        sent: list[str] = []
+        if chat:
+            yield sse(oa.chat_chunk(rid, "", role=True))
+        async for ev in handle:
+            if ev.text:
+                sent.append(ev.text)
+                yield chunk(ev.text)
+        c = handle.result()
+        self.metrics.observe_completion(c)
+        if c.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):
+            why = f"generation failed: {c.error}" if c.finish_reason == FinishReason.ERROR else \
+                "the request was cancelled (server shutting down)"
+            yield sse(oa.error_body(why, "server_error"))
+        else:
+            # Text the engine held back (e.g. an incomplete UTF-8 tail) goes out with the finish reason.
+            streamed = "".join(sent)
+            yield chunk(c.text[len(streamed):] if c.text.startswith(streamed) else None,
+                        oa.finish_reason(c.finish_reason))
+            if include_usage:
+                yield sse(oa.usage_chunk(rid, "chat.completion.chunk" if chat else "text_completion", c))
+        yield sse("[DONE]")
+
+    def _release(self, handle: RequestHandle) -> None:
+        """The answer is over (sent, failed, or abandoned): forget it and stop its generation."""
+        self.inflight.discard(handle)
+        if not handle.done:
+            handle.cancel()
+
+    def _client_gone(self, handle: RequestHandle) -> None:
+        """The client disconnected: cancel (idempotent) and count the finish once the engine retires it."""
+        self.metrics.disconnects += 1
+        handle.cancel()
+        task = asyncio.ensure_future(self._reap(handle))
+        self._reapers.add(task)
+        task.add_done_callback(self._reapers.discard)
+
+    async def _reap(self, handle: RequestHandle) -> None:
+        self.metrics.observe_completion(await drain(handle))

@@ -1,0 +1,147 @@
+"""Compiled diffusion folders (sd-tiny): runtime vs diffusers, fused staggered requests, DEC,
+quantized + DEC compile, CLI, and input errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import ember
+from ember.compiler import diffusion_calib as calib
+from ember.compiler.diffusion import DiffusionCompileOptions, compile_diffusion
+from ember.errors import ConfigError, InputError
+from ember.passes.cache_schedule import uniform_schedule
+from ember.passes.error_correction import fit_cache_correction, fit_channel_affine, relative_l2
+
+STEPS = 12
+PROMPTS = ["a red cube on a table", "a much longer prompt that the tokenizer will have to truncate somewhere"]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """sd-tiny saved as a diffusers StableDiffusionPipeline folder (the local-folder source path)."""
+    from ember.export.diffusion.config import builtin_config
+    from ember.export.diffusion.source import build_builtin, save_pipeline_folder
+
+    return save_pipeline_folder(build_builtin(builtin_config("sd-tiny")), tmp_path_factory.mktemp("src") / "sd-tiny-pipe")
+
+
+@pytest.fixture(scope="module")
+def dp_engine(tiny_folder, tmp_path_factory):
+    """Float engines from the folder, DP schedule N=3 over 12 steps, DEC tables."""
+    out = tmp_path_factory.mktemp("eng") / "tiny-dp"
+    opts = DiffusionCompileOptions(steps=STEPS, cache_interval=3, schedule="dp", dec=True, quiet=True,
+                                   calib_prompts=("a cat", "a dog", "a house"))
+    compile_diffusion(str(tiny_folder), out, opts)
+    return out
+
+
+def test_uncached_float_pipeline_reproduces_diffusers(tiny_folder, dp_engine) -> None:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = ember.load(dp_engine)
+    lat = np.random.default_rng(0).standard_normal((2, *pipe.latent_shape)).astype(np.float32)
+    ours = pipe.generate(PROMPTS, steps=STEPS, latents=lat, cache=False)
+    assert ours.loop.shallow_calls == 0 and ours.loop.full_calls == STEPS
+    ref_pipe = StableDiffusionPipeline.from_pretrained(str(tiny_folder))
+    ref_pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ref = ref_pipe(PROMPTS, num_inference_steps=STEPS, guidance_scale=7.5, latents=torch.from_numpy(lat),
+                       output_type="latent").images.numpy()
+    assert relative_l2(ours.latents, ref) < 1e-5
+    np.testing.assert_allclose(ours.latents, ref, atol=1e-5 * np.abs(ref).max())
+    assert ours.images[0].dtype == np.uint8 and ours.images[0].shape == (pipe.image_size, pipe.image_size, 3)
+
+
+def test_manifest_records_schedule_branch_and_tables(dp_engine) -> None:
+    m = json.loads((dp_engine / "manifest.json").read_text())
+    d = m["extra"]["diffusion"]
+    assert m["kind"] == "diffusion" and d["branch"] == 0
+    c = d["cache"]
+    assert c["method"] == "dp" and c["budget"] == 4 and c["full_steps"][0] == 0 and len(c["full_steps"]) == 4
+    lengths = np.diff(c["full_steps"] + [STEPS])
+    assert lengths.min() >= 2 and lengths.max() <= 6
+    assert d["dec"]["file"] == "dec.npz" and [t["file"] for t in m["tables"]] == ["dec.npz"]
+    assert {p["name"] for p in m["parts"]} == {"text_encoder", "unet_full", "unet_shallow", "vae_decoder"}
+
+
+def test_cached_run_follows_schedule_and_fused_staggered_batch_matches_solo(dp_engine) -> None:
+    pipe = ember.load(dp_engine)
+    prompts = ["a cat", "a dog", "a boat"]
+    fused = pipe.generate(prompts, steps=STEPS, seed=5, stagger=2)
+    assert fused.loop.full_calls + fused.loop.shallow_calls < 3 * STEPS  # calls are shared
+    assert any(f and s for f, s in fused.loop.group_sizes)  # some iteration ran both engines
+    assert any(f + s == 3 for f, s in fused.loop.group_sizes)
+    for i, p in enumerate(prompts):
+        solo = pipe.generate([p], steps=STEPS, seed=5 + i)
+        assert solo.loop.full_calls == 4 and solo.loop.shallow_calls == STEPS - 4
+        np.testing.assert_allclose(fused.latents[i], solo.latents[0], rtol=1e-4, atol=1e-4 * np.abs(solo.latents).max())
+
+
+def test_dec_reduces_cached_feature_error_on_held_out_prompts(dp_engine) -> None:
+    pipe = ember.load(dp_engine)
+    fit = calib.collect_trajectories(pipe, ["a cat", "a dog", "a house", "a tree"], STEPS, seed=0, guidance_scale=7.5)
+    held = calib.collect_trajectories(pipe, ["a red boat at sea", "an old castle"], STEPS, seed=100, guidance_scale=7.5)
+    ref = uniform_schedule(STEPS, 3).reference()
+    table = fit_cache_correction(fit.features, ref)
+    before = after = 0.0
+    for feats in held.features:
+        for t in range(STEPS):
+            if ref[t] != t:
+                before += relative_l2(feats[ref[t]], feats[t])
+                after += relative_l2(table.apply(t, feats[ref[t]]), feats[t])
+    assert after < 0.9 * before, (before, after)
+
+
+def test_affine_fit_recovers_known_channels() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 3, 5, 5))
+    a, b = np.array([0.5, 2.0, -1.0]), np.array([0.1, -3.0, 0.0])
+    fa, fb = fit_channel_affine(x, x * a[None, :, None, None] + b[None, :, None, None])
+    np.testing.assert_allclose(fa, a, atol=1e-5)
+    np.testing.assert_allclose(fb, b, atol=1e-5)
+
+
+def test_quantized_dec_compile_and_generate(tiny_folder, tmp_path) -> None:
+    out = tmp_path / "tiny-q"
+    m = compile_diffusion(str(tiny_folder), out, DiffusionCompileOptions(
+        steps=8, cache_interval=2, quantize="int8", dec=True, quiet=True, calib_prompts=("a cat", "a dog")))
+    assert m.quantization["parts"]["unet_full"]["quantized_nodes"] > 0
+    assert m.extra["diffusion"]["cache"]["features"] == "quantized"
+    with np.load(out / "dec.npz") as z:
+        assert not np.allclose(z["quant_scale"], 1.0) and not np.allclose(z["cache_scale"], 1.0)
+    pipe = ember.load(out)
+    res = pipe.generate("a cat", steps=8)
+    assert res.loop.shallow_calls == 4 and np.isfinite(res.latents).all()
+
+
+def test_bad_inputs_give_clear_errors(dp_engine, tmp_path) -> None:
+    pipe = ember.load(dp_engine)
+    with pytest.raises(InputError, match="fewer than the cache budget of 4"):
+        pipe.generate("a cat", steps=3)
+    with pytest.raises(InputError, match=f"compiled for {pipe.image_size}x{pipe.image_size}"):
+        pipe.generate("a cat", height=pipe.image_size * 2)
+    with pytest.raises(InputError, match="latents have shape"):
+        pipe.generate("a cat", latents=np.zeros((1, 4, 3, 3), np.float32))
+    with pytest.raises(InputError, match="no prompts"):
+        pipe.generate([])
+    other = pipe.generate("a cat", steps=STEPS + 3)
+    assert other.notes and "uniform interval of 3" in other.notes[0]
+    with pytest.raises(ConfigError, match="multiple of"):
+        compile_diffusion("sd-tiny", tmp_path / "x", DiffusionCompileOptions(image_size=20, quiet=True))
+    with pytest.raises(ConfigError, match="not both"):
+        DiffusionCompileOptions(cache_interval=3, cache_speedup=2.0)
+
+
+def test_cli_generate_image_writes_png(dp_engine, tmp_path) -> None:
+    from PIL import Image
+
+    from ember.cli import main
+
+    out = tmp_path / "img.png"
+    assert main(["generate-image", str(dp_engine), "a cat", "-o", str(out), "--steps", str(STEPS), "--seed", "3"]) == 0
+    img = Image.open(out)
+    assert img.format == "PNG" and img.size == (16, 16)
+    assert main(["generate-image", str(dp_engine), "a cat", "-o", str(out), "--steps", "2"]) == 2  # EmberError -> exit 2

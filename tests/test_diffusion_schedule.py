@@ -1,0 +1,87 @@
+"""DP cache schedule (DESIGN §5): optimal vs brute force, budget and group bounds, uniform, errors."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from ember.errors import ConfigError
+from ember.passes import cache_schedule as cs
+
+
+def _brute_force(d: np.ndarray, budget: int, lo: int, hi: int) -> float:
+    t = d.shape[0]
+    best = np.inf
+    for inner in itertools.combinations(range(1, t), budget - 1):
+        starts = (0, *inner)
+        lengths = np.diff((*starts, t))
+        if lengths.min() < lo or lengths.max() > hi:
+            continue
+        best = min(best, cs.schedule_cost(d, cs.CacheSchedule(t, starts, "dp", t / budget)))
+    return best
+
+
+def _features(seed: int, t: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    # a drifting trajectory with bursts, like denoising features (fast change early and late)
+    steps = rng.normal(size=(t, 3, 4)) * rng.uniform(0.1, 3.0, size=(t, 1, 1))
+    return [np.cumsum(steps, axis=0), np.cumsum(rng.normal(size=(t, 3, 4)), axis=0)]
+
+
+@pytest.mark.parametrize("seed,t,interval", [(0, 10, 3), (1, 12, 3), (2, 11, 2), (3, 12, 4), (4, 9, 5)])
+def test_dp_matches_brute_force_and_respects_bounds(seed: int, t: int, interval: int) -> None:
+    d = cs.pairwise_l1(_features(seed, t))
+    budget = cs.budget_for_interval(t, interval)
+    lo, hi = cs.group_bounds(t, budget)
+    assert (lo, hi) == (max(1, -(-interval // 2)), 2 * interval) or t % interval  # integer N: [ceil(N/2), 2N]
+    sched = cs.dp_schedule(d, budget, (lo, hi), interval=interval)
+    assert sched.budget == budget and sched.full_steps[0] == 0
+    lengths = np.diff((*sched.full_steps, t))
+    assert lengths.min() >= lo and lengths.max() <= hi
+    assert cs.schedule_cost(d, sched) == pytest.approx(_brute_force(d, budget, lo, hi), rel=1e-12)
+
+
+def test_dp_never_worse_than_uniform() -> None:
+    for seed in range(5):
+        d = cs.pairwise_l1(_features(seed, 20))
+        uni = cs.uniform_schedule(20, 4)
+        dp = cs.dp_schedule(d, uni.budget, cs.group_bounds(20, uni.budget))
+        assert cs.schedule_cost(d, dp) <= cs.schedule_cost(d, uni) + 1e-9
+
+
+def test_group_costs_are_prefix_sums() -> None:
+    d = cs.pairwise_l1(_features(7, 8))
+    c = cs.group_costs(d)
+    for s in range(8):
+        for e in range(s + 1, 9):
+            assert c[s, e] == pytest.approx(d[s, s:e].sum())
+
+
+def test_uniform_and_reference() -> None:
+    s = cs.uniform_schedule(10, 3)
+    assert s.full_steps == (0, 3, 6, 9)
+    assert s.reference().tolist() == [0, 0, 0, 3, 3, 3, 6, 6, 6, 9]
+    assert s.is_full().sum() == 4
+    assert cs.CacheSchedule.from_dict(s.to_dict()) == s
+
+
+def test_budget_for_speedup() -> None:
+    # shallow costs 10% of full: K + (50-K) * 0.1 <= 50 / 4  ->  K <= 8.33: the largest such K
+    k = cs.budget_for_speedup(50, 4.0, 0.1)
+    assert k == 8
+    assert k + (50 - k) * 0.1 <= 50 / 4 < (k + 1) + (50 - k - 1) * 0.1
+    with pytest.raises(ConfigError, match="unreachable"):
+        cs.budget_for_speedup(50, 20.0, 0.1)
+
+
+def test_bad_inputs_give_clear_errors() -> None:
+    d = cs.pairwise_l1(_features(0, 6))
+    with pytest.raises(ConfigError, match="does not fit 6 steps"):
+        cs.dp_schedule(d, 7)
+    with pytest.raises(ConfigError, match=r"lengths in \[3, 3\]"):
+        cs.dp_schedule(d, 3, (3, 3))
+    with pytest.raises(ConfigError, match="interval 0"):
+        cs.uniform_schedule(10, 0)
+    with pytest.raises(ConfigError, match="begin at 0"):
+        cs.CacheSchedule(10, (1, 4), "dp", 3.0)

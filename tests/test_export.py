@@ -1,0 +1,102 @@
+"""Export-friendly model definitions vs transformers; ONNX step graph vs torch."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ember.export.config import BUILTIN, DecoderConfig, config_from_hf, to_hf_config
+from ember.export.onnx_export import check_against_torch, export_step_graph, save_onnx
+from ember.export.sources import step_model_class
+
+transformers = pytest.importorskip("transformers")
+
+CASES = {
+    "gpt2": BUILTIN["gpt2-tiny"],
+    "llama-gqa4-untied": DecoderConfig(family="llama", vocab_size=300, hidden_size=64, num_layers=2, num_heads=8,
+                                       num_kv_heads=2, intermediate_size=96, max_positions=128, norm_eps=1e-5,
+                                       tie_word_embeddings=False, rope_theta=500000.0),
+    "llama-mha-tied-bias": DecoderConfig(family="llama", vocab_size=300, hidden_size=64, num_layers=2, num_heads=4,
+                                         num_kv_heads=4, intermediate_size=96, max_positions=128, norm_eps=1e-6,
+                                         tie_word_embeddings=True, qkv_bias=True, o_bias=True),
+}
+
+
+def _hf_model(cfg: DecoderConfig):
+    torch.manual_seed(0)
+    hf = {k: v for k, v in to_hf_config(cfg).items() if k != "model_type"}
+    if cfg.family == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf)).eval()
+    m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf)).eval()
+    if cfg.qkv_bias:  # HF inits biases to zero: make them matter
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if n.endswith("bias"):
+                    p.normal_(0, 0.1)
+    return m
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_step_model_matches_transformers_prefill_and_incremental(name):
+    cfg = CASES[name]
+    hf = _hf_model(cfg)
+    m = step_model_class(cfg.family)(cfg).eval()
+    m.load_hf_state_dict(hf.state_dict())
+    ids = torch.randint(0, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        past = [torch.zeros(2, cfg.num_kv_heads, 8, cfg.head_dim) for _ in range(2 * cfg.num_layers)]
+        out = m(ids, torch.arange(7).expand(2, 7), torch.zeros(2, dtype=torch.long), torch.tensor([7, 5]), *past)
+        torch.testing.assert_close(out[0][0], ref[0, 6], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out[0][1], ref[1, 4], atol=1e-5, rtol=1e-4)
+        # incremental: rows have 5 cached tokens; row 0 feeds 2 more, row 1 feeds 1 (padded)
+        past2 = []
+        for t in out[1:]:
+            z = torch.zeros(2, cfg.num_kv_heads, 8, cfg.head_dim)
+            z[:, :, :5] = t[:, :, :5]
+            past2.append(z)
+        out2 = m(ids[:, 5:7], torch.tensor([[5, 6]]).expand(2, 2), torch.tensor([5, 5]), torch.tensor([2, 1]), *past2)
+        torch.testing.assert_close(out2[0][0], ref[0, 6], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out2[0][1], ref[1, 5], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa4-untied"])
+def test_onnx_matches_torch(name, tmp_path):
+    cfg = CASES[name]
+    m = step_model_class(cfg.family)(cfg).eval()
+    proto = export_step_graph(m, cfg, tmp_path)
+    save_onnx(proto, tmp_path / "step.onnx")
+    chk = check_against_torch(m, cfg, tmp_path / "step.onnx")
+    assert chk.max_rel_error < 1e-4, chk
+
+
+def test_external_data_round_trip(tmp_path):
+    cfg = CASES["gpt2"]
+    m = step_model_class(cfg.family)(cfg).eval()
+    proto = export_step_graph(m, cfg, tmp_path)
+    files = save_onnx(proto, tmp_path / "step.onnx", external=True)
+    assert files == ["step.onnx", "step.onnx.data"] and (tmp_path / "step.onnx.data").stat().st_size > 100_000
+    assert sum(len(i.raw_data) for i in proto.graph.initializer) > 100_000  # in-memory model kept its weights
+    assert check_against_torch(m, cfg, tmp_path / "step.onnx").max_rel_error < 1e-4
+
+
+def test_hf_config_mapping_and_rejections():
+    from ember.errors import ConfigError
+
+    qwen = {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 256, "vocab_size": 300,
+            "rope_theta": 1e6, "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "hidden_act": "silu",
+            "use_sliding_window": False, "sliding_window": 128}
+    c = config_from_hf(qwen)
+    assert (c.family, c.qkv_bias, c.o_bias, c.num_kv_heads, c.rope_theta) == ("llama", True, False, 2, 1e6)
+    with pytest.raises(ConfigError, match="model_type 'bert'"):
+        config_from_hf({"model_type": "bert"})
+    with pytest.raises(ConfigError, match="rope_scaling"):
+        config_from_hf({**qwen, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(ConfigError, match="sliding_window"):
+        config_from_hf({**qwen, "use_sliding_window": True})
+    with pytest.raises(ConfigError, match="hidden_act"):
+        config_from_hf({**qwen, "hidden_act": "gelu"})
+    with pytest.raises(ConfigError, match="num_key_value_heads"):
+        config_from_hf({**qwen, "num_key_value_heads": 3})
+    with pytest.raises(ConfigError, match="'vocab_size' is missing"):
+        config_from_hf({k: v for k, v in qwen.items() if k != "vocab_size"})

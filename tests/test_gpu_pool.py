@@ -1,0 +1,72 @@
+"""DeviceKVPool (the GPU KV memory) against the numpy KVPool, on PyTorch's CPU device (CPU tier).
+
+The same code runs on CUDA tensors in tests/test_gpu.py; here it checks the write / move /
+grow / shrink logic, so a GPU run is never the first time it executes.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from ember.errors import InputError  # noqa: E402
+from ember.runtime.cuda_session import DeviceKVPool, parse_device  # noqa: E402
+from ember.runtime.kv_pool import KVPool  # noqa: E402
+
+
+def _pair(dtype="float32", slots=4, max_capacity=200):
+    args = dict(num_layers=2, num_kv_heads=2, head_dim=3, slots=slots, max_capacity=max_capacity, dtype=dtype)
+    return KVPool(**args), DeviceKVPool(**args, device="cpu")
+
+
+def _same(ref: KVPool, dev: DeviceKVPool) -> None:
+    assert ref.capacity == dev.capacity
+    np.testing.assert_array_equal(ref.lengths, dev.lengths)
+    for a, b in zip(ref.k + ref.v, dev.k + dev.v):
+        np.testing.assert_array_equal(a, b.numpy())
+
+
+def test_write_move_grow_shrink_match_numpy_pool():
+    rng = np.random.default_rng(0)
+    ref, dev = _pair()
+    # prefill rows of different lengths into slots 1..3 (row 1 padded), then decodes
+    lens = np.array([5, 2, 7], np.int64)
+    new = [rng.standard_normal((3, 2, 7, 3)).astype(np.float32) for _ in range(4)]
+    ref.write(1, new, lens)
+    dev.write(1, [torch.from_numpy(a) for a in new], lens)
+    _same(ref, dev)
+    for _ in range(40):  # crosses the initial capacity: grows
+        step = [rng.standard_normal((3, 2, 1, 3)).astype(np.float32) for _ in range(4)]
+        ones = np.ones(3, np.int64)
+        ref.write(1, step, ones)
+        dev.write(1, [torch.from_numpy(a) for a in step], ones)
+    _same(ref, dev)
+    assert dev.generation > 1
+    ref.move(3, 0)
+    dev.move(3, 0)
+    _same(ref, dev)
+    for s in (0, 1, 2):
+        ref.release(s), dev.release(s)
+    ref.maybe_shrink(), dev.maybe_shrink()
+    assert dev.capacity == ref.capacity
+
+
+def test_views_are_contiguous_slot_ranges():
+    _, dev = _pair()
+    v = dev.views(1, 3)
+    assert len(v) == 4 and all(t.is_contiguous() and t.shape[0] == 2 for t in v)
+    assert v[0].data_ptr() == dev.k[0][1:].data_ptr()  # a view, not a copy
+
+
+def test_fp16_pool_and_limits():
+    ref, dev = _pair("float16", max_capacity=40)
+    assert dev.k[0].dtype == torch.float16 and dev.bytes_per_token == ref.bytes_per_token
+    with pytest.raises(InputError):
+        dev.ensure_capacity(41)
+
+
+def test_parse_device():
+    assert parse_device("cuda") == 0 and parse_device("cuda:3") == 3
+    with pytest.raises(InputError, match="cuda:N"):
+        parse_device("gpu0")
