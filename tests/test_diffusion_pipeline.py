@@ -130,7 +130,7 @@ def test_bad_inputs_give_clear_errors(dp_engine, tmp_path) -> None:
     other = pipe.generate("a cat", steps=STEPS + 3)
     assert other.notes and "uniform interval of 3" in other.notes[0]
     with pytest.raises(ConfigError, match="multiple of"):
-        compile_diffusion("sd-tiny", tmp_path / "x", DiffusionCompileOptions(image_size=20, quiet=True))
+        compile_diffusion("sd-tiny", tmp_path / "x", DiffusionCompileOptions(image_size=18, quiet=True))
     with pytest.raises(ConfigError, match="not both"):
         DiffusionCompileOptions(cache_interval=3, cache_speedup=2.0)
 

@@ -2,7 +2,7 @@
 
 Forms written (TensorRT's explicit-quantization forms, which ONNX Runtime also fuses):
   weight      W_q (int8 | float8e4m3fn constant) -> DequantizeLinear(axis) -> op
-  activation  x -> QuantizeLinear -> DequantizeLinear -> op   (one Q, one DQ per consuming edge)
+  activation  x -> QuantizeLinear -> DequantizeLinear -> op   (one Q/DQ pair per consuming edge)
   embedding   Gather(table int8, ids) -> Cast(float) -> Mul(Gather(row scales [V,1], ids))
 """
 from __future__ import annotations
@@ -96,15 +96,16 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan, act_scales: dict[str, fl
         inits += [numpy_helper.from_array(np.array(scale, np.float32), f"{base}_scale"),
                   numpy_helper.from_array(fmt.zero_point(()), f"{base}_zero_point")]
         tables[f"{site.tensor}.act_scale"] = np.array(scale, np.float32)
-        q_node = helper.make_node("QuantizeLinear", [site.tensor, f"{base}_scale", f"{base}_zero_point"],
-                                  [f"{base}_quantized"], name=f"{base}_QuantizeLinear")
-        before[site.edges[0][0]].append(q_node)  # any place: the graph is re-sorted below
         for k, (node_name, idx) in enumerate(site.edges):
-            out = f"{base}_dequantized" if len(site.edges) == 1 else f"{base}_dequantized_{k}"
-            before[node_name].append(helper.make_node(
-                "DequantizeLinear", [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"], [out],
-                name=f"{out}_DequantizeLinear"))
-            rewire[(node_name, idx)] = out
+            # one Q per reading edge: ONNX Runtime fuses Q->DQ->MatMul into MatMulIntegerToFloat only
+            # when the Q feeds that one DQ (measured: a Q shared by q/k/v projections left all three float)
+            tag = base if len(site.edges) == 1 else f"{base}_{k}"
+            before[node_name] += [
+                helper.make_node("QuantizeLinear", [site.tensor, f"{base}_scale", f"{base}_zero_point"],
+                                 [f"{tag}_quantized"], name=f"{tag}_QuantizeLinear"),
+                helper.make_node("DequantizeLinear", [f"{tag}_quantized", f"{base}_scale", f"{base}_zero_point"],
+                                 [f"{tag}_dequantized"], name=f"{tag}_DequantizeLinear")]
+            rewire[(node_name, idx)] = f"{tag}_dequantized"
 
     emb = {e.node: e for e in plan.embeddings}
     nodes: list[onnx.NodeProto] = []

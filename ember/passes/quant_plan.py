@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ember.passes.quant_graph import GraphIndex
+from ember.passes.quant_graph import NO_QDQ_OUTPUT_OPS, GraphIndex
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 QUANTIZABLE_OPS = (*WEIGHT_OPS, "Add", "Gather")
@@ -109,8 +109,13 @@ def _act_site(idx: GraphIndex, tensor: str, edge: tuple[str, int], sites: dict[s
     """Plan the Q/DQ for one activation edge (R2). Returns a reason when it cannot be quantized."""
     top = idx.source_through_movement(tensor)
     if top != tensor:  # the pair sits above the movement chain; the chain's first op reads the DQ
-        edge = (idx.consumers[top][0].name, 0)
+        chain = idx.producer[tensor]
+        while chain.input[0] != top:
+            chain = idx.producer[chain.input[0]]
+        edge = (chain.name, 0)
     producer = idx.producer.get(top)
+    if producer is not None and producer.op_type in NO_QDQ_OUTPUT_OPS - {"Concat", "Softmax"}:
+        return f"its input is a {producer.op_type} output shared with other readers or a graph output"
     if producer is not None and producer.op_type == "Softmax":
         return "its input comes from a Softmax (no Q/DQ on Softmax outputs)"
     if producer is not None and producer.op_type == "Concat":

@@ -23,7 +23,7 @@ from onnx import helper
 from ember.errors import ConfigError
 from ember.passes.calibration import CALIB_METHODS, collect_stats, threshold
 from ember.passes.qdq_validate import MIN_OPSET, QdqValidation, assert_trt_compatible
-from ember.passes.quant_graph import default_opset, upgrade_opset
+from ember.passes.quant_graph import default_opset, ort_disabled_optimizers, upgrade_opset
 from ember.passes.quant_insert import FP8, INT8, INT8_REDUCED, apply_plan
 from ember.passes.quant_plan import QUANTIZABLE_OPS, WEIGHT_OPS, PlanRules, QuantPlan, plan_quantization
 from ember.passes.smoothquant import apply_smoothquant, smooth_groups
@@ -90,6 +90,7 @@ class QuantReport:
     weight_bytes_float: int = 0  # bytes of the float weights that were quantized
     weight_bytes_quantized: int = 0  # bytes of their quantized replacement (scales included)
     validation: QdqValidation | None = None
+    ort_disabled_optimizers: list[str] = field(default_factory=list)  # for ORT sessions of this graph
 
     def scale_tables(self) -> dict[str, np.ndarray]:
         """Per-tensor scales as float32 arrays, ready for safetensors/np.savez."""
@@ -111,6 +112,7 @@ class QuantReport:
             "weight_bytes_quantized": self.weight_bytes_quantized,
             "weight_compression": round(self.weight_bytes_float / max(self.weight_bytes_quantized, 1), 3),
             "qdq_nodes": None if v is None else {"quantize": v.quantize_nodes, "dequantize": v.dequantize_nodes},
+            "ort_disabled_optimizers": list(self.ort_disabled_optimizers),
         }
 
 
@@ -223,7 +225,7 @@ def quantize_model(model: onnx.ModelProto, calib_feeds: Sequence[dict[str, np.nd
         smoothquant_alpha=options.smoothquant_alpha, opset=default_opset(out),
         quantized_nodes=plan.quantized_nodes, skipped=plan.skipped, activation_scales=scales, tables=tables,
         smoothed=smoothed, not_smoothed=not_smoothed, weight_bytes_float=bytes_float,
-        weight_bytes_quantized=bytes_quant, validation=validation)
+        weight_bytes_quantized=bytes_quant, validation=validation, ort_disabled_optimizers=ort_disabled_optimizers(out))
     return out, report
 
 

@@ -127,11 +127,7 @@ def _ort_cuda():
             f"onnxruntime {ort.__version__} here has no CUDA provider (available: {ort.get_available_providers()}); "
             f"install onnxruntime-gpu in place of onnxruntime (pip uninstall onnxruntime && pip install onnxruntime-gpu)"
         )
-    if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels PyTorch brought
-        try:
-            ort.preload_dlls(directory="")
-        except Exception:
-            pass
+    _torch()  # loads the CUDA runtime, cuBLAS and cuDNN that ONNX Runtime's CUDA provider links against
     return ort
 
 
@@ -144,14 +140,14 @@ class CudaStepSession:
     """
 
     def __init__(self, onnx_path: str | os.PathLike, num_layers: int, device_index: int = 0,
-                 cuda_graph: bool = False, optimized_model_path: str | None = None):
+                 cuda_graph: bool = False, optimized_model_path: str | None = None, tf32: bool = False):
         ort = _ort_cuda()
         torch = _torch()
         self.torch, self.device_index = torch, device_index
         self.device = torch.device("cuda", device_index)
         torch.cuda.set_device(self.device)
         self.stream = torch.cuda.current_stream(self.device)
-        self.num_layers = num_layers
+        self.num_layers, self.tf32 = num_layers, tf32
         self.cuda_graph_status = "off"
         self.sess = None
         if cuda_graph:
@@ -178,13 +174,19 @@ class CudaStepSession:
             so.optimized_model_filepath = optimized_model_path
         opts = {"device_id": str(self.device_index), "user_compute_stream": str(self.stream.cuda_stream),
                 "arena_extend_strategy": "kSameAsRequested", "cudnn_conv_algo_search": "HEURISTIC",
-                "enable_cuda_graph": "1" if graph else "0"}
+                "enable_cuda_graph": "1" if graph else "0",
+                # TF32 matmuls differ from the CPU engine's FP32 beyond float ties: off unless asked.
+                "use_tf32": "1" if self.tf32 else "0"}
         try:
-            return ort.InferenceSession(str(path), so, providers=[("CUDAExecutionProvider", opts), "CPUExecutionProvider"])
+            sess = ort.InferenceSession(str(path), so, providers=[("CUDAExecutionProvider", opts), "CPUExecutionProvider"])
         except Exception as e:
             if graph:
                 raise
             raise ArtifactError(f"{Path(path)} could not be loaded on the CUDA provider ({e}); recompile the folder") from e
+        if "CUDAExecutionProvider" not in sess.get_providers():  # ORT falls back to the CPU silently
+            raise ConfigError("ONNX Runtime could not start its CUDA provider (CUDA 13 / cuDNN 9 libraries not found?); "
+                              "install onnxruntime-gpu's CUDA dependencies (pip install onnxruntime-gpu[cuda,cudnn])")
+        return sess
 
     # -- binding ---------------------------------------------------------------------------
     def _bind(self, binding, name: str, t) -> None:

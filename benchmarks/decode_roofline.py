@@ -1,0 +1,169 @@
+"""Decode-step time of a compiled decoder vs its memory-bandwidth floor (issue: decoder foundation).
+
+floor(B) = (weight bytes + live KV bytes at batch B) / read bandwidth, where the bandwidth is
+measured in the same run by ONNX Runtime ReduceSum over 1 GiB with the same thread count
+(a multi-threaded read, as the step uses). The step is timed through the runtime's executor
+(session run + KV write), i.e. what one decode iteration of the engine costs.
+
+    python benchmarks/decode_roofline.py [--model gpt2-124m] [--batches 1 8 32] [--context 128]
+Writes benchmarks/results/decode_roofline.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import machine_info, machine_line  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_bandwidth(threads: int, gib: float = 1.0, reps: int = 7) -> float:
+    """Bytes/s of ONNX Runtime ReduceSum over ``gib`` GiB (best of ``reps``)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    n = int(gib * (1 << 30)) // 4
+    g = helper.make_graph([helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0)], "bw",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x = np.ones(n, np.float32)
+    s.run(None, {"x": x})
+    best = math.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        s.run(None, {"x": x})
+        best = min(best, time.perf_counter() - t)
+    return x.nbytes / best
+
+
+def weight_bytes(onnx_path: Path) -> int:
+    import onnx
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    total = 0
+    for i in m.graph.initializer:
+        from onnx import helper
+
+        total += math.prod(i.dims) * helper.tensor_dtype_to_np_dtype(i.data_type).itemsize
+    return total
+
+
+def time_decode(folder: Path, batch: int, context: int, threads: int, reps: int) -> dict:
+    from ember.compiler.manifest import read_manifest
+    from ember.runtime.executor import LocalExecutor
+    from ember.runtime.kv_pool import KVPool
+    from ember.runtime.session import StepSession
+
+    m = read_manifest(folder)
+    c = m.model["config"]
+    L, hkv, d = c["num_layers"], c["num_kv_heads"], c["hidden_size"] // c["num_heads"]
+    sess = StepSession(folder / m.part("step").file, L, threads=threads)
+    pool = KVPool(L, hkv, d, slots=batch, max_capacity=c["max_positions"], capacity=context + reps + 8)
+    ex = LocalExecutor(sess, pool)
+    pool.lengths[:] = context
+    ids = np.ones((batch, 1), np.int64)
+    new = np.ones(batch, np.int64)
+    times = []
+    for i in range(reps + 3):
+        pos = pool.lengths[:batch].reshape(batch, 1).copy()
+        t = time.perf_counter()
+        ex.run(0, ids, pos, new)
+        times.append(time.perf_counter() - t)
+    times = times[3:]  # warm-up
+    live_kv = batch * (context + reps // 2) * pool.bytes_per_token
+    return {"batch": batch, "context": context, "step_ms_median": 1e3 * float(np.median(times)),
+            "step_ms_min": 1e3 * float(np.min(times)), "live_kv_bytes": int(live_kv),
+            "pool_capacity": pool.capacity}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="gpt2-124m")
+    ap.add_argument("--engine", default=None, help="existing engine folder (default: compile into artifacts/)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--context", type=int, default=128, help="live tokens per sequence")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode_roofline"))
+    a = ap.parse_args()
+    from ember.compiler.compile import CompileOptions, compile_decoder
+    from ember.runtime.session import default_threads
+
+    threads = a.threads or default_threads()
+    info = machine_info()
+    folder = Path(a.engine) if a.engine else ROOT / "artifacts" / f"bench-{a.model}"
+    t0 = time.perf_counter()
+    compile_decoder(a.model, folder, CompileOptions(quiet=True))
+    compile_s = time.perf_counter() - t0
+    step_file = folder / "step.onnx"
+    wbytes = weight_bytes(step_file)
+    bw = read_bandwidth(threads)
+    rows = []
+    for b in a.batches:
+        r = time_decode(folder, b, a.context, threads, a.reps)
+        floor_ms = 1e3 * (wbytes + r["live_kv_bytes"]) / bw
+        r.update(floor_ms=floor_ms, ratio_to_floor=r["step_ms_median"] / floor_ms)
+        rows.append(r)
+        print(f"batch {b:>3}: {r['step_ms_median']:.1f} ms (floor {floor_ms:.1f} ms, x{r['ratio_to_floor']:.2f})",
+              file=sys.stderr)
+    b1 = rows[0]["step_ms_median"]
+    for r in rows:
+        r["ratio_to_batch1"] = r["step_ms_median"] / b1
+    res = {"model": a.model, "machine": info, "threads": threads, "compile_s": round(compile_s, 1),
+           "weight_bytes": wbytes, "read_bandwidth_gbs": bw / 1e9, "context": a.context, "rows": rows,
+           "targets": {"batch1_within_1.3x_floor": rows[0]["ratio_to_floor"] <= 1.3,
+                       "batch32_within_3x_batch1": next((r["ratio_to_batch1"] <= 3 for r in rows if r["batch"] == 32), None),
+                       "compile_under_60s": compile_s < 60}}
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2))
+    md = [f"# Decode step vs bandwidth floor — {a.model}", "",
+          f"Machine: {machine_line(info)}; {threads} threads; load average at start {info['load_avg_1m_at_start']}.",
+          f"Weights {wbytes / 1e6:.0f} MB; read bandwidth (ORT ReduceSum, 1 GiB) {bw / 1e9:.1f} GB/s; "
+          f"{a.context} live tokens per sequence; compile {compile_s:.1f} s.", "",
+          "| batch | step ms (median) | step ms (min) | floor ms | step / floor | step / batch-1 |",
+          "|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        md.append(f"| {r['batch']} | {r['step_ms_median']:.1f} | {r['step_ms_min']:.1f} | {r['floor_ms']:.1f} | "
+                  f"{r['ratio_to_floor']:.2f} | {r['ratio_to_batch1']:.2f} |")
+    md += ["", f"Targets: batch 1 within 1.3x of the floor: {res['targets']['batch1_within_1.3x_floor']}; "
+           f"batch 32 within 3x of batch 1: {res['targets']['batch32_within_3x_batch1']}; "
+           f"compile under 60 s: {res['targets']['compile_under_60s']}.",
+           "", "Reproduce: `python benchmarks/decode_roofline.py`"]
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        bs = [r["batch"] for r in rows]
+        ax.plot(bs, [r["step_ms_median"] for r in rows], "o-", label="Ember decode step")
+        ax.plot(bs, [r["floor_ms"] for r in rows], "s--", label="bandwidth floor")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch")
+        ax.set_ylabel("ms per step")
+        ax.set_title(f"{a.model} decode, {info['cores']}-core CPU")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out.with_suffix(".png"), dpi=120)
+    except ImportError:
+        pass
+    print(out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()

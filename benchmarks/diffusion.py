@@ -1,0 +1,215 @@
+"""Diffusion cache reuse + W8A8 + DEC on CPU (sd-small, DDIM, CFG on): speed and fidelity vs FP32.
+
+Arms, measured in one run on the same prompts and seeds (prompt-major, arms interleaved so
+machine-load drift hits all arms alike):
+  FP32 uncached (baseline) | uniform N=3 | uniform N=5 | DP N=5 | DP N=5 + DEC |
+  W8A8 uncached | DP N=5 + W8A8 | DP N=5 + W8A8 + DEC
+Columns: UNet-loop and end-to-end wall-clock speedup vs baseline, UNet-loop MACs ratio,
+UNet weight-size ratio, PSNR of the decoded uint8 image and relative L2 error of the final
+latent vs the baseline's. Plus a fused-batch demo: the eval prompts as staggered requests
+through one loop vs one after another.
+
+    flock /tmp/ember-bench.lock python benchmarks/diffusion.py [--steps 50] [--prompts 3]
+Writes benchmarks/results/diffusion.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import machine_info, machine_line  # noqa: E402
+
+import ember  # noqa: E402
+from ember.compiler.diffusion import DiffusionCompileOptions, compile_diffusion  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+CALIB = ("a photograph of an astronaut riding a horse", "a watercolor painting of a lighthouse at dawn")
+EVAL = ("a red fox in a snowy forest, golden hour", "a futuristic city skyline at night, neon lights",
+        "a still life of apples and a jug, oil painting", "a sailing boat on a calm lake, misty morning")
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def rel_err(x: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+
+
+def compile_all(root: Path, steps: int, model: str) -> dict[str, Path]:
+    common = dict(steps=steps, calib_prompts=CALIB, quiet=True)
+    plan = {
+        "float_dp5": DiffusionCompileOptions(cache_interval=5, schedule="dp", dec=True, **common),
+        "uniform3": DiffusionCompileOptions(cache_interval=3, schedule="uniform", **common),
+        "uniform5": DiffusionCompileOptions(cache_interval=5, schedule="uniform", **common),
+        "w8a8_dp5": DiffusionCompileOptions(cache_interval=5, schedule="dp", quantize="int8", dec=True, **common),
+    }
+    out = {}
+    for name, opts in plan.items():
+        t0 = time.perf_counter()
+        compile_diffusion(model, root / name, opts)
+        print(f"compiled {name} in {time.perf_counter() - t0:.1f} s", flush=True)
+        out[name] = root / name
+    return out
+
+
+# arm -> (engine folder key, generate kwargs)
+ARMS = {
+    "FP32 uncached (baseline)": ("float_dp5", dict(cache=False)),
+    "uniform N=3": ("uniform3", {}),
+    "uniform N=5": ("uniform5", {}),
+    "DP N=5": ("float_dp5", dict(dec=False)),
+    "DP N=5 + DEC": ("float_dp5", {}),
+    "W8A8 uncached": ("w8a8_dp5", dict(cache=False)),
+    "DP N=5 + W8A8": ("w8a8_dp5", dict(dec=False)),
+    "DP N=5 + W8A8 + DEC": ("w8a8_dp5", {}),
+}
+
+
+def unet_bytes(folder: Path, cached: bool) -> int:
+    m = json.loads((folder / "manifest.json").read_text())
+    sizes = {p["name"]: p["size"] for p in m["parts"]}
+    return sizes["unet_full"] + (sizes["unet_shallow"] if cached else 0)
+
+
+def loop_macs(folder: Path, full_steps: int, shallow_steps: int) -> int:
+    macs = json.loads((folder / "manifest.json").read_text())["extra"]["diffusion"]["macs_per_sample"]
+    return full_steps * macs["unet_full"] + shallow_steps * macs["unet_shallow"]
+
+
+def run(args) -> dict:
+    info = machine_info()
+    root = Path(tempfile.mkdtemp(prefix="ember-diffusion-bench-"))
+    t_start = time.perf_counter()
+    folders = compile_all(root, args.steps, args.model)
+    compile_s = time.perf_counter() - t_start
+    pipes = {k: ember.load(v) for k, v in folders.items()}
+    for p in pipes.values():  # warm-up: first ORT runs allocate; one full + one shallow step
+        jobs, _ = p.make_jobs(["warm up"], steps=2, cache=False)
+        jobs[0].full[1] = False
+        p.run_jobs(jobs)
+        p.decode(jobs[0].latents[None])
+    prompts = EVAL[: args.prompts]
+    rec: dict[str, list[dict]] = {a: [] for a in ARMS}
+    for i, prompt in enumerate(prompts):
+        seed = 100 + i
+        for arm, (key, kw) in ARMS.items():
+            r = pipes[key].generate(prompt, steps=args.steps, seed=seed, **kw)
+            rec[arm].append({"unet_s": r.timings["unet_s"], "total_s": r.timings["total_s"], "image": r.images[0],
+                             "latents": r.latents[0], "full": r.loop.full_calls, "shallow": r.loop.shallow_calls})
+        print(f"prompt {i + 1}/{len(prompts)} done ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    base = rec["FP32 uncached (baseline)"]
+    base_unet, base_total = sum(r["unet_s"] for r in base), sum(r["total_s"] for r in base)
+    base_macs = loop_macs(folders["float_dp5"], args.steps, 0)
+    base_bytes = unet_bytes(folders["float_dp5"], cached=False)
+    rows = []
+    for arm, (key, kw) in ARMS.items():
+        rs = rec[arm]
+        cached = kw.get("cache", True)
+        rows.append({
+            "arm": arm,
+            "full_steps": rs[0]["full"], "shallow_steps": rs[0]["shallow"],
+            "unet_s": sum(r["unet_s"] for r in rs), "total_s": sum(r["total_s"] for r in rs),
+            "unet_speedup": base_unet / sum(r["unet_s"] for r in rs),
+            "e2e_speedup": base_total / sum(r["total_s"] for r in rs),
+            "macs_ratio": base_macs / loop_macs(folders[key], rs[0]["full"], rs[0]["shallow"]),
+            "weight_ratio": base_bytes / unet_bytes(folders[key], cached),
+            "psnr_db": float(np.mean([psnr(r["image"], b["image"]) for r, b in zip(rs, base)])),
+            "latent_rel_err": float(np.mean([rel_err(r["latents"], b["latents"]) for r, b in zip(rs, base)])),
+        })
+    fused = fused_demo(pipes["float_dp5"], prompts, args.steps)
+    schedules = {k: json.loads((v / "manifest.json").read_text())["extra"]["diffusion"]["cache"] for k, v in folders.items()}
+    return {"machine": info, "model": args.model, "steps": args.steps, "guidance_scale": 7.5, "sampler": "DDIM (eta=0)",
+            "eval_prompts": list(prompts), "calib_prompts": list(CALIB), "compile_s": compile_s, "rows": rows,
+            "fused": fused, "schedules": {k: v["full_steps"] for k, v in schedules.items()},
+            "total_s": time.perf_counter() - t_start}
+
+
+def fused_demo(pipe, prompts, steps: int) -> dict:
+    """Staggered requests (request i joins at step 7i) in one fused loop vs one after another."""
+    t0 = time.perf_counter()
+    seq = [pipe.generate(p, steps=steps, seed=100 + i, dec=False, decode=False) for i, p in enumerate(prompts)]
+    t_seq = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fused = pipe.generate(list(prompts), steps=steps, seed=100, dec=False, stagger=7, decode=False)
+    t_fused = time.perf_counter() - t0
+    diff = max(rel_err(fused.latents[i], s.latents[0]) for i, s in enumerate(seq))
+    return {"requests": len(prompts), "stagger_steps": 7, "sequential_s": t_seq, "fused_s": t_fused,
+            "speedup": t_seq / t_fused, "unet_calls_sequential": sum(s.loop.full_calls + s.loop.shallow_calls for s in seq),
+            "unet_calls_fused": fused.loop.full_calls + fused.loop.shallow_calls, "max_latent_rel_diff": diff}
+
+
+def write(res: dict) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "diffusion.json").write_text(json.dumps(res, indent=2) + "\n")
+    m = res["machine"]
+    lines = [
+        f"# Diffusion: cache reuse, DP schedule, W8A8, DEC — {res['model']}, {res['steps']} DDIM steps, CFG 7.5",
+        "",
+        f"Machine: {machine_line(m)}; load average at start {m['load_avg_1m_at_start']}.",
+        f"{len(res['eval_prompts'])} held-out prompts (one seed each); ratios vs the FP32 uncached baseline of the "
+        f"same run. Compile of the 4 engine folders: {res['compile_s']:.0f} s; whole benchmark {res['total_s']:.0f} s.",
+        "",
+        "| arm | full/shallow steps | UNet-loop speedup | end-to-end speedup | UNet MACs ratio | UNet weight-size ratio | PSNR vs baseline (dB) | final-latent rel. error |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        ps = "∞" if r["psnr_db"] == float("inf") else f"{r['psnr_db']:.2f}"
+        lines.append(f"| {r['arm']} | {r['full_steps']}/{r['shallow_steps']} | {r['unet_speedup']:.2f}× | "
+                     f"{r['e2e_speedup']:.2f}× | {r['macs_ratio']:.2f}× | {r['weight_ratio']:.2f}× | {ps} | "
+                     f"{r['latent_rel_err']:.4f} |")
+    f = res["fused"]
+    got = next(r for r in res["rows"] if r["arm"] == "DP N=5 + W8A8 + DEC")["e2e_speedup"]
+    verdict = "met" if got >= 5 else f"short by {5 - got:.2f}× ({got / 5:.0%} of the target)"
+    lines += [
+        "",
+        f"Target ≥ 5× end-to-end for DP N=5 + W8A8 + DEC: measured {got:.2f}× — {verdict}.",
+        "",
+        f"Fused staggered batch (DP N=5): {f['requests']} requests, request i joins at step {f['stagger_steps']}·i: "
+        f"{f['fused_s']:.1f} s fused vs {f['sequential_s']:.1f} s one after another ({f['speedup']:.2f}×; "
+        f"{f['unet_calls_fused']} vs {f['unet_calls_sequential']} UNet calls; max latent difference "
+        f"{f['max_latent_rel_diff']:.1e}).",
+        "",
+        "Schedules (full steps): " + "; ".join(f"{k}: {v}" for k, v in res["schedules"].items()),
+    ]
+    (RESULTS / "diffusion.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in res["rows"][1:]:
+            ax.scatter(r["e2e_speedup"], r["psnr_db"])
+            ax.annotate(r["arm"], (r["e2e_speedup"], r["psnr_db"]), fontsize=8, xytext=(4, 2), textcoords="offset points")
+        ax.set_xlabel("end-to-end speedup vs FP32 uncached (×)")
+        ax.set_ylabel("PSNR vs FP32 uncached image (dB)")
+        ax.set_title(f"{res['model']}, {res['steps']} DDIM steps, CFG on ({m['cores']} CPU cores)")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(RESULTS / "diffusion.png", dpi=110)
+    except ImportError:
+        pass
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="sd-small")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--prompts", type=int, default=3)
+    res = run(ap.parse_args())
+    write(res)
+    print((RESULTS / "diffusion.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""Everything the GPU issue must show, in one run on one machine (DESIGN §8, docs/gpu.md).
+
+Sections (each guarded: a failure is recorded and the next section still runs):
+  env          GPU, driver, torch / onnxruntime versions and providers
+  bandwidth    device-to-device copy rate (read + write), the roofline's denominator
+  compile      MODEL compiled with seeded random weights, FP32 and FP16 (ONNX Runtime)
+  correctness  greedy tokens: CUDA FP32 engine vs CPU FP32 engine, same prompts
+  fp16         next-token top-1 agreement FP16 vs FP32 on CUDA (teacher-forced on FP32's tokens)
+  fusions      which fused kernels ONNX Runtime's CUDA optimizer made of the FP16 graph
+  roofline     FP16 decode step at batches 1/16/64/128 vs (weights + live KV) / bandwidth,
+               with CUDA graphs where ONNX Runtime accepts them
+  serving      the fusion issue's serving harness on the GPU engine (benchmarks/serve.py)
+
+Writes ``OUT/gpu_suite.json`` after every section, and ``gpu_suite.md`` (+ ``gpu_roofline.png``)
+at the end; prints the markdown last. ``--small`` swaps in tiny models (a smoke run).
+Usage: python benchmarks/gpu_suite.py --out DIR [--model llama-1b] [--sections a,b,...] [--small]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import gpu_roofline  # noqa: E402
+
+SECTIONS = ["env", "bandwidth", "compile", "correctness", "fp16", "fusions", "roofline", "serving"]
+
+
+class Suite:
+    def __init__(self, args):
+        self.a = args
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.art = Path(args.artifacts)
+        self.res: dict = {"model": args.model, "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                          "sections": {}}
+        self.t0 = time.perf_counter()
+
+    def save(self) -> None:
+        (self.out / "gpu_suite.json").write_text(json.dumps(self.res, indent=2, default=str))
+
+    def run(self, name: str, fn) -> None:
+        t = time.perf_counter()
+        print(f"== {name} (t={t - self.t0:.0f} s)", flush=True)
+        try:
+            self.res["sections"][name] = {"ok": True, **(fn() or {})}
+        except Exception as e:
+            traceback.print_exc()
+            self.res["sections"][name] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
+        self.res["sections"][name]["seconds"] = round(time.perf_counter() - t, 1)
+        print(f"   {name}: {json.dumps(self.res['sections'][name], default=str)[:600]}", flush=True)
+        self.save()
+
+    # -- sections --------------------------------------------------------------------------
+    def env(self) -> dict:
+        import onnxruntime as ort
+        import torch
+
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+                              "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+        return {"gpu": torch.cuda.get_device_name(0), "capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
+                "nvidia_smi": smi, "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+                "onnxruntime": ort.__version__, "providers": ort.get_available_providers(),
+                "python": platform.python_version(), "cpu_count": os.cpu_count(), "host": platform.platform()}
+
+    def bandwidth(self) -> dict:
+        r = gpu_roofline.copy_bandwidth()
+        self.bw = r["bytes_per_s"]
+        return r
+
+    def compile(self) -> dict:
+        from ember.compiler.compile import CompileOptions, compile_decoder
+
+        out = {}
+        for dtype in ("fp32", "fp16"):
+            t = time.perf_counter()
+            folder = self.art / f"{self.a.model}-{dtype}"
+            if not (folder / "manifest.json").exists():
+                compile_decoder(self.a.model, folder, CompileOptions(dtype=dtype, seed=0, validate=dtype == "fp32",
+                                                                     quiet=True))
+            out[dtype] = {"folder": str(folder), "seconds": round(time.perf_counter() - t, 1)}
+        tiny = self.art / "llama-tiny-fp16"
+        if not (tiny / "manifest.json").exists():
+            compile_decoder("llama-tiny", tiny, CompileOptions(dtype="fp16", quiet=True))
+        return out
+
+    def _folder(self, dtype: str) -> Path:
+        return self.art / f"{self.a.model}-{dtype}"
+
+    def correctness(self) -> dict:
+        import ember
+
+        rng = np.random.default_rng(1)
+        vocab = json.loads((self._folder("fp32") / "manifest.json").read_text())["model"]["config"]["vocab_size"]
+        prompts = [rng.integers(0, vocab, int(n)).tolist() for n in rng.integers(3, 40, self.a.correct_prompts)]
+        toks = {}
+        for device in ("cpu", "cuda:0"):
+            t = time.perf_counter()
+            with ember.load(self._folder("fp32"), device=device, max_batch=len(prompts)) as eng:
+                outs = eng.generate(prompts, max_new_tokens=self.a.correct_tokens, ignore_eos=True)
+            toks[device] = [c.token_ids for c in outs]
+            print(f"   {device}: {time.perf_counter() - t:.1f} s", flush=True)
+        same = [a == b for a, b in zip(toks["cpu"], toks["cuda:0"])]
+        first_diff = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+                      for a, b in zip(toks["cpu"], toks["cuda:0"])]
+        return {"prompts": len(prompts), "new_tokens": self.a.correct_tokens, "identical_sequences": int(sum(same)),
+                "first_divergence": first_diff, "all_identical": all(same)}
+
+    def fp16(self) -> dict:
+        from ember.compiler.manifest import read_manifest
+        from ember.runtime.cuda_session import make_cuda_executor
+
+        rows, plen, steps = self.a.fp16_rows, 16, self.a.fp16_steps
+        exs = {}
+        for dtype in ("fp32", "fp16"):
+            f = self._folder(dtype)
+            m = read_manifest(f)
+            exs[dtype] = make_cuda_executor(f, m, m.part("step"), "cuda:0", rows, plen + steps + 1, cuda_graph=False)
+        cfg = m.model["config"]
+        rng = np.random.default_rng(2)
+        ids = rng.integers(0, cfg["vocab_size"], (rows, plen)).astype(np.int64)
+        pos = np.tile(np.arange(plen, dtype=np.int64), (rows, 1))
+        new = np.full(rows, plen, np.int64)
+        agree, total, ties, rel = 0, 0, 0, []
+        for step in range(steps + 1):
+            l32 = exs["fp32"].run(0, ids, pos, new)
+            l16 = exs["fp16"].run(0, ids, pos, new)
+            a32, a16 = l32.argmax(-1), l16.argmax(-1)
+            srt = np.sort(l32, axis=-1)
+            gap = srt[:, -1] - srt[:, -2]
+            agree += int((a32 == a16).sum())
+            total += rows
+            ties += int(((a32 != a16) & (gap < 2e-2 * np.abs(l32).max(-1))).sum())
+            rel.append(float(np.abs(l16 - l32).max() / np.abs(l32).max()))
+            ids = a32.reshape(rows, 1).astype(np.int64)  # teacher-forced on FP32's greedy tokens
+            pos = (pos[:, -1:] + 1).astype(np.int64)
+            new = np.ones(rows, np.int64)
+        return {"rows": rows, "prompt_tokens": plen, "decode_steps": steps, "compared": total,
+                "top1_agreement": agree / total, "disagreements_within_2pct_of_max_logit_gap": ties,
+                "logits_rel_error_median": float(np.median(rel)), "logits_rel_error_max": float(np.max(rel))}
+
+    def fusions(self) -> dict:
+        import collections
+
+        import onnx
+
+        from ember.runtime.cuda_session import CudaStepSession
+
+        out = {}
+        for name in ("llama-tiny-fp16",):
+            f = self.art / name
+            opt = str(self.out / f"{name}.opt.onnx")
+            s = CudaStepSession(f / "step.onnx", 2, optimized_model_path=opt)
+            out[name] = dict(collections.Counter(n.op_type for n in onnx.load(opt).graph.node).most_common())
+            del s
+            os.remove(opt)
+        return out
+
+    def roofline(self) -> dict:
+        import torch
+
+        from ember.compiler.manifest import read_manifest
+        from ember.runtime.cuda_session import CudaStepSession, DeviceExecutor, make_cuda_executor
+
+        f = self._folder("fp16")
+        m = read_manifest(f)
+        bw = getattr(self, "bw", None) or gpu_roofline.copy_bandwidth()["bytes_per_s"]
+        batches = self.a.batches
+        ex = make_cuda_executor(f, m, m.part("step"), "cuda:0", max(batches), m.model["config"]["max_positions"],
+                                cuda_graph=False)
+        rows = gpu_roofline.roofline(ex, m, f, batches, self.a.live, bw, steps=self.a.steps)
+        res = {"bandwidth": bw, "device": torch.cuda.get_device_name(0), "rows": rows}
+        # CUDA graphs: a second session over the same pool, decode replayed from captured graphs.
+        g = CudaStepSession(f / m.part("step").file, m.model["config"]["num_layers"], cuda_graph=True)
+        res["cuda_graph_status"] = g.cuda_graph_status
+        if g.cuda_graph_status == "on":
+            gex = DeviceExecutor(g, ex.pool)
+            res["rows_cuda_graph"] = gpu_roofline.roofline(gex, m, f, batches, self.a.live, bw, steps=self.a.steps)
+        del g
+        self.roof = res
+        return res
+
+    def serving(self) -> dict:
+        try:
+            import serve_gpu  # benchmarks/serve_gpu.py: the GPU arms of the fusion issue's harness
+        except ImportError as e:
+            return {"skipped": f"no serving harness importable ({e})"}
+        return serve_gpu.run(self._folder("fp16"), self.a.model, self.out, small=self.a.small)
+
+    # -- report ----------------------------------------------------------------------------
+    def report(self) -> str:
+        s = self.res["sections"]
+        env = s.get("env", {})
+        lines = [f"# GPU results: {self.a.model} on {env.get('gpu', '?')} ({env.get('nvidia_smi', '')})", "",
+                 f"torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), onnxruntime-gpu {env.get('onnxruntime')}, "
+                 f"{env.get('cpu_count')} CPU cores; run {self.res['started']}", ""]
+        if "bandwidth" in s and s["bandwidth"].get("ok"):
+            lines.append(f"Device-to-device copy: {s['bandwidth']['bytes_per_s'] / 1e12:.2f} TB/s (read + write)\n")
+        c = s.get("correctness", {})
+        if c.get("ok"):
+            lines.append(f"Correctness: CUDA FP32 vs CPU FP32 greedy, {c['prompts']} prompts x {c['new_tokens']} tokens: "
+                         f"{c['identical_sequences']}/{c['prompts']} identical (first divergence per prompt: "
+                         f"{c['first_divergence']})\n")
+        p = s.get("fp16", {})
+        if p.get("ok"):
+            lines.append(f"FP16 vs FP32 next-token top-1 agreement: {p['top1_agreement']:.4f} over {p['compared']} "
+                         f"predictions ({p['disagreements_within_2pct_of_max_logit_gap']} of the disagreements were "
+                         f"near-ties); logits rel. error median {p['logits_rel_error_median']:.2e}, "
+                         f"max {p['logits_rel_error_max']:.2e}\n")
+        r = s.get("roofline", {})
+        if r.get("ok"):
+            lines += [gpu_roofline.markdown(r["rows"], r["bandwidth"], r["device"]), "",
+                      f"CUDA graphs: {r['cuda_graph_status']}", ""]
+            if r.get("rows_cuda_graph"):
+                lines += ["With CUDA graphs:", "", gpu_roofline.markdown(r["rows_cuda_graph"], r["bandwidth"], r["device"]), ""]
+        if s.get("serving", {}).get("markdown"):
+            lines += [s["serving"]["markdown"], ""]
+        for name, sec in s.items():
+            if not sec.get("ok"):
+                lines.append(f"- section {name} FAILED: {sec.get('error')}")
+        return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Ember GPU suite")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--model", default="llama-1b")
+    ap.add_argument("--artifacts", default="/tmp/ember-artifacts")
+    ap.add_argument("--sections", default=",".join(SECTIONS))
+    ap.add_argument("--small", action="store_true", help="smoke run: tiny model, few steps")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 128])
+    ap.add_argument("--live", type=int, default=480)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--correct-prompts", type=int, default=8)
+    ap.add_argument("--correct-tokens", type=int, default=32)
+    ap.add_argument("--fp16-rows", type=int, default=16)
+    ap.add_argument("--fp16-steps", type=int, default=64)
+    a = ap.parse_args()
+    if a.small:
+        a.model, a.live, a.steps, a.correct_tokens, a.fp16_steps = "llama-tiny", 100, 10, 16, 16
+    suite = Suite(a)
+    for name in a.sections.split(","):
+        if name not in SECTIONS:
+            raise SystemExit(f"unknown section {name!r}; choose from {SECTIONS}")
+        suite.run(name, getattr(suite, name))
+    md = suite.report()
+    (suite.out / "gpu_suite.md").write_text(md + "\n")
+    if getattr(suite, "roof", None):
+        try:
+            gpu_roofline.plot(suite.roof["rows"], suite.out / "gpu_roofline.png",
+                              f"{a.model} FP16 decode, {suite.roof['device']}")
+        except Exception:
+            traceback.print_exc()
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

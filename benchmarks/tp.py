@@ -1,0 +1,188 @@
+"""Tensor parallelism on CPU: TP=1 vs TP=2 decode-step time, all-reduce share, serving throughput.
+
+On a 2-core machine, 2 ranks of 1 thread each against 1 process of 2 threads measure the
+*overhead* of the TP machinery (2L+1 gloo all-reduces, one logits gather and one plan
+broadcast per step call) and check correctness (TP=2 tokens == TP=1 tokens); they cannot show
+a speedup -- the ranks share the same two cores and memory bus. Speedup needs one GPU per
+rank (issue 8).
+
+Per model and TP degree, in one run:
+- decode step time at each batch size (slots pre-filled with ``--context`` tokens), through
+  the engine's executor (what one decode iteration costs), and rank 0's time inside the
+  all-reduces, the logits gather and the plan broadcast per step;
+- serving: ``--requests`` requests at once (``--prompt-len`` tokens, ``--new-tokens``
+  greedy tokens each) through the fusion scheduler: total time, output tokens/s, and
+  whether every request's tokens equal TP=1's.
+
+    flock /tmp/ember-bench.lock python benchmarks/tp.py [--models gpt2-124m llama-160m] [--batches 1 16]
+Writes benchmarks/results/tp.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import machine_info, machine_line  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "artifacts" / "bench-tp"
+
+# A LLaMA shape with grouped-query attention (12 query / 4 kv heads), ~160 M parameters,
+# saved as a Hugging Face folder with seeded random weights (there is no built-in of this size).
+LLAMA_160M = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 4,
+              "intermediate_size": 2048, "vocab_size": 32000, "max_position_embeddings": 1024}
+
+
+def model_source(name: str) -> str:
+    if name != "llama-160m":
+        return name
+    folder = WORK / "src-llama-160m"
+    if not (folder / "config.json").exists():
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA_160M, tie_word_embeddings=False))
+        model.save_pretrained(str(folder))
+    return str(folder)
+
+
+def compiled(name: str, tp: int) -> Path:
+    from ember.compiler.compile import CompileOptions, compile_decoder
+
+    out = WORK / f"{name}-tp{tp}"
+    if not (out / "manifest.json").exists():
+        t = time.perf_counter()
+        compile_decoder(model_source(name), out, CompileOptions(tp=tp, quiet=True))
+        print(f"compiled {out.name} in {time.perf_counter() - t:.0f} s", flush=True)
+    return out
+
+
+def step_times(eng, batches: list[int], context: int, steps: int, vocab: int) -> list[dict]:
+    """Decode-step seconds (median) per batch size, through the engine's executor."""
+    ex = eng.executor
+    rng = np.random.default_rng(0)
+    rows = []
+    for b in batches:
+        ids = rng.integers(0, vocab, size=(b, context), dtype=np.int64)
+        pos = np.broadcast_to(np.arange(context, dtype=np.int64), (b, context)).copy()
+        ex.run(0, ids, pos, np.full(b, context, dtype=np.int64))  # prefill the slots
+        times, comm = [], []
+        for s in range(steps + 2):
+            tok = rng.integers(0, vocab, size=(b, 1), dtype=np.int64)
+            p = np.full((b, 1), context + s, dtype=np.int64)
+            if hasattr(ex, "reset_comm_stats"):
+                ex.reset_comm_stats()
+            t = time.perf_counter()
+            ex.run(0, tok, p, np.ones(b, dtype=np.int64))
+            times.append(time.perf_counter() - t)
+            comm.append(ex.comm_stats() if hasattr(ex, "comm_stats") else None)
+        for i in range(b):
+            ex.release(i)
+        ex.maybe_shrink()
+        times, comm = times[2:], comm[2:]  # warm-up
+        row = {"batch": b, "step_ms": 1e3 * float(np.median(times)), "step_ms_min": 1e3 * float(np.min(times))}
+        if comm[0] is not None:
+            row["all_reduce_ms"] = 1e3 * float(np.median([c["all_reduce_s"] for c in comm]))
+            row["all_reduces_per_step"] = comm[0]["all_reduces"]
+            row["gather_ms"] = 1e3 * float(np.median([c["gather_s"] for c in comm]))
+            row["broadcast_ms"] = 1e3 * float(np.median([c["broadcast_s"] for c in comm]))
+        rows.append(row)
+    return rows
+
+
+def serving(eng, requests: int, prompt_len: int, new_tokens: int, vocab: int) -> tuple[dict, list[list[int]]]:
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, vocab, size=prompt_len).tolist() for _ in range(requests)]
+    eng.generate(prompts[:1], max_new_tokens=2, ignore_eos=True)  # warm-up
+    t = time.perf_counter()
+    res = eng.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)
+    total = time.perf_counter() - t
+    n = sum(len(c.token_ids) for c in res)
+    tpot = [c.tpot for c in res if c.tpot is not None]
+    return ({"requests": requests, "total_s": total, "output_tok_s": n / total,
+             "ttft_p50_ms": 1e3 * float(np.median([c.ttft for c in res])),
+             "tpot_p50_ms": 1e3 * float(np.median(tpot)) if tpot else None}, [c.token_ids for c in res])
+
+
+def run_model(name: str, args) -> dict:
+    import ember
+
+    out = {"model": name, "tp": {}}
+    tokens = {}
+    for tp in (1, 2):
+        folder = compiled(name, tp)
+        opts = {"max_batch": max(max(args.batches), args.requests)}
+        if tp == 1:
+            opts["threads"] = args.threads
+        with ember.load(folder, **opts) as eng:
+            vocab = int(eng.config["vocab_size"])
+            layers = int(eng.config["num_layers"])
+            steps = step_times(eng, args.batches, args.context, args.steps, vocab)
+            serve, tokens[tp] = serving(eng, args.requests, args.prompt_len, args.new_tokens, vocab)
+        out["tp"][tp] = {"steps": steps, "serving": serve, "threads_per_rank": args.threads // tp}
+        print(json.dumps({name: {tp: out["tp"][tp]}}), flush=True)
+    out["layers"] = layers
+    out["tokens_equal"] = sum(a == b for a, b in zip(tokens[1], tokens[2]))
+    out["requests"] = args.requests
+    return out
+
+
+def markdown(res: dict) -> str:
+    lines = [f"# Tensor parallelism on CPU: TP=1 vs TP=2", "", f"Machine: {machine_line(res['machine'])}", "",
+             "Two ranks on a 2-core machine share the cores and the memory bus: this measures correctness and "
+             "the overhead of tensor parallelism (gloo all-reduces, logits gather, plan broadcast), not a speedup. "
+             "TP=1 runs one process with 2 ONNX Runtime threads; TP=2 runs 2 processes with 1 thread each.", "",
+             f"Decode step: slots pre-filled with {res['args']['context']} tokens, median of {res['args']['steps']} steps. "
+             "`all-reduce` is rank 0's time inside the 2L+1 all-reduces of one step (it includes waiting for the "
+             "slower rank); `other comm` = logits gather + plan broadcast.", "",
+             "| model | batch | TP=1 step ms | TP=2 step ms | TP=2 / TP=1 | TP=2 all-reduce ms (calls) | per all-reduce µs | other comm ms |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in res["models"]:
+        for s1, s2 in zip(m["tp"][1]["steps"], m["tp"][2]["steps"]):
+            lines.append(f"| {m['model']} | {s1['batch']} | {s1['step_ms']:.2f} | {s2['step_ms']:.2f} | "
+                         f"{s2['step_ms'] / s1['step_ms']:.2f} | {s2['all_reduce_ms']:.2f} ({s2['all_reduces_per_step']}) | "
+                         f"{1e3 * s2['all_reduce_ms'] / s2['all_reduces_per_step']:.0f} | "
+                         f"{s2['gather_ms'] + s2['broadcast_ms']:.2f} |")
+    a = res["args"]
+    lines += ["", f"Serving: {a['requests']} requests at once, {a['prompt_len']}-token prompts, {a['new_tokens']} greedy "
+              "tokens each, through the fusion scheduler.", "",
+              "| model | TP | total s | output tok/s | TTFT p50 ms | TPOT p50 ms | tokens equal to TP=1 |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for m in res["models"]:
+        for tp in (1, 2):
+            s = m["tp"][tp]["serving"]
+            eq = "-" if tp == 1 else f"{m['tokens_equal']}/{m['requests']}"
+            lines.append(f"| {m['model']} | {tp} | {s['total_s']:.2f} | {s['output_tok_s']:.1f} | {s['ttft_p50_ms']:.1f} | "
+                         f"{s['tpot_p50_ms']:.1f} | {eq} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["gpt2-124m", "llama-160m"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    ap.add_argument("--context", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2, help="total ONNX Runtime threads (TP=N: threads/N per rank)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tp"))
+    args = ap.parse_args()
+    res = {"machine": machine_info(), "args": vars(args), "models": [run_model(m, args) for m in args.models]}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(res))
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()

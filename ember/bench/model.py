@@ -1,0 +1,54 @@
+"""One compiled decoder loaded once for every arm of a benchmark run.
+
+Every arm runs on the same ONNX Runtime session (same weights, same threads, one copy of
+the weights in memory): the fused engine, the sequential engine, one engine per request for
+the concurrent-instances arm, and the batch runners of static/dynamic batching.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ember.compiler.manifest import Manifest, read_manifest, verify_files
+from ember.errors import ArtifactError
+from ember.runtime.decoder import DecoderEngine
+from ember.runtime.executor import LocalExecutor
+from ember.runtime.kv_pool import KVPool
+from ember.runtime.scheduler import FusionScheduler
+from ember.runtime.session import StepSession
+
+
+class BenchModel:
+    """A decoder folder's shared step session plus factories for engines and KV pools."""
+
+    def __init__(self, folder: str | os.PathLike, threads: int | None = None):
+        self.folder = Path(folder)
+        self.manifest: Manifest = read_manifest(self.folder)
+        if self.manifest.kind != "decoder":
+            raise ArtifactError(f"{self.folder} holds a {self.manifest.kind} engine; `ember bench serve` needs a decoder")
+        verify_files(self.folder, self.manifest, check_hashes=False)
+        cfg = self.manifest.model["config"]
+        self.config = cfg
+        part = self.manifest.part("step")
+        self.num_layers, self.num_kv_heads = cfg["num_layers"], cfg["num_kv_heads"]
+        self.head_dim = cfg["hidden_size"] // cfg["num_heads"]
+        self.kv_dtype = next(t.dtype for t in part.inputs if t.name == "past_key.0")
+        self.max_positions = int(cfg["max_positions"])
+        self.vocab_size = int(cfg["vocab_size"])
+        self.eos_token_id = cfg.get("eos_token_id")
+        self.threads = threads
+        self.session = StepSession(self.folder / part.file, self.num_layers, threads=threads)
+
+    def pool(self, slots: int) -> KVPool:
+        return KVPool(self.num_layers, self.num_kv_heads, self.head_dim, slots=slots,
+                      max_capacity=self.max_positions, dtype=self.kv_dtype)
+
+    def engine(self, max_batch: int, compaction: str = "min-move", prefill_chunk: int = 128,
+               max_queue: int = 1 << 20) -> DecoderEngine:
+        """A DecoderEngine over the shared session, KV pool of ``max_batch`` full-length slots."""
+        sched = FusionScheduler(max_batch=max_batch, kv_capacity_tokens=max_batch * self.max_positions,
+                                max_seq_len=self.max_positions, prefill_chunk=prefill_chunk,
+                                max_queue=max_queue, compaction=compaction)
+        return DecoderEngine(LocalExecutor(self.session, self.pool(max_batch)), sched, tokenizer=None,
+                             eos_token_id=self.eos_token_id, max_positions=self.max_positions,
+                             config=self.config, manifest=self.manifest)

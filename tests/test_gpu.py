@@ -1,0 +1,120 @@
+"""GPU tier: the ONNX Runtime CUDA runtime against the CPU engine (marked ``gpu``; skipped
+where onnxruntime-gpu or a CUDA device is missing).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import ember
+
+pytestmark = pytest.mark.gpu
+
+
+def _gpu_reason() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return f"onnxruntime {ort.__version__} has no CUDA provider (install onnxruntime-gpu)"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return None
+
+
+REASON = _gpu_reason()
+if REASON:
+    pytest.skip(REASON, allow_module_level=True)
+
+import torch  # noqa: E402
+
+from ember.compiler.compile import CompileOptions, compile_decoder  # noqa: E402
+from ember.compiler.manifest import read_manifest  # noqa: E402
+from ember.runtime.cuda_session import CudaStepSession, DeviceKVPool, make_cuda_executor  # noqa: E402
+from ember.runtime.kv_pool import KVPool  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gpu")
+    out = {}
+    for dtype in ("fp32", "fp16"):
+        out[dtype] = d / dtype
+        compile_decoder("llama-tiny", out[dtype], CompileOptions(dtype=dtype, quiet=True))
+    return out
+
+
+PROMPTS = [[5, 6, 7], list(range(20, 45)), [1], [300, 301, 302, 303, 304, 305, 306, 307, 308]]
+
+
+def test_cuda_fp32_greedy_equals_cpu(folders):
+    with ember.load(folders["fp32"]) as cpu, ember.load(folders["fp32"], device="cuda:0") as gpu:
+        a = cpu.generate(PROMPTS, max_new_tokens=16, ignore_eos=True)
+        b = gpu.generate(PROMPTS, max_new_tokens=16, ignore_eos=True)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+
+
+def test_fp16_top1_agrees_with_fp32(folders):
+    exs = {}
+    for dtype, f in folders.items():
+        m = read_manifest(f)
+        exs[dtype] = make_cuda_executor(f, m, m.part("step"), "cuda:0", 8, 64)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 512, (8, 6)).astype(np.int64)
+    pos = np.tile(np.arange(6, dtype=np.int64), (8, 1))
+    new = np.full(8, 6, np.int64)
+    agree = total = 0
+    for _ in range(16):
+        l32, l16 = exs["fp32"].run(0, ids, pos, new), exs["fp16"].run(0, ids, pos, new)
+        assert np.abs(l16 - l32).max() / np.abs(l32).max() < 2e-2
+        agree += int((l32.argmax(-1) == l16.argmax(-1)).sum())
+        total += 8
+        ids, pos, new = l32.argmax(-1).reshape(8, 1), pos[:, -1:] + 1, np.ones(8, np.int64)
+    assert agree / total >= 0.95
+
+
+def test_device_pool_matches_numpy_pool_on_cuda():
+    rng = np.random.default_rng(1)
+    args = dict(num_layers=2, num_kv_heads=2, head_dim=4, slots=3, max_capacity=100, dtype="float16")
+    ref, dev = KVPool(**args), DeviceKVPool(**args)
+    for t in (5, 1, 1, 30, 1):
+        new = [rng.standard_normal((3, 2, t, 4)).astype(np.float16) for _ in range(4)]
+        lens = np.full(3, t, np.int64)
+        ref.write(0, new, lens)
+        dev.write(0, [torch.from_numpy(a).cuda() for a in new], lens)
+    ref.move(2, 1), dev.move(2, 1)
+    for a, b in zip(ref.k + ref.v, dev.k + dev.v):
+        np.testing.assert_array_equal(a, b.cpu().numpy())
+
+
+def test_cuda_graph_decode_matches_plain(folders):
+    f = folders["fp16"]
+    m = read_manifest(f)
+    g = CudaStepSession(f / "step.onnx", 2, cuda_graph=True)
+    if g.cuda_graph_status != "on":
+        pytest.skip(f"ONNX Runtime refused CUDA graphs for the step graph: {g.cuda_graph_status}")
+    plain = make_cuda_executor(f, m, m.part("step"), "cuda:0", 4, 64)
+    from ember.runtime.cuda_session import DeviceExecutor
+
+    graph = DeviceExecutor(g, DeviceKVPool(2, 2, 16, slots=4, max_capacity=64, dtype="float16"))
+    ids = np.array([[3, 4, 5]] * 4, np.int64)
+    pos = np.tile(np.arange(3, dtype=np.int64), (4, 1))
+    for ex in (plain, graph):
+        ex.run(0, ids, pos, np.full(4, 3, np.int64))
+    for step in range(5):
+        tok = np.full((4, 1), 7 + step, np.int64)
+        p = np.full((4, 1), 3 + step, np.int64)
+        a = plain.run(0, tok, p, np.ones(4, np.int64))
+        b = graph.run(0, tok, p, np.ones(4, np.int64))
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-3)
+
+
+def test_check_runs_the_cuda_backend(folders):
+    from ember.compiler.check import check_folder
+
+    rows = check_folder(folders["fp32"])
+    assert {r.backend for r in rows} == {"onnxruntime-cuda"}
+    assert all(r.ok for r in rows), [r for r in rows if not r.ok]
