@@ -35,6 +35,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gpu_roofline  # noqa: E402
 
 SECTIONS = ["env", "bandwidth", "compile", "correctness", "fp16", "fusions", "roofline", "serving"]
+# FP16 variants measured side by side: ONNX Runtime's default (RMSNorm left to its fused
+# kernel) and TensorRT's (RMSNorm statistics kept in an FP32 island).
+VARIANTS = {"fp16": ("rope",), "fp16-normfp32": ("norm", "rope")}
+
+
+def derive_fp16(src: Path, dst: Path, keep: tuple[str, ...]) -> None:
+    """Write engine folder ``dst``: ``src``'s FP32 step graph through the FP16 pass."""
+    import shutil
+
+    import onnx
+
+    from ember.compiler import manifest as mf
+    from ember.compiler.artifact import atomic_folder, write_manifest
+    from ember.compiler.onnx_io import io_specs
+    from ember.export.onnx_export import save_onnx
+    from ember.passes.fp16 import convert_to_fp16
+
+    m = mf.read_manifest(src)
+    proto = convert_to_fp16(onnx.load(str(src / "step.onnx")), keep_fp32=keep)
+    with atomic_folder(dst) as tmp:
+        files = save_onnx(proto, tmp / "step.onnx")
+        if (src / "tokenizer").exists():
+            shutil.copytree(src / "tokenizer", tmp / "tokenizer")
+        ins, outs = io_specs(proto)
+        rec = mf.file_record(tmp, "step.onnx")
+        m.parts = [mf.EnginePart(name="step", backend="onnxruntime", file="step.onnx", sha256=rec["sha256"],
+                                 size=rec["size"], inputs=ins, outputs=outs,
+                                 external_data=[mf.file_record(tmp, f) for f in files if f != "step.onnx"],
+                                 extra={"dtype": "fp16", "keep_fp32": list(keep)})]
+        m.extra = {**m.extra, "dtype": "fp16", "derived_from": str(src)}
+        write_manifest(tmp, m)
 
 
 class Suite:
@@ -80,20 +111,24 @@ class Suite:
         return r
 
     def compile(self) -> dict:
+        """FP32 through ``compile_decoder``; the FP16 variants from its graph (same pass as
+        ``ember compile --dtype fp16``, without exporting the model again)."""
         from ember.compiler.compile import CompileOptions, compile_decoder
 
         out = {}
-        for dtype in ("fp32", "fp16"):
+        for model in (self.a.model, "llama-tiny"):
             t = time.perf_counter()
-            folder = self.art / f"{self.a.model}-{dtype}"
-            if not (folder / "manifest.json").exists():
-                compile_decoder(self.a.model, folder, CompileOptions(dtype=dtype, seed=0, validate=dtype == "fp32",
-                                                                     quiet=True))
-            out[dtype] = {"folder": str(folder), "seconds": round(time.perf_counter() - t, 1)}
-        tiny = self.art / "llama-tiny-fp16"
-        if not (tiny / "manifest.json").exists():
-            compile_decoder("llama-tiny", tiny, CompileOptions(dtype="fp16", quiet=True))
-        return out
+            f32 = self.art / f"{model}-fp32"
+            if not (f32 / "manifest.json").exists():
+                compile_decoder(model, f32, CompileOptions(dtype="fp32", seed=0, quiet=True))
+            out[f"{model}-fp32"] = round(time.perf_counter() - t, 1)
+            for variant, keep in VARIANTS.items():
+                t = time.perf_counter()
+                dst = self.art / f"{model}-{variant}"
+                if not (dst / "manifest.json").exists():
+                    derive_fp16(f32, dst, keep)
+                out[f"{model}-{variant}"] = round(time.perf_counter() - t, 1)
+        return {"seconds_per_folder": out, "variants": {k: list(v) for k, v in VARIANTS.items()}}
 
     def _folder(self, dtype: str) -> Path:
         return self.art / f"{self.a.model}-{dtype}"
@@ -118,39 +153,47 @@ class Suite:
                 "first_divergence": first_diff, "all_identical": all(same)}
 
     def fp16(self) -> dict:
+        """Top-1 agreement of each FP16 variant with FP32, teacher-forced on FP32's greedy tokens."""
         from ember.compiler.manifest import read_manifest
         from ember.runtime.cuda_session import make_cuda_executor
 
         rows, plen, steps = self.a.fp16_rows, 16, self.a.fp16_steps
         exs = {}
-        for dtype in ("fp32", "fp16"):
-            f = self._folder(dtype)
+        for name in ("fp32", *VARIANTS):
+            f = self._folder(name)
             m = read_manifest(f)
-            exs[dtype] = make_cuda_executor(f, m, m.part("step"), "cuda:0", rows, plen + steps + 1, cuda_graph=False)
+            exs[name] = make_cuda_executor(f, m, m.part("step"), "cuda:0", rows, plen + steps + 1, cuda_graph=False)
         cfg = m.model["config"]
         rng = np.random.default_rng(2)
         ids = rng.integers(0, cfg["vocab_size"], (rows, plen)).astype(np.int64)
         pos = np.tile(np.arange(plen, dtype=np.int64), (rows, 1))
         new = np.full(rows, plen, np.int64)
-        agree, total, ties, rel = 0, 0, 0, []
+        stats = {v: {"agree": 0, "ties": 0, "rel": []} for v in VARIANTS}
+        total = 0
         for step in range(steps + 1):
             l32 = exs["fp32"].run(0, ids, pos, new)
-            l16 = exs["fp16"].run(0, ids, pos, new)
-            a32, a16 = l32.argmax(-1), l16.argmax(-1)
+            a32 = l32.argmax(-1)
             srt = np.sort(l32, axis=-1)
             gap = srt[:, -1] - srt[:, -2]
-            agree += int((a32 == a16).sum())
+            for v in VARIANTS:
+                l16 = exs[v].run(0, ids, pos, new)
+                a16 = l16.argmax(-1)
+                stats[v]["agree"] += int((a32 == a16).sum())
+                stats[v]["ties"] += int(((a32 != a16) & (gap < 2e-2 * np.abs(l32).max(-1))).sum())
+                stats[v]["rel"].append(float(np.abs(l16 - l32).max() / np.abs(l32).max()))
             total += rows
-            ties += int(((a32 != a16) & (gap < 2e-2 * np.abs(l32).max(-1))).sum())
-            rel.append(float(np.abs(l16 - l32).max() / np.abs(l32).max()))
             ids = a32.reshape(rows, 1).astype(np.int64)  # teacher-forced on FP32's greedy tokens
             pos = (pos[:, -1:] + 1).astype(np.int64)
             new = np.ones(rows, np.int64)
+        del exs
         return {"rows": rows, "prompt_tokens": plen, "decode_steps": steps, "compared": total,
-                "top1_agreement": agree / total, "disagreements_within_2pct_of_max_logit_gap": ties,
-                "logits_rel_error_median": float(np.median(rel)), "logits_rel_error_max": float(np.max(rel))}
+                "variants": {v: {"top1_agreement": st["agree"] / total,
+                                 "disagreements_within_2pct_of_max_logit_gap": st["ties"],
+                                 "logits_rel_error_median": float(np.median(st["rel"])),
+                                 "logits_rel_error_max": float(np.max(st["rel"]))} for v, st in stats.items()}}
 
     def fusions(self) -> dict:
+        """Node histogram of each FP16 variant after ONNX Runtime's CUDA optimizer (llama-tiny)."""
         import collections
 
         import onnx
@@ -158,11 +201,11 @@ class Suite:
         from ember.runtime.cuda_session import CudaStepSession
 
         out = {}
-        for name in ("llama-tiny-fp16",):
-            f = self.art / name
-            opt = str(self.out / f"{name}.opt.onnx")
+        for v in VARIANTS:
+            f = self.art / f"llama-tiny-{v}"
+            opt = str(self.out / f"llama-tiny-{v}.opt.onnx")
             s = CudaStepSession(f / "step.onnx", 2, optimized_model_path=opt)
-            out[name] = dict(collections.Counter(n.op_type for n in onnx.load(opt).graph.node).most_common())
+            out[v] = dict(collections.Counter(n.op_type for n in onnx.load(opt).graph.node).most_common())
             del s
             os.remove(opt)
         return out
@@ -188,6 +231,13 @@ class Suite:
             gex = DeviceExecutor(g, ex.pool)
             res["rows_cuda_graph"] = gpu_roofline.roofline(gex, m, f, batches, self.a.live, bw, steps=self.a.steps)
         del g
+        # the FP32-norm variant, same pool, CUDA graphs when available: the cost of the island
+        fv = self._folder("fp16-normfp32")
+        gv = CudaStepSession(fv / "step.onnx", m.model["config"]["num_layers"], cuda_graph=True)
+        res["normfp32_rows"] = gpu_roofline.roofline(DeviceExecutor(gv, ex.pool), m, f, [1, max(batches)], self.a.live, bw,
+                                                     steps=self.a.steps)
+        res["normfp32_cuda_graph_status"] = gv.cuda_graph_status
+        del gv
         self.roof = res
         return res
 
@@ -214,16 +264,26 @@ class Suite:
                          f"{c['first_divergence']})\n")
         p = s.get("fp16", {})
         if p.get("ok"):
-            lines.append(f"FP16 vs FP32 next-token top-1 agreement: {p['top1_agreement']:.4f} over {p['compared']} "
-                         f"predictions ({p['disagreements_within_2pct_of_max_logit_gap']} of the disagreements were "
-                         f"near-ties); logits rel. error median {p['logits_rel_error_median']:.2e}, "
-                         f"max {p['logits_rel_error_max']:.2e}\n")
+            for v, st in p["variants"].items():
+                lines.append(f"FP16 ({v}: FP32 regions {list(VARIANTS[v])}) vs FP32 next-token top-1 agreement: "
+                             f"{st['top1_agreement']:.4f} over {p['compared']} predictions "
+                             f"({st['disagreements_within_2pct_of_max_logit_gap']} of the disagreements were near-ties); "
+                             f"logits rel. error median {st['logits_rel_error_median']:.2e}, "
+                             f"max {st['logits_rel_error_max']:.2e}\n")
         r = s.get("roofline", {})
         if r.get("ok"):
             lines += [gpu_roofline.markdown(r["rows"], r["bandwidth"], r["device"]), "",
                       f"CUDA graphs: {r['cuda_graph_status']}", ""]
             if r.get("rows_cuda_graph"):
                 lines += ["With CUDA graphs:", "", gpu_roofline.markdown(r["rows_cuda_graph"], r["bandwidth"], r["device"]), ""]
+            if r.get("normfp32_rows"):
+                lines += [f"FP16 variant with the RMSNorm FP32 island (CUDA graphs {r['normfp32_cuda_graph_status']}):", "",
+                          gpu_roofline.markdown(r["normfp32_rows"], r["bandwidth"], r["device"]), ""]
+        fu = s.get("fusions", {})
+        if fu.get("ok"):
+            lines.append("ONNX Runtime CUDA-optimized llama-tiny FP16 graphs, node counts: " + "; ".join(
+                f"{v}: {sum(c for k, c in h.items())} nodes ({', '.join(f'{k} {c}' for k, c in list(h.items())[:8])})"
+                for v, h in fu.items() if isinstance(h, dict)) + "\n")
         if s.get("serving", {}).get("markdown"):
             lines += [s["serving"]["markdown"], ""]
         for name, sec in s.items():

@@ -16,7 +16,7 @@ parameters. Every request is classified:
 Checks at the end: zero lost; KV usage and running sequences return to zero; /health 200;
 the server answered every /v1/completions request whose client stayed (its response
 counter lies between sent - disconnected and sent). Bounded: a fixed
-request count per phase and a wall-clock cap. Writes results/load.json and results/load.md.
+request count per phase and a wall-clock cap. Writes results/load.json, .md and .png.
 
     flock /tmp/ember-bench.lock python benchmarks/load.py --folder artifacts/gpt2-124m
 """
@@ -32,6 +32,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -70,8 +71,8 @@ class Plan:
     malformed: float = 0.02
     oversized: float = 0.02
     invalid: float = 0.03
-    max_tokens: tuple[int, int] = (4, 24)
-    prompt_words: tuple[int, int] = (4, 40)
+    max_tokens: tuple[int, int] = (2, 10)
+    prompt_words: tuple[int, int] = (2, 12)
     seed: int = 0
     max_body_bytes: int = 65536
     request_timeout_s: float = 120.0
@@ -115,11 +116,15 @@ class Driver:
 
     async def one(self, client: httpx.AsyncClient, phase: int) -> Outcome:
         r = self.rng
-        u = r.random()
-        p = self.plan
-        kind = ("malformed" if u < p.malformed else "oversized" if u < p.malformed + p.oversized
-                else "invalid" if u < p.malformed + p.oversized + p.invalid
-                else "disconnect" if r.random() < p.disconnect else "normal")
+        u, p = r.random(), self.plan
+        edges = [("disconnect", p.disconnect), ("malformed", p.malformed), ("oversized", p.oversized),
+                 ("invalid", p.invalid)]
+        kind, acc = "normal", 0.0
+        for name, share in edges:  # each kind is its share of all requests
+            acc += share
+            if u < acc:
+                kind = name
+                break
         body, stream = self.body(), r.random() < 0.5
         if kind == "malformed":
             raw = json.dumps(body)[: r.randint(1, 20)].encode()
@@ -322,13 +327,36 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(r: dict, path: Path) -> None:
+    """Latency percentiles of completed requests against concurrent clients (one line each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    clients = [p["clients"] for p in r["phases"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for q in ("p50", "p90", "p99"):
+        ax.plot(clients, [p["latency_s"][q] for p in r["phases"]], marker="o", label=q)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(clients, [str(c) for c in clients])
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("end-to-end latency (s)")
+    ax.set_title(f"ember serve {r['model']}: {r['requests_sent']} requests, {r['plan']['disconnect']:.0%} disconnects")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--folder", default="artifacts/gpt2-124m", help="engine folder to serve")
     ap.add_argument("--url", help="attach to a running server instead (loopback only)")
     ap.add_argument("--phases", default="8:64,16:128,32:256,64:1000", help="clients:requests,... (a ramp)")
     ap.add_argument("--disconnect", type=float, default=0.10, help="fraction of requests the client abandons")
-    ap.add_argument("--max-tokens", default="4:24", help="uniform range of max_tokens")
+    ap.add_argument("--max-tokens", default="2:10", help="uniform range of max_tokens")
     ap.add_argument("--max-duration", type=float, default=900.0, help="wall-clock cap, seconds")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--server-args", default="--max-batch 64 --max-queue 256",
@@ -350,7 +378,9 @@ def main(argv: list[str] | None = None) -> int:
             port = s.getsockname()[1]
         url = f"http://127.0.0.1:{port}"
         t0 = time.perf_counter()
-        proc = start_server(a.folder, port, server_args, Path(a.out).with_suffix(".server.log"))
+        log_path = Path(tempfile.gettempdir()) / f"ember-load-server-{port}.log"
+        proc = start_server(a.folder, port, server_args, log_path)
+        print(f"server log: {log_path}", flush=True)
         print(f"server ready in {time.perf_counter() - t0:.1f} s at {url}", flush=True)
     try:
         driver = Driver(url, plan)
@@ -375,6 +405,10 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     out.with_suffix(".md").write_text(markdown(result))
+    try:
+        plot(result, out.with_suffix(".png"))
+    except ImportError:
+        print("matplotlib missing: no plot", file=sys.stderr)
     print(markdown(result))
     return 0 if result["passed"] else 1
 

@@ -111,6 +111,59 @@ def serving(eng, requests: int, prompt_len: int, new_tokens: int, vocab: int) ->
              "tpot_p50_ms": 1e3 * float(np.median(tpot)) if tpot else None}, [c.token_ids for c in res])
 
 
+def _transport_peer(port: int, tcp_port: int, hidden: int, reps: int) -> None:
+    import datetime
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    s = socket.create_connection(("127.0.0.1", tcp_port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for _ in range(reps):
+        s.recv(hidden * 4, socket.MSG_WAITALL)
+        s.sendall(b"x" * hidden * 4)
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=False, timeout=datetime.timedelta(seconds=60))
+    pg = dist.ProcessGroupGloo(dist.PrefixStore("floor", store), 1, 2, datetime.timedelta(seconds=60))
+    t = torch.zeros(hidden)
+    for _ in range(reps + 20):
+        pg.allreduce([t]).wait()
+
+
+def transport_floor(hidden: int = 768, reps: int = 300) -> dict:
+    """Between two processes: a raw TCP round trip of one hidden vector vs a gloo all-reduce of it (µs)."""
+    import datetime
+    import multiprocessing as mp
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(1)
+    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, timeout=datetime.timedelta(seconds=60), wait_for_workers=False)
+    p = mp.get_context("spawn").Process(target=_transport_peer, args=(store.port, ls.getsockname()[1], hidden, reps))
+    p.start()
+    c, _ = ls.accept()
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        c.sendall(b"x" * hidden * 4)
+        c.recv(hidden * 4, socket.MSG_WAITALL)
+    tcp = (time.perf_counter() - t0) / reps
+    pg = dist.ProcessGroupGloo(dist.PrefixStore("floor", store), 0, 2, datetime.timedelta(seconds=60))
+    t = torch.zeros(hidden)
+    for _ in range(20):
+        pg.allreduce([t]).wait()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        pg.allreduce([t]).wait()
+    gloo = (time.perf_counter() - t0) / reps
+    p.join()
+    return {"hidden": hidden, "tcp_round_trip_us": 1e6 * tcp, "gloo_all_reduce_us": 1e6 * gloo}
+
+
 def run_model(name: str, args) -> dict:
     import ember
 
@@ -122,11 +175,13 @@ def run_model(name: str, args) -> dict:
         if tp == 1:
             opts["threads"] = args.threads
         with ember.load(folder, **opts) as eng:
+            rank_bytes = [sum(p.size for p in eng.manifest.parts if p.extra.get("rank", 0) == r) for r in range(tp)]
             vocab = int(eng.config["vocab_size"])
             layers = int(eng.config["num_layers"])
             steps = step_times(eng, args.batches, args.context, args.steps, vocab)
             serve, tokens[tp] = serving(eng, args.requests, args.prompt_len, args.new_tokens, vocab)
-        out["tp"][tp] = {"steps": steps, "serving": serve, "threads_per_rank": args.threads // tp}
+        out["tp"][tp] = {"steps": steps, "serving": serve, "threads_per_rank": args.threads // tp,
+                         "engine_bytes_per_rank": rank_bytes}
         print(json.dumps({name: {tp: out["tp"][tp]}}), flush=True)
     out["layers"] = layers
     out["tokens_equal"] = sum(a == b for a, b in zip(tokens[1], tokens[2]))
@@ -150,6 +205,15 @@ def markdown(res: dict) -> str:
                          f"{s2['step_ms'] / s1['step_ms']:.2f} | {s2['all_reduce_ms']:.2f} ({s2['all_reduces_per_step']}) | "
                          f"{1e3 * s2['all_reduce_ms'] / s2['all_reduces_per_step']:.0f} | "
                          f"{s2['gather_ms'] + s2['broadcast_ms']:.2f} |")
+    lines += ["", "Engine bytes per rank (TP=2 / TP=1): " + ", ".join(
+        f"{m['model']} {max(m['tp'][2]['engine_bytes_per_rank']) / m['tp'][1]['engine_bytes_per_rank'][0]:.3f}"
+        for m in res["models"]) + " (norms are replicated; GPT-2's tied embedding is stored in both the embed and "
+        "the head segments)."]
+    tr = res["transport"]
+    lines += ["", f"Transport floor, same run, two processes: a raw TCP round trip of one {tr['hidden']}-float vector "
+              f"takes {tr['tcp_round_trip_us']:.0f} µs, a gloo all-reduce of it {tr['gloo_all_reduce_us']:.0f} µs "
+              "(gloo hands each collective to its worker and transport threads; on a loaded 2-core machine each hand-off "
+              "waits for a core)."]
     a = res["args"]
     lines += ["", f"Serving: {a['requests']} requests at once, {a['prompt_len']}-token prompts, {a['new_tokens']} greedy "
               "tokens each, through the fusion scheduler.", "",
@@ -176,7 +240,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="total ONNX Runtime threads (TP=N: threads/N per rank)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tp"))
     args = ap.parse_args()
-    res = {"machine": machine_info(), "args": vars(args), "models": [run_model(m, args) for m in args.models]}
+    res = {"machine": machine_info(), "args": vars(args), "transport": transport_floor(),
+           "models": [run_model(m, args) for m in args.models]}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")

@@ -7,11 +7,10 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-RNG = np.random.default_rng(0)
-
-
-def _w(*shape: int, scale: float = 0.2) -> np.ndarray:
-    return (RNG.standard_normal(shape) * scale).astype(np.float32)
+def _weights(seed: int):
+    """A weight maker with its own generator, so each graph is the same whatever ran before."""
+    rng = np.random.default_rng(seed)
+    return lambda *shape, scale=0.2: (rng.standard_normal(shape) * scale).astype(np.float32)
 
 
 def _model(nodes, inputs, outputs, inits, opset: int = 17) -> onnx.ModelProto:
@@ -24,6 +23,7 @@ def _model(nodes, inputs, outputs, inits, opset: int = 17) -> onnx.ModelProto:
 
 def mlp(opset: int = 17) -> onnx.ModelProto:
     """x [N,16] -> LayerNorm -> MatMul [16,32] + b -> Relu -> MatMul [32,8] -> y [N,8]."""
+    _w = _weights(1)
     inits = {"ln_s": (1 + _w(16, scale=0.1)), "ln_b": _w(16, scale=0.1), "w1": _w(16, 32), "b1": _w(32),
              "w2": _w(32, 8)}
     nodes = [h.make_node("LayerNormalization", ["x", "ln_s", "ln_b"], ["ln"], name="ln", axis=-1),
@@ -35,6 +35,7 @@ def mlp(opset: int = 17) -> onnx.ModelProto:
 
 def gemms() -> onnx.ModelProto:
     """x [N,12] -> Gemm(transB=1, W [20,12]) -> Tanh -> Gemm(transB=0, W [20,6]) -> y [N,6]."""
+    _w = _weights(2)
     inits = {"wa": _w(20, 12), "ba": _w(20), "wb": _w(20, 6)}
     nodes = [h.make_node("Gemm", ["x", "wa", "ba"], ["g1"], name="gemm_tb", transB=1),
              h.make_node("Tanh", ["g1"], ["t1"], name="tanh"),
@@ -46,6 +47,7 @@ def gemms() -> onnx.ModelProto:
 def convs() -> onnx.ModelProto:
     """x [N,3,8,8] -> Conv 3->8 -> Relu -> ConvTranspose 8->4 (stride 2) -> Concat with an
     upsampled x branch -> Conv 7->5 -> y; the last Conv reads a Concat output."""
+    _w = _weights(3)
     inits = {"wc": _w(8, 3, 3, 3), "bc": _w(8), "wt": _w(8, 4, 2, 2), "wc2": _w(5, 7, 3, 3),
              "scales": np.array([1, 1, 2, 2], np.float32)}
     nodes = [h.make_node("Conv", ["x", "wc", "bc"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
@@ -60,6 +62,7 @@ def convs() -> onnx.ModelProto:
 
 def attention() -> onnx.ModelProto:
     """q,k,v [N,4,6]: s = MatMul(q, Transpose(k)) -> Softmax -> MatMul(., v) -> Reshape [N,24] -> MatMul W."""
+    _w = _weights(4)
     inits = {"wo": _w(24, 10), "shape": np.array([0, 24], np.int64)}
     nodes = [h.make_node("Transpose", ["k"], ["kt"], name="kT", perm=[0, 2, 1]),
              h.make_node("MatMul", ["q", "kt"], ["s"], name="qk"),

@@ -85,3 +85,16 @@ def test_bad_inputs_give_clear_errors() -> None:
         cs.uniform_schedule(10, 0)
     with pytest.raises(ConfigError, match="begin at 0"):
         cs.CacheSchedule(10, (1, 4), "dp", 3.0)
+
+
+def test_compile_options_pick_budget_from_interval_or_speedup() -> None:
+    from ember.compiler.diffusion import DiffusionCompileOptions, _schedule
+
+    d = cs.pairwise_l1(_features(1, 50))
+    macs = {"unet_full": 100, "unet_shallow": 10}
+    by_speedup = _schedule(DiffusionCompileOptions(steps=50, cache_speedup=4.0), macs, d)
+    assert by_speedup.method == "dp" and by_speedup.budget == 8  # largest K with K + (50-K)*0.1 <= 12.5
+    uni = _schedule(DiffusionCompileOptions(steps=50, cache_interval=5, schedule="uniform"), macs, None)
+    assert uni.full_steps == tuple(range(0, 50, 5))
+    none = _schedule(DiffusionCompileOptions(steps=50), macs, None)
+    assert none.method == "none" and none.budget == 50

@@ -70,3 +70,20 @@ def test_parse_device():
     assert parse_device("cuda") == 0 and parse_device("cuda:3") == 3
     with pytest.raises(InputError, match="cuda:N"):
         parse_device("gpu0")
+
+
+def test_stacked_write_matches_list_write():
+    """Sessions hand the pool one [L, 2, B, Hkv, T, D] buffer; it must land like the 2L arrays."""
+    from ember.runtime.cuda_session import KVList
+
+    rng = np.random.default_rng(2)
+    ref, dev = _pair()
+    for t in (6, 1, 1, 3):
+        stacked = torch.from_numpy(rng.standard_normal((2, 2, 3, 2, t, 3)).astype(np.float32))
+        lens = np.array([t, max(t - 1, 1), t], np.int64)
+        arrays = [stacked[l, j].numpy() for l in range(2) for j in (0, 1)]
+        ref.write(0, arrays, lens)
+        new = KVList(stacked[l, j] for l in range(2) for j in (0, 1))
+        new.stacked = stacked
+        dev.write(0, new, lens)
+    _same(ref, dev)

@@ -65,12 +65,12 @@ def test_smoothquant_reduces_error_with_outlier_channels():
     m = mlp()
     ln_scale = next(t for t in m.graph.initializer if t.name == "ln_s")
     value = onnx.numpy_helper.to_array(ln_scale).copy()
-    value[[3, 11]] = 40.0  # two outlier channels, as in LLM activations
+    value[[3, 11]] = 150.0  # two outlier channels, as in LLM activations
     ln_scale.CopyFrom(onnx.numpy_helper.from_array(value, "ln_s"))
     calib, held = feeds(m, 4), feeds(m, 3, seed=11)
     errors = {}
     for alpha in (None, 0.5):
-        q, _ = quantize_model(m, calib, QuantOptions(reduce_range=RR, smoothquant_alpha=alpha))
+        q, _ = quantize_model(m, calib, QuantOptions(reduce_range=RR, smoothquant_alpha=alpha, exclude_names=("fc2",)))
         errors[alpha] = accuracy_report(m, q, held)["max_rel_error"]
     assert errors[0.5] < 0.7 * errors[None], errors
 

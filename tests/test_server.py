@@ -30,12 +30,8 @@ LONG = {"max_tokens": 200, "ignore_eos": True, "temperature": 0}  # the longest 
 
 
 @pytest.fixture(scope="session")
-def tiny_folder(tmp_path_factory) -> Path:
-    from ember.compiler.compile import CompileOptions, compile_decoder
-
-    out = tmp_path_factory.mktemp("server") / "gpt2-tiny"
-    compile_decoder("gpt2-tiny", out, CompileOptions(quiet=True))
-    return out
+def tiny_folder(gpt2_tiny) -> Path:
+    return gpt2_tiny  # conftest.py's session-wide compiled gpt2-tiny
 
 
 @pytest.fixture(scope="session")
@@ -128,7 +124,7 @@ def tight(tiny_folder):
     s.stop()
 
 
-def complete(url: str, body: dict, headers: dict | None = None, timeout: float = 60) -> httpx.Response:
+def complete(url: str, body: dict, headers: dict | None = None, timeout: float | httpx.Timeout = 60) -> httpx.Response:
     return httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=timeout)
 
 
@@ -171,9 +167,22 @@ def test_streaming_equals_non_streaming_greedy(plain, prompt):
     assert events[-1] == "[DONE]"
     chunks = [e for e in events[:-1] if e["choices"]]
     assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+    assert sum(c["choices"][0]["finish_reason"] is None for c in chunks) >= 24  # a chunk per token
     assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"] == "length"
     assert events[-2]["usage"] == whole["usage"]
     assert len({e["id"] for e in events[:-1]}) == 1
+
+
+def test_stop_string_stream_equals_whole(plain):
+    body = {"prompt": "Stop somewhere", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    free = complete(plain.url, body).json()["choices"][0]["text"]
+    stop = free[len(free) // 2: len(free) // 2 + 3]
+    assert len(stop) == 3, free
+    whole = complete(plain.url, {**body, "stop": [stop]}).json()["choices"][0]
+    assert whole["finish_reason"] == "stop" and stop not in whole["text"] and free.startswith(whole["text"])
+    events = stream_events(plain.url, "/v1/completions", {**body, "stop": [stop]})
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == whole["text"]
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
 
 
 def test_chat_completions_stream_and_whole_agree(plain):
@@ -282,7 +291,7 @@ def test_disconnect_mid_stream_cancels_and_frees_kv(plain):
 def test_disconnect_while_waiting_non_streaming_frees_kv(plain):
     before = plain.wait_idle()
     with pytest.raises(httpx.TimeoutException):
-        complete(plain.url, {"prompt": "waiting for the answer", **LONG}, timeout=0.02)
+        complete(plain.url, {"prompt": "waiting for the answer", **LONG}, timeout=httpx.Timeout(10, read=0.05))
     after = plain.wait_idle()
     assert after["ember_client_disconnects_total"] == before["ember_client_disconnects_total"] + 1
     assert complete(plain.url, {"prompt": "next", "max_tokens": 2}).status_code == 200
@@ -350,9 +359,16 @@ def test_sigterm_deadline_cancels_what_is_left(tiny_folder):
     s = Server(tiny_folder, "--max-batch", "1", "--max-queue", "64", "--drain-timeout", "0.5")
     try:
         def run(i: int) -> str:
+            body = {"prompt": f"backlog {i}", **LONG}
             try:
-                r = complete(s.url, {"prompt": f"backlog {i}", **LONG}, timeout=60)
-                return str(r.status_code)
+                if i % 2 == 0:
+                    return str(complete(s.url, body, timeout=60).status_code)
+                with httpx.stream("POST", s.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+                    if r.status_code != 200:  # e.g. 503: it arrived after SIGTERM
+                        return str(r.status_code)
+                    events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+                assert events[-1] == "[DONE]"
+                return "error event" if "error" in json.loads(events[-2]) else "200"
             except httpx.TransportError as e:
                 return type(e).__name__
         with ThreadPoolExecutor(24) as pool:
@@ -368,7 +384,8 @@ def test_sigterm_deadline_cancels_what_is_left(tiny_folder):
             outcomes = [f.result(timeout=30) for f in futs]
         assert exit_s < 5, exit_s
         assert "200" in outcomes, outcomes  # some finished inside the deadline
-        assert "503" in outcomes and set(outcomes) <= {"200", "503"}, outcomes  # the rest: cancelled, told so
+        # The rest were cancelled and told so: 503 for plain requests, an error event for streams.
+        assert "503" in outcomes and "error event" in outcomes and set(outcomes) <= {"200", "503", "error event"}, outcomes
         log = s.output()
         assert "drain deadline (0.5 s) passed: cancelled" in log and "Traceback" not in log, log
     finally:
@@ -382,3 +399,39 @@ def test_load_failure_exits_nonzero(tmp_path):
     p = subprocess.run([sys.executable, "-m", "ember.server", str(bad), "--port", str(free_port())],
                        capture_output=True, text=True, timeout=60, env=env)
     assert p.returncode == 1 and "failed to load" in p.stderr, p.stderr[-2000:]
+
+
+# -- images ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def image_server(tmp_path_factory):
+    from ember.compiler.diffusion import DiffusionCompileOptions, compile_diffusion
+
+    out = tmp_path_factory.mktemp("server-sd") / "sd-tiny"
+    compile_diffusion("sd-tiny", out, DiffusionCompileOptions(steps=4, validate=False, quiet=True))
+    s = Server(out, "--max-queue", "4")
+    yield s
+    s.stop()
+
+
+def test_image_generation_returns_pngs(image_server):
+    import base64
+    import io
+
+    from PIL import Image
+
+    url = image_server.url
+    assert httpx.get(url + "/health").json()["kind"] == "diffusion"
+    body = {"prompt": "a red cube", "n": 2, "num_inference_steps": 4, "seed": 3}
+    r = httpx.post(url + "/v1/images/generations", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    images = [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))) for d in r.json()["data"]]
+    assert len(images) == 2 and images[0].format == "PNG" and images[0].size[0] == images[0].size[1] >= 8
+    again = httpx.post(url + "/v1/images/generations", json=body, timeout=120).json()
+    assert again["data"][0]["b64_json"] == r.json()["data"][0]["b64_json"]  # seeded: reproducible
+    for bad, fragment in [({"prompt": "x", "size": "1000x1000"}, "compiled for"), ({"prompt": ""}, "'prompt'"),
+                          ({"prompt": "x", "n": 9}, "'n'"), ({"prompt": "x", "response_format": "url"}, "response_format")]:
+        r = httpx.post(url + "/v1/images/generations", json=bad, timeout=60)
+        assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
+    r = complete(url, {"prompt": "text please"})
+    assert r.status_code == 400 and "images/generations" in r.json()["error"]["message"]

@@ -96,3 +96,37 @@ def test_failed_rank_ends_run_with_named_error(tp2_folders, sig, expect):
         if sig == signal.SIGSTOP:
             os.kill(pid, signal.SIGKILL)
         eng.close()
+
+
+_TORCHRUN_SCRIPT = """
+import json, sys
+import ember
+eng = ember.load(sys.argv[1], timeout_s=20)  # ranks != 0 serve inside ember.load and exit there
+res = eng.generate(json.loads(sys.argv[2]), max_new_tokens=int(sys.argv[3]), ignore_eos=True)
+print("TOKENS " + json.dumps([c.token_ids for c in res]), flush=True)
+eng.close()
+"""
+
+
+def test_torchrun_launch(tp2_folders, llama_tiny, tmp_path):
+    """The same engine under `torchrun` (the multi-node launcher): rank 0 prints, rank 1 exits 0."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "tp_torchrun.py"
+    script.write_text(_TORCHRUN_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+         str(script), str(tp2_folders["llama-tiny"]), json.dumps(PROMPTS[:2]), str(LENGTHS[0])],
+        capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("TOKENS ")]
+    assert len(lines) == 1  # only rank 0 returns an engine
+    with ember.load(llama_tiny) as eng:
+        ref = [c.token_ids for c in eng.generate(PROMPTS[:2], max_new_tokens=LENGTHS[0], ignore_eos=True)]
+    assert json.loads(lines[0][len("TOKENS "):]) == ref

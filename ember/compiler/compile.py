@@ -88,9 +88,9 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
         quant_info = None
         if options.dtype == "fp16":
             with log.stage("converting to FP16"):
-                from ember.passes.fp16 import convert_to_fp16
+                from ember.passes.fp16 import convert_to_fp16, default_keep_fp32
 
-                proto = convert_to_fp16(proto)
+                proto = convert_to_fp16(proto, keep_fp32=default_keep_fp32(options.backend))
         if options.quantize:
             with log.stage(f"quantizing ({options.quantize}, calibration {options.calib_method})"):
                 from ember.compiler.quantize_step import quantize_step_graph
@@ -142,8 +142,14 @@ def _build_part(folder: Path, name: str, onnx_path: Path, files: list[str], opti
 
         check_loads(onnx_path)
         rec = mf.file_record(folder, onnx_path.name)
+        extra = {"dtype": options.dtype}
+        from ember.passes.quant_graph import ort_disabled_optimizers
+
+        disabled = ort_disabled_optimizers(proto)
+        if disabled:  # Q/DQ graphs: keep ORT from undoing the int8 fusions (see quant_graph)
+            extra["ort_disabled_optimizers"] = disabled
         return mf.EnginePart(name=name, backend="onnxruntime", file=rec["file"], sha256=rec["sha256"], size=rec["size"],
-                             inputs=inputs, outputs=outputs, external_data=ext, extra={"dtype": options.dtype})
+                             inputs=inputs, outputs=outputs, external_data=ext, extra=extra)
     from ember.compiler.backends.tensorrt import build_plan_part
 
     return build_plan_part(folder, name, onnx_path, inputs, outputs, options)

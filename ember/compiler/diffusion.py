@@ -120,12 +120,12 @@ def _validate(src, folder: Path, branch: int, tol: float) -> dict[str, float]:
     return errs
 
 
-def _manifest(folder: Path, src, opts: DiffusionCompileOptions, spec: dict[str, Any], quant: dict | None,
+def _manifest(folder: Path, source: str, src, opts: DiffusionCompileOptions, spec: dict[str, Any], quant: dict | None,
               tables: list[str], dtype: str) -> mf.Manifest:
     parts = [_part(folder, n, dtype if n.startswith("unet") else "fp32") for n in PART_NAMES]
     return mf.Manifest(
         kind="diffusion",
-        model={"family": "stable-diffusion-1", "name": src.name, "config": src.config},
+        model={"family": "stable-diffusion-1", "name": src.name, "source": str(source), "config": src.config},
         parts=parts,
         tokenizer={"file": "tokenizer/tokenizer.json", "max_length": src.max_text_length, "pad_token_id": src.pad_token_id},
         quantization=quant,
@@ -164,7 +164,7 @@ def compile_diffusion(source: str | os.PathLike, out_dir: str | os.PathLike,
             "macs_per_sample": macs, "validation_error": errors, "dec": None,
         }
         spec["cache"] = {**_schedule_stub(opts.steps), "steps": opts.steps}
-        draft = _manifest(tmp, src, opts, spec, None, [], "fp32")
+        draft = _manifest(tmp, str(source), src, opts, spec, None, [], "fp32")
         traj = traj_q = None
         if opts.needs_calibration:
             with log.stage(f"calibrate: {len(opts.calib_prompts)} prompts x {opts.steps} full steps"):
@@ -175,7 +175,7 @@ def compile_diffusion(source: str | os.PathLike, out_dir: str | os.PathLike,
         if opts.quantize:
             with log.stage(f"quantize UNet ({opts.quantize}) on trajectory samples"):
                 quant = _quantize(tmp, opts, traj, cc, qc)
-                draft = _manifest(tmp, src, opts, spec, quant, [], "int8")
+                draft = _manifest(tmp, str(source), src, opts, spec, quant, [], "int8")
                 use_q = opts.schedule_features in ("quantized", "auto") and (opts.dec or opts.schedule == "dp") and opts.caching
                 if use_q:
                     pipe = DiffusionPipeline(tmp, draft, threads=opts.threads)
@@ -195,7 +195,7 @@ def compile_diffusion(source: str | os.PathLike, out_dir: str | os.PathLike,
             with log.stage("fit decoupled error correction"):
                 _fit_dec(tmp, feats, sched, float_shallow, bool(opts.quantize), opts, cc, qc, spec)
                 tables.append("dec.npz")
-        m = _manifest(tmp, src, opts, spec, quant, tables, "int8" if opts.quantize else "fp32")
+        m = _manifest(tmp, str(source), src, opts, spec, quant, tables, "int8" if opts.quantize else "fp32")
         write_manifest(tmp, m)
     return m
 

@@ -92,7 +92,8 @@ def compile_tp(src, tmp_folder: Path, options, log: StageLog) -> list[mf.EngineP
                 if options.dtype == "fp16":
                     from ember.passes.fp16 import convert_to_fp16
 
-                    save_onnx(convert_to_fp16(onnx.load(str(path))), path)
+                    # logits stay float32 (as the TP=1 step graph's); partials/hidden/K/V go FP16
+                    save_onnx(convert_to_fp16(onnx.load(str(path)), fp32_outputs=("logits_shard",)), path)
                 names.append(path.relative_to(tmp_folder).as_posix())
             rel_paths.append(names)
     if options.validate:
@@ -192,12 +193,14 @@ def check_tp_against_torch(model: torch.nn.Module, cfg: DecoderConfig, folder: P
                     f[inp.name] = np.ascontiguousarray(full_kv[layer][:, kvh:kvh + layout.kv_heads])
                 else:
                     f[inp.name] = hidden if inp.name == "hidden" else feeds[inp.name]
+                if inp.type == "tensor(float16)":  # --dtype fp16 segments
+                    f[inp.name] = f[inp.name].astype(np.float16)
             res = s.run(None, f)
             names = [o.name for o in s.get_outputs()]
             for n, a in zip(names, res):
                 if n.startswith(("new_key.", "new_value.")):
                     layer = int(n.split(".")[1]) * 2 + n.startswith("new_value")
-                    got_kv[layer][r] = a
+                    got_kv[layer][r] = a.astype(np.float32)
             outs.append(res[0].astype(np.float32))
         if names[0] == "logits_shard":
             logits = np.concatenate(outs, axis=-1)[:, : cfg.vocab_size]
@@ -215,12 +218,3 @@ def check_tp_against_torch(model: torch.nn.Module, cfg: DecoderConfig, folder: P
         worst = max(worst, float(np.max(np.abs(r_ - g_))) / max(float(np.max(np.abs(r_))), 1e-12))
     return worst
 
-
-def rank_weight_bytes(folder: Path, manifest: mf.Manifest, rank: int) -> int:
-    """Bytes of initializers (weights) in ``rank``'s segment files."""
-    total = 0
-    for p in manifest.parts:
-        if p.extra.get("rank") == rank:
-            proto = onnx.load(str(Path(folder) / p.file))
-            total += sum(onnx.numpy_helper.to_array(t).nbytes for t in proto.graph.initializer)
-    return total

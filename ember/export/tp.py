@@ -26,6 +26,7 @@ when they divide N (each rank's query heads then share one kv head); otherwise C
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 
 import torch
@@ -114,8 +115,6 @@ def _linear(w: torch.Tensor, b: torch.Tensor | None) -> nn.Linear:
 
 
 def _clone(m: nn.Module) -> nn.Module:
-    import copy
-
     return copy.deepcopy(m)
 
 

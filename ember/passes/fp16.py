@@ -7,7 +7,7 @@ Contract: rewrites ``model`` **in place** and returns it. Every float32 tensor b
    the square (``Pow(x, 2)`` / ``Mul(x, x)``) feeding it, the scalar chain after it
    (``Add eps``, ``Sqrt``, ``Reciprocal``, ``Div(c, .)``), and, when the square's input x is
    known, the ``x * rstd`` that applies it and a following ``* weight``. ``x*x`` overflows
-   FP16 once |x| > 256. On by default.
+   FP16 once |x| > 256. On for TensorRT, off for ONNX Runtime (``default_keep_fp32``).
    ONNX ``LayerNormalization`` computes its statistics in float (``stash_type=1``), so it
    needs nothing.
 2. ``rope``: every float computation feeding a ``Cos``/``Sin`` (the rotary angles
@@ -37,7 +37,17 @@ from ember.errors import ConfigError
 from ember.passes.quant_graph import GraphIndex, all_names, unique_name
 
 REGIONS = ("norm", "rope", "softmax", "lm_head")
-DEFAULT_KEEP_FP32 = ("norm", "rope")
+# ONNX Runtime fuses the decomposed RMSNorm into SimplifiedLayerNormalization, which
+# accumulates in float whatever its I/O type; an FP32 island around it only adds two Casts
+# per norm and blocks the residual-add fusion (SkipSimplifiedLayerNormalization). TensorRT's
+# strongly typed networks run the graph's types as written, so plans keep the island.
+DEFAULT_KEEP_FP32 = ("rope",)
+KEEP_FP32_BY_BACKEND = {"onnxruntime": ("rope",), "tensorrt": ("norm", "rope")}
+
+
+def default_keep_fp32(backend: str) -> tuple[str, ...]:
+    """The FP32 regions the FP16 pass keeps for ``backend`` (see KEEP_FP32_BY_BACKEND)."""
+    return KEEP_FP32_BY_BACKEND.get(backend, ("norm", "rope"))
 FP16_MAX = float(np.finfo(np.float16).max)
 
 _REDUCTIONS = frozenset({"ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2"})

@@ -58,11 +58,21 @@ def torch_dtype(np_name: str):
     return getattr(torch, _TORCH_DTYPES[str(np.dtype(np_name))])
 
 
-class DeviceKVPool(KVPool):
-    """``KVPool`` with its per-layer arrays in device memory (PyTorch CUDA tensors).
+class KVList(list):
+    """The new K/V of one step, ``[k0, v0, k1, v1, ...]``, each ``[B,Hkv,T,D]``; when the
+    session wrote them into one buffer ``stacked`` ``[L, 2, B, Hkv, T, D]`` the pool appends
+    them all with one scatter instead of 2L."""
 
-    Lengths stay on the host (the scheduler reads them). Views are contiguous device
-    tensors valid until the next grow/shrink (which reallocates and copies live positions).
+    stacked = None
+
+
+class DeviceKVPool(KVPool):
+    """``KVPool`` in device memory (PyTorch tensors): one buffer ``[L, 2, slots, Hkv, S_cap, D]``
+    whose ``k[l]``/``v[l]`` views have KVPool's per-layer layout, so a slot range is still one
+    contiguous view per layer, while writes, moves and growth touch every layer in one op.
+
+    Lengths stay on the host (the scheduler reads them). Views are valid until the next
+    grow/shrink, which reallocates (``generation`` counts reallocations).
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, slots: int, max_capacity: int,
@@ -70,22 +80,21 @@ class DeviceKVPool(KVPool):
         torch = _torch(need_cuda=device is None)
         self.device = torch.device(device) if device is not None else torch.device("cuda", device_index)
         self.torch_dtype = torch_dtype(dtype)
-        self.generation = 0  # bumped at every reallocation: cached device addresses are stale
+        self.storage = None
+        self.generation = 0
         super().__init__(num_layers, num_kv_heads, head_dim, slots, max_capacity, dtype=dtype, capacity=capacity)
 
     def _resize(self, capacity: int, keep: int | None = None) -> None:
         torch = _torch(need_cuda=False)
         keep = self.capacity if keep is None else keep
         keep = min(keep, capacity, self.capacity)
-        shape = (self.slots, self.num_kv_heads, capacity, self.head_dim)
-        new_k, new_v = [], []
-        for arrays, new in ((self.k, new_k), (self.v, new_v)):
-            for old in arrays or [None] * self.num_layers:
-                a = torch.zeros(shape, dtype=self.torch_dtype, device=self.device)
-                if old is not None and keep:
-                    a[:, :, :keep] = old[:, :, :keep]
-                new.append(a)
-        self.k, self.v, self.capacity = new_k, new_v, capacity
+        new = torch.zeros((self.num_layers, 2, self.slots, self.num_kv_heads, capacity, self.head_dim),
+                          dtype=self.torch_dtype, device=self.device)
+        if self.storage is not None and keep:
+            new[..., :keep, :] = self.storage[..., :keep, :]
+        self.storage, self.capacity = new, capacity
+        self.k = [new[l, 0] for l in range(self.num_layers)]
+        self.v = [new[l, 1] for l in range(self.num_layers)]
         self.generation += 1
 
     def write(self, start: int, new_kv: list, new_lengths: np.ndarray) -> None:
@@ -95,27 +104,25 @@ class DeviceKVPool(KVPool):
         past = self.lengths[start:start + b]
         end = int((past + new_lengths).max()) if b else 0
         self.ensure_capacity(end)
-        t = new_kv[0].shape[2] if new_kv else 0
+        stacked = getattr(new_kv, "stacked", None)
+        if stacked is None:  # [L, 2, B, Hkv, T, D] from a plain list (one copy)
+            stacked = torch.stack([torch.stack(new_kv[2 * l:2 * l + 2]) for l in range(self.num_layers)])
+        t = stacked.shape[4]
         live = np.flatnonzero(new_lengths > 0)
-        if t == 1 and len(live) == b:  # decode: one scatter per array, indices sent once
+        if t == 1 and len(live) == b:  # decode: one scatter for every layer, K and V
             rows = torch.arange(start, start + b, device=self.device)
             cols = torch.from_numpy(past.astype(np.int64)).to(self.device)
-            for l in range(self.num_layers):
-                self.k[l][rows, :, cols, :] = new_kv[2 * l][:, :, 0, :]
-                self.v[l][rows, :, cols, :] = new_kv[2 * l + 1][:, :, 0, :]
+            # advanced indices on dims 2 and 4 (split by a slice) put B first: [B, L, 2, Hkv, D]
+            self.storage[:, :, rows, :, cols, :] = stacked[:, :, :, :, 0, :].permute(2, 0, 1, 3, 4)
         else:
             for r in live:
                 n, p = int(new_lengths[r]), int(past[r])
-                for l in range(self.num_layers):
-                    self.k[l][start + r, :, p:p + n] = new_kv[2 * l][r, :, :n]
-                    self.v[l][start + r, :, p:p + n] = new_kv[2 * l + 1][r, :, :n]
+                self.storage[:, :, start + r, :, p:p + n] = stacked[:, :, r, :, :n]
         self.lengths[start:start + b] += new_lengths
 
     def move(self, src: int, dst: int) -> None:
         n = int(self.lengths[src])
-        for arrays in (self.k, self.v):
-            for a in arrays:
-                a[dst, :, :n] = a[src, :, :n]
+        self.storage[:, :, dst, :, :n] = self.storage[:, :, src, :, :n]
         self.lengths[dst], self.lengths[src] = n, 0
 
 
@@ -195,11 +202,14 @@ class CudaStepSession:
     def _bind_out(self, binding, name: str, t) -> None:
         binding.bind_output(name, "cuda", self.device_index, _np_of(t), list(t.shape), t.data_ptr())
 
-    def _outputs(self, b: int, t: int, kv: list) -> tuple[Any, list]:
+    def _outputs(self, b: int, t: int, kv: list) -> tuple[Any, KVList]:
+        """Output buffers: logits [B,V] and the new K/V as views of one [L, 2, B, Hkv, T, D] buffer."""
         torch = self.torch
         logits = torch.empty((b, self.vocab), dtype=self.logits_dtype, device=self.device)
         hkv, d = kv[0].shape[1], kv[0].shape[3]
-        new = [torch.empty((b, hkv, t, d), dtype=kv[0].dtype, device=self.device) for _ in range(2 * self.num_layers)]
+        stacked = torch.empty((self.num_layers, 2, b, hkv, t, d), dtype=kv[0].dtype, device=self.device)
+        new = KVList(stacked[l, j] for l in range(self.num_layers) for j in (0, 1))
+        new.stacked = stacked
         return logits, new
 
     def run(self, input_ids: np.ndarray, positions: np.ndarray, past_lengths: np.ndarray, new_lengths: np.ndarray,
@@ -227,7 +237,7 @@ class CudaStepSession:
         """Decode through a captured CUDA graph: inputs copied into static buffers, same addresses."""
         torch = self.torch
         b = input_ids.shape[0]
-        key = (b, tuple(int(a.data_ptr()) for a in kv[:1]), tuple(kv[0].shape))
+        key = (b, tuple(int(a.data_ptr()) for a in kv), tuple(kv[0].shape))
         g = self._graphs.get(key)
         if g is None:
             import onnxruntime as ort
@@ -254,7 +264,7 @@ class CudaStepSession:
             dst.copy_(torch.from_numpy(np.ascontiguousarray(src, dtype=np.int64)).reshape(dst.shape))
         self.sess.run_with_iobinding(g["binding"], g["ro"])
         # Static buffers: valid until the next replay, by which time the executor has consumed them.
-        return g["logits"], list(g["new"])
+        return g["logits"], g["new"]
 
     def forget_graphs(self) -> None:
         """Drop captured graphs (their addresses are stale after the KV pool reallocates)."""
@@ -266,6 +276,18 @@ def _np_of(t) -> type:
 
     return {torch.float16: np.float16, torch.float32: np.float32, torch.int64: np.int64, torch.int32: np.int32,
             torch.bool: np.bool_}[t.dtype]
+
+
+def logits_to_host(logits) -> np.ndarray:
+    """Device logits [B,V] -> a float32 host array the caller owns (the step's one transfer).
+
+    Goes through pinned memory (PyTorch caches the blocks), about twice as fast as pageable.
+    """
+    torch = _torch()
+    host = torch.empty(tuple(logits.shape), dtype=torch.float32, pin_memory=True)
+    host.copy_(logits, non_blocking=True)
+    torch.cuda.current_stream(logits.device).synchronize()
+    return host.numpy()
 
 
 class DeviceExecutor:
@@ -295,8 +317,7 @@ class DeviceExecutor:
 
     def run(self, start: int, input_ids: np.ndarray, positions: np.ndarray, new_lengths: np.ndarray) -> np.ndarray:
         """As ``LocalExecutor.run``: logits [B,V] float32 on the host (the one transfer per step)."""
-        logits = self.run_device(start, input_ids, positions, new_lengths)
-        return logits.float().cpu().numpy()
+        return logits_to_host(self.run_device(start, input_ids, positions, new_lengths))
 
     def release(self, slot: int) -> None:
         self.pool.release(slot)

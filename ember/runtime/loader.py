@@ -69,7 +69,8 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
     if device == "cpu":
         from ember.runtime.session import StepSession
 
-        session = StepSession(folder / part.file, layers, threads=threads)
+        session = StepSession(folder / part.file, layers, threads=threads,
+                              disabled_optimizers=part.extra.get("ort_disabled_optimizers"))
     elif device.startswith("cuda"):
         from ember.runtime.cuda_session import make_cuda_executor
 

@@ -20,7 +20,7 @@ def default_threads() -> int:
 
 class StepSession:
     def __init__(self, onnx_path: str | os.PathLike, num_layers: int, threads: int | None = None,
-                 providers: list[str] | None = None):
+                 providers: list[str] | None = None, disabled_optimizers: list[str] | None = None):
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -28,7 +28,9 @@ class StepSession:
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         try:
-            self.sess = ort.InferenceSession(str(onnx_path), so, providers=providers or ["CPUExecutionProvider"])
+            kwargs = {"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {}
+            self.sess = ort.InferenceSession(str(onnx_path), so, providers=providers or ["CPUExecutionProvider"],
+                                             **kwargs)
         except Exception as e:  # ORT's own exception types
             raise ArtifactError(f"{Path(onnx_path)} could not be loaded by ONNX Runtime ({e}); recompile the folder") from e
         self.num_layers = num_layers

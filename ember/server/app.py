@@ -30,6 +30,7 @@ from ember.server.metrics import ServerMetrics
 log = logging.getLogger("ember.server")
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/images/generations", "/v1/models", "/health", "/metrics")
+METRICS_SAMPLE_S = 1.0
 DRAIN_BODY_FACTOR = 8  # an oversized body up to this many times the limit is read and dropped, so the
 # client sees the 413 instead of a reset connection; beyond that the connection is closed
 
@@ -114,8 +115,7 @@ def create_app(factory: Callable[[], Any], *, model_name: str, folder: str | Pat
     loop_box: list[asyncio.AbstractEventLoop] = []
 
     def cancel_inflight() -> None:
-        service = services.get("decoder")
-        n = service.cancel_inflight() if service is not None else 0
+        n = sum(service.cancel_inflight() for service in services.values())
         if n:
             log.warning("drain deadline (%.1f s) passed: cancelled %d in-flight request(s)", limits.drain_timeout_s, n)
 
@@ -127,11 +127,22 @@ def create_app(factory: Callable[[], Any], *, model_name: str, folder: str | Pat
             loop = loop_box[0]
             loop.call_soon_threadsafe(lambda: loop.call_later(limits.drain_timeout_s, cancel_inflight))
 
+    async def sample_engine_counters() -> None:
+        """Feed the tokens/s and finishes/s windows (Retry-After uses them) without a scraper."""
+        while True:
+            await asyncio.sleep(METRICS_SAMPLE_S)
+            if holder.state == READY and hasattr(holder.engine, "stats"):
+                metrics.sample(holder.engine.stats())
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         loop_box.append(asyncio.get_running_loop())
         holder.start()
+        sampler = asyncio.ensure_future(sample_engine_counters())
         yield
+        sampler.cancel()
+        if "images" in services:
+            services["images"].close()
         holder.close()
 
     app = FastAPI(title="Ember", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)

@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine (passed to ember.load)")
     g.add_argument("--max-batch", type=int, default=None, help="sequences generated together (slots)")
     g.add_argument("--kv-memory", default=None, help="KV-cache memory, bytes or e.g. 512MiB")
-    g.add_argument("--max-queue", type=int, default=None, help="waiting requests before 429")
+    g.add_argument("--max-queue", type=int, default=None, help="waiting requests before 429 (image folders: "
+                                                               "default 8)")
     g.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens per scheduler iteration")
     g.add_argument("--threads", type=int, default=None, help="CPU threads of the backend")
     lim = p.add_argument_group("request limits")
@@ -72,6 +73,7 @@ def run_server(folder: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
     import uvicorn
 
     import ember
+    from ember.compiler.manifest import read_manifest
     from ember.server.app import create_app
 
     folder = Path(folder)
@@ -86,7 +88,12 @@ def run_server(folder: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
         if server is not None:
             server.should_exit = True
 
-    app = create_app(lambda: ember.load(folder, **options), model_name=model_name or folder.name, folder=folder,
+    def load() -> Any:
+        if read_manifest(folder).kind == "diffusion":  # its queue is the server's; it takes threads only
+            return ember.load(folder, **{k: v for k, v in options.items() if k == "threads"})
+        return ember.load(folder, **options)
+
+    app = create_app(load, model_name=model_name or folder.name, folder=folder,
                      api_key=api_key, limits=limits, on_load_failure=on_failure)
 
     class DrainingServer(uvicorn.Server):
@@ -107,7 +114,8 @@ def run_server(folder: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
 
 def run_from_args(args: argparse.Namespace) -> int:
     limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
-                          max_tokens_limit=args.max_tokens_limit, drain_timeout_s=args.drain_timeout)
+                          max_tokens_limit=args.max_tokens_limit, drain_timeout_s=args.drain_timeout,
+                          max_queue=args.max_queue)
     return run_server(args.folder, host=args.host, port=args.port, model_name=args.model_name, api_key=args.api_key,
                       limits=limits, load_options={k: getattr(args, k) for k in LOAD_OPTIONS},
                       log_level=args.log_level, access_log=args.access_log, max_connections=args.max_connections)

@@ -36,6 +36,7 @@ class ServerLimits:
     max_prompt_tokens: int | None = None  # default: max_positions - 1
     max_tokens_limit: int | None = None  # largest max_tokens accepted; default: max_positions - 1
     drain_timeout_s: float = 30.0  # SIGTERM: in-flight requests get this long, then are cancelled
+    max_queue: int | None = None  # image requests waiting (decoders: the engine's own max_queue)
 
 
 class DecoderService:
@@ -89,7 +90,7 @@ class DecoderService:
                                    "or shorten the prompt", param="max_tokens")
         return want
 
-    def submit(self, ids: list[int], req: oa._Sampling, max_tokens: int) -> RequestHandle:
+    def submit(self, ids: list[int], req: oa.SamplingFields, max_tokens: int) -> RequestHandle:
         try:
             params = SamplingParams(**req.sampling_kwargs(max_tokens))
             return self.engine.submit(ids, params)
@@ -143,7 +144,7 @@ class DecoderService:
             raise oa.ApiError(404, f"model {model!r} is not served here; this server serves {self.model_name!r} "
                                    "(GET /v1/models)", param="model", code="model_not_found")
 
-    async def _answer(self, req: oa._Sampling, ids: list[int], max_tokens: int, receive: Receive,
+    async def _answer(self, req: oa.SamplingFields, ids: list[int], max_tokens: int, receive: Receive,
                       chat: bool) -> Response:
         handle = self.submit(ids, req, max_tokens)
         rid = oa.ResponseIds.new("chatcmpl" if chat else "cmpl", self.model_name)
@@ -173,10 +174,9 @@ class DecoderService:
         sent: list[str] = []
         if chat:
             yield sse(oa.chat_chunk(rid, "", role=True))
-        async for ev in handle:
-            if ev.text:
-                sent.append(ev.text)
-                yield chunk(ev.text)
+        async for ev in handle:  # one chunk per token, even when its text is "" (a partial
+            sent.append(ev.text)    # UTF-8 character, or a token the tokenizer cannot spell)
+            yield chunk(ev.text)
         c = handle.result()
         self.metrics.observe_completion(c)
         if c.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):

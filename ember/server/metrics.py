@@ -70,6 +70,7 @@ class ServerMetrics:
         self.ttft = Histogram(TTFT_BUCKETS_S)
         self.tpot = Histogram(TPOT_BUCKETS_S)
         self.e2e = Histogram(E2E_BUCKETS_S)
+        self.image_latency = Histogram(E2E_BUCKETS_S)
         self._window_s = window_s
         self._clock = clock
         self._samples: deque[tuple[float, float, float]] = deque()  # (t, tokens_total, finished_total)
@@ -137,7 +138,8 @@ class ServerMetrics:
         out.append(f"ember_client_disconnects_total {self.disconnects}")
         for name, h, text in [("ember_time_to_first_token_seconds", self.ttft, "Time to first token"),
                               ("ember_time_per_output_token_seconds", self.tpot, "Mean time between output tokens"),
-                              ("ember_request_latency_seconds", self.e2e, "Submit to finish")]:
+                              ("ember_request_latency_seconds", self.e2e, "Submit to finish"),
+                              ("ember_image_request_latency_seconds", self.image_latency, "Image request to answer")]:
             head(name, "histogram", text)
             out.extend(h.lines(name))
         return "\n".join(out) + "\n"

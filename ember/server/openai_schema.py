@@ -40,7 +40,7 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-class _Sampling(BaseModel):
+class SamplingFields(BaseModel):
     """Fields shared by completions and chat completions (OpenAI defaults)."""
 
     model_config = ConfigDict(extra="ignore", strict=False)
@@ -87,7 +87,7 @@ class _Sampling(BaseModel):
                     top_p=self.top_p, seed=self.seed, stop=self.stop_strings(), ignore_eos=self.ignore_eos)
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
@@ -131,7 +131,7 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
-class ChatRequest(_Sampling):
+class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)

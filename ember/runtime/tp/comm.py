@@ -18,7 +18,7 @@ import datetime
 import pickle
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -42,7 +42,6 @@ class CommStats:
     gathers: int = 0
     broadcast_s: float = 0.0
     broadcasts: int = 0
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"all_reduce_s": self.all_reduce_s, "all_reduces": self.all_reduces, "gather_s": self.gather_s,

@@ -78,7 +78,7 @@ class ShardSession:
         new_kv: list[np.ndarray] = []
         logits = None
         for name, sess, inputs, outputs in self.segments:
-            out = sess.run(outputs, {n: feeds[n] for n in inputs})
+            out = sess.run(outputs, {n: feeds[n] for n in inputs})  # hidden arrives in the graphs' dtype
             if name == "head":
                 shards = self.comm.gather_to_first(out[0])
                 if shards is not None:

@@ -1,0 +1,169 @@
+"""The fusion issue's serving harness (ember/bench) on a GPU engine (issue 6, docs/gpu.md).
+
+Every arm runs on one ONNX Runtime CUDA session (one copy of the weights on the card) with
+device-resident KV pools: ``GpuBenchModel`` gives ``ember.bench`` the same two things the
+CPU ``BenchModel`` does -- a step session whose ``run`` returns host logits, and pools --
+so the fused scheduler, static/dynamic batching, concurrent instances and sequential arms
+are the harness's own code. Hugging Face ``generate`` runs the same weights in torch FP16
+on the same GPU (static batches).
+
+Experiments (sizes fit one device call; ``--small`` for a smoke run):
+1. flover: 32 requests at once, 8-token prompts, 512 tokens (ignore EOS): fused vs
+   concurrent instances, static batching, HF generate; sequential capped + extrapolated.
+2. poisson: Poisson arrivals light -> saturating, prompts U[8,128], outputs U[16,256]:
+   fused vs dynamic batching (window 0.25 s) and static batching.
+
+    python benchmarks/serve_gpu.py artifacts/llama-1b-fp16 --out benchmarks/results
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import threading
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ember.bench.model import BenchModel  # noqa: E402
+from ember.compiler.manifest import read_manifest, verify_files  # noqa: E402
+from ember.runtime.cuda_session import CudaStepSession, DeviceKVPool, logits_to_host  # noqa: E402
+
+
+class HostLogitsSession:
+    """A device step session seen as the CPU ``StepSession``: logits come back as host arrays.
+
+    With CUDA graphs on, calls are serialised by a lock (graph capture and replay are not
+    thread-safe; the GPU runs one stream anyway), which only matters to the threaded arm.
+    """
+
+    def __init__(self, device_session: CudaStepSession):
+        self.dev = device_session
+        self._lock = threading.Lock() if device_session.cuda_graph_status == "on" else None
+
+    def run(self, input_ids, positions, past_lengths, new_lengths, kv):
+        if self._lock is None:
+            logits, new = self.dev.run(input_ids, positions, past_lengths, new_lengths, kv)
+            return logits_to_host(logits), new
+        with self._lock:
+            logits, new = self.dev.run(input_ids, positions, past_lengths, new_lengths, kv)
+            return logits_to_host(logits), new
+
+
+class GpuBenchModel(BenchModel):
+    """``BenchModel`` over one CUDA session and device KV pools (no CPU session is built)."""
+
+    def __init__(self, folder, cuda_graph: bool = True):
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        verify_files(self.folder, self.manifest, check_hashes=False)
+        cfg = self.config = self.manifest.model["config"]
+        part = self.manifest.part("step")
+        self.num_layers, self.num_kv_heads = cfg["num_layers"], cfg["num_kv_heads"]
+        self.head_dim = cfg["hidden_size"] // cfg["num_heads"]
+        self.kv_dtype = next(t.dtype for t in part.inputs if t.name == "past_key.0")
+        self.max_positions, self.vocab_size = int(cfg["max_positions"]), int(cfg["vocab_size"])
+        self.eos_token_id, self.threads = cfg.get("eos_token_id"), None
+        self.device_session = CudaStepSession(self.folder / part.file, self.num_layers, cuda_graph=cuda_graph)
+        self.session = HostLogitsSession(self.device_session)
+
+    def pool(self, slots: int) -> DeviceKVPool:
+        return DeviceKVPool(self.num_layers, self.num_kv_heads, self.head_dim, slots=slots,
+                            max_capacity=self.max_positions, dtype=self.kv_dtype)
+
+
+class _OnDevice:
+    """Wraps a CUDA transformers model so the harness's CPU-built batches run on the GPU."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def generate(self, input_ids, attention_mask, stopping_criteria=None, **kw):
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class OnDevice(StoppingCriteria):
+            def __init__(self, inner):
+                self.inner = inner
+
+            def __call__(self, ids, scores, **k):
+                return self.inner(ids, scores, **k).to(ids.device)
+
+        dev = next(self.model.parameters()).device
+        crit = StoppingCriteriaList([OnDevice(c) for c in (stopping_criteria or [])])
+        with torch.inference_mode():
+            return self.model.generate(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev),
+                                       stopping_criteria=crit, **kw)
+
+
+def _install_hf_fp16_builder() -> None:
+    """The harness builds its HF arm through ``hf_arm.build_hf_model`` (float32, CPU); on the
+    GPU the same weights run in FP16 on the card."""
+    from ember.bench import hf_arm
+
+    cpu_build = hf_arm.build_hf_model
+    if getattr(cpu_build, "on_gpu", False):
+        return
+
+    def build(model: BenchModel):
+        return _OnDevice(cpu_build(model).half().cuda())
+
+    build.on_gpu = True
+    hf_arm.build_hf_model = build
+
+
+def run(folder, model_name: str, out: Path, small: bool = False) -> dict:
+    """Run both experiments; writes gpu_serve_*.{json,md} (+ the Poisson plot) under ``out``."""
+    import torch
+
+    from ember.bench import runner
+    from ember.bench.report import markdown, plot
+    from ember.bench.runner import ServeOptions, run_serve
+    from ember.bench.workload import LengthDist, WorkloadSpec
+
+    _install_hf_fp16_builder()
+    model = GpuBenchModel(folder)
+    gpu = torch.cuda.get_device_name(0)
+    base = runner.machine_info
+
+    def machine_info() -> dict:
+        m = base()
+        m["cpu"] = f"{gpu} GPU (onnxruntime-gpu CUDA EP, CUDA graphs {model.device_session.cuda_graph_status}); host {m['cpu']}"
+        return m
+
+    runner.machine_info = machine_info
+    out = Path(out)
+    docs = {}
+    n_tok = 64 if small else 512
+    spec = WorkloadSpec(32, math.inf, LengthDist(8, 8), LengthDist(n_tok, n_tok), seed=0)
+    docs["flover"] = run_serve(model, spec, ["fused", "static", "concurrent", "sequential", "hf"],
+                               ServeOptions(max_batch=32, cap_s=20.0 if not small else 5.0), name="gpu_serve_flover")
+    spec = WorkloadSpec(32, 1.0, LengthDist(8, 128), LengthDist(16, 256), seed=0)
+    rates, sizes = ([4.0, 16.0, 64.0], [32, 64, 128]) if not small else ([8.0, 64.0], [8, 16])
+    docs["poisson"] = run_serve(model, spec, ["fused", "dynamic", "static"], ServeOptions(max_batch=32, window_s=0.25),
+                                rates=rates, sizes=sizes, name="gpu_serve_poisson")
+    md = []
+    for key, doc in docs.items():
+        (out / f"{doc['name']}.json").write_text(json.dumps(doc, indent=1))
+        text = markdown(doc)
+        (out / f"{doc['name']}.md").write_text(text)
+        md.append(text)
+    plot(docs["poisson"], out / "gpu_serve_poisson.png")
+    return {"markdown": "\n".join(md), "summary": {k: [(r["arm"], r["rate"], round(r["total_s"], 2),
+                                                        round(r["output_tok_s"], 1), r["extrapolated"])
+                                                       for r in d["runs"]] for k, d in docs.items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("folder")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--small", action="store_true")
+    a = ap.parse_args()
+    res = run(Path(a.folder), Path(a.folder).name, Path(a.out), a.small)
+    print(res["markdown"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""The fusion scheduler's policy, with no model: compaction plans, admission, prefill budget,
+and the whole engine loop over a fake step function (a fake executor, no ONNX Runtime)."""
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+
+import numpy as np
+import pytest
+
+from ember.errors import InputError, OverloadedError
+from ember.runtime.decoder import DecoderEngine
+from ember.runtime.requests import FinishReason, SamplingParams
+from ember.runtime.scheduler import FusionScheduler, Phase, Sequence, min_move_plan
+
+
+def seq(n_prompt: int, max_new: int = 4, rid: str = "r") -> Sequence:
+    return Sequence(rid, np.arange(1, n_prompt + 1, dtype=np.int64), SamplingParams(max_new_tokens=max_new),
+                    reserved=n_prompt + max_new)
+
+
+def brute_force_min_moves(live: list[bool]) -> int:
+    """Fewest moves that make the live slots contiguous: try every target window."""
+    n, k = len(live), sum(live)
+    if k == 0:
+        return 0
+    return min(sum(1 for i in range(n) if live[i] and not (w <= i < w + k)) for w in range(n - k + 1))
+
+
+# -- min-move compaction ------------------------------------------------------------------------
+@pytest.mark.parametrize("n", range(1, 11))
+def test_min_move_plan_is_optimal_and_compacts(n):
+    for bits in itertools.product([False, True], repeat=n):
+        live = list(bits)
+        moves = min_move_plan(live)
+        assert len(moves) == brute_force_min_moves(live), live
+        after = list(live)
+        for src, dst in moves:
+            assert after[src] and not after[dst], (live, moves)  # live -> free only
+            after[src], after[dst] = False, True
+        idx = [i for i, x in enumerate(after) if x]
+        assert sum(after) == sum(live)
+        assert not idx or idx == list(range(idx[0], idx[0] + len(idx))), (live, moves)
+
+
+def test_min_move_plan_leaves_contiguous_slots_alone():
+    assert min_move_plan([False, True, True, True, False]) == []
+    assert min_move_plan([True, False, False, True, True]) == [(0, 2)]
+
+
+# -- admission --------------------------------------------------------------------------------
+def test_admission_is_fifo_and_bounded_by_slots():
+    s = FusionScheduler(max_batch=2, kv_capacity_tokens=2 * 64, max_seq_len=64)
+    seqs = [seq(3, rid=f"r{i}") for i in range(4)]
+    for q in seqs:
+        s.add(q)
+    plan = s.schedule()
+    assert [q.slot for q in seqs] == [0, 1, None, None]
+    assert [q.phase for q in seqs[:2]] == [Phase.PREFILL] * 2
+    assert list(s.waiting) == seqs[2:]
+    assert [x.seqs for x in plan.prefill] == [[seqs[0], seqs[1]]]
+    s.retire(seqs[0])
+    s.schedule()
+    assert seqs[2].slot is not None and seqs[3].slot is None  # the oldest waiting one goes first
+
+
+def test_bounded_queue_raises_overloaded_and_keeps_queued():
+    s = FusionScheduler(max_batch=1, kv_capacity_tokens=64, max_seq_len=64, max_queue=2)
+    a, b = seq(2, rid="a"), seq(2, rid="b")
+    s.add(a)
+    s.add(b)
+    with pytest.raises(OverloadedError, match="queue is full"):
+        s.add(seq(2, rid="c"))
+    assert list(s.waiting) == [a, b]
+    s.schedule()  # admitting one frees a queue place
+    s.add(seq(2, rid="d"))
+    assert [q.request_id for q in s.waiting] == ["b", "d"]
+
+
+def test_request_longer_than_memory_budget_is_rejected_by_name():
+    s = FusionScheduler(max_batch=4, kv_capacity_tokens=4 * 32, max_seq_len=1024)
+    assert s.max_seq_len == 32
+    with pytest.raises(InputError, match="kv-memory"):
+        s.add(seq(30, max_new=8, rid="too-long"))
+
+
+def test_bad_options_are_rejected():
+    with pytest.raises(InputError, match="compaction"):
+        FusionScheduler(2, 128, 64, compaction="defrag")
+    with pytest.raises(InputError, match="kv-memory"):
+        FusionScheduler(max_batch=64, kv_capacity_tokens=64, max_seq_len=64)
+
+
+def test_cancelled_waiting_request_is_skipped():
+    s = FusionScheduler(max_batch=1, kv_capacity_tokens=64, max_seq_len=64)
+    a, b = seq(2, rid="a"), seq(2, rid="b")
+    s.add(a)
+    s.add(b)
+    a.cancelled = True
+    s.schedule()
+    assert a.slot is None and b.slot == 0
+
+
+# -- chunked prefill --------------------------------------------------------------------------
+def test_prefill_respects_token_budget_and_fifo():
+    s = FusionScheduler(max_batch=4, kv_capacity_tokens=4 * 256, max_seq_len=256, prefill_chunk=10)
+    long_, short = seq(25, rid="long"), seq(4, rid="short")
+    s.add(long_)
+    s.add(short)
+    chunks = []
+    for _ in range(4):
+        plan = s.schedule()
+        total = sum(sum(g.lengths) for g in plan.prefill)
+        assert total <= 10
+        for g in plan.prefill:
+            assert [q.slot for q in g.seqs] == list(range(g.start, g.start + len(g.seqs)))
+            for q, n in zip(g.seqs, g.lengths):
+                chunks.append((q.request_id, n))
+                q.num_cached += n
+                if q.num_cached == len(q.prompt_ids):
+                    q.phase = Phase.DECODE
+    # the long prompt goes first (FIFO) in chunks of 10, the short one gets what is left
+    assert chunks == [("long", 10), ("long", 10), ("long", 5), ("short", 4)]
+    assert long_.phase is short.phase is Phase.DECODE
+
+
+# -- retire / compaction invariants under random traffic -------------------------------------------
+@pytest.mark.parametrize("mode", ["min-move", "holes"])
+def test_random_traffic_invariants(mode):
+    rng = random.Random(0)
+    s = FusionScheduler(max_batch=6, kv_capacity_tokens=6 * 64, max_seq_len=64, prefill_chunk=16, compaction=mode)
+    made = 0
+    for it in range(400):
+        for _ in range(rng.choice([0, 0, 1, 2])):
+            s.add(seq(rng.randint(1, 20), rng.randint(1, 12), rid=f"r{made}"))
+            made += 1
+        plan = s.schedule()
+        occupied = [i for i, q in enumerate(s.slots) if q is not None]
+        for i in occupied:
+            assert s.slots[i].slot == i
+        if mode == "min-move" and occupied:  # live slots are one contiguous range after compaction
+            assert occupied == list(range(occupied[0], occupied[-1] + 1))
+        if mode == "holes":
+            assert plan.moves == []
+        dec = set(map(id, plan.decode_seqs))
+        for q in plan.decode_seqs:
+            assert plan.decode_start <= q.slot < plan.decode_stop and q.phase is Phase.DECODE
+        in_prefill = {id(q) for g in plan.prefill for q in g.seqs}
+        assert not dec & in_prefill
+        # fake execution: advance, finish some
+        for g in plan.prefill:
+            for q, n in zip(g.seqs, g.lengths):
+                q.num_cached += n
+                if q.num_cached == len(q.prompt_ids):
+                    q.phase = Phase.DECODE
+                    q.generated.append(1)
+        for q in plan.decode_seqs:
+            q.generated.append(1)
+            q.num_cached += 1
+        for q in list(s.running):
+            if q.phase is Phase.DECODE and (len(q.generated) >= q.params.max_new_tokens or rng.random() < 0.05):
+                s.retire(q)
+                assert q.slot is None and q.phase is Phase.DONE
+    while s.has_work():  # drain
+        for q in list(s.running):
+            s.retire(q)
+        s.schedule()
+    assert s.running == [] and not s.waiting
+
+
+# -- the whole loop over a fake step function ---------------------------------------------------------
+VOCAB = 97
+
+
+def fake_next_token(tokens: list[int]) -> int:
+    """The fake model: the next token is a hash of the whole prefix (order-sensitive)."""
+    h = 7
+    for t in tokens:
+        h = (h * 31 + t) % 1000003
+    return h % VOCAB
+
+
+class FakeExecutor:
+    """The executor contract over Python lists: slot i holds the tokens whose 'K/V' it stores.
+    ``run`` checks the per-request positions and that no dead row is fed to the model."""
+
+    def __init__(self, slots: int):
+        self.kv: list[list[int]] = [[] for _ in range(slots)]
+        self.rows_computed = 0
+        self.lock = threading.Lock()
+
+    def move(self, moves):
+        for src, dst in moves:
+            self.kv[dst], self.kv[src] = self.kv[src], []
+
+    def run(self, start, input_ids, positions, new_lengths):
+        b = input_ids.shape[0]
+        logits = np.zeros((b, VOCAB), dtype=np.float32)
+        self.rows_computed += b
+        for r in range(b):
+            n = int(new_lengths[r])
+            if n == 0:
+                continue
+            cache = self.kv[start + r]
+            assert list(positions[r, :n]) == list(range(len(cache), len(cache) + n)), "positions are per request"
+            cache.extend(int(t) for t in input_ids[r, :n])
+            logits[r, fake_next_token(cache)] = 1.0
+        return logits
+
+    def release(self, slot):
+        self.kv[slot] = []
+
+    def maybe_shrink(self):
+        pass
+
+    @property
+    def used_tokens(self):
+        return sum(len(c) for c in self.kv)
+
+    def close(self):
+        pass
+
+
+def solo(prompt: list[int], n: int) -> list[int]:
+    toks, out = list(prompt), []
+    for _ in range(n):
+        out.append(fake_next_token(toks))
+        toks.append(out[-1])
+    return out
+
+
+@pytest.mark.parametrize("mode", ["min-move", "holes"])
+def test_engine_loop_over_fake_step_function(mode):
+    slots = 5
+    ex = FakeExecutor(slots)
+    sched = FusionScheduler(max_batch=slots, kv_capacity_tokens=slots * 128, max_seq_len=128, prefill_chunk=7,
+                            compaction=mode)
+    eng = DecoderEngine(ex, sched, eos_token_id=None, max_positions=128, config={"vocab_size": VOCAB})
+    rng = random.Random(1)
+    prompts = [[rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 20))] for _ in range(40)]
+    lengths = [rng.randint(1, 25) for _ in prompts]
+    handles = [eng.submit(p, max_new_tokens=n) for p, n in zip(prompts, lengths)]
+    results = [h.result(timeout=30) for h in handles]
+    for p, n, c in zip(prompts, lengths, results):
+        assert c.finish_reason is FinishReason.LENGTH
+        assert c.token_ids == solo(p, n)
+    st = eng.stats()
+    assert st["kv_used_tokens"] == 0 and st["running"] == 0 and st["queue_depth"] == 0
+    assert st["requests_finished_total"] == len(prompts)
+    if mode == "min-move":
+        assert st["slot_moves_total"] > 0
+    eng.close()
