@@ -276,7 +276,7 @@ def summarize(driver: Driver, phases: list[dict], before: dict, after: dict, hea
         "server_answered_every_request_whose_client_stayed": sent - by_result["disconnected"] <= served <= sent,
     }
     return {
-        "machine": machine(), **info,
+        "machine": machine(), **info, "load_average_1m_end": round(os.getloadavg()[0], 2),
         "requests_sent": sent,
         "by_result": dict(by_result),
         "by_kind_and_result": {f"{k}/{r}": n for (k, r), n in sorted(Counter((o.kind, o.result) for o in outs).items())},
@@ -301,7 +301,9 @@ def markdown(r: dict) -> str:
     def ms(v):
         return "-" if v is None else f"{v * 1000:.0f}"
     lines = [f"# `ember serve` load/fault test: {r['model']}", "",
-             f"Machine: {r['machine']}. Server: `{r['server_args']}`. Seed {r['plan']['seed']}.", "",
+             f"Machine: {r['machine']} (1-min load average {r['load_average_1m_start']} at the start, "
+             f"{r['load_average_1m_end']} at the end: other work shares these cores, so latencies vary between "
+             f"runs; the checks do not). Server: `{r['server_args']}`. Seed {r['plan']['seed']}.", "",
              f"**{r['requests_sent']} requests**, {'PASSED' if r['passed'] else 'FAILED'}: "
              + ", ".join(f"{k} = {v}" for k, v in r["checks"].items()), "",
              "| outcome | requests |", "|---|---|"]
@@ -384,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"server ready in {time.perf_counter() - t0:.1f} s at {url}", flush=True)
     try:
         driver = Driver(url, plan)
+        load_start = round(os.getloadavg()[0], 2)
         before = parse_prometheus(httpx.get(url + "/metrics", timeout=10).text)
         deadline = time.monotonic() + a.max_duration
         done_phases = []
@@ -396,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
         result = summarize(driver, done_phases, before, after, healthy,
                            {"model": model, "server_args": " ".join(server_args) if proc else f"attached to {url}",
-                            "plan": {k: v for k, v in asdict(plan).items() if k != "stats"}})
+                            "plan": {k: v for k, v in asdict(plan).items() if k != "stats"},
+                            "load_average_1m_start": load_start})
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)

@@ -30,20 +30,20 @@ RESULTS = Path(__file__).parent / "results"
 
 def flover(model: BenchModel) -> dict:
     spec = WorkloadSpec(32, math.inf, LengthDist(8, 8), LengthDist(128, 128), seed=0)
-    opts = ServeOptions(max_batch=32, cap_s=40.0)
+    opts = ServeOptions(max_batch=32, cap_s=30.0)
     return run_serve(model, spec, ["fused", "static", "concurrent", "sequential", "hf"], opts, name="serve_flover")
 
 
 def poisson(model: BenchModel) -> dict:
     spec = WorkloadSpec(32, 1.0, LengthDist(8, 128), LengthDist(16, 256), seed=0)
     opts = ServeOptions(max_batch=16, window_s=1.0)
-    return run_serve(model, spec, ["fused", "dynamic", "static"], opts, rates=[0.2, 0.4, 4.0], sizes=[10, 16, 32],
+    return run_serve(model, spec, ["fused", "dynamic", "static"], opts, rates=[0.15, 0.5, 4.0], sizes=[8, 16, 24],
                      name="serve_poisson")
 
 
 def compaction(model: BenchModel) -> dict:
-    spec = WorkloadSpec(24, 4.0, LengthDist(8, 128), LengthDist(16, 512), seed=1)
-    opts = ServeOptions(max_batch=16)
+    spec = WorkloadSpec(16, 4.0, LengthDist(8, 128), LengthDist(16, 512), seed=1)
+    opts = ServeOptions(max_batch=8)
     return run_serve(model, spec, ["fused", "holes"], opts, name="serve_compaction")
 
 

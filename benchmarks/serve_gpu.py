@@ -21,32 +21,26 @@ import argparse
 import json
 import math
 import sys
-import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ember.bench.model import BenchModel  # noqa: E402
 from ember.compiler.manifest import read_manifest, verify_files  # noqa: E402
-from ember.runtime.cuda_session import CudaStepSession, DeviceKVPool, logits_to_host  # noqa: E402
+from ember.runtime.cuda_session import CudaStepSession, DeviceExecutor, DeviceKVPool, logits_to_host  # noqa: E402
+from ember.runtime.decoder import DecoderEngine  # noqa: E402
+from ember.runtime.scheduler import FusionScheduler  # noqa: E402
 
 
 class HostLogitsSession:
-    """A device step session seen as the CPU ``StepSession``: logits come back as host arrays.
-
-    With CUDA graphs on, calls are serialised by a lock (graph capture and replay are not
-    thread-safe; the GPU runs one stream anyway), which only matters to the threaded arm.
-    """
+    """A device step session seen as the CPU ``StepSession`` (logits come back as host arrays),
+    for the harness's batch runners, which drive ``LocalExecutor`` directly."""
 
     def __init__(self, device_session: CudaStepSession):
         self.dev = device_session
-        self._lock = threading.Lock() if device_session.cuda_graph_status == "on" else None
 
     def run(self, input_ids, positions, past_lengths, new_lengths, kv):
-        if self._lock is None:
-            logits, new = self.dev.run(input_ids, positions, past_lengths, new_lengths, kv)
-            return logits_to_host(logits), new
-        with self._lock:
+        with self.dev.lock:
             logits, new = self.dev.run(input_ids, positions, past_lengths, new_lengths, kv)
             return logits_to_host(logits), new
 
@@ -71,6 +65,16 @@ class GpuBenchModel(BenchModel):
     def pool(self, slots: int) -> DeviceKVPool:
         return DeviceKVPool(self.num_layers, self.num_kv_heads, self.head_dim, slots=slots,
                             max_capacity=self.max_positions, dtype=self.kv_dtype)
+
+    def engine(self, max_batch: int, compaction: str = "min-move", prefill_chunk: int = 128,
+               max_queue: int = 1 << 20) -> DecoderEngine:
+        """As ``BenchModel.engine``, on the runtime's GPU executor (what ``ember.load(device=)`` builds)."""
+        sched = FusionScheduler(max_batch=max_batch, kv_capacity_tokens=max_batch * self.max_positions,
+                                max_seq_len=self.max_positions, prefill_chunk=prefill_chunk,
+                                max_queue=max_queue, compaction=compaction)
+        return DecoderEngine(DeviceExecutor(self.device_session, self.pool(max_batch)), sched, tokenizer=None,
+                             eos_token_id=self.eos_token_id, max_positions=self.max_positions,
+                             config=self.config, manifest=self.manifest)
 
 
 class _OnDevice:
@@ -139,7 +143,7 @@ def run(folder, model_name: str, out: Path, small: bool = False) -> dict:
     spec = WorkloadSpec(32, math.inf, LengthDist(8, 8), LengthDist(n_tok, n_tok), seed=0)
     docs["flover"] = run_serve(model, spec, ["fused", "static", "concurrent", "sequential", "hf"],
                                ServeOptions(max_batch=32, cap_s=20.0 if not small else 5.0), name="gpu_serve_flover")
-    spec = WorkloadSpec(32, 1.0, LengthDist(8, 128), LengthDist(16, 256), seed=0)
+    spec = WorkloadSpec(32, 1.0, LengthDist(8, 128), LengthDist(16, 64 if small else 256), seed=0)
     rates, sizes = ([4.0, 16.0, 64.0], [32, 64, 128]) if not small else ([8.0, 64.0], [8, 16])
     docs["poisson"] = run_serve(model, spec, ["fused", "dynamic", "static"], ServeOptions(max_batch=32, window_s=0.25),
                                 rates=rates, sizes=sizes, name="gpu_serve_poisson")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -164,68 +165,81 @@ def transport_floor(hidden: int = 768, reps: int = 300) -> dict:
     return {"hidden": hidden, "tcp_round_trip_us": 1e6 * tcp, "gloo_all_reduce_us": 1e6 * gloo}
 
 
+ARMS = [("tp1-2threads", 1, 2), ("tp1-1thread", 1, 1), ("tp2-1thread", 2, 1)]  # (label, TP, threads per rank)
+
+
 def run_model(name: str, args) -> dict:
     import ember
 
-    out = {"model": name, "tp": {}}
+    out = {"model": name, "arms": {}}
     tokens = {}
-    for tp in (1, 2):
+    for label, tp, threads in ARMS:
         folder = compiled(name, tp)
-        opts = {"max_batch": max(max(args.batches), args.requests)}
-        if tp == 1:
-            opts["threads"] = args.threads
-        with ember.load(folder, **opts) as eng:
+        with ember.load(folder, max_batch=max(max(args.batches), args.requests), threads=threads) as eng:
             rank_bytes = [sum(p.size for p in eng.manifest.parts if p.extra.get("rank", 0) == r) for r in range(tp)]
             vocab = int(eng.config["vocab_size"])
-            layers = int(eng.config["num_layers"])
             steps = step_times(eng, args.batches, args.context, args.steps, vocab)
-            serve, tokens[tp] = serving(eng, args.requests, args.prompt_len, args.new_tokens, vocab)
-        out["tp"][tp] = {"steps": steps, "serving": serve, "threads_per_rank": args.threads // tp,
-                         "engine_bytes_per_rank": rank_bytes}
-        print(json.dumps({name: {tp: out["tp"][tp]}}), flush=True)
-    out["layers"] = layers
-    out["tokens_equal"] = sum(a == b for a, b in zip(tokens[1], tokens[2]))
+            serve, tokens[label] = serving(eng, args.requests, args.prompt_len, args.new_tokens, vocab)
+        out["arms"][label] = {"tp": tp, "threads_per_rank": threads, "steps": steps, "serving": serve,
+                              "engine_bytes_per_rank": rank_bytes,
+                              "tokens_equal_to_tp1": sum(a == b for a, b in zip(tokens[ARMS[0][0]], tokens[label]))}
+        print(json.dumps({name: {label: out["arms"][label]}}), flush=True)
     out["requests"] = args.requests
     return out
 
 
 def markdown(res: dict) -> str:
-    lines = [f"# Tensor parallelism on CPU: TP=1 vs TP=2", "", f"Machine: {machine_line(res['machine'])}", "",
-             "Two ranks on a 2-core machine share the cores and the memory bus: this measures correctness and "
-             "the overhead of tensor parallelism (gloo all-reduces, logits gather, plan broadcast), not a speedup. "
-             "TP=1 runs one process with 2 ONNX Runtime threads; TP=2 runs 2 processes with 1 thread each.", "",
+    m0 = res["machine"]
+    lines = ["# Tensor parallelism on CPU: TP=1 vs TP=2", "", f"Machine: {machine_line(m0)}; load average "
+             f"{m0['load_avg_1m_at_start']} at the start and {res['load_avg_1m_at_end']:.1f} at the end (other jobs "
+             "shared the machine: absolute times are noisy, compare arms of one model within the run).", "",
+             "Two ranks on a 2-core machine share the cores and the memory bus: this shows correctness and the "
+             "overhead of tensor parallelism (gloo all-reduces, logits gather, plan broadcast), not a speedup. "
+             "Arms: one process with 2 ONNX Runtime threads, one process with 1 thread, and TP=2 = 2 processes "
+             "with 1 thread each. Under CPU contention ONNX Runtime's 2-thread pool degrades more than 1-thread "
+             "processes do, which can make TP=2 look faster than TP=1 with 2 threads: compare TP=2 with TP=1 at "
+             "1 thread for the cost of splitting.", "",
              f"Decode step: slots pre-filled with {res['args']['context']} tokens, median of {res['args']['steps']} steps. "
              "`all-reduce` is rank 0's time inside the 2L+1 all-reduces of one step (it includes waiting for the "
              "slower rank); `other comm` = logits gather + plan broadcast.", "",
-             "| model | batch | TP=1 step ms | TP=2 step ms | TP=2 / TP=1 | TP=2 all-reduce ms (calls) | per all-reduce µs | other comm ms |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | batch | TP=1 2 thr ms | TP=1 1 thr ms | TP=2 ms | TP=2 / TP=1 1 thr | TP=2 all-reduce ms (calls) | "
+             "per all-reduce µs | other comm ms |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m in res["models"]:
-        for s1, s2 in zip(m["tp"][1]["steps"], m["tp"][2]["steps"]):
-            lines.append(f"| {m['model']} | {s1['batch']} | {s1['step_ms']:.2f} | {s2['step_ms']:.2f} | "
-                         f"{s2['step_ms'] / s1['step_ms']:.2f} | {s2['all_reduce_ms']:.2f} ({s2['all_reduces_per_step']}) | "
-                         f"{1e3 * s2['all_reduce_ms'] / s2['all_reduces_per_step']:.0f} | "
-                         f"{s2['gather_ms'] + s2['broadcast_ms']:.2f} |")
-    lines += ["", "Engine bytes per rank (TP=2 / TP=1): " + ", ".join(
-        f"{m['model']} {max(m['tp'][2]['engine_bytes_per_rank']) / m['tp'][1]['engine_bytes_per_rank'][0]:.3f}"
+        a2, a1, t2 = (m["arms"][label]["steps"] for label, _, _ in ARMS)
+        for s2, s1, s in zip(a2, a1, t2):
+            lines.append(f"| {m['model']} | {s['batch']} | {s2['step_ms']:.1f} | {s1['step_ms']:.1f} | {s['step_ms']:.1f} | "
+                         f"{s['step_ms'] / s1['step_ms']:.2f} | {s['all_reduce_ms']:.1f} ({s['all_reduces_per_step']}) | "
+                         f"{1e3 * s['all_reduce_ms'] / s['all_reduces_per_step']:.0f} | "
+                         f"{s['gather_ms'] + s['broadcast_ms']:.1f} |")
+    lines += ["", "Engine bytes per rank, TP=2 / TP=1: " + ", ".join(
+        f"{m['model']} {max(m['arms']['tp2-1thread']['engine_bytes_per_rank']) / m['arms']['tp1-1thread']['engine_bytes_per_rank'][0]:.3f}"
         for m in res["models"]) + " (norms are replicated; GPT-2's tied embedding is stored in both the embed and "
         "the head segments)."]
     tr = res["transport"]
     lines += ["", f"Transport floor, same run, two processes: a raw TCP round trip of one {tr['hidden']}-float vector "
               f"takes {tr['tcp_round_trip_us']:.0f} µs, a gloo all-reduce of it {tr['gloo_all_reduce_us']:.0f} µs "
-              "(gloo hands each collective to its worker and transport threads; on a loaded 2-core machine each hand-off "
-              "waits for a core)."]
+              "(each gloo collective goes through its work queue and transport threads; the gap was not isolated "
+              "further). With 2L+1 all-reduces per step this floor, not the split compute, "
+              "decides TP's cost on CPU."]
     a = res["args"]
     lines += ["", f"Serving: {a['requests']} requests at once, {a['prompt_len']}-token prompts, {a['new_tokens']} greedy "
               "tokens each, through the fusion scheduler.", "",
-              "| model | TP | total s | output tok/s | TTFT p50 ms | TPOT p50 ms | tokens equal to TP=1 |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+              "| model | arm | total s | output tok/s | TTFT p50 ms | TPOT p50 ms | requests with tokens equal to TP=1 |",
+              "|---|---|---:|---:|---:|---:|---:|"]
     for m in res["models"]:
-        for tp in (1, 2):
-            s = m["tp"][tp]["serving"]
-            eq = "-" if tp == 1 else f"{m['tokens_equal']}/{m['requests']}"
-            lines.append(f"| {m['model']} | {tp} | {s['total_s']:.2f} | {s['output_tok_s']:.1f} | {s['ttft_p50_ms']:.1f} | "
-                         f"{s['tpot_p50_ms']:.1f} | {eq} |")
+        for label, _, _ in ARMS:
+            arm = m["arms"][label]
+            s = arm["serving"]
+            lines.append(f"| {m['model']} | {label} | {s['total_s']:.2f} | {s['output_tok_s']:.1f} | {s['ttft_p50_ms']:.1f} | "
+                         f"{s['tpot_p50_ms']:.1f} | {arm['tokens_equal_to_tp1']}/{m['requests']} |")
     return "\n".join(lines) + "\n"
+
+
+def render(json_path: str) -> None:
+    """Rewrite the markdown table from a results JSON (no measurement)."""
+    res = json.loads(Path(json_path).read_text())
+    Path(json_path).with_suffix(".md").write_text(markdown(res))
 
 
 def main() -> None:
@@ -237,11 +251,11 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=2, help="total ONNX Runtime threads (TP=N: threads/N per rank)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tp"))
     args = ap.parse_args()
     res = {"machine": machine_info(), "args": vars(args), "transport": transport_floor(),
            "models": [run_model(m, args) for m in args.models]}
+    res["load_avg_1m_at_end"] = os.getloadavg()[0]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")

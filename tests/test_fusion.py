@@ -40,10 +40,17 @@ def alone(eng, cache, prompt: list[int], n: int) -> list[int]:
     return cache[key]
 
 
-@pytest.mark.parametrize("compaction", ["min-move", "holes"])
-def test_fused_tokens_equal_solo_tokens(gpt2_tiny, solo_engine, solo_cache, compaction):
-    reqs = make_requests(120, seed=3)
-    with ember.load(gpt2_tiny, max_batch=6, prefill_chunk=24, compaction=compaction, verify="size") as eng:
+@pytest.mark.parametrize("model,compaction", [("gpt2_tiny", "min-move"), ("gpt2_tiny", "holes"),
+                                               ("llama_tiny", "min-move")])
+def test_fused_tokens_equal_solo_tokens(request, model, compaction):
+    """>= 100 requests, random arrivals and lengths, greedy: each equals its solo run."""
+    folder = request.getfixturevalue(model)
+    reqs = make_requests(120 if model == "gpt2_tiny" else 100, seed=3)
+    solo_cache: dict = {}
+    with ember.load(folder, max_batch=1, verify="size") as solo_engine:
+        for p, n, _ in reqs:
+            alone(solo_engine, solo_cache, p, n)
+    with ember.load(folder, max_batch=6, prefill_chunk=24, compaction=compaction, verify="size") as eng:
         handles = []
         for prompt, n, delay in reqs:  # random arrivals while others are mid-prefill / mid-decode
             time.sleep(delay)
@@ -54,7 +61,7 @@ def test_fused_tokens_equal_solo_tokens(gpt2_tiny, solo_engine, solo_cache, comp
     assert st["iterations_total"] < sum(n for _, n, _ in reqs)  # work was really fused
     if compaction == "min-move":
         assert st["slot_moves_total"] > 0
-    mismatched = [i for i, ((p, n, _), c) in enumerate(zip(reqs, results)) if c.token_ids != alone(solo_engine, solo_cache, p, n)]
+    mismatched = [i for i, ((p, n, _), c) in enumerate(zip(reqs, results)) if c.token_ids != solo_cache[(tuple(p), n)]]
     assert not mismatched, f"{len(mismatched)} of {len(reqs)} requests differ from their solo run: {mismatched[:5]}"
     assert all(c.finish_reason is FinishReason.LENGTH for c in results)
 

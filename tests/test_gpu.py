@@ -50,7 +50,9 @@ def folders(tmp_path_factory):
 PROMPTS = [[5, 6, 7], list(range(20, 45)), [1], [300, 301, 302, 303, 304, 305, 306, 307, 308]]
 
 
-def test_cuda_fp32_greedy_equals_cpu(folders):
+@pytest.mark.parametrize("graphs", ["1", "0"])
+def test_cuda_fp32_greedy_equals_cpu(folders, monkeypatch, graphs):
+    monkeypatch.setenv("EMBER_CUDA_GRAPH", graphs)  # on: padded graph decodes (graph_window)
     with ember.load(folders["fp32"]) as cpu, ember.load(folders["fp32"], device="cuda:0") as gpu:
         a = cpu.generate(PROMPTS, max_new_tokens=16, ignore_eos=True)
         b = gpu.generate(PROMPTS, max_new_tokens=16, ignore_eos=True)

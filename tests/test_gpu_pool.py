@@ -87,3 +87,55 @@ def test_stacked_write_matches_list_write():
         new.stacked = stacked
         dev.write(0, new, lens)
     _same(ref, dev)
+
+
+def test_decode_write_skips_rows_without_new_tokens():
+    ref, dev = _pair()
+    rng = np.random.default_rng(3)
+    new = [rng.standard_normal((4, 2, 1, 3)).astype(np.float32) for _ in range(4)]
+    lens = np.array([1, 0, 1, 0], np.int64)
+    ref.write(0, new, lens)
+    dev.write(0, [torch.from_numpy(a) for a in new], lens)
+    _same(ref, dev)
+
+
+def test_graph_window_buckets():
+    from ember.runtime.cuda_session import graph_window
+
+    assert graph_window(3, 4, 32) == (0, 4)
+    assert graph_window(5, 9, 32) == (0, 16)
+    assert graph_window(0, 1, 32) == (0, 1)
+    assert graph_window(20, 30, 24) == (0, 24)
+
+
+class _FakeGraphSession:
+    """Stands in for a CUDA-graph session: returns logits = row's input id, records the window."""
+
+    cuda_graph_status = "on"
+
+    def __init__(self):
+        self.calls = []
+
+    def run(self, ids, pos, past, new, kv):
+        b, t = ids.shape
+        self.calls.append((b, kv[0].data_ptr()))
+        logits = torch.from_numpy(np.repeat(ids[:, -1:].astype(np.float32), 5, axis=1))
+        stacked = torch.ones((2, 2, b, 2, t, 3))
+        from ember.runtime.cuda_session import KVList
+
+        out = KVList(stacked[l, j] for l in range(2) for j in (0, 1))
+        out.stacked = stacked
+        return logits, out
+
+
+def test_executor_pads_graph_decodes_to_a_bucket_from_slot_zero():
+    from ember.runtime.cuda_session import DeviceExecutor
+
+    _, pool = _pair(slots=8)
+    sess = _FakeGraphSession()
+    ex = DeviceExecutor(sess, pool)
+    pool.lengths[:] = [0, 0, 0, 4, 5, 6, 0, 0]
+    logits = ex.run_device(3, np.array([[7], [8], [9]]), np.array([[4], [5], [6]]), np.ones(3, np.int64))
+    assert sess.calls[-1][0] == 8  # rows [0, 8): bucket of stop=6
+    assert logits[:, 0].tolist() == [7.0, 8.0, 9.0]  # the caller's rows, in order
+    assert pool.lengths.tolist() == [0, 0, 0, 5, 6, 7, 0, 0]  # padding rows kept nothing

@@ -62,10 +62,22 @@ def test_input_model_is_not_modified():
 
 @pytest.mark.parametrize("consumer, axis, channels", [("gemm_tb", 0, 20), ("gemm_n", 1, 6)])
 def test_gemm_weight_axis_follows_transB(consumer, axis, channels):
-    q, _ = _q(gemms())
+    q, _ = _q(gemms(), QuantOptions(reduce_range=RR, gemm_as_matmul=False))
     dq, _, s = _weight_dq(q, consumer)
     assert _axis(dq) == axis and s.shape == (channels,)
     assert validate_qdq(q).ok
+
+
+def test_gemms_become_matmuls_that_ort_fuses(tmp_path):
+    m = gemms()
+    q, rep = _q(m)
+    assert not any(n.op_type == "Gemm" for n in q.graph.node)
+    dq, _, s = _weight_dq(q, "gemm_tb")  # transB=1 folded: stored [K, N], per-channel axis 1
+    assert _axis(dq) == 1 and s.shape == (20,)
+    assert accuracy_report(m, q, feeds(m, 2, seed=5))["max_rel_error"] < 0.05
+    ort_session(q, optimized_path=str(tmp_path / "opt.onnx"))
+    ran = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert ran.count("MatMulIntegerToFloat") == 2, ran
 
 
 def test_conv_axes_and_concat_inputs_share_one_scale():
@@ -83,6 +95,19 @@ def test_conv_axes_and_concat_inputs_share_one_scale():
                    for n in q.graph.node)
     assert validate_qdq(q).ok
     assert accuracy_report(m, q, feeds(m, 2, seed=3))["max_rel_error"] < 0.05
+
+
+def test_conv_outputs_form_runs_as_qlinearconv(tmp_path):
+    m = convs()
+    q, rep = _q(m, QuantOptions(reduce_range=RR, quantize_conv_outputs=True))
+    idx = GraphIndex.build(q.graph)
+    conv1 = next(n for n in q.graph.node if n.name == "conv1")  # read only by the Relu: gets an output Q
+    assert [c.op_type for c in idx.consumers[conv1.output[0]]] == ["QuantizeLinear"]
+    assert validate_qdq(q).ok
+    assert accuracy_report(m, q, feeds(m, 2, seed=3))["max_rel_error"] < 0.06
+    ort_session(q, optimized_path=str(tmp_path / "opt.onnx"))
+    ran = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert "QLinearConv" in ran, ran
 
 
 def test_attention_no_qdq_on_softmax_reshape_transpose_outputs():

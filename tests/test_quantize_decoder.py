@@ -51,6 +51,15 @@ def test_int8_step_graph_matches_float_and_uses_fused_int8_kernels(decoder, tmp_
     json.dumps(rep.to_dict())
 
 
+@pytest.mark.skipif(not RR, reason="this CPU has VNNI: ONNX Runtime's int8 GEMM does not saturate")
+def test_full_range_weights_saturate_ort_avx2_int8_gemm(decoder):
+    """Why reduce_range exists: without VNNI, u8*s8 pair sums overflow int16 in ORT's kernel."""
+    _, model, calib, held = decoder
+    err = {rr: accuracy_report(model, quantize_model(model, calib, QuantOptions(reduce_range=rr))[0], held)["max_rel_error"]
+           for rr in (False, True)}
+    assert err[False] > 2 * err[True], err
+
+
 def test_smoothquant_folds_into_norms_of_decoders(decoder):
     name, model, calib, held = decoder
     q, rep = quantize_model(model, calib, QuantOptions(reduce_range=RR, smoothquant_alpha=0.5))

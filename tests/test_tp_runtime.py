@@ -64,11 +64,13 @@ def test_tp2_tokens_equal_tp1(request, tp2_folders, name):
 def test_idle_engine_outlives_collective_timeout(tp2_folders, gpt2_tiny):
     ref = _reference(gpt2_tiny)[:2]
     with ember.load(tp2_folders["gpt2-tiny"], timeout_s=3) as eng:
-        time.sleep(4.5)  # idle longer than the timeout: keep-alive pings keep the workers waiting
         got = [c.token_ids for c in eng.generate(PROMPTS[:1], max_new_tokens=LENGTHS[0], ignore_eos=True)]
-        time.sleep(4.5)
+        before = eng.executor.comm.stats.broadcasts
+        time.sleep(4.5)  # idle longer than the timeout: keep-alive pings keep the workers waiting
+        pings = eng.executor.comm.stats.broadcasts - before
         got += [c.token_ids for c in eng.generate(PROMPTS[1:2], max_new_tokens=LENGTHS[1], ignore_eos=True)]
     assert got == ref
+    assert pings >= 4  # heartbeat_s = 0.5 s by default at timeout_s=3
 
 
 @pytest.mark.parametrize("sig,expect", [(signal.SIGKILL, "rank 1 exited"), (signal.SIGSTOP, "rank 1 stopped responding")])
@@ -130,3 +132,31 @@ def test_torchrun_launch(tp2_folders, llama_tiny, tmp_path):
     with ember.load(llama_tiny) as eng:
         ref = [c.token_ids for c in eng.generate(PROMPTS[:2], max_new_tokens=LENGTHS[0], ignore_eos=True)]
     assert json.loads(lines[0][len("TOKENS "):]) == ref
+
+
+def test_load_errors_name_the_fix(tp2_folders):
+    from ember.errors import InputError
+
+    with pytest.raises(InputError, match="compiled for 2 ranks"):
+        ember.load(tp2_folders["llama-tiny"], tp=4)
+    with pytest.raises(InputError, match="device 'tpu'"):
+        ember.load(tp2_folders["llama-tiny"], device="tpu")
+
+
+def _gpus() -> int:
+    try:
+        import onnxruntime as ort
+        import torch
+
+        ok = torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
+        return torch.cuda.device_count() if ok else 0
+    except ImportError:
+        return 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpus() < 2, reason="needs 2 CUDA GPUs with torch NCCL and onnxruntime-gpu (issue 8)")
+def test_tp2_on_two_gpus_nccl(tp2_folders, llama_tiny):
+    ref = _reference(llama_tiny)
+    with ember.load(tp2_folders["llama-tiny"], device="cuda", max_batch=3, timeout_s=60) as eng:
+        assert _staggered(eng) == ref

@@ -7,7 +7,6 @@ gap between consecutive tokens of a request. Peak memory is the process RSS, sam
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass, field
 
 import numpy as np

@@ -59,6 +59,10 @@ def export_segment(seg: Segment, cfg: DecoderConfig, layout: TPLayout, path: Pat
     for f in tmp.parent.iterdir():
         if f.name.startswith(tmp.name):
             f.unlink()
+    for out in proto.graph.output:  # the exporter names RoPE'd K's last dim after a node: it is head_dim
+        if out.name.startswith(("new_key.", "new_value.")):
+            dims = out.type.tensor_type.shape.dim
+            dims[1].dim_value, dims[3].dim_value = layout.kv_heads, cfg.head_dim
     save_onnx(proto, path)
 
 

@@ -18,7 +18,10 @@ def accuracy_report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
 
     Per output: ``rel_error`` = ||q - f||_2 / ||f||_2 over all feeds, ``max_abs_error``.
     For ``logits_output`` (last axis = vocabulary): ``top1_agreement`` = fraction of rows whose
-    argmax matches, over ``rows`` rows. ``max_rel_error`` is the worst output's rel_error.
+    argmax matches, over ``rows`` rows; ``top1_agreement_decisive`` = the same over the
+    ``decisive_rows`` whose float top-1/top-2 gap exceeds ``decisive_gap`` = 4 x the rms logit
+    error (near-ties, common in random-weight models, flip under any perturbation of that size).
+    ``max_rel_error`` is the worst output's rel_error.
     """
     if not feeds:
         raise ConfigError("accuracy_report needs at least one held-out feed")
@@ -28,6 +31,8 @@ def accuracy_report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
     ref2 = dict.fromkeys(names, 0.0)
     max_abs = dict.fromkeys(names, 0.0)
     agree = rows = 0
+    gaps: list[np.ndarray] = []
+    hits: list[np.ndarray] = []
     for feed in feeds:
         ref = dict(zip(names, f_sess.run(names, feed)))
         got = dict(zip(names, q_sess.run(names, feed)))
@@ -41,7 +46,11 @@ def accuracy_report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
         if logits_output in ref:
             r = ref[logits_output].reshape(-1, ref[logits_output].shape[-1])
             g = got[logits_output].reshape(r.shape)
-            agree += int(np.sum(np.argmax(r, -1) == np.argmax(g, -1)))
+            hit = np.argmax(r, -1) == np.argmax(g, -1)
+            top2 = np.sort(r, axis=-1)[:, -2:]
+            gaps.append(top2[:, 1] - top2[:, 0])
+            hits.append(hit)
+            agree += int(np.sum(hit))
             rows += r.shape[0]
     outputs = {n: {"rel_error": float(np.sqrt(diff2[n] / ref2[n])) if ref2[n] > 0 else float(np.sqrt(diff2[n])),
                    "max_abs_error": max_abs[n]} for n in names}
@@ -54,6 +63,13 @@ def accuracy_report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
     if rows:
         report["top1_agreement"] = agree / rows
         report["rows"] = rows
+        n_logits = sum(h.size for h in hits) * ref[logits_output].shape[-1]
+        gap = 4.0 * float(np.sqrt(diff2[logits_output] / max(n_logits, 1)))
+        decisive = np.concatenate(gaps) > gap
+        report["decisive_gap"] = gap
+        report["decisive_rows"] = int(decisive.sum())
+        if decisive.any():
+            report["top1_agreement_decisive"] = float(np.concatenate(hits)[decisive].mean())
     return report
 
 
@@ -62,4 +78,7 @@ def format_accuracy(report: dict[str, Any]) -> str:
     line = f"max rel error {report['max_rel_error']:.3%} ({report['worst_output']}) over {report['feeds']} feeds"
     if "top1_agreement" in report:
         line += f"; top-1 agreement {report['top1_agreement']:.2%} over {report['rows']} rows"
+        if "top1_agreement_decisive" in report:
+            line += (f" ({report['top1_agreement_decisive']:.2%} over the {report['decisive_rows']} rows whose float "
+                     f"top-1 leads by > {report['decisive_gap']:.3g})")
     return line

@@ -192,10 +192,12 @@ def ort_disabled_optimizers(model: onnx.ModelProto) -> list[str]:
     CommonSubexpressionElimination merges the per-edge Q/DQ pairs of a tensor read by several
     MatMuls (q/k/v, gate/up) back into one shared DQ, which ORT then cannot fuse into
     MatMulIntegerToFloat (measured on llama-tiny: 5 of 15 fused with it, 15 of 15 without).
+    MatMulAddFusion turns a 2-D DQ->MatMul + bias Add back into a float Gemm that dequantizes
+    its weight every call (see quant_gemm).
     """
     if not any(n.op_type == "DequantizeLinear" for n in model.graph.node):
         return []
-    return ["CommonSubexpressionElimination"] + (list(ORT_FP8_DISABLED_OPTIMIZERS) if has_fp8(model) else [])
+    return ["CommonSubexpressionElimination", "MatMulAddFusion"] + (list(ORT_FP8_DISABLED_OPTIMIZERS) if has_fp8(model) else [])
 
 
 def ort_session(model: onnx.ModelProto, threads: int = 0, optimized_path: str | None = None):

@@ -11,6 +11,9 @@ Rules (DESIGN §6), each referred to below by its number:
   R3 MatMul with two run-time inputs (attention) only when asked; both inputs per tensor.
   R4 residual Add (two run-time inputs) only when asked; each input its own scale.
   R5 embeddings: Gather from a constant 2-D table (axis 0) when asked; stored int8 per row.
+  R6 conv outputs, when asked: a per-tensor Q/DQ on the output of a planned Conv/ConvTranspose
+     read by exactly one op (ONNX Runtime then runs DQ->Conv->Q as QLinearConv; with two readers
+     it keeps a float Conv that dequantizes its weight every call).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ember.passes.quant_graph import NO_QDQ_OUTPUT_OPS, GraphIndex
+from ember.passes.quant_graph import NO_QDQ_OUTPUT_OPS, GraphIndex, unique_name
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 QUANTIZABLE_OPS = (*WEIGHT_OPS, "Add", "Gather")
@@ -78,6 +81,7 @@ class PlanRules:
     activation_matmul: bool
     residual_add: bool
     embeddings: bool
+    conv_outputs: bool = False
 
 
 def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
@@ -135,14 +139,16 @@ def _act_site(idx: GraphIndex, tensor: str, edge: tuple[str, int], sites: dict[s
 
 def plan_quantization(model: onnx.ModelProto, rules: PlanRules) -> QuantPlan:
     """Walk the graph once and decide every Q/DQ site (see the module docstring)."""
+    taken = {n.name for n in model.graph.node}
+    for node in model.graph.node:  # edges are addressed by node name: every node needs one
+        if not node.name:
+            node.name = unique_name(taken, f"{node.op_type}_{node.output[0]}")
     idx = GraphIndex.build(model.graph)
     plan = QuantPlan()
     sites: dict[str, ActSite] = {}
     for node in model.graph.node:
         if node.op_type not in QUANTIZABLE_OPS:
             continue
-        if not node.name:
-            node.name = f"{node.op_type}_{node.output[0]}"
         why = _selected(node, rules)
         if why:
             plan.skipped[node.name] = why
@@ -189,6 +195,12 @@ def plan_quantization(model: onnx.ModelProto, rules: PlanRules) -> QuantPlan:
         if reason:
             plan.skipped[node.name] = reason
             continue
+        if rules.activations and rules.conv_outputs and node.op_type in ("Conv", "ConvTranspose"):  # R6
+            out = node.output[0]
+            readers = idx.consumers[out]
+            if len(readers) == 1 and out not in idx.graph_outputs:
+                reader = readers[0]
+                _act_site(idx, out, (reader.name, list(reader.input).index(out)), trial)
         sites = trial
         for i, value in weight_ins:
             plan.weights.append(WeightSite(node.name, i, node.input[i], value.astype(np.float32), _weight_axis(node, value)))

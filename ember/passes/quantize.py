@@ -6,6 +6,7 @@ Contract: ``quantize_model`` returns a NEW model (the input is not modified) in 
   * planned activations (R2-R4) get a per-tensor QuantizeLinear/DequantizeLinear pair whose
     scale comes from calibration on ``calib_feeds`` (unless the scheme is weights-only),
   * embedding tables (R5, INT8 schemes) are stored INT8 with a per-row scale,
+  * constant-weight Gemms are MatMul + Add (``gemm_as_matmul``, on by default),
   * optionally SmoothQuant has moved activation outliers into the weights first,
 and which passes ``qdq_validate.validate_qdq`` (raises ConfigError otherwise).
 Everything else (op set, I/O names, dtypes, shapes) is unchanged.
@@ -23,6 +24,7 @@ from onnx import helper
 from ember.errors import ConfigError
 from ember.passes.calibration import CALIB_METHODS, collect_stats, threshold
 from ember.passes.qdq_validate import MIN_OPSET, QdqValidation, assert_trt_compatible
+from ember.passes.quant_gemm import gemm_to_matmul
 from ember.passes.quant_graph import default_opset, ort_disabled_optimizers, upgrade_opset
 from ember.passes.quant_insert import FP8, INT8, INT8_REDUCED, apply_plan
 from ember.passes.quant_plan import QUANTIZABLE_OPS, WEIGHT_OPS, PlanRules, QuantPlan, plan_quantization
@@ -45,10 +47,13 @@ class QuantOptions:
     exclude_names: tuple[str, ...] = ()  # regexes searched in node names
     quantize_residual_add: bool = False  # Q/DQ on both inputs of Adds of two run-time tensors
     quantize_activation_matmul: bool = False  # MatMuls of two run-time tensors (attention)
+    quantize_conv_outputs: bool = False  # Q/DQ on single-reader Conv outputs (ORT's QLinearConv form)
     quantize_embeddings: bool = True  # INT8 schemes: Gather tables stored int8 per row
+    gemm_as_matmul: bool = True  # rewrite constant-weight Gemm as MatMul + Add (quant_gemm: ORT fuses it)
     upgrade_opset: bool = False  # convert a too-old opset instead of failing
-    reduce_range: bool = False  # INT8 weights in [-63, 63]: needed by ONNX Runtime on x86 CPUs without
-    #                             VNNI (see cpu_int8_needs_reduced_range); TensorRT wants False
+    # INT8 weights in [-63, 63]: needed by ONNX Runtime on x86 CPUs without VNNI (see
+    # cpu_int8_needs_reduced_range). None = decide for this machine; TensorRT builds pass False.
+    reduce_range: bool | None = None
     threads: int = 0  # ONNX Runtime intra-op threads for calibration (0 = default)
 
     def __post_init__(self) -> None:
@@ -172,7 +177,8 @@ def _rules(options: QuantOptions) -> PlanRules:
         exclude_ops=tuple(options.exclude_ops), exclude_names=tuple(options.exclude_names),
         activations=not options.weights_only, activation_matmul=options.quantize_activation_matmul,
         residual_add=options.quantize_residual_add,
-        embeddings=options.quantize_embeddings and options.scheme != "fp8")
+        embeddings=options.quantize_embeddings and options.scheme != "fp8",
+        conv_outputs=options.quantize_conv_outputs)
 
 
 def _no_quantizable_ops(plan: QuantPlan, options: QuantOptions) -> ConfigError:
@@ -190,6 +196,8 @@ def quantize_model(model: onnx.ModelProto, calib_feeds: Sequence[dict[str, np.nd
     out = onnx.ModelProto()
     out.CopyFrom(model)
     out = _ensure_opset(out, options)
+    if options.gemm_as_matmul and "Gemm" in options.include_ops:
+        gemm_to_matmul(out)
     if not options.weights_only:
         if not calib_feeds:
             raise ConfigError(f"scheme {options.scheme!r} needs calibration feeds (give --calib FILE or use the "
@@ -208,7 +216,10 @@ def quantize_model(model: onnx.ModelProto, calib_feeds: Sequence[dict[str, np.nd
         smoothed, not_smoothed = result.smoothed, result.not_smoothed
         plan = plan_quantization(out, rules)  # the weights changed
 
-    fmt = FP8 if options.scheme == "fp8" else INT8_REDUCED if options.reduce_range else INT8
+    # weights-only graphs run as MatMulNBits (float compute): only W8A8 hits the int16 saturation
+    reduce = not options.weights_only and (
+        cpu_int8_needs_reduced_range() if options.reduce_range is None else options.reduce_range)
+    fmt = FP8 if options.scheme == "fp8" else INT8_REDUCED if reduce else INT8
     scales: dict[str, float] = {}
     if plan.activations:
         bins = options.histogram_bins if options.calib_method != "max" else 0

@@ -12,14 +12,17 @@ Device memory is held in PyTorch CUDA tensors (PyTorch is the array library of t
 path; the CPU path never imports it). ``DeviceExecutor`` has the four methods of
 ``executor.LocalExecutor`` and serves both the ORT CUDA and the TensorRT step sessions.
 
-CUDA graphs (``cuda_graph=True``): decode calls (T = 1) are captured once per
-(slot range, batch, capacity) into static device buffers and replayed; ONNX Runtime only
-allows it when every node of the graph runs on the CUDA provider, otherwise the session
-falls back to plain launches and says why in ``cuda_graph_status``.
+CUDA graphs (``cuda_graph=True``; ``make_cuda_executor``'s default, ``EMBER_CUDA_GRAPH=0``
+turns them off): decode calls (T = 1) are captured once per (batch, KV addresses) into
+static device buffers and replayed; ``DeviceExecutor`` runs decodes over a power-of-two
+window from slot 0 (``graph_window``) so few shapes get captured. Prefill calls (T > 1)
+launch normally. When ONNX Runtime refuses graphs for a graph, the session falls back to
+plain launches and says why in ``cuda_graph_status``.
 """
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -109,11 +112,11 @@ class DeviceKVPool(KVPool):
             stacked = torch.stack([torch.stack(new_kv[2 * l:2 * l + 2]) for l in range(self.num_layers)])
         t = stacked.shape[4]
         live = np.flatnonzero(new_lengths > 0)
-        if t == 1 and len(live) == b:  # decode: one scatter for every layer, K and V
-            rows = torch.arange(start, start + b, device=self.device)
-            cols = torch.from_numpy(past.astype(np.int64)).to(self.device)
-            # advanced indices on dims 2 and 4 (split by a slice) put B first: [B, L, 2, Hkv, D]
-            self.storage[:, :, rows, :, cols, :] = stacked[:, :, :, :, 0, :].permute(2, 0, 1, 3, 4)
+        if t == 1 and len(live):  # decode: one scatter for every layer, K and V, of the live rows
+            idx = torch.from_numpy(np.stack([live, start + live, past[live]]).astype(np.int64)).to(self.device)
+            src = stacked[:, :, :, :, 0, :] if len(live) == b else stacked[:, :, idx[0], :, 0, :]
+            # advanced indices on dims 2 and 4 (split by a slice) put the rows first: [n, L, 2, Hkv, D]
+            self.storage[:, :, idx[1], :, idx[2], :] = src.permute(2, 0, 1, 3, 4)
         else:
             for r in live:
                 n, p = int(new_lengths[r]), int(past[r])
@@ -172,6 +175,12 @@ class CudaStepSession:
         self.vocab = int(self.sess.get_outputs()[0].shape[1])
         self._graphs: dict[tuple, dict[str, Any]] = {}
         self._graph_ids = 0
+        # ORT captures with the global capture mode: while one thread captures, no other thread
+        # may touch CUDA. Executors take this lock around everything they do on the device.
+        self.lock = threading.RLock()
+        self._no_graph = ort.RunOptions()
+        if self.cuda_graph_status == "on":
+            self._no_graph.add_run_config_entry("gpu_graph_id", "-1")
 
     def _make(self, ort, path, graph: bool, optimized_model_path):
         so = ort.SessionOptions()
@@ -216,8 +225,13 @@ class CudaStepSession:
             kv: list) -> tuple[Any, list]:
         """ids/positions int64 [B,T], lengths int64 [B] (host); kv 2L device views [B,Hkv,P,D]."""
         b, t = input_ids.shape
-        if self.cuda_graph_status == "on" and t == 1:
-            return self._run_graph(input_ids, positions, past_lengths, new_lengths, kv)
+        with self.lock:
+            if self.cuda_graph_status == "on" and t == 1:
+                return self._run_graph(input_ids, positions, past_lengths, new_lengths, kv)
+            return self._run_plain(input_ids, positions, past_lengths, new_lengths, kv)
+
+    def _run_plain(self, input_ids, positions, past_lengths, new_lengths, kv) -> tuple[Any, list]:
+        b, t = input_ids.shape
         torch = self.torch
         small = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.device)
                  for a in (input_ids, positions, past_lengths, new_lengths)]
@@ -230,7 +244,9 @@ class CudaStepSession:
         self._bind_out(binding, "logits", logits)
         for name, a in zip(self.output_names[1:], new):
             self._bind_out(binding, name, a)
-        self.sess.run_with_iobinding(binding)
+        # In a graph-enabled session a run without a graph id is captured as graph 0 and
+        # replayed for every later such run, whatever its shapes: -1 opts out of capture.
+        self.sess.run_with_iobinding(binding, self._no_graph)
         return logits, new
 
     def _run_graph(self, input_ids, positions, past_lengths, new_lengths, kv) -> tuple[Any, list]:
@@ -290,40 +306,78 @@ def logits_to_host(logits) -> np.ndarray:
     return host.numpy()
 
 
+def graph_window(start: int, stop: int, slots: int) -> tuple[int, int]:
+    """The slot window a graph-replayed decode runs over: ``[0, bucket(stop))``.
+
+    Captured graphs are tied to shapes and addresses, so decode over an arbitrary
+    ``[start, stop)`` would capture a graph per (start, B). Running from slot 0 and rounding
+    the end up to a power of two (capped at ``slots``) leaves at most log2(slots) + 1 shapes
+    per pool allocation; the extra rows are computed and discarded (a decode step costs
+    little more at a larger batch: it is bound by reading the weights).
+    """
+    end = 1
+    while end < stop:
+        end *= 2
+    return 0, min(end, slots)
+
+
 class DeviceExecutor:
     """``LocalExecutor``'s interface over a device session + ``DeviceKVPool``."""
 
     def __init__(self, session, pool: DeviceKVPool):
         self.session, self.pool = session, pool
         self._generation = pool.generation
+        # one lock per session: executors sharing it (one per thread) never overlap on the device
+        self.lock = getattr(session, "lock", None) or threading.RLock()
 
     def move(self, moves: list[tuple[int, int]]) -> None:
-        for src, dst in moves:
-            self.pool.move(src, dst)
+        with self.lock:
+            for src, dst in moves:
+                self.pool.move(src, dst)
 
     def run_device(self, start: int, input_ids: np.ndarray, positions: np.ndarray, new_lengths: np.ndarray):
-        """One step over slots [start, start+B); returns the logits as a device tensor [B,V]."""
-        b = input_ids.shape[0]
+        """One step over slots [start, start+B); returns the logits as a device tensor [B,V].
+
+        Rows with ``new_lengths`` 0 are computed but keep no K/V. With CUDA graphs on, a
+        decode (T = 1) runs over ``graph_window`` with padding rows of that kind.
+        """
+        with self.lock:
+            return self._run_device(start, input_ids, positions, new_lengths)
+
+    def _run_device(self, start: int, input_ids: np.ndarray, positions: np.ndarray, new_lengths: np.ndarray):
+        b, t = input_ids.shape
         stop = start + b
-        past = self.pool.lengths[start:stop].copy()
+        lo, hi = start, stop
+        if t == 1 and getattr(self.session, "cuda_graph_status", "off") == "on":
+            lo, hi = graph_window(start, stop, self.pool.slots)
+            if (lo, hi) != (start, stop):
+                ids = np.zeros((hi - lo, 1), np.int64)
+                pos = self.pool.lengths[lo:hi].reshape(-1, 1).copy()
+                new = np.zeros(hi - lo, np.int64)
+                ids[start - lo:stop - lo], pos[start - lo:stop - lo] = input_ids, positions
+                new[start - lo:stop - lo] = new_lengths
+                input_ids, positions, new_lengths = ids, pos, new
+        past = self.pool.lengths[lo:hi].copy()
         self.pool.ensure_capacity(int((past + new_lengths).max()))
         if self.pool.generation != self._generation and hasattr(self.session, "forget_graphs"):
             self.session.forget_graphs()
             self._generation = self.pool.generation
         run_lengths = np.maximum(new_lengths, 1)  # a skipped row still needs one valid query
-        logits, new_kv = self.session.run(input_ids, positions, past, run_lengths, self.pool.views(start, stop))
-        self.pool.write(start, new_kv, new_lengths)
-        return logits
+        logits, new_kv = self.session.run(input_ids, positions, past, run_lengths, self.pool.views(lo, hi))
+        self.pool.write(lo, new_kv, new_lengths)
+        return logits[start - lo:stop - lo]
 
     def run(self, start: int, input_ids: np.ndarray, positions: np.ndarray, new_lengths: np.ndarray) -> np.ndarray:
         """As ``LocalExecutor.run``: logits [B,V] float32 on the host (the one transfer per step)."""
-        return logits_to_host(self.run_device(start, input_ids, positions, new_lengths))
+        with self.lock:
+            return logits_to_host(self._run_device(start, input_ids, positions, new_lengths))
 
     def release(self, slot: int) -> None:
         self.pool.release(slot)
 
     def maybe_shrink(self) -> None:
-        self.pool.maybe_shrink()
+        with self.lock:
+            self.pool.maybe_shrink()
 
     @property
     def used_tokens(self) -> int:
@@ -341,8 +395,8 @@ def make_cuda_executor(folder: Path, manifest, part, device: str, max_batch: int
     layers, hkv = cfg["num_layers"], cfg["num_kv_heads"]
     head_dim = cfg["hidden_size"] // cfg["num_heads"]
     kv_dtype = next(t.dtype for t in part.inputs if t.name == "past_key.0")
-    if cuda_graph is None:
-        cuda_graph = os.environ.get("EMBER_CUDA_GRAPH", "0") == "1"
+    if cuda_graph is None:  # on by default: 4.4x faster decode on llama-1b (docs/gpu.md)
+        cuda_graph = os.environ.get("EMBER_CUDA_GRAPH", "1") != "0"
     if part.backend == "tensorrt":
         from ember.runtime.trt_session import TensorRTStepSession
 

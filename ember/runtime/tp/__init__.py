@@ -70,6 +70,13 @@ def load_tp_engine(folder: str | os.PathLike, manifest: Manifest, *, max_batch: 
     folder = Path(folder)
     if not (device == "cpu" or device.startswith("cuda")):
         raise InputError(f"device {device!r} is not understood; use 'cpu' or 'cuda' (rank r runs on cuda:r)")
+    if device.startswith("cuda"):
+        import onnxruntime as ort
+
+        if not dist.is_nccl_available():
+            raise InputError(f"device={device!r}: this torch has no NCCL; install a CUDA build of torch for GPU ranks")
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise InputError(f"device={device!r}: ONNX Runtime has no CUDA provider here; `pip install onnxruntime-gpu`")
     if timeout_s <= 0:
         raise InputError(f"timeout_s={timeout_s} must be > 0")
     heartbeat_s = heartbeat_s or max(0.2, timeout_s / 6)

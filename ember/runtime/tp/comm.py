@@ -30,6 +30,10 @@ OP_BUFFER = 16 << 10
 PREFIX = "ember-tp"  # store keys: <PREFIX>/ready/<r>, <PREFIX>/error/<r>, <PREFIX>/hb/<r>
 
 
+class CommError(RuntimeError):
+    """A collective failed or timed out (the transport's own error is chained)."""
+
+
 class RankFailure(EmberError):
     """A tensor-parallel rank died, hung, or could not be reached; the message names it."""
 
@@ -72,7 +76,10 @@ class Comm:
 
     # -- data plane ------------------------------------------------------------------------------
     def _wait(self, work) -> None:
-        work.wait(datetime.timedelta(seconds=self.timeout_s))
+        try:
+            work.wait(datetime.timedelta(seconds=self.timeout_s))
+        except Exception as e:  # gloo/NCCL raise RuntimeError subclasses of their own
+            raise CommError(str(e)) from e
 
     def all_reduce(self, a: np.ndarray) -> np.ndarray:
         """Sum ``a`` over ranks, in place where possible; returns the summed array."""

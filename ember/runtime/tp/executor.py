@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from ember.runtime.tp.comm import Comm, RankFailure
+from ember.runtime.tp.comm import Comm, CommError, RankFailure
 
 
 class TPExecutor:
@@ -76,13 +76,15 @@ class TPExecutor:
         try:
             self.comm.broadcast_op(msg)
             logits, _ = apply_ops(self.local, ops, self.comm)  # rank 0 applied the pending ones already
-        except Exception as e:
-            if isinstance(e, RankFailure):
-                self.failure = e
-            else:
-                self.failure = self.comm.diagnose(e, f"step (op {self.comm.ops_done})", stale_s=2 * self.heartbeat_s,
-                                                  exit_codes=self._exit_codes())
+        except CommError as e:
+            self.failure = self.comm.diagnose(e, f"step (op {self.comm.ops_done})", stale_s=2 * self.heartbeat_s,
+                                              exit_codes=self._exit_codes())
             raise self.failure from e
+        except Exception:
+            # Failed before any collective (e.g. InputError from the KV pool): every rank failed the
+            # same way on the same state, so the ranks stay in step; the engine fails this plan only.
+            self.comm.ops_done += 1
+            raise
         finally:
             self._last_sent = time.monotonic()
         return logits

@@ -37,7 +37,6 @@ class WorkerSpec:
     device: str  # "cpu" or "cuda" (rank r then uses cuda:<local rank>)
     timeout_s: float
     heartbeat_s: float
-    store_is_master: bool = False
 
 
 def rank_device(device: str, local_rank: int) -> str:
@@ -79,10 +78,10 @@ def serve_rank(spec: WorkerSpec, rank: int, local_rank: int | None = None) -> in
     import torch.distributed as dist
 
     from ember.compiler.manifest import read_manifest
-    from ember.runtime.tp.comm import PREFIX, Comm
+    from ember.runtime.tp.comm import PREFIX, Comm, CommError
     from ember.runtime.tp.shard import shard_executor
 
-    store = dist.TCPStore(spec.host, spec.port, spec.world, is_master=spec.store_is_master,
+    store = dist.TCPStore(spec.host, spec.port, spec.world, is_master=False,
                           timeout=datetime.timedelta(seconds=max(spec.timeout_s, 60.0)), wait_for_workers=False)
     try:
         manifest = read_manifest(spec.folder)
@@ -102,15 +101,16 @@ def serve_rank(spec: WorkerSpec, rank: int, local_rank: int | None = None) -> in
             try:
                 msg = comm.broadcast_op()
                 _, closing = apply_ops(executor, msg, comm)
-            except EmberError:
-                raise
-            except Exception as e:  # a failed/timed-out collective: rank 0 or a peer is gone
-                raise comm.diagnose(e, f"op {comm.ops_done}", stale_s=2 * spec.heartbeat_s) from e
+            except CommError as e:  # rank 0 or a peer is gone or hung
+                print(f"ember tp rank {rank}: {comm.diagnose(e, f'op {comm.ops_done}', stale_s=2 * spec.heartbeat_s)}",
+                      file=sys.stderr, flush=True)
+                return 1
+            except Exception as e:  # the op failed before any collective, on every rank alike (e.g. InputError)
+                comm.ops_done += 1
+                print(f"ember tp rank {rank}: op {comm.ops_done} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                continue
             if closing:
                 return 0
-    except EmberError as e:
-        print(f"ember tp rank {rank}: {e}", file=sys.stderr, flush=True)
-        return 1
     finally:
         comm.close()
 
