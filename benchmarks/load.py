@@ -14,6 +14,7 @@ parameters. Every request is classified:
   lost             anything else: timeouts, transport errors, 5xx, wrong status, truncated streams
 
 Checks at the end: zero lost; KV usage and running sequences return to zero; /health 200;
+no 5xx answered (server-side counter, so it covers clients that had already left);
 the server answered every /v1/completions request whose client stayed (its response
 counter lies between sent - disconnected and sent). Bounded: a fixed
 request count per phase and a wall-clock cap. Writes results/load.json, .md and .png.
@@ -262,6 +263,8 @@ def summarize(driver: Driver, phases: list[dict], before: dict, after: dict, hea
     sent = len(outs)
     served = sum(v - before.get(k, 0) for k, v in after.items()
                  if k.startswith('ember_http_responses_total{endpoint="/v1/completions"'))
+    errors_5xx = sum(v - before.get(k, 0) for k, v in after.items()
+                     if k.startswith("ember_http_responses_total{") and 'status="5' in k)
     tokens = sum(o.tokens for o in done)
     wall = sum(p["wall_s"] for p in phases)
     for i, p in enumerate(phases):
@@ -274,6 +277,7 @@ def summarize(driver: Driver, phases: list[dict], before: dict, after: dict, hea
         "healthy_at_end": healthy,
         # A client that left before its request was read gets no response; every other one must.
         "server_answered_every_request_whose_client_stayed": sent - by_result["disconnected"] <= served <= sent,
+        "no_server_errors_5xx": errors_5xx == 0,
     }
     return {
         "machine": machine(), **info, "load_average_1m_end": round(os.getloadavg()[0], 2),
@@ -287,7 +291,7 @@ def summarize(driver: Driver, phases: list[dict], before: dict, after: dict, hea
                       "streaming_ttft": percentiles([o.ttft_s for o in done if o.ttft_s is not None])},
         "output_tokens": tokens, "output_tokens_per_s": tokens / wall if wall else 0.0, "wall_s": wall,
         "phases": phases,
-        "server": {"responses_to_completions": served, "client_disconnects_seen": after.get("ember_client_disconnects_total", 0)
+        "server": {"responses_to_completions": served, "responses_5xx": errors_5xx, "client_disconnects_seen": after.get("ember_client_disconnects_total", 0)
                    - before.get("ember_client_disconnects_total", 0),
                    "cancelled_by_engine": after.get('ember_request_finish_total{reason="cancelled"}', 0)
                    - before.get('ember_request_finish_total{reason="cancelled"}', 0),

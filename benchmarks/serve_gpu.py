@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ember.bench.model import BenchModel  # noqa: E402
 from ember.compiler.manifest import read_manifest, verify_files  # noqa: E402
-from ember.runtime.cuda_session import CudaStepSession, DeviceExecutor, DeviceKVPool, logits_to_host  # noqa: E402
+from ember.runtime.cuda_session import CudaStepSession, DeviceExecutor, logits_to_host  # noqa: E402
+from ember.runtime.device_kv_pool import DeviceKVPool  # noqa: E402
 from ember.runtime.decoder import DecoderEngine  # noqa: E402
 from ember.runtime.scheduler import FusionScheduler  # noqa: E402
 

@@ -54,13 +54,23 @@ def model_source(name: str) -> str:
     return str(folder)
 
 
-def compiled(name: str, tp: int) -> Path:
+def compiled(name: str, tp: int, segmented: bool = False) -> Path:
+    """Engine folder of ``name`` at ``tp``; ``segmented`` at tp=1 = the TP segment graphs of a
+    single rank (2L+2 ONNX Runtime calls per step, no collectives): segmentation's own cost."""
     from ember.compiler.compile import CompileOptions, compile_decoder
 
-    out = WORK / f"{name}-tp{tp}"
+    out = WORK / (f"{name}-seg1" if segmented else f"{name}-tp{tp}")
     if not (out / "manifest.json").exists():
         t = time.perf_counter()
-        compile_decoder(model_source(name), out, CompileOptions(tp=tp, quiet=True))
+        if segmented:
+            from ember.compiler.tp_compile import compile_tp_folder
+            from ember.export.sources import resolve_decoder_source
+            from ember.progress import StageLog
+
+            compile_tp_folder(resolve_decoder_source(model_source(name)), out, CompileOptions(tp=1, quiet=True),
+                              StageLog(1, quiet=True))
+        else:
+            compile_decoder(model_source(name), out, CompileOptions(tp=tp, quiet=True))
         print(f"compiled {out.name} in {time.perf_counter() - t:.0f} s", flush=True)
     return out
 
@@ -165,7 +175,8 @@ def transport_floor(hidden: int = 768, reps: int = 300) -> dict:
     return {"hidden": hidden, "tcp_round_trip_us": 1e6 * tcp, "gloo_all_reduce_us": 1e6 * gloo}
 
 
-ARMS = [("tp1-2threads", 1, 2), ("tp1-1thread", 1, 1), ("tp2-1thread", 2, 1)]  # (label, TP, threads per rank)
+# (label, TP, threads per rank); "tp1-segmented" runs TP=2's segment chain as one rank
+ARMS = [("tp1-2threads", 1, 2), ("tp1-1thread", 1, 1), ("tp1-segmented-1thread", 1, 1), ("tp2-1thread", 2, 1)]
 
 
 def run_model(name: str, args) -> dict:
@@ -174,7 +185,7 @@ def run_model(name: str, args) -> dict:
     out = {"model": name, "arms": {}}
     tokens = {}
     for label, tp, threads in ARMS:
-        folder = compiled(name, tp)
+        folder = compiled(name, tp, segmented="segmented" in label)
         with ember.load(folder, max_batch=max(max(args.batches), args.requests), threads=threads) as eng:
             rank_bytes = [sum(p.size for p in eng.manifest.parts if p.extra.get("rank", 0) == r) for r in range(tp)]
             vocab = int(eng.config["vocab_size"])
@@ -199,16 +210,19 @@ def markdown(res: dict) -> str:
              "with 1 thread each. Under CPU contention ONNX Runtime's 2-thread pool degrades more than 1-thread "
              "processes do, which can make TP=2 look faster than TP=1 with 2 threads: compare TP=2 with TP=1 at "
              "1 thread for the cost of splitting.", "",
+             "`TP=1 segmented` runs the segment graphs of `--tp 1` (2L+2 ONNX Runtime calls per step instead of one, "
+             "no collectives): what cutting the step at the all-reduce points costs by itself.", "",
              f"Decode step: slots pre-filled with {res['args']['context']} tokens, median of {res['args']['steps']} steps. "
              "`all-reduce` is rank 0's time inside the 2L+1 all-reduces of one step (it includes waiting for the "
              "slower rank); `other comm` = logits gather + plan broadcast.", "",
-             "| model | batch | TP=1 2 thr ms | TP=1 1 thr ms | TP=2 ms | TP=2 / TP=1 1 thr | TP=2 all-reduce ms (calls) | "
-             "per all-reduce µs | other comm ms |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | batch | TP=1 2 thr ms | TP=1 1 thr ms | TP=1 segmented 1 thr ms | TP=2 ms | TP=2 / TP=1 1 thr | "
+             "TP=2 all-reduce ms (calls) | per all-reduce µs | other comm ms |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m in res["models"]:
-        a2, a1, t2 = (m["arms"][label]["steps"] for label, _, _ in ARMS)
-        for s2, s1, s in zip(a2, a1, t2):
-            lines.append(f"| {m['model']} | {s['batch']} | {s2['step_ms']:.1f} | {s1['step_ms']:.1f} | {s['step_ms']:.1f} | "
+        a2, a1, sg, t2 = (m["arms"][label]["steps"] for label, _, _ in ARMS)
+        for s2, s1, g, s in zip(a2, a1, sg, t2):
+            lines.append(f"| {m['model']} | {s['batch']} | {s2['step_ms']:.1f} | {s1['step_ms']:.1f} | {g['step_ms']:.1f} | "
+                         f"{s['step_ms']:.1f} | "
                          f"{s['step_ms'] / s1['step_ms']:.2f} | {s['all_reduce_ms']:.1f} ({s['all_reduces_per_step']}) | "
                          f"{1e3 * s['all_reduce_ms'] / s['all_reduces_per_step']:.0f} | "
                          f"{s['gather_ms'] + s['broadcast_ms']:.1f} |")

@@ -95,3 +95,15 @@ def test_cli_bench_serve(gpt2_tiny, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ember-fused" in out and "static" in out and "20 req/s" in out
     assert main(["bench", "serve", str(gpt2_tiny), "--arms", "nope", "--quiet"]) == 2
+
+
+def test_hf_arm_maps_llama_weights(llama_tiny):
+    from ember.bench.model import BenchModel
+    from ember.bench.runner import ServeOptions, run_arm
+
+    model = BenchModel(llama_tiny)
+    spec = WorkloadSpec(3, math.inf, LengthDist(3, 9), LengthDist(6, 6), seed=5)
+    reqs = make_workload(spec, model.vocab_size, model.eos_token_id)
+    got = {arm: [r.token_ids for r in run_arm(arm, model, reqs, spec, ServeOptions(max_batch=3)).records]
+           for arm in ("fused", "hf")}
+    assert got["hf"] == got["fused"]

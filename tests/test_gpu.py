@@ -33,7 +33,8 @@ import torch  # noqa: E402
 
 from ember.compiler.compile import CompileOptions, compile_decoder  # noqa: E402
 from ember.compiler.manifest import read_manifest  # noqa: E402
-from ember.runtime.cuda_session import CudaStepSession, DeviceKVPool, make_cuda_executor  # noqa: E402
+from ember.runtime.cuda_session import CudaStepSession, make_cuda_executor  # noqa: E402
+from ember.runtime.device_kv_pool import DeviceKVPool  # noqa: E402
 from ember.runtime.kv_pool import KVPool  # noqa: E402
 
 

@@ -11,7 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from ember.errors import InputError  # noqa: E402
-from ember.runtime.cuda_session import DeviceKVPool, parse_device  # noqa: E402
+from ember.runtime.cuda_session import parse_device  # noqa: E402
+from ember.runtime.device_kv_pool import DeviceKVPool, KVList  # noqa: E402
 from ember.runtime.kv_pool import KVPool  # noqa: E402
 
 
@@ -74,8 +75,6 @@ def test_parse_device():
 
 def test_stacked_write_matches_list_write():
     """Sessions hand the pool one [L, 2, B, Hkv, T, D] buffer; it must land like the 2L arrays."""
-    from ember.runtime.cuda_session import KVList
-
     rng = np.random.default_rng(2)
     ref, dev = _pair()
     for t in (6, 1, 1, 3):
@@ -121,8 +120,6 @@ class _FakeGraphSession:
         self.calls.append((b, kv[0].data_ptr()))
         logits = torch.from_numpy(np.repeat(ids[:, -1:].astype(np.float32), 5, axis=1))
         stacked = torch.ones((2, 2, b, 2, t, 3))
-        from ember.runtime.cuda_session import KVList
-
         out = KVList(stacked[l, j] for l in range(2) for j in (0, 1))
         out.stacked = stacked
         return logits, out

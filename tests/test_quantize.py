@@ -219,3 +219,30 @@ def test_residual_add_quantization_puts_qdq_on_both_inputs():
     add = next(n for n in q.graph.node if n.op_type == "Add")
     assert [idx.producer[i].op_type for i in add.input] == ["DequantizeLinear", "DequantizeLinear"]
     assert rep.quantized_nodes == ["add"] and validate_qdq(q).ok
+
+
+def test_thresholds_clip_outliers_but_keep_the_bulk():
+    from ember.passes.calibration import TensorStats, threshold
+
+    rng = np.random.default_rng(0)
+    x = np.abs(np.concatenate([rng.standard_normal(200_000), [60.0, -55.0]]))
+    amax = float(x.max())
+    hist, _ = np.histogram(x, bins=2048, range=(0.0, amax))
+    st = TensorStats(amax, hist=hist)
+    assert threshold(st, "max") == amax
+    p = threshold(st, "percentile", 99.99)
+    assert 3.5 < p < 5.0  # the 99.99th percentile of |N(0,1)| is ~3.9
+    e = threshold(st, "entropy")
+    assert 2.0 < e < 20.0 < amax  # clips the two outliers, keeps the Gaussian bulk
+    assert threshold(TensorStats(0.0), "entropy") == 1.0  # an all-zero tensor still gets a valid scale
+
+
+def test_models_past_the_protobuf_limit_go_through_a_file_and_stay_whole(monkeypatch):
+    import ember.passes.quant_graph as qg
+
+    monkeypatch.setattr(qg, "_INLINE_LIMIT", 0)  # force the external-data path
+    m = mlp()
+    q, _ = _q(m)
+    acc = accuracy_report(m, q, feeds(m, 2, seed=7))
+    assert acc["max_rel_error"] < 0.05
+    assert all(t.HasField("raw_data") or t.float_data or t.int32_data for t in m.graph.initializer)

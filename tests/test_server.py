@@ -248,6 +248,21 @@ def test_malformed_requests_get_4xx_with_message_and_server_keeps_serving(plain)
     assert httpx.get(plain.url + "/health").status_code == 200
 
 
+def test_client_leaving_mid_body_is_quiet(plain):
+    key = 'ember_http_responses_total{endpoint="/v1/completions",status="499"}'
+    before = plain.metrics().get(key, 0)
+    with socket.create_connection(("127.0.0.1", plain.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"prompt\": \"half")
+        time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while plain.metrics().get(key, 0) < before + 1:
+        assert time.monotonic() < deadline, plain.output()[-3000:]
+        time.sleep(0.05)
+    assert "Traceback" not in plain.output()
+    assert complete(plain.url, {"prompt": "still here", "max_tokens": 2}).status_code == 200
+
+
 def test_a_failing_request_fails_alone(plain):
     good = {"prompt": "Alone or together", "max_tokens": 16, "temperature": 0, "ignore_eos": True}
     alone = complete(plain.url, good).json()["choices"][0]["text"]
@@ -374,8 +389,12 @@ def test_sigterm_deadline_cancels_what_is_left(tiny_folder):
         with ThreadPoolExecutor(24) as pool:
             futs = [pool.submit(run, i) for i in range(24)]
             deadline = time.monotonic() + 30
-            while s.metrics()["ember_queue_depth"] < 10:  # a backlog far longer than the 0.5 s deadline
-                assert time.monotonic() < deadline
+            while True:  # every request is inside the engine, with a backlog far longer than 0.5 s
+                m = s.metrics()
+                submitted = m["ember_engine_requests_finished_total"] + m["ember_running_sequences"] + m["ember_queue_depth"]
+                if submitted == 24 and m["ember_queue_depth"] >= 10:
+                    break
+                assert time.monotonic() < deadline, m
                 time.sleep(0.02)
             t0 = time.monotonic()
             s.proc.send_signal(signal.SIGTERM)
@@ -384,10 +403,9 @@ def test_sigterm_deadline_cancels_what_is_left(tiny_folder):
             outcomes = [f.result(timeout=30) for f in futs]
         assert exit_s < 5, exit_s
         assert "200" in outcomes, outcomes  # some finished inside the deadline
-        # The rest were cancelled and told so: 503 for plain requests, an error event for streams
-        # (ConnectError: sent after SIGTERM closed the listening socket; never a dropped answer).
+        # The rest were cancelled and told so: 503 for plain requests, an error event for streams.
         assert "503" in outcomes and "error event" in outcomes, outcomes
-        assert set(outcomes) <= {"200", "503", "error event", "ConnectError"}, outcomes
+        assert set(outcomes) <= {"200", "503", "error event"}, outcomes
         log = s.output()
         assert "drain deadline (0.5 s) passed: cancelled" in log and "Traceback" not in log, log
     finally:

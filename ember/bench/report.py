@@ -26,7 +26,7 @@ def markdown(doc: dict) -> str:
     for rate, runs in by_rate.items():
         lines += [f"## {runs[0]['workload']}", "",
                   "| arm | total s | vs fused | out tok/s | req/s | TTFT p50/p99 ms | TPOT p50/p99 ms | ITL p99 ms "
-                  "| e2e p50/p90/p99 s | peak RSS MiB | done |",
+                  "| e2e p50/p90/p99 s | peak RSS MiB (at start) | done |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         fused = next((r for r in runs if r["arm"] == "ember-fused"), None)
         for r in runs:
@@ -36,12 +36,13 @@ def markdown(doc: dict) -> str:
                 f"| {r['arm']} | {est}{r['total_s']:.1f} | {ratio} | {r['output_tok_s']:.1f} | {r['req_s']:.3f} "
                 f"| {_ms(r, 'ttft', 'p50')}/{_ms(r, 'ttft', 'p99')} | {_ms(r, 'tpot', 'p50')}/{_ms(r, 'tpot', 'p99')} "
                 f"| {_ms(r, 'itl', 'p99')} | {_s(r, 'e2e', 'p50')}/{_s(r, 'e2e', 'p90')}/{_s(r, 'e2e', 'p99')} "
-                f"| {r['peak_rss_mib']:.0f} | {r['completed']}/{r['requests']} |")
+                f"| {r['peak_rss_mib']:.0f} ({r.get('rss_at_start_mib', 0):.0f}) | {r['completed']}/{r['requests']} |")
         lines.append("")
     if any(r["extrapolated"] for r in doc["runs"]):
         lines += ["`~`: the arm hit its time cap; total time = measured time x planned tokens / produced tokens "
                   "(its latency columns cover the requests that completed).", ""]
-    lines += ["Notes per arm:", ""]
+    lines += ["Peak RSS is the whole process's (weights included), sampled during the arm; all arms share one "
+              "process, so the RSS at the arm's start is shown in brackets.", "", "Notes per arm:", ""]
     for arm, note in dict((r["arm"], r["notes"]) for r in doc["runs"]).items():
         lines.append(f"- **{arm}**: {note}")
     return "\n".join(lines) + "\n"

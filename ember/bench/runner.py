@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, replace
 
 from ember.bench.batch_arms import run_dynamic, run_static
 from ember.bench.engine_arms import run_concurrent, run_fused, run_sequential
-from ember.bench.metrics import ArmResult
+from ember.bench.metrics import ArmResult, current_rss
 from ember.bench.model import BenchModel
 from ember.bench.workload import WorkloadSpec, make_workload
 from ember.errors import InputError
@@ -93,10 +93,6 @@ def run_serve(model: BenchModel, spec: WorkloadSpec, arms: list[str], opts: Serv
     if len(sizes) != len(rates):
         raise InputError(f"{len(sizes)} request counts for {len(rates)} rates: give one per rate")
     hf_model = None
-    if "hf" in arms:
-        from ember.bench.hf_arm import build_hf_model
-
-        hf_model = build_hf_model(model)
     warm_up(model, opts)
     runs = []
     t0 = time.perf_counter()
@@ -107,8 +103,14 @@ def run_serve(model: BenchModel, spec: WorkloadSpec, arms: list[str], opts: Serv
             requests = make_workload(s, model.vocab_size, avoid_token=model.eos_token_id)
             for arm in arms:
                 bar.set_postfix_str(f"rate={'inf' if math.isinf(rate) else rate} arm={arm}")
+                if arm == "hf" and hf_model is None:  # built when first needed: other arms' RSS excludes it
+                    from ember.bench.hf_arm import build_hf_model
+
+                    hf_model = build_hf_model(model)
+                rss_before = current_rss()
                 res = run_arm(arm, model, requests, s, opts, bar, hf_model)
                 summary = res.summary()
+                summary["rss_at_start_mib"] = rss_before / 2**20
                 summary["rate"] = None if math.isinf(rate) else rate
                 summary["workload"] = s.describe()
                 runs.append(summary)

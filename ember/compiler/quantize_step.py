@@ -33,7 +33,7 @@ def quantize_step_graph(proto: onnx.ModelProto, src, options, folder: Path, log:
     from ember.passes.quantize import QuantOptions, cpu_int8_needs_reduced_range, quantize_model
 
     qopts = QuantOptions(scheme=options.quantize, calib_method=options.calib_method,
-                         smoothquant_alpha=options.smoothquant,
+                         smoothquant_alpha=options.smoothquant, upgrade_opset=options.quantize == "fp8",
                          reduce_range=options.backend == "onnxruntime" and options.quantize != "fp8"
                          and cpu_int8_needs_reduced_range())
     limit = CALIB_CAPACITY - CALIB_DECODE_STEPS

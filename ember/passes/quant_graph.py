@@ -217,7 +217,14 @@ def ort_session(model: onnx.ModelProto, threads: int = 0, optimized_path: str | 
         so.optimized_model_filepath = optimized_path
     if model.ByteSize() < _INLINE_LIMIT:
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"], **kwargs)
+    from onnx.external_data_helper import load_external_data_for_model
+
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.onnx")
+        # save_model moves the weights out of ``model`` into external references: load them back
+        # so the caller's model stays whole (no second in-memory copy of a multi-GiB graph)
         onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="model.data")
-        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"], **kwargs)
+        try:
+            return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"], **kwargs)
+        finally:
+            load_external_data_for_model(model, tmp)

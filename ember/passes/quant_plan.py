@@ -109,8 +109,12 @@ def _selected(node: onnx.NodeProto, rules: PlanRules) -> str | None:
     return None
 
 
-def _act_site(idx: GraphIndex, tensor: str, edge: tuple[str, int], sites: dict[str, ActSite]) -> str | None:
-    """Plan the Q/DQ for one activation edge (R2). Returns a reason when it cannot be quantized."""
+def _act_site(idx: GraphIndex, tensor: str, edge: tuple[str, int], sites: dict[str, ActSite],
+              group: str = "", stats: str = "") -> str | None:
+    """Plan the Q/DQ for one activation edge (R2). Returns a reason when it cannot be quantized.
+
+    ``group``/``stats``: set for the inputs of a quantized Concat (one scale from its output).
+    """
     top = idx.source_through_movement(tensor)
     if top != tensor:  # the pair sits above the movement chain; the chain's first op reads the DQ
         chain = idx.producer[tensor]
@@ -118,20 +122,21 @@ def _act_site(idx: GraphIndex, tensor: str, edge: tuple[str, int], sites: dict[s
             chain = idx.producer[chain.input[0]]
         edge = (chain.name, 0)
     producer = idx.producer.get(top)
+    if idx.is_constant(top):
+        return "its input is a constant"
     if producer is not None and producer.op_type in NO_QDQ_OUTPUT_OPS - {"Concat", "Softmax"}:
         return f"its input is a {producer.op_type} output shared with other readers or a graph output"
     if producer is not None and producer.op_type == "Softmax":
         return "its input comes from a Softmax (no Q/DQ on Softmax outputs)"
     if producer is not None and producer.op_type == "Concat":
-        group = f"concat:{top}"
+        if group:
+            return "its input is a Concat of a Concat"
         for j, inp in enumerate(producer.input):
-            if idx.is_constant(inp):
-                return "its input is a Concat of a constant"
-            site = sites.setdefault(f"{inp}@{group}", ActSite(inp, scale_group=group, stats_tensor=top))
-            if (producer.name, j) not in site.edges:
-                site.edges.append((producer.name, j))
+            why = _act_site(idx, inp, (producer.name, j), sites, group=f"concat:{top}", stats=top)
+            if why:
+                return f"{why} (through a Concat)"
         return None
-    site = sites.setdefault(top, ActSite(top))
+    site = sites.setdefault(f"{top}@{group}" if group else top, ActSite(top, scale_group=group, stats_tensor=stats))
     if edge not in site.edges:
         site.edges.append(edge)
     return None

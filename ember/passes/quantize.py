@@ -96,6 +96,7 @@ class QuantReport:
     weight_bytes_quantized: int = 0  # bytes of their quantized replacement (scales included)
     validation: QdqValidation | None = None
     ort_disabled_optimizers: list[str] = field(default_factory=list)  # for ORT sessions of this graph
+    weight_qmax: float = 127.0  # weights lie in [-weight_qmax, weight_qmax] (63 with reduce_range)
 
     def scale_tables(self) -> dict[str, np.ndarray]:
         """Per-tensor scales as float32 arrays, ready for safetensors/np.savez."""
@@ -118,6 +119,7 @@ class QuantReport:
             "weight_compression": round(self.weight_bytes_float / max(self.weight_bytes_quantized, 1), 3),
             "qdq_nodes": None if v is None else {"quantize": v.quantize_nodes, "dequantize": v.dequantize_nodes},
             "ort_disabled_optimizers": list(self.ort_disabled_optimizers),
+            "weight_qmax": self.weight_qmax,
         }
 
 
@@ -236,7 +238,8 @@ def quantize_model(model: onnx.ModelProto, calib_feeds: Sequence[dict[str, np.nd
         smoothquant_alpha=options.smoothquant_alpha, opset=default_opset(out),
         quantized_nodes=plan.quantized_nodes, skipped=plan.skipped, activation_scales=scales, tables=tables,
         smoothed=smoothed, not_smoothed=not_smoothed, weight_bytes_float=bytes_float,
-        weight_bytes_quantized=bytes_quant, validation=validation, ort_disabled_optimizers=ort_disabled_optimizers(out))
+        weight_bytes_quantized=bytes_quant, validation=validation, ort_disabled_optimizers=ort_disabled_optimizers(out),
+        weight_qmax=fmt.weight_max)
     return out, report
 
 

@@ -1,8 +1,8 @@
 """GPU step execution: ONNX Runtime's CUDA provider with device-resident buffers (DESIGN §7).
 
-The KV pool lives on the GPU (``DeviceKVPool``, the layout of ``kv_pool.KVPool``: per layer
-``[slots, Hkv, S_cap, D]``, so a slot range is one contiguous device view), and every step
-input and output is bound to device memory through IOBinding: per step the host sends the
+The KV pool lives on the GPU (``device_kv_pool.DeviceKVPool``: a slot range is one
+contiguous device view per layer), and every step input and output is bound to device
+memory through IOBinding: per step the host sends the
 new tokens' ids/positions/lengths (a few hundred bytes) and receives the logits it samples
 from; the K/V never leave the device. ORT runs on PyTorch's current CUDA stream
 (``user_compute_stream``), so the pool's K/V writes (PyTorch kernels) and the graph are
@@ -29,19 +29,8 @@ from typing import Any
 import numpy as np
 
 from ember.errors import ArtifactError, ConfigError, InputError
-from ember.runtime.kv_pool import KVPool
-
-
-def _torch(need_cuda: bool = True):
-    try:
-        import torch
-    except ImportError as e:
-        raise ConfigError("the GPU runtime keeps its buffers in PyTorch CUDA tensors: install a CUDA build of torch "
-                          "(pip install torch) or run with --device cpu") from e
-    if need_cuda and not torch.cuda.is_available():
-        raise ConfigError("no CUDA device is visible to PyTorch (torch.cuda.is_available() is False); "
-                          "check the driver / CUDA_VISIBLE_DEVICES, or run with --device cpu")
-    return torch
+from ember.runtime.device_kv_pool import DeviceKVPool, KVList
+from ember.runtime.device_kv_pool import require_torch as _torch
 
 
 def parse_device(device: str) -> int:
@@ -51,82 +40,6 @@ def parse_device(device: str) -> int:
     if device.startswith("cuda:") and device[5:].isdigit():
         return int(device[5:])
     raise InputError(f"device {device!r} is not understood; use 'cpu', 'cuda' or 'cuda:N'")
-
-
-_TORCH_DTYPES = {"float16": "float16", "float32": "float32", "int64": "int64", "int32": "int32", "bool": "bool"}
-
-
-def torch_dtype(np_name: str):
-    torch = _torch(need_cuda=False)
-    return getattr(torch, _TORCH_DTYPES[str(np.dtype(np_name))])
-
-
-class KVList(list):
-    """The new K/V of one step, ``[k0, v0, k1, v1, ...]``, each ``[B,Hkv,T,D]``; when the
-    session wrote them into one buffer ``stacked`` ``[L, 2, B, Hkv, T, D]`` the pool appends
-    them all with one scatter instead of 2L."""
-
-    stacked = None
-
-
-class DeviceKVPool(KVPool):
-    """``KVPool`` in device memory (PyTorch tensors): one buffer ``[L, 2, slots, Hkv, S_cap, D]``
-    whose ``k[l]``/``v[l]`` views have KVPool's per-layer layout, so a slot range is still one
-    contiguous view per layer, while writes, moves and growth touch every layer in one op.
-
-    Lengths stay on the host (the scheduler reads them). Views are valid until the next
-    grow/shrink, which reallocates (``generation`` counts reallocations).
-    """
-
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, slots: int, max_capacity: int,
-                 dtype: str = "float16", device_index: int = 0, capacity: int = 16, device=None):
-        torch = _torch(need_cuda=device is None)
-        self.device = torch.device(device) if device is not None else torch.device("cuda", device_index)
-        self.torch_dtype = torch_dtype(dtype)
-        self.storage = None
-        self.generation = 0
-        super().__init__(num_layers, num_kv_heads, head_dim, slots, max_capacity, dtype=dtype, capacity=capacity)
-
-    def _resize(self, capacity: int, keep: int | None = None) -> None:
-        torch = _torch(need_cuda=False)
-        keep = self.capacity if keep is None else keep
-        keep = min(keep, capacity, self.capacity)
-        new = torch.zeros((self.num_layers, 2, self.slots, self.num_kv_heads, capacity, self.head_dim),
-                          dtype=self.torch_dtype, device=self.device)
-        if self.storage is not None and keep:
-            new[..., :keep, :] = self.storage[..., :keep, :]
-        self.storage, self.capacity = new, capacity
-        self.k = [new[l, 0] for l in range(self.num_layers)]
-        self.v = [new[l, 1] for l in range(self.num_layers)]
-        self.generation += 1
-
-    def write(self, start: int, new_kv: list, new_lengths: np.ndarray) -> None:
-        """Append each row's first ``new_lengths[r]`` new tokens (device tensors [B,Hkv,T,D])."""
-        torch = _torch(need_cuda=False)
-        b = len(new_lengths)
-        past = self.lengths[start:start + b]
-        end = int((past + new_lengths).max()) if b else 0
-        self.ensure_capacity(end)
-        stacked = getattr(new_kv, "stacked", None)
-        if stacked is None:  # [L, 2, B, Hkv, T, D] from a plain list (one copy)
-            stacked = torch.stack([torch.stack(new_kv[2 * l:2 * l + 2]) for l in range(self.num_layers)])
-        t = stacked.shape[4]
-        live = np.flatnonzero(new_lengths > 0)
-        if t == 1 and len(live):  # decode: one scatter for every layer, K and V, of the live rows
-            idx = torch.from_numpy(np.stack([live, start + live, past[live]]).astype(np.int64)).to(self.device)
-            src = stacked[:, :, :, :, 0, :] if len(live) == b else stacked[:, :, idx[0], :, 0, :]
-            # advanced indices on dims 2 and 4 (split by a slice) put the rows first: [n, L, 2, Hkv, D]
-            self.storage[:, :, idx[1], :, idx[2], :] = src.permute(2, 0, 1, 3, 4)
-        else:
-            for r in live:
-                n, p = int(new_lengths[r]), int(past[r])
-                self.storage[:, :, start + r, :, p:p + n] = stacked[:, :, r, :, :n]
-        self.lengths[start:start + b] += new_lengths
-
-    def move(self, src: int, dst: int) -> None:
-        n = int(self.lengths[src])
-        self.storage[:, :, dst, :, :n] = self.storage[:, :, src, :, :n]
-        self.lengths[dst], self.lengths[src] = n, 0
 
 
 def _ort_cuda():

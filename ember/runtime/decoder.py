@@ -158,7 +158,7 @@ class DecoderEngine:
         ex = self.executor
         if plan.moves:
             ex.move(plan.moves)
-        finished_prefill: list[tuple[Sequence, np.ndarray]] = []
+        finished_prefill: list[tuple[Sequence, np.ndarray, int]] = []
         for g in plan.prefill:
             b, t = len(g.seqs), max(g.lengths)
             ids = np.zeros((b, t), dtype=np.int64)
@@ -167,11 +167,12 @@ class DecoderEngine:
                 ids[r, :n] = s.prompt_ids[s.num_cached:s.num_cached + n]
                 pos[r, :n] = np.arange(s.num_cached, s.num_cached + n)
             logits = ex.run(g.start, ids, pos, np.asarray(g.lengths, dtype=np.int64))
+            greedy = logits.argmax(axis=1)
             for r, (s, n) in enumerate(zip(g.seqs, g.lengths)):
                 s.num_cached += n
                 if s.num_cached == len(s.prompt_ids):
-                    finished_prefill.append((s, logits[r]))
-        decoded: list[tuple[Sequence, np.ndarray]] = []
+                    finished_prefill.append((s, logits[r], int(greedy[r])))
+        decoded: list[tuple[Sequence, np.ndarray, int]] = []
         if plan.decode_stop > plan.decode_start:
             start, b = plan.decode_start, plan.decode_stop - plan.decode_start
             ids = np.zeros((b, 1), dtype=np.int64)
@@ -181,18 +182,19 @@ class DecoderEngine:
                 r = s.slot - start
                 ids[r, 0], pos[r, 0], new[r] = s.next_input(), s.num_cached, 1
             logits = ex.run(start, ids, pos, new)
+            greedy = logits.argmax(axis=1)  # one vectorised pass serves every greedy row
             for s in plan.decode_seqs:
                 s.num_cached += 1
-                decoded.append((s, logits[s.slot - start]))
+                decoded.append((s, logits[s.slot - start], int(greedy[s.slot - start])))
         now = time.perf_counter()
         with self._cv:
-            for s, row in finished_prefill:
+            for s, row, g in finished_prefill:
                 s.phase = Phase.DECODE
-                self._emit(s, row, now)
-            for s, row in decoded:
-                self._emit(s, row, now)
+                self._emit(s, row, g, now)
+            for s, row, g in decoded:
+                self._emit(s, row, g, now)
 
-    def _emit(self, s: Sequence, logits_row: np.ndarray, now: float) -> None:
+    def _emit(self, s: Sequence, logits_row: np.ndarray, greedy_token: int, now: float) -> None:
         """Sample the next token of ``s``, stream it, and finish the request if it is done."""
         if s.phase is Phase.DONE:
             return
@@ -200,7 +202,7 @@ class DecoderEngine:
         if s.cancelled:
             self._finish(s, FinishReason.CANCELLED)
             return
-        tok = sample_token(logits_row, s.params, st.rng)
+        tok = greedy_token if st.rng is None else sample_token(logits_row, s.params, st.rng)
         s.generated.append(tok)
         self.counters["tokens_generated_total"] += 1
         if st.first_token_at is None:

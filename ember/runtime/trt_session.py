@@ -22,9 +22,9 @@ from ember.errors import ArtifactError
 
 class TensorRTStepSession:
     def __init__(self, plan_path: str | os.PathLike, part, num_layers: int, device_index: int = 0):
-        from ember.runtime.cuda_session import _torch
+        from ember.runtime.device_kv_pool import require_torch
 
-        torch = _torch()
+        torch = require_torch()
         check_plan_compat(part.extra, gpu_environment(device_index), plan=Path(plan_path).name)
         trt = require_tensorrt()
         self.torch, self.trt, self.num_layers = torch, trt, num_layers
@@ -54,7 +54,7 @@ class TensorRTStepSession:
     def run(self, input_ids: np.ndarray, positions: np.ndarray, past_lengths: np.ndarray, new_lengths: np.ndarray,
             kv: list) -> tuple[Any, list]:
         """As ``CudaStepSession.run``: host int64 small inputs, device KV views; device outputs."""
-        from ember.runtime.cuda_session import torch_dtype
+        from ember.runtime.device_kv_pool import torch_dtype
 
         torch = self.torch
         b, t = input_ids.shape

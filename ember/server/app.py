@@ -19,11 +19,12 @@ from typing import Any, Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ember.server import openai_schema as oa
-from ember.server.completions import DecoderService, ServerLimits
+from ember.server.completions import CLIENT_CLOSED, DecoderService, ServerLimits
 from ember.server.lifecycle import READY, EngineHolder
 from ember.server.metrics import ServerMetrics
 
@@ -73,12 +74,15 @@ async def read_json(request: Request, max_bytes: int) -> Any:
     if declared is not None and int(declared) > max_bytes * DRAIN_BODY_FACTOR:
         raise too_big
     body, size = bytearray(), 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes * DRAIN_BODY_FACTOR:
-            raise too_big
-        if size <= max_bytes:
-            body += chunk
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes * DRAIN_BODY_FACTOR:
+                raise too_big
+            if size <= max_bytes:
+                body += chunk
+    except ClientDisconnect:  # gone before the body arrived: nothing to run, nobody to answer
+        raise oa.ApiError(CLIENT_CLOSED, "the client disconnected while sending the request body") from None
     if size > max_bytes:
         raise too_big
     try:

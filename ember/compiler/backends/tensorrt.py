@@ -170,14 +170,15 @@ def check_plan_compat(extra: dict[str, Any], env: dict[str, Any], plan: str = "s
 
 
 def build_plan_part(folder: Path, name: str, onnx_path: Path, inputs: list[mf.TensorSpec],
-                    outputs: list[mf.TensorSpec], options) -> mf.EnginePart:
+                    outputs: list[mf.TensorSpec], options, max_past: int | None = None) -> mf.EnginePart:
     """Build ``folder/<name>.plan`` from ``onnx_path`` and return its manifest part.
 
     ``options`` is a ``CompileOptions``; TensorRT settings come from ``options.extra``
-    (``TensorRTOptions`` fields). The ONNX graph stays in the folder as the part's
-    ``extra['source_onnx']`` (``ember check`` compares the plan against it).
+    (``TensorRTOptions`` fields); ``max_past`` (the model's max positions) is the profiles'
+    KV capacity limit unless ``extra`` sets one. The ONNX graph stays in the folder as the
+    part's ``extra['source_onnx']`` (``ember check`` compares the plan against it).
     """
-    opts = TensorRTOptions.from_extra(dict(options.extra or {}))
+    opts = TensorRTOptions.from_extra(dict(options.extra or {}), max_past=max_past)
     profiles = plan_profiles(inputs, opts)  # fail on bad profiles before touching TensorRT
     trt = require_tensorrt()
     from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, SaveEngine

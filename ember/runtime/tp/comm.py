@@ -61,8 +61,11 @@ class Comm:
         self.store = store
         self.prefix = prefix
         timeout = datetime.timedelta(seconds=timeout_s)
-        self.ctrl = dist.ProcessGroupGloo(dist.PrefixStore(f"{prefix}/ctrl", store), rank, world, timeout)
-        if device.startswith("cuda"):
+        self.solo = world == 1  # a --tp 1 segmented engine (measures segmentation alone): no collectives
+        self.ctrl = None if self.solo else dist.ProcessGroupGloo(dist.PrefixStore(f"{prefix}/ctrl", store), rank, world, timeout)
+        if self.solo:
+            self.data = None
+        elif device.startswith("cuda"):
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = timeout
             self.data = dist.ProcessGroupNCCL(dist.PrefixStore(f"{prefix}/data", store), rank, world, opts)
@@ -83,6 +86,8 @@ class Comm:
 
     def all_reduce(self, a: np.ndarray) -> np.ndarray:
         """Sum ``a`` over ranks, in place where possible; returns the summed array."""
+        if self.solo:
+            return a
         t0 = time.perf_counter()
         a = np.ascontiguousarray(a)
         t = torch.from_numpy(a)
@@ -98,6 +103,8 @@ class Comm:
 
     def gather_to_first(self, a: np.ndarray) -> list[np.ndarray] | None:
         """Every rank's ``a`` (same shape) on rank 0, in rank order; None on other ranks."""
+        if self.solo:
+            return [a]
         t0 = time.perf_counter()
         t = torch.from_numpy(np.ascontiguousarray(a))
         if self.device.startswith("cuda"):
@@ -113,6 +120,8 @@ class Comm:
     # -- control plane ---------------------------------------------------------------------------
     def broadcast_op(self, op: object | None = None) -> object:
         """Rank 0 sends ``op`` (any picklable object); every rank returns it."""
+        if self.solo:
+            return op
         t0 = time.perf_counter()
         buf = self._buf
         if self.rank == 0:
@@ -136,7 +145,8 @@ class Comm:
 
     def barrier(self) -> None:
         """A one-element all-reduce on the control group: proves every rank is alive."""
-        self._wait(self.ctrl.allreduce([torch.zeros(1)]))
+        if not self.solo:
+            self._wait(self.ctrl.allreduce([torch.zeros(1)]))
 
     # -- liveness ----------------------------------------------------------------------------------
     def start_heartbeat(self, interval_s: float) -> None:
