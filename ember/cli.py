@@ -38,6 +38,12 @@ def _add_compile(sub) -> None:
     p.add_argument("--max-error", type=float, help="fail if the quantized engine's relative error exceeds this")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (one engine per rank)")
     p.add_argument("--seed", type=int, default=0, help="seed of a built-in config's random weights")
+    trt = p.add_argument_group("TensorRT (--backend tensorrt; see docs/gpu.md)")
+    trt.add_argument("--version-compatible", action="store_true", help="plan loads on later TensorRT of the same major")
+    trt.add_argument("--hardware-compatibility-level", choices=["none", "ampere+", "same-compute-capability"])
+    trt.add_argument("--timing-cache", metavar="PATH", help="timing cache file (locked and merged)")
+    trt.add_argument("--trt-max-batch", type=int, metavar="N", help="decode profile's largest batch")
+    trt.add_argument("--builder-optimization-level", type=int, choices=range(6), metavar="0-5")
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX-vs-torch check after export")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_compile)
@@ -61,9 +67,15 @@ def _cmd_compile(a) -> int:
         return run_diffusion_compile(a, out)
     from ember.compiler.compile import CompileOptions, compile_decoder
 
+    trt = {"version_compatible": a.version_compatible or None,
+           "hardware_compatibility_level": a.hardware_compatibility_level, "timing_cache": a.timing_cache,
+           "max_batch": a.trt_max_batch, "builder_optimization_level": a.builder_optimization_level}
+    extra = {k: v for k, v in trt.items() if v is not None}
+    if extra and a.backend != "tensorrt":
+        raise EmberError(f"TensorRT options ({', '.join('--' + k.replace('_', '-') for k in extra)}) need --backend tensorrt")
     opts = CompileOptions(backend=a.backend, dtype=a.dtype, quantize=a.quantize, calib=a.calib,
                           calib_method=a.calib_method, smoothquant=a.smoothquant, max_error=a.max_error,
-                          seed=a.seed, validate=not a.no_validate, tp=a.tp, quiet=a.quiet)
+                          seed=a.seed, validate=not a.no_validate, tp=a.tp, quiet=a.quiet, extra=extra)
     compile_decoder(a.source, out, opts)
     return 0
 
@@ -147,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             m = importlib.import_module(mod)
         except ImportError as e:
-            if e.name and mod.startswith(e.name):  # the feature is not present in this build
+            # the feature's own module is absent, or a dependency of an optional extra is not
+            # installed (e.g. `serve` without fastapi): leave that subcommand out
+            if e.name and (mod.startswith(e.name) or not e.name.startswith("ember")):
                 continue
             raise
         m.add_parser(sub)

@@ -102,7 +102,7 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
             save_onnx(proto, step_path)
         files = sorted(f.name for f in tmp.glob(STEP_FILE + "*"))
         with log.stage(f"building the {options.backend} engine"):
-            part = _build_part(tmp, "step", step_path, files, options)
+            part = _build_part(tmp, "step", step_path, files, options, max_past=c.max_positions)
         with log.stage("writing tokenizer and manifest"):
             tokenizer = None
             if src.tokenizer is not None:
@@ -133,7 +133,8 @@ def _tables(folder: Path) -> list[str]:
     return [p.relative_to(folder).as_posix() for p in folder.glob("tables/*") if p.is_file()]
 
 
-def _build_part(folder: Path, name: str, onnx_path: Path, files: list[str], options: CompileOptions) -> mf.EnginePart:
+def _build_part(folder: Path, name: str, onnx_path: Path, files: list[str], options: CompileOptions,
+                max_past: int | None = None) -> mf.EnginePart:
     proto = onnx.load(str(onnx_path), load_external_data=False)
     inputs, outputs = io_specs(proto)
     ext = [mf.file_record(folder, f) for f in files if f != onnx_path.name]
@@ -152,4 +153,4 @@ def _build_part(folder: Path, name: str, onnx_path: Path, files: list[str], opti
                              inputs=inputs, outputs=outputs, external_data=ext, extra=extra)
     from ember.compiler.backends.tensorrt import build_plan_part
 
-    return build_plan_part(folder, name, onnx_path, inputs, outputs, options)
+    return build_plan_part(folder, name, onnx_path, inputs, outputs, options, max_past=max_past)

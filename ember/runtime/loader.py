@@ -66,6 +66,9 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
     capacity = max_batch * max_pos if kv_bytes is None else kv_bytes // bytes_per_token
     scheduler = FusionScheduler(max_batch=max_batch, kv_capacity_tokens=capacity, max_seq_len=max_pos,
                                 prefill_chunk=prefill_chunk, max_queue=max_queue, compaction=compaction)
+    if part.backend == "tensorrt" and not device.startswith("cuda"):
+        raise InputError(f"{folder} holds a TensorRT plan, which runs on an NVIDIA GPU only: load it with "
+                         f"device='cuda:0' (CLI: --device cuda:0), or recompile with --backend onnxruntime for the CPU")
     if device == "cpu":
         from ember.runtime.session import StepSession
 
