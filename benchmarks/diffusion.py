@@ -195,10 +195,18 @@ def write(res: dict) -> None:
                      f"{r['latent_rel_err']:.4f} |")
     f, c = res["fused"], res["ms_per_call"]
     got = next(r for r in res["rows"] if r["arm"] == "DP N=5 + W8A8 + DEC")["e2e_speedup"]
+    same = [r["unet_speedup"] for r in res["rows"] if r["arm"] in ("uniform N=5", "DP N=5", "DP N=5 + DEC")]
     verdict = "met" if got >= 5 else f"short by {5 - got:.2f}× ({got / 5:.0%} of the target)"
     lines += [
         "",
-        f"Target ≥ 5× end-to-end for DP N=5 + W8A8 + DEC: measured {got:.2f}× — {verdict}.",
+        f"Target ≥ 5× end-to-end for DP N=5 + W8A8 + DEC: measured {got:.2f}× — {verdict}. Why: the shallow "
+        "engine is 6 % of the full one's MACs but a larger share of its time (memory-bound attention at the "
+        "highest resolution), INT8 on this CPU speeds the full engine up modestly and slows the small shallow "
+        "engine (Q/DQ overhead), and text encoder + VAE decode are fixed costs. See docs/diffusion.md.",
+        "",
+        f"Timing noise: the arms doing identical work (uniform N=5, DP N=5, DP N=5 + DEC) measured "
+        f"{min(same):.2f}×–{max(same):.2f}× UNet-loop speedup (machine shared with other jobs); "
+        "fidelity columns are deterministic.",
         "",
         f"Per UNet call (batch 2, CFG rows): full {c['fp32']['full']:.0f} ms FP32 / {c['w8a8']['full']:.0f} ms W8A8; "
         f"shallow {c['fp32']['shallow']:.0f} ms FP32 / {c['w8a8']['shallow']:.0f} ms W8A8 "
@@ -241,7 +249,11 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--root", default=None, help="engine folders (default artifacts/bench-diffusion-MODEL-STEPS)")
     ap.add_argument("--compile-only", action="store_true", help="build the engine folders and stop")
+    ap.add_argument("--rewrite", action="store_true", help="rewrite the .md/.png from the saved JSON (no runs)")
     args = ap.parse_args()
+    if args.rewrite:
+        write(json.loads((RESULTS / "diffusion.json").read_text()))
+        return
     if args.compile_only:
         compile_all(Path(args.root or f"artifacts/bench-diffusion-{args.model}-{args.steps}"), args.steps, args.model)
         return

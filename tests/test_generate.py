@@ -120,3 +120,25 @@ def test_runtime_does_not_import_torch(gpt2_tiny):
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code, str(gpt2_tiny)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_chat_template_is_recorded(tmp_path):
+    import json
+
+    from ember.compiler.manifest import read_manifest
+
+    save_hf_model(BUILTIN["gpt2-tiny"], tmp_path / "hf")
+    tpl = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"chat_template": tpl}))
+    compile_decoder(str(tmp_path / "hf"), tmp_path / "eng", CompileOptions(quiet=True, validate=False))
+    assert read_manifest(tmp_path / "eng").tokenizer["chat_template"] == tpl
+
+
+def test_builtin_tokenizer_fills_the_vocabulary():
+    from ember.export.tokenizer_builtin import build_builtin_tokenizer
+
+    tok = build_builtin_tokenizer(4096)
+    assert tok.get_vocab_size() == 4096
+    assert tok.decode(tok.encode("Hello, world! 42").ids) == "Hello, world! 42"
+    rng = np.random.default_rng(0)
+    assert all(tok.decode([int(i)]) for i in rng.integers(1, 4096, 50))  # every id has text

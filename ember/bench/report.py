@@ -48,6 +48,10 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _nan(v: float | None, scale: float = 1.0) -> float:
+    return float("nan") if v is None else v * scale
+
+
 def plot(doc: dict, path: Path) -> None:
     import matplotlib
 
@@ -65,8 +69,8 @@ def plot(doc: dict, path: Path) -> None:
             rs = [r for r in doc["runs"] if r["arm"] == arm]
             xs = [x_of[r["rate"]] for r in rs]
             axes[0].plot(xs, [r["output_tok_s"] for r in rs], "o-", label=arm)
-            axes[1].plot(xs, [(r["tpot"]["p99"] or 0) * 1000 for r in rs], "o-", label=arm)
-            axes[2].plot(xs, [r["e2e"]["p99"] or 0 for r in rs], "o-", label=arm)
+            axes[1].plot(xs, [_nan(r["tpot"]["p99"], 1000) for r in rs], "o-", label=arm)
+            axes[2].plot(xs, [_nan(r["e2e"]["p99"]) for r in rs], "o-", label=arm)
         for ax in axes:
             ax.set_xlabel("arrival rate (req/s)" + (f"; {top:g} = all at once" if None in rates else ""))
             ax.grid(alpha=0.3)
@@ -80,8 +84,8 @@ def plot(doc: dict, path: Path) -> None:
         axes[0].set_ylabel("total time (s; orange = extrapolated)")
         axes[1].bar(names, [r["output_tok_s"] for r in rs])
         axes[1].set_ylabel("output tokens/s")
-        axes[2].bar(names, [(r["tpot"]["p99"] or 0) * 1000 for r in rs])
-        axes[2].set_ylabel("p99 TPOT (ms)")
+        axes[2].bar(names, [_nan(r["tpot"]["p99"], 1000) for r in rs])
+        axes[2].set_ylabel("p99 TPOT (ms; none = no request completed)")
         for ax in axes:
             ax.tick_params(axis="x", rotation=30)
     axes[0].legend(fontsize=8) if len(rates) > 1 else None

@@ -109,6 +109,8 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
                 (tmp / "tokenizer").mkdir()
                 src.tokenizer.save(str(tmp / "tokenizer" / "tokenizer.json"))
                 tokenizer = {"file": "tokenizer/tokenizer.json"}
+                if src.chat_template:
+                    tokenizer["chat_template"] = src.chat_template
             build = mf.build_environment()
             build["compile_times_s"] = log.times
             m = mf.Manifest(

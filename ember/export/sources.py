@@ -25,6 +25,7 @@ class DecoderSource:
     tokenizer: Any | None  # tokenizers.Tokenizer
     origin: str  # "builtin" | folder path
     seed: int | None = None
+    chat_template: str | None = None  # Jinja chat template from the model folder, if any
 
 
 def step_model_class(family: str):
@@ -82,7 +83,24 @@ def resolve_decoder_source(source: str, seed: int = 0) -> DecoderSource:
         raise ConfigError(f"{folder}: weights do not fit the {cfg.family} config: {e}") from e
     model.float()
     tok = load_hf_tokenizer(folder)
-    return DecoderSource(folder.name, cfg, model, tok, str(folder.resolve()))
+    return DecoderSource(folder.name, cfg, model, tok, str(folder.resolve()), chat_template=load_chat_template(folder))
+
+
+def load_chat_template(folder: Path) -> str | None:
+    """The folder's chat template: chat_template.jinja, or tokenizer_config.json's "chat_template"."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.exists():
+        return jinja.read_text()
+    cfg = folder / "tokenizer_config.json"
+    if cfg.exists():
+        try:
+            t = json.loads(cfg.read_text()).get("chat_template")
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{cfg} is not valid JSON ({e})") from e
+        if isinstance(t, list):  # named templates: take the default one
+            t = next((x.get("template") for x in t if x.get("name") == "default"), None)
+        return t if isinstance(t, str) else None
+    return None
 
 
 def load_weights(folder: Path) -> dict[str, torch.Tensor]:
