@@ -29,8 +29,6 @@ from ember.bench.model import BenchModel  # noqa: E402
 from ember.compiler.manifest import read_manifest, verify_files  # noqa: E402
 from ember.runtime.cuda_session import CudaStepSession, DeviceExecutor, logits_to_host  # noqa: E402
 from ember.runtime.device_kv_pool import DeviceKVPool  # noqa: E402
-from ember.runtime.decoder import DecoderEngine  # noqa: E402
-from ember.runtime.scheduler import FusionScheduler  # noqa: E402
 
 
 class HostLogitsSession:
@@ -67,15 +65,9 @@ class GpuBenchModel(BenchModel):
         return DeviceKVPool(self.num_layers, self.num_kv_heads, self.head_dim, slots=slots,
                             max_capacity=self.max_positions, dtype=self.kv_dtype)
 
-    def engine(self, max_batch: int, compaction: str = "min-move", prefill_chunk: int = 128,
-               max_queue: int = 1 << 20) -> DecoderEngine:
-        """As ``BenchModel.engine``, on the runtime's GPU executor (what ``ember.load(device=)`` builds)."""
-        sched = FusionScheduler(max_batch=max_batch, kv_capacity_tokens=max_batch * self.max_positions,
-                                max_seq_len=self.max_positions, prefill_chunk=prefill_chunk,
-                                max_queue=max_queue, compaction=compaction)
-        return DecoderEngine(DeviceExecutor(self.device_session, self.pool(max_batch)), sched, tokenizer=None,
-                             eos_token_id=self.eos_token_id, max_positions=self.max_positions,
-                             config=self.config, manifest=self.manifest)
+    def executor(self, max_batch: int) -> DeviceExecutor:
+        """The runtime's GPU executor (what ``ember.load(device=)`` builds) over a device KV pool."""
+        return DeviceExecutor(self.device_session, self.pool(max_batch))
 
 
 class _OnDevice:

@@ -43,12 +43,16 @@ class BenchModel:
         return KVPool(self.num_layers, self.num_kv_heads, self.head_dim, slots=slots,
                       max_capacity=self.max_positions, dtype=self.kv_dtype)
 
+    def executor(self, max_batch: int):
+        """The executor an engine of ``max_batch`` slots runs on (the GPU harness overrides it)."""
+        return LocalExecutor(self.session, self.pool(max_batch))
+
     def engine(self, max_batch: int, compaction: str = "min-move", prefill_chunk: int = 128,
                max_queue: int = 1 << 20) -> DecoderEngine:
         """A DecoderEngine over the shared session, KV pool of ``max_batch`` full-length slots."""
         sched = FusionScheduler(max_batch=max_batch, kv_capacity_tokens=max_batch * self.max_positions,
                                 max_seq_len=self.max_positions, prefill_chunk=prefill_chunk,
                                 max_queue=max_queue, compaction=compaction)
-        return DecoderEngine(LocalExecutor(self.session, self.pool(max_batch)), sched, tokenizer=None,
+        return DecoderEngine(self.executor(max_batch), sched, tokenizer=None,
                              eos_token_id=self.eos_token_id, max_positions=self.max_positions,
                              config=self.config, manifest=self.manifest)

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -104,13 +103,7 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
         with log.stage(f"building the {options.backend} engine"):
             part = _build_part(tmp, "step", step_path, files, options, max_past=c.max_positions)
         with log.stage("writing tokenizer and manifest"):
-            tokenizer = None
-            if src.tokenizer is not None:
-                (tmp / "tokenizer").mkdir()
-                src.tokenizer.save(str(tmp / "tokenizer" / "tokenizer.json"))
-                tokenizer = {"file": "tokenizer/tokenizer.json"}
-                if src.chat_template:
-                    tokenizer["chat_template"] = src.chat_template
+            tokenizer = write_tokenizer(src, tmp)
             build = mf.build_environment()
             build["compile_times_s"] = log.times
             m = mf.Manifest(
@@ -129,6 +122,18 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
         total = sum((Path(out) / f).stat().st_size for f in files)
         log.note(f"wrote {out} ({total / 1e6:.1f} MB engine)")
     return m
+
+
+def write_tokenizer(src, folder: Path) -> dict | None:
+    """Save the source's tokenizer under ``folder/tokenizer/``; return the manifest's record."""
+    if src.tokenizer is None:
+        return None
+    (folder / "tokenizer").mkdir()
+    src.tokenizer.save(str(folder / "tokenizer" / "tokenizer.json"))
+    record = {"file": "tokenizer/tokenizer.json"}
+    if src.chat_template:
+        record["chat_template"] = src.chat_template
+    return record
 
 
 def _tables(folder: Path) -> list[str]:

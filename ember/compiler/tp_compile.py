@@ -134,17 +134,14 @@ def compile_tp_folder(src, out, options, log: StageLog) -> mf.Manifest:
     from dataclasses import asdict
 
     from ember.compiler.artifact import atomic_folder, write_manifest
+    from ember.compiler.compile import write_tokenizer
 
     log.total = log.i + 3 + int(options.validate)
     c = src.config
     with atomic_folder(out, overwrite=options.overwrite) as tmp:
         parts = compile_tp(src, tmp, options, log)
         with log.stage("writing tokenizer and manifest"):
-            tokenizer = None
-            if src.tokenizer is not None:
-                (tmp / "tokenizer").mkdir()
-                src.tokenizer.save(str(tmp / "tokenizer" / "tokenizer.json"))
-                tokenizer = {"file": "tokenizer/tokenizer.json"}
+            tokenizer = write_tokenizer(src, tmp)
             build = mf.build_environment()
             build["compile_times_s"] = log.times
             m = mf.Manifest(

@@ -50,7 +50,6 @@ def load(path: str | os.PathLike, verify: str = "full", **opts):
 def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_memory: int | str | None = None,
                  max_queue: int = 1024, prefill_chunk: int = 128, threads: int | None = None,
                  compaction: str = "min-move", device: str = "cpu"):
-    from ember.runtime.decoder import DecoderEngine
     from ember.runtime.executor import LocalExecutor
     from ember.runtime.kv_pool import KVPool
     from ember.runtime.scheduler import FusionScheduler
