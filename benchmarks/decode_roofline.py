@@ -62,6 +62,43 @@ def read_bandwidth(threads: int, gib: float = 1.0, reps: int = 5) -> dict[str, f
     return {k: _reduce_bandwidth(shape, axes, threads, reps) for k, (shape, axes) in probes.items()}
 
 
+def gemm_flops(threads: int, n: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of an ONNX Runtime fp32 MatMul [n,n] x [n,n] (best of ``reps``): the compute roof."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemm",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "w")])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    s = ort.InferenceSession(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(), so,
+                             providers=["CPUExecutionProvider"])
+    x = np.ones((n, n), np.float32)
+    s.run(None, {"x": x})
+    best = math.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        s.run(None, {"x": x})
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def step_flops(cfg: dict, wbytes: int, batch: int, context: int) -> float:
+    """FLOPs of one decode step: 2 x (matrix weights) x batch + attention over the context.
+
+    Embedding tables that only a Gather reads (one row per token) are not matrix work: GPT-2's
+    position table, and the token table of an untied model (its LM head is a separate matrix)."""
+    c, layers = cfg["hidden_size"], cfg["num_layers"]
+    gather_only = 0 if cfg["tie_word_embeddings"] else cfg["vocab_size"] * c
+    if cfg["family"] == "gpt2":
+        gather_only += cfg["max_positions"] * c
+    matrix_params = wbytes / 4 - gather_only
+    attn = 4 * layers * c * context  # q.K and p.V per token
+    return batch * (2 * matrix_params + attn)
+
+
 def weight_bytes(onnx_path: Path) -> int:
     import onnx
 
@@ -125,11 +162,18 @@ def main() -> None:
     wbytes = weight_bytes(step_file)
     probes = read_bandwidth(threads)
     bw = max(probes.values())
+    peak = gemm_flops(threads)
+    from ember.compiler.manifest import read_manifest
+
+    cfg = read_manifest(folder).model["config"]
     rows = []
     for b in a.batches:
         r = time_decode(folder, b, a.context, threads, a.reps)
         floor_ms = 1e3 * (wbytes + r["live_kv_bytes"]) / bw
-        r.update(floor_ms=floor_ms, ratio_to_floor=r["step_ms_median"] / floor_ms)
+        compute_ms = 1e3 * step_flops(cfg, wbytes, b, a.context) / peak
+        roof_ms = max(floor_ms, compute_ms)
+        r.update(floor_ms=floor_ms, ratio_to_floor=r["step_ms_median"] / floor_ms, compute_floor_ms=compute_ms,
+                 roofline_ms=roof_ms, ratio_to_roofline=r["step_ms_median"] / roof_ms)
         rows.append(r)
         print(f"batch {b:>3}: {r['step_ms_median']:.1f} ms (floor {floor_ms:.1f} ms, x{r['ratio_to_floor']:.2f})",
               file=sys.stderr)
@@ -138,7 +182,8 @@ def main() -> None:
         r["ratio_to_batch1"] = r["step_ms_median"] / b1
     res = {"model": a.model, "machine": info, "threads": threads, "compile_s": round(compile_s, 1),
            "weight_bytes": wbytes, "read_bandwidth_gbs": bw / 1e9,
-           "read_probes_gbs": {k: round(v / 1e9, 2) for k, v in probes.items()}, "context": a.context, "rows": rows,
+           "read_probes_gbs": {k: round(v / 1e9, 2) for k, v in probes.items()},
+           "gemm_gflops": peak / 1e9, "context": a.context, "rows": rows,
            "targets": {"batch1_within_1.3x_floor": rows[0]["ratio_to_floor"] <= 1.3,
                        "batch32_within_3x_batch1": next((r["ratio_to_batch1"] <= 3 for r in rows if r["batch"] == 32), None),
                        "compile_under_60s": compile_s < 60}}
@@ -150,11 +195,15 @@ def main() -> None:
           f"Weights {wbytes / 1e6:.0f} MB; read bandwidth {bw / 1e9:.1f} GB/s (fastest of ONNX Runtime ReduceSum "
           f"over 1 GiB: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in probes.items()) + " GB/s); "
           f"{a.context} live tokens per sequence; compile {compile_s:.1f} s.", "",
-          "| batch | step ms (median) | step ms (min) | floor ms | step / floor | step / batch-1 |",
-          "|---:|---:|---:|---:|---:|---:|"]
+          f"Compute roof: ONNX Runtime fp32 MatMul 2048^3 at {peak / 1e9:.0f} GFLOP/s (same run); compute floor = "
+          "step FLOPs / that rate; roofline = max(bandwidth floor, compute floor).", "",
+          "| batch | step ms (median) | step ms (min) | bandwidth floor ms | step / bw floor | compute floor ms | "
+          "step / roofline | step / batch-1 |",
+          "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         md.append(f"| {r['batch']} | {r['step_ms_median']:.1f} | {r['step_ms_min']:.1f} | {r['floor_ms']:.1f} | "
-                  f"{r['ratio_to_floor']:.2f} | {r['ratio_to_batch1']:.2f} |")
+                  f"{r['ratio_to_floor']:.2f} | {r['compute_floor_ms']:.1f} | {r['ratio_to_roofline']:.2f} | "
+                  f"{r['ratio_to_batch1']:.2f} |")
     md += ["", f"Targets: batch 1 within 1.3x of the floor: {res['targets']['batch1_within_1.3x_floor']}; "
            f"batch 32 within 3x of batch 1: {res['targets']['batch32_within_3x_batch1']}; "
            f"compile under 60 s: {res['targets']['compile_under_60s']}.",
@@ -170,6 +219,7 @@ def main() -> None:
         bs = [r["batch"] for r in rows]
         ax.plot(bs, [r["step_ms_median"] for r in rows], "o-", label="Ember decode step")
         ax.plot(bs, [r["floor_ms"] for r in rows], "s--", label="bandwidth floor")
+        ax.plot(bs, [r["compute_floor_ms"] for r in rows], "^:", label="compute floor")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch")
         ax.set_ylabel("ms per step")
