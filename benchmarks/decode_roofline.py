@@ -25,8 +25,23 @@ from machine import machine_info, machine_line  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _reduce_bandwidth(shape: list[int], axes: list[int] | None, threads: int, reps: int) -> float:
+def _best_seconds(model, x: np.ndarray, threads: int, reps: int) -> float:
+    """Fastest of ``reps`` runs (after one warm-up) of a one-input ONNX model on ``x``."""
     import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    s.run(None, {"x": x})
+    best = math.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        s.run(None, {"x": x})
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _reduce_bandwidth(shape: list[int], axes: list[int] | None, threads: int, reps: int) -> float:
     from onnx import TensorProto, helper
 
     inputs, inits = ["x"], []
@@ -37,17 +52,8 @@ def _reduce_bandwidth(shape: list[int], axes: list[int] | None, threads: int, re
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
     x = np.ones(shape, np.float32)
-    s.run(None, {"x": x})
-    best = math.inf
-    for _ in range(reps):
-        t = time.perf_counter()
-        s.run(None, {"x": x})
-        best = min(best, time.perf_counter() - t)
-    return x.nbytes / best
+    return x.nbytes / _best_seconds(m, x, threads, reps)
 
 
 def read_bandwidth(threads: int, gib: float = 1.0, reps: int = 5) -> dict[str, float]:
@@ -64,25 +70,14 @@ def read_bandwidth(threads: int, gib: float = 1.0, reps: int = 5) -> dict[str, f
 
 def gemm_flops(threads: int, n: int = 2048, reps: int = 5) -> float:
     """FLOP/s of an ONNX Runtime fp32 MatMul [n,n] x [n,n] (best of ``reps``): the compute roof."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     w = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
     g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemm",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "w")])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    s = ort.InferenceSession(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(), so,
-                             providers=["CPUExecutionProvider"])
-    x = np.ones((n, n), np.float32)
-    s.run(None, {"x": x})
-    best = math.inf
-    for _ in range(reps):
-        t = time.perf_counter()
-        s.run(None, {"x": x})
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    return 2 * n**3 / _best_seconds(m, np.ones((n, n), np.float32), threads, reps)
 
 
 def step_flops(cfg: dict, wbytes: int, batch: int, context: int) -> float:

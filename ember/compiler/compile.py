@@ -108,20 +108,31 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
             build["compile_times_s"] = log.times
             m = mf.Manifest(
                 kind="decoder",
-                model={"name": src.name, "family": c.family, "origin": src.origin, "seed": src.seed, "config": c.to_dict()},
+                model=model_record(src),
                 parts=[part],
                 tokenizer=tokenizer,
                 quantization=quant_info,
                 build=build,
                 tables=[mf.file_record(tmp, t) for t in sorted(_tables(tmp))],
                 extra={"dtype": options.dtype, "export_check": check.to_dict() if check else None,
-                       "options": {k: v for k, v in asdict(options).items() if k not in ("quiet", "overwrite")}},
+                       "options": options_record(options)},
             )
             write_manifest(tmp, m)
     if not options.quiet:
         total = sum((Path(out) / f).stat().st_size for f in files)
         log.note(f"wrote {out} ({total / 1e6:.1f} MB engine)")
     return m
+
+
+def model_record(src) -> dict:
+    """The manifest's ``model`` entry for a decoder source."""
+    c = src.config
+    return {"name": src.name, "family": c.family, "origin": src.origin, "seed": src.seed, "config": c.to_dict()}
+
+
+def options_record(options: CompileOptions) -> dict:
+    """The compile options as recorded in the manifest (presentation-only fields left out)."""
+    return {k: v for k, v in asdict(options).items() if k not in ("quiet", "overwrite")}
 
 
 def write_tokenizer(src, folder: Path) -> dict | None:

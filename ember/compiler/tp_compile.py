@@ -131,13 +131,10 @@ def compile_tp(src, tmp_folder: Path, options, log: StageLog) -> list[mf.EngineP
 def compile_tp_folder(src, out, options, log: StageLog) -> mf.Manifest:
     """The whole ``--tp N`` compile after the source is loaded: parts, tokenizer, manifest,
     written atomically to ``out`` (called by ``compile_decoder`` when ``options.tp > 1``)."""
-    from dataclasses import asdict
-
     from ember.compiler.artifact import atomic_folder, write_manifest
-    from ember.compiler.compile import write_tokenizer
+    from ember.compiler.compile import model_record, options_record, write_tokenizer
 
     log.total = log.i + 3 + int(options.validate)
-    c = src.config
     with atomic_folder(out, overwrite=options.overwrite) as tmp:
         parts = compile_tp(src, tmp, options, log)
         with log.stage("writing tokenizer and manifest"):
@@ -146,10 +143,10 @@ def compile_tp_folder(src, out, options, log: StageLog) -> mf.Manifest:
             build["compile_times_s"] = log.times
             m = mf.Manifest(
                 kind="decoder",
-                model={"name": src.name, "family": c.family, "origin": src.origin, "seed": src.seed, "config": c.to_dict()},
+                model=model_record(src),
                 parts=parts, tokenizer=tokenizer, build=build,
                 extra={"dtype": options.dtype, "tp": parts[0].extra["tp"],
-                       "options": {k: v for k, v in asdict(options).items() if k not in ("quiet", "overwrite")}},
+                       "options": options_record(options)},
             )
             write_manifest(tmp, m)
     size = sum(p.size for p in parts) / options.tp

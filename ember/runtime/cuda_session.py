@@ -143,12 +143,8 @@ class CudaStepSession:
                 return self._run_graph(input_ids, positions, past_lengths, new_lengths, kv)
             return self._run_plain(input_ids, positions, past_lengths, new_lengths, kv)
 
-    def _run_plain(self, input_ids, positions, past_lengths, new_lengths, kv) -> tuple[Any, list]:
-        b, t = input_ids.shape
-        torch = self.torch
-        small = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.device)
-                 for a in (input_ids, positions, past_lengths, new_lengths)]
-        logits, new = self._outputs(b, t, kv)
+    def _binding(self, small: list, kv: list, logits, new: list):
+        """An IOBinding of the four small inputs, the KV views and the preallocated outputs."""
         binding = self.sess.io_binding()
         for name, a in zip(self.input_names[:4], small):
             self._bind(binding, name, a)
@@ -157,6 +153,15 @@ class CudaStepSession:
         self._bind_out(binding, "logits", logits)
         for name, a in zip(self.output_names[1:], new):
             self._bind_out(binding, name, a)
+        return binding
+
+    def _run_plain(self, input_ids, positions, past_lengths, new_lengths, kv) -> tuple[Any, list]:
+        b, t = input_ids.shape
+        torch = self.torch
+        small = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.device)
+                 for a in (input_ids, positions, past_lengths, new_lengths)]
+        logits, new = self._outputs(b, t, kv)
+        binding = self._binding(small, kv, logits, new)
         # In a graph-enabled session a run without a graph id is captured as graph 0 and
         # replayed for every later such run, whatever its shapes: -1 opts out of capture.
         self.sess.run_with_iobinding(binding, self._no_graph)
@@ -176,14 +181,7 @@ class CudaStepSession:
                      torch.zeros((b,), dtype=torch.int64, device=self.device),
                      torch.zeros((b,), dtype=torch.int64, device=self.device)]
             logits, new = self._outputs(b, 1, kv)
-            binding = self.sess.io_binding()
-            for name, a in zip(self.input_names[:4], small):
-                self._bind(binding, name, a)
-            for name, a in zip(self.input_names[4:], kv):
-                self._bind(binding, name, a)
-            self._bind_out(binding, "logits", logits)
-            for name, a in zip(self.output_names[1:], new):
-                self._bind_out(binding, name, a)
+            binding = self._binding(small, kv, logits, new)
             self._graph_ids += 1
             ro = ort.RunOptions()
             ro.add_run_config_entry("gpu_graph_id", str(self._graph_ids))
