@@ -2,14 +2,16 @@
 
 Arms, measured in one run on the same prompts and seeds (prompt-major, arms interleaved so
 machine-load drift hits all arms alike):
-  FP32 uncached (baseline) | uniform N=3 | uniform N=5 | DP N=5 | DP N=5 + DEC |
-  W8A8 uncached | DP N=5 + W8A8 | DP N=5 + W8A8 + DEC
+  FP32 uncached (baseline) | uniform N=3 | uniform N=5 | DP N=5 (DESIGN §5's unweighted J) |
+  DP N=5 (sampler-weighted J, the default) | DP N=5 + DEC | W8A8 uncached | DP N=5 + W8A8 |
+  DP N=5 + W8A8 + DEC
 Columns: UNet-loop and end-to-end wall-clock speedup vs baseline, UNet-loop MACs ratio,
 UNet weight-size ratio, PSNR of the decoded uint8 image and relative L2 error of the final
-latent vs the baseline's. Plus a fused-batch demo: the eval prompts as staggered requests
-through one loop vs one after another.
+latent vs the baseline's. Plus: per-call times of each UNet engine in FP32 and W8A8 (interleaved
+calls, median), the non-UNet costs per image, and a fused-batch demo: the eval prompts as
+staggered requests through one loop vs one after another.
 
-    python benchmarks/diffusion.py --compile-only        # builds the 4 engine folders (no timing)
+    python benchmarks/diffusion.py --compile-only        # builds the 5 engine folders (no timing)
     flock /tmp/ember-bench.lock python benchmarks/diffusion.py [--steps 50] [--prompts 3]
 Engine folders live in --root (default artifacts/bench-diffusion-<model>-<steps>) and are reused
 when present, so the timed run holds the benchmark lock only for the measurements.
@@ -50,6 +52,7 @@ def compile_all(root: Path, steps: int, model: str) -> tuple[dict[str, Path], fl
     common = dict(steps=steps, calib_prompts=CALIB, quiet=True)
     plan = {
         "float_dp5": DiffusionCompileOptions(cache_interval=5, schedule="dp", dec=True, **common),
+        "float_dp5_unweighted": DiffusionCompileOptions(cache_interval=5, schedule="dp", schedule_weights="none", **common),
         "uniform3": DiffusionCompileOptions(cache_interval=3, schedule="uniform", **common),
         "uniform5": DiffusionCompileOptions(cache_interval=5, schedule="uniform", **common),
         "w8a8_dp5": DiffusionCompileOptions(cache_interval=5, schedule="dp", quantize="int8", dec=True, **common),
@@ -74,6 +77,7 @@ ARMS = {
     "FP32 uncached (baseline)": ("float_dp5", dict(cache=False)),
     "uniform N=3": ("uniform3", {}),
     "uniform N=5": ("uniform5", {}),
+    "DP N=5, unweighted J": ("float_dp5_unweighted", {}),
     "DP N=5": ("float_dp5", dict(dec=False)),
     "DP N=5 + DEC": ("float_dp5", {}),
     "W8A8 uncached": ("w8a8_dp5", dict(cache=False)),
@@ -110,7 +114,8 @@ def run(args) -> dict:
         seed = 100 + i
         for arm, (key, kw) in ARMS.items():
             r = pipes[key].generate(prompt, steps=args.steps, seed=seed, **kw)
-            rec[arm].append({"unet_s": r.timings["unet_s"], "total_s": r.timings["total_s"], "image": r.images[0],
+            rec[arm].append({"unet_s": r.timings["unet_s"], "total_s": r.timings["total_s"], "timings": r.timings,
+                             "image": r.images[0],
                              "latents": r.latents[0], "full": r.loop.full_calls, "shallow": r.loop.shallow_calls})
         print(f"prompt {i + 1}/{len(prompts)} done ({time.perf_counter() - t_start:.0f} s)", flush=True)
     base = rec["FP32 uncached (baseline)"]
@@ -137,25 +142,49 @@ def run(args) -> dict:
             "latent_rel_err": float(np.mean([rel_err(r["latents"], b["latents"]) for r, b in zip(rs, base)])),
         })
     fused = fused_demo(pipes["float_dp5"], prompts, args.steps)
-    n = len(prompts)
-    by = {r["arm"]: r for r in rows}
-
-    def per_call(uncached: str, cached: str) -> tuple[float, float]:
-        """ms per UNet call (batch 2 = CFG rows) of the full and shallow engine."""
-        t_full = by[uncached]["unet_s"] / (n * args.steps)
-        c = by[cached]
-        t_shallow = (c["unet_s"] - n * c["full_steps"] * t_full) / (n * c["shallow_steps"])
-        return 1000 * t_full, 1000 * t_shallow
-
-    calls = {"fp32": per_call("FP32 uncached (baseline)", "DP N=5"), "w8a8": per_call("W8A8 uncached", "DP N=5 + W8A8")}
+    calls = engine_call_ms(pipes["float_dp5"], pipes["w8a8_dp5"])
     macs = json.loads((folders["float_dp5"] / "manifest.json").read_text())["extra"]["diffusion"]["macs_per_sample"]
     schedules = {k: json.loads((v / "manifest.json").read_text())["extra"]["diffusion"]["cache"] for k, v in folders.items()}
+    non_unet = {k: float(np.median([r["timings"][k] for r in base])) for k in ("text_s", "vae_s")}
+    non_unet["loop_other_s"] = float(np.median([r["timings"]["loop_s"] - r["timings"]["unet_s"] for r in base]))
     return {"machine": info, "model": args.model, "steps": args.steps, "guidance_scale": 7.5, "sampler": "DDIM (eta=0)",
             "eval_prompts": list(prompts), "calib_prompts": list(CALIB), "compile_s": compile_s, "rows": rows,
-            "fused": fused, "ms_per_call": {k: {"full": v[0], "shallow": v[1]} for k, v in calls.items()},
-            "macs_full_over_shallow": macs["unet_full"] / macs["unet_shallow"],
-            "non_unet_s_per_image": float(np.mean([r["total_s"] - r["unet_s"] for r in base])), "schedules": {k: v["full_steps"] for k, v in schedules.items()},
+            "fused": fused, "ms_per_call": calls, "macs_full_over_shallow": macs["unet_full"] / macs["unet_shallow"],
+            "non_unet_s_per_image": float(np.mean([r["total_s"] - r["unet_s"] for r in base])),
+            "non_unet_parts_s": non_unet, "schedules": {k: v["full_steps"] for k, v in schedules.items()},
             "total_s": time.perf_counter() - t_start}
+
+
+def engine_call_ms(fp32, w8a8, rounds: int = 12) -> dict[str, dict[str, float]]:
+    """Median (and min) ms of one UNet call at batch 2 (the CFG rows), the four engines'
+    calls interleaved round by round so load from other processes hits them alike."""
+    steps = int(fp32.spec["steps"])
+    jobs, _ = fp32.make_jobs(["a lighthouse on a cliff"], steps=steps, seed=7, cache=False)
+    feeds: dict[str, dict] = {}
+
+    def grab(job, kind, f, outs):  # real inputs from one step a fifth into the trajectory
+        if kind == "full" and job.step == steps // 5:
+            feeds["full"] = dict(f)
+            feeds["shallow"] = {**f, "cached": outs[1], "cache_scale": np.ones((2, outs[1].shape[1]), np.float32),
+                                "cache_bias": np.zeros((2, outs[1].shape[1]), np.float32)}
+
+    fp32.run_jobs(jobs, observer=grab)
+    qc = int(fp32.spec["quant_channels"])
+    feeds["shallow"].update(quant_scale=np.ones((2, qc), np.float32), quant_bias=np.zeros((2, qc), np.float32))
+    engines = {("fp32", "full"): fp32.full, ("fp32", "shallow"): fp32.shallow,
+               ("w8a8", "full"): w8a8.full, ("w8a8", "shallow"): w8a8.shallow}
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in engines}
+    for _ in range(rounds):
+        for (prec, kind), eng in engines.items():
+            t0 = time.perf_counter()
+            eng.run(feeds[kind])
+            times[(prec, kind)].append(1000 * (time.perf_counter() - t0))
+    out: dict[str, dict[str, float]] = {"fp32": {}, "w8a8": {}}
+    for (prec, kind), ts in times.items():
+        out[prec][kind] = float(np.median(ts))
+        out[prec][f"{kind}_min"] = float(np.min(ts))
+    return out
+
 
 
 def fused_demo(pipe, prompts, steps: int) -> dict:
@@ -180,10 +209,12 @@ def write(res: dict) -> None:
         f"# Diffusion: cache reuse, DP schedule, W8A8, DEC — {res['model']}, {res['steps']} DDIM steps, CFG 7.5",
         "",
         f"Machine: {machine_line(m)}; load average at start {m['load_avg_1m_at_start']}.",
-        f"{len(res['eval_prompts'])} held-out prompts (one seed each); speedups are the median over prompts of "
-        f"(baseline time / arm time) for the same prompt in the same run (arms interleaved per prompt); fidelity is the "
-        f"mean over prompts. Compile of the 4 engine folders (calibration, quantization and DEC fits included): "
-        f"{res['compile_s']:.0f} s; the timed part {res['total_s']:.0f} s.",
+        f"{len(res['eval_prompts'])} held-out prompts (one seed each; {len(res['calib_prompts'])} other prompts calibrate); "
+        f"speedups are the median over prompts of (baseline time / arm time) for the same prompt in the same run (arms "
+        f"interleaved per prompt); fidelity is the mean over prompts. Compile of the {len(res['schedules'])} engine "
+        f"folders (calibration, quantization and DEC fits included): {res['compile_s']:.0f} s; the timed part "
+        f"{res['total_s']:.0f} s. \"DP\" is the DP schedule with the sampler-weighted objective (the default); "
+        "\"unweighted J\" is DESIGN §5's objective as written.",
         "",
         "| arm | full/shallow steps | UNet-loop speedup | end-to-end speedup | UNet MACs ratio | UNet weight-size ratio | PSNR vs baseline (dB) | final-latent rel. error |",
         "|---|---|---|---|---|---|---|---|",
@@ -193,26 +224,49 @@ def write(res: dict) -> None:
         lines.append(f"| {r['arm']} | {r['full_steps']}/{r['shallow_steps']} | {r['unet_speedup']:.2f}× | "
                      f"{r['e2e_speedup']:.2f}× | {r['macs_ratio']:.2f}× | {r['weight_ratio']:.2f}× | {ps} | "
                      f"{r['latent_rel_err']:.4f} |")
-    f, c = res["fused"], res["ms_per_call"]
-    got = next(r for r in res["rows"] if r["arm"] == "DP N=5 + W8A8 + DEC")["e2e_speedup"]
-    same = [r["unet_speedup"] for r in res["rows"] if r["arm"] in ("uniform N=5", "DP N=5", "DP N=5 + DEC")]
+    f, c, by = res["fused"], res["ms_per_call"], {r["arm"]: r for r in res["rows"]}
+    got = by["DP N=5 + W8A8 + DEC"]["e2e_speedup"]
+    same = [by[a]["unet_speedup"] for a in ("uniform N=5", "DP N=5, unweighted J", "DP N=5", "DP N=5 + DEC")]
     verdict = "met" if got >= 5 else f"short by {5 - got:.2f}× ({got / 5:.0%} of the target)"
+    t, k = res["steps"], by["DP N=5 + W8A8 + DEC"]["full_steps"]
+    o = res["non_unet_s_per_image"] * 1000
+    model = (t * c["fp32"]["full"] + o) / (k * c["w8a8"]["full"] + (t - k) * c["w8a8"]["shallow"] + o)
+    n = res["non_unet_parts_s"]
+
+    def fid(arm: str) -> str:
+        return f"{by[arm]['psnr_db']:.2f} dB / {by[arm]['latent_rel_err']:.4f}"
+
     lines += [
         "",
-        f"Target ≥ 5× end-to-end for DP N=5 + W8A8 + DEC: measured {got:.2f}× — {verdict}. Why: the shallow "
-        "engine is 6 % of the full one's MACs but a larger share of its time (memory-bound attention at the "
-        "highest resolution), INT8 on this CPU speeds the full engine up modestly and slows the small shallow "
-        "engine (Q/DQ overhead), and text encoder + VAE decode are fixed costs. See docs/diffusion.md.",
+        f"**Target ≥ 5× end-to-end** for DP N=5 + W8A8 + DEC: measured {got:.2f}× — {verdict}. From the per-call "
+        f"medians below, {k} W8A8 full + {t - k} W8A8 shallow calls + the non-UNet work against {t} FP32 full calls "
+        f"predict {model:.2f}×. Why not 5×: (1) W8A8 buys only {c['fp32']['full'] / c['w8a8']['full']:.2f}× per full "
+        "call on this AVX2 CPU without VNNI (7-bit weights, u8s8 kernels; the attention softmax and score matmuls stay "
+        f"float); (2) the shallow engine is {1 / res['macs_full_over_shallow']:.0%} of the full one's MACs but "
+        f"{c['w8a8']['shallow'] / c['w8a8']['full']:.0%} of its time — its one self-attention over the 32×32 latent "
+        "is memory-bound; (3) text encoder + VAE decode + sampler are a fixed cost per image.",
         "",
-        f"Timing noise: the arms doing identical work (uniform N=5, DP N=5, DP N=5 + DEC) measured "
+        f"**DP vs uniform** (N=5, 10 full steps each): uniform {fid('uniform N=5')}; DP with DESIGN §5's unweighted J "
+        f"{fid('DP N=5, unweighted J')}; DP with the sampler-weighted J {fid('DP N=5')} (PSNR / final-latent error).",
+        "",
+        f"**DEC**: FP32 DP {fid('DP N=5')} → + DEC {fid('DP N=5 + DEC')}; W8A8 DP {fid('DP N=5 + W8A8')} → + DEC "
+        f"{fid('DP N=5 + W8A8 + DEC')}.",
+        "",
+        f"Timing noise: the arms doing identical work (uniform N=5, both DP N=5, DP N=5 + DEC) measured "
         f"{min(same):.2f}×–{max(same):.2f}× UNet-loop speedup (machine shared with other jobs); "
         "fidelity columns are deterministic.",
         "",
-        f"Per UNet call (batch 2, CFG rows): full {c['fp32']['full']:.0f} ms FP32 / {c['w8a8']['full']:.0f} ms W8A8; "
-        f"shallow {c['fp32']['shallow']:.0f} ms FP32 / {c['w8a8']['shallow']:.0f} ms W8A8 "
-        f"(time ratio full/shallow {c['fp32']['full'] / c['fp32']['shallow']:.1f}× vs MACs ratio "
-        f"{res['macs_full_over_shallow']:.1f}×). Text encoder + DDIM + VAE decode: "
-        f"{res['non_unet_s_per_image']:.2f} s per image.",
+        "Per UNet call, batch 2 (CFG rows), median (min) of interleaved calls:",
+        "",
+        "| engine | FP32 ms | W8A8 ms | FP32 / W8A8 |",
+        "|---|---|---|---|",
+        *[f"| {e} | {c['fp32'][e]:.1f} ({c['fp32'][e + '_min']:.1f}) | {c['w8a8'][e]:.1f} ({c['w8a8'][e + '_min']:.1f}) | "
+          f"{c['fp32'][e] / c['w8a8'][e]:.2f}× |" for e in ("full", "shallow")],
+        "",
+        f"Time ratio full/shallow {c['fp32']['full'] / c['fp32']['shallow']:.1f}× (FP32), "
+        f"{c['w8a8']['full'] / c['w8a8']['shallow']:.1f}× (W8A8) vs MACs ratio {res['macs_full_over_shallow']:.1f}×. "
+        f"Non-UNet work per image (baseline arm, median): text encoder {1000 * n['text_s']:.0f} ms, VAE decode "
+        f"{1000 * n['vae_s']:.0f} ms, DDIM updates + feeds {1000 * n['loop_other_s']:.0f} ms.",
         "",
         f"Fused staggered batch (DP N=5): {f['requests']} requests, request i joins at step {f['stagger_steps']}·i: "
         f"{f['fused_s']:.1f} s fused vs {f['sequential_s']:.1f} s one after another ({f['speedup']:.2f}×; "

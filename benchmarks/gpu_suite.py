@@ -38,10 +38,13 @@ SECTIONS = ["env", "bandwidth", "compile", "correctness", "fp16", "fusions", "ro
 # FP16 variants measured side by side: ONNX Runtime's default (RMSNorm left to its fused
 # kernel) and TensorRT's (RMSNorm statistics kept in an FP32 island).
 VARIANTS = {"fp16": ("rope",), "fp16-normfp32": ("norm", "rope")}
+FUSED = "fp16-fused"  # the fp16 folder with its fused decode part (GroupQueryAttention) running decode steps
 
 
-def derive_fp16(src: Path, dst: Path, keep: tuple[str, ...]) -> None:
-    """Write engine folder ``dst``: ``src``'s FP32 step graph through the FP16 pass."""
+def derive_fp16(src: Path, dst: Path, keep: tuple[str, ...], fused: bool = False) -> None:
+    """Write engine folder ``dst``: ``src``'s FP32 step graph through the FP16 pass (plus, with
+    ``fused``, the fused decode part built from the same seeded weights, as ``ember compile
+    --dtype fp16`` writes it)."""
     import shutil
 
     import onnx
@@ -64,6 +67,16 @@ def derive_fp16(src: Path, dst: Path, keep: tuple[str, ...]) -> None:
                                  size=rec["size"], inputs=ins, outputs=outs,
                                  external_data=[mf.file_record(tmp, f) for f in files if f != "step.onnx"],
                                  extra={"dtype": "fp16", "keep_fp32": list(keep)})]
+        if fused:
+            from ember.compiler.compile import CompileOptions, fused_decode_part
+            from ember.export.sources import resolve_decoder_source
+            from ember.progress import StageLog
+
+            source = resolve_decoder_source(m.model["name"], seed=m.model["seed"])
+            log = StageLog(total=1)
+            part, _ = fused_decode_part(source, tmp, CompileOptions(dtype="fp16"), log)
+            m.parts.append(part)
+            del source
         m.extra = {**m.extra, "dtype": "fp16", "derived_from": str(src)}
         write_manifest(tmp, m)
 
@@ -126,7 +139,7 @@ class Suite:
                 t = time.perf_counter()
                 dst = self.art / f"{model}-{variant}"
                 if not (dst / "manifest.json").exists():
-                    derive_fp16(f32, dst, keep)
+                    derive_fp16(f32, dst, keep, fused=variant == "fp16")
                 out[f"{model}-{variant}"] = round(time.perf_counter() - t, 1)
         return {"seconds_per_folder": out, "variants": {k: list(v) for k, v in VARIANTS.items()}}
 
@@ -163,19 +176,24 @@ class Suite:
             f = self._folder(name)
             m = read_manifest(f)
             exs[name] = make_cuda_executor(f, m, m.part("step"), "cuda:0", rows, plen + steps + 1, cuda_graph=False)
+        m16 = read_manifest(self._folder("fp16"))
+        if m16.find_part("decode"):  # decode steps through the fused (GroupQueryAttention) part
+            exs[FUSED] = make_cuda_executor(self._folder("fp16"), m16, m16.part("step"), "cuda:0", rows,
+                                            plen + steps + 1, cuda_graph=False, decode_part=m16.find_part("decode"))
+        variants = [v for v in exs if v != "fp32"]
         cfg = m.model["config"]
         rng = np.random.default_rng(2)
         ids = rng.integers(0, cfg["vocab_size"], (rows, plen)).astype(np.int64)
         pos = np.tile(np.arange(plen, dtype=np.int64), (rows, 1))
         new = np.full(rows, plen, np.int64)
-        stats = {v: {"agree": 0, "ties": 0, "rel": []} for v in VARIANTS}
+        stats = {v: {"agree": 0, "ties": 0, "rel": []} for v in variants}
         total = 0
         for step in range(steps + 1):
             l32 = exs["fp32"].run(0, ids, pos, new)
             a32 = l32.argmax(-1)
             srt = np.sort(l32, axis=-1)
             gap = srt[:, -1] - srt[:, -2]
-            for v in VARIANTS:
+            for v in variants:
                 l16 = exs[v].run(0, ids, pos, new)
                 a16 = l16.argmax(-1)
                 stats[v]["agree"] += int((a32 == a16).sum())
@@ -238,6 +256,17 @@ class Suite:
                                                      steps=self.a.steps)
         res["normfp32_cuda_graph_status"] = gv.cuda_graph_status
         del gv
+        if m.find_part("decode"):  # the fused decode part, same pool: plain launches, then CUDA graphs
+            from ember.runtime.cuda_session import CudaDecodeSession
+
+            for graphs in (False, True):
+                d = CudaDecodeSession(f / m.part("decode").file, m.model["config"]["num_layers"], cuda_graph=graphs)
+                key = "fused_rows_cuda_graph" if graphs else "fused_rows"
+                res[key] = gpu_roofline.roofline(DeviceExecutor(ex.session, ex.pool, decode=d), m, f, batches,
+                                                 self.a.live, bw, steps=self.a.steps)
+                res[key + "_status"] = d.cuda_graph_status
+                del d
+            self.roof_fused = res["fused_rows_cuda_graph"]
         self.roof = res
         return res
 
@@ -265,7 +294,8 @@ class Suite:
         p = s.get("fp16", {})
         if p.get("ok"):
             for v, st in p["variants"].items():
-                lines.append(f"FP16 ({v}: FP32 regions {list(VARIANTS[v])}) vs FP32 next-token top-1 agreement: "
+                regions = list(VARIANTS.get(v, VARIANTS["fp16"]))
+                lines.append(f"FP16 ({v}: FP32 regions {regions}) vs FP32 next-token top-1 agreement: "
                              f"{st['top1_agreement']:.4f} over {p['compared']} predictions "
                              f"({st['disagreements_within_2pct_of_max_logit_gap']} of the disagreements were near-ties); "
                              f"logits rel. error median {st['logits_rel_error_median']:.2e}, "
@@ -276,6 +306,11 @@ class Suite:
                       f"CUDA graphs: {r['cuda_graph_status']}", ""]
             if r.get("rows_cuda_graph"):
                 lines += ["With CUDA graphs:", "", gpu_roofline.markdown(r["rows_cuda_graph"], r["bandwidth"], r["device"]), ""]
+            for key, what in (("fused_rows", "plain launches"), ("fused_rows_cuda_graph", "CUDA graphs")):
+                if r.get(key):
+                    lines += [f"Fused decode part (GroupQueryAttention, K/V in place), {what} "
+                              f"({r.get(key + '_status')}):", "",
+                              gpu_roofline.markdown(r[key], r["bandwidth"], r["device"]), ""]
             if r.get("normfp32_rows"):
                 lines += [f"FP16 variant with the RMSNorm FP32 island (CUDA graphs {r['normfp32_cuda_graph_status']}):", "",
                           gpu_roofline.markdown(r["normfp32_rows"], r["bandwidth"], r["device"]), ""]
@@ -318,8 +353,8 @@ def main() -> None:
     (suite.out / "gpu_suite.md").write_text(md + "\n")
     if getattr(suite, "roof", None):
         try:
-            gpu_roofline.plot(suite.roof["rows"], suite.out / "gpu_roofline.png",
-                              f"{a.model} FP16 decode, {suite.roof['device']}")
+            rows = suite.roof.get("fused_rows_cuda_graph") or suite.roof.get("rows_cuda_graph") or suite.roof["rows"]
+            gpu_roofline.plot(rows, suite.out / "gpu_roofline.png", f"{a.model} FP16 decode, {suite.roof['device']}")
         except Exception:
             traceback.print_exc()
     print(md)

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ember.bench.model import BenchModel  # noqa: E402
 from ember.compiler.manifest import read_manifest, verify_files  # noqa: E402
-from ember.runtime.cuda_session import CudaStepSession, DeviceExecutor, logits_to_host  # noqa: E402
+from ember.runtime.cuda_session import (CudaDecodeSession, CudaStepSession, DeviceExecutor,  # noqa: E402
+                                       logits_to_host)
 from ember.runtime.device_kv_pool import DeviceKVPool  # noqa: E402
 
 
@@ -60,6 +61,11 @@ class GpuBenchModel(BenchModel):
         self.eos_token_id, self.threads = cfg.get("eos_token_id"), None
         self.device_session = CudaStepSession(self.folder / part.file, self.num_layers, cuda_graph=cuda_graph)
         self.session = HostLogitsSession(self.device_session)
+        decode = self.manifest.find_part("decode")  # the fused decode part, as ember.load(device=) uses it
+        self.decode = None
+        if decode is not None:
+            self.decode = CudaDecodeSession(self.folder / decode.file, self.num_layers, cuda_graph=cuda_graph)
+            self.decode.lock = self.device_session.lock
 
     def pool(self, slots: int) -> DeviceKVPool:
         return DeviceKVPool(self.num_layers, self.num_kv_heads, self.head_dim, slots=slots,
@@ -67,7 +73,7 @@ class GpuBenchModel(BenchModel):
 
     def executor(self, max_batch: int) -> DeviceExecutor:
         """The runtime's GPU executor (what ``ember.load(device=)`` builds) over a device KV pool."""
-        return DeviceExecutor(self.device_session, self.pool(max_batch))
+        return DeviceExecutor(self.device_session, self.pool(max_batch), decode=self.decode)
 
 
 class _OnDevice:
@@ -126,7 +132,9 @@ def run(folder, model_name: str, out: Path, small: bool = False) -> dict:
 
     def machine_info() -> dict:
         m = base()
-        m["cpu"] = f"{gpu} GPU (onnxruntime-gpu CUDA EP, CUDA graphs {model.device_session.cuda_graph_status}); host {m['cpu']}"
+        fused = "fused decode part (GroupQueryAttention)" if model.decode is not None else "step graph only"
+        m["cpu"] = (f"{gpu} GPU (onnxruntime-gpu CUDA EP, CUDA graphs {model.device_session.cuda_graph_status}, "
+                    f"{fused}); host {m['cpu']}")
         return m
 
     runner.machine_info = machine_info

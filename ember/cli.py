@@ -37,6 +37,9 @@ def _add_compile(sub) -> None:
     p.add_argument("--smoothquant", type=float, metavar="ALPHA", help="SmoothQuant migration strength (e.g. 0.5)")
     p.add_argument("--max-error", type=float, help="fail if the quantized engine's relative error exceeds this")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (one engine per rank)")
+    p.add_argument("--fused-decode", default="auto", choices=["auto", "on", "off"],
+                   help="add the fused decode graph (ONNX Runtime GroupQueryAttention, K/V updated in place) that "
+                        "runs one-token steps; auto = llama family with --dtype fp16 (docs/gpu.md)")
     p.add_argument("--seed", type=int, default=0, help="seed of a built-in config's random weights")
     trt = p.add_argument_group("TensorRT (--backend tensorrt; see docs/gpu.md)")
     trt.add_argument("--version-compatible", action="store_true", help="plan loads on later TensorRT of the same major")
@@ -75,7 +78,8 @@ def _cmd_compile(a) -> int:
         raise EmberError(f"TensorRT options ({', '.join('--' + k.replace('_', '-') for k in extra)}) need --backend tensorrt")
     opts = CompileOptions(backend=a.backend, dtype=a.dtype, quantize=a.quantize, calib=a.calib,
                           calib_method=a.calib_method, smoothquant=a.smoothquant, max_error=a.max_error,
-                          seed=a.seed, validate=not a.no_validate, tp=a.tp, quiet=a.quiet, extra=extra)
+                          seed=a.seed, validate=not a.no_validate, tp=a.tp, fused_decode=a.fused_decode,
+                          quiet=a.quiet, extra=extra)
     compile_decoder(a.source, out, opts)
     return 0
 

@@ -39,3 +39,28 @@ def test_ddim_rejects_bad_steps_and_configs() -> None:
 
     with pytest.raises(ArtifactError, match="v_prediction"):
         DDIM.from_config({**SD1_SCHEDULER, "prediction_type": "v_prediction"})
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_eps_weights_are_how_far_an_eps_error_moves_x0(spacing: str) -> None:
+    """With a noise prediction that ignores x, the DDIM loop is affine in each step's eps: an error
+    d at step i must move the final latent by exactly eps_weights[i] * d (in the x_0 scale)."""
+    cfg = {**SD1_SCHEDULER, "timestep_spacing": spacing}
+    ddim, steps = DDIM.from_config(cfg), 20
+    ts = ddim.timesteps(steps)
+    rng = np.random.default_rng(0)
+    x0, eps = rng.standard_normal((1, 4, 2, 2)).astype(np.float64), rng.standard_normal((1, 4, 2, 2))
+
+    def final(bump_step: int | None) -> np.ndarray:
+        x = x0.astype(np.float32)
+        for i, t in enumerate(ts):
+            e = eps + (1e-2 if i == bump_step else 0.0)
+            x = ddim.step(e.astype(np.float32), np.array([t]), x, np.array([steps]))
+        return x.astype(np.float64)
+
+    w = ddim.eps_weights(steps)
+    assert w.shape == (steps,) and (w > 0).all() and w[0] > 5 * w[steps // 2]  # early steps weigh most
+    plain = final(None)
+    for i in (0, 3, steps // 2, steps - 1):
+        moved = float(np.mean(np.abs(final(i) - plain))) / 1e-2
+        assert moved == pytest.approx(w[i], rel=2e-2), i

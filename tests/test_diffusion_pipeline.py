@@ -80,6 +80,38 @@ def test_cached_run_follows_schedule_and_fused_staggered_batch_matches_solo(dp_e
         np.testing.assert_allclose(fused.latents[i], solo.latents[0], rtol=1e-4, atol=1e-4 * np.abs(solo.latents).max())
 
 
+def _run_and_record(pipe, **kw) -> list[tuple[int, str, dict]]:
+    """(step, engine, feeds) of every UNet call of one request, as the loop ran them."""
+    calls: list[tuple[int, str, dict]] = []
+    jobs, _ = pipe.make_jobs(["a cat"], steps=STEPS, seed=1, **kw)
+    pipe.run_jobs(jobs, observer=lambda job, kind, feeds, outs: calls.append((job.step, kind, feeds)))
+    return calls
+
+
+def test_loop_runs_exactly_the_manifest_schedule_and_feeds_the_dec_rows(dp_engine, tmp_path) -> None:
+    """Each arm must run its own schedule: the full steps the loop ran are the manifest's, a uniform
+    engine runs the uniform ones, and shallow steps get the DEC table's rows (identity with dec=False)."""
+    pipe = ember.load(dp_engine)
+    cache = pipe.manifest.extra["diffusion"]["cache"]
+    assert cache["weights"] == "sampler"
+    calls = _run_and_record(pipe)
+    assert [s for s, kind, _ in calls if kind == "full"] == cache["full_steps"]
+    with np.load(dp_engine / "dec.npz") as z:
+        tables = {k: z[k] for k in z.files}
+    shallow = [(s, f) for s, kind, f in calls if kind == "shallow"]
+    assert len(shallow) == STEPS - len(cache["full_steps"])
+    for s, f in shallow:
+        for name in ("cache_scale", "cache_bias", "quant_scale", "quant_bias"):
+            np.testing.assert_array_equal(f[name], np.repeat(tables[name][s][None], 2, 0))
+    assert any(not np.allclose(tables["cache_scale"][s], 1.0) for s, _ in shallow)
+    for s, f in [(s, f) for s, kind, f in _run_and_record(pipe, dec=False) if kind == "shallow"]:
+        assert (f["cache_scale"] == 1).all() and (f["cache_bias"] == 0).all()
+    uni = tmp_path / "tiny-uniform"
+    compile_diffusion("sd-tiny", uni, DiffusionCompileOptions(steps=STEPS, cache_interval=3, schedule="uniform", quiet=True))
+    assert [s for s, kind, _ in _run_and_record(ember.load(uni)) if kind == "full"] == [0, 3, 6, 9]
+    assert all(k == "full" for _, k, _ in _run_and_record(pipe, cache=False))
+
+
 def test_dec_reduces_cached_feature_error_on_held_out_prompts(dp_engine) -> None:
     pipe = ember.load(dp_engine)
     fit = calib.collect_trajectories(pipe, ["a cat", "a dog", "a house", "a tree"], STEPS, seed=0, guidance_scale=7.5)
@@ -115,6 +147,30 @@ def test_quantized_dec_compile_and_generate(tiny_folder, tmp_path) -> None:
     pipe = ember.load(out)
     res = pipe.generate("a cat", steps=8)
     assert res.loop.shallow_calls == 4 and np.isfinite(res.latents).all()
+
+
+def test_quantized_engines_run_fused_int8_kernels(tiny_folder, tmp_path) -> None:
+    """The runtime must load Q/DQ parts with the ORT optimizers the compiler disabled: with
+    CommonSubexpressionElimination on, q/k/v projections and Gemms ran as float ops that
+    dequantize their weights every call (measured on sd-small: W8A8 slower than FP32)."""
+    import onnx
+
+    from ember.runtime.diffusion.engines import PartSession
+
+    out = tmp_path / "tiny-q"
+    m = compile_diffusion(str(tiny_folder), out, DiffusionCompileOptions(
+        steps=4, quantize="int8", quiet=True, calib_prompts=("a cat",)))
+    for name in ("unet_full", "unet_shallow"):
+        part = m.part(name)
+        assert "CommonSubexpressionElimination" in part.extra["ort_disabled_optimizers"]
+        PartSession(out, part, optimized_path=tmp_path / f"{name}.opt.onnx")
+        g = onnx.load(str(tmp_path / f"{name}.opt.onnx"), load_external_data=False).graph
+        made_by = {o: n.op_type for n in g.node for o in n.output}
+        float_reading_dq = [n.name for n in g.node if n.op_type in ("MatMul", "Gemm")
+                            and any(made_by.get(i) == "DequantizeLinear" for i in n.input)]
+        ops = {n.op_type for n in g.node}
+        assert not float_reading_dq and "MatMulIntegerToFloat" in ops, (name, float_reading_dq)
+    assert "QLinearConv" in {n.op_type for n in g.node}  # conv outputs are quantized: int8 convs
 
 
 def test_bad_inputs_give_clear_errors(dp_engine, tmp_path) -> None:

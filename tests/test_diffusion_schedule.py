@@ -98,3 +98,41 @@ def test_compile_options_pick_budget_from_interval_or_speedup() -> None:
     assert uni.full_steps == tuple(range(0, 50, 5))
     none = _schedule(DiffusionCompileOptions(steps=50), macs, None)
     assert none.method == "none" and none.budget == 50
+
+
+@pytest.mark.parametrize("seed,t,interval", [(0, 10, 3), (5, 12, 4)])
+def test_step_weighted_dp_matches_brute_force(seed: int, t: int, interval: int) -> None:
+    d = cs.pairwise_l1(_features(seed, t))
+    w = np.random.default_rng(seed).uniform(0.1, 5.0, size=t)
+    dw = cs.step_weighted(d, w)
+    np.testing.assert_allclose(dw, d * w[None, :])
+    budget = cs.budget_for_interval(t, interval)
+    lo, hi = cs.group_bounds(t, budget)
+    sched = cs.dp_schedule(dw, budget, (lo, hi), interval=interval)
+    assert cs.schedule_cost(dw, sched) == pytest.approx(_brute_force(dw, budget, lo, hi), rel=1e-12)
+
+
+def test_sampler_weights_move_full_steps_to_the_heavy_early_steps() -> None:
+    """Features drifting at a constant rate: the unweighted objective ties uniform; the
+    sampler-weighted one (DDIM, 50 steps) spends the budget early, where errors cost most."""
+    from ember.export.diffusion.config import SD1_SCHEDULER
+    from ember.runtime.diffusion.ddim import DDIM
+
+    t, interval = 50, 5
+    d = cs.pairwise_l1([np.arange(t, dtype=np.float64)[:, None]])  # D[i, j] = |i - j|
+    budget = cs.budget_for_interval(t, interval)
+    plain = cs.dp_schedule(d, budget, interval=interval)
+    uni = cs.uniform_schedule(t, interval)
+    assert cs.schedule_cost(d, plain) == pytest.approx(cs.schedule_cost(d, uni))
+    w = DDIM.from_config(SD1_SCHEDULER).eps_weights(t)
+    weighted = cs.dp_schedule(cs.step_weighted(d, w), budget, interval=interval)
+    lengths = np.diff((*weighted.full_steps, t))
+    assert lengths[0] == cs.group_bounds(t, budget)[0] and lengths[0] < lengths[-1]
+    dw = cs.step_weighted(d, w)
+    assert cs.schedule_cost(dw, weighted) < 0.9 * cs.schedule_cost(dw, uni)
+    with pytest.raises(ConfigError, match="step weights"):
+        cs.step_weighted(d, w[:-1])
+    with pytest.raises(ConfigError, match="schedule_weights"):
+        from ember.compiler.diffusion import DiffusionCompileOptions
+
+        DiffusionCompileOptions(schedule_weights="x0")

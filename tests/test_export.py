@@ -100,3 +100,82 @@ def test_hf_config_mapping_and_rejections():
         config_from_hf({**qwen, "num_key_value_heads": 3})
     with pytest.raises(ConfigError, match="'vocab_size' is missing"):
         config_from_hf({k: v for k, v in qwen.items() if k != "vocab_size"})
+
+
+def _ort_optimized_ops(model: torch.nn.Module, cfg: DecoderConfig, folder) -> list:
+    """The nodes of ``model``'s step graph after ONNX Runtime's CPU graph optimizations."""
+    import onnx
+    import onnxruntime as ort
+
+    folder.mkdir()
+    save_onnx(export_step_graph(model, cfg, folder), folder / "step.onnx")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(folder / "opt.onnx")
+    ort.InferenceSession(str(folder / "step.onnx"), so, providers=["CPUExecutionProvider"])
+    return list(onnx.load(str(folder / "opt.onnx")).graph.node)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa4-untied"])
+def test_step_graph_shape_plumbing_does_not_grow_with_depth(name, tmp_path):
+    """Reshapes take their shapes from one shared set (step_attention.StepDims): a deeper model
+    adds no Shape/Gather/Unsqueeze nodes; GPT-2's linears run as Gemm (bias fused) and its score
+    MatMuls carry no scale (the 1/sqrt(D) is folded into the query weights)."""
+    from collections import Counter
+    from dataclasses import replace
+
+    counts = {}
+    for layers in (2, 4):
+        cfg = replace(CASES[name], num_layers=layers)
+        nodes = _ort_optimized_ops(step_model_class(cfg.family)(cfg).eval(), cfg, tmp_path / str(layers))
+        counts[layers] = Counter(n.op_type for n in nodes)
+        if cfg.family == "gpt2":
+            assert counts[layers]["Gemm"] == 4 * layers, counts[layers]  # the LM head is lm_head_gemm's, at compile
+            alphas = [a.f for n in nodes if n.op_type == "FusedMatMul" for a in n.attribute if a.name == "alpha"]
+            assert alphas and all(a == 1.0 for a in alphas), alphas
+    for op in ("Shape", "Gather", "Unsqueeze"):
+        assert counts[4][op] == counts[2][op], (op, counts)
+
+
+# Input slots ONNX Runtime's CUDA kernels read from host memory (shape-like arguments).
+_HOST_SLOTS = {"Reshape": {1}, "Slice": {1, 2, 3, 4}, "Expand": {1}, "Tile": {1}, "Unsqueeze": {1}, "Squeeze": {1},
+               "ConstantOfShape": {0}, "Range": {0, 1, 2}, "Split": {1}, "Pad": {1, 2, 3}, "ReduceSum": {1}, "TopK": {1}}
+
+
+def _step_sizes_used_as_data(graph) -> list[str]:
+    """Nodes that read a value computed from tensor shapes (Shape -> Gather -> ...) as data.
+
+    ONNX Runtime's CUDA provider keeps shape arithmetic on the host; a host value read as
+    data by a device op needs a host-to-device copy node, and a session with one refuses
+    CUDA graphs ("not all nodes partitioned to the CUDAExecutionProvider") -- the GPU decode
+    loses ~4x (docs/gpu.md). This mirrors that placement on the CPU tier.
+    """
+    consts = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    host, bad = set(), []
+    for n in graph.node:  # topological order
+        data_in = [(s, i) for s, i in enumerate(n.input) if i and s not in _HOST_SLOTS.get(n.op_type, ())]
+        if n.op_type == "Shape":
+            host.update(n.output)
+        elif data_in and all(i in host or i in consts for _, i in data_in):
+            if any(i in host for _, i in data_in):
+                host.update(n.output)
+        else:
+            bad += [f"{n.op_type} {n.name} input {s} ({i})" for s, i in data_in if i in host]
+    return bad
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa4-untied"])
+def test_step_graph_reads_no_step_size_as_data(name, tmp_path):
+    """Step sizes (batch, tokens, past) feed only shape arguments, never device arithmetic,
+    so the graph stays CUDA-graph capturable (checked on an H100 by tests/test_gpu.py)."""
+    import onnx
+
+    cfg = CASES[name]
+    proto = export_step_graph(step_model_class(cfg.family)(cfg).eval(), cfg, tmp_path)
+    assert _step_sizes_used_as_data(proto.graph) == []
+    # the check itself: a batch size multiplied into data (what last_valid once did) is caught
+    mul = onnx.helper.make_node("Mul", ["logits", "/Gather_output_0"], ["scaled"], name="bad")
+    gather = next(n for n in proto.graph.node if n.op_type == "Gather" and n.input[0].startswith("/Shape"))
+    mul.input[1] = gather.output[0]
+    proto.graph.node.append(mul)
+    assert _step_sizes_used_as_data(proto.graph) == [f"Mul bad input 1 ({gather.output[0]})"]

@@ -121,3 +121,35 @@ def test_check_runs_the_cuda_backend(folders):
     rows = check_folder(folders["fp32"])
     assert {r.backend for r in rows} == {"onnxruntime-cuda"}
     assert all(r.ok for r in rows), [r for r in rows if not r.ok]
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_cuda_fused_decode_matches_step_graph(folders, graphs):
+    """FP16 folders carry the fused decode part (GroupQueryAttention, K/V in place): its decode
+    logits follow the portable step graph's, teacher-forced on the same tokens."""
+    f = folders["fp16"]
+    m = read_manifest(f)
+    decode = m.find_part("decode")
+    assert decode is not None
+    rows, plen, steps = 4, 9, 12
+    plain = make_cuda_executor(f, m, m.part("step"), "cuda:0", rows, 64, cuda_graph=False)
+    fused = make_cuda_executor(f, m, m.part("step"), "cuda:0", rows, 64, cuda_graph=graphs, decode_part=decode)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, m.model["config"]["vocab_size"], (rows, plen)).astype(np.int64)
+    pos = np.tile(np.arange(plen, dtype=np.int64), (rows, 1))
+    new = np.full(rows, plen, np.int64)
+    agree, total = 0, 0
+    for step in range(steps):
+        a, b = plain.run(0, ids, pos, new), fused.run(0, ids, pos, new)
+        if step:  # decode steps (the first call is the prefill, on the step graph in both)
+            assert np.abs(a - b).max() / np.abs(a).max() < 3e-2
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+            total += rows
+        ids = a.argmax(-1).reshape(rows, 1).astype(np.int64)
+        pos = (pos[:, -1:] + 1).astype(np.int64)
+        new = np.ones(rows, np.int64)
+    assert agree >= 0.9 * total
+    assert fused.pool.lengths[:rows].tolist() == [plen + steps - 1] * rows
+    kv_a, kv_b = plain.pool.storage, fused.pool.storage
+    n = plen + steps - 1
+    assert torch.allclose(kv_a[..., :n, :].float(), kv_b[..., :n, :].float(), atol=3e-2, rtol=3e-2)

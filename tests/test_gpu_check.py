@@ -78,3 +78,13 @@ def test_step_cases_follow_the_contract(llama_tiny):
     assert dec["past_key.0"].shape[2] == 32 and (dec["past_lengths"] <= 32).all()
     with pytest.raises(InputError, match="OUTPUT=NUMBER"):
         _cli([str(llama_tiny), "--tol", "logits"])
+
+
+def test_fused_decode_part_checked_against_the_step_reference(fp16_folder, llama_tiny):
+    """The FP16 folder's fused decode part, compared with the FP32 step graph run on the same
+    decode state (new K/V placed at each row's past length)."""
+    rows = [r for r in check_folder(fp16_folder, reference=llama_tiny / "step.onnx") if r.part == "decode"]
+    assert rows and {r.backend for r in rows} >= {"onnxruntime-cpu"}
+    assert {r.output for r in rows} >= {"logits", "present_key.0", "present_value.1"}
+    assert all(r.ok for r in rows), format_report(rows)
+    assert 0 < max(r.rel_error for r in rows if r.output == "logits") < 2e-2

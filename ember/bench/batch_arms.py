@@ -21,18 +21,17 @@ import numpy as np
 from ember.bench.metrics import ArmResult, RequestRecord, RssSampler
 from ember.bench.model import BenchModel
 from ember.bench.workload import BenchRequest
-from ember.runtime.executor import LocalExecutor
 
 # run_batch(requests, records, deadline) -> False when the deadline cut it short
 BatchFn = Callable[[list[BenchRequest], list[RequestRecord], float], bool]
 
 
 class OrtBatchRunner:
-    """Runs one batch to completion on the shared step session (greedy)."""
+    """Runs one batch to completion on the shared sessions (greedy)."""
 
     def __init__(self, model: BenchModel, max_batch: int, ignore_eos: bool = True):
         self.model, self.ignore_eos = model, ignore_eos
-        self.executor = LocalExecutor(model.session, model.pool(max_batch))
+        self.executor = model.executor(max_batch)  # the engine's own executor: fused decode part included
 
     def __call__(self, reqs: list[BenchRequest], recs: list[RequestRecord], deadline: float) -> bool:
         ex, b = self.executor, len(reqs)

@@ -15,6 +15,7 @@ from ember.runtime.decoder import DecoderEngine
 from ember.runtime.executor import LocalExecutor
 from ember.runtime.kv_pool import KVPool
 from ember.runtime.scheduler import FusionScheduler
+from ember.runtime.decode_session import DecodeSession
 from ember.runtime.session import StepSession
 
 
@@ -38,6 +39,8 @@ class BenchModel:
         self.eos_token_id = cfg.get("eos_token_id")
         self.threads = threads
         self.session = StepSession(self.folder / part.file, self.num_layers, threads=threads)
+        decode = self.manifest.find_part("decode")  # the fused decode part runs one-token steps where present
+        self.decode = DecodeSession(self.folder / decode.file, self.num_layers, threads=threads) if decode else None
 
     def pool(self, slots: int) -> KVPool:
         return KVPool(self.num_layers, self.num_kv_heads, self.head_dim, slots=slots,
@@ -45,7 +48,7 @@ class BenchModel:
 
     def executor(self, max_batch: int):
         """The executor an engine of ``max_batch`` slots runs on (the GPU harness overrides it)."""
-        return LocalExecutor(self.session, self.pool(max_batch))
+        return LocalExecutor(self.session, self.pool(max_batch), decode=self.decode)
 
     def engine(self, max_batch: int, compaction: str = "min-move", prefill_chunk: int = 128,
                max_queue: int = 1 << 20) -> DecoderEngine:

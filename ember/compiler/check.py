@@ -8,9 +8,11 @@ parts, when onnxruntime-gpu and a GPU are here), TensorRT (for plans, when tenso
 importable), and ONNX Runtime CPU on the part's own graph when it differs from the
 reference. Inputs follow the decoder step-graph contract (a decode case and a prefill case,
 mixed past lengths, one padded row); other graphs get random inputs with symbolic dims = 2.
+The fused decode part (GroupQueryAttention, K/V in place) is compared with the step graph's
+reference run on the same decode state (its new K/V placed at each row's past length).
 
-An output passes when ``max|got - ref| / max|ref| <= tolerance`` (new K/V compared on the
-valid positions only); logits also report top-1 agreement. Default tolerances by the
+An output passes when ``max|got - ref| / max|ref| <= tolerance`` (new K/V and the decode
+part's K/V buffers compared on the valid positions only); logits also report top-1 agreement. Default tolerances by the
 engine's dtype: fp32 1e-3, fp16 2e-2, quantized 1e-1; override per output name.
 """
 from __future__ import annotations
@@ -68,6 +70,46 @@ def step_cases(part: EnginePart, seed: int = 0) -> dict[str, dict[str, np.ndarra
     return cases
 
 
+def is_decode_part(part: EnginePart) -> bool:
+    """The fused decode part (``export/gqa_decode.py``): K/V buffers updated in place."""
+    return any(t.name == "seqlens_k" for t in part.inputs)
+
+
+def decode_cases(part: EnginePart, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    """Feeds for the fused decode part: 4 rows at mixed past lengths (one at the buffer's end)."""
+    rng = np.random.default_rng(seed)
+    vocab = next((int(t.shape[1]) for t in part.outputs if t.name == "logits" and isinstance(t.shape[1], int)), 32)
+    b, cap, past = 4, 32, np.array([0, 5, 32 - 1, 17], np.int32)
+    feeds = {"input_ids": rng.integers(0, vocab, (b, 1)).astype(np.int64), "seqlens_k": past,
+             "total_sequence_length": np.array(cap, np.int32)}
+    for spec in part.inputs:
+        if spec.name not in feeds:
+            shape = [{"batch": b, "capacity": cap}.get(d, 2) if isinstance(d, str) else d for d in spec.shape]
+            feeds[spec.name] = rng.standard_normal(shape).astype(_NP[spec.dtype])
+    return {"decode": feeds}
+
+
+def _step_as_decode(step_run: Callable[[dict], dict]) -> Callable[[dict], dict]:
+    """A step-graph runner seen through the fused decode part's contract: the new token at
+    each row's past length, its K/V written into a copy of the past buffers."""
+
+    def run(feeds: dict) -> dict:
+        past = feeds["seqlens_k"].astype(np.int64)
+        b = len(past)
+        step = {"input_ids": feeds["input_ids"], "positions": past[:, None].copy(), "past_lengths": past,
+                "new_lengths": np.ones(b, np.int64)}
+        step.update({k: v for k, v in feeds.items() if k.startswith("past_")})
+        out = step_run(step)
+        res = {"logits": out["logits"]}
+        for name, buf in feeds.items():
+            if name.startswith("past_"):
+                present = buf.astype(np.float32)
+                present[np.arange(b), :, past, :] = out["new_" + name[len("past_"):]][:, :, 0, :]
+                res["present_" + name[len("past_"):]] = present
+        return res
+    return run
+
+
 def _generic_feeds(part: EnginePart, rng) -> dict[str, np.ndarray]:
     feeds = {}
     for spec in part.inputs:
@@ -108,6 +150,22 @@ def _device_runner(session, part: EnginePart) -> Callable[[dict], dict]:
     return run
 
 
+def _device_decode_runner(session, part: EnginePart) -> Callable[[dict], dict]:
+    """Run a device fused decode session on host feeds; its in-place K/V buffers come back as presents."""
+    import torch
+
+    kv_names = [t.name for t in part.inputs if t.name.startswith("past_")]
+
+    def run(feeds: dict) -> dict:
+        kv = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(session.device) for n in kv_names]
+        logits = session.run(feeds["input_ids"], feeds["seqlens_k"], kv)
+        torch.cuda.synchronize(session.device)
+        out = {"logits": logits.float().cpu().numpy()}
+        out.update({"present_" + n[len("past_"):]: x.float().cpu().numpy() for n, x in zip(kv_names, kv)})
+        return out
+    return run
+
+
 def candidate_runners(folder: Path, part: EnginePart, reference: Path) -> dict[str, Callable[[dict], dict]]:
     """Every backend present on this machine that can run ``part``."""
     runners: dict[str, Callable[[dict], dict]] = {}
@@ -131,9 +189,12 @@ def candidate_runners(folder: Path, part: EnginePart, reference: Path) -> dict[s
             import torch
 
             if torch.cuda.is_available():
-                from ember.runtime.cuda_session import CudaStepSession
+                from ember.runtime.cuda_session import CudaDecodeSession, CudaStepSession
 
-                runners["onnxruntime-cuda"] = _device_runner(CudaStepSession(onnx_path, layers), part)
+                if is_decode_part(part):
+                    runners["onnxruntime-cuda"] = _device_decode_runner(CudaDecodeSession(onnx_path, layers), part)
+                else:
+                    runners["onnxruntime-cuda"] = _device_runner(CudaStepSession(onnx_path, layers), part)
         except ImportError:
             pass
     return runners
@@ -162,20 +223,12 @@ def check_folder(folder: str | os.PathLike, reference: str | os.PathLike | None 
     verify_files(folder, manifest)
     rows: list[OutputCheck] = []
     for part in manifest.parts:
-        if reference is not None:
-            ref_path = Path(reference)
-        elif part.backend == "tensorrt":
-            src = part.extra.get("source_onnx")
-            if not src:
-                raise ArtifactError(f"part {part.name!r} records no source ONNX; pass --reference FILE.onnx")
-            ref_path = folder / src["file"]
-        else:
-            ref_path = folder / part.file
-        if not ref_path.exists():
-            raise ArtifactError(f"reference graph {ref_path} is missing; pass --reference FILE.onnx")
-        ref_run = _cpu_runner(ref_path)
+        decode = is_decode_part(part)
+        # the fused decode part is checked against the step graph's reference, through its contract
+        ref_path = _reference_path(folder, manifest.part("step") if decode else part, reference)
+        ref_run = _step_as_decode(_cpu_runner(ref_path)) if decode else _cpu_runner(ref_path)
         tol_default = DEFAULT_TOLERANCE.get(_engine_dtype(manifest, part), 1e-3)
-        cases = step_cases(part, seed)
+        cases = decode_cases(part, seed) if decode else step_cases(part, seed)
         for backend, run in candidate_runners(folder, part, ref_path).items():
             for case, feeds in cases.items():
                 ref, got = ref_run(feeds), run(feeds)
@@ -184,10 +237,29 @@ def check_folder(folder: str | os.PathLike, reference: str | os.PathLike | None 
                     if spec.name.startswith("new_") and "new_lengths" in feeds:
                         n = int(feeds["new_lengths"].min())
                         r, g = r[..., :n, :], g[..., :n, :]
+                    if spec.name.startswith("present_"):  # the live positions: the past and the new token
+                        live = np.arange(r.shape[2])[None, :] <= feeds["seqlens_k"][:, None]  # [B, S]
+                        r, g = r.transpose(0, 2, 1, 3)[live], g.transpose(0, 2, 1, 3)[live]
                     top1 = float((g.argmax(-1) == r.argmax(-1)).mean()) if spec.name == "logits" else None
                     tol = (tolerances or {}).get(spec.name, tol_default)
                     rows.append(OutputCheck(part.name, backend, case, spec.name, _rel(g, r), tol, top1))
     return rows
+
+
+def _reference_path(folder: Path, part: EnginePart, reference: str | os.PathLike | None) -> Path:
+    """``reference`` when given, else the part's ONNX (a TensorRT plan's source graph)."""
+    if reference is not None:
+        ref_path = Path(reference)
+    elif part.backend == "tensorrt":
+        src = part.extra.get("source_onnx")
+        if not src:
+            raise ArtifactError(f"part {part.name!r} records no source ONNX; pass --reference FILE.onnx")
+        ref_path = folder / src["file"]
+    else:
+        ref_path = folder / part.file
+    if not ref_path.exists():
+        raise ArtifactError(f"reference graph {ref_path} is missing; pass --reference FILE.onnx")
+    return ref_path
 
 
 def format_report(rows: list[OutputCheck]) -> str:

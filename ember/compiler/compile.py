@@ -20,6 +20,7 @@ from ember.progress import StageLog
 BACKENDS = ("onnxruntime", "tensorrt")
 DTYPES = ("fp32", "fp16")
 QUANT_SCHEMES = ("int8", "fp8", "int8-weights")
+FUSED_DECODE = ("auto", "on", "off")
 STEP_FILE = "step.onnx"
 
 
@@ -36,6 +37,7 @@ class CompileOptions:
     validate: bool = True  # check the ONNX against torch after export
     max_validation_error: float = 1e-3  # relative; beyond it the export is considered broken
     tp: int = 1
+    fused_decode: str = "auto"  # auto | on | off: the GroupQueryAttention decode part (export/gqa_decode.py)
     overwrite: bool = True
     quiet: bool = False
     extra: dict = field(default_factory=dict)  # backend-specific (TensorRT profiles, ...)
@@ -49,6 +51,24 @@ class CompileOptions:
             raise ConfigError(f"--quantize {self.quantize!r} is not one of {', '.join(QUANT_SCHEMES)}")
         if self.tp < 1:
             raise ConfigError(f"--tp {self.tp} must be >= 1")
+        if self.fused_decode not in FUSED_DECODE:
+            raise ConfigError(f"--fused-decode {self.fused_decode!r} is not one of {', '.join(FUSED_DECODE)}")
+
+
+def wants_fused_decode(options: CompileOptions, family: str) -> bool:
+    """Whether to add the fused (GroupQueryAttention) decode part. ``auto``: for LLaMA-family
+    FP16 ONNX Runtime folders (the GPU path, where it is 3-4x faster per decode step; ONNX
+    Runtime's CUDA attention kernel is FP16/BF16 only); ``on`` fails where it cannot apply."""
+    if options.fused_decode == "off":
+        return False
+    reasons = [r for r, bad in (
+        (f"the {family} family (only the llama family has one)", family != "llama"),
+        (f"--backend {options.backend} (the part is an ONNX Runtime graph)", options.backend != "onnxruntime"),
+        (f"--quantize {options.quantize}", options.quantize is not None),
+        (f"--tp {options.tp}", options.tp > 1)) if bad]
+    if options.fused_decode == "on" and reasons:
+        raise ConfigError(f"--fused-decode on does not apply to {'; '.join(reasons)}; use --fused-decode off")
+    return not reasons and (options.fused_decode == "on" or options.dtype == "fp16")
 
 
 def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions = CompileOptions()) -> mf.Manifest:
@@ -64,6 +84,7 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
         c = src.config
         log.note(f"{c.family}: {c.num_layers} layers, hidden {c.hidden_size}, heads {c.num_heads}/{c.num_kv_heads} kv, "
                  f"vocab {c.vocab_size}, {sum(p.numel() for p in src.model.parameters()) / 1e6:.1f} M parameters")
+    fused = wants_fused_decode(options, c.family)
     if options.tp > 1:  # tensor parallel: per-rank segment engines (ember/compiler/tp_compile.py)
         from ember.compiler.tp_compile import compile_tp_folder
 
@@ -100,8 +121,12 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
                 f.unlink()
             save_onnx(proto, step_path)
         files = sorted(f.name for f in tmp.glob(STEP_FILE + "*"))
-        with log.stage(f"building the {options.backend} engine"):
-            part = _build_part(tmp, "step", step_path, files, options, max_past=c.max_positions)
+        with log.stage(f"building the {options.backend} engine" + (" + fused decode graph" if fused else "")):
+            parts = [_build_part(tmp, "step", step_path, files, options, max_past=c.max_positions)]
+            if fused:
+                part, decode_files = fused_decode_part(src, tmp, options, log)
+                parts.append(part)
+                files += decode_files
         with log.stage("writing tokenizer and manifest"):
             tokenizer = write_tokenizer(src, tmp)
             build = mf.build_environment()
@@ -109,7 +134,7 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
             m = mf.Manifest(
                 kind="decoder",
                 model=model_record(src),
-                parts=[part],
+                parts=parts,
                 tokenizer=tokenizer,
                 quantization=quant_info,
                 build=build,
@@ -122,6 +147,25 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
         total = sum((Path(out) / f).stat().st_size for f in files)
         log.note(f"wrote {out} ({total / 1e6:.1f} MB engine)")
     return m
+
+
+def fused_decode_part(src, folder: Path, options: CompileOptions, log: StageLog) -> tuple[mf.EnginePart, list[str]]:
+    """Write ``decode.onnx`` (export/gqa_decode.py) and check it against the torch model."""
+    from ember.export.gqa_decode import DECODE_FILE, DECODE_PART, build_decode_graph, check_decode_graph
+    from ember.export.onnx_export import save_onnx
+
+    dtype = "float16" if options.dtype == "fp16" else "float32"
+    path = folder / DECODE_FILE
+    save_onnx(build_decode_graph(src.model, src.config, dtype), path)
+    if options.validate:
+        err = check_decode_graph(src.model, src.config, path)
+        log.note(f"fused decode vs torch: max rel error {err:.2e} (logits), K/V written in place")
+        limit = 3e-2 if dtype == "float16" else options.max_validation_error
+        if err > limit:
+            raise EmberError(f"the fused decode graph differs from the torch model (relative error {err:.2e} > {limit}); "
+                             "this is an Ember bug: please report it, and compile with --fused-decode off meanwhile")
+    files = sorted(f.name for f in folder.glob(DECODE_FILE + "*"))
+    return _build_part(folder, DECODE_PART, path, files, options), files
 
 
 def model_record(src) -> dict:

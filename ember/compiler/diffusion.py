@@ -24,6 +24,7 @@ from ember.progress import StageLog
 
 PART_NAMES = ("text_encoder", "unet_full", "unet_shallow", "vae_decoder")
 SCHEDULES = ("dp", "uniform")
+SCHEDULE_WEIGHTS = ("sampler", "none")
 # DESIGN §5: keep the input/output convs, the time embedding and shortcut convs in float.
 KEEP_FLOAT = (r"conv_in/", r"conv_out/", r"time_embedding", r"conv_shortcut")
 
@@ -41,6 +42,7 @@ class DiffusionCompileOptions:
     quant_calib_steps: int = 6  # trajectory steps per calibration prompt used as quantization feeds
     dec: bool = False  # fit decoupled error correction tables
     schedule_features: str = "auto"  # float | quantized | auto (quantized when --quantize)
+    schedule_weights: str = "sampler"  # DP objective per-step weights: sampler (DDIM eps -> x_0 gain) | none (DESIGN §5's J)
     calib_prompts: tuple[str, ...] = calib.DEFAULT_CALIB_PROMPTS
     calib_seed: int = 1000
     guidance_scale: float = 7.5
@@ -59,6 +61,8 @@ class DiffusionCompileOptions:
             raise ConfigError(f"--cache-interval {self.cache_interval} must be >= 1 (1 = no caching)")
         if self.quantize not in (None, "int8", "int8-weights"):
             raise ConfigError(f"--quantize {self.quantize!r}: diffusion engines support int8 (W8A8) and int8-weights")
+        if self.schedule_weights not in SCHEDULE_WEIGHTS:
+            raise ConfigError(f"schedule_weights {self.schedule_weights!r} must be one of {', '.join(SCHEDULE_WEIGHTS)}")
         if self.schedule_features not in ("float", "quantized", "auto"):
             raise ConfigError(f"schedule_features {self.schedule_features!r} must be float, quantized or auto")
         if self.steps < 1:
@@ -75,7 +79,10 @@ class DiffusionCompileOptions:
         return (self.caching and self.schedule == "dp") or self.dec or self.quantize is not None
 
 
-def _schedule(opts: DiffusionCompileOptions, macs: dict[str, int], distances: np.ndarray | None):
+def _schedule(opts: DiffusionCompileOptions, macs: dict[str, int], distances: np.ndarray | None,
+              step_weights: np.ndarray | None = None):
+    """The cache schedule; ``distances`` (DP only) is D of the calibration features and
+    ``step_weights`` the per-step weights of the DP objective (None: unweighted)."""
     from ember.passes import cache_schedule as cs
 
     t = opts.steps
@@ -89,15 +96,24 @@ def _schedule(opts: DiffusionCompileOptions, macs: dict[str, int], distances: np
         budget = cs.budget_for_interval(t, opts.cache_interval)
     if opts.schedule == "uniform":
         return cs.uniform_schedule(t, max(1, int(interval)))
+    if step_weights is not None:
+        distances = cs.step_weighted(distances, step_weights)
     return cs.dp_schedule(distances, budget, cs.group_bounds(t, budget), interval=interval)
 
 
 def _part(folder: Path, name: str, dtype: str) -> mf.EnginePart:
+    from ember.passes.quant_graph import ort_disabled_optimizers
+
     rel = f"{name}.onnx"
-    ins, outs = io_specs(onnx.load(str(folder / rel), load_external_data=False))
+    proto = onnx.load(str(folder / rel), load_external_data=False)
+    ins, outs = io_specs(proto)
     rec = mf.file_record(folder, rel)
+    extra: dict[str, Any] = {"dtype": dtype}
+    disabled = ort_disabled_optimizers(proto)
+    if disabled:  # Q/DQ graphs: keep ORT from undoing the int8 fusions (see quant_graph)
+        extra["ort_disabled_optimizers"] = disabled
     return mf.EnginePart(name=name, backend="onnxruntime", file=rel, sha256=rec["sha256"], size=rec["size"],
-                         inputs=ins, outputs=outs, extra={"dtype": dtype})
+                         inputs=ins, outputs=outs, extra=extra)
 
 
 def _validate(src, folder: Path, branch: int, tol: float) -> dict[str, float]:
@@ -141,6 +157,7 @@ def compile_diffusion(source: str | os.PathLike, out_dir: str | os.PathLike,
     from ember.export.diffusion.onnx_export import count_macs, export_parts
     from ember.export.diffusion.source import load_source
     from ember.export.diffusion.unet_split import UNetShallow
+    from ember.runtime.diffusion.ddim import DDIM
     from ember.runtime.diffusion.pipeline import DiffusionPipeline
 
     opts = options
@@ -186,9 +203,13 @@ def compile_diffusion(source: str | os.PathLike, out_dir: str | os.PathLike,
             from ember.passes.cache_schedule import pairwise_l1
 
             need_d = opts.caching and opts.schedule == "dp"
-            sched = _schedule(opts, macs, pairwise_l1(feats.features) if need_d else None)
+            weights = None
+            if need_d and opts.schedule_weights == "sampler":
+                weights = DDIM.from_config(src.scheduler_config).eps_weights(opts.steps)
+            sched = _schedule(opts, macs, pairwise_l1(feats.features) if need_d else None, weights)
             spec["cache"] = {**sched.to_dict(), "budget": sched.budget,
-                             "features": "quantized" if feats is traj_q and traj_q is not None else "float"}
+                             "features": "quantized" if feats is traj_q and traj_q is not None else "float",
+                             "weights": opts.schedule_weights if need_d else None}
             log.note(f"full steps ({sched.budget}/{opts.steps}): {list(sched.full_steps)}")
         tables = list(quant["tables"]) if quant else []
         if opts.dec:
@@ -218,8 +239,11 @@ def _schedule_stub(steps: int) -> dict[str, Any]:
 def _quantize(tmp: Path, opts: DiffusionCompileOptions, traj, cc: int, qc: int) -> dict[str, Any]:
     from ember.passes.quantize import QuantOptions, quantize_model
 
+    # Conv outputs get their own Q/DQ so ONNX Runtime runs QLinearConv (int8 in, int8 out); without
+    # it a W8A8 conv stays a float Conv that dequantizes its weight every call (measured on sd-small:
+    # slower than FP32). See docs/diffusion.md, "Quantization".
     qopts = QuantOptions(scheme=opts.quantize, calib_method=opts.calib_method, exclude_names=KEEP_FLOAT,
-                         threads=opts.threads or 0)
+                         quantize_conv_outputs=True, threads=opts.threads or 0)
     interval = opts.cache_interval or 5
     summary: dict[str, Any] = {"scheme": opts.quantize, "parts": {}}
     for name, feeds in (("unet_full", calib.full_feeds(traj, opts.quant_calib_steps)),
@@ -237,22 +261,17 @@ def _fit_dec(tmp: Path, traj, sched, float_shallow: onnx.ModelProto, quantized: 
              cc: int, qc: int, spec: dict[str, Any]) -> None:
     """Cache correction from the trajectory features; quantization correction on the conv that
     reads the cached channels, float vs quantized shallow graph, both fed the corrected cache."""
-    import onnxruntime as ort
-
     from ember.passes.error_correction import AffineTable, fit_cache_correction, fit_quant_correction
+    from ember.passes.quant_graph import ort_session
 
     ref = sched.reference()
     cache_t = fit_cache_correction(traj.features, ref)
     quant_t = AffineTable.identity(opts.steps, qc)
     if quantized:
-        probe = calib.quant_probe_tensor(float_shallow)
         q_model = onnx.load(str(tmp / "unet_shallow.onnx"))
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        s_fp = ort.InferenceSession(calib.with_outputs(float_shallow, [probe]).SerializeToString(), so,
-                                    providers=["CPUExecutionProvider"])
-        s_q = ort.InferenceSession(calib.with_outputs(q_model, [probe]).SerializeToString(), so,
-                                   providers=["CPUExecutionProvider"])
+        probe_fp, probe_q = calib.quant_probe_tensor(float_shallow), calib.quant_probe_tensor(q_model)
+        s_fp = ort_session(calib.with_outputs(float_shallow, [probe_fp]), opts.threads or 0)
+        s_q = ort_session(calib.with_outputs(q_model, [probe_q]), opts.threads or 0)
         y_fp: dict[int, np.ndarray] = {}
         y_q: dict[int, np.ndarray] = {}
         for t in range(opts.steps):
@@ -264,8 +283,8 @@ def _fit_dec(tmp: Path, traj, sched, float_shallow: onnx.ModelProto, quantized: 
                 f = {**feeds[t], "cached": feats[ref[t]], **calib.identity_rows(rows, cc, qc)}
                 f["cache_scale"] = np.repeat(cache_t.scale[t][None], rows, 0)
                 f["cache_bias"] = np.repeat(cache_t.bias[t][None], rows, 0)
-                fp_rows.append(s_fp.run([probe], f)[0])
-                q_rows.append(s_q.run([probe], f)[0])
+                fp_rows.append(s_fp.run([probe_fp], f)[0])
+                q_rows.append(s_q.run([probe_q], f)[0])
             y_fp[t], y_q[t] = np.concatenate(fp_rows), np.concatenate(q_rows)
         quant_t = fit_quant_correction(y_fp, y_q, opts.steps, qc)
     np.savez(tmp / "dec.npz", cache_scale=cache_t.scale, cache_bias=cache_t.bias,

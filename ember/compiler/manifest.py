@@ -56,6 +56,9 @@ class Manifest:
     tables: list[dict[str, Any]] = field(default_factory=list)  # [{name, file, sha256, size}]
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def find_part(self, name: str) -> EnginePart | None:
+        return next((p for p in self.parts if p.name == name), None)
+
     def part(self, name: str) -> EnginePart:
         for p in self.parts:
             if p.name == name:

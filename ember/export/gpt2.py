@@ -8,7 +8,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ember.export.config import DecoderConfig
-from ember.export.step_attention import attention_biases, last_valid, step_attention
+from ember.export.step_attention import (StepDims, attention_biases, last_valid, query_scale, scaled_linear,
+                                         split_heads, step_attention)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -27,12 +28,13 @@ class GPT2Block(nn.Module):
         self.c_fc = nn.Linear(c, cfg.intermediate_size)
         self.mlp_proj = nn.Linear(cfg.intermediate_size, c)
 
-    def forward(self, x, past_k, past_v, past_bias, new_bias):
-        b, t, c = x.shape
-        d = c // self.heads
-        qkv = self.c_attn(self.ln_1(x)).reshape(b, t, 3, self.heads, d)
-        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [B, H, T, D]
-        a = step_attention(q, k, v, past_k, past_v, past_bias, new_bias)
+    def forward(self, x, past_k, past_v, past_bias, new_bias, dims: StepDims):
+        """x [N, C] (N = B*T rows) -> (x [N, C], new k, new v [B, H, T, D])."""
+        c = self.c_proj.out_features
+        q_scale = torch.cat([torch.full((c,), query_scale(c // self.heads)), torch.ones(2 * c)])  # q rows only
+        qkv = split_heads(scaled_linear(self.ln_1(x), self.c_attn, q_scale), dims, 3 * self.heads)  # [B, 3H, T, D]
+        q, k, v = torch.split(qkv, self.heads, dim=1)
+        a = step_attention(q, k, v, past_k, past_v, past_bias, new_bias, dims)
         x = x + self.c_proj(a)
         x = x + self.mlp_proj(gelu_tanh(self.c_fc(self.ln_2(x))))
         return x, k, v
@@ -51,13 +53,14 @@ class GPT2Step(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def forward(self, input_ids, positions, past_lengths, new_lengths, *past_kv):
-        x = self.wte(input_ids) + self.wpe(positions)
-        past_bias, new_bias = attention_biases(past_lengths, new_lengths, past_kv[0].shape[2], input_ids.shape[1], x.dtype)
+        dims = StepDims.of(input_ids, past_kv[0])
+        x = self.wte(input_ids.reshape(-1)) + self.wpe(positions.reshape(-1))  # [N, C]
+        past_bias, new_bias = attention_biases(past_lengths, new_lengths, dims, 1, x.dtype)
         new_kv = []
         for i, blk in enumerate(self.blocks):
-            x, k, v = blk(x, past_kv[2 * i], past_kv[2 * i + 1], past_bias, new_bias)
+            x, k, v = blk(x, past_kv[2 * i], past_kv[2 * i + 1], past_bias, new_bias, dims)
             new_kv += [k, v]
-        h = self.ln_f(last_valid(x, new_lengths))
+        h = self.ln_f(last_valid(x, new_lengths, dims.t))
         w = self.wte.weight if self.lm_head is None else self.lm_head.weight
         return (F.linear(h, w), *new_kv)
 

@@ -10,7 +10,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ember.export.config import DecoderConfig
-from ember.export.step_attention import attention_biases, last_valid, step_attention
+from ember.export.step_attention import (StepDims, attention_biases, fixed_size, last_valid, query_scale, scaled_linear,
+                                         split_heads, step_attention)
 
 
 class RMSNorm(nn.Module):
@@ -25,8 +26,8 @@ class RMSNorm(nn.Module):
 
 
 def rotate_half(x):
-    h = x.shape[-1] // 2
-    return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+    x1, x2 = torch.split(x, fixed_size(x, -1) // 2, dim=-1)  # one Split in the graph
+    return torch.cat([-x2, x1], dim=-1)
 
 
 class LlamaBlock(nn.Module):
@@ -44,15 +45,15 @@ class LlamaBlock(nn.Module):
         self.up_proj = nn.Linear(c, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, c, bias=False)
 
-    def forward(self, x, cos, sin, past_k, past_v, past_bias, new_bias):
-        b, t, _ = x.shape
+    def forward(self, x, cos, sin, past_k, past_v, past_bias, new_bias, dims: StepDims):
+        """x [N, C] (N = B*T rows) -> (x [N, C], new k, new v [B, Hkv, T, D])."""
         y = self.input_layernorm(x)
-        q = self.q_proj(y).reshape(b, t, self.h, self.d).transpose(1, 2)
-        k = self.k_proj(y).reshape(b, t, self.hkv, self.d).transpose(1, 2)
-        v = self.v_proj(y).reshape(b, t, self.hkv, self.d).transpose(1, 2)
+        q = split_heads(scaled_linear(y, self.q_proj, query_scale(self.d)), dims, self.h)
+        k = split_heads(self.k_proj(y), dims, self.hkv)
+        v = split_heads(self.v_proj(y), dims, self.hkv)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        a = step_attention(q, k, v, past_k, past_v, past_bias, new_bias)
+        a = step_attention(q, k, v, past_k, past_v, past_bias, new_bias, dims)
         x = x + self.o_proj(a)
         y = self.post_attention_layernorm(x)
         x = x + self.down_proj(F.silu(self.gate_proj(y)) * self.up_proj(y))
@@ -74,16 +75,17 @@ class LlamaStep(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, input_ids, positions, past_lengths, new_lengths, *past_kv):
-        x = self.embed_tokens(input_ids)
+        dims = StepDims.of(input_ids, past_kv[0])
+        x = self.embed_tokens(input_ids.reshape(-1))  # [N, C]
         freqs = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq  # [B, T, D/2]
         emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)  # [B, 1, T, D]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        past_bias, new_bias = attention_biases(past_lengths, new_lengths, past_kv[0].shape[2], input_ids.shape[1], x.dtype)
+        past_bias, new_bias = attention_biases(past_lengths, new_lengths, dims, self.cfg.kv_group, x.dtype)
         new_kv = []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, cos, sin, past_kv[2 * i], past_kv[2 * i + 1], past_bias, new_bias)
+            x, k, v = layer(x, cos, sin, past_kv[2 * i], past_kv[2 * i + 1], past_bias, new_bias, dims)
             new_kv += [k, v]
-        h = self.norm(last_valid(x, new_lengths))
+        h = self.norm(last_valid(x, new_lengths, dims.t))
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return (F.linear(h, w), *new_kv)
 

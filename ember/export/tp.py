@@ -37,7 +37,8 @@ from ember.errors import ConfigError
 from ember.export.config import DecoderConfig
 from ember.export.gpt2 import gelu_tanh
 from ember.export.llama import rotate_half
-from ember.export.step_attention import attention_biases, last_valid, step_attention
+from ember.export.step_attention import (StepDims, attention_biases, fixed_size, last_valid, query_scale, scaled_linear,
+                                         split_heads, step_attention)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -156,20 +157,20 @@ class AttnSegment(nn.Module):
             self.inv_freq = None
 
     def forward(self, hidden, positions, past_lengths, new_lengths, past_k, past_v):
-        b, t, _ = hidden.shape
-        y = self.norm(hidden)
-        q = self.q(y).reshape(b, t, self.h, self.d).transpose(1, 2)
-        k = self.k(y).reshape(b, t, self.hkv, self.d).transpose(1, 2)
-        v = self.v(y).reshape(b, t, self.hkv, self.d).transpose(1, 2)
+        dims = StepDims(b=hidden.shape[0], t=hidden.shape[1], p=past_k.shape[2])
+        y = self.norm(hidden.reshape(-1, fixed_size(hidden, 2)))  # [N, C]: 2-D linears export as Gemm
+        q = split_heads(scaled_linear(y, self.q, query_scale(self.d)), dims, self.h)
+        k = split_heads(self.k(y), dims, self.hkv)
+        v = split_heads(self.v(y), dims, self.hkv)
         if self.inv_freq is not None:  # rotary positions (LLaMA)
             freqs = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq
             emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
             cos, sin = emb.cos().to(y.dtype), emb.sin().to(y.dtype)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
-        past_bias, new_bias = attention_biases(past_lengths, new_lengths, past_k.shape[2], t, y.dtype)
-        a = step_attention(q, k, v, past_k, past_v, past_bias, new_bias)
-        out = self.o(a)
+        past_bias, new_bias = attention_biases(past_lengths, new_lengths, dims, self.h // self.hkv, y.dtype)
+        a = step_attention(q, k, v, past_k, past_v, past_bias, new_bias, dims)
+        out = self.o(a).reshape_as(hidden)
         return (out + hidden if self.residual else out), k, v
 
 
@@ -181,12 +182,12 @@ class MlpSegment(nn.Module):
         self.norm, self.up, self.gate, self.down, self.residual = norm, up, gate, down, residual
 
     def forward(self, hidden):
-        y = self.norm(hidden)
+        y = self.norm(hidden.reshape(-1, fixed_size(hidden, 2)))  # [N, C]: 2-D linears export as Gemm
         if self.gate is None:  # GPT-2
             z = gelu_tanh(self.up(y))
         else:  # SwiGLU
             z = F.silu(self.gate(y)) * self.up(y)
-        out = self.down(z)
+        out = self.down(z).reshape_as(hidden)
         return out + hidden if self.residual else out
 
 
@@ -199,7 +200,8 @@ class HeadSegment(nn.Module):
         self.weight = nn.Parameter(_rows(w, start, n), requires_grad=False)
 
     def forward(self, hidden, new_lengths):
-        return F.linear(self.norm(last_valid(hidden, new_lengths)), self.weight)
+        last = last_valid(hidden.reshape(-1, fixed_size(hidden, 2)), new_lengths, hidden.shape[1])
+        return F.linear(self.norm(last), self.weight)
 
 
 # --- building a rank's segments -------------------------------------------------------------------

@@ -11,6 +11,12 @@ every other step i reuses the cached feature of the last start ``r(i) <= i`` (sh
   Recurrence: ``L(n,1) = diam(0,n)``, ``L(n,k) = min_j L(j,k-1) + diam(j,n)``; backtrack.
   ``diam(s,e) = sum_{i in [s,e)} D[s,i]`` comes from row prefix sums of the pairwise L1
   matrix D, precomputed once, so the DP itself is O(K * T * (hi - lo)).
+- ``step_weighted``: optional per-step weights w_i on the objective,
+  ``J_w = sum_k sum_{i in group k} w_i * ||X_i - X_{s_k}||_1`` (D's columns scaled; the DP,
+  bounds and prefix sums unchanged; w = 1 is the objective above). The compiler passes the
+  sampler's weights (``DDIM.eps_weights``: how far a noise-prediction error at step i moves
+  x_0), since a feature error at an early, high-noise step costs far more fidelity than the
+  same error late.
 """
 from __future__ import annotations
 
@@ -113,6 +119,14 @@ def pairwise_l1(features: Sequence[np.ndarray]) -> np.ndarray:
         for i in range(t):
             d[i] = np.abs(flat - flat[i]).sum(axis=1)
     return d
+
+
+def step_weighted(distances: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """D'[s, i] = w_i * D[s, i]: the cost of reusing step s's feature at step i, scaled by step i's weight."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (distances.shape[0],) or not np.all(np.isfinite(w)) or (w < 0).any():
+        raise ConfigError(f"step weights must be {distances.shape[0]} finite values >= 0, got shape {list(w.shape)}")
+    return distances * w[None, :]
 
 
 def group_costs(distances: np.ndarray) -> np.ndarray:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ember.errors import ArtifactError, ConfigError, InputError
+from ember.runtime.decode_session import decode_positions_ok
 from ember.runtime.device_kv_pool import DeviceKVPool, KVList
 from ember.runtime.device_kv_pool import require_torch as _torch
 
@@ -198,6 +199,55 @@ class CudaStepSession:
         self._graphs.clear()
 
 
+class CudaDecodeSession(CudaStepSession):
+    """The fused decode part (``export/gqa_decode.py``) on the CUDA provider.
+
+    Each layer's ``past_*`` and ``present_*`` are bound to the same pool view, so the graph
+    reads the slot range's cache and appends every row's new token at its past length in
+    place: there is no separate K/V write. ``run`` returns the device logits [B,V]. With
+    CUDA graphs, each (batch, KV addresses, capacity) is captured once; the ids and past
+    lengths are copied into its static buffers before a replay (``total_sequence_length``,
+    a host scalar, is the capacity: fixed per capture).
+    """
+
+    writes_kv_in_place = True
+
+    def run(self, input_ids: np.ndarray, past_lengths: np.ndarray, kv: list):
+        b = input_ids.shape[0]
+        torch = self.torch
+        with self.lock:
+            key = (b, tuple(int(a.data_ptr()) for a in kv), tuple(kv[0].shape))
+            g = self._graphs.get(key) if self.cuda_graph_status == "on" else None
+            if g is None:
+                import onnxruntime as ort
+
+                ids = torch.zeros((b, 1), dtype=torch.int64, device=self.device)
+                seqlens = torch.zeros((b,), dtype=torch.int32, device=self.device)
+                logits = torch.empty((b, self.vocab), dtype=self.logits_dtype, device=self.device)
+                total = np.array(kv[0].shape[2], np.int32)
+                binding = self.sess.io_binding()
+                self._bind(binding, "input_ids", ids)
+                self._bind(binding, "seqlens_k", seqlens)
+                binding.bind_cpu_input("total_sequence_length", total)
+                self._bind_out(binding, "logits", logits)
+                for i in range(self.num_layers):
+                    for j, kind in enumerate(("key", "value")):
+                        self._bind(binding, f"past_{kind}.{i}", kv[2 * i + j])
+                        self._bind_out(binding, f"present_{kind}.{i}", kv[2 * i + j])
+                ro = self._no_graph
+                if self.cuda_graph_status == "on":
+                    self._graph_ids += 1
+                    ro = ort.RunOptions()
+                    ro.add_run_config_entry("gpu_graph_id", str(self._graph_ids))
+                g = {"ids": ids, "seqlens": seqlens, "logits": logits, "total": total, "binding": binding, "ro": ro}
+                if self.cuda_graph_status == "on":
+                    self._graphs[key] = g
+            g["ids"].copy_(torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)).reshape(b, 1))
+            g["seqlens"].copy_(torch.from_numpy(np.ascontiguousarray(past_lengths, dtype=np.int32)))
+            self.sess.run_with_iobinding(g["binding"], g["ro"])
+            return g["logits"]
+
+
 def _np_of(t) -> type:
     import torch
 
@@ -235,11 +285,13 @@ def graph_window(start: int, stop: int, slots: int) -> tuple[int, int]:
 class DeviceExecutor:
     """``LocalExecutor``'s interface over a device session + ``DeviceKVPool``."""
 
-    def __init__(self, session, pool: DeviceKVPool):
-        self.session, self.pool = session, pool
+    def __init__(self, session, pool: DeviceKVPool, decode=None):
+        self.session, self.pool, self.decode = session, pool, decode
         self._generation = pool.generation
         # one lock per session: executors sharing it (one per thread) never overlap on the device
         self.lock = getattr(session, "lock", None) or threading.RLock()
+        if decode is not None:  # ORT captures graphs in global mode: both sessions under one lock
+            decode.lock = self.lock
 
     def move(self, moves: list[tuple[int, int]]) -> None:
         with self.lock:
@@ -259,7 +311,10 @@ class DeviceExecutor:
         b, t = input_ids.shape
         stop = start + b
         lo, hi = start, stop
-        if t == 1 and getattr(self.session, "cuda_graph_status", "off") == "on":
+        decode = None
+        if self.decode is not None and decode_positions_ok(positions, self.pool.lengths[start:stop], new_lengths):
+            decode = self.decode
+        if t == 1 and getattr(decode or self.session, "cuda_graph_status", "off") == "on":
             lo, hi = graph_window(start, stop, self.pool.slots)
             if (lo, hi) != (start, stop):
                 ids = np.zeros((hi - lo, 1), np.int64)
@@ -269,10 +324,17 @@ class DeviceExecutor:
                 new[start - lo:stop - lo] = new_lengths
                 input_ids, positions, new_lengths = ids, pos, new
         past = self.pool.lengths[lo:hi].copy()
-        self.pool.ensure_capacity(int((past + new_lengths).max()))
-        if self.pool.generation != self._generation and hasattr(self.session, "forget_graphs"):
-            self.session.forget_graphs()
+        # the fused decode writes every row's token (kept or not) at its past length: room for one more
+        self.pool.ensure_capacity(int((past + (1 if decode is not None else new_lengths)).max()))
+        if self.pool.generation != self._generation:
+            for s in (self.session, self.decode):
+                if hasattr(s, "forget_graphs"):
+                    s.forget_graphs()
             self._generation = self.pool.generation
+        if decode is not None:
+            logits = decode.run(input_ids, past, self.pool.views(lo, hi))
+            self.pool.advance(lo, new_lengths)
+            return logits[start - lo:stop - lo]
         run_lengths = np.maximum(new_lengths, 1)  # a skipped row still needs one valid query
         logits, new_kv = self.session.run(input_ids, positions, past, run_lengths, self.pool.views(lo, hi))
         self.pool.write(lo, new_kv, new_lengths)
@@ -299,8 +361,11 @@ class DeviceExecutor:
 
 
 def make_cuda_executor(folder: Path, manifest, part, device: str, max_batch: int, max_seq_len: int,
-                       cuda_graph: bool | None = None) -> DeviceExecutor:
-    """The executor ``loader.load_decoder`` uses for ``device='cuda:N'`` (ORT CUDA or TensorRT part)."""
+                       cuda_graph: bool | None = None, decode_part=None) -> DeviceExecutor:
+    """The executor ``loader.load_decoder`` uses for ``device='cuda:N'`` (ORT CUDA or TensorRT part).
+
+    ``decode_part``: the folder's fused decode part, which then runs every one-token step
+    (ONNX Runtime's CUDA GroupQueryAttention is FP16/BF16 only: an FP32 part is refused)."""
     index = parse_device(device)
     cfg = manifest.model["config"]
     layers, hkv = cfg["num_layers"], cfg["num_kv_heads"]
@@ -314,6 +379,14 @@ def make_cuda_executor(folder: Path, manifest, part, device: str, max_batch: int
         session = TensorRTStepSession(Path(folder) / part.file, part, layers, device_index=index)
     else:
         session = CudaStepSession(Path(folder) / part.file, layers, device_index=index, cuda_graph=cuda_graph)
+    decode = None
+    if decode_part is not None:
+        decode_kv = next(t.dtype for t in decode_part.inputs if t.name == "past_key.0")
+        if decode_kv != "float16":
+            raise ConfigError(f"{folder}: the fused decode part is {decode_kv}, and ONNX Runtime's CUDA "
+                              "GroupQueryAttention runs FP16 only: recompile with --dtype fp16, or load with "
+                              "fused_decode=False (CLI: EMBER_FUSED_DECODE=0)")
+        decode = CudaDecodeSession(Path(folder) / decode_part.file, layers, device_index=index, cuda_graph=cuda_graph)
     pool = DeviceKVPool(layers, hkv, head_dim, slots=max_batch, max_capacity=max_seq_len, dtype=kv_dtype,
                         device_index=index)
-    return DeviceExecutor(session, pool)
+    return DeviceExecutor(session, pool, decode=decode)

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from ember.runtime.decode_session import decode_positions_ok
 from ember.runtime.kv_pool import KVPool
 from ember.runtime.session import StepSession
 
 
 class LocalExecutor:
-    def __init__(self, session: StepSession, pool: KVPool):
-        self.session, self.pool = session, pool
+    """``decode``: an optional fused decode session (``decode_session.DecodeSession``) that
+    runs one-token calls and writes their K/V in place; everything else runs the step graph."""
+
+    def __init__(self, session: StepSession, pool: KVPool, decode=None):
+        self.session, self.pool, self.decode = session, pool, decode
 
     def move(self, moves: list[tuple[int, int]]) -> None:
         for src, dst in moves:
@@ -27,6 +31,12 @@ class LocalExecutor:
         b, t = input_ids.shape
         stop = start + b
         past = self.pool.lengths[start:stop].copy()
+        if self.decode is not None and decode_positions_ok(positions, past, new_lengths):
+            # every row (kept or not) gets its token written at its past length: room for one more
+            self.pool.ensure_capacity(int(past.max()) + 1)
+            logits = self.decode.run(input_ids, past, self.pool.views(start, stop))
+            self.pool.advance(start, new_lengths)
+            return logits
         self.pool.ensure_capacity(int((past + new_lengths).max()))
         run_lengths = np.maximum(new_lengths, 1)  # a skipped row still needs one valid query
         logits, new_kv = self.session.run(input_ids, positions, past, run_lengths, self.pool.views(start, stop))

@@ -107,6 +107,10 @@ class KVPool:
                     self.v[l][start + r, :, p:p + n] = new_kv[2 * l + 1][r, :, :n]
         self.lengths[start:start + b] += new_lengths
 
+    def advance(self, start: int, new_lengths: np.ndarray) -> None:
+        """Count new tokens that a fused decode graph already wrote in place (no copy)."""
+        self.lengths[start:start + len(new_lengths)] += new_lengths
+
     def move(self, src: int, dst: int) -> None:
         """Move slot ``src``'s live tokens to slot ``dst`` (compaction); ``src`` becomes empty."""
         n = int(self.lengths[src])

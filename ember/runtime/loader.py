@@ -28,7 +28,7 @@ def parse_bytes(v: int | str | None) -> int | None:
 
 def load(path: str | os.PathLike, verify: str = "full", **opts):
     """Load an engine folder. Decoder options: max_batch, kv_memory, max_queue, prefill_chunk,
-    threads, compaction, device. Returns a DecoderEngine (or a diffusion pipeline)."""
+    threads, compaction, device, fused_decode. Returns a DecoderEngine (or a diffusion pipeline)."""
     folder = Path(path)
     manifest = read_manifest(folder)
     if verify not in ("full", "size"):
@@ -49,7 +49,10 @@ def load(path: str | os.PathLike, verify: str = "full", **opts):
 
 def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_memory: int | str | None = None,
                  max_queue: int = 1024, prefill_chunk: int = 128, threads: int | None = None,
-                 compaction: str = "min-move", device: str = "cpu"):
+                 compaction: str = "min-move", device: str = "cpu", fused_decode: bool | None = None):
+    """``fused_decode``: run one-token steps through the folder's fused decode part
+    (GroupQueryAttention, K/V written in place) when it has one; None = yes if present
+    (``EMBER_FUSED_DECODE=0`` says no)."""
     from ember.runtime.executor import LocalExecutor
     from ember.runtime.kv_pool import KVPool
     from ember.runtime.scheduler import FusionScheduler
@@ -68,20 +71,25 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
     if part.backend == "tensorrt" and not device.startswith("cuda"):
         raise InputError(f"{folder} holds a TensorRT plan, which runs on an NVIDIA GPU only: load it with "
                          f"device='cuda:0' (CLI: --device cuda:0), or recompile with --backend onnxruntime for the CPU")
+    if fused_decode is None:
+        fused_decode = os.environ.get("EMBER_FUSED_DECODE", "1") != "0"
+    decode_part = manifest.find_part("decode") if fused_decode else None
     if device == "cpu":
+        from ember.runtime.decode_session import DecodeSession
         from ember.runtime.session import StepSession
 
         session = StepSession(folder / part.file, layers, threads=threads,
                               disabled_optimizers=part.extra.get("ort_disabled_optimizers"))
+        decode = DecodeSession(folder / decode_part.file, layers, threads=threads) if decode_part else None
     elif device.startswith("cuda"):
         from ember.runtime.cuda_session import make_cuda_executor
 
-        return _engine(make_cuda_executor(folder, manifest, part, device, max_batch, scheduler.max_seq_len),
-                       scheduler, folder, manifest, max_pos)
+        return _engine(make_cuda_executor(folder, manifest, part, device, max_batch, scheduler.max_seq_len,
+                                          decode_part=decode_part), scheduler, folder, manifest, max_pos)
     else:
         raise InputError(f"device {device!r} is not understood; use 'cpu' or 'cuda:N'")
     pool = KVPool(layers, hkv, head_dim, slots=max_batch, max_capacity=scheduler.max_seq_len, dtype=kv_dtype)
-    return _engine(LocalExecutor(session, pool), scheduler, folder, manifest, max_pos)
+    return _engine(LocalExecutor(session, pool, decode=decode), scheduler, folder, manifest, max_pos)
 
 
 def _engine(executor, scheduler, folder: Path, manifest: Manifest, max_pos: int):

@@ -18,21 +18,41 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
+def session_options(threads: int | None = None, optimized_path: str | os.PathLike | None = None,
+                    profile_prefix: str | None = None) -> ort.SessionOptions:
+    """Ember's ONNX Runtime settings: all graph optimizations, sequential, ``threads`` intra-op
+    threads. ``optimized_path``: also write ORT's optimized graph there; ``profile_prefix``:
+    record ORT's per-node profile (benchmarks/profile_step.py)."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads or default_threads()
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    return so
+
+
+def make_session(onnx_path: str | os.PathLike, threads: int | None = None, providers: list[str] | None = None,
+                 disabled_optimizers: list[str] | None = None,
+                 optimized_path: str | os.PathLike | None = None) -> ort.InferenceSession:
+    """An ONNX Runtime session with ``session_options`` (CPU provider unless ``providers``)."""
+    so = session_options(threads, optimized_path)
+    try:
+        kwargs = {"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {}
+        return ort.InferenceSession(str(onnx_path), so, providers=providers or ["CPUExecutionProvider"], **kwargs)
+    except Exception as e:  # ORT's own exception types
+        raise ArtifactError(f"{Path(onnx_path)} could not be loaded by ONNX Runtime ({e}); recompile the folder") from e
+
+
 class StepSession:
     def __init__(self, onnx_path: str | os.PathLike, num_layers: int, threads: int | None = None,
                  providers: list[str] | None = None, disabled_optimizers: list[str] | None = None):
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = threads or default_threads()
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        try:
-            kwargs = {"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {}
-            self.sess = ort.InferenceSession(str(onnx_path), so, providers=providers or ["CPUExecutionProvider"],
-                                             **kwargs)
-        except Exception as e:  # ORT's own exception types
-            raise ArtifactError(f"{Path(onnx_path)} could not be loaded by ONNX Runtime ({e}); recompile the folder") from e
+        self.sess = make_session(onnx_path, threads, providers, disabled_optimizers)
         self.num_layers = num_layers
         self.kv_names = []
         for i in range(num_layers):

@@ -73,6 +73,9 @@ def add_diffusion_compile_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guidance-scale", type=float, default=7.5, help="default CFG scale (also used in calibration)")
     g.add_argument("--schedule-features", choices=["auto", "float", "quantized"], default="auto",
                    help="measure DP/DEC features through the float or the quantized graphs (auto: quantized if --quantize)")
+    g.add_argument("--schedule-weights", choices=["sampler", "none"], default="sampler",
+                   help="weight each step's feature error in the DP objective by how far the sampler carries a "
+                        "noise-prediction error at that step into x_0 (none: DESIGN §5's unweighted J)")
 
 
 def _prompts(path: str | None) -> tuple[str, ...] | None:
@@ -91,7 +94,8 @@ def run_diffusion_compile(a, out: str) -> int:
 
     kw = dict(steps=a.steps, cache_interval=a.cache_interval, cache_speedup=a.cache_speedup, schedule=a.schedule,
               branch=a.cache_branch, image_size=a.image_size, quantize=a.quantize, calib_method=a.calib_method, dec=a.dec,
-              schedule_features=a.schedule_features, guidance_scale=a.guidance_scale, seed=a.seed,
+              schedule_features=a.schedule_features,
+              schedule_weights=a.schedule_weights, guidance_scale=a.guidance_scale, seed=a.seed,
               validate=not getattr(a, "no_validate", False), quiet=getattr(a, "quiet", False))
     prompts = _prompts(getattr(a, "calib", None))
     if prompts is not None:

@@ -78,3 +78,18 @@ class DDIM:
             x0 = np.clip(x0, -self.clip_sample_range, self.clip_sample_range)
             eps = (x - np.sqrt(a_t) * x0) / np.sqrt(1 - a_t)
         return (np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps).astype(np.float32)
+
+    def eps_weights(self, steps: int) -> np.ndarray:
+        """[steps] float64: how far an error in step i's noise prediction moves the final x_0.
+
+        With eta = 0 the update is linear in eps in the variable y = x / sqrt(a):
+        ``y_{i+1} = y_i + (s_{i+1} - s_i) * eps_i`` with ``s = sqrt((1 - a) / a)``, so an eps error
+        at step i reaches x_0 scaled by ``(s_i - s_{i+1}) * sqrt(a_final)`` (the later steps' own
+        response to it ignored). Early, high-noise steps weigh most.
+        """
+        t = self.timesteps(steps)
+        prev = t - self.num_train_timesteps // steps
+        a_t = self.alphas_cumprod[t].astype(np.float64)
+        a_prev = np.where(prev >= 0, self.alphas_cumprod[np.maximum(prev, 0)], self.final_alpha_cumprod).astype(np.float64)
+        s_t, s_prev = np.sqrt((1 - a_t) / a_t), np.sqrt((1 - a_prev) / a_prev)
+        return np.abs(s_t - s_prev) * np.sqrt(a_prev[-1])

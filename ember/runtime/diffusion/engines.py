@@ -4,32 +4,34 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from ember.compiler.manifest import EnginePart
 from ember.errors import ArtifactError
-from ember.runtime.session import default_threads
+from ember.runtime.session import make_session
 
 
 class PartSession:
-    """One engine part. ``run(feeds)`` -> outputs in the manifest's order (fresh arrays, caller owns)."""
+    """One engine part. ``run(feeds)`` -> outputs in the manifest's order (fresh arrays, caller owns).
 
-    def __init__(self, folder: Path, part: EnginePart, threads: int | None = None) -> None:
+    Q/DQ parts run with the ORT optimizers their manifest entry disables
+    (``extra["ort_disabled_optimizers"]``): left on, CommonSubexpressionElimination merges the
+    per-edge Q/DQ pairs of q/k/v and MatMulAddFusion rebuilds float Gemms, so those layers would
+    dequantize their weights every call instead of running as int8 kernels.
+    ``optimized_path`` writes ORT's optimized graph there (for inspection and tests).
+    """
+
+    def __init__(self, folder: Path, part: EnginePart, threads: int | None = None,
+                 optimized_path: str | Path | None = None) -> None:
         if part.backend != "onnxruntime":
             raise ArtifactError(f"part {part.name!r} was built for {part.backend}; the diffusion runtime runs onnxruntime parts")
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        so.intra_op_num_threads = threads or default_threads()
-        so.inter_op_num_threads = 1
-        path = folder / part.file
-        try:
-            self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        except Exception as e:  # ORT's own exception types
-            raise ArtifactError(f"{path} could not be loaded by ONNX Runtime ({e}); recompile the folder") from e
+        self.disabled_optimizers = list(part.extra.get("ort_disabled_optimizers") or [])
+        self.sess = make_session(folder / part.file, threads, disabled_optimizers=self.disabled_optimizers,
+                                 optimized_path=optimized_path)
         have = {i.name for i in self.sess.get_inputs()}
         want = {t.name for t in part.inputs}
         if have != want:
-            raise ArtifactError(f"{path}: graph inputs {sorted(have)} differ from the manifest's {sorted(want)}; recompile")
+            raise ArtifactError(f"{folder / part.file}: graph inputs {sorted(have)} differ from the manifest's "
+                                f"{sorted(want)}; recompile")
         self.name = part.name
         self.output_names = [t.name for t in part.outputs]
 

@@ -16,6 +16,7 @@ from ember.compiler.manifest import EnginePart, Manifest
 from ember.errors import ArtifactError
 from ember.runtime.executor import LocalExecutor
 from ember.runtime.kv_pool import KVPool
+from ember.runtime.session import session_options
 from ember.runtime.tp.comm import Comm
 
 
@@ -35,12 +36,7 @@ def rank_parts(manifest: Manifest, rank: int) -> list[EnginePart]:
 
 
 def _session(path: Path, threads: int, device: str) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so = session_options(threads)
     if device.startswith("cuda"):
         dev = int(device.split(":")[1]) if ":" in device else 0
         providers = [("CUDAExecutionProvider", {"device_id": dev}), "CPUExecutionProvider"]

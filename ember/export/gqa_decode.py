@@ -1,0 +1,212 @@
+"""The fused decode graph of the LLaMA family for ONNX Runtime (DESIGN §3, second option).
+
+The portable step graph (``llama.py`` through the TorchScript exporter) is ~50 ONNX Runtime
+kernels per layer: on a GPU a batch-1 decode is bound by launching them, not by reading the
+weights. This module writes the same model's **decode step** (one new token per row)
+directly in ONNX Runtime's fused operators, ~10 kernels per layer:
+
+- ``SimplifiedLayerNormalization`` / ``com.microsoft.SkipSimplifiedLayerNormalization``:
+  RMSNorm, fused with the residual add that precedes it;
+- linear layers as ``Gemm(transB=1)`` on [B, C] rows (torch's [out, in] weight layout, which
+  the GPU's one-row GEMMs read faster than MatMul's [in, out]);
+- one packed Q/K/V ``Gemm`` and ``com.microsoft.GroupQueryAttention`` with rotary
+  positions (``do_rotary``, cos/sin tables up to ``max_positions``), grouped K/V heads and a
+  **shared past/present buffer**: the graph reads the KV pool's slot range in place and
+  writes each row's new K/V at position ``seqlens_k[b]`` (its past length) -- the runtime
+  binds ``present_*`` to the same memory as ``past_*``, so there is no separate KV write;
+- SwiGLU as gate/up ``Gemm`` + ``com.microsoft.QuickGelu(alpha=1)`` (= SiLU) + ``Mul``;
+- the LM head as ``Gemm(transB)`` on the embedding or head matrix; logits in float32.
+
+Contract (``decode`` part): inputs ``input_ids`` int64 [B,1], ``seqlens_k`` int32 [B]
+(each row's past length = the position of its new token), ``total_sequence_length`` int32
+scalar (the KV buffer's capacity S), ``past_key.i``/``past_value.i`` [B,Hkv,S,D]; outputs
+``logits`` float32 [B,V] and ``present_key.i``/``present_value.i`` [B,Hkv,S,D] (the same
+buffers when bound in place). Positions are the past lengths: a decode whose positions
+differ (none in Ember's runtime) must use the step graph.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from ember.errors import ConfigError
+
+DECODE_PART = "decode"
+DECODE_FILE = "decode.onnx"
+DTYPES = {"float32": (np.float32, TensorProto.FLOAT), "float16": (np.float16, TensorProto.FLOAT16)}
+
+
+def decode_input_names(num_layers: int) -> list[str]:
+    names = ["input_ids", "seqlens_k", "total_sequence_length"]
+    for i in range(num_layers):
+        names += [f"past_key.{i}", f"past_value.{i}"]
+    return names
+
+
+def decode_output_names(num_layers: int) -> list[str]:
+    names = ["logits"]
+    for i in range(num_layers):
+        names += [f"present_key.{i}", f"present_value.{i}"]
+    return names
+
+
+class _Graph:
+    """Nodes + initializers under construction (numpy weights converted to the graph dtype)."""
+
+    def __init__(self, np_dtype):
+        self.np_dtype = np_dtype
+        self.nodes: list = []
+        self.inits: list = []
+        self._n = 0
+
+    def weight(self, name: str, t: torch.Tensor | np.ndarray, dtype=None) -> str:
+        a = t.detach().to(torch.float32).numpy() if isinstance(t, torch.Tensor) else t
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(a.astype(dtype or self.np_dtype)), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], n_out: int = 1, name: str | None = None, domain: str = "",
+             outputs: list[str] | None = None, **attrs) -> list[str]:
+        self._n += 1
+        name = name or f"{op}_{self._n}"
+        outs = outputs or [f"{name}/out{j}" for j in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=name, domain=domain, **attrs))
+        return outs
+
+
+def check_supported(cfg) -> None:
+    """The fused decode graph covers the LLaMA family as ``llama.py`` exports it."""
+    if cfg.family != "llama":
+        raise ConfigError(f"the fused decode graph (--fused-decode) covers the llama family, not {cfg.family!r}; "
+                          "compile without --fused-decode (the portable step graph serves every family)")
+    if cfg.head_dim % 16:
+        raise ConfigError(f"head_dim {cfg.head_dim} is not a multiple of 16, which ONNX Runtime's "
+                          "GroupQueryAttention requires; compile without --fused-decode")
+
+
+def build_decode_graph(model, cfg, dtype: str = "float16") -> onnx.ModelProto:
+    """The fused decode graph of ``model`` (an ``llama.LlamaStep`` with weights) in ``dtype``."""
+    check_supported(cfg)
+    if dtype not in DTYPES:
+        raise ConfigError(f"fused decode dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    np_dtype, onnx_dtype = DTYPES[dtype]
+    g = _Graph(np_dtype)
+    d, h, hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    eps = float(cfg.norm_eps)
+
+    # rotary tables [max_positions, D/2], computed in float64 and stored in the graph dtype
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    freqs = np.arange(cfg.max_positions, dtype=np.float64)[:, None] * inv_freq[None, :]
+    cos = g.weight("rope.cos", np.cos(freqs))
+    sin = g.weight("rope.sin", np.sin(freqs))
+
+    embed = g.weight("embed_tokens.weight", model.embed_tokens.weight)
+    to_rows = g.weight("shape.rows", np.array([0, -1]), np.int64)  # [B, 1, N] -> [B, N]
+    to_tokens = g.weight("shape.tokens", np.array([0, 1, -1]), np.int64)  # [B, N] -> [B, 1, N]
+    ids = g.node("Reshape", ["input_ids", g.weight("shape.flat", np.array([-1]), np.int64)], name="ids_flat")[0]
+    x = g.node("Gather", [embed, ids], name="embed")[0]  # [B, C]: the residual stream, one row per sequence
+    pending = None  # the previous sublayer's output, added to the residual by the next norm
+    for i, layer in enumerate(model.layers):
+        p = f"layers.{i}"
+        y, x = _rms_norm(g, f"{p}.input_layernorm", layer.input_layernorm.weight, x, pending, eps)
+        w_qkv = torch.cat([layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight], 0)  # [(H+2Hkv)D, C]
+        b_qkv = None if layer.q_proj.bias is None else torch.cat([layer.q_proj.bias, layer.k_proj.bias, layer.v_proj.bias])
+        qkv = _linear(g, f"{p}.qkv", y, w_qkv, b_qkv)
+        qkv = g.node("Reshape", [qkv, to_tokens], name=f"{p}.qkv_tokens")[0]  # GroupQueryAttention takes [B, S, N]
+        attn = g.node("GroupQueryAttention",
+                      [qkv, "", "", f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_sequence_length", cos, sin],
+                      name=f"{p}.attn", domain="com.microsoft",
+                      outputs=[f"{p}.attn/out", f"present_key.{i}", f"present_value.{i}"],
+                      num_heads=h, kv_num_heads=hkv, do_rotary=1, rotary_interleaved=0, scale=1.0 / float(np.sqrt(d)))[0]
+        attn = g.node("Reshape", [attn, to_rows], name=f"{p}.attn_rows")[0]
+        o = _linear(g, f"{p}.o_proj", attn, layer.o_proj.weight, layer.o_proj.bias)
+        y, x = _rms_norm(g, f"{p}.post_attention_layernorm", layer.post_attention_layernorm.weight, x, o, eps)
+        gate = _linear(g, f"{p}.gate_proj", y, layer.gate_proj.weight)
+        up = _linear(g, f"{p}.up_proj", y, layer.up_proj.weight)
+        act = g.node("QuickGelu", [gate], name=f"{p}.silu", domain="com.microsoft", alpha=1.0)[0]
+        mlp = g.node("Mul", [act, up], name=f"{p}.swiglu")[0]
+        pending = _linear(g, f"{p}.down_proj", mlp, layer.down_proj.weight)
+    hid, _ = _rms_norm(g, "norm", model.norm.weight, x, pending, eps)
+    if model.lm_head is None:  # tied: the embedding matrix is the head, read in place
+        logits = g.node("Gemm", [hid, embed], name="lm_head", transB=1)[0]
+    else:
+        logits = _linear(g, "lm_head", hid, model.lm_head.weight)
+    if onnx_dtype != TensorProto.FLOAT:
+        g.node("Cast", [logits], name="logits_fp32", outputs=["logits"], to=TensorProto.FLOAT)
+    else:
+        g.node("Identity", [logits], name="logits_out", outputs=["logits"])
+
+    L = cfg.num_layers
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", 1]),
+              helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+              helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", cfg.vocab_size])]
+    for i in range(L):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", onnx_dtype, ["batch", hkv, "capacity", d]))
+            outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", onnx_dtype, ["batch", hkv, "capacity", d]))
+    graph = helper.make_graph(g.nodes, "ember_decode_gqa", inputs, outputs, g.inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                              producer_name="ember")
+    proto.ir_version = 8
+    return proto
+
+
+def _linear(g: _Graph, name: str, x: str, weight, bias=None) -> str:
+    """``x @ weight.T + bias`` as ``Gemm(transB=1)`` on torch's [out, in] layout: on the GPU the
+    one-row GEMMs of a decode read the weight faster this way than as MatMul's [in, out]."""
+    inputs = [x, g.weight(f"{name}.weight", weight)]
+    if bias is not None:
+        inputs.append(g.weight(f"{name}.bias", bias))
+    return g.node("Gemm", inputs, name=name, transB=1)[0]
+
+
+def _rms_norm(g: _Graph, name: str, weight, x: str, pending: str | None, eps: float) -> tuple[str, str]:
+    """RMSNorm of ``x + pending`` (or of ``x``); returns (normed, the new residual stream)."""
+    w = g.weight(f"{name}.weight", weight)
+    if pending is None:
+        return g.node("SimplifiedLayerNormalization", [x, w], name=name, axis=-1, epsilon=eps, stash_type=1)[0], x
+    out = g.node("SkipSimplifiedLayerNormalization", [pending, x, w], name=name, domain="com.microsoft",
+                 outputs=[f"{name}/out", "", "", f"{name}/residual"], epsilon=eps)
+    return out[0], out[3]
+
+
+def check_decode_graph(model, cfg, onnx_path, batch: int = 3, capacity: int = 48, seed: int = 0) -> float:
+    """Run the fused graph (ONNX Runtime CPU, K/V bound in place) against the torch step
+    model on a random decode state whose rows are at different past lengths. Returns the
+    logits' max error relative to their largest magnitude; raises ``EmberError`` when the
+    K/V written in place are wrong or any other cache position changed."""
+    from ember.errors import EmberError
+    from ember.runtime.decode_session import DecodeSession
+
+    capacity = min(capacity, cfg.max_positions)
+    rng = np.random.default_rng(seed)
+    sess = DecodeSession(onnx_path, cfg.num_layers)
+    kv_dtype = np.float16 if sess.sess.get_inputs()[3].type == "tensor(float16)" else np.float32
+    past = rng.integers(0, capacity - 1, batch).astype(np.int64)
+    past[0] = capacity - 1  # one row at the buffer's last position
+    ids = rng.integers(0, cfg.vocab_size, (batch, 1)).astype(np.int64)
+    kv = [rng.standard_normal((batch, cfg.num_kv_heads, capacity, cfg.head_dim)).astype(kv_dtype)
+          for _ in range(2 * cfg.num_layers)]
+    before = [a.copy() for a in kv]
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids), torch.from_numpy(past.reshape(batch, 1)), torch.from_numpy(past),
+                    torch.ones(batch, dtype=torch.int64), *[torch.from_numpy(a.astype(np.float32)) for a in kv])
+    logits = sess.run(ids, past, kv)
+    want = ref[0].numpy()
+    err = float(np.abs(logits - want).max() / max(float(np.abs(want).max()), 1e-6))
+    tol = 2e-2 if kv_dtype == np.float16 else 1e-4
+    for i, (a, b, new) in enumerate(zip(kv, before, ref[1:])):
+        new = new.numpy()
+        for r in range(batch):
+            p = int(past[r])
+            got = a[r, :, p].astype(np.float32)
+            scale = max(float(np.abs(new[r, :, 0]).max()), 1e-6)
+            if float(np.abs(got - new[r, :, 0]).max()) / scale > tol:
+                raise EmberError(f"fused decode graph: layer {i // 2} {'kv'[i % 2]} of row {r} written at position {p} "
+                                 "differs from the torch model")
+            a[r, :, p] = b[r, :, p]
+        if not np.array_equal(a, b):
+            raise EmberError(f"fused decode graph: layer {i // 2} changed cache positions other than the new token's")
+    return err
