@@ -5,7 +5,9 @@ rows of a contiguous slot range are one contiguous view, which ONNX Runtime read
 copy; the engine returns only the new tokens' K/V and ``write`` puts them in place. The
 capacity S_cap grows geometrically (x1.5, 32-aligned) as sequences grow, so attention reads at
 most about 1.5x the longest live length, and shrinks back when the long sequences are gone.
-The pool owns its arrays; views handed out are valid until the next ``grow``/``shrink``.
+The pool owns its arrays (one buffer for every layer, in an arena reserved once for the
+maximum capacity and paged in as used, so growth moves data in place instead of
+reallocating); views handed out are valid until the next ``grow``/``shrink``.
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ class KVPool:
         self.k: list[np.ndarray] = []
         self.v: list[np.ndarray] = []
         self.lengths = np.zeros(slots, dtype=np.int64)  # live tokens per slot
+        self.storage: np.ndarray | None = None
+        self._arena = None
         self._resize(min(max_capacity, max(MIN_CAPACITY, _round_up(capacity))))
 
     # -- sizes -------------------------------------------------------------------------
@@ -46,17 +50,42 @@ class KVPool:
         return self.bytes_per_token * self.slots * self.capacity
 
     def _resize(self, capacity: int, keep: int | None = None) -> None:
+        """Lay the pool out at ``capacity`` positions, keeping each slot's first ``keep``.
+
+        All layers live in one buffer ``storage`` [L, 2, slots, Hkv, S_cap, D] (``k[l]``/``v[l]``
+        are contiguous views of it), carved from an arena sized for ``max_capacity`` and
+        allocated once with calloc: a resize moves each (layer, K/V, slot, head) block to its
+        new offset in place, so memory already paged in is reused instead of allocating,
+        page-faulting and copying a whole new pool (~0.7 s per growth at 377 MB here, a stall
+        every running request would see). Positions past a slot's length hold stale finite
+        values, which attention masks exactly as before.
+        """
         keep = self.capacity if keep is None else keep
         keep = min(keep, capacity, self.capacity)
-        shape = (self.slots, self.num_kv_heads, capacity, self.head_dim)
-        new_k, new_v = [], []
-        for arrays, new in ((self.k, new_k), (self.v, new_v)):
-            for old in arrays or [None] * self.num_layers:
-                a = np.zeros(shape, dtype=self.dtype)
-                if old is not None and keep:
-                    a[:, :, :keep] = old[:, :, :keep]
-                new.append(a)
-        self.k, self.v, self.capacity = new_k, new_v, capacity
+        blocks, d = 2 * self.num_layers * self.slots * self.num_kv_heads, self.head_dim
+        if self._arena is None:
+            try:
+                self._arena = np.zeros(blocks * self.max_capacity * d, dtype=self.dtype)
+            except MemoryError:  # no room to reserve the arena: a fresh buffer per resize
+                self._arena = False
+        if self._arena is False:
+            buf = np.zeros(blocks * capacity * d, dtype=self.dtype)
+            old = None if self.storage is None else self.storage.reshape(blocks, self.capacity, d)
+            if old is not None and keep:
+                buf.reshape(blocks, capacity, d)[:, :keep] = old[:, :keep]
+        else:
+            buf = self._arena[:blocks * capacity * d]
+            if self.storage is not None and keep:
+                src = self._arena[:blocks * self.capacity * d].reshape(blocks, self.capacity, d)
+                dst = buf.reshape(blocks, capacity, d)
+                # growing moves blocks to higher offsets: go from the last block back (and the
+                # other way when shrinking), so no block is overwritten before it has moved
+                for i in (range(blocks - 1, -1, -1) if capacity > self.capacity else range(blocks)):
+                    dst[i, :keep] = src[i, :keep]
+        self.storage = buf.reshape(self.num_layers, 2, self.slots, self.num_kv_heads, capacity, d)
+        self.k = [self.storage[l, 0] for l in range(self.num_layers)]
+        self.v = [self.storage[l, 1] for l in range(self.num_layers)]
+        self.capacity = capacity
 
     def ensure_capacity(self, tokens: int) -> None:
         """Make room for ``tokens`` positions per slot (geometric growth; never past max_capacity)."""
@@ -93,12 +122,12 @@ class KVPool:
         end = int((past + new_lengths).max()) if b else 0
         self.ensure_capacity(end)
         t = new_kv[0].shape[2] if new_kv else 0
-        if t == 1:  # decode: one vectorised scatter per array, rows with new_lengths 0 skipped
+        if t == 1:  # decode: one scatter for every layer, K and V, rows with new_lengths 0 skipped
             sel = np.nonzero(new_lengths)[0]
-            rows, pos = start + sel, past[sel]
-            for l in range(self.num_layers):
-                self.k[l][rows, :, pos, :] = new_kv[2 * l][sel, :, 0, :]
-                self.v[l][rows, :, pos, :] = new_kv[2 * l + 1][sel, :, 0, :]
+            new = np.stack([a[sel, :, 0, :] for a in new_kv])  # [2L, n, Hkv, D]
+            new = new.reshape(self.num_layers, 2, len(sel), self.num_kv_heads, self.head_dim)
+            # advanced indices on dims 2 and 4 (split by a slice) put the rows first: [n, L, 2, Hkv, D]
+            self.storage[:, :, start + sel, :, past[sel], :] = new.transpose(2, 0, 1, 3, 4)
         else:
             for r in range(b):
                 n, p = int(new_lengths[r]), int(past[r])
@@ -114,9 +143,7 @@ class KVPool:
     def move(self, src: int, dst: int) -> None:
         """Move slot ``src``'s live tokens to slot ``dst`` (compaction); ``src`` becomes empty."""
         n = int(self.lengths[src])
-        for arrays in (self.k, self.v):
-            for a in arrays:
-                a[dst, :, :n] = a[src, :, :n]
+        self.storage[:, :, dst, :, :n] = self.storage[:, :, src, :, :n]
         self.lengths[dst], self.lengths[src] = n, 0
 
     def release(self, slot: int) -> None:
