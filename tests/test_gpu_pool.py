@@ -144,3 +144,38 @@ def test_executor_pads_graph_decodes_to_a_bucket_from_slot_zero():
     assert sess.calls[-1][0] == 8  # rows [0, 8): bucket of stop=6
     assert logits[:, 0].tolist() == [7.0, 8.0, 9.0]  # the caller's rows, in order
     assert pool.lengths.tolist() == [0, 0, 0, 5, 6, 7, 0, 0]  # padding rows kept nothing
+
+
+class _FakeDecodeSession:
+    """Stands in for ``CudaDecodeSession``: writes each row's 'K/V' (its token id) in place at
+    its past length, as GroupQueryAttention does with a shared past/present buffer."""
+
+    cuda_graph_status = "on"
+
+    def __init__(self):
+        self.calls = []
+
+    def run(self, input_ids, past_lengths, kv):
+        self.calls.append((len(input_ids), list(past_lengths)))
+        for a in kv:
+            for r, p in enumerate(past_lengths):
+                a[r, :, int(p)] = float(input_ids[r, 0])
+        return torch.from_numpy(input_ids.astype(np.float32))
+
+
+def test_executor_runs_decodes_through_the_fused_part_in_place():
+    from ember.runtime.cuda_session import DeviceExecutor
+
+    _, pool = _pair(slots=8)
+    step, decode = _FakeGraphSession(), _FakeDecodeSession()
+    ex = DeviceExecutor(step, pool, decode=decode)
+    assert decode.lock is ex.lock  # one lock: ORT captures graphs in global mode
+    pool.lengths[:] = [0, 0, 0, 4, 5, 6, 0, 0]
+    logits = ex.run_device(3, np.array([[7], [8], [9]]), np.array([[4], [5], [6]]), np.ones(3, np.int64))
+    assert decode.calls == [(8, [0, 0, 0, 4, 5, 6, 0, 0])] and not step.calls  # graph window, past lengths
+    assert logits[:, 0].tolist() == [7.0, 8.0, 9.0]
+    assert pool.lengths.tolist() == [0, 0, 0, 5, 6, 7, 0, 0]  # counted, not written again
+    assert [float(pool.k[1][s, 0, p, 0]) for s, p in ((3, 4), (4, 5), (5, 6))] == [7.0, 8.0, 9.0]
+    # positions that are not the past lengths (not produced by Ember's loop) take the step graph
+    ex.run_device(3, np.array([[1]]), np.array([[2]]), np.ones(1, np.int64))
+    assert len(decode.calls) == 1 and step.calls

@@ -30,6 +30,7 @@ import numpy as np
 
 from ember.errors import ArtifactError, ConfigError, InputError
 from ember.runtime.decode_session import decode_positions_ok
+from ember.runtime.executor import step_on_pool
 from ember.runtime.device_kv_pool import DeviceKVPool, KVList
 from ember.runtime.device_kv_pool import require_torch as _torch
 
@@ -323,22 +324,17 @@ class DeviceExecutor:
                 ids[start - lo:stop - lo], pos[start - lo:stop - lo] = input_ids, positions
                 new[start - lo:stop - lo] = new_lengths
                 input_ids, positions, new_lengths = ids, pos, new
-        past = self.pool.lengths[lo:hi].copy()
-        # the fused decode writes every row's token (kept or not) at its past length: room for one more
-        self.pool.ensure_capacity(int((past + (1 if decode is not None else new_lengths)).max()))
+        logits = step_on_pool(self.pool, self.session, decode, lo, input_ids, positions, new_lengths,
+                              before_run=self._forget_stale_graphs)
+        return logits[start - lo:stop - lo]
+
+    def _forget_stale_graphs(self) -> None:
+        """Captured graphs hold the pool's addresses: drop them after it reallocates."""
         if self.pool.generation != self._generation:
             for s in (self.session, self.decode):
                 if hasattr(s, "forget_graphs"):
                     s.forget_graphs()
             self._generation = self.pool.generation
-        if decode is not None:
-            logits = decode.run(input_ids, past, self.pool.views(lo, hi))
-            self.pool.advance(lo, new_lengths)
-            return logits[start - lo:stop - lo]
-        run_lengths = np.maximum(new_lengths, 1)  # a skipped row still needs one valid query
-        logits, new_kv = self.session.run(input_ids, positions, past, run_lengths, self.pool.views(lo, hi))
-        self.pool.write(lo, new_kv, new_lengths)
-        return logits[start - lo:stop - lo]
 
     def run(self, start: int, input_ids: np.ndarray, positions: np.ndarray, new_lengths: np.ndarray) -> np.ndarray:
         """As ``LocalExecutor.run``: logits [B,V] float32 on the host (the one transfer per step)."""

@@ -7,11 +7,37 @@ behind the same four methods.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from ember.runtime.decode_session import decode_positions_ok
 from ember.runtime.kv_pool import KVPool
 from ember.runtime.session import StepSession
+
+
+def step_on_pool(pool, session, decode, start: int, input_ids: np.ndarray, positions: np.ndarray,
+                 new_lengths: np.ndarray, before_run: Callable[[], None] | None = None):
+    """One step over ``pool`` slots [start, start+B), the one home of a step's KV bookkeeping
+    (CPU and GPU executors): through the fused ``decode`` session when given (it writes each
+    row's K/V in place at its past length; the pool only counts the tokens), else through the
+    step ``session`` with the new K/V written into the pool. ``before_run`` runs once the
+    capacity is settled (the GPU executor drops CUDA graphs a reallocation made stale).
+    Returns the session's logits [B,V]."""
+    stop = start + len(new_lengths)
+    past = pool.lengths[start:stop].copy()
+    # the fused decode writes every row's token (kept or not) at its past length: room for one more
+    pool.ensure_capacity(int((past + (1 if decode is not None else new_lengths)).max()))
+    if before_run is not None:
+        before_run()
+    if decode is not None:
+        logits = decode.run(input_ids, past, pool.views(start, stop))
+        pool.advance(start, new_lengths)
+        return logits
+    run_lengths = np.maximum(new_lengths, 1)  # a skipped row still needs one valid query
+    logits, new_kv = session.run(input_ids, positions, past, run_lengths, pool.views(start, stop))
+    pool.write(start, new_kv, new_lengths)
+    return logits
 
 
 class LocalExecutor:
@@ -28,20 +54,9 @@ class LocalExecutor:
     def run(self, start: int, input_ids: np.ndarray, positions: np.ndarray, new_lengths: np.ndarray) -> np.ndarray:
         """Run slots [start, start+B) with new tokens ``input_ids`` [B,T]; rows with
         ``new_lengths`` 0 are computed but their K/V is not kept. Returns logits [B,V]."""
-        b, t = input_ids.shape
-        stop = start + b
-        past = self.pool.lengths[start:stop].copy()
-        if self.decode is not None and decode_positions_ok(positions, past, new_lengths):
-            # every row (kept or not) gets its token written at its past length: room for one more
-            self.pool.ensure_capacity(int(past.max()) + 1)
-            logits = self.decode.run(input_ids, past, self.pool.views(start, stop))
-            self.pool.advance(start, new_lengths)
-            return logits
-        self.pool.ensure_capacity(int((past + new_lengths).max()))
-        run_lengths = np.maximum(new_lengths, 1)  # a skipped row still needs one valid query
-        logits, new_kv = self.session.run(input_ids, positions, past, run_lengths, self.pool.views(start, stop))
-        self.pool.write(start, new_kv, new_lengths)
-        return logits
+        decode = self.decode if self.decode is not None and decode_positions_ok(
+            positions, self.pool.lengths[start:start + len(new_lengths)], new_lengths) else None
+        return step_on_pool(self.pool, self.session, decode, start, input_ids, positions, new_lengths)
 
     def release(self, slot: int) -> None:
         self.pool.release(slot)
