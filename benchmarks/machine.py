@@ -6,14 +6,9 @@ import platform
 
 
 def machine_info() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from ember.bench.host import cpu_model
+
+    cpu = cpu_model()
     flags = ""
     try:
         txt = open("/proc/cpuinfo").read()

@@ -44,15 +44,12 @@ FUSED_OPS = ("MatMulIntegerToFloat", "QLinearMatMul", "QLinearConv", "MatMulNBit
 
 
 def machine() -> str:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     import onnxruntime
 
-    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, onnxruntime {onnxruntime.__version__}"
+    from ember.bench.host import cpu_model
+
+    return (f"{platform.system()} {platform.machine()}, {cpu_model()}, {os.cpu_count()} cores, "
+            f"onnxruntime {onnxruntime.__version__}")
 
 
 def arms(scheme_fp8: bool = False) -> dict[str, QuantOptions | None]:

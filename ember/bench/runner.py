@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, replace
 
 from ember.bench.batch_arms import run_dynamic, run_static
 from ember.bench.engine_arms import run_concurrent, run_fused, run_sequential
+from ember.bench.host import cpu_model
 from ember.bench.metrics import ArmResult, current_rss
 from ember.bench.model import BenchModel
 from ember.bench.workload import WorkloadSpec, make_workload
@@ -33,15 +34,9 @@ class ServeOptions:
 
 
 def machine_info() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
     import onnxruntime
 
-    return {"platform": platform.platform(), "cpu": cpu, "cores": len(os.sched_getaffinity(0)),
+    return {"platform": platform.platform(), "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)),
             "python": platform.python_version(), "onnxruntime": onnxruntime.__version__}
 
 
