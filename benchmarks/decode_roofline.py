@@ -5,6 +5,12 @@ the fastest of several ONNX Runtime ReduceSum reads over 1 GiB with the same thr
 measured in the same run (multi-threaded reads, as the step uses). The step is timed through the runtime's executor
 (session run + KV write), i.e. what one decode iteration of the engine costs.
 
+Arms, timed batch by batch in one run: the default engine (the portable step graph), the same
+model compiled with ``--fused-decode on`` (GroupQueryAttention decode part, K/V written in
+place), and a reference that is not a model: the decode part's weight GEMMs alone, chained
+with the same shapes and layout (no attention, no KV, no norms) -- the batch scaling this
+machine's GEMM library gives the weights by themselves.
+
     python benchmarks/decode_roofline.py [--model gpt2-124m] [--batches 1 8 32] [--context 128]
 Writes benchmarks/results/decode_roofline.{json,md,png}.
 """
@@ -106,8 +112,52 @@ def weight_bytes(onnx_path: Path) -> int:
     return total
 
 
-def time_decode(folder: Path, batch: int, context: int, threads: int, reps: int) -> dict:
+def gemm_chain(decode_onnx: Path):
+    """The decode part's weight GEMMs (``Gemm(transB)`` nodes, in graph order, with their
+    weights and biases) chained through ``Slice`` to the next GEMM's input width: the weights'
+    matrix work with nothing else."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    m = onnx.load(str(decode_onnx))
+    inits = {i.name: i for i in m.graph.initializer}
+    gemms = [n for n in m.graph.node if n.op_type == "Gemm"]
+    width = lambda n: inits[n.input[1]].dims  # noqa: E731  [out, in]
+    nodes, used, x = [], [], "x"
+    for j, n in enumerate(gemms):
+        used += [inits[i] for i in n.input[1:] if i]
+        nodes.append(helper.make_node("Gemm", [x, *n.input[1:]], [f"y{j}"], transB=1))
+        x = f"y{j}"
+        if j + 1 < len(gemms) and width(n)[0] != width(gemms[j + 1])[1]:
+            k = width(gemms[j + 1])[1]
+            used += [helper.make_tensor(f"s{j}.{t}", TensorProto.INT64, [1], [v]) for t, v in (("a", 0), ("b", k), ("x", 1))]
+            nodes.append(helper.make_node("Slice", [x, f"s{j}.a", f"s{j}.b", f"s{j}.x"], [f"z{j}"]))
+            x = f"z{j}"
+    c_in = width(gemms[0])[1]
+    g = helper.make_graph(nodes, "gemm_chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", c_in])],
+                          [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], used)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), c_in
+
+
+def time_chain(model, c_in: int, batch: int, threads: int, reps: int) -> dict:
+    import onnxruntime as ort
+
+    from ember.runtime.session import session_options
+
+    s = ort.InferenceSession(model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((batch, c_in)).astype(np.float32)
+    times = []
+    for _ in range(reps + 3):
+        t = time.perf_counter()
+        s.run(None, {"x": x})
+        times.append(time.perf_counter() - t)
+    times = times[3:]
+    return {"step_ms_median": 1e3 * float(np.median(times)), "step_ms_min": 1e3 * float(np.min(times))}
+
+
+def time_decode(folder: Path, batch: int, context: int, threads: int, reps: int, fused: bool = False) -> dict:
     from ember.compiler.manifest import read_manifest
+    from ember.runtime.decode_session import DecodeSession
     from ember.runtime.executor import LocalExecutor
     from ember.runtime.kv_pool import KVPool
     from ember.runtime.session import StepSession
@@ -116,8 +166,9 @@ def time_decode(folder: Path, batch: int, context: int, threads: int, reps: int)
     c = m.model["config"]
     L, hkv, d = c["num_layers"], c["num_kv_heads"], c["hidden_size"] // c["num_heads"]
     sess = StepSession(folder / m.part("step").file, L, threads=threads)
+    decode = DecodeSession(folder / m.part("decode").file, L, threads=threads) if fused else None
     pool = KVPool(L, hkv, d, slots=batch, max_capacity=c["max_positions"], capacity=context + reps + 8)
-    ex = LocalExecutor(sess, pool)
+    ex = LocalExecutor(sess, pool, decode=decode)
     pool.lengths[:] = context
     ids = np.ones((batch, 1), np.int64)
     new = np.ones(batch, np.int64)
@@ -150,37 +201,56 @@ def main() -> None:
     threads = a.threads or default_threads()
     info = machine_info()
     folder = Path(a.engine) if a.engine else ROOT / "artifacts" / f"bench-{a.model}"
+    fused_folder = folder.with_name(folder.name + "-fused")
     t0 = time.perf_counter()
     compile_decoder(a.model, folder, CompileOptions(quiet=True))
     compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    compile_decoder(a.model, fused_folder, CompileOptions(quiet=True, fused_decode="on"))
+    compile_fused_s = time.perf_counter() - t0
     step_file = folder / "step.onnx"
     wbytes = weight_bytes(step_file)
     probes = read_bandwidth(threads)
     bw = max(probes.values())
     peak = gemm_flops(threads)
+    chain, c_in = gemm_chain(fused_folder / "decode.onnx")
     from ember.compiler.manifest import read_manifest
 
     cfg = read_manifest(folder).model["config"]
-    rows = []
+    arms = {"step": [], "fused": [], "gemms": []}
     for b in a.batches:
-        r = time_decode(folder, b, a.context, threads, a.reps)
-        floor_ms = 1e3 * (wbytes + r["live_kv_bytes"]) / bw
-        compute_ms = 1e3 * step_flops(cfg, wbytes, b, a.context) / peak
-        roof_ms = max(floor_ms, compute_ms)
-        r.update(floor_ms=floor_ms, ratio_to_floor=r["step_ms_median"] / floor_ms, compute_floor_ms=compute_ms,
-                 roofline_ms=roof_ms, ratio_to_roofline=r["step_ms_median"] / roof_ms)
-        rows.append(r)
-        print(f"batch {b:>3}: {r['step_ms_median']:.1f} ms (floor {floor_ms:.1f} ms, x{r['ratio_to_floor']:.2f})",
-              file=sys.stderr)
-    b1 = rows[0]["step_ms_median"]
-    for r in rows:
-        r["ratio_to_batch1"] = r["step_ms_median"] / b1
+        for arm, rows in arms.items():
+            r = (time_chain(chain, c_in, b, threads, a.reps) if arm == "gemms"
+                 else time_decode(fused_folder if arm == "fused" else folder, b, a.context, threads, a.reps, arm == "fused"))
+            r["batch"] = b
+            kv = r.get("live_kv_bytes", 0)
+            floor_ms = 1e3 * (wbytes + kv) / bw
+            compute_ms = 1e3 * step_flops(cfg, wbytes, b, a.context if kv else 0) / peak
+            roof_ms = max(floor_ms, compute_ms)
+            r.update(floor_ms=floor_ms, ratio_to_floor=r["step_ms_median"] / floor_ms, compute_floor_ms=compute_ms,
+                     roofline_ms=roof_ms, ratio_to_roofline=r["step_ms_median"] / roof_ms)
+            rows.append(r)
+            print(f"batch {b:>3} {arm:>5}: {r['step_ms_median']:.1f} ms (floor {floor_ms:.1f} ms, "
+                  f"x{r['ratio_to_floor']:.2f})", file=sys.stderr)
+    for rows in arms.values():
+        for r in rows:
+            r["ratio_to_batch1"] = r["step_ms_median"] / rows[0]["step_ms_median"]
+    rows = arms["step"]
+
+    def b32(arm):
+        return next((r["ratio_to_batch1"] for r in arms[arm] if r["batch"] == 32), None)
+
     res = {"model": a.model, "machine": info, "threads": threads, "compile_s": round(compile_s, 1),
+           "compile_fused_s": round(compile_fused_s, 1),
            "weight_bytes": wbytes, "read_bandwidth_gbs": bw / 1e9,
            "read_probes_gbs": {k: round(v / 1e9, 2) for k, v in probes.items()},
-           "gemm_gflops": peak / 1e9, "context": a.context, "rows": rows,
+           "gemm_gflops": peak / 1e9, "context": a.context, "rows": rows, "rows_fused_decode": arms["fused"],
+           "rows_weight_gemms_alone": arms["gemms"],
            "targets": {"batch1_within_1.3x_floor": rows[0]["ratio_to_floor"] <= 1.3,
-                       "batch32_within_3x_batch1": next((r["ratio_to_batch1"] <= 3 for r in rows if r["batch"] == 32), None),
+                       "batch1_within_1.3x_floor_fused": arms["fused"][0]["ratio_to_floor"] <= 1.3,
+                       "batch32_within_3x_batch1": None if b32("step") is None else b32("step") <= 3,
+                       "batch32_within_3x_batch1_fused": None if b32("fused") is None else b32("fused") <= 3,
+                       "weight_gemms_alone_batch32_over_batch1": b32("gemms"),
                        "compile_under_60s": compile_s < 60}}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -192,16 +262,26 @@ def main() -> None:
           f"{a.context} live tokens per sequence; compile {compile_s:.1f} s.", "",
           f"Compute roof: ONNX Runtime fp32 MatMul 2048^3 at {peak / 1e9:.0f} GFLOP/s (same run); compute floor = "
           "step FLOPs / that rate; roofline = max(bandwidth floor, compute floor).", "",
-          "| batch | step ms (median) | step ms (min) | bandwidth floor ms | step / bw floor | compute floor ms | "
+          "Arms: **step graph** = the default engine (`ember compile`); **fused decode** = `--fused-decode on` "
+          "(GroupQueryAttention decode part, K/V in place; compile "
+          f"{compile_fused_s:.1f} s); **weight GEMMs alone** = the decode part's GEMMs chained with the same shapes, "
+          "no attention, no KV, no norms (a reference, not a model: the batch scaling this machine's GEMMs allow the "
+          "weights by themselves; its floors count the weights only).", "",
+          "| arm | batch | step ms (median) | step ms (min) | bandwidth floor ms | step / bw floor | compute floor ms | "
           "step / roofline | step / batch-1 |",
-          "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        md.append(f"| {r['batch']} | {r['step_ms_median']:.1f} | {r['step_ms_min']:.1f} | {r['floor_ms']:.1f} | "
-                  f"{r['ratio_to_floor']:.2f} | {r['compute_floor_ms']:.1f} | {r['ratio_to_roofline']:.2f} | "
-                  f"{r['ratio_to_batch1']:.2f} |")
-    md += ["", f"Targets: batch 1 within 1.3x of the floor: {res['targets']['batch1_within_1.3x_floor']}; "
-           f"batch 32 within 3x of batch 1: {res['targets']['batch32_within_3x_batch1']}; "
-           f"compile under 60 s: {res['targets']['compile_under_60s']}.",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    names = {"step": "step graph", "fused": "fused decode", "gemms": "weight GEMMs alone"}
+    for arm, arm_rows in arms.items():
+        for r in arm_rows:
+            md.append(f"| {names[arm]} | {r['batch']} | {r['step_ms_median']:.1f} | {r['step_ms_min']:.1f} | "
+                      f"{r['floor_ms']:.1f} | {r['ratio_to_floor']:.2f} | {r['compute_floor_ms']:.1f} | "
+                      f"{r['ratio_to_roofline']:.2f} | {r['ratio_to_batch1']:.2f} |")
+    t = res["targets"]
+    md += ["", f"Targets: batch 1 within 1.3x of the floor: {t['batch1_within_1.3x_floor']} "
+           f"(fused decode: {t['batch1_within_1.3x_floor_fused']}); batch 32 within 3x of batch 1: "
+           f"{t['batch32_within_3x_batch1']} (fused decode: {t['batch32_within_3x_batch1_fused']}; the weight GEMMs "
+           f"alone scale {t['weight_gemms_alone_batch32_over_batch1']:.2f}x on this machine); "
+           f"compile under 60 s: {t['compile_under_60s']}.",
            "", "Reproduce: `python benchmarks/decode_roofline.py`"]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     try:
@@ -212,7 +292,9 @@ def main() -> None:
 
         fig, ax = plt.subplots(figsize=(6, 4))
         bs = [r["batch"] for r in rows]
-        ax.plot(bs, [r["step_ms_median"] for r in rows], "o-", label="Ember decode step")
+        ax.plot(bs, [r["step_ms_median"] for r in rows], "o-", label="Ember decode step (step graph)")
+        ax.plot(bs, [r["step_ms_median"] for r in arms["fused"]], "D-", label="Ember decode step (fused decode)")
+        ax.plot(bs, [r["step_ms_median"] for r in arms["gemms"]], "x-.", label="weight GEMMs alone (reference)")
         ax.plot(bs, [r["floor_ms"] for r in rows], "s--", label="bandwidth floor")
         ax.plot(bs, [r["compute_floor_ms"] for r in rows], "^:", label="compute floor")
         ax.set_xscale("log", base=2)

@@ -11,7 +11,11 @@ Experiments (sizes fit one device call; ``--small`` for a smoke run):
 1. flover: 32 requests at once, 8-token prompts, 512 tokens (ignore EOS): fused vs
    concurrent instances, static batching, HF generate; sequential capped + extrapolated.
 2. poisson: Poisson arrivals light -> saturating, prompts U[8,128], outputs U[16,256]:
-   fused vs dynamic batching (window 0.25 s) and static batching.
+   fused vs dynamic batching (window 0.25 s) and static batching. The fused scheduler runs
+   with the runtime's CUDA defaults: up to 1024 prompt tokens per iteration, admission
+   batching of 8 (ember/runtime/scheduler.py).
+3. admit1: the saturating Poisson point again, fused only, admitting each request at once
+   (admit_batch=1, the CPU's policy): the admission batching's effect.
 
     python benchmarks/serve_gpu.py artifacts/llama-1b-fp16 --out benchmarks/results
 """
@@ -48,6 +52,8 @@ class HostLogitsSession:
 class GpuBenchModel(BenchModel):
     """``BenchModel`` over one CUDA session and device KV pools (no CPU session is built)."""
 
+    device = "cuda"
+
     def __init__(self, folder, cuda_graph: bool = True):
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
@@ -68,8 +74,9 @@ class GpuBenchModel(BenchModel):
             self.decode.lock = self.device_session.lock
 
     def pool(self, slots: int) -> DeviceKVPool:
+        # laid out at full capacity with the fused decode part, as make_cuda_executor does
         return DeviceKVPool(self.num_layers, self.num_kv_heads, self.head_dim, slots=slots,
-                            max_capacity=self.max_positions, dtype=self.kv_dtype)
+                            max_capacity=self.max_positions, dtype=self.kv_dtype, preallocate=self.decode is not None)
 
     def executor(self, max_batch: int) -> DeviceExecutor:
         """The runtime's GPU executor (what ``ember.load(device=)`` builds) over a device KV pool."""
@@ -116,8 +123,11 @@ def _install_hf_fp16_builder() -> None:
     hf_arm.build_hf_model = build
 
 
-def run(folder, model_name: str, out: Path, small: bool = False) -> dict:
-    """Run both experiments; writes gpu_serve_*.{json,md} (+ the Poisson plot) under ``out``."""
+EXPERIMENTS = ("flover", "poisson", "admit1")
+
+
+def run(folder, model_name: str, out: Path, small: bool = False, only: tuple[str, ...] = EXPERIMENTS) -> dict:
+    """Run the experiments in ``only``; writes gpu_serve_*.{json,md} (+ the Poisson plot) under ``out``."""
     import torch
 
     from ember.bench import runner
@@ -142,19 +152,26 @@ def run(folder, model_name: str, out: Path, small: bool = False) -> dict:
     docs = {}
     n_tok = 64 if small else 512
     spec = WorkloadSpec(32, math.inf, LengthDist(8, 8), LengthDist(n_tok, n_tok), seed=0)
-    docs["flover"] = run_serve(model, spec, ["fused", "static", "concurrent", "sequential", "hf"],
-                               ServeOptions(max_batch=32, cap_s=20.0 if not small else 5.0), name="gpu_serve_flover")
+    if "flover" in only:
+        docs["flover"] = run_serve(model, spec, ["fused", "static", "concurrent", "sequential", "hf"],
+                                   ServeOptions(max_batch=32, cap_s=20.0 if not small else 5.0), name="gpu_serve_flover")
     spec = WorkloadSpec(32, 1.0, LengthDist(8, 128), LengthDist(16, 64 if small else 256), seed=0)
     rates, sizes = ([4.0, 16.0, 64.0], [32, 64, 128]) if not small else ([8.0, 64.0], [8, 16])
-    docs["poisson"] = run_serve(model, spec, ["fused", "dynamic", "static"], ServeOptions(max_batch=32, window_s=0.25),
-                                rates=rates, sizes=sizes, name="gpu_serve_poisson")
+    if "poisson" in only:
+        docs["poisson"] = run_serve(model, spec, ["fused", "dynamic", "static"],
+                                    ServeOptions(max_batch=32, window_s=0.25), rates=rates, sizes=sizes,
+                                    name="gpu_serve_poisson")
+    if "admit1" in only:
+        docs["admit1"] = run_serve(model, spec, ["fused"], ServeOptions(max_batch=32, admit_batch=1),
+                                   rates=rates[-1:], sizes=sizes[-1:], name="gpu_serve_admit1")
     md = []
     for key, doc in docs.items():
         (out / f"{doc['name']}.json").write_text(json.dumps(doc, indent=1))
         text = markdown(doc)
         (out / f"{doc['name']}.md").write_text(text)
         md.append(text)
-    plot(docs["poisson"], out / "gpu_serve_poisson.png")
+    if "poisson" in docs:
+        plot(docs["poisson"], out / "gpu_serve_poisson.png")
     return {"markdown": "\n".join(md), "summary": {k: [(r["arm"], r["rate"], round(r["total_s"], 2),
                                                         round(r["output_tok_s"], 1), r["extrapolated"])
                                                        for r in d["runs"]] for k, d in docs.items()}}
@@ -165,8 +182,9 @@ def main() -> None:
     ap.add_argument("folder")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--small", action="store_true")
+    ap.add_argument("--only", default=",".join(EXPERIMENTS), help="comma list of: " + ", ".join(EXPERIMENTS))
     a = ap.parse_args()
-    res = run(Path(a.folder), Path(a.folder).name, Path(a.out), a.small)
+    res = run(Path(a.folder), Path(a.folder).name, Path(a.out), a.small, tuple(a.only.split(",")))
     print(res["markdown"])
 
 

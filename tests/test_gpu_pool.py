@@ -179,3 +179,21 @@ def test_executor_runs_decodes_through_the_fused_part_in_place():
     # positions that are not the past lengths (not produced by Ember's loop) take the step graph
     ex.run_device(3, np.array([[1]]), np.array([[2]]), np.ones(1, np.int64))
     assert len(decode.calls) == 1 and step.calls
+
+
+def test_preallocated_pool_never_resizes():
+    """The layout the fused decode part runs on (GPU): full capacity once, so the views and the
+    CUDA graphs captured on their addresses stay valid through growth and shrink points."""
+    rng = np.random.default_rng(1)
+    args = dict(num_layers=2, num_kv_heads=2, head_dim=3, slots=4, max_capacity=200, dtype="float32")
+    ref, dev = KVPool(**args, preallocate=True), DeviceKVPool(**args, device="cpu", preallocate=True)
+    assert ref.capacity == dev.capacity == 200
+    ptr = dev.k[0].data_ptr()
+    for n in (30, 150, 1):  # grow past the default growth points, then leave a short slot only
+        new = [rng.standard_normal((4, 2, n, 3)).astype(np.float32) for _ in range(4)]
+        for p in (ref, dev):
+            p.lengths[:] = 0
+            p.write(0, new if p is ref else [torch.from_numpy(a) for a in new], np.full(4, n))
+            p.maybe_shrink()
+        _same(ref, dev)
+    assert ref.capacity == dev.capacity == 200 and dev.generation == 1 and dev.k[0].data_ptr() == ptr

@@ -1,5 +1,6 @@
 """The fused decode part (export/gqa_decode.py): ONNX Runtime GroupQueryAttention with the
-K/V updated in place, checked against the torch model and the portable step graph (CPU)."""
+K/V updated in place, checked against the torch model and the portable step graph (CPU), for
+the LLaMA and GPT-2 families."""
 from __future__ import annotations
 
 import numpy as np
@@ -16,6 +17,8 @@ from ember.export.sources import random_init_, step_model_class
 QWEN_LIKE = DecoderConfig(family="llama", vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=1,
                           intermediate_size=96, max_positions=128, norm_eps=1e-6, tie_word_embeddings=True,
                           rope_theta=1e6, qkv_bias=True, o_bias=True)
+GPT2_UNTIED = DecoderConfig(family="gpt2", vocab_size=300, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=4,
+                            intermediate_size=256, max_positions=96, norm_eps=1e-5, tie_word_embeddings=False)
 
 
 def _model(cfg):
@@ -30,7 +33,8 @@ def _model(cfg):
     return m.eval()
 
 
-@pytest.mark.parametrize("cfg", [BUILTIN["llama-tiny"], QWEN_LIKE], ids=["llama-tiny", "qwen-like-tied-bias-gqa4"])
+@pytest.mark.parametrize("cfg", [BUILTIN["llama-tiny"], QWEN_LIKE, BUILTIN["gpt2-tiny"], GPT2_UNTIED],
+                         ids=["llama-tiny", "qwen-like-tied-bias-gqa4", "gpt2-tiny", "gpt2-untied"])
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("float16", 3e-2)])
 def test_decode_graph_matches_torch(tmp_path, cfg, dtype, tol):
     model = _model(cfg)
@@ -41,11 +45,12 @@ def test_decode_graph_matches_torch(tmp_path, cfg, dtype, tol):
     assert check_decode_graph(model, cfg, path, batch=4, capacity=40) < tol
 
 
-def test_decode_graph_check_catches_wrong_weights(tmp_path):
-    cfg = BUILTIN["llama-tiny"]
+@pytest.mark.parametrize("name,weight", [("llama-tiny", "layers.1.o_proj.weight"), ("gpt2-tiny", "blocks.1.c_proj.weight")])
+def test_decode_graph_check_catches_wrong_weights(tmp_path, name, weight):
+    cfg = BUILTIN[name]
     model = _model(cfg)
     proto = build_decode_graph(model, cfg, "float32")
-    w = next(i for i in proto.graph.initializer if i.name == "layers.1.o_proj.weight")
+    w = next(i for i in proto.graph.initializer if i.name == weight)
     from onnx import numpy_helper
 
     w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 1.5, w.name))
@@ -53,10 +58,10 @@ def test_decode_graph_check_catches_wrong_weights(tmp_path):
     assert check_decode_graph(model, cfg, tmp_path / "decode.onnx") > 1e-2
 
 
-@pytest.fixture(scope="module")
-def fused_folder(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fused") / "llama-tiny-fused"
-    m = compile_decoder("llama-tiny", out, CompileOptions(fused_decode="on", quiet=True))
+@pytest.fixture(scope="module", params=["llama-tiny", "gpt2-tiny"])
+def fused_folder(tmp_path_factory, request):
+    out = tmp_path_factory.mktemp("fused") / f"{request.param}-fused"
+    m = compile_decoder(request.param, out, CompileOptions(fused_decode="on", quiet=True))
     assert [p.name for p in m.parts] == ["step", "decode"]
     return out
 
@@ -84,20 +89,26 @@ def test_fused_decode_env_switch(fused_folder, monkeypatch):
 def test_fused_decode_policy():
     assert wants_fused_decode(CompileOptions(dtype="fp16"), "llama")
     assert not wants_fused_decode(CompileOptions(dtype="fp32"), "llama")
-    assert not wants_fused_decode(CompileOptions(dtype="fp16"), "gpt2")
+    assert wants_fused_decode(CompileOptions(dtype="fp16"), "gpt2")
+    assert not wants_fused_decode(CompileOptions(dtype="fp32"), "gpt2")
+    assert wants_fused_decode(CompileOptions(fused_decode="on"), "gpt2")
     assert not wants_fused_decode(CompileOptions(dtype="fp16", fused_decode="off"), "llama")
     assert not wants_fused_decode(CompileOptions(dtype="fp16", quantize="int8"), "llama")
-    with pytest.raises(ConfigError, match="gpt2 family"):
-        wants_fused_decode(CompileOptions(fused_decode="on"), "gpt2")
+    with pytest.raises(ConfigError, match="falcon family"):
+        wants_fused_decode(CompileOptions(fused_decode="on"), "falcon")
     with pytest.raises(ConfigError, match="--backend tensorrt"):
         wants_fused_decode(CompileOptions(fused_decode="on", backend="tensorrt"), "llama")
+    assert not wants_fused_decode(CompileOptions(dtype="fp16"), "gpt2", head_dim=40)  # auto: skipped
     with pytest.raises(ConfigError, match="--fused-decode 'yes'"):
         CompileOptions(fused_decode="yes")
 
 
-def test_fused_decode_on_gpt2_fails_before_writing(tmp_path):
-    with pytest.raises(EmberError, match="only the llama family"):
-        compile_decoder("gpt2-tiny", tmp_path / "out", CompileOptions(fused_decode="on", quiet=True))
+def test_fused_decode_unsupported_head_dim_leaves_no_folder(tmp_path, monkeypatch):
+    odd = DecoderConfig(family="gpt2", model_type="gpt2", vocab_size=300, hidden_size=40, num_layers=1, num_heads=5,
+                        num_kv_heads=5, intermediate_size=80, max_positions=64, norm_eps=1e-5, tie_word_embeddings=True)
+    monkeypatch.setitem(BUILTIN, "gpt2-odd-head", odd)
+    with pytest.raises(EmberError, match="head_dim 8"):
+        compile_decoder("gpt2-odd-head", tmp_path / "out", CompileOptions(fused_decode="on", quiet=True))
     assert not (tmp_path / "out").exists()
 
 

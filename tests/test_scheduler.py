@@ -65,6 +65,52 @@ def test_admission_is_fifo_and_bounded_by_slots():
     assert seqs[2].slot is not None and seqs[3].slot is None  # the oldest waiting one goes first
 
 
+def _decoding(s: FusionScheduler) -> None:
+    """Move every admitted sequence to the decode phase (what the engine does after prefill)."""
+    for q in s.running:
+        q.phase = Phase.DECODE
+
+
+def test_admission_batching_holds_until_a_batch_or_the_wait_ends():
+    s = FusionScheduler(max_batch=8, kv_capacity_tokens=8 * 64, max_seq_len=64, admit_batch=3, admit_wait=2)
+    first = [seq(3, rid=f"a{i}") for i in range(8)]
+    for q in first:
+        s.add(q)
+    s.schedule()  # nothing decoding yet: all 8 admitted at once
+    assert all(q.slot is not None for q in first)
+    _decoding(s)
+    late = [seq(3, rid=f"b{i}") for i in range(4)]
+    for q in late:
+        s.add(q)
+    s.retire(first[0])
+    s.retire(first[1])  # 2 free slots < admit_batch, 6 of 8 decoding: held
+    for _ in range(2):
+        plan = s.schedule()
+        assert not plan.prefill and all(q.slot is None for q in late)
+    s.schedule()  # the hold has lasted admit_wait iterations: admit what fits
+    assert [q.slot is not None for q in late] == [True, True, False, False]
+    _decoding(s)
+    late.append(seq(3, rid="b4"))
+    s.add(late[-1])
+    for q in first[2:5]:
+        s.retire(q)  # 3 free slots, 3 waiting = admit_batch: admitted without waiting
+    s.schedule()
+    assert all(q.slot is not None for q in late)
+
+
+def test_admission_batching_admits_at_once_below_half_load():
+    s = FusionScheduler(max_batch=8, kv_capacity_tokens=8 * 64, max_seq_len=64, admit_batch=4, admit_wait=100)
+    a = [seq(3, rid=f"a{i}") for i in range(3)]
+    for q in a:
+        s.add(q)
+    s.schedule()
+    _decoding(s)
+    b = seq(3, rid="b")
+    s.add(b)
+    s.schedule()  # 3 of 8 decoding: a lightly loaded engine never holds a request back
+    assert b.slot is not None
+
+
 def test_bounded_queue_raises_overloaded_and_keeps_queued():
     s = FusionScheduler(max_batch=1, kv_capacity_tokens=64, max_seq_len=64, max_queue=2)
     a, b = seq(2, rid="a"), seq(2, rid="b")
@@ -90,6 +136,15 @@ def test_bad_options_are_rejected():
         FusionScheduler(2, 128, 64, compaction="defrag")
     with pytest.raises(InputError, match="kv-memory"):
         FusionScheduler(max_batch=64, kv_capacity_tokens=64, max_seq_len=64)
+    with pytest.raises(InputError, match="admit_batch"):
+        FusionScheduler(2, 128, 64, admit_batch=0)
+
+
+def test_device_defaults():
+    from ember.runtime.scheduler import default_admit_batch, default_prefill_chunk
+
+    assert (default_prefill_chunk("cpu"), default_admit_batch("cpu")) == (128, 1)
+    assert (default_prefill_chunk("cuda:1"), default_admit_batch("cuda:0")) == (1024, 8)
 
 
 def test_cancelled_waiting_request_is_skipped():
@@ -230,12 +285,12 @@ def solo(prompt: list[int], n: int) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("mode", ["min-move", "holes"])
-def test_engine_loop_over_fake_step_function(mode):
+@pytest.mark.parametrize("mode,admit_batch", [("min-move", 1), ("holes", 1), ("min-move", 3)])
+def test_engine_loop_over_fake_step_function(mode, admit_batch):
     slots = 5
     ex = FakeExecutor(slots)
     sched = FusionScheduler(max_batch=slots, kv_capacity_tokens=slots * 128, max_seq_len=128, prefill_chunk=7,
-                            compaction=mode)
+                            compaction=mode, admit_batch=admit_batch, admit_wait=4)
     eng = DecoderEngine(ex, sched, eos_token_id=None, max_positions=128, config={"vocab_size": VOCAB})
     rng = random.Random(1)
     prompts = [[rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 20))] for _ in range(40)]

@@ -34,7 +34,8 @@ def add_parser(subparsers) -> None:
     s.add_argument("--no-ignore-eos", action="store_true", help="stop requests at EOS (default: ignore EOS)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--max-batch", type=int, default=32, help="fused slots = static/dynamic/hf batch size")
-    s.add_argument("--prefill-chunk", type=int, default=128)
+    s.add_argument("--prefill-chunk", type=int, default=None,
+                   help="fused arm's prompt tokens per iteration (default: the runtime's, 128 on the CPU)")
     s.add_argument("--window", type=float, default=1.0, help="dynamic batching window (s)")
     s.add_argument("--cap", type=float, default=None,
                    help="time cap (s) per sequential/concurrent/hf arm; total time is then extrapolated")

@@ -17,6 +17,7 @@ from ember.bench.model import BenchModel
 from ember.bench.workload import BenchRequest
 from ember.runtime.decoder import DecoderEngine
 from ember.runtime.requests import FinishReason, RequestHandle, SamplingParams
+from ember.runtime.scheduler import default_admit_batch, default_prefill_chunk
 
 POLL_S = 0.05
 
@@ -75,13 +76,15 @@ def drive_engines(arm: str, requests: list[BenchRequest], engine_for: Callable[[
 
 
 def run_fused(model: BenchModel, requests: list[BenchRequest], max_batch: int, ignore_eos: bool = True,
-              compaction: str = "min-move", prefill_chunk: int = 128, cap_s: float | None = None,
-              progress=None, arm: str | None = None) -> ArmResult:
-    with model.engine(max_batch, compaction=compaction, prefill_chunk=prefill_chunk) as eng:
+              compaction: str = "min-move", prefill_chunk: int | None = None, cap_s: float | None = None,
+              progress=None, arm: str | None = None, admit_batch: int | None = None) -> ArmResult:
+    prefill_chunk = prefill_chunk or default_prefill_chunk(model.device)
+    admit_batch = admit_batch or default_admit_batch(model.device)
+    with model.engine(max_batch, compaction=compaction, prefill_chunk=prefill_chunk, admit_batch=admit_batch) as eng:
         res = drive_engines(arm or "ember-fused", requests, lambda i: eng, ignore_eos, cap_s, progress)
         st = eng.stats()
     res.notes = f"max_batch={max_batch}, compaction={compaction}, prefill_chunk={prefill_chunk}, " \
-                f"iterations={st['iterations_total']}, slot_moves={st['slot_moves_total']}"
+                f"admit_batch={admit_batch}, iterations={st['iterations_total']}, slot_moves={st['slot_moves_total']}"
     return res
 
 

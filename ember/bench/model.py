@@ -14,13 +14,15 @@ from ember.errors import ArtifactError
 from ember.runtime.decoder import DecoderEngine
 from ember.runtime.executor import LocalExecutor
 from ember.runtime.kv_pool import KVPool
-from ember.runtime.scheduler import FusionScheduler
+from ember.runtime.scheduler import FusionScheduler, default_admit_batch, default_prefill_chunk
 from ember.runtime.decode_session import DecodeSession
 from ember.runtime.session import StepSession
 
 
 class BenchModel:
     """A decoder folder's shared step session plus factories for engines and KV pools."""
+
+    device = "cpu"  # the GPU harness's subclass runs on "cuda"
 
     def __init__(self, folder: str | os.PathLike, threads: int | None = None):
         self.folder = Path(folder)
@@ -50,11 +52,13 @@ class BenchModel:
         """The executor an engine of ``max_batch`` slots runs on (the GPU harness overrides it)."""
         return LocalExecutor(self.session, self.pool(max_batch), decode=self.decode)
 
-    def engine(self, max_batch: int, compaction: str = "min-move", prefill_chunk: int = 128,
-               max_queue: int = 1 << 20) -> DecoderEngine:
-        """A DecoderEngine over the shared session, KV pool of ``max_batch`` full-length slots."""
+    def engine(self, max_batch: int, compaction: str = "min-move", prefill_chunk: int | None = None,
+               max_queue: int = 1 << 20, admit_batch: int | None = None) -> DecoderEngine:
+        """A DecoderEngine over the shared session, KV pool of ``max_batch`` full-length slots
+        (``prefill_chunk``, ``admit_batch`` None: the runtime's defaults for ``self.device``)."""
         sched = FusionScheduler(max_batch=max_batch, kv_capacity_tokens=max_batch * self.max_positions,
-                                max_seq_len=self.max_positions, prefill_chunk=prefill_chunk,
+                                max_seq_len=self.max_positions, prefill_chunk=prefill_chunk or default_prefill_chunk(self.device),
+                                admit_batch=admit_batch or default_admit_batch(self.device),
                                 max_queue=max_queue, compaction=compaction)
         return DecoderEngine(self.executor(max_batch), sched, tokenizer=None,
                              eos_token_id=self.eos_token_id, max_positions=self.max_positions,

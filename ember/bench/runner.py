@@ -27,7 +27,8 @@ ARMS = ("fused", "holes", "static", "dynamic", "concurrent", "sequential", "hf")
 @dataclass(frozen=True)
 class ServeOptions:
     max_batch: int = 32  # slots of the fused engine; batch size of static/dynamic/hf
-    prefill_chunk: int = 128
+    prefill_chunk: int | None = None  # None: the engine's default for the model's device
+    admit_batch: int | None = None  # None: the engine's default for the model's device
     window_s: float = 1.0  # dynamic batching's collection window
     cap_s: float | None = None  # per-arm time cap (extrapolates total time past it)
     cap_arms: tuple[str, ...] = ("sequential", "concurrent", "hf")  # arms the cap applies to
@@ -45,10 +46,11 @@ def run_arm(arm: str, model: BenchModel, requests, spec: WorkloadSpec, opts: Ser
     cap = opts.cap_s if arm in opts.cap_arms else None
     eos = spec.ignore_eos
     if arm == "fused":
-        return run_fused(model, requests, opts.max_batch, eos, "min-move", opts.prefill_chunk, cap, progress)
+        return run_fused(model, requests, opts.max_batch, eos, "min-move", opts.prefill_chunk, cap, progress,
+                         admit_batch=opts.admit_batch)
     if arm == "holes":
         return run_fused(model, requests, opts.max_batch, eos, "holes", opts.prefill_chunk, cap, progress,
-                         arm="ember-holes")
+                         arm="ember-holes", admit_batch=opts.admit_batch)
     if arm == "static":
         return run_static(model, requests, opts.max_batch, eos, cap, progress)
     if arm == "dynamic":
@@ -64,13 +66,20 @@ def run_arm(arm: str, model: BenchModel, requests, spec: WorkloadSpec, opts: Ser
     raise InputError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
 
 
-def warm_up(model: BenchModel, opts: ServeOptions) -> None:
-    """One short fused run so ONNX Runtime's first-call costs land in no arm's timing."""
-    from ember.bench.workload import LengthDist
+def warm_up(model: BenchModel, opts: ServeOptions, requests: list | None = None) -> None:
+    """Short untimed runs so first-call costs land in no arm's timing: ONNX Runtime's first
+    run of a shape (on a GPU: kernel selection, workspaces). Runs four small requests, then
+    the workload's first ``max_batch`` prompts at once with 4 new tokens each (the prefill
+    shapes the arms start with)."""
+    from ember.bench.workload import BenchRequest, LengthDist
 
     spec = WorkloadSpec(num_requests=min(4, opts.max_batch), rate=math.inf, prompt_len=LengthDist(8, 64),
                         output_len=LengthDist(4, 4), seed=12345)
-    run_fused(model, make_workload(spec, model.vocab_size, model.eos_token_id), opts.max_batch)
+    run_fused(model, make_workload(spec, model.vocab_size, model.eos_token_id), opts.max_batch,
+              prefill_chunk=opts.prefill_chunk)
+    if requests:
+        first = [BenchRequest(i, 0.0, r.prompt_ids, 4) for i, r in enumerate(requests[:opts.max_batch])]
+        run_fused(model, first, opts.max_batch, prefill_chunk=opts.prefill_chunk)
 
 
 def run_serve(model: BenchModel, spec: WorkloadSpec, arms: list[str], opts: ServeOptions,
@@ -88,7 +97,8 @@ def run_serve(model: BenchModel, spec: WorkloadSpec, arms: list[str], opts: Serv
     if len(sizes) != len(rates):
         raise InputError(f"{len(sizes)} request counts for {len(rates)} rates: give one per rate")
     hf_model = None
-    warm_up(model, opts)
+    warm_up(model, opts, make_workload(replace(spec, rate=rates[0], num_requests=sizes[0]), model.vocab_size,
+                                       avoid_token=model.eos_token_id))
     runs = []
     t0 = time.perf_counter()
     total = sum(sizes) * len(arms)

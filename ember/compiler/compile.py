@@ -55,17 +55,22 @@ class CompileOptions:
             raise ConfigError(f"--fused-decode {self.fused_decode!r} is not one of {', '.join(FUSED_DECODE)}")
 
 
-def wants_fused_decode(options: CompileOptions, family: str) -> bool:
-    """Whether to add the fused (GroupQueryAttention) decode part. ``auto``: for LLaMA-family
-    FP16 ONNX Runtime folders (the GPU path, where it is 3-4x faster per decode step; ONNX
-    Runtime's CUDA attention kernel is FP16/BF16 only); ``on`` fails where it cannot apply."""
+def wants_fused_decode(options: CompileOptions, family: str, head_dim: int = 64) -> bool:
+    """Whether to add the fused (GroupQueryAttention) decode part. ``auto``: for FP16 ONNX
+    Runtime folders (the GPU path, where it is 3-4x faster per decode step; ONNX Runtime's
+    CUDA attention kernel is FP16/BF16 only). ``on`` adds it to FP32 folders as well: on the
+    CPU it makes a decode step ~5-10% faster but holds a second copy of the weights in
+    memory (docs/gpu.md); ``on`` fails where it cannot apply."""
+    from ember.export.gqa_decode import FAMILIES
+
     if options.fused_decode == "off":
         return False
     reasons = [r for r, bad in (
-        (f"the {family} family (only the llama family has one)", family != "llama"),
+        (f"the {family} family (only the {' and '.join(FAMILIES)} families have one)", family not in FAMILIES),
         (f"--backend {options.backend} (the part is an ONNX Runtime graph)", options.backend != "onnxruntime"),
         (f"--quantize {options.quantize}", options.quantize is not None),
-        (f"--tp {options.tp}", options.tp > 1)) if bad]
+        (f"--tp {options.tp}", options.tp > 1),
+        (f"head_dim {head_dim} (ONNX Runtime's GroupQueryAttention needs a multiple of 16)", head_dim % 16 != 0)) if bad]
     if options.fused_decode == "on" and reasons:
         raise ConfigError(f"--fused-decode on does not apply to {'; '.join(reasons)}; use --fused-decode off")
     return not reasons and (options.fused_decode == "on" or options.dtype == "fp16")
@@ -84,7 +89,7 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
         c = src.config
         log.note(f"{c.family}: {c.num_layers} layers, hidden {c.hidden_size}, heads {c.num_heads}/{c.num_kv_heads} kv, "
                  f"vocab {c.vocab_size}, {sum(p.numel() for p in src.model.parameters()) / 1e6:.1f} M parameters")
-    fused = wants_fused_decode(options, c.family)
+    fused = wants_fused_decode(options, c.family, c.head_dim)
     if options.tp > 1:  # tensor parallel: per-rank segment engines (ember/compiler/tp_compile.py)
         from ember.compiler.tp_compile import compile_tp_folder
 

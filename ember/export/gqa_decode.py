@@ -1,4 +1,4 @@
-"""The fused decode graph of the LLaMA family for ONNX Runtime (DESIGN §3, second option).
+"""The fused decode graph of the LLaMA and GPT-2 families for ONNX Runtime (DESIGN §3, second option).
 
 The portable step graph (``llama.py`` through the TorchScript exporter) is ~50 ONNX Runtime
 kernels per layer: on a GPU a batch-1 decode is bound by launching them, not by reading the
@@ -75,69 +75,37 @@ class _Graph:
         return outs
 
 
+FAMILIES = ("llama", "gpt2")
+
+
 def check_supported(cfg) -> None:
-    """The fused decode graph covers the LLaMA family as ``llama.py`` exports it."""
-    if cfg.family != "llama":
-        raise ConfigError(f"the fused decode graph (--fused-decode) covers the llama family, not {cfg.family!r}; "
-                          "compile without --fused-decode (the portable step graph serves every family)")
+    """The fused decode graph covers the families ``llama.py`` and ``gpt2.py`` export."""
+    if cfg.family not in FAMILIES:
+        raise ConfigError(f"the fused decode graph (--fused-decode) covers the {' and '.join(FAMILIES)} families, "
+                          f"not {cfg.family!r}; compile with --fused-decode off (the portable step graph serves every family)")
     if cfg.head_dim % 16:
         raise ConfigError(f"head_dim {cfg.head_dim} is not a multiple of 16, which ONNX Runtime's "
-                          "GroupQueryAttention requires; compile without --fused-decode")
+                          "GroupQueryAttention requires; compile with --fused-decode off")
 
 
 def build_decode_graph(model, cfg, dtype: str = "float16") -> onnx.ModelProto:
-    """The fused decode graph of ``model`` (an ``llama.LlamaStep`` with weights) in ``dtype``."""
+    """The fused decode graph of ``model`` (an ``llama.LlamaStep`` or ``gpt2.GPT2Step`` with
+    weights) in ``dtype``."""
     check_supported(cfg)
     if dtype not in DTYPES:
         raise ConfigError(f"fused decode dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     np_dtype, onnx_dtype = DTYPES[dtype]
     g = _Graph(np_dtype)
-    d, h, hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-    eps = float(cfg.norm_eps)
-
-    # rotary tables [max_positions, D/2], computed in float64 and stored in the graph dtype
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
-    freqs = np.arange(cfg.max_positions, dtype=np.float64)[:, None] * inv_freq[None, :]
-    cos = g.weight("rope.cos", np.cos(freqs))
-    sin = g.weight("rope.sin", np.sin(freqs))
-
-    embed = g.weight("embed_tokens.weight", model.embed_tokens.weight)
-    to_rows = g.weight("shape.rows", np.array([0, -1]), np.int64)  # [B, 1, N] -> [B, N]
-    to_tokens = g.weight("shape.tokens", np.array([0, 1, -1]), np.int64)  # [B, N] -> [B, 1, N]
     ids = g.node("Reshape", ["input_ids", g.weight("shape.flat", np.array([-1]), np.int64)], name="ids_flat")[0]
-    x = g.node("Gather", [embed, ids], name="embed")[0]  # [B, C]: the residual stream, one row per sequence
-    pending = None  # the previous sublayer's output, added to the residual by the next norm
-    for i, layer in enumerate(model.layers):
-        p = f"layers.{i}"
-        y, x = _rms_norm(g, f"{p}.input_layernorm", layer.input_layernorm.weight, x, pending, eps)
-        w_qkv = torch.cat([layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight], 0)  # [(H+2Hkv)D, C]
-        b_qkv = None if layer.q_proj.bias is None else torch.cat([layer.q_proj.bias, layer.k_proj.bias, layer.v_proj.bias])
-        qkv = _linear(g, f"{p}.qkv", y, w_qkv, b_qkv)
-        qkv = g.node("Reshape", [qkv, to_tokens], name=f"{p}.qkv_tokens")[0]  # GroupQueryAttention takes [B, S, N]
-        attn = g.node("GroupQueryAttention",
-                      [qkv, "", "", f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_sequence_length", cos, sin],
-                      name=f"{p}.attn", domain="com.microsoft",
-                      outputs=[f"{p}.attn/out", f"present_key.{i}", f"present_value.{i}"],
-                      num_heads=h, kv_num_heads=hkv, do_rotary=1, rotary_interleaved=0, scale=1.0 / float(np.sqrt(d)))[0]
-        attn = g.node("Reshape", [attn, to_rows], name=f"{p}.attn_rows")[0]
-        o = _linear(g, f"{p}.o_proj", attn, layer.o_proj.weight, layer.o_proj.bias)
-        y, x = _rms_norm(g, f"{p}.post_attention_layernorm", layer.post_attention_layernorm.weight, x, o, eps)
-        gate = _linear(g, f"{p}.gate_proj", y, layer.gate_proj.weight)
-        up = _linear(g, f"{p}.up_proj", y, layer.up_proj.weight)
-        act = g.node("QuickGelu", [gate], name=f"{p}.silu", domain="com.microsoft", alpha=1.0)[0]
-        mlp = g.node("Mul", [act, up], name=f"{p}.swiglu")[0]
-        pending = _linear(g, f"{p}.down_proj", mlp, layer.down_proj.weight)
-    hid, _ = _rms_norm(g, "norm", model.norm.weight, x, pending, eps)
-    if model.lm_head is None:  # tied: the embedding matrix is the head, read in place
-        logits = g.node("Gemm", [hid, embed], name="lm_head", transB=1)[0]
-    else:
-        logits = _linear(g, "lm_head", hid, model.lm_head.weight)
+    body = _llama_body if cfg.family == "llama" else _gpt2_body
+    hid, head = body(g, model, cfg, ids)
+    logits = g.node("Gemm", [hid, head], name="lm_head", transB=1)[0]
     if onnx_dtype != TensorProto.FLOAT:
         g.node("Cast", [logits], name="logits_fp32", outputs=["logits"], to=TensorProto.FLOAT)
     else:
         g.node("Identity", [logits], name="logits_out", outputs=["logits"])
 
-    L = cfg.num_layers
+    L, hkv, d = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", 1]),
               helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
               helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
@@ -146,11 +114,84 @@ def build_decode_graph(model, cfg, dtype: str = "float16") -> onnx.ModelProto:
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", onnx_dtype, ["batch", hkv, "capacity", d]))
             outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", onnx_dtype, ["batch", hkv, "capacity", d]))
-    graph = helper.make_graph(g.nodes, "ember_decode_gqa", inputs, outputs, g.inits)
+    graph = helper.make_graph(g.nodes, f"ember_decode_gqa_{cfg.family}", inputs, outputs, g.inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
                               producer_name="ember")
     proto.ir_version = 8
     return proto
+
+
+def _attention(g: _Graph, name: str, i: int, qkv: str, cfg, rotary: tuple[str, str] | None) -> str:
+    """GroupQueryAttention over the packed [B, (H+2Hkv)D] projections, K/V appended in place
+    at each row's past length; returns [B, H*D]."""
+    qkv = g.node("Reshape", [qkv, g.weight("shape.tokens", np.array([0, 1, -1]), np.int64) if i == 0 else "shape.tokens"],
+                 name=f"{name}_tokens")[0]  # GroupQueryAttention takes [B, S, N]
+    extra = list(rotary) if rotary else []
+    attn = g.node("GroupQueryAttention",
+                  [qkv, "", "", f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_sequence_length", *extra],
+                  name=name, domain="com.microsoft", outputs=[f"{name}/out", f"present_key.{i}", f"present_value.{i}"],
+                  num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, do_rotary=int(rotary is not None),
+                  rotary_interleaved=0, scale=1.0 / float(np.sqrt(cfg.head_dim)))[0]
+    return g.node("Reshape", [attn, g.weight("shape.rows", np.array([0, -1]), np.int64) if i == 0 else "shape.rows"],
+                  name=f"{name}_rows")[0]
+
+
+def _llama_body(g: _Graph, model, cfg, ids: str) -> tuple[str, str]:
+    """RMSNorm (fused with the residual add), rotary GQA, SwiGLU; returns (final hidden, head weight)."""
+    d, eps = cfg.head_dim, float(cfg.norm_eps)
+    # rotary tables [max_positions, D/2], computed in float64 and stored in the graph dtype
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    freqs = np.arange(cfg.max_positions, dtype=np.float64)[:, None] * inv_freq[None, :]
+    rotary = (g.weight("rope.cos", np.cos(freqs)), g.weight("rope.sin", np.sin(freqs)))
+    embed = g.weight("embed_tokens.weight", model.embed_tokens.weight)
+    x = g.node("Gather", [embed, ids], name="embed")[0]  # [B, C]: the residual stream, one row per sequence
+    pending = None  # the previous sublayer's output, added to the residual by the next norm
+    for i, layer in enumerate(model.layers):
+        p = f"layers.{i}"
+        y, x = _rms_norm(g, f"{p}.input_layernorm", layer.input_layernorm.weight, x, pending, eps)
+        w_qkv = torch.cat([layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight], 0)  # [(H+2Hkv)D, C]
+        b_qkv = None if layer.q_proj.bias is None else torch.cat([layer.q_proj.bias, layer.k_proj.bias, layer.v_proj.bias])
+        attn = _attention(g, f"{p}.attn", i, _linear(g, f"{p}.qkv", y, w_qkv, b_qkv), cfg, rotary)
+        o = _linear(g, f"{p}.o_proj", attn, layer.o_proj.weight, layer.o_proj.bias)
+        y, x = _rms_norm(g, f"{p}.post_attention_layernorm", layer.post_attention_layernorm.weight, x, o, eps)
+        gate = _linear(g, f"{p}.gate_proj", y, layer.gate_proj.weight)
+        up = _linear(g, f"{p}.up_proj", y, layer.up_proj.weight)
+        act = g.node("QuickGelu", [gate], name=f"{p}.silu", domain="com.microsoft", alpha=1.0)[0]
+        mlp = g.node("Mul", [act, up], name=f"{p}.swiglu")[0]
+        pending = _linear(g, f"{p}.down_proj", mlp, layer.down_proj.weight)
+    hid, _ = _rms_norm(g, "norm", model.norm.weight, x, pending, eps)
+    # tied: the embedding matrix is the head, read in place
+    head = embed if model.lm_head is None else g.weight("lm_head.weight", model.lm_head.weight)
+    return hid, head
+
+
+def _gpt2_body(g: _Graph, model, cfg, ids: str) -> tuple[str, str]:
+    """LayerNorm (fused with the residual add), learned positions at each row's past length,
+    GQA with H K/V heads and no rotary, tanh-GELU MLP; returns (final hidden, head weight)."""
+    eps = float(cfg.norm_eps)
+    wte = g.weight("wte.weight", model.wte.weight)
+    tok = g.node("Gather", [wte, ids], name="embed")[0]
+    pos = g.node("Gather", [g.weight("wpe.weight", model.wpe.weight), "seqlens_k"], name="embed_positions")[0]
+    x, pending = tok, pos  # the residual stream [B, C] and the sublayer output the next norm adds to it
+    for i, blk in enumerate(model.blocks):
+        p = f"blocks.{i}"
+        y, x = _layer_norm(g, f"{p}.ln_1", blk.ln_1, x, pending, eps)
+        attn = _attention(g, f"{p}.attn", i, _linear(g, f"{p}.c_attn", y, blk.c_attn.weight, blk.c_attn.bias), cfg, None)
+        o = _linear(g, f"{p}.c_proj", attn, blk.c_proj.weight, blk.c_proj.bias)
+        y, x = _layer_norm(g, f"{p}.ln_2", blk.ln_2, x, o, eps)
+        h = _linear(g, f"{p}.c_fc", y, blk.c_fc.weight, blk.c_fc.bias)
+        h = g.node("FastGelu", [h], name=f"{p}.gelu", domain="com.microsoft")[0]  # tanh approximation (gelu_new)
+        pending = _linear(g, f"{p}.mlp_proj", h, blk.mlp_proj.weight, blk.mlp_proj.bias)
+    hid, _ = _layer_norm(g, "ln_f", model.ln_f, x, pending, eps)
+    head = wte if model.lm_head is None else g.weight("lm_head.weight", model.lm_head.weight)
+    return hid, head
+
+
+def _layer_norm(g: _Graph, name: str, ln, x: str, pending: str, eps: float) -> tuple[str, str]:
+    """LayerNorm of ``x + pending``; returns (normed, the new residual stream)."""
+    out = g.node("SkipLayerNormalization", [pending, x, g.weight(f"{name}.weight", ln.weight), g.weight(f"{name}.bias", ln.bias)],
+                 name=name, domain="com.microsoft", outputs=[f"{name}/out", "", "", f"{name}/residual"], epsilon=eps)
+    return out[0], out[3]
 
 
 def _linear(g: _Graph, name: str, x: str, weight, bias=None) -> str:

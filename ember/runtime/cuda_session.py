@@ -383,6 +383,8 @@ def make_cuda_executor(folder: Path, manifest, part, device: str, max_batch: int
                               "GroupQueryAttention runs FP16 only: recompile with --dtype fp16, or load with "
                               "fused_decode=False (CLI: EMBER_FUSED_DECODE=0)")
         decode = CudaDecodeSession(Path(folder) / decode_part.file, layers, device_index=index, cuda_graph=cuda_graph)
+    # with the fused decode part, decode cost follows the live lengths, not the capacity: lay the
+    # pool out once at its budget so growth never stalls a step or invalidates captured graphs
     pool = DeviceKVPool(layers, hkv, head_dim, slots=max_batch, max_capacity=max_seq_len, dtype=kv_dtype,
-                        device_index=index)
+                        device_index=index, preallocate=decode is not None)
     return DeviceExecutor(session, pool, decode=decode)

@@ -55,13 +55,15 @@ class DeviceKVPool(KVPool):
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, slots: int, max_capacity: int,
-                 dtype: str = "float16", device_index: int = 0, capacity: int = 16, device=None):
+                 dtype: str = "float16", device_index: int = 0, capacity: int = 16, device=None,
+                 preallocate: bool = False):
         torch = require_torch(need_cuda=device is None)
         self.device = torch.device(device) if device is not None else torch.device("cuda", device_index)
         self.torch_dtype = torch_dtype(dtype)
         self.storage = None
         self.generation = 0
-        super().__init__(num_layers, num_kv_heads, head_dim, slots, max_capacity, dtype=dtype, capacity=capacity)
+        super().__init__(num_layers, num_kv_heads, head_dim, slots, max_capacity, dtype=dtype, capacity=capacity,
+                         preallocate=preallocate)
 
     def _resize(self, capacity: int, keep: int | None = None) -> None:
         torch = require_torch(need_cuda=False)

@@ -8,6 +8,11 @@ most about 1.5x the longest live length, and shrinks back when the long sequence
 The pool owns its arrays (one buffer for every layer, in an arena reserved once for the
 maximum capacity and paged in as used, so growth moves data in place instead of
 reallocating); views handed out are valid until the next ``grow``/``shrink``.
+
+``preallocate=True`` lays the pool out at its maximum capacity once and never resizes it: for
+executors whose one-token steps read only each row's live positions (the fused decode part's
+GroupQueryAttention), where a larger capacity costs memory the budget already reserved but no
+decode time, and a fixed layout keeps captured CUDA graphs valid (docs/gpu.md).
 """
 from __future__ import annotations
 
@@ -28,8 +33,11 @@ def _round_up(n: int, m: int = ALIGN) -> int:
 
 class KVPool:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, slots: int, max_capacity: int,
-                 dtype: str | np.dtype = "float32", capacity: int = MIN_CAPACITY):
+                 dtype: str | np.dtype = "float32", capacity: int = MIN_CAPACITY, preallocate: bool = False):
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.preallocated = preallocate
+        if preallocate:
+            capacity = max_capacity
         self.slots, self.max_capacity = slots, max_capacity
         self.dtype = np.dtype(dtype)
         self.capacity = 0
@@ -98,7 +106,7 @@ class KVPool:
     def maybe_shrink(self) -> None:
         """Shrink to ~1.5x the longest live slot once that is under a third of the capacity."""
         longest = int(self.lengths.max())
-        if longest * 3 >= self.capacity or self.capacity <= MIN_CAPACITY:
+        if self.preallocated or longest * 3 >= self.capacity or self.capacity <= MIN_CAPACITY:
             return
         target = max(MIN_CAPACITY, _round_up(longest * GROWTH))
         if target < self.capacity:

@@ -48,14 +48,18 @@ def load(path: str | os.PathLike, verify: str = "full", **opts):
 
 
 def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_memory: int | str | None = None,
-                 max_queue: int = 1024, prefill_chunk: int = 128, threads: int | None = None,
-                 compaction: str = "min-move", device: str = "cpu", fused_decode: bool | None = None):
-    """``fused_decode``: run one-token steps through the folder's fused decode part
+                 max_queue: int = 1024, prefill_chunk: int | None = None, threads: int | None = None,
+                 compaction: str = "min-move", device: str = "cpu", fused_decode: bool | None = None,
+                 admit_batch: int | None = None):
+    """``prefill_chunk``: prompt tokens prefilled per iteration (None: 128 on the CPU, 1024 on
+    CUDA; ``scheduler.PREFILL_CHUNK``). ``admit_batch``: requests admitted together while the
+    slots are busy (None: 1 on the CPU, 8 on CUDA; ``scheduler.ADMIT_BATCH``).
+    ``fused_decode``: run one-token steps through the folder's fused decode part
     (GroupQueryAttention, K/V written in place) when it has one; None = yes if present
     (``EMBER_FUSED_DECODE=0`` says no)."""
     from ember.runtime.executor import LocalExecutor
     from ember.runtime.kv_pool import KVPool
-    from ember.runtime.scheduler import FusionScheduler
+    from ember.runtime.scheduler import FusionScheduler, default_admit_batch, default_prefill_chunk
 
     cfg = manifest.model["config"]
     part = manifest.part("step")
@@ -67,7 +71,8 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
     kv_bytes = parse_bytes(kv_memory)
     capacity = max_batch * max_pos if kv_bytes is None else kv_bytes // bytes_per_token
     scheduler = FusionScheduler(max_batch=max_batch, kv_capacity_tokens=capacity, max_seq_len=max_pos,
-                                prefill_chunk=prefill_chunk, max_queue=max_queue, compaction=compaction)
+                                prefill_chunk=prefill_chunk or default_prefill_chunk(device), max_queue=max_queue,
+                                compaction=compaction, admit_batch=admit_batch or default_admit_batch(device))
     if part.backend == "tensorrt" and not device.startswith("cuda"):
         raise InputError(f"{folder} holds a TensorRT plan, which runs on an NVIDIA GPU only: load it with "
                          f"device='cuda:0' (CLI: --device cuda:0), or recompile with --backend onnxruntime for the CPU")

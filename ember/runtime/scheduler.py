@@ -10,6 +10,11 @@ Algorithm, once per iteration:
    and move each live slot outside it into a free position inside it -- the fewest moves.
    ``compaction="holes"`` leaves dead slots in place (they are computed but ignored).
 3. Admit waiting sequences FIFO while a slot is free; new ones go next to the live range.
+   Admission batching (``admit_batch`` > 1, the GPU default): while at least half the slots
+   are decoding, hold admissions until ``admit_batch`` of them can go at once or the hold has
+   lasted ``admit_wait`` iterations, so one prefill call serves several requests (a GPU
+   prefill call costs ~3 decode steps whatever its size; one per admission made the fused
+   scheduler lose to static batching at saturation). Below half, admit at once.
    The KV pool is ``max_batch`` rows of up to ``max_seq_len`` positions, so the memory
    budget is enforced per sequence at ``add``: reserved length (prompt + max_new_tokens)
    <= kv_capacity_tokens // max_batch.
@@ -101,13 +106,40 @@ def min_move_plan(live: list[bool]) -> list[tuple[int, int]]:
     return list(zip(outside, holes))
 
 
+# Prompt tokens prefilled per iteration (chunked prefill's budget), by device. A CPU step is
+# compute-bound: a chunk stalls the running decodes in proportion to its tokens, so chunks stay
+# small. A GPU step of a 1B model is bound by launching its kernels up to ~1k tokens, so a small
+# chunk only multiplies the calls: on the H100, 128-token chunks let static batching (one padded
+# prefill call per batch) beat the fused scheduler at saturation (docs/gpu.md, docs/scheduler.md).
+PREFILL_CHUNK = {"cpu": 128, "cuda": 1024}
+# Admission batching (algorithm step 3): requests admitted together / the longest hold in
+# iterations. The CPU admits at once: its prefill cost is per token, not per call.
+ADMIT_BATCH = {"cpu": 1, "cuda": 8}
+ADMIT_WAIT = 16
+
+
+def _kind(device: str) -> str:
+    return "cuda" if device.startswith("cuda") else "cpu"
+
+
+def default_prefill_chunk(device: str = "cpu") -> int:
+    return PREFILL_CHUNK[_kind(device)]
+
+
+def default_admit_batch(device: str = "cpu") -> int:
+    return ADMIT_BATCH[_kind(device)]
+
+
 class FusionScheduler:
-    def __init__(self, max_batch: int, kv_capacity_tokens: int, max_seq_len: int, prefill_chunk: int = 128,
-                 max_queue: int = 1024, compaction: str = "min-move"):
+    def __init__(self, max_batch: int, kv_capacity_tokens: int, max_seq_len: int, prefill_chunk: int = PREFILL_CHUNK["cpu"],
+                 max_queue: int = 1024, compaction: str = "min-move", admit_batch: int = 1,
+                 admit_wait: int = ADMIT_WAIT):
         if compaction not in ("min-move", "holes"):
             raise InputError(f"compaction={compaction!r} must be 'min-move' or 'holes'")
-        if max_batch < 1 or prefill_chunk < 1:
-            raise InputError("max_batch and prefill_chunk must be >= 1")
+        if max_batch < 1 or prefill_chunk < 1 or admit_batch < 1 or admit_wait < 0:
+            raise InputError("max_batch, prefill_chunk and admit_batch must be >= 1, admit_wait >= 0")
+        self.admit_batch, self.admit_wait = admit_batch, admit_wait
+        self._held = 0  # consecutive iterations admission was held back
         self.max_batch, self.max_queue = max_batch, max_queue
         self.prefill_chunk, self.compaction = prefill_chunk, compaction
         # The pool is max_batch rows x S_cap positions: the budget caps the longest sequence.
@@ -190,7 +222,24 @@ class FusionScheduler:
                 return i
         return None
 
+    def _hold_admission(self) -> bool:
+        """Admission batching (module docstring, step 3): whether to keep the waiting
+        requests queued this iteration."""
+        if self.admit_batch <= 1 or not self.waiting:
+            self._held = 0
+            return False
+        busy = sum(s is not None for s in self.slots)
+        decoding = sum(s is not None and s.phase is Phase.DECODE for s in self.slots)
+        ready = min(sum(not s.cancelled for s in self.waiting), self.max_batch - busy)
+        if ready == 0 or ready >= self.admit_batch or 2 * decoding < self.max_batch or self._held >= self.admit_wait:
+            self._held = 0
+            return False
+        self._held += 1
+        return True
+
     def _admit(self) -> None:
+        if self._hold_admission():
+            return
         while self.waiting:
             seq = self.waiting[0]
             if seq.cancelled:

@@ -43,7 +43,7 @@ def _startup_wait(store, procs, world: int, timeout_s: float) -> None:
 
 
 def load_tp_engine(folder: str | os.PathLike, manifest: Manifest, *, max_batch: int = 32,
-                   kv_memory: int | str | None = None, max_queue: int = 1024, prefill_chunk: int = 128,
+                   kv_memory: int | str | None = None, max_queue: int = 1024, prefill_chunk: int | None = None,
                    threads: int | None = None, compaction: str = "min-move", device: str = "cpu",
                    timeout_s: float = 30.0, heartbeat_s: float | None = None, startup_timeout_s: float = 180.0,
                    tp: int | None = None):
@@ -61,7 +61,7 @@ def load_tp_engine(folder: str | os.PathLike, manifest: Manifest, *, max_batch: 
     import torch.multiprocessing as mp
 
     from ember.runtime.loader import _engine, parse_bytes
-    from ember.runtime.scheduler import FusionScheduler
+    from ember.runtime.scheduler import FusionScheduler, default_admit_batch, default_prefill_chunk
     from ember.runtime.tp.comm import PREFIX, Comm
     from ember.runtime.tp.executor import TPExecutor
     from ember.runtime.tp.shard import rank_parts, shard_executor, tp_size
@@ -91,7 +91,8 @@ def load_tp_engine(folder: str | os.PathLike, manifest: Manifest, *, max_batch: 
     kv_bytes = parse_bytes(kv_memory)
     capacity = max_batch * max_pos if kv_bytes is None else kv_bytes // bytes_per_token
     scheduler = FusionScheduler(max_batch=max_batch, kv_capacity_tokens=capacity, max_seq_len=max_pos,
-                                prefill_chunk=prefill_chunk, max_queue=max_queue, compaction=compaction)
+                                prefill_chunk=prefill_chunk or default_prefill_chunk(device), max_queue=max_queue,
+                                compaction=compaction, admit_batch=default_admit_batch(device))
 
     torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_PORT" in os.environ
     if torchrun:
