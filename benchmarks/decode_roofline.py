@@ -5,7 +5,7 @@ the fastest of several ONNX Runtime ReduceSum reads over 1 GiB with the same thr
 measured in the same run (multi-threaded reads, as the step uses). The step is timed through the runtime's executor
 (session run + KV write), i.e. what one decode iteration of the engine costs.
 
-Arms, timed batch by batch in one run: the default engine (the portable step graph), the same
+Arms, timed in one run in interleaved rounds (``time_rounds``): the default engine (the portable step graph), the same
 model compiled with ``--fused-decode on`` (GroupQueryAttention decode part, K/V written in
 place), and a reference that is not a model: the decode part's weight GEMMs alone, chained
 with the same shapes and layout (no attention, no KV, no norms) -- the batch scaling this
@@ -139,50 +139,92 @@ def gemm_chain(decode_onnx: Path):
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), c_in
 
 
-def time_chain(model, c_in: int, batch: int, threads: int, reps: int) -> dict:
-    import onnxruntime as ort
+class ChainTimer:
+    """Times ``gemm_chain``'s graph at a batch size."""
 
-    from ember.runtime.session import session_options
+    def __init__(self, model, c_in: int, threads: int):
+        import onnxruntime as ort
 
-    s = ort.InferenceSession(model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(0).standard_normal((batch, c_in)).astype(np.float32)
-    times = []
-    for _ in range(reps + 3):
-        t = time.perf_counter()
-        s.run(None, {"x": x})
-        times.append(time.perf_counter() - t)
-    times = times[3:]
-    return {"step_ms_median": 1e3 * float(np.median(times)), "step_ms_min": 1e3 * float(np.min(times))}
+        from ember.runtime.session import session_options
+
+        self.sess = ort.InferenceSession(model.SerializeToString(), session_options(threads),
+                                         providers=["CPUExecutionProvider"])
+        self.c_in = c_in
+
+    def __call__(self, batch: int, steps: int) -> list[float]:
+        x = np.random.default_rng(batch).standard_normal((batch, self.c_in)).astype(np.float32)
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            self.sess.run(None, {"x": x})
+            times.append(time.perf_counter() - t)
+        return times
 
 
-def time_decode(folder: Path, batch: int, context: int, threads: int, reps: int, fused: bool = False) -> dict:
-    from ember.compiler.manifest import read_manifest
-    from ember.runtime.decode_session import DecodeSession
-    from ember.runtime.executor import LocalExecutor
-    from ember.runtime.kv_pool import KVPool
-    from ember.runtime.session import StepSession
+class DecodeTimer:
+    """Times one decode step of an engine folder through the runtime's executor (session run +
+    KV bookkeeping), one KV pool per batch size; every call starts from ``context`` live tokens
+    per row and takes at most ``max_steps`` steps, so the pool's capacity stays what the runtime
+    would give that context (the step graph's attention covers the capacity); with ``fused``
+    the folder's fused decode part runs the step."""
 
-    m = read_manifest(folder)
-    c = m.model["config"]
-    L, hkv, d = c["num_layers"], c["num_kv_heads"], c["hidden_size"] // c["num_heads"]
-    sess = StepSession(folder / m.part("step").file, L, threads=threads)
-    decode = DecodeSession(folder / m.part("decode").file, L, threads=threads) if fused else None
-    pool = KVPool(L, hkv, d, slots=batch, max_capacity=c["max_positions"], capacity=context + reps + 8)
-    ex = LocalExecutor(sess, pool, decode=decode)
-    pool.lengths[:] = context
-    ids = np.ones((batch, 1), np.int64)
-    new = np.ones(batch, np.int64)
-    times = []
-    for i in range(reps + 3):
-        pos = pool.lengths[:batch].reshape(batch, 1).copy()
-        t = time.perf_counter()
-        ex.run(0, ids, pos, new)
-        times.append(time.perf_counter() - t)
-    times = times[3:]  # warm-up
-    live_kv = batch * (context + reps // 2) * pool.bytes_per_token
-    return {"batch": batch, "context": context, "step_ms_median": 1e3 * float(np.median(times)),
-            "step_ms_min": 1e3 * float(np.min(times)), "live_kv_bytes": int(live_kv),
-            "pool_capacity": pool.capacity}
+    def __init__(self, folder: Path, context: int, threads: int, max_steps: int, fused: bool = False):
+        from ember.compiler.manifest import read_manifest
+        from ember.runtime.decode_session import DecodeSession
+        from ember.runtime.session import StepSession
+
+        m = read_manifest(folder)
+        self.cfg = c = m.model["config"]
+        self.layers, self.hkv, self.d = c["num_layers"], c["num_kv_heads"], c["hidden_size"] // c["num_heads"]
+        self.sess = StepSession(folder / m.part("step").file, self.layers, threads=threads)
+        self.decode = DecodeSession(folder / m.part("decode").file, self.layers, threads=threads) if fused else None
+        self.context, self.max_steps = context, max_steps
+        self.executors: dict[int, object] = {}
+
+    def executor(self, batch: int):
+        from ember.runtime.executor import LocalExecutor
+        from ember.runtime.kv_pool import KVPool
+
+        if batch not in self.executors:
+            pool = KVPool(self.layers, self.hkv, self.d, slots=batch, max_capacity=self.cfg["max_positions"],
+                          capacity=self.context + self.max_steps)
+            self.executors[batch] = LocalExecutor(self.sess, pool, decode=self.decode)
+        return self.executors[batch]
+
+    def live_kv_bytes(self, batch: int) -> int:
+        """Mean live K/V bytes of the timed steps (the context grows by one per step of a call)."""
+        pool = self.executor(batch).pool
+        return int(batch * (self.context + self.max_steps // 2) * pool.bytes_per_token)
+
+    def __call__(self, batch: int, steps: int) -> list[float]:
+        ex = self.executor(batch)
+        assert steps <= self.max_steps
+        ex.pool.lengths[:batch] = self.context
+        ids, new = np.ones((batch, 1), np.int64), np.ones(batch, np.int64)
+        times = []
+        for _ in range(steps):
+            pos = ex.pool.lengths[:batch].reshape(batch, 1).copy()
+            t = time.perf_counter()
+            ex.run(0, ids, pos, new)
+            times.append(time.perf_counter() - t)
+        return times
+
+
+def time_rounds(timers: dict, batches: list[int], reps: int, rounds: int, warmup: int = 3) -> dict:
+    """``reps`` timed steps per (arm, batch), taken in ``rounds`` rounds that each visit every
+    batch and arm in turn, so a slow drift of the machine's load lands on all of them alike
+    rather than on whichever batch was timed during it."""
+    for b in batches:
+        for timer in timers.values():
+            timer(b, warmup)
+    times = {(arm, b): [] for arm in timers for b in batches}
+    per_round = -(-reps // rounds)
+    for _ in range(rounds):
+        for b in batches:
+            for arm, timer in timers.items():
+                times[arm, b] += timer(b, per_round)
+    return {k: {"step_ms_median": 1e3 * float(np.median(v)), "step_ms_min": 1e3 * float(np.min(v)),
+                "timed_steps": len(v)} for k, v in times.items()}
 
 
 def main() -> None:
@@ -191,7 +233,8 @@ def main() -> None:
     ap.add_argument("--engine", default=None, help="existing engine folder (default: compile into artifacts/)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--context", type=int, default=128, help="live tokens per sequence")
-    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=30, help="timed steps per arm and batch")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds the timed steps are spread over")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode_roofline"))
     a = ap.parse_args()
@@ -217,13 +260,18 @@ def main() -> None:
     from ember.compiler.manifest import read_manifest
 
     cfg = read_manifest(folder).model["config"]
-    arms = {"step": [], "fused": [], "gemms": []}
+    steps = max(3, -(-a.reps // a.rounds))  # per call: the warm-up or one round
+    timers = {"step": DecodeTimer(folder, a.context, threads, steps),
+              "fused": DecodeTimer(fused_folder, a.context, threads, steps, fused=True),
+              "gemms": ChainTimer(chain, c_in, threads)}
+    timed = time_rounds(timers, a.batches, a.reps, a.rounds)
+    arms = {arm: [] for arm in timers}
     for b in a.batches:
         for arm, rows in arms.items():
-            r = (time_chain(chain, c_in, b, threads, a.reps) if arm == "gemms"
-                 else time_decode(fused_folder if arm == "fused" else folder, b, a.context, threads, a.reps, arm == "fused"))
-            r["batch"] = b
-            kv = r.get("live_kv_bytes", 0)
+            r = dict(timed[arm, b], batch=b, context=a.context)
+            kv = 0 if arm == "gemms" else timers[arm].live_kv_bytes(b)
+            if kv:
+                r["live_kv_bytes"] = kv
             floor_ms = 1e3 * (wbytes + kv) / bw
             compute_ms = 1e3 * step_flops(cfg, wbytes, b, a.context if kv else 0) / peak
             roof_ms = max(floor_ms, compute_ms)
@@ -259,7 +307,8 @@ def main() -> None:
           f"Machine: {machine_line(info)}; {threads} threads; load average at start {info['load_avg_1m_at_start']}.",
           f"Weights {wbytes / 1e6:.0f} MB; read bandwidth {bw / 1e9:.1f} GB/s (fastest of ONNX Runtime ReduceSum "
           f"over 1 GiB: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in probes.items()) + " GB/s); "
-          f"{a.context} live tokens per sequence; compile {compile_s:.1f} s.", "",
+          f"{a.context} live tokens per sequence; compile {compile_s:.1f} s; {a.reps} timed steps per arm and "
+          f"batch, spread over {a.rounds} rounds that each visit every batch and arm.", "",
           f"Compute roof: ONNX Runtime fp32 MatMul 2048^3 at {peak / 1e9:.0f} GFLOP/s (same run); compute floor = "
           "step FLOPs / that rate; roofline = max(bandwidth floor, compute floor).", "",
           "Arms: **step graph** = the default engine (`ember compile`); **fused decode** = `--fused-decode on` "

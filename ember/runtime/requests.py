@@ -117,6 +117,10 @@ class RequestHandle:
         self._wake_async()
 
     def _wake_async(self) -> None:
+        # Fast path, no lock: an async reader registers before it looks at the queue, so one
+        # that registers after this check finds the event already queued.
+        if not self._async_waiters:
+            return
         with self._lock:
             waiters = list(self._async_waiters)
         for loop, ev in waiters:
