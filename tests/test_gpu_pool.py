@@ -197,3 +197,39 @@ def test_preallocated_pool_never_resizes():
             p.maybe_shrink()
         _same(ref, dev)
     assert ref.capacity == dev.capacity == 200 and dev.generation == 1 and dev.k[0].data_ptr() == ptr
+
+
+class _RandomLogitsSession(_FakeGraphSession):
+    """Random logits [B, 50] with a tie in row 0 (the first index must win, as numpy's argmax)."""
+
+    def run(self, ids, pos, past, new, kv):
+        _, out = super().run(ids, pos, past, new, kv)
+        logits = torch.from_numpy(np.random.default_rng(len(self.calls)).standard_normal((ids.shape[0], 50))
+                                  .astype(np.float32))
+        logits[0, 7] = logits[0, 3] = logits[0].max() + 1
+        return logits, out
+
+
+def test_device_greedy_matches_host_argmax_and_returns_only_sampled_rows():
+    from ember.runtime.cuda_session import DeviceExecutor
+    from ember.runtime.executor import run_greedy
+
+    args = (np.array([[7], [8], [9]]), np.array([[0], [0], [0]]), np.ones(3, np.int64))
+    want = DeviceExecutor(_RandomLogitsSession(), _pair(slots=4)[1]).run(0, *args)
+    ex = DeviceExecutor(_RandomLogitsSession(), _pair(slots=4)[1])
+    greedy, rows = run_greedy(ex, 0, *args, logit_rows=[2])
+    assert greedy.dtype == np.int64 and greedy.tolist() == want.argmax(axis=1).tolist() and greedy[0] == 3
+    np.testing.assert_array_equal(rows, want[[2]])
+    greedy, rows = run_greedy(ex, 0, *args)
+    assert rows.shape == (0, 50)
+
+
+def test_run_greedy_falls_back_to_full_logits():
+    from ember.runtime.executor import run_greedy
+
+    class HostOnly:  # an executor with only `run` (the CPU and tensor-parallel ones)
+        def run(self, start, ids, pos, new):
+            return np.array([[0.0, 2.0, 1.0], [5.0, 1.0, 5.0]], np.float32)
+
+    greedy, rows = run_greedy(HostOnly(), 0, None, None, None, logit_rows=[1])
+    assert greedy.tolist() == [1, 0] and rows.tolist() == [[5.0, 1.0, 5.0]]

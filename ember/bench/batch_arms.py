@@ -21,6 +21,7 @@ import numpy as np
 from ember.bench.metrics import ArmResult, RequestRecord, RssSampler
 from ember.bench.model import BenchModel
 from ember.bench.workload import BenchRequest
+from ember.runtime.executor import run_greedy
 
 # run_batch(requests, records, deadline) -> False when the deadline cut it short
 BatchFn = Callable[[list[BenchRequest], list[RequestRecord], float], bool]
@@ -43,12 +44,11 @@ class OrtBatchRunner:
         for i, r in enumerate(reqs):
             ids[i, :plens[i]] = r.prompt_ids
             pos[i, :plens[i]] = np.arange(plens[i])
-        logits = ex.run(0, ids, pos, plens)
+        tok, _ = run_greedy(ex, 0, ids, pos, plens)  # as the engine: argmax on the device for a GPU executor
         steps = max(r.max_new_tokens for r in reqs)
         done = np.zeros(b, dtype=bool)
         for step in range(steps):
             now = time.perf_counter()
-            tok = logits.argmax(axis=1)
             for i, r in enumerate(reqs):
                 if not done[i]:
                     recs[i].token_times.append(now)
@@ -61,7 +61,7 @@ class OrtBatchRunner:
             if now >= deadline:
                 return False
             cur = pool.lengths[:b].copy()
-            logits = ex.run(0, tok.reshape(b, 1).astype(np.int64), cur.reshape(b, 1), np.ones(b, dtype=np.int64))
+            tok, _ = run_greedy(ex, 0, tok.reshape(b, 1).astype(np.int64), cur.reshape(b, 1), np.ones(b, dtype=np.int64))
         pool.lengths[:] = 0
         pool.maybe_shrink()
         return True

@@ -15,6 +15,7 @@ import numpy as np
 
 from ember.errors import EmberError, InputError
 from ember.runtime.detokenize import Detokenizer
+from ember.runtime.executor import run_greedy
 from ember.runtime.requests import Completion, FinishReason, RequestHandle, SamplingParams, TokenEvent
 from ember.runtime.sampling import sample_token
 from ember.runtime.scheduler import FusionScheduler, Phase, Sequence, StepPlan
@@ -166,12 +167,14 @@ class DecoderEngine:
             for r, (s, n) in enumerate(zip(g.seqs, g.lengths)):
                 ids[r, :n] = s.prompt_ids[s.num_cached:s.num_cached + n]
                 pos[r, :n] = np.arange(s.num_cached, s.num_cached + n)
-            logits = ex.run(g.start, ids, pos, np.asarray(g.lengths, dtype=np.int64))
-            greedy = logits.argmax(axis=1)
-            for r, (s, n) in enumerate(zip(g.seqs, g.lengths)):
+            ending = [r for r, (s, n) in enumerate(zip(g.seqs, g.lengths)) if s.num_cached + n == len(s.prompt_ids)]
+            sampled = [r for r in ending if g.seqs[r].payload.rng is not None]
+            greedy, rows = run_greedy(ex, g.start, ids, pos, np.asarray(g.lengths, dtype=np.int64), sampled)
+            row_of = dict(zip(sampled, rows))
+            for s, n in zip(g.seqs, g.lengths):
                 s.num_cached += n
-                if s.num_cached == len(s.prompt_ids):
-                    finished_prefill.append((s, logits[r], int(greedy[r])))
+            for r in ending:
+                finished_prefill.append((g.seqs[r], row_of.get(r), int(greedy[r])))
         decoded: list[tuple[Sequence, np.ndarray, int]] = []
         if plan.decode_stop > plan.decode_start:
             start, b = plan.decode_start, plan.decode_stop - plan.decode_start
@@ -181,11 +184,14 @@ class DecoderEngine:
             for s in plan.decode_seqs:
                 r = s.slot - start
                 ids[r, 0], pos[r, 0], new[r] = s.next_input(), s.num_cached, 1
-            logits = ex.run(start, ids, pos, new)
-            greedy = logits.argmax(axis=1)  # one vectorised pass serves every greedy row
+            # every row's argmax in one pass (on the device for a GPU executor); full logits
+            # only for the rows that sample
+            sampled = [s.slot - start for s in plan.decode_seqs if s.payload.rng is not None]
+            greedy, rows = run_greedy(ex, start, ids, pos, new, sampled)
+            row_of = dict(zip(sampled, rows))
             for s in plan.decode_seqs:
                 s.num_cached += 1
-                decoded.append((s, logits[s.slot - start], int(greedy[s.slot - start])))
+                decoded.append((s, row_of.get(s.slot - start), int(greedy[s.slot - start])))
         now = time.perf_counter()
         with self._cv:
             for s, row, g in finished_prefill:
@@ -194,8 +200,9 @@ class DecoderEngine:
             for s, row, g in decoded:
                 self._emit(s, row, g, now)
 
-    def _emit(self, s: Sequence, logits_row: np.ndarray, greedy_token: int, now: float) -> None:
-        """Sample the next token of ``s``, stream it, and finish the request if it is done."""
+    def _emit(self, s: Sequence, logits_row: np.ndarray | None, greedy_token: int, now: float) -> None:
+        """Sample the next token of ``s``, stream it, and finish the request if it is done
+        (``logits_row``: the row's logits when it samples, else None)."""
         if s.phase is Phase.DONE:
             return
         st: _RequestState = s.payload

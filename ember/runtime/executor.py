@@ -40,6 +40,20 @@ def step_on_pool(pool, session, decode, start: int, input_ids: np.ndarray, posit
     return logits
 
 
+def run_greedy(executor, start: int, input_ids: np.ndarray, positions: np.ndarray, new_lengths: np.ndarray,
+               logit_rows: np.ndarray | list[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """One step through ``executor``, returning what the engine samples from: every row's
+    greedy token (int64 [B]) and the logits of ``logit_rows`` only (float32 [len(logit_rows), V];
+    the rows that sample rather than take the argmax). An executor with its own ``run_greedy``
+    (the GPU's: argmax on the device, only those rows' logits to the host) is used; otherwise
+    the full logits come back from ``run`` and are reduced here."""
+    own = getattr(executor, "run_greedy", None)
+    if own is not None:
+        return own(start, input_ids, positions, new_lengths, logit_rows)
+    logits = executor.run(start, input_ids, positions, new_lengths)
+    return logits.argmax(axis=1), logits[np.asarray(logit_rows, dtype=np.int64)]
+
+
 class LocalExecutor:
     """``decode``: an optional fused decode session (``decode_session.DecodeSession``) that
     runs one-token calls and writes their K/V in place; everything else runs the step graph."""
