@@ -38,6 +38,7 @@ class DecoderEngine:
         self.executor, self.scheduler = executor, scheduler
         self.tokenizer, self.eos_token_id = tokenizer, eos_token_id
         self.max_positions = max_positions
+        self._length_limit = min(max_positions, scheduler.max_seq_len)  # a sequence's last position
         self.config, self.manifest = config or {}, manifest
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -222,7 +223,7 @@ class DecoderEngine:
             self._finish(s, FinishReason.EOS)
         elif st.detok.stopped:
             self._finish(s, FinishReason.STOP)
-        elif len(s.generated) >= s.params.max_new_tokens or s.total_tokens >= min(self.max_positions, self.scheduler.max_seq_len):
+        elif len(s.generated) >= s.params.max_new_tokens or s.total_tokens >= self._length_limit:
             self._finish(s, FinishReason.LENGTH)
 
     def _finish(self, s: Sequence, reason: FinishReason, error: str | None = None) -> None:

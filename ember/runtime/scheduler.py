@@ -201,7 +201,10 @@ class FusionScheduler:
         return StepPlan(moves=moves, prefill=prefill, decode_start=start, decode_stop=stop, decode_seqs=dec)
 
     def _compact(self) -> list[tuple[int, int]]:
-        moves = min_move_plan([s is not None for s in self.slots])
+        live = [s is not None for s in self.slots]
+        if True in live and live.count(True) == len(live) - live.index(True) - live[::-1].index(True):
+            return []  # already one contiguous range (the usual case): nothing to plan
+        moves = min_move_plan(live)
         for src, dst in moves:
             seq = self.slots[src]
             self.slots[dst], self.slots[src] = seq, None
