@@ -89,7 +89,7 @@ def test_fused_decode_env_switch(fused_folder, monkeypatch):
 def test_fused_decode_policy():
     assert wants_fused_decode(CompileOptions(dtype="fp16"), "llama")
     assert not wants_fused_decode(CompileOptions(dtype="fp32"), "llama")
-    assert wants_fused_decode(CompileOptions(dtype="fp16"), "gpt2")
+    assert not wants_fused_decode(CompileOptions(dtype="fp16"), "gpt2")  # auto: not yet run on a GPU
     assert not wants_fused_decode(CompileOptions(dtype="fp32"), "gpt2")
     assert wants_fused_decode(CompileOptions(fused_decode="on"), "gpt2")
     assert not wants_fused_decode(CompileOptions(dtype="fp16", fused_decode="off"), "llama")
@@ -98,7 +98,7 @@ def test_fused_decode_policy():
         wants_fused_decode(CompileOptions(fused_decode="on"), "falcon")
     with pytest.raises(ConfigError, match="--backend tensorrt"):
         wants_fused_decode(CompileOptions(fused_decode="on", backend="tensorrt"), "llama")
-    assert not wants_fused_decode(CompileOptions(dtype="fp16"), "gpt2", head_dim=40)  # auto: skipped
+    assert not wants_fused_decode(CompileOptions(dtype="fp16"), "llama", head_dim=40)  # auto: skipped
     with pytest.raises(ConfigError, match="--fused-decode 'yes'"):
         CompileOptions(fused_decode="yes")
 

@@ -57,11 +57,12 @@ class CompileOptions:
 
 def wants_fused_decode(options: CompileOptions, family: str, head_dim: int = 64) -> bool:
     """Whether to add the fused (GroupQueryAttention) decode part. ``auto``: for FP16 ONNX
-    Runtime folders (the GPU path, where it is 3-4x faster per decode step; ONNX Runtime's
-    CUDA attention kernel is FP16/BF16 only). ``on`` adds it to FP32 folders as well: on the
-    CPU it makes a decode step ~5-10% faster but holds a second copy of the weights in
-    memory (docs/gpu.md); ``on`` fails where it cannot apply."""
-    from ember.export.gqa_decode import FAMILIES
+    Runtime folders of the families in ``AUTO_FAMILIES`` (the GPU path, where it is 1.7x
+    faster per decode step; ONNX Runtime's CUDA attention kernel is FP16/BF16 only). ``on``
+    adds it to any family it covers and to FP32 folders: on the CPU it is within noise of the
+    step graph and holds a second copy of the weights in memory (docs/gpu.md); ``on`` fails
+    where it cannot apply."""
+    from ember.export.gqa_decode import AUTO_FAMILIES, FAMILIES
 
     if options.fused_decode == "off":
         return False
@@ -73,7 +74,7 @@ def wants_fused_decode(options: CompileOptions, family: str, head_dim: int = 64)
         (f"head_dim {head_dim} (ONNX Runtime's GroupQueryAttention needs a multiple of 16)", head_dim % 16 != 0)) if bad]
     if options.fused_decode == "on" and reasons:
         raise ConfigError(f"--fused-decode on does not apply to {'; '.join(reasons)}; use --fused-decode off")
-    return not reasons and (options.fused_decode == "on" or options.dtype == "fp16")
+    return not reasons and (options.fused_decode == "on" or (options.dtype == "fp16" and family in AUTO_FAMILIES))
 
 
 def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions = CompileOptions()) -> mf.Manifest:

@@ -76,6 +76,10 @@ class _Graph:
 
 
 FAMILIES = ("llama", "gpt2")
+# Added by ``--fused-decode auto`` (FP16 folders): the families whose part has run on CUDA (an
+# H100). The GPT-2 part is checked on ONNX Runtime's CPU provider (FP32 and FP16) but has not
+# run on a GPU yet: it is built with ``--fused-decode on`` until it has.
+AUTO_FAMILIES = ("llama",)
 
 
 def check_supported(cfg) -> None:
