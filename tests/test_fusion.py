@@ -40,9 +40,9 @@ def alone(eng, cache, prompt: list[int], n: int) -> list[int]:
     return cache[key]
 
 
-@pytest.mark.parametrize("model,compaction", [("gpt2_tiny", "min-move"), ("gpt2_tiny", "holes"),
-                                               ("llama_tiny", "min-move")])
-def test_fused_tokens_equal_solo_tokens(request, model, compaction):
+@pytest.mark.parametrize("model,compaction,admit_batch", [("gpt2_tiny", "min-move", None), ("gpt2_tiny", "holes", None),
+                                                           ("llama_tiny", "min-move", None), ("gpt2_tiny", "min-move", 3)])
+def test_fused_tokens_equal_solo_tokens(request, model, compaction, admit_batch):
     """>= 100 requests, random arrivals and lengths, greedy: each equals its solo run."""
     folder = request.getfixturevalue(model)
     reqs = make_requests(120 if model == "gpt2_tiny" else 100, seed=3)
@@ -50,7 +50,9 @@ def test_fused_tokens_equal_solo_tokens(request, model, compaction):
     with ember.load(folder, max_batch=1, verify="size") as solo_engine:
         for p, n, _ in reqs:
             alone(solo_engine, solo_cache, p, n)
-    with ember.load(folder, max_batch=6, prefill_chunk=24, compaction=compaction, verify="size") as eng:
+    with ember.load(folder, max_batch=6, prefill_chunk=24, compaction=compaction, verify="size",
+                    admit_batch=admit_batch) as eng:
+        assert eng.scheduler.admit_batch == (admit_batch or 1)  # the CPU default admits at once
         handles = []
         for prompt, n, delay in reqs:  # random arrivals while others are mid-prefill / mid-decode
             time.sleep(delay)

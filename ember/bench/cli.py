@@ -36,6 +36,8 @@ def add_parser(subparsers) -> None:
     s.add_argument("--max-batch", type=int, default=32, help="fused slots = static/dynamic/hf batch size")
     s.add_argument("--prefill-chunk", type=int, default=None,
                    help="fused arm's prompt tokens per iteration (default: the runtime's, 128 on the CPU)")
+    s.add_argument("--admit-batch", type=int, default=None,
+                   help="fused arm's admission batching (default: the runtime's, 1 on the CPU)")
     s.add_argument("--window", type=float, default=1.0, help="dynamic batching window (s)")
     s.add_argument("--cap", type=float, default=None,
                    help="time cap (s) per sequential/concurrent/hf arm; total time is then extrapolated")
@@ -57,7 +59,8 @@ def _cmd_serve(a) -> int:
     spec = WorkloadSpec(num_requests=a.num_requests, rate=rates[0], prompt_len=LengthDist.parse(a.prompt_len),
                         output_len=LengthDist.parse(a.output_len), arrival=a.arrival, gamma_cv=a.gamma_cv,
                         seed=a.seed, ignore_eos=not a.no_ignore_eos)
-    opts = ServeOptions(max_batch=a.max_batch, prefill_chunk=a.prefill_chunk, window_s=a.window, cap_s=a.cap)
+    opts = ServeOptions(max_batch=a.max_batch, prefill_chunk=a.prefill_chunk, admit_batch=a.admit_batch,
+                        window_s=a.window, cap_s=a.cap)
     model = BenchModel(a.folder, threads=a.threads)
     doc = run_serve(model, spec, [x.strip() for x in a.arms.split(",") if x.strip()], opts, rates=rates,
                     sizes=sizes, name=a.name, show_progress=not a.quiet)

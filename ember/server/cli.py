@@ -19,7 +19,7 @@ from ember.server.completions import ServerLimits
 log = logging.getLogger("ember.server")
 
 DRAIN_BACKSTOP_S = 10.0  # after drain_timeout_s + this, uvicorn cancels what is still open
-LOAD_OPTIONS = ("max_batch", "kv_memory", "max_queue", "prefill_chunk", "threads")
+LOAD_OPTIONS = ("max_batch", "kv_memory", "max_queue", "prefill_chunk", "admit_batch", "threads")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -44,7 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-memory", default=None, help="KV-cache memory, bytes or e.g. 512MiB")
     g.add_argument("--max-queue", type=int, default=None, help="waiting requests before 429 (image folders: "
                                                                "default 8)")
-    g.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens per scheduler iteration")
+    g.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens per scheduler iteration "
+                                                                   "(default: 128 on the CPU, 1024 on CUDA)")
+    g.add_argument("--admit-batch", type=int, default=None, help="requests admitted together while the slots are "
+                                                                 "busy (default: 1 on the CPU, 8 on CUDA)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads of the backend")
     lim = p.add_argument_group("request limits")
     lim.add_argument("--max-body-bytes", type=int, default=ServerLimits.max_body_bytes)

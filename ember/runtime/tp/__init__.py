@@ -46,7 +46,7 @@ def load_tp_engine(folder: str | os.PathLike, manifest: Manifest, *, max_batch: 
                    kv_memory: int | str | None = None, max_queue: int = 1024, prefill_chunk: int | None = None,
                    threads: int | None = None, compaction: str = "min-move", device: str = "cpu",
                    timeout_s: float = 30.0, heartbeat_s: float | None = None, startup_timeout_s: float = 180.0,
-                   tp: int | None = None):
+                   tp: int | None = None, admit_batch: int | None = None):
     """Start the ranks of a ``--tp N`` engine folder and return rank 0's DecoderEngine.
 
     ``kv_memory`` is the KV budget of each rank (each holds kv_heads/N of every layer);
@@ -92,7 +92,7 @@ def load_tp_engine(folder: str | os.PathLike, manifest: Manifest, *, max_batch: 
     capacity = max_batch * max_pos if kv_bytes is None else kv_bytes // bytes_per_token
     scheduler = FusionScheduler(max_batch=max_batch, kv_capacity_tokens=capacity, max_seq_len=max_pos,
                                 prefill_chunk=prefill_chunk or default_prefill_chunk(device), max_queue=max_queue,
-                                compaction=compaction, admit_batch=default_admit_batch(device))
+                                compaction=compaction, admit_batch=admit_batch or default_admit_batch(device))
 
     torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_PORT" in os.environ
     if torchrun:
