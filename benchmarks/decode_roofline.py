@@ -130,7 +130,8 @@ def gemm_chain(decode_onnx: Path):
         x = f"y{j}"
         if j + 1 < len(gemms) and width(n)[0] != width(gemms[j + 1])[1]:
             k = width(gemms[j + 1])[1]
-            used += [helper.make_tensor(f"s{j}.{t}", TensorProto.INT64, [1], [v]) for t, v in (("a", 0), ("b", k), ("x", 1))]
+            used += [helper.make_tensor(f"s{j}.{t}", TensorProto.INT64, [1], [v])
+                     for t, v in (("a", 0), ("b", k), ("x", 1))]
             nodes.append(helper.make_node("Slice", [x, f"s{j}.a", f"s{j}.b", f"s{j}.x"], [f"z{j}"]))
             x = f"z{j}"
     c_in = width(gemms[0])[1]

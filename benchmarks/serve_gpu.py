@@ -154,7 +154,8 @@ def run(folder, model_name: str, out: Path, small: bool = False, only: tuple[str
     spec = WorkloadSpec(32, math.inf, LengthDist(8, 8), LengthDist(n_tok, n_tok), seed=0)
     if "flover" in only:
         docs["flover"] = run_serve(model, spec, ["fused", "static", "concurrent", "sequential", "hf"],
-                                   ServeOptions(max_batch=32, cap_s=20.0 if not small else 5.0), name="gpu_serve_flover")
+                                   ServeOptions(max_batch=32, cap_s=20.0 if not small else 5.0),
+                                   name="gpu_serve_flover")
     spec = WorkloadSpec(32, 1.0, LengthDist(8, 128), LengthDist(16, 64 if small else 256), seed=0)
     rates, sizes = ([4.0, 16.0, 64.0], [32, 64, 128]) if not small else ([8.0, 64.0], [8, 16])
     if "poisson" in only:

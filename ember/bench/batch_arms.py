@@ -61,7 +61,8 @@ class OrtBatchRunner:
             if now >= deadline:
                 return False
             cur = pool.lengths[:b].copy()
-            tok, _ = run_greedy(ex, 0, tok.reshape(b, 1).astype(np.int64), cur.reshape(b, 1), np.ones(b, dtype=np.int64))
+            tok, _ = run_greedy(ex, 0, tok.reshape(b, 1).astype(np.int64), cur.reshape(b, 1),
+                                np.ones(b, dtype=np.int64))
         pool.lengths[:] = 0
         pool.maybe_shrink()
         return True

@@ -57,7 +57,8 @@ class BenchModel:
         """A DecoderEngine over the shared session, KV pool of ``max_batch`` full-length slots
         (``prefill_chunk``, ``admit_batch`` None: the runtime's defaults for ``self.device``)."""
         sched = FusionScheduler(max_batch=max_batch, kv_capacity_tokens=max_batch * self.max_positions,
-                                max_seq_len=self.max_positions, prefill_chunk=prefill_chunk or default_prefill_chunk(self.device),
+                                max_seq_len=self.max_positions,
+                                prefill_chunk=prefill_chunk or default_prefill_chunk(self.device),
                                 admit_batch=admit_batch or default_admit_batch(self.device),
                                 max_queue=max_queue, compaction=compaction)
         return DecoderEngine(self.executor(max_batch), sched, tokenizer=None,
