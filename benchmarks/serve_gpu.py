@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ember.bench.model import BenchModel  # noqa: E402
 from ember.compiler.manifest import read_manifest, verify_files  # noqa: E402
 from ember.runtime.cuda_session import (CudaDecodeSession, CudaStepSession, DeviceExecutor,  # noqa: E402
-                                       logits_to_host)
+                                       device_pool, logits_to_host)
 from ember.runtime.device_kv_pool import DeviceKVPool  # noqa: E402
 
 
@@ -74,9 +74,8 @@ class GpuBenchModel(BenchModel):
             self.decode.lock = self.device_session.lock
 
     def pool(self, slots: int) -> DeviceKVPool:
-        # laid out at full capacity with the fused decode part, as make_cuda_executor does
-        return DeviceKVPool(self.num_layers, self.num_kv_heads, self.head_dim, slots=slots,
-                            max_capacity=self.max_positions, dtype=self.kv_dtype, preallocate=self.decode is not None)
+        return device_pool(self.num_layers, self.num_kv_heads, self.head_dim, slots, self.max_positions,
+                           self.kv_dtype, fused_decode=self.decode is not None)
 
     def executor(self, max_batch: int) -> DeviceExecutor:
         """The runtime's GPU executor (what ``ember.load(device=)`` builds) over a device KV pool."""

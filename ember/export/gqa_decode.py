@@ -60,6 +60,15 @@ class _Graph:
         self.nodes: list = []
         self.inits: list = []
         self._n = 0
+        self._shapes: set[str] = set()
+
+    def shape(self, name: str, dims: list[int]) -> str:
+        """An int64 shape constant ``shape.<name>``, stored once however many nodes use it."""
+        full = f"shape.{name}"
+        if full not in self._shapes:
+            self._shapes.add(full)
+            self.weight(full, np.array(dims), np.int64)
+        return full
 
     def weight(self, name: str, t: torch.Tensor | np.ndarray, dtype=None) -> str:
         a = t.detach().to(torch.float32).numpy() if isinstance(t, torch.Tensor) else t
@@ -100,7 +109,7 @@ def build_decode_graph(model, cfg, dtype: str = "float16") -> onnx.ModelProto:
         raise ConfigError(f"fused decode dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     np_dtype, onnx_dtype = DTYPES[dtype]
     g = _Graph(np_dtype)
-    ids = g.node("Reshape", ["input_ids", g.weight("shape.flat", np.array([-1]), np.int64)], name="ids_flat")[0]
+    ids = g.node("Reshape", ["input_ids", g.shape("flat", [-1])], name="ids_flat")[0]
     body = _llama_body if cfg.family == "llama" else _gpt2_body
     hid, head = body(g, model, cfg, ids)
     logits = g.node("Gemm", [hid, head], name="lm_head", transB=1)[0]
@@ -128,16 +137,14 @@ def build_decode_graph(model, cfg, dtype: str = "float16") -> onnx.ModelProto:
 def _attention(g: _Graph, name: str, i: int, qkv: str, cfg, rotary: tuple[str, str] | None) -> str:
     """GroupQueryAttention over the packed [B, (H+2Hkv)D] projections, K/V appended in place
     at each row's past length; returns [B, H*D]."""
-    qkv = g.node("Reshape", [qkv, g.weight("shape.tokens", np.array([0, 1, -1]), np.int64) if i == 0 else "shape.tokens"],
-                 name=f"{name}_tokens")[0]  # GroupQueryAttention takes [B, S, N]
+    qkv = g.node("Reshape", [qkv, g.shape("tokens", [0, 1, -1])], name=f"{name}_tokens")[0]  # GQA takes [B, S, N]
     extra = list(rotary) if rotary else []
     attn = g.node("GroupQueryAttention",
                   [qkv, "", "", f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_sequence_length", *extra],
                   name=name, domain="com.microsoft", outputs=[f"{name}/out", f"present_key.{i}", f"present_value.{i}"],
                   num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, do_rotary=int(rotary is not None),
                   rotary_interleaved=0, scale=1.0 / float(np.sqrt(cfg.head_dim)))[0]
-    return g.node("Reshape", [attn, g.weight("shape.rows", np.array([0, -1]), np.int64) if i == 0 else "shape.rows"],
-                  name=f"{name}_rows")[0]
+    return g.node("Reshape", [attn, g.shape("rows", [0, -1])], name=f"{name}_rows")[0]
 
 
 def _llama_body(g: _Graph, model, cfg, ids: str) -> tuple[str, str]:

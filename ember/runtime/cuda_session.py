@@ -409,8 +409,14 @@ def make_cuda_executor(folder: Path, manifest, part, device: str, max_batch: int
                               "GroupQueryAttention runs FP16 only: recompile with --dtype fp16, or load with "
                               "fused_decode=False (CLI: EMBER_FUSED_DECODE=0)")
         decode = CudaDecodeSession(Path(folder) / decode_part.file, layers, device_index=index, cuda_graph=cuda_graph)
-    # with the fused decode part, decode cost follows the live lengths, not the capacity: lay the
-    # pool out once at its budget so growth never stalls a step or invalidates captured graphs
-    pool = DeviceKVPool(layers, hkv, head_dim, slots=max_batch, max_capacity=max_seq_len, dtype=kv_dtype,
-                        device_index=index, preallocate=decode is not None)
+    pool = device_pool(layers, hkv, head_dim, max_batch, max_seq_len, kv_dtype, index, fused_decode=decode is not None)
     return DeviceExecutor(session, pool, decode=decode)
+
+
+def device_pool(layers: int, kv_heads: int, head_dim: int, slots: int, max_seq_len: int, kv_dtype: str,
+                device_index: int = 0, fused_decode: bool = False) -> DeviceKVPool:
+    """The device KV pool of a GPU executor. With the fused decode part, decode cost follows
+    the live lengths, not the capacity: the pool is laid out once at its budget, so growth
+    never stalls a step or invalidates captured CUDA graphs."""
+    return DeviceKVPool(layers, kv_heads, head_dim, slots=slots, max_capacity=max_seq_len, dtype=kv_dtype,
+                        device_index=device_index, preallocate=fused_decode)
