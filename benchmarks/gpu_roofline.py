@@ -67,6 +67,8 @@ def time_decode(executor, cfg: dict, batch: int, live: int, steps: int = 30, war
     """Median decode-step time at ``batch`` rows with ``live`` past tokens each."""
     import torch
 
+    from ember.runtime.executor import run_greedy
+
     rng = np.random.default_rng(seed)
     pool = executor.pool
     _fill_pool(pool, batch, live, warmup + 2 * steps + 2)
@@ -78,7 +80,7 @@ def time_decode(executor, cfg: dict, batch: int, live: int, steps: int = 30, war
         pos = pool.lengths[:batch].reshape(batch, 1).copy()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        executor.run(0, ids, pos, ones)  # includes the logits' transfer to the host
+        run_greedy(executor, 0, ids, pos, ones)  # as the engine: argmax on the device, B tokens to the host
         dt = time.perf_counter() - t0
         if i >= warmup:
             full.append(dt)
@@ -137,7 +139,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     b = [r["batch"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(b, [r["step_s_median"] * 1e3 for r in rows], "o-", label="runtime step (graph + KV write + logits to host)")
+    ax.plot(b, [r["step_s_median"] * 1e3 for r in rows], "o-", label="runtime step (graph + KV write + argmax, tokens to host)")
     ax.plot(b, [r["session_s_median"] * 1e3 for r in rows], "s-", label="session only")
     ax.plot(b, [r["floor_s"] * 1e3 for r in rows], "k--", label="floor: (weights + live KV) / copy bandwidth")
     ax.set_xscale("log", base=2)
@@ -155,27 +157,40 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 128])
     ap.add_argument("--live", type=int, default=480)
     ap.add_argument("--cuda-graph", action="store_true")
+    ap.add_argument("--fused-decode", action="store_true",
+                    help="also time the folder's fused decode part (same pool, same run)")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--name", default="gpu_roofline", help="output file stem")
     a = ap.parse_args()
     import torch
 
     from ember.compiler.manifest import read_manifest
-    from ember.runtime.cuda_session import make_cuda_executor
+    from ember.runtime.cuda_session import DeviceExecutor, make_cuda_executor
 
     folder = Path(a.folder)
     m = read_manifest(folder)
     ex = make_cuda_executor(folder, m, m.part("step"), "cuda:0", max(a.batches), m.model["config"]["max_positions"],
                             cuda_graph=a.cuda_graph)
     bw = copy_bandwidth()["bytes_per_s"]
-    rows = roofline(ex, m, folder, a.batches, a.live, bw)
     dev = torch.cuda.get_device_name(0)
+    doc = {"device": dev, "model": m.model["name"], "bandwidth": bw, "cuda_graph": a.cuda_graph,
+           "rows": roofline(ex, m, folder, a.batches, a.live, bw)}
+    md = [f"# {m.model['name']} decode roofline\n", "Step graph:\n", markdown(doc["rows"], bw, dev)]
+    if a.fused_decode:
+        fused = make_cuda_executor(folder, m, m.part("step"), "cuda:0", max(a.batches), m.model["config"]["max_positions"],
+                                   cuda_graph=a.cuda_graph, decode_part=m.part("decode"))
+        doc["fused_rows"] = roofline(DeviceExecutor(fused.session, ex.pool, decode=fused.decode), m, folder, a.batches,
+                                     a.live, bw)
+        md += ["\nFused decode part (GroupQueryAttention), same pool:\n", markdown(doc["fused_rows"], bw, dev)]
+    md.append(f"\nCUDA graphs: {'on' if a.cuda_graph else 'off'}. Reproduce: `python benchmarks/gpu_roofline.py FOLDER "
+              f"--batches {' '.join(map(str, a.batches))} --live {a.live}{' --cuda-graph' if a.cuda_graph else ''}"
+              f"{' --fused-decode' if a.fused_decode else ''}`")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_roofline.json").write_text(json.dumps({"device": dev, "bandwidth": bw, "rows": rows}, indent=2))
-    md = markdown(rows, bw, dev)
-    (out / "gpu_roofline.md").write_text(md + "\n")
-    plot(rows, out / "gpu_roofline.png", f"{m.model['name']} decode on {dev}")
-    print(md)
+    (out / f"{a.name}.json").write_text(json.dumps(doc, indent=2))
+    (out / f"{a.name}.md").write_text("\n".join(md) + "\n")
+    plot(doc.get("fused_rows") or doc["rows"], out / f"{a.name}.png", f"{m.model['name']} decode on {dev}")
+    print("\n".join(md))
 
 
 if __name__ == "__main__":

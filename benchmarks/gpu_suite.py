@@ -89,6 +89,9 @@ class Suite:
         self.art = Path(args.artifacts)
         self.res: dict = {"model": args.model, "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                           "sections": {}}
+        prior = self.out / "gpu_suite.json"
+        if args.resume and prior.exists():  # sections run by earlier calls (one device call may not fit them all)
+            self.res["sections"] = json.loads(prior.read_text()).get("sections", {})
         self.t0 = time.perf_counter()
 
     def save(self) -> None:
@@ -334,6 +337,7 @@ def main() -> None:
     ap.add_argument("--artifacts", default="/tmp/ember-artifacts")
     ap.add_argument("--sections", default=",".join(SECTIONS))
     ap.add_argument("--small", action="store_true", help="smoke run: tiny model, few steps")
+    ap.add_argument("--resume", action="store_true", help="keep the sections already in OUT/gpu_suite.json")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 128])
     ap.add_argument("--live", type=int, default=480)
     ap.add_argument("--steps", type=int, default=30)

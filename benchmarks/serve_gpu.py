@@ -16,6 +16,9 @@ Experiments (sizes fit one device call; ``--small`` for a smoke run):
    batching of 8 (ember/runtime/scheduler.py).
 3. admit1: the saturating Poisson point again, fused only, admitting each request at once
    (admit_batch=1, the CPU's policy): the admission batching's effect.
+4. overlap: the flover workload, fused only, with asynchronous launches (the default: the
+   engine streams step k's tokens while the device runs step k+1) and with every run
+   waiting for the device (``EMBER_ASYNC_LAUNCH=0``), interleaved over rounds.
 
     python benchmarks/serve_gpu.py artifacts/llama-1b-fp16 --out benchmarks/results
 """
@@ -54,7 +57,7 @@ class GpuBenchModel(BenchModel):
 
     device = "cuda"
 
-    def __init__(self, folder, cuda_graph: bool = True):
+    def __init__(self, folder, cuda_graph: bool = True, async_launch: bool = True):
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         verify_files(self.folder, self.manifest, check_hashes=False)
@@ -65,12 +68,14 @@ class GpuBenchModel(BenchModel):
         self.kv_dtype = next(t.dtype for t in part.inputs if t.name == "past_key.0")
         self.max_positions, self.vocab_size = int(cfg["max_positions"]), int(cfg["vocab_size"])
         self.eos_token_id, self.threads = cfg.get("eos_token_id"), None
-        self.device_session = CudaStepSession(self.folder / part.file, self.num_layers, cuda_graph=cuda_graph)
+        self.device_session = CudaStepSession(self.folder / part.file, self.num_layers, cuda_graph=cuda_graph,
+                                              async_launch=async_launch)
         self.session = HostLogitsSession(self.device_session)
         decode = self.manifest.find_part("decode")  # the fused decode part, as ember.load(device=) uses it
         self.decode = None
         if decode is not None:
-            self.decode = CudaDecodeSession(self.folder / decode.file, self.num_layers, cuda_graph=cuda_graph)
+            self.decode = CudaDecodeSession(self.folder / decode.file, self.num_layers, cuda_graph=cuda_graph,
+                                            async_launch=async_launch)
             self.decode.lock = self.device_session.lock
 
     def pool(self, slots: int) -> DeviceKVPool:
@@ -122,7 +127,33 @@ def _install_hf_fp16_builder() -> None:
     hf_arm.build_hf_model = build
 
 
-EXPERIMENTS = ("flover", "poisson", "admit1")
+EXPERIMENTS = ("flover", "poisson", "admit1", "overlap")
+
+
+def overlap(model: GpuBenchModel, spec, rounds: int = 3) -> dict:
+    """Fused arm on ``spec`` with asynchronous launches (``model``) and with synchronous ones
+    (a second model over the same folder), interleaved ``rounds`` times; total seconds each."""
+    from ember.bench.runner import ServeOptions, run_serve
+
+    sync = GpuBenchModel(model.folder, async_launch=False)
+    runs: dict[str, list] = {"async": [], "sync": []}
+    for _ in range(rounds):
+        for key, m in (("async", model), ("sync", sync)):
+            doc = run_serve(m, spec, ["fused"], ServeOptions(max_batch=32), name=f"overlap-{key}", show_progress=False)
+            runs[key].append(doc["runs"][0])
+    med = {k: sorted(r["total_s"] for r in v)[len(v) // 2] for k, v in runs.items()}
+    return {"name": "gpu_serve_overlap", "workload": spec.describe(), "rounds": rounds,
+            "total_s": {k: [r["total_s"] for r in v] for k, v in runs.items()},
+            "tpot_p50_s": {k: [r["tpot"]["p50"] for r in v] for k, v in runs.items()},
+            "median_total_s": med, "sync_over_async": med["sync"] / med["async"]}
+
+
+def overlap_markdown(doc: dict, device: str) -> str:
+    t = doc["total_s"]
+    rows = "\n".join(f"| {k} | {' / '.join(f'{x:.3f}' for x in t[k])} | {doc['median_total_s'][k]:.3f} |" for k in t)
+    return (f"# Launch overlap: {device}\n\nWorkload: {doc['workload']}; fused arm only, {doc['rounds']} interleaved "
+            f"rounds.\n\n| launches | total s per round | median s |\n|---|---|---:|\n{rows}\n\n"
+            f"Synchronous / asynchronous: **{doc['sync_over_async']:.3f}x**.\n")
 
 
 def run(folder, model_name: str, out: Path, small: bool = False, only: tuple[str, ...] = EXPERIMENTS) -> dict:
@@ -164,17 +195,20 @@ def run(folder, model_name: str, out: Path, small: bool = False, only: tuple[str
     if "admit1" in only:
         docs["admit1"] = run_serve(model, spec, ["fused"], ServeOptions(max_batch=32, admit_batch=1),
                                    rates=rates[-1:], sizes=sizes[-1:], name="gpu_serve_admit1")
+    if "overlap" in only:
+        spec = WorkloadSpec(32, math.inf, LengthDist(8, 8), LengthDist(n_tok, n_tok), seed=0)
+        docs["overlap"] = overlap(model, spec, rounds=2 if small else 5)
     md = []
     for key, doc in docs.items():
-        (out / f"{doc['name']}.json").write_text(json.dumps(doc, indent=1))
-        text = markdown(doc)
+        (out / f"{doc['name']}.json").write_text(json.dumps(doc, indent=1, default=str))
+        text = overlap_markdown(doc, gpu) if key == "overlap" else markdown(doc)
         (out / f"{doc['name']}.md").write_text(text)
         md.append(text)
     if "poisson" in docs:
         plot(docs["poisson"], out / "gpu_serve_poisson.png")
     return {"markdown": "\n".join(md), "summary": {k: [(r["arm"], r["rate"], round(r["total_s"], 2),
                                                         round(r["output_tok_s"], 1), r["extrapolated"])
-                                                       for r in d["runs"]] for k, d in docs.items()}}
+                                                       for r in d["runs"]] for k, d in docs.items() if k != "overlap"}}
 
 
 def main() -> None:

@@ -51,9 +51,10 @@ def folders(tmp_path_factory):
 PROMPTS = [[5, 6, 7], list(range(20, 45)), [1], [300, 301, 302, 303, 304, 305, 306, 307, 308]]
 
 
-@pytest.mark.parametrize("graphs", ["1", "0"])
-def test_cuda_fp32_greedy_equals_cpu(folders, monkeypatch, graphs):
+@pytest.mark.parametrize("graphs,async_launch", [("1", "1"), ("0", "1"), ("1", "0")])
+def test_cuda_fp32_greedy_equals_cpu(folders, monkeypatch, graphs, async_launch):
     monkeypatch.setenv("EMBER_CUDA_GRAPH", graphs)  # on: padded graph decodes (graph_window)
+    monkeypatch.setenv("EMBER_ASYNC_LAUNCH", async_launch)  # on: streaming overlaps the next step
     with ember.load(folders["fp32"]) as cpu, ember.load(folders["fp32"], device="cuda:0") as gpu:
         a = cpu.generate(PROMPTS, max_new_tokens=16, ignore_eos=True)
         b = gpu.generate(PROMPTS, max_new_tokens=16, ignore_eos=True)
@@ -139,11 +140,20 @@ def test_check_runs_the_cuda_backend(folders):
     assert all(r.ok for r in rows), [r for r in rows if not r.ok]
 
 
-@pytest.mark.parametrize("graphs", [True, False])
-def test_cuda_fused_decode_matches_step_graph(folders, graphs):
+@pytest.fixture(scope="module")
+def gpt2_fused(tmp_path_factory):
+    """gpt2-tiny in FP16 with the fused decode part (``--fused-decode on``: not built by ``auto``)."""
+    f = tmp_path_factory.mktemp("gpu-gpt2") / "fp16"
+    compile_decoder("gpt2-tiny", f, CompileOptions(dtype="fp16", fused_decode="on", quiet=True))
+    return f
+
+
+@pytest.mark.parametrize("family,graphs", [("llama", True), ("llama", False), ("gpt2", True), ("gpt2", False)])
+def test_cuda_fused_decode_matches_step_graph(folders, gpt2_fused, family, graphs):
     """FP16 folders carry the fused decode part (GroupQueryAttention, K/V in place): its decode
-    logits follow the portable step graph's, teacher-forced on the same tokens."""
-    f = folders["fp16"]
+    logits follow the portable step graph's, teacher-forced on the same tokens (LLaMA: rotary,
+    grouped K/V heads; GPT-2: learned positions, LayerNorm, no rotary)."""
+    f = folders["fp16"] if family == "llama" else gpt2_fused
     m = read_manifest(f)
     decode = m.find_part("decode")
     assert decode is not None

@@ -306,3 +306,86 @@ def test_engine_loop_over_fake_step_function(mode, admit_batch):
     if mode == "min-move":
         assert st["slot_moves_total"] > 0
     eng.close()
+
+
+class LetterTokenizer:
+    """Token t is the letter chr(97 + t % 26); ``decode`` logs its calls to ``log``."""
+
+    def __init__(self, log: list):
+        self.log = log
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.log.append("detok")
+        return "".join(chr(97 + int(t) % 26) for t in ids)
+
+
+class LaunchingFakeExecutor(FakeExecutor):
+    """A FakeExecutor with the GPU executor's ``launch_greedy``: the step is 'queued' at launch
+    and its result collected later; launches and collections are logged."""
+
+    def __init__(self, slots: int, log: list):
+        super().__init__(slots)
+        self.log, self.launches = log, 0
+
+    def launch_greedy(self, start, input_ids, positions, new_lengths, logit_rows=()):
+        self.launches += 1
+        n, log = self.launches, self.log
+        log.append(("launch", n))
+        logits = self.run(start, input_ids, positions, new_lengths)
+
+        class Pending:
+            def result(self):
+                log.append(("result", n))
+                return logits.argmax(axis=1), logits[np.asarray(logit_rows, dtype=np.int64)]
+        return Pending()
+
+
+def test_engine_streams_the_last_step_while_the_next_runs():
+    log: list = []
+    ex = LaunchingFakeExecutor(2, log)
+    sched = FusionScheduler(max_batch=2, kv_capacity_tokens=256, max_seq_len=128, prefill_chunk=64)
+    eng = DecoderEngine(ex, sched, tokenizer=LetterTokenizer(log), eos_token_id=None, max_positions=128,
+                        config={"vocab_size": VOCAB})
+    prompt, n = [5, 17, 3], 12
+    h = eng.submit(prompt, max_new_tokens=n)
+    events = list(h)
+    c = h.result(timeout=30)
+    assert c.token_ids == solo(prompt, n) and [e.token_id for e in events if e.token_id >= 0] == c.token_ids
+    # step k's tokens are detokenized after step k+1 is launched and before it is waited on
+    overlapped = 0
+    for i, entry in enumerate(log):
+        if isinstance(entry, tuple) and entry[0] == "launch":
+            j = log.index(("result", entry[1]))
+            overlapped += "detok" in log[i + 1:j]
+    assert ex.launches == n and overlapped == n - 1  # every launch but the first (the prefill) overlaps streaming
+    # a stop string found one step late: the extra token is computed and dropped
+    text = "".join(chr(97 + t % 26) for t in c.token_ids)
+    stop = text[4:6]
+    cut = eng.submit(prompt, max_new_tokens=n, stop=(stop,))
+    events = list(cut)
+    got = cut.result(timeout=30)
+    want = text.index(stop) + len(stop)  # tokens up to the one completing the stop string
+    assert got.finish_reason is FinishReason.STOP and got.token_ids == c.token_ids[:want]
+    assert [e.token_id for e in events if e.token_id >= 0] == got.token_ids
+    assert got.text == text[:text.index(stop)] and "".join(e.text for e in events) == got.text
+    assert eng.stats()["kv_used_tokens"] == 0
+    eng.close()
+
+
+def test_a_failing_detokenization_fails_its_request_not_the_engine():
+    class Broken(LetterTokenizer):
+        def decode(self, ids, skip_special_tokens=True):
+            if len(self.log) == 6:  # a few tokens in
+                raise ValueError("bad bytes")
+            return super().decode(ids)
+
+    ex = LaunchingFakeExecutor(2, [])
+    sched = FusionScheduler(max_batch=2, kv_capacity_tokens=256, max_seq_len=128, prefill_chunk=64)
+    with DecoderEngine(ex, sched, tokenizer=Broken([]), eos_token_id=None, max_positions=128,
+                       config={"vocab_size": VOCAB}) as eng:
+        bad = eng.submit([5, 17, 3], max_new_tokens=12).result(timeout=30)
+        assert bad.finish_reason is FinishReason.ERROR and "bad bytes" in bad.error
+        eng.tokenizer = None  # the engine keeps serving
+        ok = eng.submit([5, 17, 3], max_new_tokens=12)
+        assert ok.result(timeout=30).token_ids == solo([5, 17, 3], 12)
+        assert eng.stats()["kv_used_tokens"] == 0

@@ -305,8 +305,12 @@ def test_disconnect_mid_stream_cancels_and_frees_kv(plain):
 
 def test_disconnect_while_waiting_non_streaming_frees_kv(plain):
     before = plain.wait_idle()
-    with pytest.raises(httpx.TimeoutException):
-        complete(plain.url, {"prompt": "waiting for the answer", **LONG}, timeout=httpx.Timeout(10, read=0.05))
+    # eight long requests keep every slot busy, so the answer cannot come within the client's timeout
+    with ThreadPoolExecutor(8) as pool:
+        busy = [pool.submit(complete, plain.url, {"prompt": f"busy {i}", **LONG}) for i in range(8)]
+        with pytest.raises(httpx.TimeoutException):
+            complete(plain.url, {"prompt": "waiting for the answer", **LONG}, timeout=httpx.Timeout(10, read=0.05))
+        assert all(f.result().status_code == 200 for f in busy)
     after = plain.wait_idle()
     assert after["ember_client_disconnects_total"] == before["ember_client_disconnects_total"] + 1
     assert complete(plain.url, {"prompt": "next", "max_tokens": 2}).status_code == 200

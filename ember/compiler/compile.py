@@ -57,7 +57,7 @@ class CompileOptions:
 
 def wants_fused_decode(options: CompileOptions, family: str, head_dim: int = 64) -> bool:
     """Whether to add the fused (GroupQueryAttention) decode part. ``auto``: for FP16 ONNX
-    Runtime folders of the families in ``AUTO_FAMILIES`` (the GPU path, where it is 1.7x
+    Runtime folders of the families in ``AUTO_FAMILIES`` (the GPU path, where it is 1.5-1.9x
     faster per decode step; ONNX Runtime's CUDA attention kernel is FP16/BF16 only). ``on``
     adds it to any family it covers and to FP32 folders: on the CPU it is within noise of the
     step graph and holds a second copy of the weights in memory (docs/gpu.md); ``on`` fails

@@ -4,13 +4,19 @@ The KV pool lives on the GPU (``device_kv_pool.DeviceKVPool``: a slot range is o
 contiguous device view per layer), and every step input and output is bound to device
 memory through IOBinding: per step the host sends the
 new tokens' ids/positions/lengths (a few hundred bytes) and receives the logits it samples
-from; the K/V never leave the device. ORT runs on PyTorch's current CUDA stream
-(``user_compute_stream``), so the pool's K/V writes (PyTorch kernels) and the graph are
+from; the K/V never leave the device. Each session runs ORT on a CUDA stream of its own
+(``user_compute_stream``; ORT cannot capture CUDA graphs on the legacy default stream), joined
+to the caller's current stream before and after every run by device-side stream waits, so the
+pool's K/V writes (PyTorch kernels), the graph and what the caller does with its outputs are
 ordered without host synchronisation.
 
 Device memory is held in PyTorch CUDA tensors (PyTorch is the array library of the GPU
 path; the CPU path never imports it). ``DeviceExecutor`` has the four methods of
 ``executor.LocalExecutor`` and serves both the ORT CUDA and the TensorRT step sessions.
+
+Runs are launched asynchronously (``async_launch``): ``DeviceExecutor.launch_greedy`` queues
+the step, the argmax and the tokens' copy to pinned memory, and returns; the engine streams
+the previous step's tokens while the device works and then waits on an event.
 
 CUDA graphs (``cuda_graph=True``; ``make_cuda_executor``'s default, ``EMBER_CUDA_GRAPH=0``
 turns them off): decode calls (T = 1) are captured once per (batch, KV addresses) into
@@ -21,6 +27,7 @@ plain launches and says why in ``cuda_graph_status``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from pathlib import Path
@@ -65,13 +72,14 @@ class CudaStepSession:
     """
 
     def __init__(self, onnx_path: str | os.PathLike, num_layers: int, device_index: int = 0,
-                 cuda_graph: bool = False, optimized_model_path: str | None = None, tf32: bool = False):
+                 cuda_graph: bool = False, optimized_model_path: str | None = None, tf32: bool = False,
+                 async_launch: bool = True):
         ort = _ort_cuda()
         torch = _torch()
         self.torch, self.device_index = torch, device_index
         self.device = torch.device("cuda", device_index)
         torch.cuda.set_device(self.device)
-        self.stream = torch.cuda.current_stream(self.device)
+        self.stream = torch.cuda.Stream(self.device)
         self.num_layers, self.tf32 = num_layers, tf32
         self.cuda_graph_status = "off"
         self.sess = None
@@ -93,9 +101,22 @@ class CudaStepSession:
         # ORT captures with the global capture mode: while one thread captures, no other thread
         # may touch CUDA. Executors take this lock around everything they do on the device.
         self.lock = threading.RLock()
-        self._no_graph = ort.RunOptions()
-        if self.cuda_graph_status == "on":
-            self._no_graph.add_run_config_entry("gpu_graph_id", "-1")
+        self.async_launch = async_launch
+        self._no_graph = self._run_options(-1 if self.cuda_graph_status == "on" else None)
+
+    def _run_options(self, graph_id: int | None):
+        """Run options: a CUDA graph id (``-1``: never capture) and, with ``async_launch``, no
+        stream synchronisation at the end of the run. Everything runs on one stream, and the
+        host reads results only through a synchronising copy or an event
+        (``logits_to_host``, ``PendingGreedy``), so the engine can do host work meanwhile."""
+        import onnxruntime as ort
+
+        ro = ort.RunOptions()
+        if graph_id is not None:
+            ro.add_run_config_entry("gpu_graph_id", str(graph_id))
+        if self.async_launch:
+            ro.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        return ro
 
     def _make(self, ort, path, graph: bool, optimized_model_path):
         so = ort.SessionOptions()
@@ -140,10 +161,23 @@ class CudaStepSession:
             kv: list) -> tuple[Any, list]:
         """ids/positions int64 [B,T], lengths int64 [B] (host); kv 2L device views [B,Hkv,P,D]."""
         b, t = input_ids.shape
-        with self.lock:
+        with self.lock, self.on_own_stream():
             if self.cuda_graph_status == "on" and t == 1:
                 return self._run_graph(input_ids, positions, past_lengths, new_lengths, kv)
             return self._run_plain(input_ids, positions, past_lengths, new_lengths, kv)
+
+    @contextlib.contextmanager
+    def on_own_stream(self):
+        """Run the body on the session's stream, ordered after the caller's stream's work so far;
+        the caller's stream then waits for it (device-side waits: the host goes on)."""
+        torch = self.torch
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)
+        try:
+            with torch.cuda.stream(self.stream):
+                yield
+        finally:
+            caller.wait_stream(self.stream)
 
     def _binding(self, small: list, kv: list, logits, new: list):
         """An IOBinding of the four small inputs, the KV views and the preallocated outputs."""
@@ -176,8 +210,6 @@ class CudaStepSession:
         key = (b, tuple(int(a.data_ptr()) for a in kv), tuple(kv[0].shape))
         g = self._graphs.get(key)
         if g is None:
-            import onnxruntime as ort
-
             small = [torch.zeros((b, 1), dtype=torch.int64, device=self.device),
                      torch.zeros((b, 1), dtype=torch.int64, device=self.device),
                      torch.zeros((b,), dtype=torch.int64, device=self.device),
@@ -185,8 +217,7 @@ class CudaStepSession:
             logits, new = self._outputs(b, 1, kv)
             binding = self._binding(small, kv, logits, new)
             self._graph_ids += 1
-            ro = ort.RunOptions()
-            ro.add_run_config_entry("gpu_graph_id", str(self._graph_ids))
+            ro = self._run_options(self._graph_ids)
             g = {"small": small, "logits": logits, "new": new, "binding": binding, "ro": ro}
             self._graphs[key] = g
         for dst, src in zip(g["small"], (input_ids, positions, past_lengths, new_lengths)):
@@ -216,12 +247,10 @@ class CudaDecodeSession(CudaStepSession):
     def run(self, input_ids: np.ndarray, past_lengths: np.ndarray, kv: list):
         b = input_ids.shape[0]
         torch = self.torch
-        with self.lock:
+        with self.lock, self.on_own_stream():
             key = (b, tuple(int(a.data_ptr()) for a in kv), tuple(kv[0].shape))
             g = self._graphs.get(key) if self.cuda_graph_status == "on" else None
             if g is None:
-                import onnxruntime as ort
-
                 ids = torch.zeros((b, 1), dtype=torch.int64, device=self.device)
                 seqlens = torch.zeros((b,), dtype=torch.int32, device=self.device)
                 logits = torch.empty((b, self.vocab), dtype=self.logits_dtype, device=self.device)
@@ -238,8 +267,7 @@ class CudaDecodeSession(CudaStepSession):
                 ro = self._no_graph
                 if self.cuda_graph_status == "on":
                     self._graph_ids += 1
-                    ro = ort.RunOptions()
-                    ro.add_run_config_entry("gpu_graph_id", str(self._graph_ids))
+                    ro = self._run_options(self._graph_ids)
                 g = {"ids": ids, "seqlens": seqlens, "logits": logits, "total": total, "binding": binding, "ro": ro}
                 if self.cuda_graph_status == "on":
                     self._graphs[key] = g
@@ -270,20 +298,35 @@ def logits_to_host(logits) -> np.ndarray:
     return host.numpy()
 
 
+class PendingGreedy:
+    """The host copies of a step's argmax (and of the logits rows that sample), queued on the
+    device behind the step; ``result`` waits for them (``executor.launch_greedy``'s contract)."""
+
+    def __init__(self, logits, logit_rows=()):
+        import torch  # loaded already: ``logits`` is a torch tensor
+        on_gpu = logits.is_cuda
+        self._tokens = torch.empty((logits.shape[0],), dtype=torch.int64, pin_memory=on_gpu)
+        self._tokens.copy_(logits.argmax(dim=1), non_blocking=on_gpu)
+        rows = np.asarray(logit_rows, dtype=np.int64)
+        self._rows = torch.empty((len(rows), logits.shape[1]), dtype=torch.float32, pin_memory=on_gpu and len(rows) > 0)
+        if len(rows):
+            self._rows.copy_(logits[torch.as_tensor(rows, device=logits.device)], non_blocking=on_gpu)
+        self._event = None
+        if on_gpu:
+            self._event = torch.cuda.Event()
+            self._event.record(torch.cuda.current_stream(logits.device))
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        return self._tokens.numpy(), self._rows.numpy()
+
+
 def greedy_to_host(logits, logit_rows=()) -> tuple[np.ndarray, np.ndarray]:
     """Device logits [B,V] -> (each row's argmax as int64 [B], float32 logits of ``logit_rows``)
     on the host: the argmax runs on the device (first index of the maximum, as numpy's)."""
-    import torch  # loaded already: ``logits`` is a torch tensor
-    tokens = torch.empty((logits.shape[0],), dtype=torch.int64, pin_memory=logits.is_cuda)
-    tokens.copy_(logits.argmax(dim=1), non_blocking=logits.is_cuda)
-    rows = np.asarray(logit_rows, dtype=np.int64)
-    if len(rows):
-        picked = logits_to_host(logits[torch.as_tensor(rows, device=logits.device)])
-    else:
-        picked = np.zeros((0, logits.shape[1]), dtype=np.float32)
-        if logits.is_cuda:
-            torch.cuda.current_stream(logits.device).synchronize()
-    return tokens.numpy(), picked
+    return PendingGreedy(logits, logit_rows).result()
 
 
 def graph_window(start: int, stop: int, slots: int) -> tuple[int, int]:
@@ -359,13 +402,13 @@ class DeviceExecutor:
         with self.lock:
             return logits_to_host(self._run_device(start, input_ids, positions, new_lengths))
 
-    def run_greedy(self, start: int, input_ids: np.ndarray, positions: np.ndarray, new_lengths: np.ndarray,
-                   logit_rows=()) -> tuple[np.ndarray, np.ndarray]:
-        """``executor.run_greedy`` on the device: the argmax runs on the GPU, and only the B
-        tokens plus the ``logit_rows`` that sample cross to the host (not B x V logits)."""
+    def launch_greedy(self, start: int, input_ids: np.ndarray, positions: np.ndarray, new_lengths: np.ndarray,
+                      logit_rows=()) -> PendingGreedy:
+        """``executor.launch_greedy`` on the device: the step, every row's argmax and the copy
+        of the B tokens (plus the ``logit_rows`` that sample; not B x V logits) are queued on
+        the stream; the host goes on until it asks for ``result()``."""
         with self.lock:
-            logits = self._run_device(start, input_ids, positions, new_lengths)
-            return greedy_to_host(logits, logit_rows)
+            return PendingGreedy(self._run_device(start, input_ids, positions, new_lengths), logit_rows)
 
     def release(self, slot: int) -> None:
         self.pool.release(slot)
@@ -395,12 +438,16 @@ def make_cuda_executor(folder: Path, manifest, part, device: str, max_batch: int
     kv_dtype = next(t.dtype for t in part.inputs if t.name == "past_key.0")
     if cuda_graph is None:  # on by default: 4.4x faster decode on llama-1b (docs/gpu.md)
         cuda_graph = os.environ.get("EMBER_CUDA_GRAPH", "1") != "0"
+    # on by default: the engine streams the last step's tokens while the device runs the next
+    # (docs/scheduler.md); EMBER_ASYNC_LAUNCH=0 makes every run wait for the device
+    async_launch = os.environ.get("EMBER_ASYNC_LAUNCH", "1") != "0"
     if part.backend == "tensorrt":
         from ember.runtime.trt_session import TensorRTStepSession
 
         session = TensorRTStepSession(Path(folder) / part.file, part, layers, device_index=index)
     else:
-        session = CudaStepSession(Path(folder) / part.file, layers, device_index=index, cuda_graph=cuda_graph)
+        session = CudaStepSession(Path(folder) / part.file, layers, device_index=index, cuda_graph=cuda_graph,
+                                  async_launch=async_launch)
     decode = None
     if decode_part is not None:
         decode_kv = next(t.dtype for t in decode_part.inputs if t.name == "past_key.0")
@@ -408,7 +455,8 @@ def make_cuda_executor(folder: Path, manifest, part, device: str, max_batch: int
             raise ConfigError(f"{folder}: the fused decode part is {decode_kv}, and ONNX Runtime's CUDA "
                               "GroupQueryAttention runs FP16 only: recompile with --dtype fp16, or load with "
                               "fused_decode=False (CLI: EMBER_FUSED_DECODE=0)")
-        decode = CudaDecodeSession(Path(folder) / decode_part.file, layers, device_index=index, cuda_graph=cuda_graph)
+        decode = CudaDecodeSession(Path(folder) / decode_part.file, layers, device_index=index, cuda_graph=cuda_graph,
+                                   async_launch=async_launch)
     pool = device_pool(layers, hkv, head_dim, max_batch, max_seq_len, kv_dtype, index, fused_decode=decode is not None)
     return DeviceExecutor(session, pool, decode=decode)
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from ember.errors import EmberError, InputError
 from ember.runtime.detokenize import Detokenizer
-from ember.runtime.executor import run_greedy
+from ember.runtime.executor import launch_greedy
 from ember.runtime.requests import Completion, FinishReason, RequestHandle, SamplingParams, TokenEvent
 from ember.runtime.sampling import sample_token
 from ember.runtime.scheduler import FusionScheduler, Phase, Sequence, StepPlan
@@ -28,6 +28,7 @@ class _RequestState:
     detok: Detokenizer
     first_token_at: float | None = None
     token_times: list[float] | None = None
+    streamed: int = 0  # generated tokens already pushed to the handle
 
 
 class DecoderEngine:
@@ -137,8 +138,14 @@ class DecoderEngine:
             self._thread.start()
 
     def _loop(self) -> None:
+        # Tokens of the last step whose streaming (detokenization, stop strings, events) waits
+        # until the next step is launched: on a GPU it then overlaps the device's work.
+        unstreamed: list[Sequence] = []
         while True:
             with self._cv:
+                if unstreamed and (self._closed or not self.scheduler.has_work()):
+                    self._stream_all(unstreamed)
+                    unstreamed = []
                 while not self._closed and not self._cancel and not self.scheduler.has_work():
                     self._cv.wait()
                 if self._closed:
@@ -148,19 +155,31 @@ class DecoderEngine:
                         self._finish(seq, FinishReason.CANCELLED)
                 self._cancel.clear()
                 plan = self.scheduler.schedule()
-            if plan.empty and not plan.moves:
-                continue
-            try:
-                self._execute(plan)
-            except Exception as e:  # a failed step fails the requests in it, not the engine
-                self._fail_plan(plan, e)
-            self.counters["iterations_total"] += 1
+            launched = None
+            if not plan.empty or plan.moves:
+                try:
+                    launched = self._launch(plan)
+                except Exception as e:  # a failed step fails the requests in it, not the engine
+                    self._fail_plan(plan, e)
+            if unstreamed:
+                with self._cv:
+                    self._stream_all(unstreamed)
+                unstreamed = []
+            if launched is not None:
+                try:
+                    unstreamed = self._update(launched)
+                except Exception as e:
+                    self._fail_plan(plan, e)
+                self.counters["iterations_total"] += 1
 
-    def _execute(self, plan: StepPlan) -> None:
+    def _launch(self, plan: StepPlan) -> list:
+        """Queue the plan's calls on the executor: slot moves, one call per prefill group, one
+        fused decode call. Returns, per call, (the sequences and rows whose token it yields,
+        the pending result)."""
         ex = self.executor
         if plan.moves:
             ex.move(plan.moves)
-        finished_prefill: list[tuple[Sequence, np.ndarray, int]] = []
+        launched = []
         for g in plan.prefill:
             b, t = len(g.seqs), max(g.lengths)
             ids = np.zeros((b, t), dtype=np.int64)
@@ -168,15 +187,13 @@ class DecoderEngine:
             for r, (s, n) in enumerate(zip(g.seqs, g.lengths)):
                 ids[r, :n] = s.prompt_ids[s.num_cached:s.num_cached + n]
                 pos[r, :n] = np.arange(s.num_cached, s.num_cached + n)
-            ending = [r for r, (s, n) in enumerate(zip(g.seqs, g.lengths)) if s.num_cached + n == len(s.prompt_ids)]
-            sampled = [r for r in ending if g.seqs[r].payload.rng is not None]
-            greedy, rows = run_greedy(ex, g.start, ids, pos, np.asarray(g.lengths, dtype=np.int64), sampled)
-            row_of = dict(zip(sampled, rows))
+            ending = [(g.seqs[r], r) for r, (s, n) in enumerate(zip(g.seqs, g.lengths))
+                      if s.num_cached + n == len(s.prompt_ids)]
+            sampled = [r for s, r in ending if s.payload.rng is not None]
+            pending = launch_greedy(ex, g.start, ids, pos, np.asarray(g.lengths, dtype=np.int64), sampled)
             for s, n in zip(g.seqs, g.lengths):
                 s.num_cached += n
-            for r in ending:
-                finished_prefill.append((g.seqs[r], row_of.get(r), int(greedy[r])))
-        decoded: list[tuple[Sequence, np.ndarray, int]] = []
+            launched.append((ending, sampled, pending))
         if plan.decode_stop > plan.decode_start:
             start, b = plan.decode_start, plan.decode_stop - plan.decode_start
             ids = np.zeros((b, 1), dtype=np.int64)
@@ -188,46 +205,83 @@ class DecoderEngine:
             # every row's argmax in one pass (on the device for a GPU executor); full logits
             # only for the rows that sample
             sampled = [s.slot - start for s in plan.decode_seqs if s.payload.rng is not None]
-            greedy, rows = run_greedy(ex, start, ids, pos, new, sampled)
-            row_of = dict(zip(sampled, rows))
+            pending = launch_greedy(ex, start, ids, pos, new, sampled)
             for s in plan.decode_seqs:
                 s.num_cached += 1
-                decoded.append((s, row_of.get(s.slot - start), int(greedy[s.slot - start])))
-        now = time.perf_counter()
-        with self._cv:
-            for s, row, g in finished_prefill:
-                s.phase = Phase.DECODE
-                self._emit(s, row, g, now)
-            for s, row, g in decoded:
-                self._emit(s, row, g, now)
+            launched.append(([(s, s.slot - start) for s in plan.decode_seqs], sampled, pending))
+        return launched
 
-    def _emit(self, s: Sequence, logits_row: np.ndarray | None, greedy_token: int, now: float) -> None:
-        """Sample the next token of ``s``, stream it, and finish the request if it is done
-        (``logits_row``: the row's logits when it samples, else None)."""
-        if s.phase is Phase.DONE:
-            return
+    def _update(self, launched: list) -> list[Sequence]:
+        """Wait for the launched calls' tokens and record them (sampling the rows that sample):
+        EOS and length finish a request here, before the next schedule; returns the sequences
+        whose new token is still to be streamed."""
+        results = []
+        for rows_of_call, sampled, pending in launched:
+            greedy, logits = pending.result()
+            results.append((rows_of_call, dict(zip(sampled, logits)), greedy))
+        now = time.perf_counter()
+        unstreamed = []
+        with self._cv:
+            for rows_of_call, logits_of, greedy in results:
+                for s, r in rows_of_call:
+                    if s.phase is Phase.PREFILL:  # its prompt's last chunk: the first token
+                        s.phase = Phase.DECODE
+                    if self._record(s, logits_of.get(r), int(greedy[r]), now):
+                        unstreamed.append(s)
+        return unstreamed
+
+    def _record(self, s: Sequence, logits_row: np.ndarray | None, greedy_token: int, now: float) -> bool:
+        """Sample the next token of ``s`` (``logits_row``: the row's logits when it samples,
+        else None), record it, and finish the request on EOS or length (streaming it first).
+        Returns True when the token waits to be streamed."""
+        if s.phase is Phase.DONE:  # stopped or cancelled while this step ran: the token is dropped
+            return False
         st: _RequestState = s.payload
         if s.cancelled:
             self._finish(s, FinishReason.CANCELLED)
-            return
+            return False
         tok = greedy_token if st.rng is None else sample_token(logits_row, s.params, st.rng)
         s.generated.append(tok)
         self.counters["tokens_generated_total"] += 1
         if st.first_token_at is None:
             st.first_token_at = now
         st.token_times.append(now)
-        is_eos = tok == self.eos_token_id and not s.params.ignore_eos
-        delta = "" if is_eos else st.detok.add(s.generated)
-        st.handle._push(TokenEvent(tok, delta, len(s.generated) - 1))
-        if is_eos:
+        if tok == self.eos_token_id and not s.params.ignore_eos:
             self._finish(s, FinishReason.EOS)
-        elif st.detok.stopped:
-            self._finish(s, FinishReason.STOP)
         elif len(s.generated) >= s.params.max_new_tokens or s.total_tokens >= self._length_limit:
             self._finish(s, FinishReason.LENGTH)
+        else:
+            return True
+        return False
+
+    def _stream_all(self, seqs: list[Sequence]) -> None:
+        for s in seqs:
+            if s.phase is Phase.DONE:
+                continue
+            try:
+                self._stream(s)
+            except Exception as e:  # a failing detokenization fails its request, not the engine
+                traceback.print_exc()
+                self._finish(s, FinishReason.ERROR, error=f"{type(e).__name__}: {e}")
+                continue
+            if s.payload.detok.stopped:
+                self._finish(s, FinishReason.STOP)
+
+    def _stream(self, s: Sequence) -> None:
+        """Push the token events ``s`` has recorded but not streamed (detokenized, with the
+        stop strings checked)."""
+        st: _RequestState = s.payload
+        while st.streamed < len(s.generated):
+            i = st.streamed
+            st.streamed += 1
+            tok = s.generated[i]
+            is_eos = tok == self.eos_token_id and not s.params.ignore_eos
+            delta = "" if is_eos else st.detok.add(s.generated if i + 1 == len(s.generated) else s.generated[:i + 1])
+            st.handle._push(TokenEvent(tok, delta, i))
 
     def _finish(self, s: Sequence, reason: FinishReason, error: str | None = None) -> None:
         st: _RequestState = s.payload
+        self._stream(s)  # a recorded token is always streamed before the request ends
         slot = s.slot
         self.scheduler.retire(s)
         if slot is not None:

@@ -40,18 +40,41 @@ def step_on_pool(pool, session, decode, start: int, input_ids: np.ndarray, posit
     return logits
 
 
-def run_greedy(executor, start: int, input_ids: np.ndarray, positions: np.ndarray, new_lengths: np.ndarray,
-               logit_rows: np.ndarray | list[int] = ()) -> tuple[np.ndarray, np.ndarray]:
-    """One step through ``executor``, returning what the engine samples from: every row's
-    greedy token (int64 [B]) and the logits of ``logit_rows`` only (float32 [len(logit_rows), V];
-    the rows that sample rather than take the argmax). An executor with its own ``run_greedy``
-    (the GPU's: argmax on the device, only those rows' logits to the host) is used; otherwise
-    the full logits come back from ``run`` and are reduced here."""
-    own = getattr(executor, "run_greedy", None)
+class DoneStep:
+    """A step whose result is already on the host (what a synchronous executor returns from
+    ``launch_greedy``); a GPU executor returns a pending step with the same ``result``."""
+
+    def __init__(self, greedy: np.ndarray, rows: np.ndarray):
+        self._result = (greedy, rows)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._result
+
+
+def launch_greedy(executor, start: int, input_ids: np.ndarray, positions: np.ndarray, new_lengths: np.ndarray,
+                  logit_rows: np.ndarray | list[int] = ()):
+    """Start one step through ``executor``; ``.result()`` of what it returns gives what the
+    engine samples from: every row's greedy token (int64 [B]) and the logits of ``logit_rows``
+    only (float32 [len(logit_rows), V]; the rows that sample rather than take the argmax).
+
+    An executor with its own ``launch_greedy`` (the GPU's: the step, the argmax and the copy
+    of the tokens are queued on the device and ``result`` waits for them) lets the engine do
+    host work while the device runs; otherwise the step runs here, to completion, through the
+    executor's ``run_greedy`` or its full logits from ``run``."""
+    own = getattr(executor, "launch_greedy", None)
     if own is not None:
         return own(start, input_ids, positions, new_lengths, logit_rows)
+    own = getattr(executor, "run_greedy", None)
+    if own is not None:
+        return DoneStep(*own(start, input_ids, positions, new_lengths, logit_rows))
     logits = executor.run(start, input_ids, positions, new_lengths)
-    return logits.argmax(axis=1), logits[np.asarray(logit_rows, dtype=np.int64)]
+    return DoneStep(logits.argmax(axis=1), logits[np.asarray(logit_rows, dtype=np.int64)])
+
+
+def run_greedy(executor, start: int, input_ids: np.ndarray, positions: np.ndarray, new_lengths: np.ndarray,
+               logit_rows: np.ndarray | list[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """``launch_greedy`` run to completion: (greedy tokens [B], logits of ``logit_rows``)."""
+    return launch_greedy(executor, start, input_ids, positions, new_lengths, logit_rows).result()
 
 
 class LocalExecutor:
