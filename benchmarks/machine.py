@@ -12,7 +12,8 @@ def machine_info() -> dict:
     flags = ""
     try:
         txt = open("/proc/cpuinfo").read()
-        flags = " ".join(f for f in ("avx512f", "avx2", "fma") if f" {f} " in txt)
+        flags = " ".join(f for f in ("avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "avx2", "fma")
+                         if f" {f} " in txt or txt.endswith(f" {f}"))
     except OSError:
         pass
     mem = 0
