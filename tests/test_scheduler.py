@@ -368,6 +368,9 @@ def test_engine_streams_the_last_step_while_the_next_runs():
     assert got.finish_reason is FinishReason.STOP and got.token_ids == c.token_ids[:want]
     assert [e.token_id for e in events if e.token_id >= 0] == got.token_ids
     assert got.text == text[:text.index(stop)] and "".join(e.text for e in events) == got.text
+    # the stop string completed by the last token the length allows: a stop, not a length finish
+    last = eng.submit(prompt, max_new_tokens=want, stop=(stop,)).result(timeout=30)
+    assert last.finish_reason is FinishReason.STOP and last.token_ids == got.token_ids and last.text == got.text
     assert eng.stats()["kv_used_tokens"] == 0
     eng.close()
 

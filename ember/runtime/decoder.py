@@ -157,6 +157,7 @@ class DecoderEngine:
                 plan = self.scheduler.schedule()
             launched = None
             if not plan.empty or plan.moves:
+                self.counters["iterations_total"] += 1
                 try:
                     launched = self._launch(plan)
                 except Exception as e:  # a failed step fails the requests in it, not the engine
@@ -170,7 +171,6 @@ class DecoderEngine:
                     unstreamed = self._update(launched)
                 except Exception as e:
                     self._fail_plan(plan, e)
-                self.counters["iterations_total"] += 1
 
     def _launch(self, plan: StepPlan) -> list:
         """Queue the plan's calls on the executor: slot moves, one call per prefill group, one
@@ -282,6 +282,8 @@ class DecoderEngine:
     def _finish(self, s: Sequence, reason: FinishReason, error: str | None = None) -> None:
         st: _RequestState = s.payload
         self._stream(s)  # a recorded token is always streamed before the request ends
+        if reason is FinishReason.LENGTH and st.detok.stopped:  # the last token completed a stop string
+            reason = FinishReason.STOP
         slot = s.slot
         self.scheduler.retire(s)
         if slot is not None:

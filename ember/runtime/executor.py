@@ -59,14 +59,11 @@ def launch_greedy(executor, start: int, input_ids: np.ndarray, positions: np.nda
 
     An executor with its own ``launch_greedy`` (the GPU's: the step, the argmax and the copy
     of the tokens are queued on the device and ``result`` waits for them) lets the engine do
-    host work while the device runs; otherwise the step runs here, to completion, through the
-    executor's ``run_greedy`` or its full logits from ``run``."""
+    host work while the device runs; otherwise the step runs here, to completion, and the
+    full logits from the executor's ``run`` are reduced on the host."""
     own = getattr(executor, "launch_greedy", None)
     if own is not None:
         return own(start, input_ids, positions, new_lengths, logit_rows)
-    own = getattr(executor, "run_greedy", None)
-    if own is not None:
-        return DoneStep(*own(start, input_ids, positions, new_lengths, logit_rows))
     logits = executor.run(start, input_ids, positions, new_lengths)
     return DoneStep(logits.argmax(axis=1), logits[np.asarray(logit_rows, dtype=np.int64)])
 
