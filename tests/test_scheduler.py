@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import random
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -392,3 +393,66 @@ def test_a_failing_detokenization_fails_its_request_not_the_engine():
         ok = eng.submit([5, 17, 3], max_new_tokens=12)
         assert ok.result(timeout=30).token_ids == solo([5, 17, 3], 12)
         assert eng.stats()["kv_used_tokens"] == 0
+
+
+class ChainingFakeExecutor(LaunchingFakeExecutor):
+    """``LaunchingFakeExecutor`` that also ``chains``: a decode launched with ``chain=`` takes its
+    ids from that pending step's tokens (on a GPU: its argmax, copied on the device)."""
+
+    chains = True
+
+    def __init__(self, slots: int, log: list):
+        super().__init__(slots, log)
+        self.chained = 0
+
+    def launch_greedy(self, start, input_ids, positions, new_lengths, logit_rows=(), chain=None):
+        if chain is not None:
+            self.chained += 1
+            input_ids = chain.tokens.reshape(-1, 1)
+        pending = super().launch_greedy(start, input_ids, positions, new_lengths, logit_rows)
+        pending.tokens = self.run_tokens  # this step's greedy tokens, readable before result()
+        return pending
+
+    def run(self, start, input_ids, positions, new_lengths):
+        logits = super().run(start, input_ids, positions, new_lengths)
+        self.run_tokens = logits.argmax(axis=1)
+        return logits
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_chained_steps_give_the_solo_tokens(seed):
+    """Steps launched behind the previous one (ids from its tokens, before they are recorded)
+    with EOS, stop strings, a cancellation and arrivals mixed in: every request's tokens are its
+    solo run's, cut where it ends, and the pool is empty at the end."""
+    log: list = []
+    ex = ChainingFakeExecutor(4, log)
+    eos = 5
+    sched = FusionScheduler(max_batch=4, kv_capacity_tokens=4 * 128, max_seq_len=128, prefill_chunk=16)
+    eng = DecoderEngine(ex, sched, tokenizer=LetterTokenizer([]), eos_token_id=eos, max_positions=128,
+                        config={"vocab_size": VOCAB})
+    rng = random.Random(seed)
+    jobs = []
+    for i in range(30):
+        prompt = [rng.randrange(6, VOCAB) for _ in range(rng.randint(1, 12))]
+        n = rng.randint(1, 40)
+        want = solo(prompt, n)
+        if eos in want:
+            want = want[:want.index(eos) + 1]
+        stop = ()
+        if i % 5 == 0 and len(want) > 6:
+            text = "".join(chr(97 + t % 26) for t in want)
+            stop = (text[3:5],)
+            want = want[:text.index(stop[0]) + 2]
+        jobs.append((eng.submit(prompt, max_new_tokens=n, stop=stop), want))
+        if i % 7 == 0:
+            time.sleep(0.002)  # arrivals while steps are chained
+    victim = eng.submit([9, 9, 9], max_new_tokens=100)
+    victim.cancel()
+    for h, want in jobs:
+        got = h.result(timeout=30)
+        assert got.token_ids == want, (got.finish_reason, got.token_ids, want)
+    victim.result(timeout=30)
+    assert ex.chained > 50, ex.chained  # most decode steps ran chained
+    st = eng.stats()
+    assert st["kv_used_tokens"] == 0 and st["running"] == 0
+    eng.close()

@@ -194,7 +194,7 @@ class CudaStepSession:
     def _run_plain(self, input_ids, positions, past_lengths, new_lengths, kv) -> tuple[Any, list]:
         b, t = input_ids.shape
         torch = self.torch
-        small = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.device)
+        small = [a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.device)
                  for a in (input_ids, positions, past_lengths, new_lengths)]
         logits, new = self._outputs(b, t, kv)
         binding = self._binding(small, kv, logits, new)
@@ -221,7 +221,7 @@ class CudaStepSession:
             g = {"small": small, "logits": logits, "new": new, "binding": binding, "ro": ro}
             self._graphs[key] = g
         for dst, src in zip(g["small"], (input_ids, positions, past_lengths, new_lengths)):
-            dst.copy_(torch.from_numpy(np.ascontiguousarray(src, dtype=np.int64)).reshape(dst.shape))
+            _fill(dst, src)
         self.sess.run_with_iobinding(g["binding"], g["ro"])
         # Static buffers: valid until the next replay, by which time the executor has consumed them.
         return g["logits"], g["new"]
@@ -271,10 +271,17 @@ class CudaDecodeSession(CudaStepSession):
                 g = {"ids": ids, "seqlens": seqlens, "logits": logits, "total": total, "binding": binding, "ro": ro}
                 if self.cuda_graph_status == "on":
                     self._graphs[key] = g
-            g["ids"].copy_(torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)).reshape(b, 1))
+            _fill(g["ids"], input_ids)
             g["seqlens"].copy_(torch.from_numpy(np.ascontiguousarray(past_lengths, dtype=np.int32)))
             self.sess.run_with_iobinding(g["binding"], g["ro"])
             return g["logits"]
+
+
+def _fill(dst, src) -> None:
+    """Copy host ints (numpy) or a device tensor (a chained step's ids) into a static buffer."""
+    if isinstance(src, np.ndarray):
+        src = _torch().from_numpy(np.ascontiguousarray(src, dtype=np.int64))
+    dst.copy_(src.reshape(dst.shape))
 
 
 def _np_of(t) -> type:
@@ -305,8 +312,9 @@ class PendingGreedy:
     def __init__(self, logits, logit_rows=()):
         import torch  # loaded already: ``logits`` is a torch tensor
         on_gpu = logits.is_cuda
+        self.device_tokens = logits.argmax(dim=1)  # what a chained step reads as its ids
         self._tokens = torch.empty((logits.shape[0],), dtype=torch.int64, pin_memory=on_gpu)
-        self._tokens.copy_(logits.argmax(dim=1), non_blocking=on_gpu)
+        self._tokens.copy_(self.device_tokens, non_blocking=on_gpu)
         rows = np.asarray(logit_rows, dtype=np.int64)
         self._rows = torch.empty((len(rows), logits.shape[1]), dtype=torch.float32, pin_memory=on_gpu and len(rows) > 0)
         if len(rows):
@@ -349,6 +357,9 @@ class DeviceExecutor:
 
     def __init__(self, session, pool: DeviceKVPool, decode=None):
         self.session, self.pool, self.decode = session, pool, decode
+        # steps chain on the device (``launch_greedy(chain=)``) where launches are asynchronous
+        # (ONNX Runtime sessions; ``EMBER_ASYNC_LAUNCH=0`` turns both off)
+        self.chains = bool(getattr(session, "async_launch", False))
         self._generation = pool.generation
         # one lock per session: executors sharing it (one per thread) never overlap on the device
         self.lock = getattr(session, "lock", None) or threading.RLock()
@@ -379,7 +390,8 @@ class DeviceExecutor:
         if t == 1 and getattr(decode or self.session, "cuda_graph_status", "off") == "on":
             lo, hi = graph_window(start, stop, self.pool.slots)
             if (lo, hi) != (start, stop):
-                ids = np.zeros((hi - lo, 1), np.int64)
+                ids = np.zeros((hi - lo, 1), np.int64) if isinstance(input_ids, np.ndarray) else \
+                    _torch().zeros((hi - lo, 1), dtype=_torch().int64, device=input_ids.device)
                 pos = self.pool.lengths[lo:hi].reshape(-1, 1).copy()
                 new = np.zeros(hi - lo, np.int64)
                 ids[start - lo:stop - lo], pos[start - lo:stop - lo] = input_ids, positions
@@ -403,10 +415,13 @@ class DeviceExecutor:
             return logits_to_host(self._run_device(start, input_ids, positions, new_lengths))
 
     def launch_greedy(self, start: int, input_ids: np.ndarray, positions: np.ndarray, new_lengths: np.ndarray,
-                      logit_rows=()) -> PendingGreedy:
+                      logit_rows=(), chain: PendingGreedy | None = None) -> PendingGreedy:
         """``executor.launch_greedy`` on the device: the step, every row's argmax and the copy
         of the B tokens (plus the ``logit_rows`` that sample; not B x V logits) are queued on
-        the stream; the host goes on until it asks for ``result()``."""
+        the stream; the host goes on until it asks for ``result()``. With ``chain`` (a pending
+        step over the same rows) the ids are that step's argmax, copied on the device."""
+        if chain is not None:
+            input_ids = chain.device_tokens.reshape(-1, 1)
         with self.lock:
             return PendingGreedy(self._run_device(start, input_ids, positions, new_lengths), logit_rows)
 
@@ -439,7 +454,8 @@ def make_cuda_executor(folder: Path, manifest, part, device: str, max_batch: int
     if cuda_graph is None:  # on by default: 4.4x faster decode on llama-1b (docs/gpu.md)
         cuda_graph = os.environ.get("EMBER_CUDA_GRAPH", "1") != "0"
     # on by default: the engine streams the last step's tokens while the device runs the next
-    # (docs/scheduler.md); EMBER_ASYNC_LAUNCH=0 makes every run wait for the device
+    # and chains pure-decode steps on the device (docs/scheduler.md); EMBER_ASYNC_LAUNCH=0 makes
+    # every run wait for the device
     async_launch = os.environ.get("EMBER_ASYNC_LAUNCH", "1") != "0"
     if part.backend == "tensorrt":
         from ember.runtime.trt_session import TensorRTStepSession

@@ -138,44 +138,85 @@ class DecoderEngine:
             self._thread.start()
 
     def _loop(self) -> None:
-        # Tokens of the last step whose streaming (detokenization, stop strings, events) waits
+        # Tokens already recorded whose streaming (detokenization, stop strings, events) waits
         # until the next step is launched: on a GPU it then overlaps the device's work.
         unstreamed: list[Sequence] = []
+        # The last launched step, its tokens not yet recorded. An executor that ``chains`` can
+        # run a pure-decode step behind it with the ids taken from its argmax on the device, so
+        # the host never holds the device up (``_continuation``).
+        inflight: tuple[StepPlan, list] | None = None
         while True:
             with self._cv:
-                if unstreamed and (self._closed or not self.scheduler.has_work()):
-                    self._stream_all(unstreamed)
-                    unstreamed = []
-                while not self._closed and not self._cancel and not self.scheduler.has_work():
-                    self._cv.wait()
                 if self._closed:
                     return
-                for seq in self._cancel:
-                    if seq.phase is not Phase.DONE:
-                        self._finish(seq, FinishReason.CANCELLED)
-                self._cancel.clear()
-                plan = self.scheduler.schedule()
-            launched = None
-            if not plan.empty or plan.moves:
-                self.counters["iterations_total"] += 1
+                plan = self._continuation(inflight[0]) if inflight is not None else None
+            if inflight is not None and plan is None:  # the next step needs this one's tokens first
                 try:
-                    launched = self._launch(plan)
-                except Exception as e:  # a failed step fails the requests in it, not the engine
-                    self._fail_plan(plan, e)
+                    unstreamed += self._update(inflight[1])
+                except Exception as e:
+                    self._fail_plan(inflight[0], e)
+                inflight = None
+                continue
+            if plan is None:
+                with self._cv:
+                    if unstreamed and not self.scheduler.has_work():
+                        self._stream_all(unstreamed)
+                        unstreamed = []
+                    while not self._closed and not self._cancel and not self.scheduler.has_work():
+                        self._cv.wait()
+                    if self._closed:
+                        return
+                    for seq in self._cancel:
+                        if seq.phase is not Phase.DONE:
+                            self._finish(seq, FinishReason.CANCELLED)
+                    self._cancel.clear()
+                    plan = self.scheduler.schedule()
+                if plan.empty and not plan.moves:
+                    if unstreamed:
+                        with self._cv:
+                            self._stream_all(unstreamed)
+                        unstreamed = []
+                    continue
+            self.counters["iterations_total"] += 1
+            launched = None
+            try:
+                launched = self._launch(plan, chain=inflight[1][-1][2] if inflight is not None else None)
+            except Exception as e:  # a failed step fails the requests in it, not the engine
+                self._fail_plan(plan, e)
             if unstreamed:
                 with self._cv:
                     self._stream_all(unstreamed)
                 unstreamed = []
-            if launched is not None:
+            if inflight is not None:  # the step this one was chained behind
                 try:
-                    unstreamed = self._update(launched)
+                    unstreamed = self._update(inflight[1])
                 except Exception as e:
-                    self._fail_plan(plan, e)
+                    self._fail_plan(inflight[0], e)
+            inflight = (plan, launched) if launched is not None else None
 
-    def _launch(self, plan: StepPlan) -> list:
+    def _continuation(self, last: StepPlan) -> StepPlan | None:
+        """The next step, when it can be launched before ``last``'s tokens are recorded: the
+        same decode rows again, fed the tokens ``last`` is computing (on the device). Only for
+        an executor that ``chains``, a pure-decode ``last`` whose rows all take the argmax and
+        none ends with the token in flight (length), and while no request waits or is being
+        cancelled. An EOS or stop string found in ``last``'s token ends its request, and the
+        token computed behind it is dropped. Called under the lock."""
+        if not getattr(self.executor, "chains", False) or last.prefill or last.decode_stop <= last.decode_start:
+            return None
+        if self._cancel or self.scheduler.waiting:
+            return None
+        for s in last.decode_seqs:
+            if s.phase is not Phase.DECODE or s.cancelled or s.payload.rng is not None:
+                return None
+            if len(s.generated) + 1 >= s.params.max_new_tokens or s.total_tokens + 1 >= self._length_limit:
+                return None
+        return StepPlan([], [], last.decode_start, last.decode_stop, list(last.decode_seqs))
+
+    def _launch(self, plan: StepPlan, chain=None) -> list:
         """Queue the plan's calls on the executor: slot moves, one call per prefill group, one
-        fused decode call. Returns, per call, (the sequences and rows whose token it yields,
-        the pending result)."""
+        fused decode call (fed the device tokens of the pending step ``chain`` when given, for a
+        ``_continuation``). Returns, per call, (the sequences and rows whose token it yields,
+        the rows that sample, the pending result)."""
         ex = self.executor
         if plan.moves:
             ex.move(plan.moves)
@@ -201,11 +242,11 @@ class DecoderEngine:
             new = np.zeros(b, dtype=np.int64)
             for s in plan.decode_seqs:
                 r = s.slot - start
-                ids[r, 0], pos[r, 0], new[r] = s.next_input(), s.num_cached, 1
+                ids[r, 0], pos[r, 0], new[r] = (0 if chain is not None else s.next_input()), s.num_cached, 1
             # every row's argmax in one pass (on the device for a GPU executor); full logits
             # only for the rows that sample
             sampled = [s.slot - start for s in plan.decode_seqs if s.payload.rng is not None]
-            pending = launch_greedy(ex, start, ids, pos, new, sampled)
+            pending = launch_greedy(ex, start, ids, pos, new, sampled, chain=chain)
             for s in plan.decode_seqs:
                 s.num_cached += 1
             launched.append(([(s, s.slot - start) for s in plan.decode_seqs], sampled, pending))

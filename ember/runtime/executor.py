@@ -52,7 +52,7 @@ class DoneStep:
 
 
 def launch_greedy(executor, start: int, input_ids: np.ndarray, positions: np.ndarray, new_lengths: np.ndarray,
-                  logit_rows: np.ndarray | list[int] = ()):
+                  logit_rows: np.ndarray | list[int] = (), chain=None):
     """Start one step through ``executor``; ``.result()`` of what it returns gives what the
     engine samples from: every row's greedy token (int64 [B]) and the logits of ``logit_rows``
     only (float32 [len(logit_rows), V]; the rows that sample rather than take the argmax).
@@ -60,10 +60,17 @@ def launch_greedy(executor, start: int, input_ids: np.ndarray, positions: np.nda
     An executor with its own ``launch_greedy`` (the GPU's: the step, the argmax and the copy
     of the tokens are queued on the device and ``result`` waits for them) lets the engine do
     host work while the device runs; otherwise the step runs here, to completion, and the
-    full logits from the executor's ``run`` are reduced on the host."""
+    full logits from the executor's ``run`` are reduced on the host.
+
+    ``chain``: a pending step of the same rows whose greedy tokens are this step's
+    ``input_ids`` (taken on the device; only for an executor whose ``chains`` is true)."""
     own = getattr(executor, "launch_greedy", None)
     if own is not None:
+        if chain is not None:
+            return own(start, input_ids, positions, new_lengths, logit_rows, chain=chain)
         return own(start, input_ids, positions, new_lengths, logit_rows)
+    if chain is not None:
+        raise ValueError("this executor cannot chain steps")
     logits = executor.run(start, input_ids, positions, new_lengths)
     return DoneStep(logits.argmax(axis=1), logits[np.asarray(logit_rows, dtype=np.int64)])
 
