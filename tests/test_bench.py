@@ -108,3 +108,16 @@ def test_hf_arm_maps_llama_weights(llama_tiny):
     got = {arm: [r.token_ids for r in run_arm(arm, model, reqs, spec, ServeOptions(max_batch=3)).records]
            for arm in ("fused", "hf")}
     assert got["hf"] == got["fused"]
+
+
+def test_batching_bound_from_per_token_times():
+    from ember.bench.report import batching_bound
+
+    def run(arm, tpot, rate=None):
+        return {"arm": arm, "rate": rate, "requests": 32, "tpot": {"p50": tpot}}
+
+    b = batching_bound([run("ember-fused", 0.100), run("static", 0.1), run("sequential", 0.025)])
+    assert b["requests"] == 32 and abs(b["bound"] - 8.0) < 1e-9
+    assert batching_bound([run("ember-fused", 0.1), run("static", 0.1)]) is None  # no one-slot arm
+    assert batching_bound([run("ember-fused", 0.1, rate=4.0), run("sequential", 0.025, rate=4.0)]) is None
+    assert batching_bound([run("ember-fused", None), run("sequential", 0.025)]) is None

@@ -38,6 +38,12 @@ def markdown(doc: dict) -> str:
                 f"| {_ms(r, 'itl', 'p99')} | {_s(r, 'e2e', 'p50')}/{_s(r, 'e2e', 'p90')}/{_s(r, 'e2e', 'p99')} "
                 f"| {r['peak_rss_mib']:.0f} ({r.get('rss_at_start_mib', 0):.0f}) | {r['completed']}/{r['requests']} |")
         lines.append("")
+        bound = batching_bound(runs)
+        if bound is not None:
+            lines += [f"Per-token cost bound from this table: {bound['requests']} requests x TPOT p50 of the one-slot "
+                      f"sequential arm ({bound['tpot_one_ms']:.1f} ms) / TPOT p50 of the fused arm at "
+                      f"{bound['requests']} rows ({bound['tpot_fused_ms']:.1f} ms) = **{bound['bound']:.1f}x**: the most "
+                      f"batching can cut the decode time of one-request-at-a-time serving on this machine (prefill aside).", ""]
     if any(r["extrapolated"] for r in doc["runs"]):
         lines += ["`~`: the arm hit its time cap; total time = measured time x planned tokens / produced tokens "
                   "(its latency columns cover the requests that completed).", ""]
@@ -46,6 +52,22 @@ def markdown(doc: dict) -> str:
     for arm, note in dict((r["arm"], r["notes"]) for r in doc["runs"]).items():
         lines.append(f"- **{arm}**: {note}")
     return "\n".join(lines) + "\n"
+
+
+def batching_bound(runs: list[dict]) -> dict | None:
+    """For an all-at-once workload with fused and sequential arms: N x TPOT(one slot) / TPOT(N
+    rows fused), the ratio per-token step costs allow batching N requests to gain over running
+    them one at a time (concurrent instances on a shared device do no better than one at a
+    time); None when the table lacks them."""
+    fused = next((r for r in runs if r["arm"] == "ember-fused"), None)
+    one = next((r for r in runs if r["arm"] == "sequential"), None)
+    if fused is None or one is None or fused["rate"] is not None:
+        return None
+    tf, t1 = fused["tpot"]["p50"], one["tpot"]["p50"]
+    if not tf or not t1:
+        return None
+    n = fused["requests"]
+    return {"requests": n, "tpot_one_ms": t1 * 1e3, "tpot_fused_ms": tf * 1e3, "bound": n * t1 / tf}
 
 
 def _nan(v: float | None, scale: float = 1.0) -> float:
