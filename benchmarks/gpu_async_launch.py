@@ -26,6 +26,7 @@ def measure(folder: str, batch: int = 32, steps: int = 50, warmup: int = 10) -> 
 
     m = read_manifest(folder)
     out = {"device": torch.cuda.get_device_name(0), "batch": batch, "steps": steps, "arms": {}}
+    before = os.environ.get("EMBER_ASYNC_LAUNCH")
     for graphs in (True, False):
         for async_launch in ("1", "0"):
             os.environ["EMBER_ASYNC_LAUNCH"] = async_launch
@@ -48,7 +49,10 @@ def measure(folder: str, batch: int = 32, steps: int = 50, warmup: int = 10) -> 
             out["arms"][f"cuda_graphs={'on' if graphs else 'off'}, async_launch={async_launch}"] = {
                 "launch_ms": float(np.median(launch) * 1e3), "to_result_ms": float(np.median(total) * 1e3)}
             del ex
-    os.environ.pop("EMBER_ASYNC_LAUNCH", None)
+    if before is None:
+        os.environ.pop("EMBER_ASYNC_LAUNCH", None)
+    else:
+        os.environ["EMBER_ASYNC_LAUNCH"] = before
     return out
 
 

@@ -106,9 +106,10 @@ class CudaStepSession:
 
     def _run_options(self, graph_id: int | None):
         """Run options: a CUDA graph id (``-1``: never capture) and, with ``async_launch``, no
-        stream synchronisation at the end of the run. Everything runs on one stream, and the
-        host reads results only through a synchronising copy or an event
-        (``logits_to_host``, ``PendingGreedy``), so the engine can do host work meanwhile."""
+        stream synchronisation at the end of the run. The run is ordered with the caller's
+        stream (``on_own_stream``), and the host reads results only through a synchronising
+        copy or an event (``logits_to_host``, ``PendingGreedy``), so the engine can do host
+        work meanwhile."""
         import onnxruntime as ort
 
         ro = ort.RunOptions()
@@ -193,9 +194,7 @@ class CudaStepSession:
 
     def _run_plain(self, input_ids, positions, past_lengths, new_lengths, kv) -> tuple[Any, list]:
         b, t = input_ids.shape
-        torch = self.torch
-        small = [a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.device)
-                 for a in (input_ids, positions, past_lengths, new_lengths)]
+        small = [_int64_tensor(a).to(self.device) for a in (input_ids, positions, past_lengths, new_lengths)]
         logits, new = self._outputs(b, t, kv)
         binding = self._binding(small, kv, logits, new)
         # In a graph-enabled session a run without a graph id is captured as graph 0 and
@@ -277,11 +276,16 @@ class CudaDecodeSession(CudaStepSession):
             return g["logits"]
 
 
-def _fill(dst, src) -> None:
-    """Copy host ints (numpy) or a device tensor (a chained step's ids) into a static buffer."""
+def _int64_tensor(src):
+    """Host ints (numpy) as a CPU int64 tensor; a torch tensor (a chained step's device ids) as is."""
     if isinstance(src, np.ndarray):
-        src = _torch().from_numpy(np.ascontiguousarray(src, dtype=np.int64))
-    dst.copy_(src.reshape(dst.shape))
+        return _torch().from_numpy(np.ascontiguousarray(src, dtype=np.int64))
+    return src
+
+
+def _fill(dst, src) -> None:
+    """Copy host ints or a device tensor into a static buffer."""
+    dst.copy_(_int64_tensor(src).reshape(dst.shape))
 
 
 def _np_of(t) -> type:

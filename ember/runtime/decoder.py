@@ -159,9 +159,8 @@ class DecoderEngine:
                 continue
             if plan is None:
                 with self._cv:
-                    if unstreamed and not self.scheduler.has_work():
-                        self._stream_all(unstreamed)
-                        unstreamed = []
+                    if not self.scheduler.has_work():
+                        unstreamed = self._stream_all(unstreamed)
                     while not self._closed and not self._cancel and not self.scheduler.has_work():
                         self._cv.wait()
                     if self._closed:
@@ -172,10 +171,7 @@ class DecoderEngine:
                     self._cancel.clear()
                     plan = self.scheduler.schedule()
                 if plan.empty and not plan.moves:
-                    if unstreamed:
-                        with self._cv:
-                            self._stream_all(unstreamed)
-                        unstreamed = []
+                    unstreamed = self._stream_all(unstreamed)
                     continue
             self.counters["iterations_total"] += 1
             launched = None
@@ -183,10 +179,7 @@ class DecoderEngine:
                 launched = self._launch(plan, chain=inflight[1][-1][2] if inflight is not None else None)
             except Exception as e:  # a failed step fails the requests in it, not the engine
                 self._fail_plan(plan, e)
-            if unstreamed:
-                with self._cv:
-                    self._stream_all(unstreamed)
-                unstreamed = []
+            unstreamed = self._stream_all(unstreamed)
             if inflight is not None:  # the step this one was chained behind
                 try:
                     unstreamed = self._update(inflight[1])
@@ -295,18 +288,22 @@ class DecoderEngine:
             return True
         return False
 
-    def _stream_all(self, seqs: list[Sequence]) -> None:
-        for s in seqs:
-            if s.phase is Phase.DONE:
-                continue
-            try:
-                self._stream(s)
-            except Exception as e:  # a failing detokenization fails its request, not the engine
-                traceback.print_exc()
-                self._finish(s, FinishReason.ERROR, error=f"{type(e).__name__}: {e}")
-                continue
-            if s.payload.detok.stopped:
-                self._finish(s, FinishReason.STOP)
+    def _stream_all(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Stream the recorded tokens of ``seqs`` (finishing those that hit a stop string);
+        returns the empty list of what is left to stream."""
+        with self._cv:
+            for s in seqs:
+                if s.phase is Phase.DONE:
+                    continue
+                try:
+                    self._stream(s)
+                except Exception as e:  # a failing detokenization fails its request, not the engine
+                    traceback.print_exc()
+                    self._finish(s, FinishReason.ERROR, error=f"{type(e).__name__}: {e}")
+                    continue
+                if s.payload.detok.stopped:
+                    self._finish(s, FinishReason.STOP)
+        return []
 
     def _stream(self, s: Sequence) -> None:
         """Push the token events ``s`` has recorded but not streamed (detokenized, with the
