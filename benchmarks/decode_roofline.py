@@ -247,10 +247,10 @@ def main() -> None:
     folder = Path(a.engine) if a.engine else ROOT / "artifacts" / f"bench-{a.model}"
     fused_folder = folder.with_name(folder.name + "-fused")
     t0 = time.perf_counter()
-    compile_decoder(a.model, folder, CompileOptions(quiet=True))
+    compile_decoder(a.model, folder, CompileOptions(quiet=True, overwrite=True))
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    compile_decoder(a.model, fused_folder, CompileOptions(quiet=True, fused_decode="on"))
+    compile_decoder(a.model, fused_folder, CompileOptions(quiet=True, fused_decode="on", overwrite=True))
     compile_fused_s = time.perf_counter() - t0
     step_file = folder / "step.onnx"
     wbytes = weight_bytes(step_file)

@@ -56,7 +56,7 @@ def rel_err(x: np.ndarray, ref: np.ndarray) -> float:
 
 
 def compile_all(root: Path, steps: int, model: str) -> tuple[dict[str, Path], float]:
-    common = dict(steps=steps, calib_prompts=CALIB, quiet=True)
+    common = dict(steps=steps, calib_prompts=CALIB, quiet=True, overwrite=True)  # recompiles its own folders
     plan = {
         "float_dp5": DiffusionCompileOptions(cache_interval=5, schedule="dp", dec=True, **common),
         "float_dp5_unweighted": DiffusionCompileOptions(cache_interval=5, schedule="dp", schedule_weights="none", **common),

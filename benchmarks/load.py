@@ -5,21 +5,31 @@ server with --url), then runs phases of increasing concurrency (closed loop: eac
 sends its next request when the previous one ends). Besides normal requests (streaming and
 not, greedy and seeded sampling, random prompt/output lengths) it injects faults:
 clients that disconnect at a random moment, malformed JSON, oversized bodies, invalid
-parameters. Every request is classified:
+parameters; and every 50th request is a poisoned one, in turn: a lone-surrogate prompt,
+temperature 1e-320, a prompt over the token limit, a stop list of thousands of strings,
+control characters, and (where the folder has a chat template) a chat of as many messages
+as the body limit holds and a chat with a lone surrogate. Normal requests set ignore_eos,
+so each must return exactly its max_tokens. Every request is classified:
 
-  completed        200 with a full answer (streams end with a finish reason and [DONE])
+  completed        200 with a full answer of exactly max_tokens tokens (streams end with a
+                   finish reason, usage and [DONE])
   disconnected     the client went away on purpose (the server must cancel it)
   rejected_4xx     an injected fault answered with the expected 4xx and an error message
   overloaded_429   queue full (allowed, counted)
-  lost             anything else: timeouts, transport errors, 5xx, wrong status, truncated streams
+  lost             anything else: timeouts, transport errors, 5xx, wrong status, a wrong
+                   token count, truncated streams
 
-Checks at the end: zero lost; KV usage and running sequences return to zero; /health 200;
-no 5xx answered (server-side counter, so it covers clients that had already left);
-the server answered every /v1/completions request whose client stayed (its response
-counter lies between sent - disconnected and sent). Bounded: a fixed
-request count per phase and a wall-clock cap. Writes results/load.json, .md and .png.
+The ramp runs --rounds times. After each round (server idle): KV usage, the server's open
+file descriptors (/proc/PID/fd) and resident memory (VmRSS). Checks at the end: zero lost;
+KV usage and running sequences back to zero after every round; /health 200; no 5xx answered
+(server-side counter, so it covers clients that had already left); the server answered
+every request whose client stayed (its /v1/completions + /v1/chat/completions response
+counter lies between sent - disconnected and sent); no fd growth and no memory growth from the first round to
+the last (fd and memory checks need a server this script started, and two rounds or more).
+Bounded: a fixed request count per phase and a wall-clock cap. Writes results/load.json,
+.md and .png.
 
-    flock /tmp/ember-bench.lock python benchmarks/load.py --folder artifacts/gpt2-124m
+    flock /tmp/ember-bench.lock python benchmarks/load.py --folder artifacts/gpt2-124m --rounds 3
 """
 from __future__ import annotations
 
@@ -51,11 +61,16 @@ WORDS = ("the model of a small engine runs tokens through layers and every reque
          "cache memory while the scheduler fuses work across many sequences at once").split()
 INVALID = [{"top_p": 5}, {"max_tokens": -1}, {"temperature": "hot"}, {"prompt": [1, 2, -3]}, {"n": 3},
            {"stop": ["a", "b", "c", "d", "e"]}, {"max_tokens": 100000}, {"seed": -2}]
+POISON_EVERY = 50
+POISONS = ("lone_surrogate", "tiny_temperature", "prompt_over_limit", "huge_stop_list", "control_chars",
+           "chat_many_messages", "chat_lone_surrogate")  # the chat ones only where the folder has a template
+FD_GROWTH_LIMIT = 8  # open fds at the end of the last round vs the first (a few may be mid-close)
+RSS_GROWTH_LIMIT_MIB = 64  # resident memory, last round vs first (allocator noise, not leaks)
 
 
 @dataclass
 class Outcome:
-    kind: str  # normal | disconnect | malformed | oversized | invalid
+    kind: str  # normal | disconnect | malformed | oversized | invalid | poison:NAME
     phase: int
     result: str  # completed | disconnected | rejected_4xx | overloaded_429 | lost
     reason: str  # detail: finish reason, status, exception name
@@ -63,6 +78,7 @@ class Outcome:
     latency_s: float | None = None
     ttft_s: float | None = None
     tokens: int = 0
+    expected_tokens: int | None = None  # a completed request must have exactly this many
 
 
 @dataclass
@@ -77,6 +93,7 @@ class Plan:
     seed: int = 0
     max_body_bytes: int = 65536
     request_timeout_s: float = 120.0
+    rounds: int = 3
     stats: dict = field(default_factory=dict)
 
 
@@ -100,15 +117,17 @@ def percentiles(xs: list[float]) -> dict[str, float | None]:
 
 
 class Driver:
-    def __init__(self, url: str, plan: Plan):
+    def __init__(self, url: str, plan: Plan, has_chat: bool):
         self.url, self.plan = url, plan
         self.rng = random.Random(plan.seed)
         self.outcomes: list[Outcome] = []
+        self.sent = 0
+        self.poisons = [k for k in POISONS if has_chat or not k.startswith("chat_")]
 
     def body(self) -> dict:
         r = self.rng
         words = [r.choice(WORDS) for _ in range(r.randint(*self.plan.prompt_words))]
-        b = {"prompt": " ".join(words), "max_tokens": r.randint(*self.plan.max_tokens)}
+        b = {"prompt": " ".join(words), "max_tokens": r.randint(*self.plan.max_tokens), "ignore_eos": True}
         if r.random() < 0.5:
             b["temperature"] = 0
         else:
@@ -116,6 +135,10 @@ class Driver:
         return b
 
     async def one(self, client: httpx.AsyncClient, phase: int) -> Outcome:
+        self.sent += 1
+        if self.sent % POISON_EVERY == 0:
+            name = self.poisons[(self.sent // POISON_EVERY - 1) % len(self.poisons)]
+            return await self.poison(client, name, phase)
         r = self.rng
         u, p = r.random(), self.plan
         edges = [("disconnect", p.disconnect), ("malformed", p.malformed), ("oversized", p.oversized),
@@ -147,9 +170,40 @@ class Driver:
         except asyncio.TimeoutError:
             return Outcome(kind, phase, "disconnected", "client closed the connection", stream)
 
-    async def expect_4xx(self, client, kind: str, phase: int, raw: bytes, want: set[int]) -> Outcome:
+    async def poison(self, client: httpx.AsyncClient, name: str, phase: int) -> Outcome:
+        """One poisoned request: rejected with the right 4xx, or (where the input is valid,
+        only unusual) completed with exactly its max_tokens, never a 5xx."""
+        kind, body, p = f"poison:{name}", self.body(), self.plan
+        body.update(stream=self.rng.random() < 0.5, stream_options={"include_usage": True})
+        if name == "lone_surrogate":
+            raw = json.dumps({**body, "prompt": "hi \ud800 there"}).encode()
+            return await self.expect_4xx(client, kind, phase, raw, {400})
+        if name == "tiny_temperature":  # accepted range: behaves as greedy
+            return await self.generate(client, kind, phase, {**body, "temperature": 1e-320})
+        if name == "prompt_over_limit":  # far more tokens than any context, inside the body limit
+            prompt = " ".join(self.rng.choice(WORDS) for _ in range((p.max_body_bytes - 512) // 8))
+            return await self.expect_4xx(client, kind, phase, json.dumps({**body, "prompt": prompt}).encode(), {400})
+        if name == "huge_stop_list":
+            stops = [f"stop {i}" for i in range(p.max_body_bytes // 16)]
+            return await self.expect_4xx(client, kind, phase, json.dumps({**body, "stop": stops}).encode(), {400})
+        if name == "control_chars":  # valid text, only odd: served
+            odd = body["prompt"] + " \x00\x01\x7f\u2028 end"
+            return await self.generate(client, kind, phase, {**body, "prompt": odd})
+        chat = {k: v for k, v in body.items() if k != "prompt"}
+        if name == "chat_many_messages":  # as many as the body limit holds: more than any prompt-token limit
+            n = (p.max_body_bytes - 512) // len(json.dumps({"role": "user", "content": ""}) + ", ")
+            raw = json.dumps({**chat, "messages": [{"role": "user", "content": ""}] * n}).encode()
+            return await self.expect_4xx(client, kind, phase, raw, {400}, "/v1/chat/completions")
+        if name == "chat_lone_surrogate":
+            raw = json.dumps({**chat, "messages": [{"role": "user", "content": "fine"},
+                                                   {"role": "user", "content": "bad \udc00"}]}).encode()
+            return await self.expect_4xx(client, kind, phase, raw, {400}, "/v1/chat/completions")
+        raise ValueError(f"unknown poison {name!r}")
+
+    async def expect_4xx(self, client, kind: str, phase: int, raw: bytes, want: set[int],
+                         path: str = "/v1/completions") -> Outcome:
         try:
-            resp = await client.post(self.url + "/v1/completions", content=raw,
+            resp = await client.post(self.url + path, content=raw,
                                      headers={"content-type": "application/json"}, timeout=self.plan.request_timeout_s)
         except httpx.HTTPError as e:
             return Outcome(kind, phase, "lost", type(e).__name__)
@@ -161,18 +215,20 @@ class Driver:
         return Outcome(kind, phase, "lost", f"status {resp.status_code}, expected {sorted(want)}: {msg!r}")
 
     async def generate(self, client, kind: str, phase: int, body: dict) -> Outcome:
+        """A request with ignore_eos: completed only with exactly ``max_tokens`` tokens."""
         t0 = time.perf_counter()
-        stream = body["stream"]
+        stream, want = body["stream"], body["max_tokens"]
         try:
             if not stream:
                 resp = await client.post(self.url + "/v1/completions", json=body, timeout=self.plan.request_timeout_s)
                 if resp.status_code != 200:
                     return self.bad_status(kind, phase, resp, stream)
                 d = resp.json()
-                reason = d["choices"][0]["finish_reason"]
-                ok = reason in ("length", "stop") and d["usage"]["completion_tokens"] >= 1
-                return Outcome(kind, phase, "completed" if ok else "lost", reason, stream,
-                               time.perf_counter() - t0, None, d["usage"]["completion_tokens"])
+                reason, tokens = d["choices"][0]["finish_reason"], d["usage"]["completion_tokens"]
+                ok = reason == "length" and tokens == want
+                return Outcome(kind, phase, "completed" if ok else "lost", reason if ok else
+                               f"{reason}: {tokens} tokens, expected {want}", stream,
+                               time.perf_counter() - t0, None, tokens, want)
             ttft, reason, tokens, done = None, None, 0, False
             async with client.stream("POST", self.url + "/v1/completions", json=body,
                                      timeout=self.plan.request_timeout_s) as resp:
@@ -194,9 +250,10 @@ class Driver:
                         reason = ev["choices"][0]["finish_reason"] or reason
                     if "usage" in ev:
                         tokens = ev["usage"]["completion_tokens"]
-            ok = done and reason in ("length", "stop") and tokens >= 1
-            return Outcome(kind, phase, "completed" if ok else "lost", reason or "truncated stream", stream,
-                           time.perf_counter() - t0, ttft, tokens)
+            ok = done and reason == "length" and tokens == want
+            why = reason if ok else f"{reason or 'truncated stream'}: {tokens} tokens, expected {want}"
+            return Outcome(kind, phase, "completed" if ok else "lost", why, stream,
+                           time.perf_counter() - t0, ttft, tokens, want)
         except httpx.HTTPError as e:
             return Outcome(kind, phase, "lost", f"{type(e).__name__}: {e}", stream)
 
@@ -236,6 +293,22 @@ async def wait_idle(url: str, timeout_s: float) -> dict[str, float]:
             await asyncio.sleep(0.1)
 
 
+def server_resources(pid: int | None) -> dict[str, float | None]:
+    """The server process's open file descriptors and resident memory (MiB); None without a pid."""
+    if pid is None:
+        return {"fds": None, "rss_mib": None}
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    rss_kib = next(int(line.split()[1]) for line in open(f"/proc/{pid}/status") if line.startswith("VmRSS:"))
+    return {"fds": fds, "rss_mib": rss_kib / 1024}
+
+
+async def has_chat_template(url: str) -> bool:
+    async with httpx.AsyncClient() as c:
+        r = await c.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                             "max_tokens": 1}, timeout=60)
+    return r.status_code == 200
+
+
 def start_server(folder: str, port: int, extra: list[str], log_path: Path) -> subprocess.Popen:
     log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "ember.server", folder, "--port", str(port), "--no-access-log",
@@ -255,14 +328,16 @@ def start_server(folder: str, port: int, extra: list[str], log_path: Path) -> su
         time.sleep(0.2)
 
 
-def summarize(driver: Driver, phases: list[dict], before: dict, after: dict, healthy: bool, info: dict) -> dict:
+def summarize(driver: Driver, phases: list[dict], rounds: list[dict], before: dict, after: dict, healthy: bool,
+              info: dict) -> dict:
     outs = driver.outcomes
     by_result = Counter(o.result for o in outs)
     lost = [o for o in outs if o.result == "lost"]
     done = [o for o in outs if o.result == "completed"]
     sent = len(outs)
-    served = sum(v - before.get(k, 0) for k, v in after.items()
-                 if k.startswith('ember_http_responses_total{endpoint="/v1/completions"'))
+    served = sum(v - before.get(k, 0) for k, v in after.items()  # the chat endpoint takes the chat poisons
+                 if k.startswith(('ember_http_responses_total{endpoint="/v1/completions"',
+                                  'ember_http_responses_total{endpoint="/v1/chat/completions"')))
     errors_5xx = sum(v - before.get(k, 0) for k, v in after.items()
                      if k.startswith("ember_http_responses_total{") and 'status="5' in k)
     tokens = sum(o.tokens for o in done)
@@ -271,13 +346,19 @@ def summarize(driver: Driver, phases: list[dict], before: dict, after: dict, hea
         ph = [o for o in outs if o.phase == i]
         p["completed"] = sum(o.result == "completed" for o in ph)
         p["latency_s"] = percentiles([o.latency_s for o in ph if o.result == "completed"])
+    measured = len(rounds) >= 2 and rounds[0]["fds"] is not None
     checks = {
         "zero_lost_requests": not lost,
-        "kv_returned_to_zero": after["ember_kv_used_tokens"] == 0 and after["ember_running_sequences"] == 0,
+        "every_completed_request_has_its_exact_token_count": bool(done) and all(o.tokens == o.expected_tokens
+                                                                                for o in done),
+        "kv_returned_to_zero_after_every_round": all(r["kv_used_tokens"] == 0 and r["running"] == 0 for r in rounds),
         "healthy_at_end": healthy,
         # A client that left before its request was read gets no response; every other one must.
         "server_answered_every_request_whose_client_stayed": sent - by_result["disconnected"] <= served <= sent,
         "no_server_errors_5xx": errors_5xx == 0,
+        # None = not measured (an attached server, or a single round): reported, never counted as a pass.
+        "no_fd_growth": rounds[-1]["fds"] - rounds[0]["fds"] <= FD_GROWTH_LIMIT if measured else None,
+        "no_memory_growth": rounds[-1]["rss_mib"] - rounds[0]["rss_mib"] <= RSS_GROWTH_LIMIT_MIB if measured else None,
     }
     return {
         "machine": machine(), **info, "load_average_1m_end": round(os.getloadavg()[0], 2),
@@ -290,14 +371,15 @@ def summarize(driver: Driver, phases: list[dict], before: dict, after: dict, hea
         "latency_s": {"all_completed": percentiles([o.latency_s for o in done]),
                       "streaming_ttft": percentiles([o.ttft_s for o in done if o.ttft_s is not None])},
         "output_tokens": tokens, "output_tokens_per_s": tokens / wall if wall else 0.0, "wall_s": wall,
-        "phases": phases,
+        "phases": phases, "rounds": rounds,
+        "limits": {"fd_growth": FD_GROWTH_LIMIT, "rss_growth_mib": RSS_GROWTH_LIMIT_MIB},
         "server": {"responses_to_completions": served, "responses_5xx": errors_5xx, "client_disconnects_seen": after.get("ember_client_disconnects_total", 0)
                    - before.get("ember_client_disconnects_total", 0),
                    "cancelled_by_engine": after.get('ember_request_finish_total{reason="cancelled"}', 0)
                    - before.get('ember_request_finish_total{reason="cancelled"}', 0),
                    "kv_used_tokens_at_end": after["ember_kv_used_tokens"],
                    "kv_capacity_tokens": after.get("ember_kv_capacity_tokens")},
-        "checks": checks, "passed": all(checks.values()),
+        "checks": checks, "passed": all(v is not False for v in checks.values()),
     }
 
 
@@ -308,23 +390,33 @@ def markdown(r: dict) -> str:
              f"Machine: {r['machine']} (1-min load average {r['load_average_1m_start']} at the start, "
              f"{r['load_average_1m_end']} at the end: other work shares these cores, so latencies vary between "
              f"runs; the checks do not). Server: `{r['server_args']}`. Seed {r['plan']['seed']}.", "",
-             f"**{r['requests_sent']} requests**, {'PASSED' if r['passed'] else 'FAILED'}: "
-             + ", ".join(f"{k} = {v}" for k, v in r["checks"].items()), "",
+             f"**{r['requests_sent']} requests** over {len(r['rounds'])} round(s), "
+             f"{'PASSED' if r['passed'] else 'FAILED'}: "
+             + ", ".join(f"{k} = {'not measured' if v is None else v}" for k, v in r["checks"].items()), "",
              "| outcome | requests |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in sorted(r["by_result"].items())]
     lines += ["", "| kind / outcome | requests |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in r["by_kind_and_result"].items()]
-    lines += ["", "| phase | clients | requests | completed | wall s | p50 ms | p90 ms | p99 ms |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| round | phase | clients | requests | completed | wall s | p50 ms | p90 ms | p99 ms |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for i, p in enumerate(r["phases"]):
         lat = p["latency_s"]
-        lines.append(f"| {i} | {p['clients']} | {p['requests']} | {p['completed']} | {p['wall_s']:.1f} | "
+        lines.append(f"| {p['round']} | {i} | {p['clients']} | {p['requests']} | {p['completed']} | {p['wall_s']:.1f} | "
                      f"{ms(lat['p50'])} | {ms(lat['p90'])} | {ms(lat['p99'])} |")
+    lines += ["", f"Server after each round, idle (growth limits, last round vs first: {r['limits']['fd_growth']} fds, "
+              f"{r['limits']['rss_growth_mib']} MiB):", "",
+              "| round | open fds | RSS MiB | KV used tokens | running |", "|---|---|---|---|---|"]
+    for i, rd in enumerate(r["rounds"]):
+        rss = "-" if rd["rss_mib"] is None else f"{rd['rss_mib']:.1f}"
+        lines.append(f"| {i} | {rd['fds'] if rd['fds'] is not None else '-'} | {rss} | {rd['kv_used_tokens']:.0f} | "
+                     f"{rd['running']:.0f} |")
     a, t = r["latency_s"]["all_completed"], r["latency_s"]["streaming_ttft"]
     lines += ["", "| latency (completed requests) | p50 ms | p90 ms | p99 ms | max ms |", "|---|---|---|---|---|",
               f"| end to end | {ms(a['p50'])} | {ms(a['p90'])} | {ms(a['p99'])} | {ms(a['max'])} |",
               f"| time to first token (streaming) | {ms(t['p50'])} | {ms(t['p90'])} | {ms(t['p99'])} | {ms(t['max'])} |",
               "", f"Output: {r['output_tokens']} tokens, {r['output_tokens_per_s']:.1f} tokens/s over {r['wall_s']:.0f} s. "
-              f"Server side: {r['server']['responses_to_completions']} responses to /v1/completions, "
+              f"Server side: {r['server']['responses_to_completions']} responses to /v1/completions and "
+              "/v1/chat/completions, "
               f"{r['server']['client_disconnects_seen']} client disconnects seen, "
               f"{r['server']['cancelled_by_engine']} requests cancelled by the engine, "
               f"KV used at the end: {r['server']['kv_used_tokens_at_end']:.0f} tokens."]
@@ -340,15 +432,18 @@ def plot(r: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    clients = [p["clients"] for p in r["phases"]]
+    last = max(p["round"] for p in r["phases"])
+    phases = [p for p in r["phases"] if p["round"] == last]  # the last round: everything warmed up
+    clients = [p["clients"] for p in phases]
     fig, ax = plt.subplots(figsize=(6, 4))
     for q in ("p50", "p90", "p99"):
-        ax.plot(clients, [p["latency_s"][q] for p in r["phases"]], marker="o", label=q)
+        ax.plot(clients, [p["latency_s"][q] for p in phases], marker="o", label=q)
     ax.set_xscale("log", base=2)
     ax.set_xticks(clients, [str(c) for c in clients])
     ax.set_xlabel("concurrent clients")
     ax.set_ylabel("end-to-end latency (s)")
-    ax.set_title(f"ember serve {r['model']}: {r['requests_sent']} requests, {r['plan']['disconnect']:.0%} disconnects")
+    ax.set_title(f"ember serve {r['model']}: {r['requests_sent']} requests, {r['plan']['disconnect']:.0%} disconnects",
+                 fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -363,7 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phases", default="8:64,16:128,32:256,64:1000", help="clients:requests,... (a ramp)")
     ap.add_argument("--disconnect", type=float, default=0.10, help="fraction of requests the client abandons")
     ap.add_argument("--max-tokens", default="2:10", help="uniform range of max_tokens")
-    ap.add_argument("--max-duration", type=float, default=900.0, help="wall-clock cap, seconds")
+    ap.add_argument("--max-duration", type=float, default=2400.0, help="wall-clock cap for all rounds, seconds")
+    ap.add_argument("--rounds", type=int, default=3, help="times the whole ramp runs (fd and memory growth are "
+                                                           "measured from the first round to the last)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--server-args", default="--max-batch 64 --max-queue 256",
                     help="extra `ember serve` options when this script starts the server")
@@ -371,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     phases = [tuple(int(x) for x in p.split(":")) for p in a.phases.split(",")]
     lo, hi = (int(x) for x in a.max_tokens.split(":"))
-    plan = Plan(phases=phases, disconnect=a.disconnect, max_tokens=(lo, hi), seed=a.seed)
+    plan = Plan(phases=phases, disconnect=a.disconnect, max_tokens=(lo, hi), seed=a.seed, rounds=a.rounds)
     proc = None
     server_args = a.server_args.split() + ["--max-body-bytes", str(plan.max_body_bytes)]
     if a.url:
@@ -389,19 +486,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"server log: {log_path}", flush=True)
         print(f"server ready in {time.perf_counter() - t0:.1f} s at {url}", flush=True)
     try:
-        driver = Driver(url, plan)
+        driver = Driver(url, plan, has_chat=asyncio.run(has_chat_template(url)))
         load_start = round(os.getloadavg()[0], 2)
         before = parse_prometheus(httpx.get(url + "/metrics", timeout=10).text)
         deadline = time.monotonic() + a.max_duration
-        done_phases = []
-        for i, (clients, n) in enumerate(phases):
-            info = asyncio.run(driver.run_phase(i, clients, n, deadline))
-            done_phases.append(info)
-            print(f"phase {i}: {clients} clients, {info['requests']} requests in {info['wall_s']:.1f} s", flush=True)
+        done_phases, rounds = [], []
+        for rnd in range(plan.rounds):
+            for clients, n in phases:
+                info = asyncio.run(driver.run_phase(len(done_phases), clients, n, deadline))
+                done_phases.append({"round": rnd, **info})
+                print(f"round {rnd} phase {len(done_phases) - 1}: {clients} clients, {info['requests']} requests in "
+                      f"{info['wall_s']:.1f} s", flush=True)
+            idle = asyncio.run(wait_idle(url, 60))
+            time.sleep(1.0)  # the clients' connections are closed: let the server finish closing its side
+            rounds.append({"kv_used_tokens": idle["ember_kv_used_tokens"], "running": idle["ember_running_sequences"],
+                           **server_resources(proc.pid if proc else None)})
+            print(f"round {rnd} done: {rounds[-1]}", flush=True)
         after = asyncio.run(wait_idle(url, 60))
         healthy = httpx.get(url + "/health", timeout=10).status_code == 200
         model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
-        result = summarize(driver, done_phases, before, after, healthy,
+        result = summarize(driver, done_phases, rounds, before, after, healthy,
                            {"model": model, "server_args": " ".join(server_args) if proc else f"attached to {url}",
                             "plan": {k: v for k, v in asdict(plan).items() if k != "stats"},
                             "load_average_1m_start": load_start})

@@ -1,7 +1,8 @@
 """``ember`` command line: a thin layer over the Python API (every option has an API twin).
 
 Errors an input can cause (EmberError) print as one line on stderr with exit code 2,
-not a traceback; ``EMBER_DEBUG=1`` shows the traceback.
+not a traceback; ``EMBER_DEBUG=1`` shows the traceback. A subcommand whose optional
+dependencies are not installed stays listed; running it names the extra to install (exit 2).
 """
 from __future__ import annotations
 
@@ -9,26 +10,80 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from ember.errors import EmberError
 
-# Subcommands that live with their feature: module path -> function add_parser(subparsers).
-EXTENSIONS = [
-    "ember.runtime.diffusion.cli",
-    "ember.server.cli",
-    "ember.bench.cli",
-    "ember.compiler.check_cli",
-]
+# Subcommands that live with their feature: module path (its add_parser(subparsers)) ->
+# (the subcommands it adds, the pyproject extra that installs their dependencies).
+EXTENSIONS = {
+    "ember.runtime.diffusion.cli": (("generate-image",), "diffusion"),
+    "ember.server.cli": (("serve",), "serve"),
+    "ember.bench.cli": (("bench",), "bench"),
+    "ember.compiler.check_cli": (("check",), "gpu"),
+}
+# Optional dependencies -> the extra that installs them (pyproject.toml's optional-dependencies).
+EXTRA_OF_MODULE = {"torch": "export", "transformers": "export", "diffusers": "diffusion", "PIL": "diffusion",
+                   "fastapi": "serve", "starlette": "serve", "uvicorn": "serve", "httpx": "serve", "jinja2": "serve",
+                   "matplotlib": "bench", "polygraphy": "gpu"}
+EXIT_SIGTERM = 128 + signal.SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a compile, raised in the main thread so it unwinds (and cleans up) like Ctrl-C."""
+
+
+def missing_extra(command: str, extra: str, module: str) -> EmberError:
+    return EmberError(f"`ember {command}` needs the '{extra}' extra ({module} is not installed): "
+                      f"pip install 'ember[{extra}]'")
+
+
+def require_modules(command: str, extra: str, modules: tuple[str, ...]) -> None:
+    """Import ``modules`` up front; a missing one is an EmberError naming ``extra``."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is None or e.name.split(".")[0] != name:
+                raise
+            raise missing_extra(command, extra, name) from None
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While inside, SIGTERM raises ``Terminated`` in the main thread (the previous handler is
+    restored after); a second SIGTERM during the cleanup does not cut the cleanup short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired: list[int] = []
+
+    def on_sigterm(signum, frame):
+        if not fired:
+            fired.append(signum)
+            raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _add_compile(sub) -> None:
     p = sub.add_parser("compile", help="compile a model source into an engine folder")
     p.add_argument("source", help="a local Hugging Face model folder, or a built-in config "
                                   "(gpt2-tiny, gpt2-124m, llama-tiny, llama-1b, sd-tiny, sd-small)")
-    p.add_argument("-o", "--output", help="engine folder to write (default: artifacts/<name>)")
+    p.add_argument("-o", "--output", help="engine folder to write: a new or empty folder (default: artifacts/<name>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing engine folder at -o (only once the new one is complete; a folder that "
+                        "is not an engine folder is never replaced)")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
     p.add_argument("--quantize", choices=["int8", "fp8", "int8-weights"], help="insert Q/DQ nodes (TensorRT-compatible)")
@@ -50,7 +105,7 @@ def _add_compile(sub) -> None:
     trt.add_argument("--builder-optimization-level", type=int, choices=range(6), metavar="0-5")
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX-vs-torch check after export")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_cmd_compile)
+    p.set_defaults(func=_cmd_compile, needs_extra="export")
     try:
         from ember.runtime.diffusion.cli import add_diffusion_compile_args
 
@@ -66,9 +121,13 @@ def _is_diffusion_source(source: str) -> bool:
 def _cmd_compile(a) -> int:
     out = a.output or str(Path("artifacts") / Path(a.source.rstrip("/")).name)
     if _is_diffusion_source(a.source):
+        a.needs_extra = "diffusion"
+        require_modules("compile", "diffusion", ("torch", "transformers", "diffusers"))
         from ember.runtime.diffusion.cli import run_diffusion_compile
 
-        return run_diffusion_compile(a, out)
+        with sigterm_interrupts():
+            return run_diffusion_compile(a, out)
+    require_modules("compile", "export", ("torch",))
     from ember.compiler.compile import CompileOptions, compile_decoder
 
     trt = {"version_compatible": a.version_compatible or None,
@@ -80,8 +139,9 @@ def _cmd_compile(a) -> int:
     opts = CompileOptions(backend=a.backend, dtype=a.dtype, quantize=a.quantize, calib=a.calib,
                           calib_method=a.calib_method, smoothquant=a.smoothquant, max_error=a.max_error,
                           seed=a.seed, validate=not a.no_validate, tp=a.tp, fused_decode=a.fused_decode,
-                          quiet=a.quiet, extra=extra)
-    compile_decoder(a.source, out, opts)
+                          overwrite=a.overwrite, quiet=a.quiet, extra=extra)
+    with sigterm_interrupts():
+        compile_decoder(a.source, out, opts)
     return 0
 
 
@@ -160,29 +220,54 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile(sub)
     _add_inspect(sub)
     _add_generate(sub)
-    for mod in EXTENSIONS:
+    for mod, (commands, extra) in EXTENSIONS.items():
         try:
             m = importlib.import_module(mod)
         except ImportError as e:
-            # the feature's own module is absent, or a dependency of an optional extra is not
-            # installed (e.g. `serve` without fastapi): leave that subcommand out
-            if e.name and (mod.startswith(e.name) or not e.name.startswith("ember")):
+            if e.name and mod.startswith(e.name):  # the feature's own module is not in this install
+                continue
+            # a dependency of an optional extra is not installed (e.g. `serve` without fastapi):
+            # keep the subcommand listed; running it names the extra to install
+            if e.name and e.name.split(".")[0] != "ember":
+                for command in commands:
+                    _add_unavailable(sub, command, extra, e.name.split(".")[0])
                 continue
             raise
         m.add_parser(sub)
     return parser
 
 
+def _add_unavailable(sub, command: str, extra: str, module: str) -> None:
+    # prefix_chars no argument uses: every argument (options, --help) is taken as it is
+    p = sub.add_parser(command, help=f"(needs the '{extra}' extra: pip install 'ember[{extra}]')",
+                       prefix_chars="\0", add_help=False)
+    p.add_argument("args", nargs="*")
+
+    def unavailable(a) -> int:
+        raise missing_extra(command, extra, module)
+
+    p.set_defaults(func=unavailable)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     try:
-        return a.func(a) or 0
+        try:
+            return a.func(a) or 0
+        except ModuleNotFoundError as e:  # an optional dependency the command reached only now
+            module = (e.name or "").split(".")[0]
+            if module not in EXTRA_OF_MODULE:
+                raise
+            raise missing_extra(a.command, getattr(a, "needs_extra", None) or EXTRA_OF_MODULE[module], module) from e
     except EmberError as e:
         if os.environ.get("EMBER_DEBUG"):
             raise
         print(f"ember: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("ember: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_SIGTERM
     except KeyboardInterrupt:
         print("ember: interrupted", file=sys.stderr)
         return 130

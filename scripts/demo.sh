@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-ember compile "${EMBER_DEMO_MODEL:-gpt2-124m}" -o artifacts/demo
+ember compile "${EMBER_DEMO_MODEL:-gpt2-124m}" -o artifacts/demo --overwrite  # a rerun replaces the demo engine
 ember inspect artifacts/demo
 ember generate artifacts/demo "The quick brown fox" --max-new-tokens 32
 ember generate artifacts/demo "Hello" "Once upon a time" "Ember fuses requests" --max-new-tokens 16 --temperature 0.8 --top-p 0.9 --seed 0

@@ -48,13 +48,16 @@ def test_tight_tolerance_fails_and_cli_exits_1(fp16_folder, llama_tiny, capsys):
     assert rc == 1 and "NO" in capsys.readouterr().out
 
 
-def test_nothing_to_compare_on_a_cpu_only_machine(llama_tiny):
+def test_nothing_to_compare_fails_with_a_reason(llama_tiny, capsys):
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this machine has the CUDA provider: the engine is compared on it")
     assert check_folder(llama_tiny) == []
-    assert "no backend" in format_report([])
+    assert _cli([str(llama_tiny)]) == 1  # a check that compared nothing did not pass
+    out = capsys.readouterr()
+    assert "nothing compared" in out.out and "--reference" in out.err
+    assert _cli([str(llama_tiny), "--json"]) == 1
 
 
 def test_tensorrt_part_without_source_onnx_is_an_error(tmp_path, llama_tiny):

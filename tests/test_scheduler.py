@@ -13,7 +13,7 @@ import pytest
 from ember.errors import InputError, OverloadedError
 from ember.runtime.decoder import DecoderEngine
 from ember.runtime.requests import FinishReason, SamplingParams
-from ember.runtime.scheduler import FusionScheduler, Phase, Sequence, min_move_plan
+from ember.runtime.scheduler import ADMIT_WAIT, FusionScheduler, Phase, Sequence, min_move_plan
 
 
 def seq(n_prompt: int, max_new: int = 4, rid: str = "r") -> Sequence:
@@ -141,11 +141,65 @@ def test_bad_options_are_rejected():
         FusionScheduler(2, 128, 64, admit_batch=0)
 
 
-def test_device_defaults():
+def _loaded_with_defaults(device: str) -> FusionScheduler:
+    """A scheduler with ``device``'s default prefill chunk and admission batch, 6 of 8 slots decoding."""
     from ember.runtime.scheduler import default_admit_batch, default_prefill_chunk
 
-    assert (default_prefill_chunk("cpu"), default_admit_batch("cpu")) == (128, 1)
-    assert (default_prefill_chunk("cuda:1"), default_admit_batch("cuda:0")) == (1024, 8)
+    s = FusionScheduler(max_batch=8, kv_capacity_tokens=8 * 2048, max_seq_len=2048,
+                        prefill_chunk=default_prefill_chunk(device), admit_batch=default_admit_batch(device))
+    for i in range(6):
+        s.add(seq(3, rid=f"busy{i}"))
+    s.schedule()
+    _decoding(s)
+    return s
+
+
+def _prefill_calls(s: FusionScheduler, q: Sequence) -> tuple[int, list[int]]:
+    """Schedule until ``q``'s prompt is cached: (iterations it waited to be admitted, tokens of
+    each of its prefill calls). Every iteration must keep the decoding rows running."""
+    waited, calls = 0, []
+    while q.num_cached < len(q.prompt_ids):
+        plan = s.schedule()
+        assert len(plan.decode_seqs) == 6  # the running decodes are never stalled
+        for g in plan.prefill:
+            for r, n in zip(g.seqs, g.lengths):
+                r.num_cached += n
+                if r is q:
+                    calls.append(n)
+        waited += q.slot is None
+        assert waited <= 100
+    return waited, calls
+
+
+def test_device_defaults_decide_admission_and_prefill_slices():
+    """What the per-device defaults decide: a CPU step costs per token, so a request arriving
+    under load is admitted at once and its long prompt is sliced over several steps; a GPU step
+    costs per call, so an arrival waits a bounded while for company and its prompt goes in one call."""
+    cpu = _loaded_with_defaults("cpu")
+    cpu.add(arrival := seq(1000, rid="long"))
+    waited, calls = _prefill_calls(cpu, arrival)
+    assert waited == 0 and len(calls) > 1 and max(calls) < 1000
+
+    gpu = _loaded_with_defaults("cuda:0")
+    gpu.add(arrival := seq(1000, rid="long"))
+    waited, calls = _prefill_calls(gpu, arrival)
+    assert 0 < waited <= ADMIT_WAIT and calls == [1000]
+
+    # requests trickling in one per iteration: the CPU prefills each alone as it comes, the GPU
+    # gathers them into one iteration's prefill
+    for device, want_iterations in (("cpu", 3), ("cuda:1", 1)):
+        s = _loaded_with_defaults(device)
+        s.retire(s.running[0])  # 3 free slots
+        trickle, admissions = [seq(5, rid=f"t{i}") for i in range(3)], []
+        for i in range(ADMIT_WAIT + 2):
+            if i < len(trickle):
+                s.add(trickle[i])
+            admitted = [q for g in s.schedule().prefill for q in g.seqs]
+            for q in admitted:
+                q.num_cached, q.phase = len(q.prompt_ids), Phase.DECODE
+            if admitted:
+                admissions.append([q.request_id for q in admitted])
+        assert len(admissions) == want_iterations and sum(map(len, admissions)) == 3, (device, admissions)
 
 
 def test_cancelled_waiting_request_is_skipped():

@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ember.compiler.manifest import file_record
 from ember.server.metrics import parse_prometheus
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
@@ -39,6 +40,9 @@ def chat_folder(tiny_folder, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("server-chat") / "gpt2-tiny-chat"
     shutil.copytree(tiny_folder, out)
     (out / "tokenizer" / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    manifest = json.loads((out / "manifest.json").read_text())  # only a template the manifest records is used
+    manifest["tokenizer"]["chat_template"] = file_record(out, "tokenizer/chat_template.jinja")
+    (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 
 

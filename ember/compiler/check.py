@@ -264,7 +264,7 @@ def _reference_path(folder: Path, part: EnginePart, reference: str | os.PathLike
 
 def format_report(rows: list[OutputCheck]) -> str:
     if not rows:
-        return "no backend to check here (needs onnxruntime-gpu + a GPU, TensorRT, or --reference)"
+        return "nothing compared: no backend to check here (needs onnxruntime-gpu + a GPU, TensorRT, or --reference)"
     lines = ["| part | backend | case | output | rel. error | tolerance | top-1 | ok |", "|---|---|---|---|---|---|---|---|"]
     worst: dict[tuple, OutputCheck] = {}
     for r in rows:  # per (part, backend, case): logits and the worst K/V output

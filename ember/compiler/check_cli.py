@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from ember.errors import InputError
+
+NOTHING_COMPARED = ("no backend other than the reference is present here; run it where onnxruntime-gpu and a GPU "
+                    "or TensorRT are, or pass --reference FILE.onnx to compare the CPU engine with another graph")
 
 
 def add_parser(sub) -> None:
@@ -33,4 +37,7 @@ def _cmd_check(a) -> int:
 
     rows = check_folder(a.folder, reference=a.reference, tolerances=_parse_tols(a.tol), seed=a.seed)
     print(json.dumps(rows_to_json(rows), indent=2) if a.json else format_report(rows))
+    if not rows:  # a check that compared nothing has not passed
+        print(f"ember: check: nothing was compared in {a.folder}: {NOTHING_COMPARED}", file=sys.stderr)
+        return 1
     return 0 if all(r.ok for r in rows) else 1

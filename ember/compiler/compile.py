@@ -1,7 +1,8 @@
 """The decoder compile plan: source -> step graph ONNX -> passes -> backend engine -> folder.
 
 ``compile_decoder`` is the API behind ``ember compile``; every CLI option is a field of
-``CompileOptions``. The folder is written atomically (see ``artifact.atomic_folder``).
+``CompileOptions``. The folder is written atomically, and only where ``-o`` may write: a new or
+empty folder, or an existing engine folder with ``overwrite`` (see ``ember.compiler.artifact``).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import onnx
 
 from ember.compiler import manifest as mf
-from ember.compiler.artifact import atomic_folder, write_manifest
+from ember.compiler.artifact import atomic_folder, prepare_output, write_manifest
 from ember.compiler.onnx_io import io_specs
 from ember.errors import ConfigError, EmberError
 from ember.progress import StageLog
@@ -38,7 +39,7 @@ class CompileOptions:
     max_validation_error: float = 1e-3  # relative; beyond it the export is considered broken
     tp: int = 1
     fused_decode: str = "auto"  # auto | on | off: the GroupQueryAttention decode part (export/gqa_decode.py)
-    overwrite: bool = True
+    overwrite: bool = False  # replace an existing engine folder at the output path (--overwrite)
     quiet: bool = False
     extra: dict = field(default_factory=dict)  # backend-specific (TensorRT profiles, ...)
 
@@ -83,6 +84,7 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
     from ember.export.sources import resolve_decoder_source
     from ember.passes.lm_head_gemm import lm_head_gemm
 
+    prepare_output(out, overwrite=options.overwrite, source=source)  # fail before the long export
     passes = [p for p in (options.dtype == "fp16", options.quantize) if p]
     log = StageLog(total=5 + len(passes) + int(options.validate) - 1, quiet=options.quiet)
     with log.stage(f"loading model source {source}"):
@@ -94,8 +96,8 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
     if options.tp > 1:  # tensor parallel: per-rank segment engines (ember/compiler/tp_compile.py)
         from ember.compiler.tp_compile import compile_tp_folder
 
-        return compile_tp_folder(src, out, options, log)
-    with atomic_folder(out, overwrite=options.overwrite) as tmp:
+        return compile_tp_folder(src, out, options, log, source=source)
+    with atomic_folder(out, overwrite=options.overwrite, source=source) as tmp:
         step_path = tmp / STEP_FILE
         with log.stage("exporting the step graph to ONNX"):
             proto = export_step_graph(src.model, c, tmp)
@@ -123,8 +125,6 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
 
                 proto, quant_info = quantize_step_graph(proto, src, options, tmp, log)
         if passes:
-            for f in tmp.glob(STEP_FILE + "*"):
-                f.unlink()
             save_onnx(proto, step_path)
         files = sorted(f.name for f in tmp.glob(STEP_FILE + "*"))
         with log.stage(f"building the {options.backend} engine" + (" + fused decode graph" if fused else "")):
@@ -186,14 +186,27 @@ def options_record(options: CompileOptions) -> dict:
 
 
 def write_tokenizer(src, folder: Path) -> dict | None:
-    """Save the source's tokenizer under ``folder/tokenizer/``; return the manifest's record."""
+    """Save the source's tokenizer (and chat template, if any) under ``folder/tokenizer/``; return
+    the manifest's record: ``{file, sha256, size[, chat_template: {file, sha256, size}]}``."""
     if src.tokenizer is None:
         return None
-    (folder / "tokenizer").mkdir()
-    src.tokenizer.save(str(folder / "tokenizer" / "tokenizer.json"))
-    record = {"file": "tokenizer/tokenizer.json"}
+    (folder / mf.TOKENIZER_DIR).mkdir()
+    src.tokenizer.save(str(folder / mf.TOKENIZER_DIR / "tokenizer.json"))
+    record = mf.file_record(folder, f"{mf.TOKENIZER_DIR}/tokenizer.json")
+    if record["size"] > mf.MAX_TOKENIZER_BYTES:
+        raise ConfigError(f"{src.name}: the tokenizer is {record['size']} bytes, over the {mf.MAX_TOKENIZER_BYTES}-byte "
+                          f"limit an engine folder's tokenizer may have; use the model's own tokenizer")
     if src.chat_template:
-        record["chat_template"] = src.chat_template
+        try:
+            template = src.chat_template.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ConfigError(f"{src.name}: the chat template is not valid Unicode ({e.reason} at {e.start}); restore "
+                              f"the model's original template") from e
+        if len(template) > mf.MAX_TEMPLATE_BYTES:
+            raise ConfigError(f"{src.name}: the chat template is {len(template)} bytes, over the "
+                              f"{mf.MAX_TEMPLATE_BYTES}-byte limit; restore the model's original template")
+        (folder / mf.CHAT_TEMPLATE_FILE).write_bytes(template)
+        record["chat_template"] = mf.file_record(folder, mf.CHAT_TEMPLATE_FILE)
     return record
 
 
@@ -221,4 +234,6 @@ def _build_part(folder: Path, name: str, onnx_path: Path, files: list[str], opti
                              inputs=inputs, outputs=outputs, external_data=ext, extra=extra)
     from ember.compiler.backends.tensorrt import build_plan_part
 
-    return build_plan_part(folder, name, onnx_path, inputs, outputs, options, max_past=max_past)
+    part = build_plan_part(folder, name, onnx_path, inputs, outputs, options, max_past=max_past)
+    part.external_data = ext  # the weights of the part's source ONNX (extra['source_onnx']), kept for `ember check`
+    return part

@@ -8,6 +8,8 @@ schedule, quantization feeds, DEC fits) go through the runtime's own denoising l
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import onnx
 
 from ember.compiler import manifest as mf
 from ember.compiler import diffusion_calib as calib
-from ember.compiler.artifact import atomic_folder, write_manifest
+from ember.compiler.artifact import atomic_folder, prepare_output, write_manifest
 from ember.compiler.onnx_io import io_specs
 from ember.errors import ConfigError, EmberError
 from ember.progress import StageLog
@@ -50,6 +52,7 @@ class DiffusionCompileOptions:
     validate: bool = True
     max_validation_error: float = 1e-3  # relative error of each ONNX part vs torch
     threads: int | None = None
+    overwrite: bool = False  # replace an existing engine folder at the output path (--overwrite)
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -108,12 +111,13 @@ def _part(folder: Path, name: str, dtype: str) -> mf.EnginePart:
     proto = onnx.load(str(folder / rel), load_external_data=False)
     ins, outs = io_specs(proto)
     rec = mf.file_record(folder, rel)
+    ext = [mf.file_record(folder, rel + ".data")] if (folder / (rel + ".data")).exists() else []
     extra: dict[str, Any] = {"dtype": dtype}
     disabled = ort_disabled_optimizers(proto)
     if disabled:  # Q/DQ graphs: keep ORT from undoing the int8 fusions (see quant_graph)
         extra["ort_disabled_optimizers"] = disabled
     return mf.EnginePart(name=name, backend="onnxruntime", file=rel, sha256=rec["sha256"], size=rec["size"],
-                         inputs=ins, outputs=outs, extra=extra)
+                         inputs=ins, outputs=outs, external_data=ext, extra=extra)
 
 
 def _validate(src, folder: Path, branch: int, tol: float) -> dict[str, float]:
@@ -143,9 +147,11 @@ def _manifest(folder: Path, source: str, src, opts: DiffusionCompileOptions, spe
         kind="diffusion",
         model={"family": "stable-diffusion-1", "name": src.name, "source": str(source), "config": src.config},
         parts=parts,
-        tokenizer={"file": "tokenizer/tokenizer.json", "max_length": src.max_text_length, "pad_token_id": src.pad_token_id},
+        tokenizer={**mf.file_record(folder, "tokenizer/tokenizer.json"), "max_length": src.max_text_length,
+                   "pad_token_id": src.pad_token_id},
         quantization=quant,
-        build={**mf.build_environment(), "options": {k: v for k, v in asdict(opts).items() if k != "calib_prompts"}},
+        build={**mf.build_environment(),
+               "options": {k: v for k, v in asdict(opts).items() if k not in ("calib_prompts", "overwrite")}},
         tables=[{"name": Path(t).stem, **mf.file_record(folder, t)} for t in tables],
         extra={"diffusion": spec},
     )
@@ -154,22 +160,23 @@ def _manifest(folder: Path, source: str, src, opts: DiffusionCompileOptions, spe
 def compile_diffusion(source: str | os.PathLike, out_dir: str | os.PathLike,
                       options: DiffusionCompileOptions = DiffusionCompileOptions()) -> mf.Manifest:
     """Compile a diffusion SOURCE (diffusers SD-1.x folder or ``sd-tiny``/``sd-small``) into ``out_dir``."""
-    from ember.export.diffusion.onnx_export import count_macs, export_parts
+    from ember.export.diffusion.onnx_export import count_macs
     from ember.export.diffusion.source import load_source
     from ember.export.diffusion.unet_split import UNetShallow
     from ember.runtime.diffusion.ddim import DDIM
     from ember.runtime.diffusion.pipeline import DiffusionPipeline
 
     opts = options
+    prepare_output(out_dir, overwrite=opts.overwrite, source=source)  # fail before the long export
     log = StageLog(total=4 + bool(opts.needs_calibration) + bool(opts.quantize) + bool(opts.dec), quiet=opts.quiet)
     with log.stage(f"load {source}"):
         src = load_source(source, seed=opts.seed)
         _set_image_size(src, opts.image_size)
         shallow_mod = UNetShallow(src.unet, opts.branch)
         cc, qc = shallow_mod.cache_channels, shallow_mod.quant_channels
-    with atomic_folder(out_dir) as tmp:
+    with atomic_folder(out_dir, overwrite=opts.overwrite, source=source) as tmp:
         with log.stage("export text encoder, UNet full/shallow, VAE decoder to ONNX"):
-            export_parts(src, tmp, opts.branch)
+            _export_parts(src, tmp, opts.branch)
             (tmp / "tokenizer").mkdir()
             src.tokenizer.save(str(tmp / "tokenizer" / "tokenizer.json"))
             macs = count_macs(src, opts.branch)
@@ -221,6 +228,21 @@ def compile_diffusion(source: str | os.PathLike, out_dir: str | os.PathLike,
     return m
 
 
+def _export_parts(src, folder: Path, branch: int) -> None:
+    """Write ``<part>.onnx`` of every part into ``folder``. torch exports into a scratch folder
+    (past 2 GB it writes one external file per tensor beside the graph), removed afterwards;
+    ``save_onnx`` writes the part (one ``<part>.onnx.data`` past its threshold)."""
+    from ember.export.diffusion.onnx_export import export_parts
+    from ember.export.onnx_export import save_onnx
+
+    scratch = Path(tempfile.mkdtemp(prefix=".export-", dir=folder))
+    try:
+        for name, path in export_parts(src, scratch, branch).items():
+            save_onnx(onnx.load(str(path)), folder / f"{name}.onnx")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _set_image_size(src, size: int | None) -> None:
     """Latent side = size / VAE scale; the UNet halves it once per down block but the last."""
     if size is None:
@@ -237,6 +259,7 @@ def _schedule_stub(steps: int) -> dict[str, Any]:
 
 
 def _quantize(tmp: Path, opts: DiffusionCompileOptions, traj, cc: int, qc: int) -> dict[str, Any]:
+    from ember.export.onnx_export import save_onnx
     from ember.passes.quantize import QuantOptions, quantize_model
 
     # Conv outputs get their own Q/DQ so ONNX Runtime runs QLinearConv (int8 in, int8 out); without
@@ -250,7 +273,7 @@ def _quantize(tmp: Path, opts: DiffusionCompileOptions, traj, cc: int, qc: int) 
                         ("unet_shallow", calib.shallow_feeds(traj, opts.quant_calib_steps, interval, cc, qc))):
         path = tmp / f"{name}.onnx"
         model, report = quantize_model(onnx.load(str(path)), feeds if not qopts.weights_only else [], qopts)
-        onnx.save(model, str(path))
+        save_onnx(model, path)
         summary["parts"][name] = report.to_dict()
         np.savez(tmp / f"{name}.scales.npz", **report.scale_tables())
     summary["tables"] = [f"{n}.scales.npz" for n in summary["parts"]]

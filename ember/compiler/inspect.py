@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ember.compiler.manifest import Manifest
+from ember.compiler.manifest import MANIFEST_NAME, Manifest, manifest_members, tokenizer_members
 
 
 def _mb(n: int) -> str:
@@ -15,10 +15,10 @@ def describe(m: Manifest, folder: Path) -> str:
     model = m.model
     lines.append(f"  model           {model.get('name')} ({model.get('family')}, from {model.get('origin')})")
     cfg = model.get("config") or {}
-    if m.kind == "decoder" and cfg:
-        lines.append(f"  shape           {cfg['num_layers']} layers, hidden {cfg['hidden_size']}, heads "
-                     f"{cfg['num_heads']} ({cfg['num_kv_heads']} kv), vocab {cfg['vocab_size']}, "
-                     f"max positions {cfg['max_positions']}")
+    if m.kind == "decoder" and isinstance(cfg, dict) and cfg:  # shown as recorded; ember.load checks it
+        lines.append(f"  shape           {cfg.get('num_layers')} layers, hidden {cfg.get('hidden_size')}, heads "
+                     f"{cfg.get('num_heads')} ({cfg.get('num_kv_heads')} kv), vocab {cfg.get('vocab_size')}, "
+                     f"max positions {cfg.get('max_positions')}")
     if m.extra.get("dtype"):
         lines.append(f"  dtype           {m.extra['dtype']}")
     if m.quantization:
@@ -30,6 +30,7 @@ def describe(m: Manifest, folder: Path) -> str:
         c = m.extra["export_check"]
         lines.append(f"  export check    max abs err {c['max_abs_error']:.2e}, max rel err {c['max_rel_error']:.2e}")
     lines.append("  engine parts")
+    manifest_members(m, str(folder / MANIFEST_NAME))  # every file record well-formed, or an ArtifactError naming it
     for p in m.parts:
         size = p.size + sum(e["size"] for e in p.external_data)
         lines.append(f"    {p.name:<14}{p.backend:<13}{p.file:<22}{_mb(size):>10}  sha256 {p.sha256[:12]}")
@@ -41,8 +42,14 @@ def describe(m: Manifest, folder: Path) -> str:
         lines.append(f"      outputs {outs}{more}")
     for t in m.tables:
         lines.append(f"    table         {t['file']} ({_mb(t['size'])})")
-    if m.tokenizer:
-        lines.append(f"  tokenizer       {m.tokenizer.get('file')}")
+    tokenizer, template = tokenizer_members(m, str(folder / MANIFEST_NAME))
+    for label, member in (("tokenizer", tokenizer), ("chat template", template)):
+        if member is not None:
+            digest = (f"sha256 {member.sha256[:12]}" if member.sha256 else
+                      "no sha256 (compiled by an older Ember: recompile for a full check)")
+            lines.append(f"  {label:<16}{member.file}  {digest}")
+    if isinstance(m.tokenizer, dict) and isinstance(m.tokenizer.get("chat_template"), str):
+        lines.append("  chat template   recorded in the manifest")
     b = m.build
     env = ", ".join(f"{k} {b[k]}" for k in ("ember", "onnx", "onnxruntime", "torch", "tensorrt", "cuda") if k in b)
     lines.append(f"  built with      {env}")

@@ -8,7 +8,6 @@ The caller (``compile_decoder``) writes them into the manifest with the tokenize
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from ember.compiler import manifest as mf
 from ember.compiler.onnx_io import io_specs
 from ember.errors import ConfigError, EmberError
 from ember.export.config import DecoderConfig
-from ember.export.onnx_export import OPSET, example_step_inputs, save_onnx
+from ember.export.onnx_export import example_step_inputs, save_onnx, torch_export
 from ember.export.tp import Segment, TPLayout, plan_tp, shard_segments
 from ember.progress import StageLog
 
@@ -49,16 +48,8 @@ def _example(seg: Segment, cfg: DecoderConfig, layout: TPLayout) -> tuple[torch.
 
 def export_segment(seg: Segment, cfg: DecoderConfig, layout: TPLayout, path: Path) -> None:
     """torch.onnx export of one segment with the dynamic dims batch/tokens/past."""
-    tmp = path.with_suffix(".export.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(seg.module, _example(seg, cfg, layout), str(tmp), input_names=seg.inputs,
-                          output_names=seg.outputs, dynamic_axes={n: _dyn(n) for n in seg.inputs + seg.outputs},
-                          opset_version=OPSET, dynamo=False, do_constant_folding=True)
-    proto = onnx.load(str(tmp))
-    for f in tmp.parent.iterdir():
-        if f.name.startswith(tmp.name):
-            f.unlink()
+    proto = torch_export(seg.module, _example(seg, cfg, layout), path.parent, input_names=seg.inputs,
+                         output_names=seg.outputs, dynamic_axes={n: _dyn(n) for n in seg.inputs + seg.outputs})
     for out in proto.graph.output:  # the exporter names RoPE'd K's last dim after a node: it is head_dim
         if out.name.startswith(("new_key.", "new_value.")):
             dims = out.type.tensor_type.shape.dim
@@ -128,14 +119,15 @@ def compile_tp(src, tmp_folder: Path, options, log: StageLog) -> list[mf.EngineP
     return parts
 
 
-def compile_tp_folder(src, out, options, log: StageLog) -> mf.Manifest:
+def compile_tp_folder(src, out, options, log: StageLog, source: str | None = None) -> mf.Manifest:
     """The whole ``--tp N`` compile after the source is loaded: parts, tokenizer, manifest,
-    written atomically to ``out`` (called by ``compile_decoder`` when ``options.tp > 1``)."""
+    written atomically to ``out`` (called by ``compile_decoder`` when ``options.tp > 1``;
+    ``source`` is the model source, which ``out`` may not be or contain)."""
     from ember.compiler.artifact import atomic_folder, write_manifest
     from ember.compiler.compile import model_record, options_record, write_tokenizer
 
     log.total = log.i + 3 + int(options.validate)
-    with atomic_folder(out, overwrite=options.overwrite) as tmp:
+    with atomic_folder(out, overwrite=options.overwrite, source=source) as tmp:
         parts = compile_tp(src, tmp, options, log)
         with log.stage("writing tokenizer and manifest"):
             tokenizer = write_tokenizer(src, tmp)

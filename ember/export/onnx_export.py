@@ -6,6 +6,8 @@ Dynamic dims: ``batch``, ``tokens`` (new tokens per row), ``past`` (KV pool capa
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,8 @@ import torch
 from ember.export.config import DecoderConfig
 
 OPSET = 17
-# ONNX protobufs are capped at 2 GiB: beyond this, weights go to an external data file.
+# ONNX protobufs are capped at 2 GiB: past this many bytes of weights (half the cap, leaving
+# room for the graph) ``save_onnx`` writes them to one external data file, ``<name>.data``.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 
 
@@ -46,9 +49,8 @@ def example_step_inputs(cfg: DecoderConfig, batch: int, tokens: int, past: int, 
 def export_step_graph(model: torch.nn.Module, cfg: DecoderConfig, workdir: str | os.PathLike):
     """Export ``model`` (a *Step module); returns the in-memory ``onnx.ModelProto``.
 
-    ``workdir`` holds the exporter's temporary file (removed before returning).
+    ``workdir`` holds the exporter's scratch folder (removed before returning, see ``torch_export``).
     """
-    path = Path(workdir) / "step.onnx"
     inputs, outputs = step_io_names(cfg)
     dyn = {"input_ids": {0: "batch", 1: "tokens"}, "positions": {0: "batch", 1: "tokens"},
            "past_lengths": {0: "batch"}, "new_lengths": {0: "batch"}, "logits": {0: "batch"}}
@@ -57,19 +59,31 @@ def export_step_graph(model: torch.nn.Module, cfg: DecoderConfig, workdir: str |
     for n in outputs[1:]:
         dyn[n] = {0: "batch", 2: "tokens"}
     args = example_step_inputs(cfg, batch=2, tokens=3, past=5)
-    tmp = path.with_suffix(".export.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, args, str(tmp), input_names=inputs, output_names=outputs, dynamic_axes=dyn,
-                          opset_version=OPSET, dynamo=False, do_constant_folding=True)
+    proto = torch_export(model, args, workdir, input_names=inputs, output_names=outputs, dynamic_axes=dyn)
+    _name_output_dims(proto, cfg)
+    return proto
+
+
+def torch_export(module: torch.nn.Module, args: tuple, workdir: str | os.PathLike, **export_kw):
+    """``torch.onnx.export`` (TorchScript exporter, opset ``OPSET``) into a scratch folder under
+    ``workdir``; returns the loaded ``onnx.ModelProto`` with its weights in memory.
+
+    Past 2 GB the exporter writes one external file per tensor (``onnx__MatMul_3349``,
+    ``embed_tokens.weight``, ...) beside the graph: they stay in the scratch folder, which is
+    removed before returning, so only what ``save_onnx`` writes reaches an engine folder.
+    """
     import onnx
 
-    proto = onnx.load(str(tmp))
-    _name_output_dims(proto, cfg)
-    for f in list(tmp.parent.iterdir()):  # the exporter may have written per-tensor external files
-        if f.name.startswith(tmp.name):
-            f.unlink()
-    return proto
+    scratch = Path(tempfile.mkdtemp(prefix=".export-", dir=workdir))
+    try:
+        path = scratch / "model.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, args, str(path), opset_version=OPSET, dynamo=False, do_constant_folding=True,
+                              **export_kw)
+        return onnx.load(str(path))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _name_output_dims(proto, cfg: DecoderConfig) -> None:
@@ -89,7 +103,9 @@ def _name_output_dims(proto, cfg: DecoderConfig) -> None:
 
 
 def save_onnx(proto, path: str | os.PathLike, external: bool | None = None) -> list[str]:
-    """Save a model; with external data (one ``<name>.data`` file) when asked or past 2 GiB.
+    """Save a model; with external data (one ``<name>.data`` file) when asked or past
+    ``EXTERNAL_DATA_THRESHOLD``. A ``<name>.data`` left by an earlier save is removed first (onnx
+    appends to an existing data file, and a graph saved inline would leave it stray).
 
     Returns the files written, relative to ``path``'s folder.
     """
@@ -98,8 +114,9 @@ def save_onnx(proto, path: str | os.PathLike, external: bool | None = None) -> l
     path = Path(path)
     if external is None:
         external = sum(len(i.raw_data) for i in proto.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+    data = path.name + ".data"
+    (path.parent / data).unlink(missing_ok=True)
     if external:
-        data = path.name + ".data"
         onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data, size_threshold=1024)
         # saving moved the weights out of ``proto``: read them back so the caller's model stays whole

@@ -1,11 +1,11 @@
 """Model sources: a local Hugging Face folder or a built-in config with seeded random weights.
 
 ``resolve_decoder_source`` returns a ready torch step model, its config and its tokenizer,
-or fails with a ConfigError that names the folder/field and the fix.
+or fails with a ConfigError that names the folder/field and the fix. A folder's config.json is
+checked against its weight files' shapes (ember/export/weights.py) before the model is allocated.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from ember.errors import ConfigError
-from ember.export.config import BUILTIN, DecoderConfig, config_from_hf
+from ember.export.config import BUILTIN, DecoderConfig, config_from_hf, read_json_object
 from ember.export.tokenizer_builtin import EOS_TOKEN, build_builtin_tokenizer
+from ember.export.weights import check_parameter_count, check_sizes_against_weights, one_line, read_weight_index
 
 
 @dataclass
@@ -70,17 +71,18 @@ def resolve_decoder_source(source: str, seed: int = 0) -> DecoderSource:
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
         raise ConfigError(f"{cfg_path} is missing: a Hugging Face model folder needs config.json")
-    try:
-        hf_cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{cfg_path} is not valid JSON ({e})") from e
-    cfg = config_from_hf(hf_cfg, where=str(cfg_path))
+    cfg = config_from_hf(read_json_object(cfg_path, "config.json"), where=str(cfg_path))
+    weights = read_weight_index(folder)  # names and shapes only: nothing is allocated before the sizes agree
+    check_sizes_against_weights(cfg, weights, where=str(cfg_path))
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in step_model_class(cfg.family)(cfg).parameters())
+    check_parameter_count(n_params, weights, where=str(cfg_path))
     model = step_model_class(cfg.family)(cfg).eval()
-    sd = load_weights(folder)
     try:
-        model.load_hf_state_dict(sd)
+        model.load_hf_state_dict(weights.load())
     except (KeyError, RuntimeError) as e:
-        raise ConfigError(f"{folder}: weights do not fit the {cfg.family} config: {e}") from e
+        raise ConfigError(f"{folder}: weights do not fit the {cfg.family} config ({one_line(e)}); "
+                          "use the config.json and weights of the same model") from e
     model.float()
     tok = load_hf_tokenizer(folder)
     return DecoderSource(folder.name, cfg, model, tok, str(folder.resolve()), chat_template=load_chat_template(folder))
@@ -90,53 +92,39 @@ def load_chat_template(folder: Path) -> str | None:
     """The folder's chat template: chat_template.jinja, or tokenizer_config.json's "chat_template"."""
     jinja = folder / "chat_template.jinja"
     if jinja.exists():
-        return jinja.read_text()
+        try:
+            return jinja.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{jinja} is not UTF-8 text (byte {e.start}); restore the model's original template") from e
     cfg = folder / "tokenizer_config.json"
     if cfg.exists():
-        try:
-            t = json.loads(cfg.read_text()).get("chat_template")
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{cfg} is not valid JSON ({e})") from e
+        t = read_json_object(cfg, "tokenizer_config.json").get("chat_template")
         if isinstance(t, list):  # named templates: take the default one
-            t = next((x.get("template") for x in t if x.get("name") == "default"), None)
+            t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
         return t if isinstance(t, str) else None
     return None
-
-
-def load_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors from *.safetensors (preferred) or pytorch_model*.bin, as float32."""
-    files = sorted(folder.glob("*.safetensors"))
-    sd: dict[str, torch.Tensor] = {}
-    if files:
-        from safetensors.torch import load_file
-
-        for f in files:
-            try:
-                sd.update(load_file(str(f)))
-            except Exception as e:  # safetensors raises its own error types
-                raise ConfigError(f"{f} could not be read ({e}); re-save the weights") from e
-    else:
-        bins = sorted(folder.glob("pytorch_model*.bin"))
-        if not bins:
-            raise ConfigError(f"{folder} has no weights: expected *.safetensors or pytorch_model*.bin")
-        for f in bins:
-            sd.update(torch.load(str(f), map_location="cpu", weights_only=True))
-    return {k: v.float() for k, v in sd.items()}
 
 
 def load_hf_tokenizer(folder: Path):
     """A ``tokenizers.Tokenizer`` from tokenizer.json, vocab.json+merges.txt, or via transformers."""
     from tokenizers import Tokenizer
 
-    if (folder / "tokenizer.json").exists():
-        return Tokenizer.from_file(str(folder / "tokenizer.json"))
-    if (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
-        from tokenizers import decoders, models, pre_tokenizers
+    files = [folder / "tokenizer.json"]
+    if not files[0].exists():
+        files = [folder / "vocab.json", folder / "merges.txt"]
+    if all(f.exists() for f in files):
+        try:
+            if len(files) == 1:
+                return Tokenizer.from_file(str(files[0]))
+            from tokenizers import decoders, models, pre_tokenizers
 
-        tok = Tokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        return tok
+            tok = Tokenizer(models.BPE.from_file(*map(str, files)))
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            tok.decoder = decoders.ByteLevel()
+            return tok
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
+            raise ConfigError(f"{' + '.join(map(str, files))} could not be read as a tokenizer ({one_line(e)}); "
+                              "restore the model's original tokenizer files") from e
     if any(folder.glob("tokenizer*")):
         try:  # e.g. sentencepiece tokenizer.model: convert once, at compile time
             from transformers import AutoTokenizer
@@ -144,5 +132,6 @@ def load_hf_tokenizer(folder: Path):
             fast = AutoTokenizer.from_pretrained(str(folder), use_fast=True)
             return fast.backend_tokenizer
         except Exception as e:
-            raise ConfigError(f"{folder}: tokenizer files could not be converted ({e})") from e
+            raise ConfigError(f"{folder}: tokenizer files could not be converted ({one_line(e)}); "
+                              "add the model's tokenizer.json") from e
     return None  # token-id-only engine: generate() then takes lists of ids

@@ -4,12 +4,13 @@ background thread that runs while there is work; ``submit`` is thread-safe.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence as Seq
+from typing import Any, Callable, Iterable, Sequence as Seq
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from ember.runtime.executor import launch_greedy
 from ember.runtime.requests import Completion, FinishReason, RequestHandle, SamplingParams, TokenEvent
 from ember.runtime.sampling import sample_token
 from ember.runtime.scheduler import FusionScheduler, Phase, Sequence, StepPlan
+from ember.runtime.text_input import check_text, check_token_ids
 
 
 @dataclass
@@ -29,6 +31,10 @@ class _RequestState:
     first_token_at: float | None = None
     token_times: list[float] | None = None
     streamed: int = 0  # generated tokens already pushed to the handle
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
 
 
 class DecoderEngine:
@@ -50,21 +56,21 @@ class DecoderEngine:
                          "prompt_tokens_total": 0, "requests_failed_total": 0}
 
     # -- submission ------------------------------------------------------------------------
-    def encode(self, prompt: str | Seq[int]) -> np.ndarray:
+    def encode(self, prompt: str | Seq[int], field: str = "prompt") -> np.ndarray:
+        """A prompt (text, or a sequence of token ids) -> int64 token ids; InputError naming
+        ``field`` when it is neither, or its ids are out of range, or it is empty or too long."""
         if isinstance(prompt, str):
+            check_text(prompt, field)
             if self.tokenizer is None:
-                raise InputError("this engine has no tokenizer: pass prompts as lists of token ids")
+                raise InputError(f"{field} is text but this engine has no tokenizer: pass a list of token ids")
             ids = self.tokenizer.encode(prompt).ids
         else:
-            ids = [int(t) for t in prompt]
-            vocab = int(self.config.get("vocab_size", 1 << 62))
-            if any(t < 0 or t >= vocab for t in ids):
-                raise InputError(f"prompt token ids must be in [0, {vocab})")
+            ids = check_token_ids(prompt, field, int(self.config.get("vocab_size", 1 << 62)))
         if not ids:
-            raise InputError("prompt is empty: give at least one token")
+            raise InputError(f"{field} is empty: give at least one token")
         if len(ids) >= self.max_positions:
             raise InputError(
-                f"prompt has {len(ids)} tokens; the model's maximum sequence length is {self.max_positions} "
+                f"{field} has {len(ids)} tokens; the model's maximum sequence length is {self.max_positions} "
                 f"(prompt + generated tokens): shorten the prompt"
             )
         return np.asarray(ids, dtype=np.int64)
@@ -75,7 +81,12 @@ class DecoderEngine:
             params = SamplingParams(**overrides)
         elif overrides:
             params = SamplingParams(**{**params.__dict__, **overrides})
-        ids = self.encode(prompt)
+        elif not isinstance(params, SamplingParams):
+            raise InputError(f"params must be a SamplingParams, got {type(params).__name__}: "
+                             "pass SamplingParams(...) or keyword arguments")
+        return self._submit_ids(self.encode(prompt), params)
+
+    def _submit_ids(self, ids: np.ndarray, params: SamplingParams) -> RequestHandle:
         reserved = min(len(ids) + params.max_new_tokens, self.max_positions)
         rid = f"req-{next(self._ids)}"
         seq = Sequence(request_id=rid, prompt_ids=ids, params=params, reserved=reserved)
@@ -101,11 +112,16 @@ class DecoderEngine:
         """
         if isinstance(prompts, str):
             prompts = [prompts]
-        handles = []
-        for i, p in enumerate(prompts):
-            params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                    seed=None if seed is None else seed + i, stop=tuple(stop), ignore_eos=ignore_eos)
-            handles.append(self.submit(p, params))
+        elif isinstance(prompts, (bytes, bytearray)) or not isinstance(prompts, Iterable):
+            raise InputError(f"prompts must be a list of prompts (each a str or a list of int token ids), "
+                             f"got {type(prompts).__name__}: wrap a single prompt in a list")
+        prompts = list(prompts)
+        # every prompt and parameter is checked before any request is queued
+        base = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              seed=seed, stop=stop, ignore_eos=ignore_eos)
+        ids = [self.encode(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
+        handles = [self._submit_ids(x, base if seed is None else dataclasses.replace(base, seed=base.seed + i))
+                   for i, x in enumerate(ids)]
         if stream is not None:
             for i, h in enumerate(handles):
                 for ev in h:
@@ -260,8 +276,11 @@ class DecoderEngine:
                 for s, r in rows_of_call:
                     if s.phase is Phase.PREFILL:  # its prompt's last chunk: the first token
                         s.phase = Phase.DECODE
-                    if self._record(s, logits_of.get(r), int(greedy[r]), now):
-                        unstreamed.append(s)
+                    try:
+                        if self._record(s, logits_of.get(r), int(greedy[r]), now):
+                            unstreamed.append(s)
+                    except Exception as e:  # e.g. sampling: fails this request, not its batch mates
+                        self._fail_request(s, e)
         return unstreamed
 
     def _record(self, s: Sequence, logits_row: np.ndarray | None, greedy_token: int, now: float) -> bool:
@@ -298,8 +317,7 @@ class DecoderEngine:
                 try:
                     self._stream(s)
                 except Exception as e:  # a failing detokenization fails its request, not the engine
-                    traceback.print_exc()
-                    self._finish(s, FinishReason.ERROR, error=f"{type(e).__name__}: {e}")
+                    self._fail_request(s, e)
                     continue
                 if s.payload.detok.stopped:
                     self._finish(s, FinishReason.STOP)
@@ -318,17 +336,28 @@ class DecoderEngine:
             st.handle._push(TokenEvent(tok, delta, i))
 
     def _finish(self, s: Sequence, reason: FinishReason, error: str | None = None) -> None:
+        """End ``s``: stream what it recorded and the text held back, free its slot, complete its
+        handle. A failing per-request step here (detokenization, the stop-string flush, the
+        handle's events) makes it an ERROR finish of this request alone; nothing is raised."""
         st: _RequestState = s.payload
-        self._stream(s)  # a recorded token is always streamed before the request ends
-        if reason is FinishReason.LENGTH and st.detok.stopped:  # the last token completed a stop string
-            reason = FinishReason.STOP
+        try:
+            self._stream(s)  # a recorded token is always streamed before the request ends
+            if reason is FinishReason.LENGTH and st.detok.stopped:  # the last token completed a stop string
+                reason = FinishReason.STOP
+            tail = st.detok.flush() if reason not in (FinishReason.CANCELLED, FinishReason.ERROR) else ""
+            if tail:
+                st.handle._push(TokenEvent(-1, tail, len(s.generated)))
+        except Exception as e:
+            if reason is not FinishReason.ERROR:
+                traceback.print_exc()
+                reason, error = FinishReason.ERROR, _describe(e)
         slot = s.slot
         self.scheduler.retire(s)
-        if slot is not None:
-            self.executor.release(slot)
-        tail = st.detok.flush() if reason not in (FinishReason.CANCELLED, FinishReason.ERROR) else ""
-        if tail:
-            st.handle._push(TokenEvent(-1, tail, len(s.generated)))
+        try:
+            if slot is not None:
+                self.executor.release(slot)
+        except Exception:  # the executor's own failure: its next step reports it to every request
+            traceback.print_exc()
         self.counters["requests_finished_total"] += 1
         if reason is FinishReason.ERROR:
             self.counters["requests_failed_total"] += 1
@@ -340,13 +369,20 @@ class DecoderEngine:
         if not self.scheduler.running:
             self.executor.maybe_shrink()
 
+    def _fail_request(self, s: Sequence, e: Exception, log: bool = True) -> None:
+        """The one home of "a step failed for this request": finish ``s`` alone with ERROR and
+        the message (its slot is freed); its batch mates carry on. Call from the except block."""
+        if log:
+            traceback.print_exc()
+        if s.phase is not Phase.DONE:
+            self._finish(s, FinishReason.ERROR, error=_describe(e))
+
     def _fail_plan(self, plan: StepPlan, e: Exception) -> None:
-        msg = f"{type(e).__name__}: {e}"
+        """A whole step failed (the model call): every request in it fails."""
         traceback.print_exc()
         with self._cv:
             for s in [s for g in plan.prefill for s in g.seqs] + list(plan.decode_seqs):
-                if s.phase is not Phase.DONE:
-                    self._finish(s, FinishReason.ERROR, error=msg)
+                self._fail_request(s, e, log=False)
 
     # -- lifetime --------------------------------------------------------------------------
     def close(self) -> None:

@@ -1,15 +1,19 @@
 """``ember.load``: validate an engine folder and build its engine object.
 
-Checks, before anything is deserialized: the manifest's schema version, every file's
-presence, size and sha256 (``verify="full"``; ``"size"`` skips hashing for fast restarts).
+Checks, before anything is deserialized: the load options, the manifest's schema version
+and model config, and every file the manifest names -- inside the folder, a regular file,
+its size and sha256 (``verify="full"``; ``"size"`` skips hashing the engine files for fast
+restarts; the tokenizer and chat template are hashed as they are read either way).
 """
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from pathlib import Path
 
-from ember.compiler.manifest import Manifest, read_manifest, verify_files
+from ember.compiler.manifest import (MANIFEST_NAME, Manifest, check_decoder_config, read_manifest, read_member,
+                                     resolve_member, tokenizer_members, verify_files)
 from ember.errors import ArtifactError, InputError
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
@@ -28,23 +32,47 @@ def parse_bytes(v: int | str | None) -> int | None:
 
 def load(path: str | os.PathLike, verify: str = "full", **opts):
     """Load an engine folder. Decoder options: max_batch, kv_memory, max_queue, prefill_chunk,
-    threads, compaction, device, fused_decode. Returns a DecoderEngine (or a diffusion pipeline)."""
+    threads, compaction, device, fused_decode, admit_batch (tensor-parallel folders add tp,
+    timeout_s, heartbeat_s, startup_timeout_s; diffusion folders take threads). Returns a
+    DecoderEngine (or a diffusion pipeline). An option the folder's kind does not take is an
+    InputError listing those it does."""
     folder = Path(path)
     manifest = read_manifest(folder)
     if verify not in ("full", "size"):
         raise InputError(f"verify={verify!r} must be 'full' or 'size'")
-    verify_files(folder, manifest, check_hashes=verify == "full")
     if manifest.kind == "decoder":
-        if any(p.extra.get("rank") is not None for p in manifest.parts):
-            from ember.runtime.tp import load_tp_engine
-
-            return load_tp_engine(folder, manifest, **opts)
-        return load_decoder(folder, manifest, **opts)
+        tensor_parallel = any(p.extra.get("rank") is not None for p in manifest.parts)
+        if tensor_parallel:
+            from ember.runtime.tp import load_tp_engine as build
+        else:
+            _check_single_process(folder, opts)
+            build = load_decoder
+        _check_options(build, opts, folder, "a tensor-parallel decoder folder" if tensor_parallel else "a decoder folder")
+        check_decoder_config(manifest.model, str(folder / MANIFEST_NAME))
+        verify_files(folder, manifest, check_hashes=verify == "full")
+        return build(folder, manifest, **opts)
     if manifest.kind == "diffusion":
         from ember.runtime.diffusion import load_pipeline
 
+        verify_files(folder, manifest, check_hashes=verify == "full")
         return load_pipeline(folder, manifest, **opts)
     raise ArtifactError(f"{folder}/manifest.json: unknown engine kind {manifest.kind!r}; upgrade Ember or recompile")
+
+
+def _check_single_process(folder: Path, opts: dict) -> None:
+    """``tp`` on a folder compiled without ``--tp``: 1 (or None) is what it is; more is an error."""
+    tp = opts.pop("tp", None)
+    if tp is not None and tp != 1:
+        raise InputError(f"tp={tp!r}: {folder} was compiled for one process, not for tensor-parallel ranks; omit tp "
+                         f"(CLI: --tp), or compile a TP folder with `ember compile SOURCE --tp {tp} -o FOLDER`")
+
+
+def _check_options(build, opts: dict, folder: Path, kind: str) -> None:
+    accepted = [n for n, p in inspect.signature(build).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(opts) - set(accepted))
+    if unknown:
+        raise InputError(f"ember.load: option(s) {', '.join(unknown)} are not understood for {folder} ({kind}); "
+                         f"accepted: verify, {', '.join(accepted)}")
 
 
 def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_memory: int | str | None = None,
@@ -61,7 +89,7 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
     from ember.runtime.kv_pool import KVPool
     from ember.runtime.scheduler import FusionScheduler, default_admit_batch, default_prefill_chunk
 
-    cfg = manifest.model["config"]
+    cfg = check_decoder_config(manifest.model, str(folder / MANIFEST_NAME))
     part = manifest.part("step")
     layers, hkv = cfg["num_layers"], cfg["num_kv_heads"]
     head_dim = cfg["hidden_size"] // cfg["num_heads"]
@@ -83,9 +111,10 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
         from ember.runtime.decode_session import DecodeSession
         from ember.runtime.session import StepSession
 
-        session = StepSession(folder / part.file, layers, threads=threads,
+        session = StepSession(resolve_member(folder, part.file, "parts[step]"), layers, threads=threads,
                               disabled_optimizers=part.extra.get("ort_disabled_optimizers"))
-        decode = DecodeSession(folder / decode_part.file, layers, threads=threads) if decode_part else None
+        decode = (DecodeSession(resolve_member(folder, decode_part.file, "parts[decode]"), layers, threads=threads)
+                  if decode_part else None)
     elif device.startswith("cuda"):
         from ember.runtime.cuda_session import make_cuda_executor
 
@@ -100,11 +129,22 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
 def _engine(executor, scheduler, folder: Path, manifest: Manifest, max_pos: int):
     from ember.runtime.decoder import DecoderEngine
 
-    tokenizer = None
-    if manifest.tokenizer:
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_file(str(folder / manifest.tokenizer["file"]))
     cfg = manifest.model["config"]
-    return DecoderEngine(executor, scheduler, tokenizer=tokenizer, eos_token_id=cfg.get("eos_token_id"),
-                         max_positions=max_pos, config=cfg, manifest=manifest)
+    return DecoderEngine(executor, scheduler, tokenizer=load_tokenizer(folder, manifest),
+                         eos_token_id=cfg.get("eos_token_id"), max_positions=max_pos, config=cfg, manifest=manifest)
+
+
+def load_tokenizer(folder: str | os.PathLike, manifest: Manifest):
+    """The folder's ``tokenizers.Tokenizer`` (None when the manifest records none), parsed from
+    the very bytes checked against the manifest's size and sha256."""
+    member, _ = tokenizer_members(manifest, str(Path(folder) / MANIFEST_NAME))
+    if member is None:
+        return None
+    from tokenizers import Tokenizer
+
+    data = read_member(folder, member)
+    try:
+        return Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as e:  # tokenizers raises plain Exception; UnicodeDecodeError for binary junk
+        raise ArtifactError(f"{Path(folder) / member.file} is not a valid tokenizer file ({e}); recompile the "
+                            f"folder") from e

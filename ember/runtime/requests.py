@@ -8,17 +8,41 @@ from __future__ import annotations
 import asyncio
 import enum
 import math
+import numbers
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+import numpy as np
+
 from ember.errors import InputError
+from ember.runtime.text_input import check_text
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_finite(v) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """A request's sampling parameters. Every value the checks accept samples safely:
+    ``temperature`` finite >= 0 (0, or one so small the softmax collapses, is greedy),
+    ``top_p`` in (0, 1], ``top_k`` >= 0 (0 = off), ``max_new_tokens`` >= 1, ``seed`` an
+    integer >= 0 or None, ``stop`` non-empty strings of valid Unicode."""
+
     max_new_tokens: int = 16
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
@@ -28,22 +52,33 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
+        if self.stop is None:
+            object.__setattr__(self, "stop", ())
+        elif isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
-        else:
+        elif isinstance(self.stop, (list, tuple)):
             object.__setattr__(self, "stop", tuple(self.stop))
         checks = [
-            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens", "an integer >= 1"),
-            (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0,
+            (_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens", "an integer >= 1"),
+            (_is_real(self.temperature) and _is_finite(self.temperature) and self.temperature >= 0,
              "temperature", "a finite number >= 0 (0 = greedy)"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "an integer >= 0 (0 = off)"),
-            (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]"),
-            (self.seed is None or (isinstance(self.seed, int) and self.seed >= 0), "seed", "a non-negative integer"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings"),
+            (_is_int(self.top_k) and self.top_k >= 0, "top_k", "an integer >= 0 (0 = off)"),
+            (_is_real(self.top_p) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]"),
+            (self.seed is None or (_is_int(self.seed) and self.seed >= 0), "seed", "a non-negative integer or None"),
+            (isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop), "stop",
+             "a string or a list of non-empty strings"),
+            (isinstance(self.ignore_eos, (bool, np.bool_)), "ignore_eos", "true or false"),
         ]
         for ok, name, want in checks:
             if not ok:
                 raise InputError(f"sampling parameter {name}={getattr(self, name)!r} is invalid: it must be {want}")
+        for i, s in enumerate(self.stop):
+            check_text(s, f"sampling parameter stop[{i}]")
+        for name, kind in (("max_new_tokens", int), ("top_k", int), ("temperature", float), ("top_p", float),
+                           ("ignore_eos", bool)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
+        if self.seed is not None:
+            object.__setattr__(self, "seed", int(self.seed))
 
 
 class FinishReason(str, enum.Enum):

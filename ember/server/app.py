@@ -5,7 +5,9 @@ chat template), ``POST /v1/images/generations`` (diffusion folders), ``GET /v1/m
 ``GET /health`` (200 only once the engine is loaded; 503 while loading, draining or
 failed), ``GET /metrics`` (Prometheus text). With an API key, ``/v1/*`` and ``/metrics``
 need ``Authorization: Bearer <key>`` (compared in constant time); ``/health`` stays open
-for load-balancer probes. Every error is an OpenAI-style ``{"error": {...}}`` body.
+for load-balancer probes. Every error is an OpenAI-style ``{"error": {...}}`` body; an
+unexpected exception is logged and answered 500 like any other error, so no request can
+reset its keep-alive connection. A request body must arrive within ``body_timeout_s``.
 """
 from __future__ import annotations
 
@@ -23,9 +25,11 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ember.errors import InputError
 from ember.server import openai_schema as oa
-from ember.server.completions import CLIENT_CLOSED, DecoderService, ServerLimits
+from ember.server.completions import CLIENT_CLOSED, DecoderService
 from ember.server.lifecycle import READY, EngineHolder
+from ember.server.limits import ServerLimits
 from ember.server.metrics import ServerMetrics
 
 log = logging.getLogger("ember.server")
@@ -34,6 +38,44 @@ ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/images/generations"
 METRICS_SAMPLE_S = 1.0
 DRAIN_BODY_FACTOR = 8  # an oversized body up to this many times the limit is read and dropped, so the
 # client sees the 413 instead of a reset connection; beyond that the connection is closed
+
+
+class ErrorResponse(JSONResponse):
+    """An error body as ASCII JSON: it encodes whatever text the message quotes."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode()
+
+
+class ContainErrors:
+    """ASGI middleware: an exception a handler did not expect becomes a logged JSON 500.
+
+    Starlette's own last-resort handler answers 500 and then re-raises, and uvicorn closes
+    the connection on any exception that reaches it: the client's next request on that
+    keep-alive connection would fail. Here the exception stops, once answered."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as e:  # noqa: BLE001 - the last line of defence: log it, answer it
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:  # a response cut short cannot be completed well-formed; uvicorn closes the connection
+                raise
+            body = oa.error_body(f"internal server error: {type(e).__name__}: {e}", "server_error")
+            await ErrorResponse(body, status_code=500)(scope, receive, send)
 
 
 class CountResponses:
@@ -64,25 +106,33 @@ class CountResponses:
             raise
 
 
-async def read_json(request: Request, max_bytes: int) -> Any:
-    """The decoded JSON body; 413 past ``max_bytes``, 400 if it is not JSON."""
+async def read_json(request: Request, limits: ServerLimits) -> Any:
+    """The decoded JSON body; 413 past ``limits.max_body_bytes``, 408 if it has not all arrived
+    within ``limits.body_timeout_s``, 400 if it is not JSON."""
+    max_bytes = limits.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and not declared.isdigit():
         raise oa.ApiError(400, f"invalid Content-Length header {declared!r}")
-    too_big = oa.ApiError(413, f"request body exceeds this server's limit of {max_bytes} bytes "
-                               "(--max-body-bytes)", code="body_too_large")
+    message = f"request body exceeds this server's limit of {max_bytes} bytes (--max-body-bytes)"
+    too_big = oa.ApiError(413, message, code="body_too_large")
+    too_big_to_drain = oa.ApiError(413, message, code="body_too_large", headers={"Connection": "close"})
     if declared is not None and int(declared) > max_bytes * DRAIN_BODY_FACTOR:
-        raise too_big
+        raise too_big_to_drain
     body, size = bytearray(), 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_bytes * DRAIN_BODY_FACTOR:
-                raise too_big
-            if size <= max_bytes:
-                body += chunk
+        async with asyncio.timeout(limits.body_timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes * DRAIN_BODY_FACTOR:
+                    raise too_big_to_drain
+                if size <= max_bytes:
+                    body += chunk
     except ClientDisconnect:  # gone before the body arrived: nothing to run, nobody to answer
         raise oa.ApiError(CLIENT_CLOSED, "the client disconnected while sending the request body") from None
+    except TimeoutError:  # the rest of the body may never come: answer and close the connection
+        raise oa.ApiError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s "
+                               "(--body-timeout); send the whole body without pausing", code="body_timeout",
+                          headers={"Connection": "close"}) from None
     if size > max_bytes:
         raise too_big
     try:
@@ -145,13 +195,14 @@ def create_app(factory: Callable[[], Any], *, model_name: str, folder: str | Pat
         sampler = asyncio.ensure_future(sample_engine_counters())
         yield
         sampler.cancel()
-        if "images" in services:
-            services["images"].close()
+        for service in services.values():
+            service.close()
         holder.close()
 
     app = FastAPI(title="Ember", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.holder, app.state.metrics, app.state.begin_drain = holder, metrics, begin_drain
-    app.add_middleware(CountResponses, metrics=metrics)
+    app.add_middleware(ContainErrors)
+    app.add_middleware(CountResponses, metrics=metrics)  # outermost: it also counts ContainErrors' 500s
 
     def decoder() -> DecoderService:
         engine = holder.require()
@@ -176,18 +227,16 @@ def create_app(factory: Callable[[], Any], *, model_name: str, folder: str | Pat
 
     @app.exception_handler(oa.ApiError)
     async def api_error(request: Request, e: oa.ApiError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+        return ErrorResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(InputError)
+    async def input_error(request: Request, e: InputError) -> JSONResponse:  # one no handler turned into an ApiError
+        return ErrorResponse(oa.error_body(str(e)), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
-        return JSONResponse(oa.error_body(f"{request.method} {request.url.path}: {e.detail}"),
-                            status_code=e.status_code, headers=e.headers)
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, e: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return JSONResponse(oa.error_body(f"internal server error: {type(e).__name__}: {e}", "server_error"),
-                            status_code=500)
+        return ErrorResponse(oa.error_body(f"{request.method} {request.url.path}: {e.detail}"),
+                             status_code=e.status_code, headers=e.headers)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -215,17 +264,17 @@ def create_app(factory: Callable[[], Any], *, model_name: str, folder: str | Pat
     @v1.post("/v1/completions")
     async def completions(request: Request) -> Response:
         service = decoder()
-        return await service.completions(await read_json(request, limits.max_body_bytes), request.receive)
+        return await service.completions(await read_json(request, limits), request.receive)
 
     @v1.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         service = decoder()
-        return await service.chat_completions(await read_json(request, limits.max_body_bytes), request.receive)
+        return await service.chat_completions(await read_json(request, limits), request.receive)
 
     @v1.post("/v1/images/generations")
     async def image_generations(request: Request) -> Response:
         service = images()
-        return await service.generate(await read_json(request, limits.max_body_bytes), request.receive)
+        return await service.generate(await read_json(request, limits), request.receive)
 
     app.include_router(v1)
     return app

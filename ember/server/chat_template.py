@@ -1,11 +1,13 @@
 """Chat templates: find the model's Jinja chat template in the engine folder and render it.
 
-Looked up in this order (the first that exists wins):
-1. ``manifest.tokenizer["chat_template"]`` (a string written at compile time);
-2. ``<folder>/tokenizer/chat_template.jinja`` (the file Hugging Face tokenizers now save);
-3. ``"chat_template"`` in ``<folder>/tokenizer/tokenizer_config.json`` (older HF folders).
-A folder with none of these serves ``/v1/completions`` only; ``/v1/chat/completions`` then
-answers 400 saying so. Templates run in Jinja's immutable sandbox, as in transformers.
+An engine folder's template is the one its manifest records: ``manifest.tokenizer["chat_template"]``
+is a file record (``tokenizer/chat_template.jinja`` with size and sha256, checked as it is read)
+or, in folders compiled before templates became files, the template text itself. Files the
+manifest does not record are never read. Without a manifest (a Hugging Face folder) the
+lookup is ``tokenizer/chat_template.jinja``, then ``"chat_template"`` in
+``tokenizer/tokenizer_config.json``. A folder without a template serves ``/v1/completions``
+only; ``/v1/chat/completions`` then answers 400 saying so. Templates run in Jinja's immutable
+sandbox, as in transformers.
 """
 from __future__ import annotations
 
@@ -18,9 +20,12 @@ from ember.errors import ArtifactError
 
 def find_chat_template(folder: str | Path | None, manifest: Any = None) -> str | None:
     """The chat template text, or None when the engine folder has none."""
-    tok = getattr(manifest, "tokenizer", None) or {}
-    if isinstance(tok, dict) and isinstance(tok.get("chat_template"), str):
-        return tok["chat_template"]
+    if manifest is not None:
+        tok = getattr(manifest, "tokenizer", None) or {}
+        inline = tok.get("chat_template") if isinstance(tok, dict) else None
+        if isinstance(inline, str):
+            return inline
+        return _recorded_template(folder, manifest)
     if folder is None:
         return None
     tdir = Path(folder) / "tokenizer"
@@ -37,6 +42,21 @@ def find_chat_template(folder: str | Path | None, manifest: Any = None) -> str |
         if isinstance(value, str):
             return value
     return None
+
+
+def _recorded_template(folder: str | Path | None, manifest: Any) -> str | None:
+    from ember.compiler.manifest import MANIFEST_NAME, read_member, tokenizer_members
+
+    _, member = tokenizer_members(manifest, f"{folder}/{MANIFEST_NAME}")
+    if member is None:
+        return None
+    if folder is None:
+        raise ArtifactError("the manifest records a chat template file but no engine folder was given to read it from")
+    data = read_member(folder, member)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ArtifactError(f"{Path(folder) / member.file} is not UTF-8 text (byte {e.start}); recompile the folder") from e
 
 
 class ChatTemplate:

@@ -1,8 +1,12 @@
 """Text generation endpoints over a ``DecoderEngine``: /v1/completions and /v1/chat/completions.
 
-One request = one ``engine.submit``. Checks before submitting (each a 400 naming the limit):
-the prompt is non-empty, its token ids are in the vocabulary, it fits ``max_prompt_tokens``,
-``max_tokens`` fits ``max_tokens_limit``, and prompt + max_tokens fit the model's positions.
+One request = one ``engine.submit``. Checks before submitting (each a 400 naming the field
+or limit): every text field is valid Unicode (no lone surrogates), the prompt (or chat) is
+not longer in bytes than ``max_prompt_tokens`` tokens could be, a chat has at most
+``max_prompt_tokens`` messages, the prompt is non-empty, its token ids are in the
+vocabulary, it fits ``max_prompt_tokens``, ``max_tokens`` fits ``max_tokens_limit``, and
+prompt + max_tokens fit the model's positions. Chat templates are rendered and prompts
+tokenized on a small thread pool, never on the event loop, and only after the byte checks.
 A full engine queue is a 429 with ``Retry-After`` (seconds, estimated from the queue depth
 and the recent finish rate). Streaming answers are server-sent events; the concatenated
 deltas equal the non-streaming text.
@@ -11,9 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import math
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive
@@ -22,21 +26,16 @@ from ember.errors import InputError, OverloadedError
 from ember.runtime.requests import FinishReason, RequestHandle, SamplingParams
 from ember.server import openai_schema as oa
 from ember.server.chat_template import ChatTemplate, find_chat_template
+from ember.server.limits import PROMPT_BYTES_PER_TOKEN, ServerLimits
 from ember.server.metrics import ServerMetrics
 from ember.server.streaming import EventStream, collect, drain, sse
 
+__all__ = ["CLIENT_CLOSED", "DecoderService", "ServerLimits"]
+
 CLIENT_CLOSED = 499  # nginx's "client closed request": logged, never seen by the (gone) client
-
-
-@dataclass(frozen=True)
-class ServerLimits:
-    """Per-request limits. None = derived from the model (its maximum positions)."""
-
-    max_body_bytes: int = 1 << 20  # request body, bytes
-    max_prompt_tokens: int | None = None  # default: max_positions - 1
-    max_tokens_limit: int | None = None  # largest max_tokens accepted; default: max_positions - 1
-    drain_timeout_s: float = 30.0  # SIGTERM: in-flight requests get this long, then are cancelled
-    max_queue: int | None = None  # image requests waiting (decoders: the engine's own max_queue)
+TEXT_THREADS = 2  # threads that render chat templates and tokenize prompts
+RETRY_AFTER_MAX_S = 60
+T = TypeVar("T")
 
 
 class DecoderService:
@@ -48,11 +47,20 @@ class DecoderService:
         self.max_positions = int(engine.max_positions)
         self.max_prompt_tokens = min(limits.max_prompt_tokens or self.max_positions - 1, self.max_positions - 1)
         self.max_tokens_limit = min(limits.max_tokens_limit or self.max_positions - 1, self.max_positions - 1)
+        self.max_prompt_bytes = self.max_prompt_tokens * PROMPT_BYTES_PER_TOKEN
         self.tokenizer = engine.tokenizer
         source = find_chat_template(folder, getattr(engine, "manifest", None))
         self.chat_template = ChatTemplate(source, *self._special_tokens()) if source and self.tokenizer else None
         self._reapers: set[asyncio.Task] = set()
         self.inflight: set[RequestHandle] = set()  # submitted, answer not yet sent (event loop only)
+        self._text_pool = ThreadPoolExecutor(TEXT_THREADS, thread_name_prefix="ember-text")
+
+    def close(self) -> None:
+        self._text_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the text thread pool, so a long tokenization never stalls the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._text_pool, fn, *args)
 
     def _special_tokens(self) -> tuple[str, str]:
         def name(i: Any) -> str:
@@ -60,14 +68,27 @@ class DecoderService:
         return name((self.engine.config or {}).get("bos_token_id")), name(self.engine.eos_token_id)
 
     # -- request preparation -----------------------------------------------------------------
-    def encode(self, prompt: str | list[int], *, chat: bool = False) -> list[int]:
+    def check_prompt_size(self, prompt: str | list[int], field: str = "prompt") -> None:
+        """Refuse, without tokenizing, a prompt too long for ``max_prompt_tokens`` whatever its encoding."""
+        if isinstance(prompt, str):
+            size = len(prompt.encode("utf-8"))
+            if size > self.max_prompt_bytes:
+                raise oa.ApiError(400, f"'{field}': {size} bytes of text cannot fit this server's limit of "
+                                       f"{self.max_prompt_tokens} prompt tokens (at most {self.max_prompt_bytes} "
+                                       "bytes are tokenized); shorten it", param=field, code="prompt_too_long")
+        elif len(prompt) > self.max_prompt_tokens:
+            raise oa.ApiError(400, f"'{field}': {len(prompt)} tokens exceeds this server's limit of "
+                                   f"{self.max_prompt_tokens} prompt tokens; shorten the prompt", param=field)
+
+    async def encode(self, prompt: str | list[int], *, chat: bool = False) -> list[int]:
         """Token ids of a prompt (the engine's own encoding; a rendered chat prompt already
-        carries its special tokens, so none are added to it)."""
+        carries its special tokens, so none are added to it), tokenized off the event loop."""
+        self.check_prompt_size(prompt, "messages" if chat else "prompt")
         try:
             if chat:
-                ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+                ids = (await self.off_loop(lambda: self.tokenizer.encode(prompt, add_special_tokens=False))).ids
             else:
-                ids = [int(t) for t in self.engine.encode(prompt)]
+                ids = [int(t) for t in await self.off_loop(self.engine.encode, prompt)]
         except InputError as e:
             raise oa.ApiError(400, f"'prompt': {e}", param="prompt") from None
         if not ids:
@@ -109,19 +130,23 @@ class DecoderService:
         return len(handles)
 
     def retry_after_s(self) -> int:
-        """Seconds until the queue has likely drained: queue depth / recent finishes per second."""
+        """Seconds until the waiting queue has likely drained: its depth x the recent seconds
+        per finished request (1 to RETRY_AFTER_MAX_S; 1 while no rate is known yet)."""
         try:
-            depth = float(self.engine.stats().get("queue_depth", 0))
+            depth = max(1.0, float(self.engine.stats().get("queue_depth", 0)))
         except Exception:  # noqa: BLE001 - an estimate only
-            depth = 0.0
-        _, finished_per_s = self.metrics.rates()
-        return int(min(30, max(1, math.ceil(depth / finished_per_s)))) if finished_per_s > 0 else 1
+            depth = 1.0
+        per_finish = self.metrics.seconds_per_finish()
+        if per_finish is None:
+            return 1
+        return int(min(RETRY_AFTER_MAX_S, max(1, math.ceil(depth * per_finish - 1e-9))))
 
     # -- endpoints ---------------------------------------------------------------------------
     async def completions(self, body: Any, receive: Receive) -> Response:
         req = oa.parse(oa.CompletionRequest, body)
+        oa.check_texts(req.text_fields())
         self._check_model(req.model)
-        ids = self.encode(req.single_prompt())
+        ids = await self.encode(req.single_prompt())
         return await self._answer(req, ids, self.budget(len(ids), req.max_tokens, 16), receive, chat=False)
 
     async def chat_completions(self, body: Any, receive: Receive) -> Response:
@@ -130,14 +155,31 @@ class DecoderService:
                                    "tokenizer folder), so /v1/chat/completions is unavailable: use /v1/completions, "
                                    "or compile from a tokenizer that has one", code="no_chat_template")
         req = oa.parse(oa.ChatRequest, body)
+        oa.check_texts(req.text_fields())
         self._check_model(req.model)
         requested = req.requested_max_tokens()
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        self.check_chat_size(messages)
         try:
-            text = self.chat_template.render([{"role": m.role, "content": m.text()} for m in req.messages])
+            text = await self.off_loop(self.chat_template.render, messages)
         except ValueError as e:
             raise oa.ApiError(400, str(e), param="messages") from None
-        ids = self.encode(text, chat=True)
+        ids = await self.encode(text, chat=True)
         return await self._answer(req, ids, self.budget(len(ids), requested, None), receive, chat=True)
+
+    def check_chat_size(self, messages: list[dict[str, str]]) -> None:
+        """Refuse, without rendering, a chat that cannot fit ``max_prompt_tokens``: more messages than
+        that (every template marks each message with at least one token), or more text than
+        ``check_prompt_size`` allows."""
+        if len(messages) > self.max_prompt_tokens:
+            raise oa.ApiError(400, f"'messages': {len(messages)} messages cannot fit this server's limit of "
+                                   f"{self.max_prompt_tokens} prompt tokens; send fewer messages",
+                              param="messages", code="prompt_too_long")
+        size = sum(len(m["content"].encode("utf-8")) for m in messages)
+        if size > self.max_prompt_bytes:
+            raise oa.ApiError(400, f"'messages': {size} bytes of text cannot fit this server's limit of "
+                                   f"{self.max_prompt_tokens} prompt tokens (at most {self.max_prompt_bytes} "
+                                   "bytes are tokenized); shorten the chat", param="messages", code="prompt_too_long")
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:

@@ -22,7 +22,8 @@ from starlette.types import Receive
 
 from ember.errors import InputError
 from ember.server import openai_schema as oa
-from ember.server.completions import CLIENT_CLOSED, ServerLimits
+from ember.server.completions import CLIENT_CLOSED
+from ember.server.limits import ServerLimits
 from ember.server.metrics import ServerMetrics
 from ember.server.streaming import wait_disconnect
 
@@ -58,6 +59,7 @@ class ImageService:
 
     async def generate(self, body: Any, receive: Receive) -> Response:
         req = oa.parse(oa.ImageRequest, body)
+        oa.check_texts(req.text_fields())
         if req.model is not None and req.model != self.model_name:
             raise oa.ApiError(404, f"model {req.model!r} is not served here; this server serves {self.model_name!r}",
                               param="model", code="model_not_found")

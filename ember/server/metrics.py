@@ -102,6 +102,15 @@ class ServerMetrics:
         dt = t1 - t0
         return ((k1 - k0) / dt, (r1 - r0) / dt) if dt > 0 else (0.0, 0.0)
 
+    def seconds_per_finish(self) -> float | None:
+        """Mean seconds between finished requests over the sliding window. When none finished,
+        the window's span (a lower bound: fewer than one finish in that time); None before
+        two samples."""
+        if len(self._samples) < 2:
+            return None
+        (t0, _, r0), (t1, _, r1) = self._samples[0], self._samples[-1]
+        return (t1 - t0) / max(r1 - r0, 1.0) if t1 > t0 else None
+
     def render(self, stats: dict[str, Any] | None, state: str) -> str:
         """The whole exposition text. ``stats`` is ``engine.stats()`` (None while loading)."""
         out: list[str] = []

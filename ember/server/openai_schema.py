@@ -19,7 +19,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ember.errors import InputError
 from ember.runtime.requests import Completion, FinishReason
+from ember.runtime.text_input import check_text
 
 
 class ApiError(Exception):
@@ -33,6 +35,23 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
+
+
+def check_texts(fields: list[tuple[str, str]]) -> None:
+    """Every (field, text) pair must be Unicode scalar values (no lone surrogate such as a
+    JSON ``"\\ud800"``): else a 400 naming the field, before anything is tokenized."""
+    for field, text in fields:
+        try:
+            check_text(text, f"'{field}'")
+        except InputError as e:
+            raise ApiError(400, str(e), param=field, code="invalid_text") from None
+
+
+def _indexed(name: str, value: str | list | None) -> list[tuple[str, str]]:
+    """``[(name, value)]`` for a string, ``[(name[i], item)]`` for the strings of a list."""
+    if isinstance(value, str):
+        return [(name, value)]
+    return [(f"{name}[{i}]", v) for i, v in enumerate(value or []) if isinstance(v, str)]
 
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
@@ -72,6 +91,10 @@ class SamplingFields(BaseModel):
             if bad:
                 raise ApiError(400, f"'{name}': {why}", param=name)
 
+    def text_fields(self) -> list[tuple[str, str]]:
+        """The user text this request carries, as (field, text) pairs (see ``check_texts``)."""
+        return _indexed("model", self.model) + _indexed("stop", self.stop)
+
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > 4 or any(not s for s in stops):
@@ -93,6 +116,9 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
+
+    def text_fields(self) -> list[tuple[str, str]]:
+        return _indexed("prompt", self.prompt) + super().text_fields()
 
     def single_prompt(self) -> str | list[int]:
         """The one prompt (a string or token ids); batches of several prompts are refused."""
@@ -119,6 +145,12 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
 
+    def text_fields(self, name: str) -> list[tuple[str, str]]:
+        if not isinstance(self.content, list):
+            return _indexed(f"{name}.content", self.content)
+        return [(f"{name}.content[{j}].text", part["text"]) for j, part in enumerate(self.content)
+                if isinstance(part.get("text"), str)]
+
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
@@ -135,6 +167,10 @@ class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+
+    def text_fields(self) -> list[tuple[str, str]]:
+        fields = [f for i, m in enumerate(self.messages) for f in m.text_fields(f"messages[{i}]")]
+        return fields + super().text_fields()
 
     def requested_max_tokens(self) -> int | None:
         self._refuse_unsupported()
@@ -153,6 +189,10 @@ class ImageRequest(BaseModel):
     guidance_scale: float | None = Field(None, ge=0.0, le=50.0)
     negative_prompt: str | None = None
     seed: int | None = Field(None, ge=0)
+
+    def text_fields(self) -> list[tuple[str, str]]:
+        return _indexed("prompt", self.prompt) + _indexed("negative_prompt", self.negative_prompt) + \
+            _indexed("model", self.model)
 
     def width_height(self) -> tuple[int, int] | None:
         if self.size is None:

@@ -10,12 +10,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from typing import Any, AsyncIterator, Callable
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from ember.runtime.requests import Completion, RequestHandle
+from ember.server.openai_schema import error_body
+
+log = logging.getLogger("ember.server")
 
 
 async def wait_disconnect(receive: Receive) -> None:
@@ -60,7 +64,9 @@ def sse(data: Any) -> bytes:
 class EventStream(Response):
     """A ``text/event-stream`` response fed by ``events`` (bytes). If the client disconnects
     first, ``on_disconnect()`` runs; ``on_close()`` always runs at the end (also when the
-    stream never started or its task was cancelled), then ``events`` is closed."""
+    stream never started or its task was cancelled), then ``events`` is closed. If ``events``
+    raises, the error is logged and the stream ends with an error event and ``[DONE]``, so
+    the response stays well-formed and the connection can be reused."""
 
     media_type = "text/event-stream"
 
@@ -75,8 +81,13 @@ class EventStream(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def pump() -> None:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            async for chunk in self.events:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            try:
+                async for chunk in self.events:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except Exception as e:  # noqa: BLE001 - a failing stream ends with an error event, not a reset
+                log.exception("streaming response failed")
+                error = error_body(f"internal server error: {type(e).__name__}: {e}", "server_error")
+                await send({"type": "http.response.body", "body": sse(error) + sse("[DONE]"), "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
         work = asyncio.ensure_future(pump())

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ember.errors import ConfigError
+from ember.export.config import bool_field, float_field, int_field
 
 # Block types the UNet split understands (SD-1.x's set); anything else fails at compile time.
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -156,3 +157,51 @@ def builtin_config(name: str) -> DiffusionConfig:
     if name not in BUILTIN:
         raise ConfigError(f"unknown built-in diffusion config {name!r} (built-ins: {', '.join(BUILTIN)})")
     return BUILTIN[name]
+
+
+# --- a diffusers folder's part configs: types and ranges, before any module is built -------------
+
+# The config fields of each part that must be whole numbers >= 1.
+_PART_INTS = {
+    "unet": ("sample_size", "in_channels", "out_channels", "layers_per_block", "cross_attention_dim", "norm_num_groups"),
+    "vae": ("in_channels", "out_channels", "latent_channels", "layers_per_block", "norm_num_groups"),
+    "text_encoder": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "max_position_embeddings"),
+    "scheduler": ("num_train_timesteps",),
+}
+# Fields that count repeated modules: each must be at most the number of tensors in the part's weights.
+PART_COUNTS = {"unet": ("layers_per_block",), "vae": ("layers_per_block",), "text_encoder": ("num_hidden_layers",)}
+
+
+def check_part_config(part: str, cfg: dict[str, Any], where: str) -> None:
+    """Fail, naming the field and the fix, on a part config whose sizes are not usable numbers."""
+    for key in _PART_INTS[part]:
+        int_field(cfg, key, where)
+    if part in ("unet", "vae"):
+        channels = cfg.get("block_out_channels")
+        if not isinstance(channels, list) or not channels:
+            raise ConfigError(f"{where}: field block_out_channels must be a non-empty list of whole numbers; "
+                              "restore the model's original config.json")
+        groups = cfg["norm_num_groups"]
+        for i in range(len(channels)):
+            c = int_field({f"block_out_channels[{i}]": channels[i]}, f"block_out_channels[{i}]", where)
+            if c % groups:
+                raise ConfigError(f"{where}: block_out_channels[{i}]={c} is not divisible by norm_num_groups={groups}; "
+                                  "set them to the model's values")
+        float_field(cfg, "scaling_factor", where, None, positive=True)
+    if part == "unet":
+        heads = cfg.get("attention_head_dim")
+        for h in heads if isinstance(heads, list) else [heads]:
+            int_field({"attention_head_dim": h}, "attention_head_dim", where, default=None)
+        for key in ("down_block_types", "up_block_types"):
+            types = cfg.get(key)
+            if not isinstance(types, list) or len(types) != len(cfg["block_out_channels"]):
+                raise ConfigError(f"{where}: field {key} must be a list with one block type per block_out_channels "
+                                  "entry; restore the model's original config.json")
+        bool_field(cfg, "center_input_sample", where, False)
+    if part == "text_encoder" and cfg["hidden_size"] % cfg["num_attention_heads"]:
+        raise ConfigError(f"{where}: hidden_size={cfg['hidden_size']} is not divisible by num_attention_heads="
+                          f"{cfg['num_attention_heads']}; set them to the model's values")
+    if part == "scheduler":
+        for key in ("beta_start", "beta_end"):
+            float_field(cfg, key, where, None, positive=True)

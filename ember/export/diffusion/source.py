@@ -9,10 +9,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ember.errors import ConfigError
-from ember.export.diffusion.config import DOWN_BLOCKS, MID_BLOCKS, UP_BLOCKS, DiffusionConfig, builtin_config
+from ember.export.config import read_json_object
+from ember.export.diffusion.config import (
+    DOWN_BLOCKS, MID_BLOCKS, PART_COUNTS, UP_BLOCKS, DiffusionConfig, builtin_config, check_part_config,
+)
+from ember.export.weights import check_parameter_count, one_line, read_weight_index
 
 PARTS = ("unet", "text_encoder", "vae", "scheduler", "tokenizer")
 SUPPORTED_PREDICTION = ("epsilon",)
@@ -126,23 +130,30 @@ def load_folder(folder: Path) -> DiffusionSource:
     """Load a diffusers StableDiffusionPipeline folder; missing or unsupported parts are named."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     if not (folder / "model_index.json").exists():
         raise ConfigError(f"{folder} has no model_index.json; pass a diffusers pipeline folder (pipe.save_pretrained(...))")
+    read_json_object(folder / "model_index.json", "model_index.json")
     missing = [p for p in PARTS if not (folder / p).is_dir()]
     if missing:
         raise ConfigError(
             f"{folder} lacks pipeline part(s) {', '.join(missing)}; an SD-1.x folder needs "
             f"{', '.join(p + '/' for p in PARTS)} (save the full StableDiffusionPipeline)"
         )
-    check_unet_config(dict(json.loads((folder / "unet" / "config.json").read_text())), folder / "unet")
+    configs = {part: _part_config(folder, part) for part in ("unet", "text_encoder", "vae")}
+    check_unet_config(configs["unet"], folder / "unet")
     sched_file = folder / "scheduler" / "scheduler_config.json"
     if not sched_file.exists():
         raise ConfigError(f"{sched_file} is missing; the scheduler folder needs its scheduler_config.json")
-    sched = json.loads(sched_file.read_text())
+    sched = read_json_object(sched_file, "scheduler_config.json")
+    check_part_config("scheduler", sched, str(sched_file))
     if sched.get("prediction_type", "epsilon") not in SUPPORTED_PREDICTION:
         raise ConfigError(f"{sched_file}: prediction_type {sched.get('prediction_type')!r} is not supported (epsilon only)")
+    builders = {"unet": UNet2DConditionModel.from_config, "vae": AutoencoderKL.from_config,
+                "text_encoder": lambda c: CLIPTextModel(CLIPTextConfig.from_dict(c))}
+    for part, build in builders.items():
+        check_part_weights(folder / part, part, configs[part], build)
     with torch.no_grad():
         unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32).eval()
         text = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32).eval()
@@ -164,6 +175,45 @@ def load_folder(folder: Path) -> DiffusionSource:
         vae_scaling_factor=float(vae.config.scaling_factor),
         config=json.loads(json.dumps({"source": str(folder), "unet": dict(unet.config), "vae_scale": vae_scale}, default=str)),
     )
+
+
+def _part_config(folder: Path, part: str) -> dict[str, Any]:
+    path = folder / part / "config.json"
+    if not path.exists():
+        raise ConfigError(f"{path} is missing; save the full pipeline (pipe.save_pretrained(...))")
+    cfg = read_json_object(path, "config.json")
+    check_part_config(part, cfg, str(path))
+    return cfg
+
+
+def check_part_weights(part_dir: Path, part: str, cfg: dict[str, Any], build: Callable[[dict], Any]) -> None:
+    """Check a part's config against its weight files' shapes before the real module is allocated.
+
+    Repeat counts are bounded by the number of tensors first (so the module can be built on the
+    meta device quickly), then every parameter the config implies must fit the weights."""
+    import torch
+
+    where = str(part_dir / "config.json")
+    index = read_weight_index(part_dir)
+    counts = {key: cfg[key] for key in PART_COUNTS[part]}
+    if "block_out_channels" in cfg:
+        counts["len(block_out_channels)"] = len(cfg["block_out_channels"])
+    for key, value in counts.items():
+        if value > len(index.shapes):
+            raise ConfigError(f"{where}: {key}={value} but the weights ({index.files[0].name}) hold only "
+                              f"{len(index.shapes)} tensors; set it to the model's value")
+    try:
+        with torch.device("meta"):
+            module = build(cfg)
+    except Exception as e:  # noqa: BLE001 - diffusers/transformers raise many types for odd configs
+        raise ConfigError(f"{where}: the {part} config cannot be built ({one_line(e)}); "
+                          "restore the model's original config.json") from e
+    for name, param in module.named_parameters():
+        shape = index.shapes.get(name)
+        if shape is not None and tuple(param.shape) != shape:
+            raise ConfigError(f"{where}: the config gives {name} the shape {list(param.shape)} but the weights hold "
+                              f"{list(shape)}; use the config.json that belongs to these weights")
+    check_parameter_count(sum(p.numel() for p in module.parameters()), index, where)
 
 
 def check_unet_config(cfg: dict[str, Any], where: Path | str) -> None:
@@ -190,7 +240,7 @@ def _folder_tokenizer(folder: Path, max_len: int) -> tuple[Any, int]:
     if (folder / "tokenizer.json").exists():
         tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
         cfg_file = folder / "tokenizer_config.json"
-        pad = json.loads(cfg_file.read_text()).get("pad_token") if cfg_file.exists() else None
+        pad = read_json_object(cfg_file, "tokenizer_config.json").get("pad_token") if cfg_file.exists() else None
         pad = pad.get("content") if isinstance(pad, dict) else pad
     else:
         try:

@@ -96,7 +96,8 @@ def run_diffusion_compile(a, out: str) -> int:
               branch=a.cache_branch, image_size=a.image_size, quantize=a.quantize, calib_method=a.calib_method, dec=a.dec,
               schedule_features=a.schedule_features,
               schedule_weights=a.schedule_weights, guidance_scale=a.guidance_scale, seed=a.seed,
-              validate=not getattr(a, "no_validate", False), quiet=getattr(a, "quiet", False))
+              validate=not getattr(a, "no_validate", False), overwrite=getattr(a, "overwrite", False),
+              quiet=getattr(a, "quiet", False))
     prompts = _prompts(getattr(a, "calib", None))
     if prompts is not None:
         kw["calib_prompts"] = prompts

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ember.compiler.manifest import EnginePart
+from ember.compiler.manifest import EnginePart, resolve_member
 from ember.errors import ArtifactError
 from ember.runtime.session import make_session
 
@@ -25,7 +25,8 @@ class PartSession:
         if part.backend != "onnxruntime":
             raise ArtifactError(f"part {part.name!r} was built for {part.backend}; the diffusion runtime runs onnxruntime parts")
         self.disabled_optimizers = list(part.extra.get("ort_disabled_optimizers") or [])
-        self.sess = make_session(folder / part.file, threads, disabled_optimizers=self.disabled_optimizers,
+        self.sess = make_session(resolve_member(folder, part.file, f"parts[{part.name}]"), threads,
+                                 disabled_optimizers=self.disabled_optimizers,
                                  optimized_path=optimized_path)
         have = {i.name for i in self.sess.get_inputs()}
         want = {t.name for t in part.inputs}

@@ -8,15 +8,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ember.compiler.manifest import Manifest
+from ember.compiler.manifest import Manifest, resolve_member
 from ember.errors import ArtifactError, InputError
 from ember.runtime.diffusion.ddim import DDIM
 from ember.runtime.diffusion.denoise import DecRows, DenoiseJob, LoopStats, Observer, run_loop
 from ember.runtime.diffusion.engines import PartSession
+from ember.runtime.text_input import check_text
 
 
 @dataclass
@@ -48,7 +49,7 @@ class DiffusionPipeline:
     """Owns its engine sessions. ``generate`` is the public entry; ``run_jobs`` the fused loop."""
 
     def __init__(self, folder: Path, manifest: Manifest, threads: int | None = None) -> None:
-        from tokenizers import Tokenizer
+        from ember.runtime.loader import load_tokenizer
 
         spec = manifest.extra.get("diffusion")
         if not isinstance(spec, dict):
@@ -58,11 +59,9 @@ class DiffusionPipeline:
         self.full = PartSession(folder, manifest.part("unet_full"), threads)
         self.shallow = PartSession(folder, manifest.part("unet_shallow"), threads)
         self.vae = PartSession(folder, manifest.part("vae_decoder"), threads)
-        tok = manifest.tokenizer or {}
-        tok_path = folder / tok.get("file", "tokenizer/tokenizer.json")
-        if not tok_path.exists():
-            raise ArtifactError(f"{tok_path} is missing; recompile the folder")
-        self.tokenizer = Tokenizer.from_file(str(tok_path))
+        self.tokenizer = load_tokenizer(folder, manifest)
+        if self.tokenizer is None:
+            raise ArtifactError(f"{folder}/manifest.json records no tokenizer; recompile the folder")
         self.sampler = DDIM.from_config(spec["scheduler"])
         self.cache = spec["cache"]
         self.dec = self._load_dec(spec.get("dec"))
@@ -80,7 +79,11 @@ class DiffusionPipeline:
     def _load_dec(self, dec: dict[str, Any] | None) -> DecRows | None:
         if not dec:
             return None
-        with np.load(self.folder / dec["file"]) as z:
+        table = next((t for t in self.manifest.tables if isinstance(t, dict) and t.get("file") == dec.get("file")), None)
+        if table is None:  # only files the manifest records (and the loader checked) are read
+            raise ArtifactError(f"{self.folder}/manifest.json: the DEC tables {dec.get('file')!r} are not among the "
+                                f"manifest's tables; recompile the folder")
+        with np.load(resolve_member(self.folder, table["file"], "tables"), allow_pickle=False) as z:
             return DecRows(*(z[k].astype(np.float32) for k in ("cache_scale", "cache_bias", "quant_scale", "quant_bias")))
 
     def _identity(self, steps: int) -> DecRows:
@@ -133,10 +136,18 @@ class DiffusionPipeline:
                   seed: int | Sequence[int] = 0, guidance_scale: float | None = None, latents: np.ndarray | None = None,
                   cache: bool = True, dec: bool = True, stagger: int = 0) -> tuple[list[DenoiseJob], list[str]]:
         """One DenoiseJob per prompt (job i joins at iteration i * stagger)."""
+        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+            raise InputError(f"prompts must be a list of strings, got {type(prompts).__name__}: pass [text, ...]")
         n = len(prompts)
+        negs = [negative_prompt] * n if isinstance(negative_prompt, str) else negative_prompt
+        if not isinstance(negs, (list, tuple)):
+            raise InputError(f"negative_prompt must be a string or a list of strings, got {type(negs).__name__}")
+        for name, texts in (("prompts", prompts), ("negative_prompt", negs)):
+            for i, text in enumerate(texts):
+                check_text(text, f"{name}[{i}]")
         steps = int(self.spec["steps"]) if steps is None else int(steps)
         g = float(self.spec["guidance_scale"] if guidance_scale is None else guidance_scale)
-        negs = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
+        negs = list(negs)
         seeds = [seed + i for i in range(n)] if isinstance(seed, int) else list(seed)
         if len(negs) != n or len(seeds) != n:
             raise InputError(f"got {n} prompts but {len(negs)} negative prompts and {len(seeds)} seeds; give one each")
@@ -166,7 +177,11 @@ class DiffusionPipeline:
         [N, C, h, w] replaces the seeded initial noise; ``cache=False`` runs every step full;
         ``dec=False`` feeds identity corrections; ``stagger`` delays request i by i*stagger steps.
         """
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        elif isinstance(prompts, (bytes, bytearray)) or not isinstance(prompts, Iterable):
+            raise InputError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
+        prompts = list(prompts)
         if not prompts:
             raise InputError("no prompts given; pass at least one prompt")
         size = self.image_size
