@@ -84,7 +84,9 @@ def _add_compile(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing engine folder at -o (only once the new one is complete; a folder that "
                         "is not an engine folder is never replaced)")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt", "tensorrt-rtx"],
+                   help="onnxruntime (CPU and GPUs), tensorrt (a plan for this machine's GPU) or tensorrt-rtx "
+                        "(TensorRT-RTX plans for --trt-targets, built without a GPU; docs/gpu.md)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
     p.add_argument("--quantize", choices=["int8", "fp8", "int8-weights"], help="insert Q/DQ nodes (TensorRT-compatible)")
     p.add_argument("--calib", help="calibration prompts: a text file (one per line) or a JSON list")
@@ -97,11 +99,18 @@ def _add_compile(sub) -> None:
                         "runs one-token steps; auto = --dtype fp16 llama family; on = gpt2 and FP32 too "
                         "(CPU: faster decode, a second copy of the weights in memory; docs/gpu.md)")
     p.add_argument("--seed", type=int, default=0, help="seed of a built-in config's random weights")
-    trt = p.add_argument_group("TensorRT (--backend tensorrt; see docs/gpu.md)")
-    trt.add_argument("--version-compatible", action="store_true", help="plan loads on later TensorRT of the same major")
-    trt.add_argument("--hardware-compatibility-level", choices=["none", "ampere+", "same-compute-capability"])
-    trt.add_argument("--timing-cache", metavar="PATH", help="timing cache file (locked and merged)")
-    trt.add_argument("--trt-max-batch", type=int, metavar="N", help="decode profile's largest batch")
+    trt = p.add_argument_group("TensorRT (--backend tensorrt or tensorrt-rtx; see docs/gpu.md)")
+    trt.add_argument("--trt-targets", metavar="LIST",
+                     help="(tensorrt-rtx) GPUs the plans run on, e.g. sm86,sm89 or 8.6,8.9; valid: sm75, sm80, sm86, "
+                          "sm89, sm120, sm121 (default: sm80 and newer; sm89 and newer for --quantize fp8)")
+    trt.add_argument("--version-compatible", action="store_true",
+                     help="(tensorrt) plan loads on later TensorRT of the same major")
+    trt.add_argument("--hardware-compatibility-level", choices=["none", "ampere+", "same-compute-capability"],
+                     help="(tensorrt) GPUs other than the build machine's that the plan runs on")
+    trt.add_argument("--timing-cache", metavar="PATH", help="(tensorrt) timing cache file (locked and merged)")
+    trt.add_argument("--trt-max-batch", type=int, metavar="N",
+                     help="largest batch of the plans' profiles (decoders: the decode profile, default 128; "
+                          "diffusion parts: default 16)")
     trt.add_argument("--builder-optimization-level", type=int, choices=range(6), metavar="0-5")
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX-vs-torch check after export")
     p.add_argument("--quiet", action="store_true")
@@ -118,8 +127,23 @@ def _is_diffusion_source(source: str) -> bool:
     return source.startswith("sd-") or (Path(source) / "model_index.json").exists()
 
 
+def _trt_options(a) -> dict:
+    """The TensorRT flags given, as ``TensorRTOptions`` fields (checked per backend by the compile)."""
+    trt = {"version_compatible": a.version_compatible or None,
+           "hardware_compatibility_level": a.hardware_compatibility_level, "timing_cache": a.timing_cache,
+           "max_batch": a.trt_max_batch, "builder_optimization_level": a.builder_optimization_level,
+           "targets": a.trt_targets}
+    extra = {k: v for k, v in trt.items() if v is not None}
+    if extra and a.backend not in ("tensorrt", "tensorrt-rtx"):
+        flags = ", ".join("--" + {"max_batch": "trt_max_batch", "targets": "trt_targets"}.get(k, k).replace("_", "-")
+                          for k in extra)
+        raise EmberError(f"TensorRT options ({flags}) need --backend tensorrt or --backend tensorrt-rtx")
+    return extra
+
+
 def _cmd_compile(a) -> int:
     out = a.output or str(Path("artifacts") / Path(a.source.rstrip("/")).name)
+    a.trt_options = _trt_options(a)
     if _is_diffusion_source(a.source):
         a.needs_extra = "diffusion"
         require_modules("compile", "diffusion", ("torch", "transformers", "diffusers"))
@@ -130,12 +154,7 @@ def _cmd_compile(a) -> int:
     require_modules("compile", "export", ("torch",))
     from ember.compiler.compile import CompileOptions, compile_decoder
 
-    trt = {"version_compatible": a.version_compatible or None,
-           "hardware_compatibility_level": a.hardware_compatibility_level, "timing_cache": a.timing_cache,
-           "max_batch": a.trt_max_batch, "builder_optimization_level": a.builder_optimization_level}
-    extra = {k: v for k, v in trt.items() if v is not None}
-    if extra and a.backend != "tensorrt":
-        raise EmberError(f"TensorRT options ({', '.join('--' + k.replace('_', '-') for k in extra)}) need --backend tensorrt")
+    extra = a.trt_options
     opts = CompileOptions(backend=a.backend, dtype=a.dtype, quantize=a.quantize, calib=a.calib,
                           calib_method=a.calib_method, smoothquant=a.smoothquant, max_error=a.max_error,
                           seed=a.seed, validate=not a.no_validate, tp=a.tp, fused_decode=a.fused_decode,
@@ -174,6 +193,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    p.add_argument("--backend", default=None, choices=["onnxruntime"],
+                   help="run a TensorRT / TensorRT-RTX folder's ONNX graphs with ONNX Runtime instead of its plans "
+                        "(e.g. on a GPU the plans were not built for; docs/gpu.md)")
     p.add_argument("--tp", type=int, default=None, help="(tensor-parallel folders) number of ranks to launch")
     p.add_argument("--no-stream", action="store_true", help="print whole completions at the end")
     p.add_argument("--json", action="store_true", help="print completions as JSON lines")
@@ -184,6 +206,8 @@ def _cmd_generate(a) -> int:
     import ember
 
     opts = {"threads": a.threads, "device": a.device}
+    if a.backend is not None:
+        opts["backend"] = a.backend
     if a.tp is not None:
         opts["tp"] = a.tp
     t0 = time.perf_counter()

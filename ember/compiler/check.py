@@ -1,13 +1,15 @@
 """``ember check FOLDER``: run each engine part on every backend present here and compare it
 with its ONNX graph on ONNX Runtime's CPU provider, output by output.
 
-Reference: the part's ONNX (for a TensorRT part, the graph it was built from,
+Reference: the part's ONNX (for a TensorRT or TensorRT-RTX part, the graph it was built from,
 ``extra['source_onnx']``), or ``reference=`` a float ONNX of the same I/O (e.g. the FP32
 export of an FP16 engine). Candidates, whichever are present: ONNX Runtime CUDA (for ONNX
 parts, when onnxruntime-gpu and a GPU are here), TensorRT (for plans, when tensorrt is
-importable), and ONNX Runtime CPU on the part's own graph when it differs from the
-reference. Inputs follow the decoder step-graph contract (a decode case and a prefill case,
-mixed past lengths, one padded row); other graphs get random inputs with symbolic dims = 2.
+importable), TensorRT-RTX (for its plans, when a GPU is here: a GPU outside the plan's
+targets, or a missing library, is an error naming the fix), and ONNX Runtime CPU on the
+part's own graph when it differs from the reference. Inputs follow the decoder step-graph
+contract (a decode case and a prefill case, mixed past lengths, one padded row); other
+graphs get random inputs with symbolic dims = 2.
 The fused decode part (GroupQueryAttention, K/V in place) is compared with the step graph's
 reference run on the same decode state (its new K/V placed at each row's past length).
 
@@ -26,6 +28,7 @@ import numpy as np
 
 from ember.compiler.manifest import EnginePart, Manifest, read_manifest, verify_files
 from ember.errors import ArtifactError
+from ember.runtime.backend_choice import is_plan
 
 DEFAULT_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "quantized": 1e-1}
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
@@ -170,15 +173,8 @@ def candidate_runners(folder: Path, part: EnginePart, reference: Path) -> dict[s
     """Every backend present on this machine that can run ``part``."""
     runners: dict[str, Callable[[dict], dict]] = {}
     layers = sum(1 for t in part.inputs if t.name.startswith("past_key."))
-    if part.backend == "tensorrt":
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            return runners
-        from ember.runtime.trt_session import TensorRTStepSession
-
-        runners["tensorrt"] = _device_runner(TensorRTStepSession(folder / part.file, part, layers), part)
-        return runners
+    if is_plan(part):
+        return _plan_runners(folder, part, layers)
     onnx_path = folder / part.file
     if onnx_path.resolve() != reference.resolve():
         runners["onnxruntime-cpu"] = _cpu_runner(onnx_path)
@@ -198,6 +194,25 @@ def candidate_runners(folder: Path, part: EnginePart, reference: Path) -> dict[s
         except ImportError:
             pass
     return runners
+
+
+def _plan_runners(folder: Path, part: EnginePart, layers: int) -> dict[str, Callable[[dict], dict]]:
+    """A TensorRT plan where ``tensorrt`` is importable; a TensorRT-RTX plan where a GPU is
+    visible. The session's own checks run first: a GPU the plan was not built for, another
+    library release or a missing library is an error naming the fix, never a crash."""
+    if part.backend == "tensorrt":
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            return {}
+    else:
+        from ember.runtime.gpu_target import find_gpu
+
+        if find_gpu(0) is None:
+            return {}
+    from ember.runtime.trt_session import TensorRTStepSession
+
+    return {part.backend: _device_runner(TensorRTStepSession(folder / part.file, part, layers), part)}
 
 
 def _rel(got: np.ndarray, ref: np.ndarray) -> float:
@@ -250,7 +265,7 @@ def _reference_path(folder: Path, part: EnginePart, reference: str | os.PathLike
     """``reference`` when given, else the part's ONNX (a TensorRT plan's source graph)."""
     if reference is not None:
         ref_path = Path(reference)
-    elif part.backend == "tensorrt":
+    elif is_plan(part):
         src = part.extra.get("source_onnx")
         if not src:
             raise ArtifactError(f"part {part.name!r} records no source ONNX; pass --reference FILE.onnx")

@@ -18,7 +18,7 @@ from ember.compiler.onnx_io import io_specs
 from ember.errors import ConfigError, EmberError
 from ember.progress import StageLog
 
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")  # the last two: backends/tensorrt.py
 DTYPES = ("fp32", "fp16")
 QUANT_SCHEMES = ("int8", "fp8", "int8-weights")
 FUSED_DECODE = ("auto", "on", "off")
@@ -41,7 +41,7 @@ class CompileOptions:
     fused_decode: str = "auto"  # auto | on | off: the GroupQueryAttention decode part (export/gqa_decode.py)
     overwrite: bool = False  # replace an existing engine folder at the output path (--overwrite)
     quiet: bool = False
-    extra: dict = field(default_factory=dict)  # backend-specific (TensorRT profiles, ...)
+    extra: dict = field(default_factory=dict)  # TensorRT backends: TensorRTOptions fields (profiles, targets, ...)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -54,6 +54,9 @@ class CompileOptions:
             raise ConfigError(f"--tp {self.tp} must be >= 1")
         if self.fused_decode not in FUSED_DECODE:
             raise ConfigError(f"--fused-decode {self.fused_decode!r} is not one of {', '.join(FUSED_DECODE)}")
+        from ember.compiler.backends.tensorrt import check_plan_options
+
+        check_plan_options(self.backend, self.extra)  # before the export, not after it
 
 
 def wants_fused_decode(options: CompileOptions, family: str, head_dim: int = 64) -> bool:
@@ -232,7 +235,7 @@ def _build_part(folder: Path, name: str, onnx_path: Path, files: list[str], opti
             extra["ort_disabled_optimizers"] = disabled
         return mf.EnginePart(name=name, backend="onnxruntime", file=rec["file"], sha256=rec["sha256"], size=rec["size"],
                              inputs=inputs, outputs=outputs, external_data=ext, extra=extra)
-    from ember.compiler.backends.tensorrt import build_plan_part
+    from ember.compiler.backends.tensorrt import build_plan_part  # tensorrt | tensorrt-rtx
 
     part = build_plan_part(folder, name, onnx_path, inputs, outputs, options, max_past=max_past)
     part.external_data = ext  # the weights of the part's source ONNX (extra['source_onnx']), kept for `ember check`

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import onnx
 from ember.compiler import manifest as mf
 from ember.compiler import diffusion_calib as calib
 from ember.compiler.artifact import atomic_folder, prepare_output, write_manifest
+from ember.compiler.backends.tensorrt import PLAN_BACKENDS, check_plan_options
 from ember.compiler.onnx_io import io_specs
 from ember.errors import ConfigError, EmberError
 from ember.progress import StageLog
@@ -29,6 +30,8 @@ SCHEDULES = ("dp", "uniform")
 SCHEDULE_WEIGHTS = ("sampler", "none")
 # DESIGN §5: keep the input/output convs, the time embedding and shortcut convs in float.
 KEEP_FLOAT = (r"conv_in/", r"conv_out/", r"time_embedding", r"conv_shortcut")
+BACKENDS = ("onnxruntime", *PLAN_BACKENDS)
+PLAN_MAX_BATCH = 16  # TensorRT parts: batch 1..16 (prompts x 2 with guidance) unless --trt-max-batch says otherwise
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,13 @@ class DiffusionCompileOptions:
     threads: int | None = None
     overwrite: bool = False  # replace an existing engine folder at the output path (--overwrite)
     quiet: bool = False
+    backend: str = "onnxruntime"  # onnxruntime | tensorrt | tensorrt-rtx (every part a plan built from its ONNX)
+    backend_extra: dict = field(default_factory=dict)  # TensorRT options (targets, max_batch, ...)
 
     def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"--backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        check_plan_options(self.backend, self.backend_extra)
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"--schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if self.cache_interval is not None and self.cache_speedup is not None:
@@ -140,9 +148,34 @@ def _validate(src, folder: Path, branch: int, tol: float) -> dict[str, float]:
     return errs
 
 
+def _plan_parts(folder: Path, opts: DiffusionCompileOptions) -> dict[str, mf.EnginePart]:
+    """A TensorRT plan of every part, built from its ONNX (kept as the part's ``source_onnx``);
+    one optimization profile: batch 1..max_batch."""
+    from types import SimpleNamespace
+
+    from ember.compiler.backends.tensorrt import build_plan_part
+    from ember.compiler.profiles import DimRange, ProfileSpec
+
+    extra = {**opts.backend_extra}
+    extra["max_batch"] = top = extra.get("max_batch", PLAN_MAX_BATCH)
+    extra.setdefault("profiles", [ProfileSpec("batch", {"batch": DimRange(1, min(2, top), top)}).to_dict()])
+    parts = {}
+    for name in PART_NAMES:
+        path = folder / f"{name}.onnx"
+        ins, outs = io_specs(onnx.load(str(path), load_external_data=False))
+        build = SimpleNamespace(backend=opts.backend, dtype="fp32", extra=extra,
+                                quantize=opts.quantize if name.startswith("unet") else None)
+        part = build_plan_part(folder, name, path, ins, outs, build)
+        data = path.name + ".data"
+        part.external_data = [mf.file_record(folder, data)] if (folder / data).exists() else []
+        parts[name] = part
+    return parts
+
+
 def _manifest(folder: Path, source: str, src, opts: DiffusionCompileOptions, spec: dict[str, Any], quant: dict | None,
-              tables: list[str], dtype: str) -> mf.Manifest:
-    parts = [_part(folder, n, dtype if n.startswith("unet") else "fp32") for n in PART_NAMES]
+              tables: list[str], dtype: str, plans: dict[str, mf.EnginePart] | None = None) -> mf.Manifest:
+    """The folder's manifest; its parts are ``plans`` where given, else the ONNX graphs (ONNX Runtime)."""
+    parts = [(plans or {}).get(n) or _part(folder, n, dtype if n.startswith("unet") else "fp32") for n in PART_NAMES]
     return mf.Manifest(
         kind="diffusion",
         model={"family": "stable-diffusion-1", "name": src.name, "source": str(source), "config": src.config},
@@ -168,7 +201,9 @@ def compile_diffusion(source: str | os.PathLike, out_dir: str | os.PathLike,
 
     opts = options
     prepare_output(out_dir, overwrite=opts.overwrite, source=source)  # fail before the long export
-    log = StageLog(total=4 + bool(opts.needs_calibration) + bool(opts.quantize) + bool(opts.dec), quiet=opts.quiet)
+    plans_wanted = opts.backend in PLAN_BACKENDS
+    log = StageLog(total=4 + bool(opts.needs_calibration) + bool(opts.quantize) + bool(opts.dec) + plans_wanted,
+                   quiet=opts.quiet)
     with log.stage(f"load {source}"):
         src = load_source(source, seed=opts.seed)
         _set_image_size(src, opts.image_size)
@@ -223,7 +258,11 @@ def compile_diffusion(source: str | os.PathLike, out_dir: str | os.PathLike,
             with log.stage("fit decoupled error correction"):
                 _fit_dec(tmp, feats, sched, float_shallow, bool(opts.quantize), opts, cc, qc, spec)
                 tables.append("dec.npz")
-        m = _manifest(tmp, str(source), src, opts, spec, quant, tables, "int8" if opts.quantize else "fp32")
+        plans = None
+        if plans_wanted:
+            with log.stage(f"build {opts.backend} plans of {', '.join(PART_NAMES)}"):
+                plans = _plan_parts(tmp, opts)
+        m = _manifest(tmp, str(source), src, opts, spec, quant, tables, "int8" if opts.quantize else "fp32", plans)
         write_manifest(tmp, m)
     return m
 

@@ -40,6 +40,10 @@ def describe(m: Manifest, folder: Path) -> str:
         outs = ", ".join(f"{t.name}{list(t.shape)}:{t.dtype}" for t in p.outputs[:3])
         more = f" (+{len(p.outputs) - 3} more)" if len(p.outputs) > 3 else ""
         lines.append(f"      outputs {outs}{more}")
+        if p.backend == "tensorrt-rtx":  # where the plan runs
+            targets = ", ".join("sm" + str(t).replace(".", "") for t in p.extra.get("targets") or []) or "none recorded"
+            lines.append(f"      plan    TensorRT-RTX {p.extra.get('tensorrt_rtx')}, runs on {targets} "
+                         f"(elsewhere: --backend onnxruntime)")
     for t in m.tables:
         lines.append(f"    table         {t['file']} ({_mb(t['size'])})")
     tokenizer, template = tokenizer_members(m, str(folder / MANIFEST_NAME))

@@ -35,7 +35,10 @@ def quantize_step_graph(proto: onnx.ModelProto, src, options, folder: Path, log:
     qopts = QuantOptions(scheme=options.quantize, calib_method=options.calib_method,
                          smoothquant_alpha=options.smoothquant, upgrade_opset=options.quantize == "fp8",
                          reduce_range=options.backend == "onnxruntime" and options.quantize != "fp8"
-                         and cpu_int8_needs_reduced_range())
+                         and cpu_int8_needs_reduced_range(),
+                         # an int8 table read by Gather + Cast is an ONNX Runtime pattern; TensorRT builders
+                         # accept quantized constants only in front of a DequantizeLinear
+                         quantize_embeddings=options.backend == "onnxruntime")
     limit = CALIB_CAPACITY - CALIB_DECODE_STEPS
     calib_prompts = load_prompts(options.calib) if options.calib else default_prompts("calib")
     held_out = default_prompts("heldout")

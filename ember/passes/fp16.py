@@ -42,7 +42,7 @@ REGIONS = ("norm", "rope", "softmax", "lm_head")
 # per norm and blocks the residual-add fusion (SkipSimplifiedLayerNormalization). TensorRT's
 # strongly typed networks run the graph's types as written, so plans keep the island.
 DEFAULT_KEEP_FP32 = ("rope",)
-KEEP_FP32_BY_BACKEND = {"onnxruntime": ("rope",), "tensorrt": ("norm", "rope")}
+KEEP_FP32_BY_BACKEND = {"onnxruntime": ("rope",), "tensorrt": ("norm", "rope"), "tensorrt-rtx": ("norm", "rope")}
 
 
 def default_keep_fp32(backend: str) -> tuple[str, ...]:

@@ -445,11 +445,14 @@ class DeviceExecutor:
 
 
 def make_cuda_executor(folder: Path, manifest, part, device: str, max_batch: int, max_seq_len: int,
-                       cuda_graph: bool | None = None, decode_part=None) -> DeviceExecutor:
-    """The executor ``loader.load_decoder`` uses for ``device='cuda:N'`` (ORT CUDA or TensorRT part).
+                       cuda_graph: bool | None = None, decode_part=None, backend: str | None = None) -> DeviceExecutor:
+    """The executor ``loader.load_decoder`` uses for ``device='cuda:N'`` (ORT CUDA, TensorRT or
+    TensorRT-RTX part; ``backend='onnxruntime'`` runs a plan's source ONNX on ORT CUDA).
 
     ``decode_part``: the folder's fused decode part, which then runs every one-token step
     (ONNX Runtime's CUDA GroupQueryAttention is FP16/BF16 only: an FP32 part is refused)."""
+    from ember.runtime.backend_choice import onnx_graph, runs_plan
+
     index = parse_device(device)
     cfg = manifest.model["config"]
     layers, hkv = cfg["num_layers"], cfg["num_kv_heads"]
@@ -461,12 +464,12 @@ def make_cuda_executor(folder: Path, manifest, part, device: str, max_batch: int
     # and chains pure-decode steps on the device (docs/scheduler.md); EMBER_ASYNC_LAUNCH=0 makes
     # every run wait for the device
     async_launch = os.environ.get("EMBER_ASYNC_LAUNCH", "1") != "0"
-    if part.backend == "tensorrt":
+    if runs_plan(part, backend):
         from ember.runtime.trt_session import TensorRTStepSession
 
         session = TensorRTStepSession(Path(folder) / part.file, part, layers, device_index=index)
     else:
-        session = CudaStepSession(Path(folder) / part.file, layers, device_index=index, cuda_graph=cuda_graph,
+        session = CudaStepSession(onnx_graph(Path(folder), part), layers, device_index=index, cuda_graph=cuda_graph,
                                   async_launch=async_launch)
     decode = None
     if decode_part is not None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from ember.compiler.manifest import (MANIFEST_NAME, Manifest, check_decoder_config, read_manifest, read_member,
                                      resolve_member, tokenizer_members, verify_files)
 from ember.errors import ArtifactError, InputError
+from ember.runtime.backend_choice import choose_backend, onnx_graph, plan_needs_gpu, runs_plan
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
           "g": 1 << 30, "gb": 10**9, "gib": 1 << 30}
@@ -32,14 +33,18 @@ def parse_bytes(v: int | str | None) -> int | None:
 
 def load(path: str | os.PathLike, verify: str = "full", **opts):
     """Load an engine folder. Decoder options: max_batch, kv_memory, max_queue, prefill_chunk,
-    threads, compaction, device, fused_decode, admit_batch (tensor-parallel folders add tp,
-    timeout_s, heartbeat_s, startup_timeout_s; diffusion folders take threads). Returns a
+    threads, compaction, device, fused_decode, admit_batch, backend (tensor-parallel folders add tp,
+    timeout_s, heartbeat_s, startup_timeout_s; diffusion folders take threads and backend). Returns a
     DecoderEngine (or a diffusion pipeline). An option the folder's kind does not take is an
-    InputError listing those it does."""
+    InputError listing those it does. ``backend='onnxruntime'`` runs a TensorRT or TensorRT-RTX
+    folder's parts from the ONNX graphs their plans were built from (``runtime/backend_choice.py``)."""
     folder = Path(path)
     manifest = read_manifest(folder)
     if verify not in ("full", "size"):
         raise InputError(f"verify={verify!r} must be 'full' or 'size'")
+    backend = choose_backend(folder, manifest, opts.pop("backend", None))
+    if backend is not None:
+        opts["backend"] = backend
     if manifest.kind == "decoder":
         tensor_parallel = any(p.extra.get("rank") is not None for p in manifest.parts)
         if tensor_parallel:
@@ -78,13 +83,14 @@ def _check_options(build, opts: dict, folder: Path, kind: str) -> None:
 def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_memory: int | str | None = None,
                  max_queue: int = 1024, prefill_chunk: int | None = None, threads: int | None = None,
                  compaction: str = "min-move", device: str = "cpu", fused_decode: bool | None = None,
-                 admit_batch: int | None = None):
+                 admit_batch: int | None = None, backend: str | None = None):
     """``prefill_chunk``: prompt tokens prefilled per iteration (None: 128 on the CPU, 1024 on
     CUDA; ``scheduler.PREFILL_CHUNK``). ``admit_batch``: requests admitted together while the
     slots are busy (None: 1 on the CPU, 8 on CUDA; ``scheduler.ADMIT_BATCH``).
     ``fused_decode``: run one-token steps through the folder's fused decode part
     (GroupQueryAttention, K/V written in place) when it has one; None = yes if present
-    (``EMBER_FUSED_DECODE=0`` says no)."""
+    (``EMBER_FUSED_DECODE=0`` says no). ``backend``: None (the step part's own) or
+    ``'onnxruntime'`` (a plan's source ONNX graph on ONNX Runtime; ``load`` checks it)."""
     from ember.runtime.executor import LocalExecutor
     from ember.runtime.kv_pool import KVPool
     from ember.runtime.scheduler import FusionScheduler, default_admit_batch, default_prefill_chunk
@@ -101,9 +107,8 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
     scheduler = FusionScheduler(max_batch=max_batch, kv_capacity_tokens=capacity, max_seq_len=max_pos,
                                 prefill_chunk=prefill_chunk or default_prefill_chunk(device), max_queue=max_queue,
                                 compaction=compaction, admit_batch=admit_batch or default_admit_batch(device))
-    if part.backend == "tensorrt" and not device.startswith("cuda"):
-        raise InputError(f"{folder} holds a TensorRT plan, which runs on an NVIDIA GPU only: load it with "
-                         f"device='cuda:0' (CLI: --device cuda:0), or recompile with --backend onnxruntime for the CPU")
+    if runs_plan(part, backend) and not device.startswith("cuda"):
+        raise plan_needs_gpu(folder, part, device)
     if fused_decode is None:
         fused_decode = os.environ.get("EMBER_FUSED_DECODE", "1") != "0"
     decode_part = manifest.find_part("decode") if fused_decode else None
@@ -111,7 +116,7 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
         from ember.runtime.decode_session import DecodeSession
         from ember.runtime.session import StepSession
 
-        session = StepSession(resolve_member(folder, part.file, "parts[step]"), layers, threads=threads,
+        session = StepSession(onnx_graph(folder, part), layers, threads=threads,
                               disabled_optimizers=part.extra.get("ort_disabled_optimizers"))
         decode = (DecodeSession(resolve_member(folder, decode_part.file, "parts[decode]"), layers, threads=threads)
                   if decode_part else None)
@@ -119,7 +124,8 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
         from ember.runtime.cuda_session import make_cuda_executor
 
         return _engine(make_cuda_executor(folder, manifest, part, device, max_batch, scheduler.max_seq_len,
-                                          decode_part=decode_part), scheduler, folder, manifest, max_pos)
+                                          decode_part=decode_part, backend=backend), scheduler, folder, manifest,
+                       max_pos)
     else:
         raise InputError(f"device {device!r} is not understood; use 'cpu' or 'cuda:N'")
     pool = KVPool(layers, hkv, head_dim, slots=max_batch, max_capacity=scheduler.max_seq_len, dtype=kv_dtype)

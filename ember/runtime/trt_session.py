@@ -1,11 +1,17 @@
-"""Runs a TensorRT plan of the step graph with device buffers, behind ``CudaStepSession``'s
-interface (``run(ids, positions, past_lengths, new_lengths, kv) -> (logits, new_kv)``).
+"""Runs a TensorRT or TensorRT-RTX plan of the step graph with device buffers, behind
+``CudaStepSession``'s interface (``run(ids, positions, past_lengths, new_lengths, kv) -> (logits, new_kv)``).
+
+One session, two libraries: the part's backend picks the module (``tensorrt`` or
+``tensorrt_rtx_bindings``, whose Runtime / engine / execution-context API is the same) and
+the checks made before the plan is read (``open_plan_library``): the classic plan's build
+environment (``check_plan_compat``), or the TensorRT-RTX plan's targets and release
+(``gpu_target.check_rtx_plan``). Where the library can judge a plan from its header
+(``Runtime.get_engine_validity``), that verdict is read before deserializing too.
 
 One execution context per optimization profile (decode: T = 1; prefill: T > 1), chosen per
 call with ``profiles.select_profile``; all tensors are PyTorch CUDA tensors whose addresses
 are handed to ``set_tensor_address``, and ``execute_async_v3`` runs on PyTorch's current
-stream, so the KV pool's writes and the plan are ordered without host syncs. The plan's
-build environment is checked against this machine before it is deserialized.
+stream, so the KV pool's writes and the plan are ordered without host syncs.
 """
 from __future__ import annotations
 
@@ -18,16 +24,44 @@ import numpy as np
 from ember.compiler.backends.tensorrt import check_plan_compat, gpu_environment, require_tensorrt
 from ember.compiler.profiles import ProfileSpec, select_profile
 from ember.errors import ArtifactError
+from ember.runtime.backend_choice import PLAN_TITLES
+
+
+def open_plan_library(part, plan_path: str | os.PathLike, device_index: int = 0):
+    """The library module that runs ``part``'s plan, once every check that needs no plan bytes
+    has passed (an ArtifactError / ConfigError / InputError naming the fix otherwise)."""
+    if part.backend == "tensorrt-rtx":
+        from ember.runtime.gpu_target import check_rtx_plan
+
+        return check_rtx_plan(part, device_index)
+    if part.backend != "tensorrt":
+        raise ArtifactError(f"part {part.name!r} has backend {part.backend!r}, not a TensorRT plan; recompile the folder")
+    check_plan_compat(part.extra, gpu_environment(device_index), plan=Path(plan_path).name)
+    return require_tensorrt()
+
+
+def check_engine_validity(trt, runtime, data: bytes, plan_path, title: str) -> None:
+    """The library's own verdict on the plan's header (``get_engine_validity``, where it has it)."""
+    if not (hasattr(runtime, "get_engine_validity") and hasattr(trt, "EngineValidity")):
+        return
+    validity, diagnostics = runtime.get_engine_validity(data)
+    if validity != trt.EngineValidity.INVALID:
+        return
+    flags = getattr(trt, "EngineInvalidityDiagnostics", None)
+    reasons = [n.lower() for n, v in (flags.__members__.items() if flags else ()) if int(diagnostics) & int(v)]
+    raise ArtifactError(f"{title} says {plan_path} cannot run here ({', '.join(reasons) or 'no reason given'}; see "
+                        f"its log above): rebuild the folder for this GPU and {title} release, or load it with "
+                        f"backend='onnxruntime' (CLI: --backend onnxruntime)")
 
 
 class TensorRTStepSession:
     def __init__(self, plan_path: str | os.PathLike, part, num_layers: int, device_index: int = 0):
         from ember.runtime.device_kv_pool import require_torch
 
+        trt = open_plan_library(part, plan_path, device_index)
+        title = PLAN_TITLES[part.backend]
         torch = require_torch()
-        check_plan_compat(part.extra, gpu_environment(device_index), plan=Path(plan_path).name)
-        trt = require_tensorrt()
-        self.torch, self.trt, self.num_layers = torch, trt, num_layers
+        self.torch, self.trt, self.num_layers, self.title = torch, trt, num_layers, title
         self.device = torch.device("cuda", device_index)
         torch.cuda.set_device(self.device)
         self.stream = torch.cuda.current_stream(self.device)
@@ -35,9 +69,11 @@ class TensorRTStepSession:
         self.runtime = trt.Runtime(self.logger)
         if part.extra.get("version_compatible"):
             self.runtime.engine_host_code_allowed = True  # version-compatible plans embed the lean runtime
-        self.engine = self.runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
+        data = Path(plan_path).read_bytes()
+        check_engine_validity(trt, self.runtime, data, plan_path, title)
+        self.engine = self.runtime.deserialize_cuda_engine(data)
         if self.engine is None:
-            raise ArtifactError(f"TensorRT could not deserialize {plan_path} (see its log above); recompile the folder")
+            raise ArtifactError(f"{title} could not deserialize {plan_path} (see its log above); recompile the folder")
         self.profiles = [ProfileSpec.from_dict(p) for p in part.extra["profiles"]]
         if self.engine.num_optimization_profiles != len(self.profiles):
             raise ArtifactError(f"{plan_path} has {self.engine.num_optimization_profiles} optimization profiles but the "
@@ -72,5 +108,5 @@ class TensorRTStepSession:
             ctx.set_tensor_address(name, o.data_ptr())
             outs.append(o)
         if not ctx.execute_async_v3(self.stream.cuda_stream):
-            raise ArtifactError("TensorRT execute_async_v3 failed (see its log above)")
+            raise ArtifactError(f"{self.title} execute_async_v3 failed (see its log above)")
         return outs[0], outs[1:]

@@ -25,7 +25,8 @@ from ember.server.limits import ServerLimits
 log = logging.getLogger("ember.server")
 
 DRAIN_BACKSTOP_S = 10.0  # after drain_timeout_s + this, uvicorn cancels what is still open
-LOAD_OPTIONS = ("max_batch", "kv_memory", "max_queue", "prefill_chunk", "admit_batch", "threads")
+LOAD_OPTIONS = ("max_batch", "kv_memory", "max_queue", "prefill_chunk", "admit_batch", "threads", "backend")
+IMAGE_LOAD_OPTIONS = ("threads", "backend")  # what a diffusion folder takes (its queue is the server's)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -55,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--admit-batch", type=int, default=None, help="requests admitted together while the slots are "
                                                                  "busy (default: 1 on the CPU, 8 on CUDA)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads of the backend")
+    g.add_argument("--backend", default=None, help="'onnxruntime': run a TensorRT / TensorRT-RTX folder's ONNX graphs "
+                                                   "with ONNX Runtime (default: the folder's own backend)")
     lim = p.add_argument_group("request limits")
     lim.add_argument("--max-body-bytes", type=int, default=ServerLimits.max_body_bytes)
     lim.add_argument("--max-prompt-tokens", type=int, default=None, help="default: model positions - 1")
@@ -138,8 +141,8 @@ def run_server(folder: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
             server.should_exit = True
 
     def load() -> Any:
-        if read_manifest(folder).kind == "diffusion":  # its queue is the server's; it takes threads only
-            return ember.load(folder, **{k: v for k, v in options.items() if k == "threads"})
+        if read_manifest(folder).kind == "diffusion":
+            return ember.load(folder, **{k: v for k, v in options.items() if k in IMAGE_LOAD_OPTIONS})
         return ember.load(folder, **options)
 
     app = create_app(load, model_name=model_name or folder.name, folder=folder,

@@ -97,7 +97,8 @@ def run_diffusion_compile(a, out: str) -> int:
               schedule_features=a.schedule_features,
               schedule_weights=a.schedule_weights, guidance_scale=a.guidance_scale, seed=a.seed,
               validate=not getattr(a, "no_validate", False), overwrite=getattr(a, "overwrite", False),
-              quiet=getattr(a, "quiet", False))
+              quiet=getattr(a, "quiet", False), backend=getattr(a, "backend", "onnxruntime"),
+              backend_extra=getattr(a, "trt_options", {}))
     prompts = _prompts(getattr(a, "calib", None))
     if prompts is not None:
         kw["calib_prompts"] = prompts

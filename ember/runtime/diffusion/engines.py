@@ -5,8 +5,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ember.compiler.manifest import EnginePart, resolve_member
-from ember.errors import ArtifactError
+from ember.compiler.manifest import EnginePart
+from ember.errors import ArtifactError, InputError
+from ember.runtime.backend_choice import PLAN_TITLES, is_plan, onnx_graph, runs_plan
 from ember.runtime.session import make_session
 
 
@@ -18,14 +19,21 @@ class PartSession:
     per-edge Q/DQ pairs of q/k/v and MatMulAddFusion rebuilds float Gemms, so those layers would
     dequantize their weights every call instead of running as int8 kernels.
     ``optimized_path`` writes ORT's optimized graph there (for inspection and tests).
+    A TensorRT / TensorRT-RTX part runs its plan's source ONNX graph with ``backend='onnxruntime'``
+    (the diffusion runtime runs ONNX Runtime on the CPU only; without it such a part is refused).
     """
 
     def __init__(self, folder: Path, part: EnginePart, threads: int | None = None,
-                 optimized_path: str | Path | None = None) -> None:
-        if part.backend != "onnxruntime":
-            raise ArtifactError(f"part {part.name!r} was built for {part.backend}; the diffusion runtime runs onnxruntime parts")
+                 optimized_path: str | Path | None = None, backend: str | None = None) -> None:
+        if runs_plan(part, backend):
+            raise InputError(f"{folder}: part {part.name!r} is a {PLAN_TITLES[part.backend]} plan ({part.file}), and "
+                             f"Ember's diffusion runtime runs ONNX Runtime only: load the folder with "
+                             f"backend='onnxruntime' (CLI: --backend onnxruntime) to run the plan's source ONNX graph")
+        if part.backend != "onnxruntime" and not is_plan(part):
+            raise ArtifactError(f"part {part.name!r} was built for {part.backend}; the diffusion runtime runs "
+                                f"onnxruntime parts -- recompile the folder")
         self.disabled_optimizers = list(part.extra.get("ort_disabled_optimizers") or [])
-        self.sess = make_session(resolve_member(folder, part.file, f"parts[{part.name}]"), threads,
+        self.sess = make_session(onnx_graph(folder, part), threads,
                                  disabled_optimizers=self.disabled_optimizers,
                                  optimized_path=optimized_path)
         have = {i.name for i in self.sess.get_inputs()}

@@ -48,17 +48,18 @@ def to_uint8(images: np.ndarray) -> list[np.ndarray]:
 class DiffusionPipeline:
     """Owns its engine sessions. ``generate`` is the public entry; ``run_jobs`` the fused loop."""
 
-    def __init__(self, folder: Path, manifest: Manifest, threads: int | None = None) -> None:
+    def __init__(self, folder: Path, manifest: Manifest, threads: int | None = None,
+                 backend: str | None = None) -> None:
         from ember.runtime.loader import load_tokenizer
 
         spec = manifest.extra.get("diffusion")
         if not isinstance(spec, dict):
             raise ArtifactError(f"{folder}/manifest.json has no 'diffusion' section; recompile the folder")
         self.folder, self.manifest, self.spec = folder, manifest, spec
-        self.text = PartSession(folder, manifest.part("text_encoder"), threads)
-        self.full = PartSession(folder, manifest.part("unet_full"), threads)
-        self.shallow = PartSession(folder, manifest.part("unet_shallow"), threads)
-        self.vae = PartSession(folder, manifest.part("vae_decoder"), threads)
+        self.text = PartSession(folder, manifest.part("text_encoder"), threads, backend=backend)
+        self.full = PartSession(folder, manifest.part("unet_full"), threads, backend=backend)
+        self.shallow = PartSession(folder, manifest.part("unet_shallow"), threads, backend=backend)
+        self.vae = PartSession(folder, manifest.part("vae_decoder"), threads, backend=backend)
         self.tokenizer = load_tokenizer(folder, manifest)
         if self.tokenizer is None:
             raise ArtifactError(f"{folder}/manifest.json records no tokenizer; recompile the folder")
