@@ -88,7 +88,17 @@ def _add_compile(sub) -> None:
                    help="onnxruntime (CPU and GPUs), tensorrt (a plan for this machine's GPU) or tensorrt-rtx "
                         "(TensorRT-RTX plans for --trt-targets, built without a GPU; docs/gpu.md)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
-    p.add_argument("--quantize", choices=["int8", "fp8", "int8-weights"], help="insert Q/DQ nodes (TensorRT-compatible)")
+    p.add_argument("--quantize", choices=["int8", "fp8", "int8-weights", "int4"],
+                   help="int8 / fp8: W8A8 Q/DQ (TensorRT-compatible); int8-weights: 8-bit weights, block-wise "
+                        "MatMulNBits on onnxruntime, per-channel Q/DQ on TensorRT; int4: 4-bit block-wise MatMulNBits "
+                        "(onnxruntime; docs/quantization.md)")
+    p.add_argument("--block-size", type=int, metavar="32|64|128",
+                   help="(int4, int8-weights on onnxruntime) weights per scale along K (default 32)")
+    p.add_argument("--int4-method", default="rtn", metavar="rtn|hqq|gptq",
+                   help="(int4) rtn: round to nearest (default); hqq: half-quadratic, no data; gptq: from --calib")
+    p.add_argument("--symmetric", action="store_true", help="(int4, int8-weights) no zero points")
+    p.add_argument("--quantize-lm-head", action="store_true",
+                   help="(int4, int8-weights) quantize the LM head too (default: kept FP32, like the embedding)")
     p.add_argument("--calib", help="calibration prompts: a text file (one per line) or a JSON list")
     p.add_argument("--calib-method", default="max", choices=["max", "percentile", "entropy"])
     p.add_argument("--smoothquant", type=float, metavar="ALPHA", help="SmoothQuant migration strength (e.g. 0.5)")
@@ -145,6 +155,11 @@ def _cmd_compile(a) -> int:
     out = a.output or str(Path("artifacts") / Path(a.source.rstrip("/")).name)
     a.trt_options = _trt_options(a)
     if _is_diffusion_source(a.source):
+        blockwise = [f for f, given in (("--block-size", a.block_size is not None), ("--int4-method", a.int4_method != "rtn"),
+                                        ("--symmetric", a.symmetric), ("--quantize-lm-head", a.quantize_lm_head)) if given]
+        if blockwise:
+            raise EmberError(f"{', '.join(blockwise)}: diffusion engines have no block-wise quantization; "
+                             f"use --quantize int8 or int8-weights")
         a.needs_extra = "diffusion"
         require_modules("compile", "diffusion", ("torch", "transformers", "diffusers"))
         from ember.runtime.diffusion.cli import run_diffusion_compile
@@ -157,7 +172,8 @@ def _cmd_compile(a) -> int:
     extra = a.trt_options
     opts = CompileOptions(backend=a.backend, dtype=a.dtype, quantize=a.quantize, calib=a.calib,
                           calib_method=a.calib_method, smoothquant=a.smoothquant, max_error=a.max_error,
-                          seed=a.seed, validate=not a.no_validate, tp=a.tp, fused_decode=a.fused_decode,
+                          block_size=a.block_size, int4_method=a.int4_method, symmetric=a.symmetric,
+                          quantize_lm_head=a.quantize_lm_head, seed=a.seed, validate=not a.no_validate, tp=a.tp, fused_decode=a.fused_decode,
                           overwrite=a.overwrite, quiet=a.quiet, extra=extra)
     with sigterm_interrupts():
         compile_decoder(a.source, out, opts)

@@ -20,7 +20,10 @@ from ember.progress import StageLog
 
 BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")  # the last two: backends/tensorrt.py
 DTYPES = ("fp32", "fp16")
-QUANT_SCHEMES = ("int8", "fp8", "int8-weights")
+QUANT_SCHEMES = ("int8", "fp8", "int8-weights", "int4")
+# Block-wise weight-only schemes (com.microsoft.MatMulNBits, passes/matmul_nbits.py): int4 always, int8-weights on
+# the ONNX Runtime backend (TensorRT builds keep its per-channel Q/DQ form, which they need).
+BLOCKWISE_SCHEMES = ("int4", "int8-weights")
 FUSED_DECODE = ("auto", "on", "off")
 STEP_FILE = "step.onnx"
 
@@ -29,7 +32,11 @@ STEP_FILE = "step.onnx"
 class CompileOptions:
     backend: str = "onnxruntime"
     dtype: str = "fp32"
-    quantize: str | None = None  # int8 | fp8 | int8-weights
+    quantize: str | None = None  # int8 | fp8 | int8-weights | int4
+    block_size: int | None = None  # block-wise schemes: K values per scale (32 | 64 | 128; default 32)
+    int4_method: str = "rtn"  # rtn | hqq | gptq (--quantize int4)
+    symmetric: bool = False  # block-wise schemes: no zero points
+    quantize_lm_head: bool = False  # block-wise schemes: the LM head too (default: kept float)
     calib: str | None = None  # file of calibration prompts (one per line, or a JSON list)
     calib_method: str = "max"  # max | percentile | entropy
     smoothquant: float | None = None  # SmoothQuant alpha
@@ -50,6 +57,7 @@ class CompileOptions:
             raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.quantize is not None and self.quantize not in QUANT_SCHEMES:
             raise ConfigError(f"--quantize {self.quantize!r} is not one of {', '.join(QUANT_SCHEMES)}")
+        self._check_blockwise()
         if self.tp < 1:
             raise ConfigError(f"--tp {self.tp} must be >= 1")
         if self.fused_decode not in FUSED_DECODE:
@@ -57,6 +65,37 @@ class CompileOptions:
         from ember.compiler.backends.tensorrt import check_plan_options
 
         check_plan_options(self.backend, self.extra)  # before the export, not after it
+
+
+    @property
+    def blockwise(self) -> bool:
+        """Whether ``quantize`` runs as MatMulNBits (int4; int8-weights on the ONNX Runtime backend)."""
+        return self.quantize == "int4" or (self.quantize == "int8-weights" and self.backend == "onnxruntime")
+
+    def _check_blockwise(self) -> None:
+        from ember.passes.matmul_nbits import BLOCK_SIZES, METHODS, require_working_gptq
+
+        if self.quantize == "int4" and self.backend != "onnxruntime":
+            raise ConfigError(f"--quantize int4 needs --backend onnxruntime (MatMulNBits is an ONNX Runtime operator); "
+                              f"--backend {self.backend} takes int8, fp8 or int8-weights")
+        if self.quantize == "int4" and self.dtype != "fp32":
+            raise ConfigError(f"--quantize int4 with --dtype {self.dtype} is not supported yet; drop --dtype "
+                              f"(int4 engines keep FP32 activations)")
+        if self.int4_method not in METHODS:
+            raise ConfigError(f"--int4-method {self.int4_method!r} is not one of {', '.join(METHODS)}")
+        if self.int4_method != "rtn" and self.quantize != "int4":
+            raise ConfigError(f"--int4-method {self.int4_method} needs --quantize int4")
+        if self.int4_method == "gptq":
+            require_working_gptq()  # before the export, not after it
+        if self.block_size is not None and self.block_size not in BLOCK_SIZES:
+            raise ConfigError(f"--block-size {self.block_size} is not one of {', '.join(map(str, BLOCK_SIZES))}")
+        flags = [f for f, given in (("--block-size", self.block_size is not None), ("--symmetric", self.symmetric),
+                                    ("--quantize-lm-head", self.quantize_lm_head)) if given]
+        if flags and not self.blockwise:
+            why = (f"--quantize {self.quantize} on --backend {self.backend} is per-channel Q/DQ"
+                   if self.quantize else "no --quantize was given")
+            raise ConfigError(f"{', '.join(flags)} applies to block-wise --quantize int4 or int8-weights "
+                              f"(ONNX Runtime backend); {why}")
 
 
 def wants_fused_decode(options: CompileOptions, family: str, head_dim: int = 64) -> bool:
@@ -123,7 +162,9 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
 
                 proto = convert_to_fp16(proto, keep_fp32=default_keep_fp32(options.backend))
         if options.quantize:
-            with log.stage(f"quantizing ({options.quantize}, calibration {options.calib_method})"):
+            with log.stage(f"quantizing ({options.quantize}, " + (f"block-wise MatMulNBits, block {options.block_size or 32})"
+                                                                  if options.blockwise else
+                                                                  f"calibration {options.calib_method})")):
                 from ember.compiler.quantize_step import quantize_step_graph
 
                 proto, quant_info = quantize_step_graph(proto, src, options, tmp, log)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ember.compiler.manifest import MANIFEST_NAME, Manifest, manifest_members, tokenizer_members
+from ember.passes.matmul_nbits import summarize_matmuls
 
 
 def _mb(n: int) -> str:
@@ -23,7 +24,13 @@ def describe(m: Manifest, folder: Path) -> str:
         lines.append(f"  dtype           {m.extra['dtype']}")
     if m.quantization:
         q = m.quantization
-        lines.append(f"  quantization    {q.get('scheme')} ({q.get('calib_method', '')})")
+        if q.get("format") == "MatMulNBits":  # block-wise weight-only (passes/matmul_nbits.py)
+            lines.append(f"  quantization    {q.get('scheme')} weight-only, MatMulNBits block {q.get('block_size')}, "
+                         f"{q.get('method')}, {'symmetric' if q.get('symmetric') else 'zero points'}, "
+                         f"accuracy_level {q.get('accuracy_level')}")
+            lines.append(f"  weights         {summarize_matmuls(q.get('matmuls') or [])}")
+        else:
+            lines.append(f"  quantization    {q.get('scheme')} ({q.get('calib_method', '')})")
         if q.get("accuracy"):
             lines.append(f"                  accuracy: {q['accuracy']}")
     if m.extra.get("export_check"):

@@ -10,6 +10,8 @@ nodes); transB folds into the stored weight ([N, K] -> [K, N]). Others are left 
 """
 from __future__ import annotations
 
+from collections.abc import Container
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -24,8 +26,9 @@ def _attr(node: onnx.NodeProto, name: str, default: float) -> float:
     return default
 
 
-def gemm_to_matmul(model: onnx.ModelProto) -> int:
-    """Rewrite every eligible Gemm (see the module docstring); returns how many were rewritten."""
+def gemm_to_matmul(model: onnx.ModelProto, keep: Container[str] = ()) -> int:
+    """Rewrite every eligible Gemm (see the module docstring) except those named in ``keep``;
+    returns how many were rewritten."""
     idx = GraphIndex.build(model.graph)
     taken = all_names(model)
     nodes: list[onnx.NodeProto] = []
@@ -33,7 +36,7 @@ def gemm_to_matmul(model: onnx.ModelProto) -> int:
     count = 0
     for node in model.graph.node:
         found = idx.constant_weight(node.input[1]) if node.op_type == "Gemm" else None
-        if (found is None or _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0
+        if (found is None or node.name in keep or _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0
                 or _attr(node, "transA", 0) != 0 or found[0].ndim != 2):
             nodes.append(node)
             continue

@@ -1,0 +1,226 @@
+"""Pass: block-wise weight-only quantization into ``com.microsoft.MatMulNBits`` (ONNX Runtime).
+
+Every MatMul whose second input is a constant 2-D weight [K, N] becomes one MatMulNBits node:
+the weight is stored as ``bits``-bit integers in blocks of ``block_size`` consecutive K values,
+each block with its own float scale (and, unless ``symmetric``, a zero point). Activations stay
+float; ``accuracy_level`` tells the kernel how to compute (4 = quantize the activation to int8
+per block and use int8 dot products, the fastest form on AVX2/AVX-512 VNNI CPUs; 0 = dequantize
+to float). The quantizer is ONNX Runtime's own (``onnxruntime.quantization.matmul_nbits_quantizer``):
+
+* ``rtn``: round to nearest per block (``DefaultWeightOnlyQuantConfig``, ONNX Runtime's C++ kernel);
+* ``hqq``: Half-Quadratic Quantization (``HQQWeightOnlyQuantConfig``; torch, no data), 4 bits;
+* ``gptq``: GPTQ from the calibration feeds (``GPTQWeightOnlyQuantConfig``), 4 bits.
+
+Constant-weight Gemms (GPT-2's Linears) are first rewritten as MatMul + Add (``quant_gemm``).
+The LM head (the Gemm or MatMul writing ``logits``) and the embedding Gather stay float unless
+``quantize_lm_head``. ``NBitsReport.matmuls`` records what each weight MatMul got.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ember.errors import ConfigError
+from ember.passes.quant_gemm import gemm_to_matmul
+
+BLOCK_SIZES = (32, 64, 128)
+METHODS = ("rtn", "hqq", "gptq")
+BITS = (4, 8)
+# MatMulNBits accuracy_level per ONNX Runtime provider: CPU 4 (int8 compute; measured faster than
+# 0 at batch 1 and 16 on AVX2, docs/quantization.md); CUDA ignores it (FP16 compute).
+ACCURACY_LEVEL = {"CPUExecutionProvider": 4, "CUDAExecutionProvider": 0}
+
+
+@dataclass(frozen=True)
+class NBitsOptions:
+    bits: int = 4  # 4 (int4) | 8 (int8-weights)
+    block_size: int = 32
+    method: str = "rtn"  # rtn | hqq | gptq
+    symmetric: bool = False  # no zero points (slightly faster, less accurate at 4 bits)
+    accuracy_level: int = ACCURACY_LEVEL["CPUExecutionProvider"]
+    quantize_lm_head: bool = False
+    lm_head_output: str = "logits"
+
+    def __post_init__(self) -> None:
+        if self.bits not in BITS:
+            raise ConfigError(f"MatMulNBits bits={self.bits} is not one of {', '.join(map(str, BITS))}")
+        if self.block_size not in BLOCK_SIZES:
+            raise ConfigError(f"--block-size {self.block_size} is not one of {', '.join(map(str, BLOCK_SIZES))}")
+        if self.method not in METHODS:
+            raise ConfigError(f"--int4-method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.method != "rtn" and self.bits != 4:
+            raise ConfigError(f"--int4-method {self.method} quantizes to 4 bits only; 8-bit weights use rtn")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ConfigError(f"MatMulNBits accuracy_level={self.accuracy_level} is not one of 0-4")
+
+    @property
+    def scheme(self) -> str:
+        return f"int{self.bits}"
+
+
+@dataclass
+class NBitsReport:
+    options: NBitsOptions
+    matmuls: list[dict[str, Any]] = field(default_factory=list)  # one per constant-weight MatMul/Gemm
+    weight_bytes_float: int = 0  # bytes of the float weights that were quantized
+    weight_bytes_quantized: int = 0  # their packed weights + scales + zero points
+
+    def summary(self) -> str:
+        return summarize_matmuls(self.matmuls)
+
+    def to_dict(self) -> dict[str, Any]:
+        o = self.options
+        return {"scheme": o.scheme, "format": "MatMulNBits", "bits": o.bits, "block_size": o.block_size,
+                "method": o.method, "symmetric": o.symmetric, "accuracy_level": o.accuracy_level,
+                "quantize_lm_head": o.quantize_lm_head, "quantized_nodes": sum(m["bits"] is not None for m in self.matmuls),
+                "weight_bytes_float": self.weight_bytes_float, "weight_bytes_quantized": self.weight_bytes_quantized,
+                "weight_compression": round(self.weight_bytes_float / max(self.weight_bytes_quantized, 1), 3),
+                "summary": self.summary(), "matmuls": self.matmuls}
+
+
+def summarize_matmuls(matmuls: Sequence[dict[str, Any]]) -> str:
+    """One line: how many weight MatMuls got which form, e.g. ``int4 b32 rtn: 14 MatMuls; fp32: lm_head``."""
+    groups: Counter[str] = Counter()
+    kept: list[str] = []
+    for m in matmuls:
+        if m.get("bits") is None:
+            kept.append(m.get("role") or m.get("node", "?"))
+        else:
+            sym = " sym" if m.get("symmetric") else ""
+            groups[f"int{m['bits']} b{m['block_size']} {m['method']}{sym}"] += 1
+    parts = [f"{k}: {n} MatMul{'s' * (n != 1)}" for k, n in groups.items()]
+    if kept:
+        parts.append("fp32: " + ", ".join(kept))
+    return "; ".join(parts) or "no weight MatMuls"
+
+
+class _FeedReader:
+    """ONNX Runtime CalibrationDataReader over a list of feed dicts (GPTQ deep-copies it)."""
+
+    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]):
+        self.feeds = list(feeds)
+        self.at = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.at >= len(self.feeds):
+            return None
+        self.at += 1
+        return self.feeds[self.at - 1]
+
+    def __iter__(self):
+        return iter(self.feeds)
+
+
+def gptq_compensates() -> bool:
+    """Whether ONNX Runtime's GPTQ differs from round-to-nearest on a small correlated problem.
+
+    onnxruntime 1.32's ``neural_compressor.weight_only.gptq`` propagates each column's error
+    through ``Hinv[i:, i]`` of an upper-triangular factor (zeros below the diagonal), so no error
+    is fed forward and its weights equal RTN's bit for bit (docs/quantization.md)."""
+    from onnxruntime.quantization.neural_compressor.weight_only import gptq
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 16)).astype(np.float32)
+    x = rng.standard_normal((256, 64)) @ rng.standard_normal((64, 64))
+    h = 2 * x.T @ x / len(x)
+    args = {"num_bits": 4, "group_size": 32, "scheme": "asym", "blocksize": 128, "percdamp": 0.01,
+            "actorder": False, "mse": False, "perchannel": True}
+    q = gptq(w.copy(), h.copy(), **args)
+    rtn = gptq(w.copy(), np.eye(64), **args)  # identity Hessian: GPTQ is round-to-nearest
+    return not np.allclose(q, rtn, atol=1e-6)
+
+
+def require_working_gptq() -> None:
+    if not gptq_compensates():
+        raise ConfigError("--int4-method gptq: this ONNX Runtime's GPTQ returns the round-to-nearest weights (its "
+                          "error feedback reads the wrong triangle of the inverse Hessian); use --int4-method rtn or hqq")
+
+
+def _weight_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    inits = {i.name: i for i in model.graph.initializer}
+    return [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1
+            and n.input[1] in inits and len(inits[n.input[1]].dims) == 2]
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    return int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def quantize_matmul_nbits(model: onnx.ModelProto, options: NBitsOptions,
+                          calib_feeds: Sequence[dict[str, np.ndarray]] = ()) -> tuple[onnx.ModelProto, NBitsReport]:
+    """Return a new model whose weight MatMuls are MatMulNBits (``model`` is not modified)."""
+    try:
+        from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+    except ModuleNotFoundError as e:  # it imports onnx_ir
+        raise ConfigError(f"block-wise quantization needs ONNX Runtime's quantizer, which needs {e.name}: "
+                          f"pip install {e.name}") from None
+    if options.method == "gptq":
+        if not calib_feeds:
+            raise ConfigError("--int4-method gptq needs calibration feeds (prompts); use --int4-method rtn or hqq")
+        require_working_gptq()
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    lm_head = next((n.name for n in out.graph.node if options.lm_head_output in n.output
+                    and n.op_type in ("MatMul", "Gemm")), None)
+    keep = () if options.quantize_lm_head or lm_head is None else (lm_head,)
+    gemm_to_matmul(out, keep=keep)
+    inits = {i.name: i for i in out.graph.initializer}
+    weights = {n.name: inits[n.input[1]] for n in _weight_nodes(out)}
+    if not any(n.op_type == "MatMul" and n.name in weights and n.name not in keep for n in out.graph.node):
+        raise ConfigError("no MatMul with a constant 2-D weight to quantize in this graph; compile without --quantize")
+    if options.method == "rtn":
+        algo = mnq.DefaultWeightOnlyQuantConfig(block_size=options.block_size, is_symmetric=options.symmetric,
+                                                bits=options.bits)
+    elif options.method == "hqq":
+        algo = mnq.HQQWeightOnlyQuantConfig(block_size=options.block_size, bits=options.bits)
+    else:
+        algo = mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=_FeedReader(calib_feeds))
+    level = logging.getLogger("onnxruntime.quantization").level
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    try:
+        quantizer = mnq.MatMulNBitsQuantizer(out, bits=options.bits, block_size=options.block_size,
+                                             is_symmetric=options.symmetric, nodes_to_exclude=list(keep),
+                                             algo_config=algo)
+        quantizer.process()
+    finally:
+        logging.getLogger("onnxruntime.quantization").setLevel(level)
+    result = quantizer.model.model
+    return result, _finish(result, options, weights, keep, lm_head)
+
+
+def _finish(model: onnx.ModelProto, options: NBitsOptions, weights: dict[str, onnx.TensorProto],
+            keep: Sequence[str], lm_head: str | None) -> NBitsReport:
+    """Set accuracy_level on every MatMulNBits node; record what each weight MatMul got."""
+    report = NBitsReport(options)
+    inits = {i.name: i for i in model.graph.initializer}
+    nbits = {}
+    for n in model.graph.node:
+        if n.op_type != "MatMulNBits":
+            continue
+        attrs = {a.name: a for a in n.attribute}
+        if "accuracy_level" in attrs:
+            attrs["accuracy_level"].i = options.accuracy_level
+        elif options.accuracy_level:
+            n.attribute.append(helper.make_attribute("accuracy_level", options.accuracy_level))
+        source = n.name[: -len(f"_Q{options.bits}")] if n.name.endswith(f"_Q{options.bits}") else n.name
+        nbits[source] = (n, {k: helper.get_attribute_value(v) for k, v in attrs.items()})
+        report.weight_bytes_quantized += sum(_tensor_bytes(inits[i]) for i in n.input[1:] if i in inits)
+    for name, w in weights.items():
+        role = "lm_head" if name == lm_head else None
+        if name in nbits:
+            _, a = nbits[name]
+            report.weight_bytes_float += _tensor_bytes(w)
+            report.matmuls.append({"node": name, "role": role, "bits": int(a["bits"]), "block_size": int(a["block_size"]),
+                                   "method": options.method, "symmetric": options.symmetric,
+                                   "accuracy_level": options.accuracy_level})
+        else:
+            reason = "kept float (--quantize-lm-head quantizes it)" if name in keep else "not quantized by ONNX Runtime"
+            report.matmuls.append({"node": name, "role": role, "bits": None, "reason": reason})
+    return report
