@@ -158,7 +158,7 @@ SLOW_COMPILE = textwrap.dedent("""
     import ember.export.onnx_export as ox
     from ember.cli import main
 
-    real = ox.export_step_graph
+    real = ox.export_step_graph_file
 
     def export_then_wait(*a, **k):
         proto = real(*a, **k)
@@ -166,7 +166,7 @@ SLOW_COMPILE = textwrap.dedent("""
         time.sleep(120)
         return proto
 
-    ox.export_step_graph = export_then_wait
+    ox.export_step_graph_file = export_then_wait
     sys.exit(main(["compile", "gpt2-tiny", "-o", sys.argv[2], "--no-validate", "--quiet"]))
 """)
 

@@ -121,20 +121,21 @@ def test_hqq_and_lm_head_option(gpt2_graph):
     ({"quantize": "int8-weights", "int4_method": "hqq"}, "--int4-method hqq needs --quantize int4"),
     ({"quantize": "int8-weights", "backend": "tensorrt-rtx", "block_size": 32}, "is per-channel Q/DQ"),
     ({"quantize": "int4", "backend": "tensorrt-rtx"}, "--quantize int4 needs --backend onnxruntime"),
-    ({"quantize": "int4", "dtype": "fp16"}, "--quantize int4 with --dtype fp16 is not supported"),
+    ({"quantize": "int4", "dtype": "fp16", "int4_method": "gptq"}, "--int4-method gptq calibrates the FP32 step graph"),
 ])
 def test_bad_options_fail_before_the_export(kwargs, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         CompileOptions(**kwargs)
 
 
-def test_tensorrt_int8_weights_stays_qdq_and_fused_decode_refuses_int4():
+def test_tensorrt_int8_weights_stays_qdq_and_fused_decode_refuses_qdq():
     assert CompileOptions(quantize="int8-weights").blockwise
     assert not CompileOptions(quantize="int8-weights", backend="tensorrt-rtx").blockwise
     from ember.compiler.compile import wants_fused_decode
 
-    with pytest.raises(ConfigError, match="--fused-decode on does not apply to --quantize int4"):
-        wants_fused_decode(CompileOptions(quantize="int4", fused_decode="on"), "llama")
+    with pytest.raises(ConfigError, match="--fused-decode on does not apply to --quantize int8"):
+        wants_fused_decode(CompileOptions(quantize="int8", fused_decode="on"), "llama")
+    assert wants_fused_decode(CompileOptions(quantize="int4", fused_decode="on"), "llama")
 
 
 def test_gptq_is_refused_while_onnxruntime_gptq_equals_rtn(monkeypatch):

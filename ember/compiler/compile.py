@@ -6,7 +6,9 @@ empty folder, or an existing engine folder with ``overwrite`` (see ``ember.compi
 """
 from __future__ import annotations
 
+import gc
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -78,13 +80,13 @@ class CompileOptions:
         if self.quantize == "int4" and self.backend != "onnxruntime":
             raise ConfigError(f"--quantize int4 needs --backend onnxruntime (MatMulNBits is an ONNX Runtime operator); "
                               f"--backend {self.backend} takes int8, fp8 or int8-weights")
-        if self.quantize == "int4" and self.dtype != "fp32":
-            raise ConfigError(f"--quantize int4 with --dtype {self.dtype} is not supported yet; drop --dtype "
-                              f"(int4 engines keep FP32 activations)")
         if self.int4_method not in METHODS:
             raise ConfigError(f"--int4-method {self.int4_method!r} is not one of {', '.join(METHODS)}")
         if self.int4_method != "rtn" and self.quantize != "int4":
             raise ConfigError(f"--int4-method {self.int4_method} needs --quantize int4")
+        if self.int4_method == "gptq" and self.dtype == "fp16":
+            raise ConfigError("--int4-method gptq calibrates the FP32 step graph; with --dtype fp16 use "
+                              "--int4-method rtn or hqq")
         if self.int4_method == "gptq":
             require_working_gptq()  # before the export, not after it
         if self.block_size is not None and self.block_size not in BLOCK_SIZES:
@@ -101,10 +103,11 @@ class CompileOptions:
 def wants_fused_decode(options: CompileOptions, family: str, head_dim: int = 64) -> bool:
     """Whether to add the fused (GroupQueryAttention) decode part. ``auto``: for FP16 ONNX
     Runtime folders of the families in ``AUTO_FAMILIES`` (the GPU path, where it is 1.5-1.9x
-    faster per decode step; ONNX Runtime's CUDA attention kernel is FP16/BF16 only). ``on``
-    adds it to any family it covers and to FP32 folders: on the CPU it is within noise of the
-    step graph and holds a second copy of the weights in memory (docs/gpu.md); ``on`` fails
-    where it cannot apply."""
+    faster per decode step; ONNX Runtime's CUDA attention kernel is FP16/BF16 only), float or
+    block-wise quantized (``--quantize int4|int8-weights``: the part gets the same MatMulNBits
+    weights). ``on`` adds it to any family it covers and to FP32 folders: on the CPU it is
+    within noise of the step graph and holds a second copy of the weights in memory
+    (docs/gpu.md); ``on`` fails where it cannot apply, e.g. the Q/DQ schemes (int8, fp8)."""
     from ember.export.gqa_decode import AUTO_FAMILIES, FAMILIES
 
     if options.fused_decode == "off":
@@ -112,7 +115,9 @@ def wants_fused_decode(options: CompileOptions, family: str, head_dim: int = 64)
     reasons = [r for r, bad in (
         (f"the {family} family (only the {' and '.join(FAMILIES)} families have one)", family not in FAMILIES),
         (f"--backend {options.backend} (the part is an ONNX Runtime graph)", options.backend != "onnxruntime"),
-        (f"--quantize {options.quantize}", options.quantize is not None),
+        (f"--quantize {options.quantize} (the part takes the block-wise weight-only schemes, int4 and int8-weights "
+         f"on --backend onnxruntime; a Q/DQ graph's int8 kernels have no fused form)",
+         options.quantize is not None and not options.blockwise),
         (f"--tp {options.tp}", options.tp > 1),
         (f"head_dim {head_dim} (ONNX Runtime's GroupQueryAttention needs a multiple of 16)", head_dim % 16 != 0)) if bad]
     if options.fused_decode == "on" and reasons:
@@ -122,7 +127,9 @@ def wants_fused_decode(options: CompileOptions, family: str, head_dim: int = 64)
 
 def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions = CompileOptions()) -> mf.Manifest:
     """Compile a decoder SOURCE (HF folder or built-in name) into the engine folder ``out``."""
-    from ember.export.onnx_export import check_against_torch, export_step_graph, save_onnx
+    from ember.export.external_data import load_all
+    from ember.export.onnx_export import (check_against_reference, export_step_graph_file, save_onnx,
+                                          torch_step_reference)
     from ember.export.sources import resolve_decoder_source
     from ember.passes.lm_head_gemm import lm_head_gemm
 
@@ -142,13 +149,16 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
     with atomic_folder(out, overwrite=options.overwrite, source=source) as tmp:
         step_path = tmp / STEP_FILE
         with log.stage("exporting the step graph to ONNX"):
-            proto = export_step_graph(src.model, c, tmp)
-            lm_head_gemm(proto)
-            save_onnx(proto, step_path)
+            # big weights stay in step.onnx.data: passes read them a tensor at a time (export/external_data.py)
+            proto = export_step_graph_file(src.model, c, step_path, rewrite=lm_head_gemm)
         check = None
-        if options.validate:
+        reference = torch_step_reference(src.model, c) if options.validate else None
+        if not fused:  # nothing below needs the torch weights: free them before ONNX Runtime maps its own
+            src.model = None
+            gc.collect()
+        if reference is not None:
             with log.stage("validating ONNX against torch"):
-                check = check_against_torch(src.model, c, step_path)
+                check = check_against_reference(c, step_path, reference)
                 log.note(f"max abs error {check.max_abs_error:.2e}, max rel error {check.max_rel_error:.2e} ({check.worst_output})")
                 if check.max_rel_error > options.max_validation_error:
                     raise EmberError(
@@ -160,7 +170,7 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
             with log.stage("converting to FP16"):
                 from ember.passes.fp16 import convert_to_fp16, default_keep_fp32
 
-                proto = convert_to_fp16(proto, keep_fp32=default_keep_fp32(options.backend))
+                proto = convert_to_fp16(load_all(proto, tmp), keep_fp32=default_keep_fp32(options.backend))
         if options.quantize:
             with log.stage(f"quantizing ({options.quantize}, " + (f"block-wise MatMulNBits, block {options.block_size or 32})"
                                                                   if options.blockwise else
@@ -169,7 +179,7 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
 
                 proto, quant_info = quantize_step_graph(proto, src, options, tmp, log)
         if passes:
-            save_onnx(proto, step_path)
+            save_onnx(proto, step_path, base_dir=tmp, keep_in_memory=False)
         files = sorted(f.name for f in tmp.glob(STEP_FILE + "*"))
         with log.stage(f"building the {options.backend} engine" + (" + fused decode graph" if fused else "")):
             parts = [_build_part(tmp, "step", step_path, files, options, max_past=c.max_positions)]
@@ -200,22 +210,85 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
 
 
 def fused_decode_part(src, folder: Path, options: CompileOptions, log: StageLog) -> tuple[mf.EnginePart, list[str]]:
-    """Write ``decode.onnx`` (export/gqa_decode.py) and check it against the torch model."""
-    from ember.export.gqa_decode import DECODE_FILE, DECODE_PART, build_decode_graph, check_decode_graph
+    """Write ``decode.onnx`` (export/gqa_decode.py) and check it against the torch model. Under a
+    block-wise ``--quantize`` its weight MatMuls become MatMulNBits exactly as the step graph's
+    (``quantize_step.quantize_decode_part``): the float graph is checked against torch first, then
+    the quantized part against the quantized step graph (``folder/step.onnx``), which runs the
+    prefills the part's decodes continue; the part's ``extra["quantization"]`` records both."""
+    from ember.export.gqa_decode import DECODE_FILE, DECODE_PART, build_decode_graph
     from ember.export.onnx_export import save_onnx
 
     dtype = "float16" if options.dtype == "fp16" else "float32"
     path = folder / DECODE_FILE
-    save_onnx(build_decode_graph(src.model, src.config, dtype), path)
-    if options.validate:
-        err = check_decode_graph(src.model, src.config, path)
-        log.note(f"fused decode vs torch: max rel error {err:.2e} (logits), K/V written in place")
-        limit = 3e-2 if dtype == "float16" else options.max_validation_error
-        if err > limit:
-            raise EmberError(f"the fused decode graph differs from the torch model (relative error {err:.2e} > {limit}); "
-                             "this is an Ember bug: please report it, and compile with --fused-decode off meanwhile")
+    proto = build_decode_graph(src.model, src.config, dtype, linears="matmul" if options.blockwise else "gemm")
+    quant_info = None
+    if options.blockwise:
+        from ember.compiler.quantize_step import quantize_decode_part
+
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".decode-float-") as tmp:
+            float_path = Path(tmp) / DECODE_FILE
+            save_onnx(proto, float_path, keep_in_memory=False)  # past 1 GiB its weights stay in the .data file
+            if options.validate:  # the float graph's structure, before its weights are quantized
+                _check_decode_against_torch(src, float_path, dtype, options, log, "float ")
+            proto, quant_info = quantize_decode_part(proto, options, base_dir=tmp)  # a weight at a time
+            log.note(f"fused decode part: {quant_info['summary']}")
+            save_onnx(proto, path, base_dir=tmp, keep_in_memory=False)
+    else:
+        save_onnx(proto, path, keep_in_memory=False)
+    del proto
+    if quant_info is not None:
+        quant_info["check"] = _check_quantized_decode(src, folder, path, dtype, options, log)
+    elif options.validate:
+        _check_decode_against_torch(src, path, dtype, options, log)
     files = sorted(f.name for f in folder.glob(DECODE_FILE + "*"))
-    return _build_part(folder, DECODE_PART, path, files, options), files
+    part = _build_part(folder, DECODE_PART, path, files, options)
+    if quant_info is not None:
+        part.extra["quantization"] = quant_info
+    return part, files
+
+
+# Quantized decode part vs the quantized step graph (same MatMulNBits weights): relative logits/K/V
+# error allowed, by dtype. The two graphs differ in kernels (GroupQueryAttention vs the step graph's
+# attention, packed Q/K/V) and, at accuracy_level 4, in where the int8 activation rounding flips.
+QUANT_DECODE_TOLERANCE = {"float16": 3e-2, "float32": 1e-2}
+
+
+def _check_decode_against_torch(src, path: Path, dtype: str, options: CompileOptions, log: StageLog,
+                                what: str = "") -> float:
+    from ember.export.gqa_decode import check_decode_graph
+
+    err = check_decode_graph(src.model, src.config, path)
+    log.note(f"{what}fused decode vs torch: max rel error {err:.2e} (logits), K/V written in place")
+    limit = 3e-2 if dtype == "float16" else options.max_validation_error
+    if err > limit:
+        raise EmberError(f"the fused decode graph differs from the torch model (relative error {err:.2e} > {limit}); "
+                         "this is an Ember bug: please report it, and compile with --fused-decode off meanwhile")
+    return err
+
+
+def _check_quantized_decode(src, folder: Path, path: Path, dtype: str, options: CompileOptions,
+                            log: StageLog) -> dict:
+    """The quantized part against the quantized step graph (gate), and against torch (recorded,
+    with ``validate``: the quantization error itself, which the step graph's accuracy report gates)."""
+    from ember.export.gqa_decode import check_decode_graph, step_graph_reference
+
+    c, tol = src.config, QUANT_DECODE_TOLERANCE[dtype]
+    fix = "this is an Ember bug: please report it, and compile with --fused-decode off meanwhile"
+    try:
+        err = check_decode_graph(src.model, c, path, reference=step_graph_reference(folder / STEP_FILE, c.num_layers),
+                                 kv_tol=tol)
+    except EmberError as e:  # the K/V written in place
+        raise EmberError(f"the quantized fused decode graph differs from the quantized step graph ({e}); {fix}") from e
+    record = {"vs_step_graph_rel_error": err, "tolerance": tol}
+    note = f"quantized fused decode vs quantized step graph: max rel error {err:.2e} (logits), K/V within {tol:g}"
+    if options.validate:
+        record["vs_torch_rel_error"] = check_decode_graph(src.model, c, path, kv_tol=float("inf"))
+        note += f"; vs torch {record['vs_torch_rel_error']:.2e}"
+    log.note(note)
+    if err > tol:
+        raise EmberError(f"the quantized fused decode graph differs from the quantized step graph (relative error "
+                         f"{err:.2e} > {tol}); {fix}")
+    return record
 
 
 def model_record(src) -> dict:

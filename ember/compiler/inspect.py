@@ -47,6 +47,15 @@ def describe(m: Manifest, folder: Path) -> str:
         outs = ", ".join(f"{t.name}{list(t.shape)}:{t.dtype}" for t in p.outputs[:3])
         more = f" (+{len(p.outputs) - 3} more)" if len(p.outputs) > 3 else ""
         lines.append(f"      outputs {outs}{more}")
+        pq = p.extra.get("quantization")
+        if isinstance(pq, dict):  # a part quantized on its own (the fused decode part: quantize_step.quantize_decode_part)
+            lines.append(f"      weights {summarize_matmuls(pq.get('matmuls') or [])} (MatMulNBits, "
+                         f"{'symmetric' if pq.get('symmetric') else 'zero points'}, accuracy_level {pq.get('accuracy_level')})")
+            chk = pq.get("check") or {}
+            if "vs_step_graph_rel_error" in chk:
+                vs_torch = f", vs torch {chk['vs_torch_rel_error']:.2e}" if "vs_torch_rel_error" in chk else ""
+                lines.append(f"      check   vs the step graph: max rel error {chk['vs_step_graph_rel_error']:.2e} "
+                             f"(tolerance {chk.get('tolerance')}){vs_torch}")
         if p.backend == "tensorrt-rtx":  # where the plan runs
             targets = ", ".join("sm" + str(t).replace(".", "") for t in p.extra.get("targets") or []) or "none recorded"
             lines.append(f"      plan    TensorRT-RTX {p.extra.get('tensorrt_rtx')}, runs on {targets} "

@@ -3,10 +3,14 @@ Q/DQ pass (or, for the block-wise schemes, the MatMulNBits pass), the scales tab
 accuracy report (``--max-error`` gate)."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
+from onnx import TensorProto, helper, numpy_helper
 
 from ember.errors import ConfigError, EmberError
 from ember.progress import StageLog
@@ -28,7 +32,10 @@ def quantize_step_graph(proto: onnx.ModelProto, src, options, folder: Path, log:
     """Quantize ``proto`` per ``options`` (CompileOptions); write ``tables/quant_scales.safetensors``
     under ``folder``; return the new graph and the manifest's ``quantization`` record."""
     if options.blockwise:
-        return quantize_blockwise(proto, src, options, log)
+        return quantize_blockwise(proto, src, options, log, base_dir=folder)
+    from ember.export.external_data import load_all
+
+    load_all(proto, folder)  # the Q/DQ pass rewrites every weight: bring them into memory
     from safetensors.numpy import save_file
 
     from ember.passes.calibration_data import decoder_step_feeds, default_prompts, load_prompts
@@ -54,9 +61,11 @@ def quantize_step_graph(proto: onnx.ModelProto, src, options, folder: Path, log:
     quant, report = quantize_model(proto, feeds, qopts)
     log.note(f"{len(report.quantized_nodes)} nodes quantized; weights {report.weight_bytes_float / 1e6:.1f} MB -> "
              f"{report.weight_bytes_quantized / 1e6:.1f} MB")
-    held_feeds = decoder_step_feeds(proto, held_ids, CALIB_CAPACITY, decode_steps=CALIB_DECODE_STEPS)
+    float_outputs: list = []
+    held_feeds = decoder_step_feeds(proto, held_ids, CALIB_CAPACITY, decode_steps=CALIB_DECODE_STEPS,
+                                    outputs=float_outputs)
     try:
-        acc = accuracy_report(proto, quant, held_feeds)
+        acc = accuracy_report(proto, quant, held_feeds, float_outputs=float_outputs)
     except Exception as e:  # ONNX Runtime has no CPU kernels for some FP8 patterns
         if options.quantize != "fp8":
             raise
@@ -79,29 +88,115 @@ def quantize_step_graph(proto: onnx.ModelProto, src, options, folder: Path, log:
     return quant, info
 
 
-def quantize_blockwise(proto: onnx.ModelProto, src, options, log: StageLog) -> tuple[onnx.ModelProto, dict[str, Any]]:
+def blockwise_options(options, graph: onnx.ModelProto):
+    """The ``NBitsOptions`` of ``options`` (CompileOptions) for ``graph``, the step graph or the
+    fused decode part: one scheme for both. The LM head is found through the Cast (FP16) or
+    Identity that may sit between it and the ``logits`` output."""
+    from ember.passes.matmul_nbits import NBitsOptions
+
+    return NBitsOptions(bits=4 if options.quantize == "int4" else 8, block_size=options.block_size or 32,
+                        method=options.int4_method, symmetric=options.symmetric,
+                        quantize_lm_head=options.quantize_lm_head, lm_head_output=lm_head_output(graph))
+
+
+def lm_head_output(graph: onnx.ModelProto, output: str = "logits") -> str:
+    """Name of the tensor the LM head (MatMul/Gemm) writes: ``output`` itself, or the input of
+    the Cast/Identity chain that ends in ``output``."""
+    producer = {o: n for n in graph.graph.node for o in n.output}
+    name = output
+    while name in producer and producer[name].op_type in ("Cast", "Identity"):
+        name = producer[name].input[0]
+    return name
+
+
+def activation_dtype(graph: onnx.ModelProto) -> np.dtype:
+    """float16 for an FP16 step graph or decode part (its K/V inputs are FLOAT16), else float32."""
+    kv = next((i for i in graph.graph.input if i.name.startswith("past_key")), None)
+    fp16 = kv is not None and kv.type.tensor_type.elem_type == TensorProto.FLOAT16
+    return np.dtype(np.float16 if fp16 else np.float32)
+
+
+def match_scales_to_activations(model: onnx.ModelProto, dtype: np.dtype) -> int:
+    """Store every MatMulNBits scale (and float zero point, HQQ) in ``dtype``, the graph's
+    activation type; returns how many tensors changed. MatMulNBits binds A and its scales to one
+    type, but ``quant_gemm.gemm_to_matmul`` writes each rewritten Gemm's weight in float32, so
+    in an FP16 graph the quantizer gives those (GPT-2's Linears, a quantized LM head) float32
+    scales. The codes were rounded with the float32 scale; its FP16 value differs by < 2^-11."""
+    target = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    inits = {i.name: i for i in model.graph.initializer}
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        for name in node.input[2:4]:  # scales, zero_points
+            t = inits.get(name)
+            if t is not None and t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16) and t.data_type != target:
+                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(dtype), name))
+                changed += 1
+    return changed
+
+
+@contextmanager
+def float32_feeds(*models: onnx.ModelProto) -> Iterator[None]:
+    """For the duration, FP16 graphs take float32 feeds: each FLOAT16 graph input becomes FLOAT
+    with a Cast to FLOAT16 in front of its readers; restored on exit. The calibration helpers
+    (``passes/calibration_data.decoder_step_feeds``) build float32 K/V pools, so the FP16 graphs
+    of ``--dtype fp16 --quantize int4|int8-weights`` are measured through this view."""
+    undo = []
+    for model in models:
+        g = model.graph
+        fp16 = {i.name: i for i in g.input if i.type.tensor_type.elem_type == TensorProto.FLOAT16}
+        if not fp16:
+            continue
+        inner = {name: f"{name}/as_fp16" for name in fp16}
+        renamed = [(node, k, name) for node in g.node for k, name in enumerate(node.input) if name in inner]
+        for node, k, name in renamed:
+            node.input[k] = inner[name]
+        casts = [helper.make_node("Cast", [name], [inner[name]], name=f"{name}/to_fp16", to=TensorProto.FLOAT16)
+                 for name in fp16]
+        for c in reversed(casts):
+            g.node.insert(0, c)
+        for v in fp16.values():
+            v.type.tensor_type.elem_type = TensorProto.FLOAT
+        undo.append((g, fp16, renamed, len(casts)))
+    try:
+        yield
+    finally:
+        for g, fp16, renamed, n_casts in undo:
+            del g.node[:n_casts]
+            for node, k, name in renamed:
+                node.input[k] = name
+            for v in fp16.values():
+                v.type.tensor_type.elem_type = TensorProto.FLOAT16
+
+
+def quantize_blockwise(proto: onnx.ModelProto, src, options, log: StageLog, base_dir=None
+                       ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """``--quantize int4`` / ``int8-weights`` on ONNX Runtime: weight MatMuls -> MatMulNBits
-    (passes/matmul_nbits.py); the accuracy report and ``--max-error`` gate as for Q/DQ."""
+    (passes/matmul_nbits.py), reading weights kept in external files from ``base_dir`` one at a time;
+    the accuracy report and ``--max-error`` gate as for Q/DQ."""
     from ember.passes.calibration_data import decoder_step_feeds, default_prompts, load_prompts
-    from ember.passes.matmul_nbits import NBitsOptions, quantize_matmul_nbits
+    from ember.passes.matmul_nbits import quantize_matmul_nbits
     from ember.passes.quant_accuracy import accuracy_report, format_accuracy
 
-    nb = NBitsOptions(bits=4 if options.quantize == "int4" else 8, block_size=options.block_size or 32,
-                      method=options.int4_method, symmetric=options.symmetric,
-                      quantize_lm_head=options.quantize_lm_head)
+    nb = blockwise_options(options, proto)
     limit = CALIB_CAPACITY - CALIB_DECODE_STEPS
     feeds, calib_info = [], {"prompts": 0, "source": "none (weights only)", "feeds": 0}
     if nb.method == "gptq":
         calib_prompts = load_prompts(options.calib) if options.calib else default_prompts("calib")
         calib_ids = _prompt_ids(src, calib_prompts, limit)
-        feeds = decoder_step_feeds(proto, calib_ids, CALIB_CAPACITY, decode_steps=CALIB_DECODE_STEPS)
+        feeds = decoder_step_feeds(proto, calib_ids, CALIB_CAPACITY, decode_steps=CALIB_DECODE_STEPS, base_dir=base_dir)
         calib_info = {"prompts": len(calib_ids), "source": str(options.calib or "built-in"), "feeds": len(feeds)}
-    quant, report = quantize_matmul_nbits(proto, nb, feeds)
+    quant, report = quantize_matmul_nbits(proto, nb, feeds, base_dir=base_dir)
+    match_scales_to_activations(quant, activation_dtype(proto))
     log.note(f"{report.summary()}; weights {report.weight_bytes_float / 1e6:.1f} MB -> "
              f"{report.weight_bytes_quantized / 1e6:.1f} MB (accuracy_level {nb.accuracy_level})")
     held_ids = _prompt_ids(src, default_prompts("heldout"), limit)
-    acc = accuracy_report(proto, quant, decoder_step_feeds(proto, held_ids, CALIB_CAPACITY,
-                                                           decode_steps=CALIB_DECODE_STEPS))
+    with float32_feeds(proto, quant):
+        float_outputs: list = []  # the float run that makes the feeds also gives the report's reference
+        held_feeds = decoder_step_feeds(proto, held_ids, CALIB_CAPACITY, decode_steps=CALIB_DECODE_STEPS,
+                                        base_dir=base_dir, outputs=float_outputs)
+        acc = accuracy_report(proto, quant, held_feeds, base_dir=base_dir, float_outputs=float_outputs)
     log.note("accuracy on held-out prompts: " + format_accuracy(acc))
     if options.max_error is not None and acc["max_rel_error"] > options.max_error:
         hint = ("--block-size 32 or --int4-method hqq, or --quantize int8-weights" if nb.bits == 4
@@ -112,3 +207,15 @@ def quantize_blockwise(proto: onnx.ModelProto, src, options, log: StageLog) -> t
     info["accuracy"] = {k: v for k, v in acc.items() if k != "outputs"}
     info["calibration"] = {**calib_info, "held_out_prompts": len(held_ids)}
     return quant, info
+
+
+def quantize_decode_part(proto: onnx.ModelProto, options, base_dir=None) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """The fused decode part (``export/gqa_decode.py``, built with ``linears="matmul"``) under the
+    step graph's block-wise scheme: same bits, block size, method, zero points and LM-head rule;
+    weights ``proto`` keeps in external files are read from ``base_dir``. Returns the new graph and
+    its record (the manifest part's ``extra["quantization"]``)."""
+    from ember.passes.matmul_nbits import quantize_matmul_nbits
+
+    quant, report = quantize_matmul_nbits(proto, blockwise_options(options, proto), base_dir=base_dir)
+    match_scales_to_activations(quant, activation_dtype(proto))
+    return quant, {**report.to_dict(), "scheme": options.quantize}

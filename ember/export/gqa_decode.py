@@ -8,7 +8,9 @@ directly in ONNX Runtime's fused operators, ~10 kernels per layer:
 - ``SimplifiedLayerNormalization`` / ``com.microsoft.SkipSimplifiedLayerNormalization``:
   RMSNorm, fused with the residual add that precedes it;
 - linear layers as ``Gemm(transB=1)`` on [B, C] rows (torch's [out, in] weight layout, which
-  the GPU's one-row GEMMs read faster than MatMul's [in, out]);
+  the GPU's one-row GEMMs read faster than MatMul's [in, out]); for block-wise quantization
+  (``linears="matmul"``) as MatMul on [in, out], which ``passes/matmul_nbits.py`` turns into
+  MatMulNBits exactly as it does the step graph's;
 - one packed Q/K/V ``Gemm`` and ``com.microsoft.GroupQueryAttention`` with rotary
   positions (``do_rotary``, cos/sin tables up to ``max_positions``), grouped K/V heads and a
   **shared past/present buffer**: the graph reads the KV pool's slot range in place and
@@ -25,6 +27,8 @@ buffers when bound in place). Positions are the past lengths: a decode whose pos
 differ (none in Ember's runtime) must use the step graph.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -55,8 +59,9 @@ def decode_output_names(num_layers: int) -> list[str]:
 class _Graph:
     """Nodes + initializers under construction (numpy weights converted to the graph dtype)."""
 
-    def __init__(self, np_dtype):
+    def __init__(self, np_dtype, linears: str = "gemm"):
         self.np_dtype = np_dtype
+        self.linears = linears
         self.nodes: list = []
         self.inits: list = []
         self._n = 0
@@ -101,14 +106,23 @@ def check_supported(cfg) -> None:
                           "GroupQueryAttention requires; compile with --fused-decode off")
 
 
-def build_decode_graph(model, cfg, dtype: str = "float16") -> onnx.ModelProto:
+LINEARS = ("gemm", "matmul")
+
+
+def build_decode_graph(model, cfg, dtype: str = "float16", linears: str = "gemm") -> onnx.ModelProto:
     """The fused decode graph of ``model`` (an ``llama.LlamaStep`` or ``gpt2.GPT2Step`` with
-    weights) in ``dtype``."""
+    weights) in ``dtype``. ``linears``: ``gemm`` writes every layer's linear as ``Gemm(transB=1)``
+    on torch's [out, in] weight (the float GPU form, below); ``matmul`` as ``MatMul`` on the
+    [in, out] weight (+ ``Add`` for a bias), the form ONNX Runtime's block-wise quantizer turns
+    into ``MatMulNBits`` (``--quantize int4|int8-weights``) without a float32 copy of each weight.
+    The LM head is a ``Gemm(transB=1)`` either way (kept float unless ``--quantize-lm-head``)."""
     check_supported(cfg)
     if dtype not in DTYPES:
         raise ConfigError(f"fused decode dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if linears not in LINEARS:
+        raise ConfigError(f"fused decode linears {linears!r} is not one of {', '.join(LINEARS)}")
     np_dtype, onnx_dtype = DTYPES[dtype]
-    g = _Graph(np_dtype)
+    g = _Graph(np_dtype, linears)
     ids = g.node("Reshape", ["input_ids", g.shape("flat", [-1])], name="ids_flat")[0]
     body = _llama_body if cfg.family == "llama" else _gpt2_body
     hid, head = body(g, model, cfg, ids)
@@ -206,8 +220,12 @@ def _layer_norm(g: _Graph, name: str, ln, x: str, pending: str, eps: float) -> t
 
 
 def _linear(g: _Graph, name: str, x: str, weight, bias=None) -> str:
-    """``x @ weight.T + bias`` as ``Gemm(transB=1)`` on torch's [out, in] layout: on the GPU the
-    one-row GEMMs of a decode read the weight faster this way than as MatMul's [in, out]."""
+    """``x @ weight.T + bias``: as ``Gemm(transB=1)`` on torch's [out, in] layout (on the GPU the
+    one-row GEMMs of a decode read the weight faster this way than as MatMul's [in, out]), or,
+    for the block-wise quantizer (``g.linears == "matmul"``), as MatMul on [in, out] + Add."""
+    if g.linears == "matmul":
+        y = g.node("MatMul", [x, g.weight(f"{name}.weight_kn", weight.detach().T)], name=name)[0]
+        return y if bias is None else g.node("Add", [y, g.weight(f"{name}.bias", bias)], name=f"{name}_bias")[0]
     inputs = [x, g.weight(f"{name}.weight", weight)]
     if bias is not None:
         inputs.append(g.weight(f"{name}.bias", bias))
@@ -224,11 +242,45 @@ def _rms_norm(g: _Graph, name: str, weight, x: str, pending: str | None, eps: fl
     return out[0], out[3]
 
 
-def check_decode_graph(model, cfg, onnx_path, batch: int = 3, capacity: int = 48, seed: int = 0) -> float:
-    """Run the fused graph (ONNX Runtime CPU, K/V bound in place) against the torch step
-    model on a random decode state whose rows are at different past lengths. Returns the
-    logits' max error relative to their largest magnitude; raises ``EmberError`` when the
-    K/V written in place are wrong or any other cache position changed."""
+# (ids [B,1], past lengths [B], K/V 2L x [B,Hkv,S,D]) -> (logits [B,V], the new token's K/V 2L x [B,Hkv,1,D])
+DecodeReference = Callable[[np.ndarray, np.ndarray, list[np.ndarray]], tuple[np.ndarray, list[np.ndarray]]]
+
+
+def torch_reference(model) -> DecodeReference:
+    """The torch step model seen as a decode reference: ``(ids [B,1], past [B], kv 2L x
+    [B,Hkv,S,D]) -> (logits [B,V] float32, the new token's K/V 2L x [B,Hkv,1,D])``."""
+
+    def run(ids: np.ndarray, past: np.ndarray, kv: list[np.ndarray]):
+        b = len(past)
+        with torch.no_grad():
+            out = model(torch.from_numpy(ids), torch.from_numpy(past.reshape(b, 1)), torch.from_numpy(past),
+                        torch.ones(b, dtype=torch.int64), *[torch.from_numpy(a.astype(np.float32)) for a in kv])
+        return out[0].numpy(), [t.numpy() for t in out[1:]]
+    return run
+
+
+def step_graph_reference(step_path, num_layers: int) -> DecodeReference:
+    """The step graph (ONNX Runtime CPU) as a decode reference, same contract as
+    ``torch_reference``: the new token at each row's past length. A quantized step graph is
+    the reference of a decode part quantized the same way (same weights, same blocks)."""
+    from ember.runtime.session import StepSession
+
+    sess = StepSession(step_path, num_layers)
+
+    def run(ids: np.ndarray, past: np.ndarray, kv: list[np.ndarray]):
+        b = len(past)
+        return sess.run(ids, past.reshape(b, 1).copy(), past, np.ones(b, np.int64), kv)
+    return run
+
+
+def check_decode_graph(model, cfg, onnx_path, batch: int = 3, capacity: int = 48, seed: int = 0,
+                       reference: DecodeReference | None = None, kv_tol: float | None = None) -> float:
+    """Run the fused graph (ONNX Runtime CPU, K/V bound in place) against a reference
+    (``torch_reference(model)`` unless ``reference`` is given) on a random decode state whose
+    rows are at different past lengths. Returns the logits' max error relative to their
+    largest magnitude; raises ``EmberError`` when the K/V written in place differ from the
+    reference's by more than ``kv_tol`` (default: 1e-4 in FP32, 2e-2 in FP16) relative to
+    their largest magnitude, or any other cache position changed."""
     from ember.errors import EmberError
     from ember.runtime.decode_session import DecodeSession
 
@@ -242,22 +294,20 @@ def check_decode_graph(model, cfg, onnx_path, batch: int = 3, capacity: int = 48
     kv = [rng.standard_normal((batch, cfg.num_kv_heads, capacity, cfg.head_dim)).astype(kv_dtype)
           for _ in range(2 * cfg.num_layers)]
     before = [a.copy() for a in kv]
-    with torch.no_grad():
-        ref = model(torch.from_numpy(ids), torch.from_numpy(past.reshape(batch, 1)), torch.from_numpy(past),
-                    torch.ones(batch, dtype=torch.int64), *[torch.from_numpy(a.astype(np.float32)) for a in kv])
+    want, new_kv = (reference or torch_reference(model))(ids, past, kv)  # before the part updates kv in place
     logits = sess.run(ids, past, kv)
-    want = ref[0].numpy()
+    want = want.astype(np.float32)
     err = float(np.abs(logits - want).max() / max(float(np.abs(want).max()), 1e-6))
-    tol = 2e-2 if kv_dtype == np.float16 else 1e-4
-    for i, (a, b, new) in enumerate(zip(kv, before, ref[1:])):
-        new = new.numpy()
+    tol = kv_tol if kv_tol is not None else (2e-2 if kv_dtype == np.float16 else 1e-4)
+    for i, (a, b, new) in enumerate(zip(kv, before, new_kv)):
+        new = np.asarray(new, np.float32)
         for r in range(batch):
             p = int(past[r])
             got = a[r, :, p].astype(np.float32)
             scale = max(float(np.abs(new[r, :, 0]).max()), 1e-6)
             if float(np.abs(got - new[r, :, 0]).max()) / scale > tol:
                 raise EmberError(f"fused decode graph: layer {i // 2} {'kv'[i % 2]} of row {r} written at position {p} "
-                                 "differs from the torch model")
+                                 "differs from the reference")
             a[r, :, p] = b[r, :, p]
         if not np.array_equal(a, b):
             raise EmberError(f"fused decode graph: layer {i // 2} changed cache positions other than the new token's")

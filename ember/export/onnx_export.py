@@ -9,6 +9,8 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from ember.export.config import DecoderConfig
+from ember.export.external_data import load_all, weight_bytes, write_model
 
 OPSET = 17
 # ONNX protobufs are capped at 2 GiB: past this many bytes of weights (half the cap, leaving
@@ -46,11 +49,7 @@ def example_step_inputs(cfg: DecoderConfig, batch: int, tokens: int, past: int, 
     return (ids, pos, pl, nl, *kv)
 
 
-def export_step_graph(model: torch.nn.Module, cfg: DecoderConfig, workdir: str | os.PathLike):
-    """Export ``model`` (a *Step module); returns the in-memory ``onnx.ModelProto``.
-
-    ``workdir`` holds the exporter's scratch folder (removed before returning, see ``torch_export``).
-    """
+def _step_export_args(cfg: DecoderConfig) -> tuple[tuple, dict]:
     inputs, outputs = step_io_names(cfg)
     dyn = {"input_ids": {0: "batch", 1: "tokens"}, "positions": {0: "batch", 1: "tokens"},
            "past_lengths": {0: "batch"}, "new_lengths": {0: "batch"}, "logits": {0: "batch"}}
@@ -59,19 +58,43 @@ def export_step_graph(model: torch.nn.Module, cfg: DecoderConfig, workdir: str |
     for n in outputs[1:]:
         dyn[n] = {0: "batch", 2: "tokens"}
     args = example_step_inputs(cfg, batch=2, tokens=3, past=5)
-    proto = torch_export(model, args, workdir, input_names=inputs, output_names=outputs, dynamic_axes=dyn)
+    return args, {"input_names": inputs, "output_names": outputs, "dynamic_axes": dyn}
+
+
+def export_step_graph(model: torch.nn.Module, cfg: DecoderConfig, workdir: str | os.PathLike):
+    """Export ``model`` (a *Step module); returns the in-memory ``onnx.ModelProto``, weights included.
+
+    ``workdir`` holds the exporter's scratch folder (removed before returning, see ``torch_export``).
+    For models that must not be held in memory, ``export_step_graph_file``.
+    """
+    args, kw = _step_export_args(cfg)
+    proto = torch_export(model, args, workdir, **kw)
     _name_output_dims(proto, cfg)
     return proto
 
 
-def torch_export(module: torch.nn.Module, args: tuple, workdir: str | os.PathLike, **export_kw):
-    """``torch.onnx.export`` (TorchScript exporter, opset ``OPSET``) into a scratch folder under
-    ``workdir``; returns the loaded ``onnx.ModelProto`` with its weights in memory.
+def export_step_graph_file(model: torch.nn.Module, cfg: DecoderConfig, path: str | os.PathLike,
+                           rewrite: Callable | None = None):
+    """Export ``model`` to ``path`` (plus ``<name>.data`` past ``EXTERNAL_DATA_THRESHOLD``) without
+    loading the exported weights into memory; returns the graph, whose big weights stay external
+    references into that file (``ember.export.external_data``). ``rewrite(proto, base_dir)`` runs on
+    the graph before it is written (e.g. the LM-head pass), reading weights from ``base_dir``."""
+    path = Path(path)
+    args, kw = _step_export_args(cfg)
+    with exported(model, args, path.parent, **kw) as (proto, scratch):
+        _name_output_dims(proto, cfg)
+        if rewrite is not None:
+            rewrite(proto, scratch)
+        save_onnx(proto, path, base_dir=scratch, keep_in_memory=False)
+    return proto
 
-    Past 2 GB the exporter writes one external file per tensor (``onnx__MatMul_3349``,
-    ``embed_tokens.weight``, ...) beside the graph: they stay in the scratch folder, which is
-    removed before returning, so only what ``save_onnx`` writes reaches an engine folder.
-    """
+
+@contextmanager
+def exported(module: torch.nn.Module, args: tuple, workdir: str | os.PathLike, **export_kw):
+    """``torch.onnx.export`` (TorchScript exporter, opset ``OPSET``) into a scratch folder under
+    ``workdir``; yields ``(graph, scratch)``: the graph *without* its weights loaded where the exporter
+    wrote them to files (past 2 GB: one file per tensor, ``onnx__MatMul_3349``, ...). The scratch folder
+    is removed on exit, so only what ``save_onnx`` writes reaches an engine folder."""
     import onnx
 
     scratch = Path(tempfile.mkdtemp(prefix=".export-", dir=workdir))
@@ -81,9 +104,15 @@ def torch_export(module: torch.nn.Module, args: tuple, workdir: str | os.PathLik
             warnings.simplefilter("ignore")
             torch.onnx.export(module, args, str(path), opset_version=OPSET, dynamo=False, do_constant_folding=True,
                               **export_kw)
-        return onnx.load(str(path))
+        yield onnx.load(str(path), load_external_data=False), scratch
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def torch_export(module: torch.nn.Module, args: tuple, workdir: str | os.PathLike, **export_kw):
+    """As ``exported``, returning the ``onnx.ModelProto`` with its weights in memory."""
+    with exported(module, args, workdir, **export_kw) as (proto, scratch):
+        return load_all(proto, scratch)
 
 
 def _name_output_dims(proto, cfg: DecoderConfig) -> None:
@@ -102,30 +131,23 @@ def _name_output_dims(proto, cfg: DecoderConfig) -> None:
                 d.dim_value = want
 
 
-def save_onnx(proto, path: str | os.PathLike, external: bool | None = None) -> list[str]:
-    """Save a model; with external data (one ``<name>.data`` file) when asked or past
-    ``EXTERNAL_DATA_THRESHOLD``. A ``<name>.data`` left by an earlier save is removed first (onnx
-    appends to an existing data file, and a graph saved inline would leave it stray).
+def save_onnx(proto, path: str | os.PathLike, external: bool | None = None, base_dir: str | os.PathLike | None = None,
+              keep_in_memory: bool = True) -> list[str]:
+    """Save a model; its weights to one page-aligned ``<name>.data`` file (``external_data.write_model``)
+    when asked or past ``EXTERNAL_DATA_THRESHOLD``, else inline (a stale ``<name>.data`` is removed).
+    Weights ``proto`` holds as external references are read from ``base_dir``. After an external save,
+    ``keep_in_memory`` reads the weights back so the caller's model stays whole; without it ``proto``
+    refers to the new file (read tensors with ``external_data.read_tensor(t, path.parent)``).
 
     Returns the files written, relative to ``path``'s folder.
     """
-    import onnx
-
     path = Path(path)
     if external is None:
-        external = sum(len(i.raw_data) for i in proto.graph.initializer) > EXTERNAL_DATA_THRESHOLD
-    data = path.name + ".data"
-    (path.parent / data).unlink(missing_ok=True)
-    if external:
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data, size_threshold=1024)
-        # saving moved the weights out of ``proto``: read them back so the caller's model stays whole
-        from onnx.external_data_helper import load_external_data_for_model
-
-        load_external_data_for_model(proto, str(path.parent))
-        return [path.name, data]
-    onnx.save_model(proto, str(path))
-    return [path.name]
+        external = weight_bytes(proto) > EXTERNAL_DATA_THRESHOLD
+    files = write_model(proto, path, base_dir, external=external)
+    if external and keep_in_memory:
+        load_all(proto, path.parent)
+    return files
 
 
 @dataclass(frozen=True)
@@ -138,21 +160,39 @@ class ExportCheck:
         return {"max_abs_error": self.max_abs_error, "max_rel_error": self.max_rel_error, "worst_output": self.worst_output}
 
 
-def check_against_torch(model: torch.nn.Module, cfg: DecoderConfig, onnx_path: str | os.PathLike) -> ExportCheck:
-    """Run the ONNX graph in ONNX Runtime and the torch model on one mixed prefill+past input."""
-    import onnxruntime as ort
+@dataclass
+class StepReference:
+    """The torch model's outputs on one mixed prefill+past input (``torch_step_reference``)."""
 
-    inputs, outputs = step_io_names(cfg)
+    inputs: tuple[np.ndarray, ...]
+    outputs: list[np.ndarray]
+
+
+def torch_step_reference(model: torch.nn.Module, cfg: DecoderConfig) -> StepReference:
+    """Run the torch step model on one mixed prefill+past input: three rows, past lengths 0/6/2,
+    one row padded in T."""
     args = example_step_inputs(cfg, batch=3, tokens=4, past=6, past_len=[0, 6, 2], seed=1)
     args[3][2] = 2  # one row with padding in T
     with torch.no_grad():
         ref = [t.float().numpy() for t in model(*args)]
+    return StepReference(tuple(a.numpy() for a in args), ref)
+
+
+def check_against_reference(cfg: DecoderConfig, onnx_path: str | os.PathLike, ref: StepReference) -> ExportCheck:
+    """Run the ONNX graph in ONNX Runtime on ``ref``'s input and compare with the torch outputs.
+
+    The session does not prepack weights and maps page-aligned external data, so checking a
+    multi-GiB graph costs little memory beyond its file."""
+    import onnxruntime as ort
+
+    inputs, outputs = step_io_names(cfg)
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    so.add_session_config_entry("session.disable_prepacking", "1")
     sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-    got = sess.run(outputs, {n: a.numpy() for n, a in zip(inputs, args)})
+    got = sess.run(outputs, dict(zip(inputs, ref.inputs)))
     worst = ("", 0.0, 0.0)
-    for name, r, g in zip(outputs, ref, got):
+    for name, r, g in zip(outputs, ref.outputs, got):
         if name.startswith("new_"):  # compare only the valid new tokens of the padded row
             r, g = r[..., :2, :], g[..., :2, :]
         err = float(np.max(np.abs(r - g))) if r.size else 0.0
@@ -160,3 +200,8 @@ def check_against_torch(model: torch.nn.Module, cfg: DecoderConfig, onnx_path: s
         if rel >= worst[2]:
             worst = (name, err, rel)
     return ExportCheck(max_abs_error=worst[1], max_rel_error=worst[2], worst_output=worst[0])
+
+
+def check_against_torch(model: torch.nn.Module, cfg: DecoderConfig, onnx_path: str | os.PathLike) -> ExportCheck:
+    """Run the ONNX graph in ONNX Runtime and the torch model on one mixed prefill+past input."""
+    return check_against_reference(cfg, onnx_path, torch_step_reference(model, cfg))

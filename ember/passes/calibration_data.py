@@ -130,11 +130,15 @@ def _kv_layout(model: onnx.ModelProto) -> tuple[int, int, int]:
 
 
 def decoder_step_feeds(model: onnx.ModelProto, prompts_ids: Sequence[Sequence[int]], past_capacity: int,
-                       batch_size: int = 8, decode_steps: int = 1, threads: int = 0) -> list[dict[str, np.ndarray]]:
+                       batch_size: int = 8, decode_steps: int = 1, threads: int = 0,
+                       base_dir=None, outputs: list | None = None) -> list[dict[str, np.ndarray]]:
     """Step-graph feeds for prompts: per batch of ``batch_size`` prompts, one prefill feed
     (prompts right-padded to the longest, ``past_lengths`` 0, a zero pool of ``past_capacity``)
     then ``decode_steps`` decode feeds (T=1) whose next tokens and past K/V come from running
     the float ``model`` greedily. Prompt length + decode_steps must fit in ``past_capacity``.
+    Weights ``model`` keeps in external files are read from ``base_dir``. Given a list as ``outputs``,
+    the float model's outputs on every feed (all graph outputs, in graph order) are appended to it, so
+    an accuracy report need not run the float model again (``quant_accuracy.accuracy_report``).
     """
     if not prompts_ids or any(len(p) == 0 for p in prompts_ids):
         raise ConfigError("every calibration prompt must have at least one token")
@@ -143,8 +147,9 @@ def decoder_step_feeds(model: onnx.ModelProto, prompts_ids: Sequence[Sequence[in
         raise ConfigError(f"past_capacity={past_capacity} is too small for a {longest}-token prompt plus "
                           f"{decode_steps} decode steps; raise it or shorten the prompts")
     layers, hkv, d = _kv_layout(model)
-    sess = ort_session(model, threads) if decode_steps else None
+    sess = ort_session(model, threads, base_dir=base_dir) if decode_steps or outputs is not None else None
     out_names = ["logits"] + [f"new_{kv}.{i}" for i in range(layers) for kv in ("key", "value")]
+    graph_outputs = [o.name for o in model.graph.output]
     feeds: list[dict[str, np.ndarray]] = []
     for start in range(0, len(prompts_ids), batch_size):
         rows = [list(p) for p in prompts_ids[start:start + batch_size]]
@@ -160,9 +165,13 @@ def decoder_step_feeds(model: onnx.ModelProto, prompts_ids: Sequence[Sequence[in
         past_len = np.zeros(b, np.int64)
         for step in range(decode_steps + 1):
             feeds.append(feed)
+            if step == decode_steps and outputs is None:
+                break
+            res = dict(zip(graph_outputs, sess.run(graph_outputs, feed)))
+            if outputs is not None:
+                outputs.append([res[n] for n in graph_outputs])
             if step == decode_steps:
                 break
-            res = dict(zip(out_names, sess.run(out_names, feed)))
             pool = {k: v.copy() for k, v in pool.items()}
             for i in range(layers):
                 for kv in ("key", "value"):

@@ -7,7 +7,8 @@ CPU Gemm with transB reads W faster at small batch than MatMul reads W^T. Cases:
    ``logits``, with A of rank 2 -> Gemm(A, B^T, transB=1).
 2. As 1, and B^T equals another initializer (the tied embedding) -> Gemm on that one;
    B is removed.
-Returns ``(model, modified)``; edits ``model`` in place.
+Returns ``(model, modified)``; edits ``model`` in place. Weights stored in external files are read
+from ``base_dir`` one at a time (``ember.export.external_data``).
 """
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ember.export.external_data import read_tensor
 
-def lm_head_gemm(model: onnx.ModelProto, output: str = "logits") -> tuple[onnx.ModelProto, bool]:
+
+def lm_head_gemm(model: onnx.ModelProto, base_dir=None, output: str = "logits") -> tuple[onnx.ModelProto, bool]:
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     node = next((n for n in g.node if n.op_type == "MatMul" and output in n.output), None)
@@ -25,11 +28,11 @@ def lm_head_gemm(model: onnx.ModelProto, output: str = "logits") -> tuple[onnx.M
     b = inits[node.input[1]]
     if len(b.dims) != 2:
         return model, False
-    wt = numpy_helper.to_array(b).T
+    wt = read_tensor(b, base_dir).T
     tied = None
     for i in g.initializer:  # case 2: same shape, same values
         if i.name != b.name and list(i.dims) == list(wt.shape) and i.data_type == b.data_type:
-            if np.array_equal(numpy_helper.to_array(i), wt):
+            if np.array_equal(read_tensor(i, base_dir), wt):
                 tied = i.name
                 break
     if tied is None:

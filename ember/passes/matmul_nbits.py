@@ -153,9 +153,14 @@ def _tensor_bytes(t: onnx.TensorProto) -> int:
     return int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
-def quantize_matmul_nbits(model: onnx.ModelProto, options: NBitsOptions,
-                          calib_feeds: Sequence[dict[str, np.ndarray]] = ()) -> tuple[onnx.ModelProto, NBitsReport]:
-    """Return a new model whose weight MatMuls are MatMulNBits (``model`` is not modified)."""
+def quantize_matmul_nbits(model: onnx.ModelProto, options: NBitsOptions, calib_feeds: Sequence[dict[str, np.ndarray]] = (),
+                          base_dir=None) -> tuple[onnx.ModelProto, NBitsReport]:
+    """Return a new model whose weight MatMuls are MatMulNBits (``model`` is not modified).
+
+    RTN and HQQ quantize one weight at a time (ONNX Runtime's quantizer on a one-MatMul graph), reading
+    weights kept in external files from ``base_dir``: a multi-GiB graph is never in memory as a whole,
+    and the result holds only the packed weights plus references to the weights left float. GPTQ needs
+    the whole graph and the calibration feeds."""
     try:
         from onnxruntime.quantization import matmul_nbits_quantizer as mnq
     except ModuleNotFoundError as e:  # it imports onnx_ir
@@ -170,29 +175,88 @@ def quantize_matmul_nbits(model: onnx.ModelProto, options: NBitsOptions,
     lm_head = next((n.name for n in out.graph.node if options.lm_head_output in n.output
                     and n.op_type in ("MatMul", "Gemm")), None)
     keep = () if options.quantize_lm_head or lm_head is None else (lm_head,)
-    gemm_to_matmul(out, keep=keep)
+    gemm_to_matmul(out, keep=keep, base_dir=base_dir)
     inits = {i.name: i for i in out.graph.initializer}
-    weights = {n.name: inits[n.input[1]] for n in _weight_nodes(out)}
+    weights = {n.name: _shape_only(inits[n.input[1]]) for n in _weight_nodes(out)}
     if not any(n.op_type == "MatMul" and n.name in weights and n.name not in keep for n in out.graph.node):
         raise ConfigError("no MatMul with a constant 2-D weight to quantize in this graph; compile without --quantize")
-    if options.method == "rtn":
-        algo = mnq.DefaultWeightOnlyQuantConfig(block_size=options.block_size, is_symmetric=options.symmetric,
-                                                bits=options.bits)
-    elif options.method == "hqq":
-        algo = mnq.HQQWeightOnlyQuantConfig(block_size=options.block_size, bits=options.bits)
-    else:
-        algo = mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=_FeedReader(calib_feeds))
     level = logging.getLogger("onnxruntime.quantization").level
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     try:
-        quantizer = mnq.MatMulNBitsQuantizer(out, bits=options.bits, block_size=options.block_size,
-                                             is_symmetric=options.symmetric, nodes_to_exclude=list(keep),
-                                             algo_config=algo)
-        quantizer.process()
+        if options.method == "gptq":
+            from ember.export.external_data import load_all
+
+            algo = mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=_FeedReader(calib_feeds))
+            quantizer = mnq.MatMulNBitsQuantizer(load_all(out, base_dir), bits=options.bits,
+                                                 block_size=options.block_size, is_symmetric=options.symmetric,
+                                                 nodes_to_exclude=list(keep), algo_config=algo)
+            quantizer.process()
+            result = quantizer.model.model
+        else:
+            result = _quantize_each_weight(out, options, set(keep), base_dir, mnq)
     finally:
         logging.getLogger("onnxruntime.quantization").setLevel(level)
-    result = quantizer.model.model
     return result, _finish(result, options, weights, keep, lm_head)
+
+
+def _shape_only(t: onnx.TensorProto) -> onnx.TensorProto:
+    """Name, type and shape of a weight, without its data (what the report needs)."""
+    return onnx.TensorProto(name=t.name, dims=list(t.dims), data_type=t.data_type)
+
+
+def _quantize_each_weight(model: onnx.ModelProto, options: NBitsOptions, keep: set[str], base_dir, mnq
+                          ) -> onnx.ModelProto:
+    """Replace each constant-weight MatMul not in ``keep`` by ONNX Runtime's MatMulNBits for it, in place;
+    each weight is read, quantized on a one-MatMul graph and dropped before the next is read."""
+    from ember.export.external_data import load_tensor
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    done: dict[str, tuple[onnx.NodeProto, list[onnx.TensorProto]]] = {}  # weight -> (MatMulNBits template, its tensors)
+    targets = [n for n in _weight_nodes(model) if n.op_type == "MatMul" and n.name not in keep]
+    for node in targets:
+        w_name = node.input[1]
+        if w_name not in done:
+            done[w_name] = _quantize_one(node, load_tensor(inits[w_name], base_dir), options, mnq)
+            g.initializer.extend(done[w_name][1])
+        template = done[w_name][0]
+        q = onnx.NodeProto()
+        q.CopyFrom(template)
+        q.input[0], q.output[0], q.name = node.input[0], node.output[0], node.name + f"_Q{options.bits}"
+        at = list(g.node).index(node)
+        g.node.remove(node)
+        g.node.insert(at, q)
+    still_read = {i for n in g.node for i in n.input}
+    for name in done:
+        if name not in still_read:
+            g.initializer.remove(inits[name])
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model
+
+
+def _quantize_one(node: onnx.NodeProto, weight: onnx.TensorProto, options: NBitsOptions, mnq
+                  ) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    """ONNX Runtime's quantizer on a graph of this one MatMul: its MatMulNBits node and tensors."""
+    k, n = weight.dims
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", weight.name], ["y"], name=node.name)], "one_matmul",
+                              [helper.make_tensor_value_info("x", weight.data_type, ["rows", k])],
+                              [helper.make_tensor_value_info("y", weight.data_type, ["rows", n])], initializer=[weight])
+    one = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    if options.method == "rtn":
+        algo = mnq.DefaultWeightOnlyQuantConfig(block_size=options.block_size, is_symmetric=options.symmetric,
+                                                bits=options.bits)
+    else:
+        algo = mnq.HQQWeightOnlyQuantConfig(block_size=options.block_size, bits=options.bits)
+    quantizer = mnq.MatMulNBitsQuantizer(one, bits=options.bits, block_size=options.block_size,
+                                         is_symmetric=options.symmetric, algo_config=algo)
+    quantizer.process()
+    result = quantizer.model.model.graph
+    nodes = [m for m in result.node if m.op_type == "MatMulNBits"]
+    if len(nodes) != 1 or len(result.node) != 1:
+        raise ConfigError(f"ONNX Runtime's quantizer turned MatMul {node.name!r} into "
+                          f"{[m.op_type for m in result.node]}, not one MatMulNBits; compile without --quantize")
+    return nodes[0], [t for t in result.initializer if t.name != weight.name]
 
 
 def _finish(model: onnx.ModelProto, options: NBitsOptions, weights: dict[str, onnx.TensorProto],

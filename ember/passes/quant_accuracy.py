@@ -13,8 +13,12 @@ from ember.passes.quant_graph import ort_session
 
 def accuracy_report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
                     feeds: Sequence[dict[str, np.ndarray]], logits_output: str = "logits",
-                    threads: int = 0) -> dict[str, Any]:
-    """Run both graphs in ONNX Runtime on every feed and compare every output.
+                    threads: int = 0, base_dir=None, float_outputs: Sequence[Sequence[np.ndarray]] | None = None
+                    ) -> dict[str, Any]:
+    """Run both graphs in ONNX Runtime on every feed and compare every output (one session at a
+    time, so a multi-GiB float graph and its quantized copy are never loaded together; weights kept
+    in external files are read from ``base_dir``). ``float_outputs``: the float graph's outputs on every
+    feed where already computed (``decoder_step_feeds(..., outputs=)``), in graph output order.
 
     Per output: ``rel_error`` = ||q - f||_2 / ||f||_2 over all feeds, ``max_abs_error``.
     For ``logits_output`` (last axis = vocabulary): ``top1_agreement`` = fraction of rows whose
@@ -25,16 +29,24 @@ def accuracy_report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
     """
     if not feeds:
         raise ConfigError("accuracy_report needs at least one held-out feed")
-    f_sess, q_sess = ort_session(float_model, threads), ort_session(quant_model, threads)
-    names = [o.name for o in f_sess.get_outputs()]
+    names = [o.name for o in float_model.graph.output]
+    if float_outputs is None:
+        f_sess = ort_session(float_model, threads, base_dir=base_dir)
+        refs = [f_sess.run(names, feed) for feed in feeds]
+        del f_sess
+    elif len(float_outputs) != len(feeds):
+        raise ConfigError(f"float_outputs has {len(float_outputs)} entries for {len(feeds)} feeds")
+    else:
+        refs = list(float_outputs)
+    q_sess = ort_session(quant_model, threads, base_dir=base_dir)
     diff2 = dict.fromkeys(names, 0.0)
     ref2 = dict.fromkeys(names, 0.0)
     max_abs = dict.fromkeys(names, 0.0)
     agree = rows = 0
     gaps: list[np.ndarray] = []
     hits: list[np.ndarray] = []
-    for feed in feeds:
-        ref = dict(zip(names, f_sess.run(names, feed)))
+    for feed, ref_outputs in zip(feeds, refs):
+        ref = dict(zip(names, ref_outputs))
         got = dict(zip(names, q_sess.run(names, feed)))
         for n in names:
             r, g = ref[n].astype(np.float64), got[n].astype(np.float64)

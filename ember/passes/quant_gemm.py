@@ -26,10 +26,10 @@ def _attr(node: onnx.NodeProto, name: str, default: float) -> float:
     return default
 
 
-def gemm_to_matmul(model: onnx.ModelProto, keep: Container[str] = ()) -> int:
+def gemm_to_matmul(model: onnx.ModelProto, keep: Container[str] = (), base_dir=None) -> int:
     """Rewrite every eligible Gemm (see the module docstring) except those named in ``keep``;
-    returns how many were rewritten."""
-    idx = GraphIndex.build(model.graph)
+    returns how many were rewritten. Weights kept in external files are read from ``base_dir``."""
+    idx = GraphIndex.build(model.graph, base_dir)
     taken = all_names(model)
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
@@ -43,7 +43,7 @@ def gemm_to_matmul(model: onnx.ModelProto, keep: Container[str] = ()) -> int:
         weight = found[0].T if _attr(node, "transB", 0) else found[0]
         name = node.name or f"Gemm_{node.output[0]}"
         w_name = unique_name(taken, f"{name}.weight_kn")
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(weight, dtype=np.float32), w_name))
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(weight), w_name))
         has_bias = len(node.input) > 2 and node.input[2]
         mm_out = unique_name(taken, f"{node.output[0]}_matmul") if has_bias else node.output[0]
         nodes.append(helper.make_node("MatMul", [node.input[0], w_name], [mm_out], name=name))

@@ -26,8 +26,8 @@ NO_QDQ_OUTPUT_OPS = frozenset({"Concat", "Softmax", "Reshape", "Transpose"})
 # not hold negatives (measured: 94% output error on a Relu->Q(FP8) graph); sessions running FP8
 # Q/DQ graphs must disable it.
 ORT_FP8_DISABLED_OPTIMIZERS = ("ReluQuantRewrite",)
-# ONNX protobufs are capped at 2 GiB; above this, sessions load from a temporary file.
-_INLINE_LIMIT = 1 << 30
+# ONNX protobufs are capped at 2 GiB; above this, sessions load from a temporary folder.
+_INLINE_LIMIT = 1800 << 20
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -60,10 +60,11 @@ class GraphIndex:
     consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=lambda: defaultdict(list))
     initializers: dict[str, onnx.TensorProto] = field(default_factory=dict)
     graph_outputs: set[str] = field(default_factory=set)
+    base_dir: str | os.PathLike | None = None  # where initializers kept in external files lie
 
     @staticmethod
-    def build(graph: onnx.GraphProto) -> "GraphIndex":
-        idx = GraphIndex(graph)
+    def build(graph: onnx.GraphProto, base_dir: str | os.PathLike | None = None) -> "GraphIndex":
+        idx = GraphIndex(graph, base_dir=base_dir)
         idx.initializers = {t.name: t for t in graph.initializer}
         idx.graph_outputs = {o.name for o in graph.output}
         for node in graph.node:
@@ -86,7 +87,9 @@ class GraphIndex:
         Identity nodes), else None."""
         name = self._through_identity(name)
         if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
+            from ember.export.external_data import read_tensor
+
+            return read_tensor(self.initializers[name], self.base_dir)
         node = self.producer.get(name)
         if node is not None and node.op_type == "Constant":
             for a in node.attribute:
@@ -200,12 +203,17 @@ def ort_disabled_optimizers(model: onnx.ModelProto) -> list[str]:
     return ["CommonSubexpressionElimination", "MatMulAddFusion"] + (list(ORT_FP8_DISABLED_OPTIMIZERS) if has_fp8(model) else [])
 
 
-def ort_session(model: onnx.ModelProto, threads: int = 0, optimized_path: str | None = None):
-    """An ONNX Runtime CPU session over ``model`` (through a temp file when it is too big to inline).
+def ort_session(model: onnx.ModelProto, threads: int = 0, optimized_path: str | None = None,
+                base_dir: str | os.PathLike | None = None):
+    """An ONNX Runtime CPU session over ``model``. Weights the model keeps in external files are read
+    from ``base_dir`` (mapped, not copied, where page-aligned: ``ember.export.external_data``); a model
+    whose in-memory part is too big for one protobuf goes through a temporary folder.
 
     Q/DQ graphs run with ``ort_disabled_optimizers(model)`` disabled.
     """
     import onnxruntime as ort
+
+    from ember.export.external_data import has_external, write_model
 
     disabled = ort_disabled_optimizers(model)
     kwargs = {"disabled_optimizers": disabled} if disabled else {}
@@ -215,16 +223,16 @@ def ort_session(model: onnx.ModelProto, threads: int = 0, optimized_path: str | 
         so.intra_op_num_threads = threads
     if optimized_path:
         so.optimized_model_filepath = optimized_path
+    external = has_external(model)
+    if external and base_dir is None:
+        raise ValueError("the model keeps weights in external files: pass base_dir, the folder they lie in")
     if model.ByteSize() < _INLINE_LIMIT:
+        if external:
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base_dir))
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"], **kwargs)
-    from onnx.external_data_helper import load_external_data_for_model
-
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "model.onnx")
-        # save_model moves the weights out of ``model`` into external references: load them back
-        # so the caller's model stays whole (no second in-memory copy of a multi-GiB graph)
-        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="model.data")
-        try:
-            return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"], **kwargs)
-        finally:
-            load_external_data_for_model(model, tmp)
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)  # write_model points the tensors it writes at the temporary file
+        write_model(copy, os.path.join(tmp, "model.onnx"), base_dir)
+        del copy
+        return ort.InferenceSession(os.path.join(tmp, "model.onnx"), so, providers=["CPUExecutionProvider"], **kwargs)

@@ -1,0 +1,160 @@
+"""ONNX weights kept out of memory: one aligned ``<name>.data`` file per graph, read a tensor at a time.
+
+A multi-GiB decoder cannot be one protobuf (2 GiB cap) and should not be held in memory more than
+once while it compiles. Ember therefore keeps a large graph's ``ModelProto`` as *structure only*:
+its big initializers are external references (``location``/``offset``/``length``) into a data file
+beside the graph, and a pass that needs a weight reads that one tensor (``read_tensor``). Writing
+(``write_model``) streams every tensor -- inline or external, wherever it lives now -- into a new
+data file, one tensor at a time, then renames it into place, so a graph can be rewritten over the
+file it reads from.
+
+Offsets of tensors of ``ALIGN_BYTES`` or more are multiples of the page size: ONNX Runtime's CPU
+provider then maps them from the file instead of copying them (``model_saving_options.h`` in ONNX
+Runtime), so a session over a 4 GB graph does not allocate another 4 GB.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+PAGE = 4096  # offset alignment (Linux allocation granularity; ORT maps aligned external data)
+ALIGN_BYTES = 1 << 20  # tensors this big start on a page boundary
+INLINE_BYTES = 1024  # tensors smaller than this stay inside the graph file
+
+
+def is_external(t: TensorProto) -> bool:
+    return t.data_location == TensorProto.EXTERNAL
+
+
+def external_info(t: TensorProto) -> tuple[str, int, int | None]:
+    """``(location, offset, length)`` of an external tensor (length None: to the end of the file)."""
+    info = {e.key: e.value for e in t.external_data}
+    length = info.get("length")
+    return info["location"], int(info.get("offset", 0)), int(length) if length is not None else None
+
+
+def tensor_nbytes(t: TensorProto) -> int:
+    """Bytes of the tensor's data, wherever it is stored."""
+    if is_external(t):
+        _, _, length = external_info(t)
+        if length is not None:
+            return length
+    if t.raw_data:
+        return len(t.raw_data)
+    n = int(np.prod(t.dims, dtype=np.int64))
+    return n * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    return sum(tensor_nbytes(t) for t in model.graph.initializer)
+
+
+def has_external(model: onnx.ModelProto) -> bool:
+    return any(is_external(t) for t in model.graph.initializer)
+
+
+def _read_bytes(t: TensorProto, base_dir: str | os.PathLike) -> bytes:
+    location, offset, length = external_info(t)
+    path = Path(base_dir) / location
+    if not path.is_file():
+        raise FileNotFoundError(f"external data {location!r} of tensor {t.name!r} is missing from {base_dir}")
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read() if length is None else f.read(length)
+    if length is not None and len(data) != length:
+        raise ValueError(f"external data {location!r} of tensor {t.name!r} is truncated "
+                         f"({len(data)} of {length} bytes at offset {offset})")
+    return data
+
+
+def load_tensor(t: TensorProto, base_dir: str | os.PathLike | None) -> TensorProto:
+    """An inline copy of ``t`` (``t`` itself when it is inline already; never modified)."""
+    if not is_external(t):
+        return t
+    if base_dir is None:
+        raise ValueError(f"tensor {t.name!r} is stored in an external file; pass the folder it lies in")
+    out = TensorProto()
+    out.CopyFrom(t)
+    del out.external_data[:]
+    out.data_location = TensorProto.DEFAULT
+    out.raw_data = _read_bytes(t, base_dir)
+    return out
+
+
+def read_tensor(t: TensorProto, base_dir: str | os.PathLike | None) -> np.ndarray:
+    """The tensor as a numpy array, read from its external file where it has one."""
+    return numpy_helper.to_array(load_tensor(t, base_dir))
+
+
+def load_all(model: onnx.ModelProto, base_dir: str | os.PathLike | None) -> onnx.ModelProto:
+    """Bring every external tensor of ``model`` into memory, in place (for passes that rewrite all
+    weights, e.g. the FP16 and Q/DQ passes); returns ``model``."""
+    for t in model.graph.initializer:
+        if is_external(t):
+            t.CopyFrom(load_tensor(t, base_dir))
+    return model
+
+
+def _raw(t: TensorProto, base_dir) -> bytes:
+    if is_external(t):
+        return _read_bytes(t, base_dir)
+    if t.raw_data:
+        return t.raw_data
+    return numpy_helper.to_array(t).tobytes()  # typed fields (float_data, ...): the same little-endian bytes
+
+
+def write_model(model: onnx.ModelProto, path: str | os.PathLike, base_dir: str | os.PathLike | None = None,
+                external: bool = True) -> list[str]:
+    """Save ``model`` to ``path``; with ``external``, every initializer of ``INLINE_BYTES`` or more goes to
+    ``<name>.data`` (page-aligned where ``ALIGN_BYTES`` or more) and ``model`` is left referring to it,
+    its data no longer in memory. Tensors are read from wherever they are now (``base_dir`` for external
+    ones), so the data file may be the one being replaced. Without ``external`` every tensor is brought
+    inline and a stale ``<name>.data`` is removed. Returns the files written, relative to ``path``'s folder.
+    """
+    path = Path(path)
+    data_name = path.name + ".data"
+    data_path = path.parent / data_name
+    if not external:
+        load_all(model, base_dir)
+        onnx.save_model(model, str(path))
+        data_path.unlink(missing_ok=True)
+        return [path.name]
+    for t in model.graph.initializer:  # small tensors live in the graph, wherever they were
+        if is_external(t) and tensor_nbytes(t) < INLINE_BYTES:
+            t.CopyFrom(load_tensor(t, base_dir))
+    tmp_data = path.parent / f".{data_name}.tmp-{os.getpid()}"
+    try:
+        with open(tmp_data, "wb") as out:
+            for t in _big_tensors(model.graph.initializer):
+                data = _raw(t, base_dir)
+                if len(data) >= ALIGN_BYTES and out.tell() % PAGE:
+                    out.write(b"\0" * (PAGE - out.tell() % PAGE))
+                offset = out.tell()
+                out.write(data)
+                del data
+                _point_to(t, data_name, offset, out.tell() - offset)
+        os.replace(tmp_data, data_path)
+    finally:
+        tmp_data.unlink(missing_ok=True)
+    onnx.save_model(model, str(path))
+    return [path.name, data_name]
+
+
+def _big_tensors(tensors: Iterable[TensorProto]) -> Iterable[TensorProto]:
+    return (t for t in tensors if tensor_nbytes(t) >= INLINE_BYTES)
+
+
+def _point_to(t: TensorProto, location: str, offset: int, length: int) -> None:
+    t.ClearField("raw_data")
+    for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+        t.ClearField(f)
+    del t.external_data[:]
+    t.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        e = t.external_data.add()
+        e.key, e.value = k, v

@@ -1,0 +1,187 @@
+"""Graphs whose weights stay in one page-aligned data file (ember/export/external_data.py): writing,
+reading a tensor at a time, rewriting over the file being read, sessions over such graphs, block-wise
+quantization one weight at a time (equal to ONNX Runtime's whole-graph quantizer), and compiles that
+take the external path end to end."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import ember
+from ember.compiler.compile import CompileOptions, compile_decoder
+from ember.export.external_data import (ALIGN_BYTES, PAGE, external_info, is_external, load_all, read_tensor,
+                                        weight_bytes, write_model)
+from ember.export.onnx_export import export_step_graph
+from ember.export.sources import resolve_decoder_source
+from ember.passes.lm_head_gemm import lm_head_gemm
+from ember.passes.matmul_nbits import NBitsOptions, quantize_matmul_nbits
+from ember.passes.quant_graph import ort_session
+
+
+def _two_matmuls() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    w = {"big": rng.standard_normal((512, 640)).astype(np.float32),  # 1.3 MB: page-aligned
+         "mid": rng.standard_normal((640, 96)).astype(np.float32),
+         "tiny": np.arange(4, dtype=np.float32)}  # stays inline
+    nodes = [helper.make_node("MatMul", ["x", "big"], ["h"], name="mm0"),
+             helper.make_node("MatMul", ["h", "mid"], ["y0"], name="mm1"),
+             helper.make_node("Add", ["y0", "tiny_b"], ["y"], name="add")]
+    inits = [numpy_helper.from_array(v, k) for k, v in w.items()]
+    inits.append(numpy_helper.from_array(np.zeros(96, np.float32), "tiny_b"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 512])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 96])], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), w
+
+
+def test_write_read_and_rewrite_over_the_same_file(tmp_path):
+    model, w = _two_matmuls()
+    nbytes = weight_bytes(model)
+    assert write_model(model, tmp_path / "m.onnx") == ["m.onnx", "m.onnx.data"]
+    inits = {t.name: t for t in model.graph.initializer}
+    assert is_external(inits["big"]) and is_external(inits["mid"]) and not is_external(inits["tiny"])
+    assert not inits["big"].raw_data  # the caller's graph no longer holds the weights
+    assert external_info(inits["big"])[1] % PAGE == 0 and inits["big"].ByteSize() < 200
+    assert weight_bytes(model) == nbytes
+    for name, value in w.items():
+        np.testing.assert_array_equal(read_tensor(inits[name], tmp_path), value)
+    # rewrite the graph over the data file it reads from, after dropping one weight
+    model.graph.initializer.remove(inits["mid"])
+    model.graph.initializer.append(numpy_helper.from_array(w["mid"] * 2, "mid"))
+    write_model(model, tmp_path / "m.onnx", base_dir=tmp_path)
+    again = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    got = {t.name: read_tensor(t, tmp_path) for t in again.graph.initializer}
+    np.testing.assert_array_equal(got["big"], w["big"])
+    np.testing.assert_array_equal(got["mid"], w["mid"] * 2)
+    assert (tmp_path / "m.onnx.data").stat().st_size < 2 * (w["big"].nbytes + w["mid"].nbytes)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]  # no temp file left
+    # inline save: everything back in the graph, the stale data file removed
+    write_model(again, tmp_path / "m.onnx", base_dir=tmp_path, external=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    np.testing.assert_array_equal(numpy_helper.to_array(onnx.load(str(tmp_path / "m.onnx")).graph.initializer[0]),
+                                  w["big"])
+    assert ALIGN_BYTES <= w["big"].nbytes
+
+
+def test_session_over_external_graph_needs_its_folder(tmp_path):
+    model, w = _two_matmuls()
+    x = np.ones((2, 512), np.float32)
+    want = ort_session(model).run(None, {"x": x})[0]
+    write_model(model, tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match="base_dir"):
+        ort_session(model)
+    np.testing.assert_allclose(ort_session(model, base_dir=tmp_path).run(None, {"x": x})[0], want, rtol=1e-6)
+    with pytest.raises(FileNotFoundError, match="mid"):
+        read_tensor(next(t for t in model.graph.initializer if t.name == "mid"), tmp_path / "elsewhere")
+
+
+@pytest.fixture(scope="module")
+def llama_graph(tmp_path_factory):
+    src = resolve_decoder_source("llama-tiny")
+    graph = export_step_graph(src.model, src.config, tmp_path_factory.mktemp("g"))
+    lm_head_gemm(graph)
+    return graph
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, False), (4, True), (8, False)])
+def test_one_weight_at_a_time_equals_onnxruntime_whole_graph(llama_graph, bits, symmetric, tmp_path):
+    """The per-weight quantizer gives ONNX Runtime's whole-graph result bit for bit, from a graph
+    whose weights are only in its data file."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    head = next(n.name for n in llama_graph.graph.node if "logits" in n.output)
+    whole_in = onnx.ModelProto()
+    whole_in.CopyFrom(llama_graph)
+    whole = mnq.MatMulNBitsQuantizer(whole_in, bits=bits, block_size=32, is_symmetric=symmetric,
+                                     nodes_to_exclude=[head],
+                                     algo_config=mnq.DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=symmetric,
+                                                                                  bits=bits))
+    whole.process()
+    want = {t.name: numpy_helper.to_array(t) for t in whole.model.model.graph.initializer}
+
+    external = onnx.ModelProto()
+    external.CopyFrom(llama_graph)
+    write_model(external, tmp_path / "step.onnx")
+    q, report = quantize_matmul_nbits(external, NBitsOptions(bits=bits, block_size=32, symmetric=symmetric),
+                                      base_dir=tmp_path)
+    got = {t.name: t for t in q.graph.initializer}
+    packed = [n for n in want if n.endswith(f"_Q{bits}")]
+    assert len(packed) == 14
+    for name in packed + [n for n in want if n.endswith(("_scales", "_zero_points"))]:
+        np.testing.assert_array_equal(read_tensor(got[name], tmp_path), want[name], err_msg=name)
+    assert sum(m["bits"] == bits for m in report.matmuls) == 14
+    assert [n.op_type for n in q.graph.node] == [n.op_type for n in whole.model.model.graph.node]
+    # the float weights that were quantized are gone; the kept ones are still references into the file
+    quantized = {n.input[1] for n in llama_graph.graph.node if n.op_type == "MatMul" and n.name != head
+                 and any(t.name == n.input[1] for t in llama_graph.graph.initializer)}
+    assert len(quantized) == 14 and not quantized & {t.name for t in q.graph.initializer}
+    assert any(is_external(t) for t in q.graph.initializer)
+
+
+@pytest.fixture
+def external_always(monkeypatch):
+    """Every compile takes the large-model path: weights in step.onnx.data from the export on."""
+    import ember.export.onnx_export as ox
+
+    monkeypatch.setattr(ox, "EXTERNAL_DATA_THRESHOLD", 1024)
+
+
+@pytest.mark.parametrize("quantize", [None, "int4", "int8"])
+def test_compile_through_the_data_file_equals_in_memory(tmp_path, quantize, external_always, monkeypatch):
+    opts = CompileOptions(quantize=quantize, validate=True, quiet=True)
+    compile_decoder("llama-tiny", tmp_path / "ext", opts)
+    files = sorted(p.name for p in (tmp_path / "ext").iterdir())
+    assert "step.onnx.data" in files, files
+    step = onnx.load(str(tmp_path / "ext" / "step.onnx"), load_external_data=False)
+    data = tmp_path / "ext" / "step.onnx.data"
+    assert data.stat().st_size <= sum(external_info(t)[2] + PAGE for t in step.graph.initializer if is_external(t))
+    import ember.export.onnx_export as ox
+
+    monkeypatch.setattr(ox, "EXTERNAL_DATA_THRESHOLD", 1 << 30)
+    compile_decoder("llama-tiny", tmp_path / "mem", opts)
+    assert not (tmp_path / "mem" / "step.onnx.data").exists()
+    mem = onnx.load(str(tmp_path / "mem" / "step.onnx"))
+    ext = load_all(step, tmp_path / "ext")
+    assert {t.name for t in mem.graph.initializer} == {t.name for t in ext.graph.initializer}
+    for t in mem.graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(t), read_tensor(t, None), err_msg=t.name)
+    prompts = ["The quick brown fox", "hello"]
+    with ember.load(tmp_path / "ext") as a, ember.load(tmp_path / "mem") as b:
+        assert ([r.token_ids for r in a.generate(prompts, max_new_tokens=6, ignore_eos=True)]
+                == [r.token_ids for r in b.generate(prompts, max_new_tokens=6, ignore_eos=True)])
+
+
+def test_small_tensors_come_back_inline_from_per_tensor_files(tmp_path):
+    """Past 2 GB torch's exporter writes every tensor to its own file, small ones included: the
+    rewritten graph keeps small tensors inline and references only its own data file."""
+    model, w = _two_matmuls()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    onnx.save_model(model, str(scratch / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=False,
+                    size_threshold=0)
+    saved = onnx.load(str(scratch / "m.onnx"), load_external_data=False)
+    assert all(is_external(t) for t in saved.graph.initializer)
+    write_model(saved, tmp_path / "m.onnx", base_dir=scratch)
+    inits = {t.name: t for t in saved.graph.initializer}
+    assert not is_external(inits["tiny"]) and not is_external(inits["tiny_b"])
+    assert {external_info(t)[0] for t in saved.graph.initializer if is_external(t)} == {"m.onnx.data"}
+    np.testing.assert_array_equal(numpy_helper.to_array(inits["tiny"]), w["tiny"])
+
+
+def test_accuracy_report_reuses_the_feeds_float_run(llama_graph):
+    """decoder_step_feeds(outputs=) returns the float run it made the feeds with; the report built on
+    it equals the one that runs the float graph again."""
+    from ember.passes.calibration_data import decoder_step_feeds
+    from ember.passes.quant_accuracy import accuracy_report
+
+    ids = [[5, 9, 30, 2], [7, 7, 1], [100, 3, 4, 8, 9, 11]]
+    outputs: list = []
+    feeds = decoder_step_feeds(llama_graph, ids, 32, decode_steps=2, outputs=outputs)
+    assert len(outputs) == len(feeds) == 3
+    q, _ = quantize_matmul_nbits(llama_graph, NBitsOptions(bits=4, block_size=32))
+    again = accuracy_report(llama_graph, q, feeds)
+    reused = accuracy_report(llama_graph, q, feeds, float_outputs=outputs)
+    assert reused == again and 0 < reused["max_rel_error"] < 1
+    with pytest.raises(Exception, match="float_outputs has 2 entries for 3 feeds"):
+        accuracy_report(llama_graph, q, feeds, float_outputs=outputs[:2])
