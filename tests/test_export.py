@@ -87,13 +87,18 @@ def test_hf_config_mapping_and_rejections():
             "rope_theta": 1e6, "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "hidden_act": "silu",
             "use_sliding_window": False, "sliding_window": 128}
     c = config_from_hf(qwen)
-    assert (c.family, c.qkv_bias, c.o_bias, c.num_kv_heads, c.rope_theta) == ("llama", True, False, 2, 1e6)
+    assert (c.family, c.qkv_bias, c.o_bias, c.num_kv_heads, c.rope_theta) == ("qwen2", True, False, 2, 1e6)
+    assert c.layer_windows == ()  # use_sliding_window false: full attention everywhere
     with pytest.raises(ConfigError, match="model_type 'bert'"):
         config_from_hf({"model_type": "bert"})
-    with pytest.raises(ConfigError, match="rope_scaling"):
+    with pytest.raises(ConfigError, match="rope_scaling.rope_type='dynamic'"):
+        config_from_hf({**qwen, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}})
+    with pytest.raises(ConfigError, match="original_max_position_embeddings"):
         config_from_hf({**qwen, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
-    with pytest.raises(ConfigError, match="sliding_window"):
-        config_from_hf({**qwen, "use_sliding_window": True})
+    with pytest.raises(ConfigError, match="num_experts"):
+        config_from_hf({**qwen, "num_experts": 8})
+    windowed = config_from_hf({**qwen, "use_sliding_window": True, "max_window_layers": 1})
+    assert [windowed.window(i) for i in range(2)] == [0, 128]
     with pytest.raises(ConfigError, match="hidden_act"):
         config_from_hf({**qwen, "hidden_act": "gelu"})
     with pytest.raises(ConfigError, match="num_key_value_heads"):

@@ -35,8 +35,8 @@ from torch.nn import functional as F
 
 from ember.errors import ConfigError
 from ember.export.config import DecoderConfig
-from ember.export.gpt2 import gelu_tanh
-from ember.export.llama import rotate_half
+from ember.models.layers import gelu_tanh
+from ember.models.rope import rotate_half
 from ember.export.step_attention import (StepDims, attention_biases, fixed_size, last_valid, query_scale, scaled_linear,
                                          split_heads, step_attention)
 
@@ -70,6 +70,10 @@ def plan_tp(cfg: DecoderConfig, tp: int) -> TPLayout:
     """Check that ``cfg`` shards over ``tp`` ranks; ConfigError naming the field otherwise."""
     if tp < 1:
         raise ConfigError(f"--tp {tp} must be >= 1")
+    refusal = cfg.tp_refusal() if tp > 1 else None
+    if refusal:
+        raise ConfigError(f"--tp {tp}: the tensor-parallel segments do not express this {cfg.family} model ({refusal}); "
+                          "compile it with --tp 1")
     divisors = [d for d in range(1, cfg.num_heads + 1) if cfg.num_heads % d == 0]
     if cfg.num_heads % tp:
         raise ConfigError(
@@ -229,7 +233,7 @@ def shard_segments(model: nn.Module, cfg: DecoderConfig, layout: TPLayout, rank:
     k0, kn = lay.kv_head_start(rank, cfg) * d, lay.kv_heads * d
     f0, v0 = rank * lay.inter, rank * lay.vocab
     lead = rank == 0
-    gpt2 = cfg.family == "gpt2"
+    gpt2 = cfg.positions == "learned"  # GPT-2's layout: fused c_attn, learned positions, LayerNorm
 
     def col(w, b, start, n):  # column-parallel: output features [start, start+n)
         return _linear(_rows(w.detach(), start, n), None if b is None else _rows(b.detach(), start, n))

@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ember.compiler.manifest import kv_geometry
 from ember.errors import InputError
 
 Scorer = Callable[[np.ndarray], np.ndarray]
@@ -152,8 +153,7 @@ def engine_scorer(folder: Path, threads: int | None = None) -> Scorer:
     verify_files(folder, manifest, check_hashes=False)
     cfg = check_decoder_config(manifest.model, str(folder / "manifest.json"))
     part = manifest.part("step")
-    layers, kv_heads = cfg["num_layers"], cfg["num_kv_heads"]
-    head_dim = cfg["hidden_size"] // cfg["num_heads"]
+    layers, kv_heads, head_dim = kv_geometry(cfg)
     kv_dtype = np.float16 if next(t.dtype for t in part.inputs if t.name == "past_key.0") == "float16" else np.float32
     session = StepSession(onnx_graph(folder, part), layers, threads=threads,
                           disabled_optimizers=part.extra.get("ort_disabled_optimizers"))
