@@ -82,7 +82,7 @@ def window_biases(positions: torch.Tensor, past_lengths: torch.Tensor, new_lengt
     causal = key.unsqueeze(0) <= key.unsqueeze(1)  # [T(query), T(key)]
     in_window = q_pos - positions.unsqueeze(1) < window  # [B, T, T]
     new_ok = (causal.unsqueeze(0) & (key.reshape(1, 1, t) < new_lengths.reshape(b, 1, 1)) & in_window) | \
-        torch.eye(t, dtype=torch.bool).unsqueeze(0)
+        (key.unsqueeze(0) == key.unsqueeze(1)).unsqueeze(0)
     past_bias, new_bias = torch.where(past_ok, zero, neg), torch.where(new_ok, zero, neg)
     if group > 1:
         past_bias, new_bias = past_bias.repeat(1, group, 1), new_bias.repeat(1, group, 1)

@@ -40,9 +40,8 @@ class RotaryDecoderStep(nn.Module):
         x = self.embed_tokens(input_ids.reshape(-1))  # [N, C]
         if cfg.embed_scale != 1.0:
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
-        row_lengths = past_lengths + new_lengths
-        rope = {kind: cos_sin(positions, t["inv_freq"], t["factor"], x.dtype, t.get("long_inv_freq"), t.get("switch", 0),
-                              row_lengths) for kind, t in self.rope.items()}
+        rope = {kind: cos_sin(positions, t["inv_freq"], t["factor"], x.dtype, t.get("long_inv_freq"), t.get("switch", 0))
+                for kind, t in self.rope.items()}
         masks = {w: (window_biases(positions, past_lengths, new_lengths, dims, cfg.kv_group, w, x.dtype) if w else
                      attention_biases(past_lengths, new_lengths, dims, cfg.kv_group, x.dtype)) for w in self.windows}
         new_kv = []

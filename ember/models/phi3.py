@@ -2,10 +2,11 @@
 weights (split at load), partial rotary (``partial_rotary_factor``), LongRoPE (``su``) scaling
 and an optional sliding window on every layer.
 
-LongRoPE uses its long factors for a sequence longer than ``original_max_position_embeddings``.
-transformers decides per forward call (the longest position it is given); Ember decides per
-row, from the row's length after the step: the two agree for a prompt prefilled in one piece
-and for every decoded token (docs/models.md).
+LongRoPE rotates a token at position >= ``original_max_position_embeddings`` with the long
+factors and earlier ones with the short: results never depend on chunking or batching.
+transformers instead picks one set per forward call and, in ``generate``, recomputes the whole
+cache once when a sequence crosses that length; Ember keeps the cached keys (as vLLM does), so
+tokens after the crossing can differ from transformers' (docs/models.md).
 """
 from __future__ import annotations
 

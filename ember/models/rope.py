@@ -5,7 +5,7 @@ which the tests compare against): ``linear`` divides every frequency by ``factor
 ``llama3`` divides the low frequencies and blends the middle band; ``yarn`` blends
 interpolated and extrapolated frequencies over a ramp and scales cos/sin by an attention
 factor; ``longrope`` (Phi-3 "su") divides frequencies by per-frequency factors, the long set
-once a sequence is longer than ``original_max_positions``. ``dynamic`` NTK scaling is not
+from position ``original_max_positions`` on. ``dynamic`` NTK scaling is not
 supported (it changes every cached key's frequencies as the sequence grows).
 
 Each step computes cos/sin once per rotary kind (global, local) and every layer of that kind
@@ -98,18 +98,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, factor: float, dtype: torch.dtype,
-            long_inv_freq: torch.Tensor | None = None, switch: int = 0,
-            row_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            long_inv_freq: torch.Tensor | None = None, switch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [B, 1, T, rotary_dim] for ``positions`` [B, T].
 
-    LongRoPE: a row whose sequence (``row_lengths`` = past + new tokens) is longer than
-    ``switch`` uses the long frequencies for its new tokens, as transformers does for a
-    sequence it is given whole; earlier keys keep the frequencies they were cached with."""
-    if long_inv_freq is None:
-        freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # [B, T, D/2]
-    else:
-        use_long = (row_lengths > switch).reshape(-1, 1, 1)
-        freqs = positions.to(torch.float32).unsqueeze(-1) * torch.where(use_long, long_inv_freq, inv_freq)
+    LongRoPE: a token at position >= ``switch`` (original_max_position_embeddings) is rotated
+    with the long frequencies, earlier ones with the short: a position's rotation never depends
+    on how the sequence was chunked or batched, and cached keys keep theirs (docs/models.md)."""
+    freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # [B, T, D/2]
+    if long_inv_freq is not None:
+        long = positions.to(torch.float32).unsqueeze(-1) * long_inv_freq
+        freqs = torch.where((positions >= switch).unsqueeze(-1), long, freqs)
     emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)  # [B, 1, T, D]
     cos, sin = emb.cos(), emb.sin()
     if factor != 1.0:
