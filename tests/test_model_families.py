@@ -162,3 +162,58 @@ def test_fused_decode_and_tp_refuse_what_they_cannot_express():
         plan_tp(qwen3, 2)
     llama3 = config_from_hf({"model_type": "llama", **BASE, **FAMILIES["llama3-rope"][1]})
     assert llama3.fused_decode_refusal() is None and plan_tp(llama3, 2).tp == 2  # scaled frequencies only
+
+
+def _loaded_source(name: str, folder):
+    from ember.export.sources import resolve_decoder_source
+
+    hf_folder(name, folder)
+    return resolve_decoder_source(str(folder))
+
+
+@pytest.mark.parametrize("name", ["llama3-rope", "llama-linear", "mistral-window"])
+def test_fused_decode_part_from_the_description(name, tmp_path):
+    """Scaled RoPE reaches the fused part through the step model's frequencies; a windowed
+    model is refused with the reason and keeps the step graph."""
+    from ember.export.gqa_decode import build_decode_graph, check_decode_graph
+    from ember.export.onnx_export import save_onnx
+
+    src = _loaded_source(name, tmp_path / "hf")
+    if src.config.has_windows:
+        assert "sliding-window" in src.config.fused_decode_refusal()
+        with pytest.raises(ConfigError, match="sliding-window"):
+            build_decode_graph(src.model, src.config, "float32")
+        return
+    save_onnx(build_decode_graph(src.model, src.config, "float32"), tmp_path / "decode.onnx")
+    assert check_decode_graph(src.model, src.config, tmp_path / "decode.onnx", batch=3, capacity=40) < 1e-4
+
+
+def test_tp2_matches_torch_with_llama3_rope(tmp_path):
+    from ember.compiler.tp_compile import check_tp_against_torch, compile_tp
+    from ember.progress import StageLog
+
+    src = _loaded_source("llama3-rope", tmp_path / "hf")
+    (tmp_path / "tp").mkdir()
+    parts = compile_tp(src, tmp_path / "tp", CompileOptions(tp=2, quiet=True, validate=False), StageLog(3, quiet=True))
+    rel = [[p.file for p in parts if p.extra["rank"] == r] for r in range(2)]
+    assert check_tp_against_torch(src.model, src.config, tmp_path / "tp", rel) < 1e-4
+
+
+def test_inspect_says_why_the_fused_part_is_missing(tmp_path, capsys):
+    from ember.cli import main
+
+    hf_folder("qwen3", tmp_path / "hf")
+    assert main(["compile", str(tmp_path / "hf"), "-o", str(tmp_path / "e"), "--dtype", "fp16", "--quiet"]) == 0
+    assert main(["inspect", str(tmp_path / "e")]) == 0
+    out = capsys.readouterr().out
+    assert "fused decode    not built: q/k normalisation" in out and "head_dim 32" in out
+
+
+@pytest.mark.parametrize("name", ["llama3-rope", "mistral-window", "qwen2-window", "qwen3", "phi3-longrope", "gemma3_text"])
+def test_int8_compiles_and_generates(name, tmp_path):
+    hf_folder(name, tmp_path / "hf")
+    m = compile_decoder(str(tmp_path / "hf"), tmp_path / "e", CompileOptions(quantize="int8", quiet=True))
+    assert m.quantization["scheme"] == "int8"
+    with ember.load(tmp_path / "e") as eng:
+        r = eng.generate([list(range(20, 32))], max_new_tokens=6, ignore_eos=True)[0]
+    assert len(r.token_ids) == 6 and r.finish_reason.value == "length"
