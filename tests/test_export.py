@@ -4,9 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ember.export.config import BUILTIN, DecoderConfig, config_from_hf, to_hf_config
+from ember.export.config import BUILTIN, DecoderConfig, config_from_hf
 from ember.export.onnx_export import check_against_torch, export_step_graph, save_onnx
 from ember.export.sources import step_model_class
+
+from hf_models import hf_model_for
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,10 +25,7 @@ CASES = {
 
 def _hf_model(cfg: DecoderConfig):
     torch.manual_seed(0)
-    hf = {k: v for k, v in to_hf_config(cfg).items() if k != "model_type"}
-    if cfg.family == "gpt2":
-        return transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf)).eval()
-    m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf)).eval()
+    m = hf_model_for(cfg).eval()
     if cfg.qkv_bias:  # HF inits biases to zero: make them matter
         with torch.no_grad():
             for n, p in m.named_parameters():
@@ -134,7 +133,7 @@ def test_step_graph_shape_plumbing_does_not_grow_with_depth(name, tmp_path):
         cfg = replace(CASES[name], num_layers=layers)
         nodes = _ort_optimized_ops(step_model_class(cfg.family)(cfg).eval(), cfg, tmp_path / str(layers))
         counts[layers] = Counter(n.op_type for n in nodes)
-        if cfg.family == "gpt2":
+        if cfg.positions == "learned":  # GPT-2
             assert counts[layers]["Gemm"] == 4 * layers, counts[layers]  # the LM head is lm_head_gemm's, at compile
             alphas = [a.f for n in nodes if n.op_type == "FusedMatMul" for a in n.attribute if a.name == "alpha"]
             assert alphas and all(a == 1.0 for a in alphas), alphas

@@ -158,8 +158,9 @@ def test_fused_decode_and_tp_refuse_what_they_cannot_express():
     assert not wants_fused_decode(CompileOptions(dtype="fp16"), qwen3.family, qwen3.head_dim, qwen3.fused_decode_refusal())
     with pytest.raises(ConfigError, match="--fused-decode on does not apply to this qwen3 model"):
         wants_fused_decode(CompileOptions(fused_decode="on"), qwen3.family, qwen3.head_dim, qwen3.fused_decode_refusal())
-    with pytest.raises(ConfigError, match="--tp 2: .*q/k normalisation"):
-        plan_tp(qwen3, 2)
+    gemma = config_from_hf({"model_type": "gemma3_text", **BASE, "head_dim": 16})
+    with pytest.raises(ConfigError, match=r"--tp 2: .*\(1 \+ w\) RMSNorm"):
+        plan_tp(gemma, 2)
     llama3 = config_from_hf({"model_type": "llama", **BASE, **FAMILIES["llama3-rope"][1]})
     assert llama3.fused_decode_refusal() is None and plan_tp(llama3, 2).tp == 2  # scaled frequencies only
 
@@ -188,11 +189,14 @@ def test_fused_decode_part_from_the_description(name, tmp_path):
     assert check_decode_graph(src.model, src.config, tmp_path / "decode.onnx", batch=3, capacity=40) < 1e-4
 
 
-def test_tp2_matches_torch_with_llama3_rope(tmp_path):
+@pytest.mark.parametrize("name", ["llama3-rope", "qwen3", "mistral-window"])
+def test_tp2_matches_torch(name, tmp_path):
+    """TP=2 segments summed as the all-reduce does == the unsharded model (llama3 RoPE, Qwen3's
+    q/k norms and explicit head_dim, Mistral's window)."""
     from ember.compiler.tp_compile import check_tp_against_torch, compile_tp
     from ember.progress import StageLog
 
-    src = _loaded_source("llama3-rope", tmp_path / "hf")
+    src = _loaded_source(name, tmp_path / "hf")
     (tmp_path / "tp").mkdir()
     parts = compile_tp(src, tmp_path / "tp", CompileOptions(tp=2, quiet=True, validate=False), StageLog(3, quiet=True))
     rel = [[p.file for p in parts if p.extra["rank"] == r] for r in range(2)]

@@ -159,7 +159,9 @@ class DecoderConfig:
 
     def tp_refusal(self) -> str | None:
         """Why the tensor-parallel segments (export/tp.py) cannot shard this model, or None."""
-        reasons = self._special_features()
+        # q/k norms are per head (replicated on every rank) and window masks per rank's heads: TP has both
+        tp_has = ("q/k normalisation (q_norm/k_norm)", "sliding-window attention (sliding_window)")
+        reasons = [r for r in self._special_features() if r not in tp_has]
         if self.rope_scaling is not None and self.rope_scaling.type in ("yarn", "longrope"):
             reasons.append(f"rope_scaling.type {self.rope_scaling.type}")
         return "; ".join(reasons) or None
