@@ -140,17 +140,18 @@ def step_attention(
     g = h // hkv
     b, t, p = dims.b, dims.t, dims.p
     qg = q if g == 1 else q.reshape(b, hkv, g * t, d)
-    s_past = torch.matmul(qg, past_k.transpose(2, 3))  # [B, Hkv, G*T, P]
-    s_new = torch.matmul(qg, k_new.transpose(2, 3))  # [B, Hkv, G*T, T]
-    if softcap is not None:
-        s_past, s_new = torch.tanh(s_past) * softcap, torch.tanh(s_new) * softcap
-    s_past, s_new = s_past + past_bias, s_new + new_bias
+    s_past = _capped(torch.matmul(qg, past_k.transpose(2, 3)), softcap) + past_bias  # [B, Hkv, G*T, P]
+    s_new = _capped(torch.matmul(qg, k_new.transpose(2, 3)), softcap) + new_bias  # [B, Hkv, G*T, T]
     probs = torch.softmax(torch.cat([s_past, s_new], dim=-1), dim=-1)
     p_past, p_new = torch.split(probs, [p, t], dim=-1)
     out = torch.matmul(p_past, past_v) + torch.matmul(p_new, v_new)  # [B, Hkv, G*T, D]
     if g > 1:
         out = out.reshape(b, h, t, d)
     return out.transpose(1, 2).reshape(-1, h * d)  # [N, H*D]
+
+
+def _capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return scores if softcap is None else torch.tanh(scores) * softcap
 
 
 def last_valid(hidden: torch.Tensor, new_lengths: torch.Tensor, tokens) -> torch.Tensor:

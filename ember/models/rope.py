@@ -109,10 +109,9 @@ def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, factor: float, dtyp
         long = positions.to(torch.float32).unsqueeze(-1) * long_inv_freq
         freqs = torch.where((positions >= switch).unsqueeze(-1), long, freqs)
     emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)  # [B, 1, T, D]
-    cos, sin = emb.cos(), emb.sin()
-    if factor != 1.0:
-        cos, sin = cos * factor, sin * factor
-    return cos.to(dtype), sin.to(dtype)
+    if factor == 1.0:
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+    return (emb.cos() * factor).to(dtype), (emb.sin() * factor).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
