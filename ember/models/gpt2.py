@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ember.errors import ConfigError
 from ember.export.step_attention import (StepDims, attention_biases, last_valid, query_scale, scaled_linear,
                                          split_heads, step_attention)
 from ember.models.description import DecoderConfig
@@ -28,14 +29,12 @@ class GPT2(Family):
                     ("max_positions", "wpe.weight", 0, 1), ("intermediate_size", "h.0.mlp.c_fc.weight", 1, 1))
 
     def from_hf(self, cfg: dict[str, Any], where: str) -> DecoderConfig:
-        from ember.errors import ConfigError
-
         reject(cfg, "scale_attn_by_inverse_layer_idx", lambda v: not v, where, "per-layer attention scaling")
         reject(cfg, "add_cross_attention", lambda v: not v, where, "cross-attention")
         reject(cfg, "activation_function", lambda v: v in ("gelu_new", "gelu_pytorch_tanh"), where,
                "only the tanh-approximated GELU of GPT-2 is exported")
         reject(cfg, "scale_attn_weights", lambda v: bool(v), where, "unscaled attention")
-        n_embd, heads = int_field(cfg, "n_embd", where), None
+        n_embd = int_field(cfg, "n_embd", where)
         vocab, layers = int_field(cfg, "vocab_size", where), int_field(cfg, "n_layer", where)
         heads = int_field(cfg, "n_head", where)
         inner = int_field(cfg, "n_inner", where, default=4 * n_embd)
