@@ -93,7 +93,7 @@ def step_flops(cfg: dict, wbytes: int, batch: int, context: int) -> float:
     position table, and the token table of an untied model (its LM head is a separate matrix)."""
     c, layers = cfg["hidden_size"], cfg["num_layers"]
     gather_only = 0 if cfg["tie_word_embeddings"] else cfg["vocab_size"] * c
-    if cfg["family"] == "gpt2":
+    if cfg.get("positions") == "learned":  # a learned position table (GPT-2)
         gather_only += cfg["max_positions"] * c
     matrix_params = wbytes / 4 - gather_only
     attn = 4 * layers * c * context  # q.K and p.V per token

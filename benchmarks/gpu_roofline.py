@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ember.compiler.manifest import kv_geometry
+
 
 def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> dict:
     """Median device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
@@ -50,8 +52,7 @@ def weight_bytes(folder: Path, manifest) -> int:
 
 
 def kv_bytes(cfg: dict, batch: int, live: int, itemsize: int) -> int:
-    head_dim = cfg["hidden_size"] // cfg["num_heads"]
-    return 2 * cfg["num_layers"] * cfg["num_kv_heads"] * head_dim * itemsize * live * batch
+    return kv_geometry(cfg).bytes_per_token(itemsize) * live * batch
 
 
 def _fill_pool(pool, batch: int, live: int, steps: int) -> None:

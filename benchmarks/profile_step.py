@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ember.compiler.manifest import kv_geometry
+
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import machine_info, machine_line  # noqa: E402
 
@@ -46,8 +48,7 @@ def _step_feeds(cfg: dict, batch: int, context: int, capacity: int) -> dict[str,
     """One decode step: each of ``batch`` rows has ``context`` live tokens in a pool of ``capacity``."""
     from ember.runtime.kv_pool import KVPool
 
-    layers, hkv = cfg["num_layers"], cfg["num_kv_heads"]
-    d = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_heads"]
+    layers, hkv, d = kv_geometry(cfg)
     pool = KVPool(layers, hkv, d, slots=batch, max_capacity=max(capacity, cfg["max_positions"]), capacity=capacity)
     pool.lengths[:] = context
     feeds = {"input_ids": np.ones((batch, 1), np.int64), "positions": np.full((batch, 1), context, np.int64),

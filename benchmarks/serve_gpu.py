@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ember.bench.model import BenchModel  # noqa: E402
-from ember.compiler.manifest import read_manifest, verify_files  # noqa: E402
+from ember.compiler.manifest import kv_geometry, read_manifest, verify_files  # noqa: E402
 from ember.runtime.cuda_session import (CudaDecodeSession, CudaStepSession, DeviceExecutor,  # noqa: E402
                                        device_pool, logits_to_host)
 from ember.runtime.device_kv_pool import DeviceKVPool  # noqa: E402
@@ -64,8 +64,7 @@ class GpuBenchModel(BenchModel):
         verify_files(self.folder, self.manifest, check_hashes=False)
         cfg = self.config = self.manifest.model["config"]
         part = self.manifest.part("step")
-        self.num_layers, self.num_kv_heads = cfg["num_layers"], cfg["num_kv_heads"]
-        self.head_dim = cfg["hidden_size"] // cfg["num_heads"]
+        self.num_layers, self.num_kv_heads, self.head_dim = kv_geometry(cfg)
         self.kv_dtype = next(t.dtype for t in part.inputs if t.name == "past_key.0")
         self.max_positions, self.vocab_size = int(cfg["max_positions"]), int(cfg["vocab_size"])
         self.eos_token_id, self.threads = cfg.get("eos_token_id"), None

@@ -4,9 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ember.export.config import BUILTIN, DecoderConfig, config_from_hf, to_hf_config
+from ember.export.config import BUILTIN, DecoderConfig, config_from_hf
 from ember.export.onnx_export import check_against_torch, export_step_graph, save_onnx
 from ember.export.sources import step_model_class
+
+from hf_models import hf_model_for
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,10 +25,7 @@ CASES = {
 
 def _hf_model(cfg: DecoderConfig):
     torch.manual_seed(0)
-    hf = {k: v for k, v in to_hf_config(cfg).items() if k != "model_type"}
-    if cfg.family == "gpt2":
-        return transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf)).eval()
-    m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf)).eval()
+    m = hf_model_for(cfg).eval()
     if cfg.qkv_bias:  # HF inits biases to zero: make them matter
         with torch.no_grad():
             for n, p in m.named_parameters():
@@ -87,13 +86,18 @@ def test_hf_config_mapping_and_rejections():
             "rope_theta": 1e6, "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "hidden_act": "silu",
             "use_sliding_window": False, "sliding_window": 128}
     c = config_from_hf(qwen)
-    assert (c.family, c.qkv_bias, c.o_bias, c.num_kv_heads, c.rope_theta) == ("llama", True, False, 2, 1e6)
+    assert (c.family, c.qkv_bias, c.o_bias, c.num_kv_heads, c.rope_theta) == ("qwen2", True, False, 2, 1e6)
+    assert c.layer_windows == ()  # use_sliding_window false: full attention everywhere
     with pytest.raises(ConfigError, match="model_type 'bert'"):
         config_from_hf({"model_type": "bert"})
-    with pytest.raises(ConfigError, match="rope_scaling"):
+    with pytest.raises(ConfigError, match="rope_scaling.rope_type='dynamic'"):
+        config_from_hf({**qwen, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}})
+    with pytest.raises(ConfigError, match="original_max_position_embeddings"):
         config_from_hf({**qwen, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
-    with pytest.raises(ConfigError, match="sliding_window"):
-        config_from_hf({**qwen, "use_sliding_window": True})
+    with pytest.raises(ConfigError, match="num_experts"):
+        config_from_hf({**qwen, "num_experts": 8})
+    windowed = config_from_hf({**qwen, "use_sliding_window": True, "max_window_layers": 1})
+    assert [windowed.window(i) for i in range(2)] == [0, 128]
     with pytest.raises(ConfigError, match="hidden_act"):
         config_from_hf({**qwen, "hidden_act": "gelu"})
     with pytest.raises(ConfigError, match="num_key_value_heads"):
@@ -129,7 +133,7 @@ def test_step_graph_shape_plumbing_does_not_grow_with_depth(name, tmp_path):
         cfg = replace(CASES[name], num_layers=layers)
         nodes = _ort_optimized_ops(step_model_class(cfg.family)(cfg).eval(), cfg, tmp_path / str(layers))
         counts[layers] = Counter(n.op_type for n in nodes)
-        if cfg.family == "gpt2":
+        if cfg.positions == "learned":  # GPT-2
             assert counts[layers]["Gemm"] == 4 * layers, counts[layers]  # the LM head is lm_head_gemm's, at compile
             alphas = [a.f for n in nodes if n.op_type == "FusedMatMul" for a in n.attribute if a.name == "alpha"]
             assert alphas and all(a == 1.0 for a in alphas), alphas

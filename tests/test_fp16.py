@@ -74,7 +74,7 @@ def test_weights_are_fp16_except_kept_regions(exported):
     big_fp32 = [t.name for t in fp16.graph.initializer if t.data_type == TensorProto.FLOAT and np.prod(t.dims) > 4096]
     assert big_fp32 == []  # every matrix went to FP16
     rep = fp16_report(fp16)
-    if src.config.family == "llama":  # RMSNorm decomposed in the graph; GPT-2 uses LayerNormalization
+    if src.config.norm == "rms":  # RMSNorm decomposed in the graph; GPT-2 uses LayerNormalization
         assert rep["fp32_nodes"]["norm"] > 0 and rep["fp32_nodes"]["rope"] > 0
     else:
         assert "norm" not in rep["fp32_nodes"]

@@ -189,10 +189,13 @@ def test_schema_version_must_be_a_positive_integer(folder, version):
     (lambda c: c.update(num_heads=0), r"model.config.num_heads is 0; it must be at least 1"),
     (lambda c: c.update(num_heads=-4), r"model.config.num_heads is -4; it must be at least 1"),
     (lambda c: c.update(num_layers="two"), r"model.config.num_layers is 'two', not an integer"),
-    (lambda c: c.update(hidden_size=66), r"model.config.hidden_size 66 is not a multiple of num_heads 4"),
+    (lambda c: (c.pop("head_dim"), c.update(hidden_size=66)),  # a folder from before head_dim was recorded
+     r"model.config.hidden_size 66 is not a multiple of num_heads 4"),
+    (lambda c: c.update(head_dim="16"), r"model.config.head_dim is '16', not a positive integer"),
     (lambda c: c.update(num_kv_heads=3), r"model.config.num_heads 4 is not a multiple of num_kv_heads 3"),
     (lambda c: c.update(max_positions=0), r"model.config.max_positions is 0; it must be at least 1"),
-], ids=["no-num_layers", "num_heads-0", "num_heads-negative", "num_layers-str", "hidden-heads", "heads-kv", "max_pos-0"])
+], ids=["no-num_layers", "num_heads-0", "num_heads-negative", "num_layers-str", "hidden-heads", "head_dim-str",
+        "heads-kv", "max_pos-0"])
 def test_model_config_is_checked_at_load(folder, change, message):
     edit_manifest(folder, lambda m: change(m["model"]["config"]))
     with pytest.raises(ArtifactError, match=rf"manifest.json: {message}.*recompile"):

@@ -16,33 +16,6 @@ from ember.bench.workload import BenchRequest
 from ember.errors import ConfigError
 
 
-def step_to_hf_state_dict(family: str, sd: dict) -> dict:
-    """Inverse of ``GPT2Step/LlamaStep.load_hf_state_dict``: step-model names -> HF names."""
-    out = {}
-    if family == "gpt2":
-        names = {"c_attn": "attn.c_attn", "c_proj": "attn.c_proj", "c_fc": "mlp.c_fc", "mlp_proj": "mlp.c_proj"}
-        for k, v in sd.items():
-            if k.startswith("blocks."):
-                _, i, mod, p = k.split(".")
-                if mod in names:  # HF GPT-2 Conv1D keeps weights as [in, out]
-                    out[f"transformer.h.{i}.{names[mod]}.{p}"] = v.t().contiguous() if p == "weight" else v
-                else:
-                    out[f"transformer.h.{i}.{mod}.{p}"] = v
-            elif k == "lm_head.weight":
-                out[k] = v
-            else:
-                out[f"transformer.{k}"] = v
-        return out
-    attn = {"q_proj", "k_proj", "v_proj", "o_proj"}
-    for k, v in sd.items():
-        if k.startswith("layers."):
-            parts = k.split(".")
-            sub = "self_attn" if parts[2] in attn else "mlp" if parts[2].endswith("_proj") else None
-            k = ".".join(parts[:2] + ([sub] if sub else []) + parts[2:])
-        out[k if k.startswith("lm_head") else f"model.{k}"] = v
-    return out
-
-
 def build_hf_model(model: BenchModel):
     """The ``transformers`` causal LM with the engine's weights, float32, eval mode."""
     import transformers
@@ -52,14 +25,12 @@ def build_hf_model(model: BenchModel):
 
     m = model.manifest.model
     cfg = DecoderConfig.from_dict(m["config"])
-    hf = {k: v for k, v in to_hf_config(cfg).items() if k != "model_type"}
     if m.get("origin") == "builtin":
         src = resolve_decoder_source(m["name"], seed=int(m.get("seed") or 0))
-        if cfg.family == "gpt2":
-            hf_model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf))
-        else:
-            hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf))
-        sd = step_to_hf_state_dict(cfg.family, src.model.state_dict())
+        hf = to_hf_config(cfg)
+        config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
+        hf_model = transformers.AutoModelForCausalLM.from_config(config)
+        sd = src.model.hf_state_dict()  # the family's weight table, inverted
         missing, unexpected = hf_model.load_state_dict(sd, strict=False)
         missing = [k for k in missing if not k.endswith("lm_head.weight") and "rotary" not in k and ".attn.bias" not in k]
         if missing or unexpected:

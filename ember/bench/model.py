@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ember.compiler.manifest import Manifest, read_manifest, verify_files
+from ember.compiler.manifest import Manifest, kv_geometry, read_manifest, verify_files
 from ember.errors import ArtifactError
 from ember.runtime.decoder import DecoderEngine
 from ember.runtime.executor import LocalExecutor
@@ -33,8 +33,7 @@ class BenchModel:
         cfg = self.manifest.model["config"]
         self.config = cfg
         part = self.manifest.part("step")
-        self.num_layers, self.num_kv_heads = cfg["num_layers"], cfg["num_kv_heads"]
-        self.head_dim = cfg["hidden_size"] // cfg["num_heads"]
+        self.num_layers, self.num_kv_heads, self.head_dim = kv_geometry(cfg)
         self.kv_dtype = next(t.dtype for t in part.inputs if t.name == "past_key.0")
         self.max_positions = int(cfg["max_positions"])
         self.vocab_size = int(cfg["vocab_size"])

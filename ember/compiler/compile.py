@@ -100,20 +100,23 @@ class CompileOptions:
                               f"(ONNX Runtime backend); {why}")
 
 
-def wants_fused_decode(options: CompileOptions, family: str, head_dim: int = 64) -> bool:
+def wants_fused_decode(options: CompileOptions, family: str, head_dim: int = 64, refusal: str | None = None) -> bool:
     """Whether to add the fused (GroupQueryAttention) decode part. ``auto``: for FP16 ONNX
     Runtime folders of the families in ``AUTO_FAMILIES`` (the GPU path, where it is 1.5-1.9x
     faster per decode step; ONNX Runtime's CUDA attention kernel is FP16/BF16 only), float or
     block-wise quantized (``--quantize int4|int8-weights``: the part gets the same MatMulNBits
     weights). ``on`` adds it to any family it covers and to FP32 folders: on the CPU it is
     within noise of the step graph and holds a second copy of the weights in memory
-    (docs/gpu.md); ``on`` fails where it cannot apply, e.g. the Q/DQ schemes (int8, fp8)."""
+    (docs/gpu.md); ``on`` fails where it cannot apply, e.g. the Q/DQ schemes (int8, fp8).
+    ``refusal``: what the model has that the part cannot express
+    (``DecoderConfig.fused_decode_refusal``); ``ember inspect`` shows it."""
     from ember.export.gqa_decode import AUTO_FAMILIES, FAMILIES
 
     if options.fused_decode == "off":
         return False
     reasons = [r for r, bad in (
-        (f"the {family} family (only the {' and '.join(FAMILIES)} families have one)", family not in FAMILIES),
+        (f"the {family} family (only the {', '.join(FAMILIES)} families have one)", family not in FAMILIES),
+        (f"this {family} model ({refusal})", refusal is not None),
         (f"--backend {options.backend} (the part is an ONNX Runtime graph)", options.backend != "onnxruntime"),
         (f"--quantize {options.quantize} (the part takes the block-wise weight-only schemes, int4 and int8-weights "
          f"on --backend onnxruntime; a Q/DQ graph's int8 kernels have no fused form)",
@@ -141,7 +144,7 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
         c = src.config
         log.note(f"{c.family}: {c.num_layers} layers, hidden {c.hidden_size}, heads {c.num_heads}/{c.num_kv_heads} kv, "
                  f"vocab {c.vocab_size}, {sum(p.numel() for p in src.model.parameters()) / 1e6:.1f} M parameters")
-    fused = wants_fused_decode(options, c.family, c.head_dim)
+    fused = wants_fused_decode(options, c.family, c.head_dim, c.fused_decode_refusal())
     if options.tp > 1:  # tensor parallel: per-rank segment engines (ember/compiler/tp_compile.py)
         from ember.compiler.tp_compile import compile_tp_folder
 
@@ -294,7 +297,8 @@ def _check_quantized_decode(src, folder: Path, path: Path, dtype: str, options: 
 def model_record(src) -> dict:
     """The manifest's ``model`` entry for a decoder source."""
     c = src.config
-    return {"name": src.name, "family": c.family, "origin": src.origin, "seed": src.seed, "config": c.to_dict()}
+    return {"name": src.name, "family": c.family, "origin": src.origin, "seed": src.seed, "config": c.to_dict(),
+            "fused_decode_refusal": c.fused_decode_refusal()}
 
 
 def options_record(options: CompileOptions) -> dict:

@@ -11,6 +11,24 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
+def _windows(cfg: dict) -> str:
+    windows = cfg.get("layer_windows") or []
+    if not any(windows):
+        return "full attention"
+    sliding = [w for w in windows if w]
+    return f"sliding window {max(sliding)} on {len(sliding)} of {len(windows)} layers"
+
+
+def _rope(cfg: dict) -> str:
+    if cfg.get("positions") == "learned":
+        return "none (learned positions)"
+    s = cfg.get("rope_scaling") or {}
+    text = f"theta {cfg.get('rope_theta')}" + (f", {s.get('type')} x{s.get('factor')}" if s else "")
+    if cfg.get("local_rope_theta"):
+        text += f", local theta {cfg['local_rope_theta']}"
+    return text
+
+
 def describe(m: Manifest, folder: Path) -> str:
     lines = [f"Ember engine folder {folder}", f"  kind            {m.kind} (manifest schema {m.schema_version})"]
     model = m.model
@@ -20,6 +38,9 @@ def describe(m: Manifest, folder: Path) -> str:
         lines.append(f"  shape           {cfg.get('num_layers')} layers, hidden {cfg.get('hidden_size')}, heads "
                      f"{cfg.get('num_heads')} ({cfg.get('num_kv_heads')} kv), vocab {cfg.get('vocab_size')}, "
                      f"max positions {cfg.get('max_positions')}")
+        lines.append(f"  attention       head_dim {cfg.get('head_dim') or '-'}, {_windows(cfg)}, rope {_rope(cfg)}")
+        if model.get("fused_decode_refusal") and not m.find_part("decode"):
+            lines.append(f"  fused decode    not built: {model['fused_decode_refusal']} (decode runs on the step graph)")
     if m.extra.get("dtype"):
         lines.append(f"  dtype           {m.extra['dtype']}")
     if m.quantization:

@@ -21,7 +21,7 @@ import re
 import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, NamedTuple
 
 from ember.errors import ArtifactError
 
@@ -351,7 +351,10 @@ def check_decoder_config(model: Any, where: str = MANIFEST_NAME) -> dict[str, An
             raise ArtifactError(f"{where}: model.config.{name} is {v!r}, not an integer; recompile the folder")
         if v < 1:
             raise ArtifactError(f"{where}: model.config.{name} is {v}; it must be at least 1 -- recompile the folder")
-    if cfg["hidden_size"] % cfg["num_heads"]:
+    head_dim = cfg.get("head_dim") or 0  # 0 / absent (older folders): hidden_size // num_heads
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 0:
+        raise ArtifactError(f"{where}: model.config.head_dim is {head_dim!r}, not a positive integer; recompile the folder")
+    if not head_dim and cfg["hidden_size"] % cfg["num_heads"]:
         raise ArtifactError(f"{where}: model.config.hidden_size {cfg['hidden_size']} is not a multiple of num_heads "
                             f"{cfg['num_heads']}; recompile the folder")
     if cfg["num_heads"] % cfg["num_kv_heads"]:
@@ -361,3 +364,20 @@ def check_decoder_config(model: Any, where: str = MANIFEST_NAME) -> dict[str, An
     if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int)):
         raise ArtifactError(f"{where}: model.config.eos_token_id is {eos!r}, not a token id; recompile the folder")
     return cfg
+
+
+class KVGeometry(NamedTuple):
+    """The KV cache's shape per layer, [slots, num_kv_heads, positions, head_dim], from the decoder description."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    def bytes_per_token(self, itemsize: int) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
+
+def kv_geometry(cfg: dict[str, Any]) -> KVGeometry:
+    """The one place the runtime reads geometry from a (checked) ``model.config``: ``head_dim`` is
+    the recorded one (Qwen3 and Gemma 3 set it apart from hidden_size / num_heads)."""
+    return KVGeometry(cfg["num_layers"], cfg["num_kv_heads"], cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_heads"])

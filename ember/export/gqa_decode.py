@@ -36,6 +36,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from ember.errors import ConfigError
+from ember.models.registry import FAMILY_MODULES
 
 DECODE_PART = "decode"
 DECODE_FILE = "decode.onnx"
@@ -89,18 +90,21 @@ class _Graph:
         return outs
 
 
-FAMILIES = ("llama", "gpt2")
-# Added by ``--fused-decode auto`` (FP16 folders): the families whose part has run and been
-# timed on CUDA (LLaMA: H100 and H200, 1.7-1.9x faster per decode step than the step graph;
-# GPT-2: H200, 1.5-1.9x, benchmarks/results/gpu_roofline_gpt2_h200.md).
-AUTO_FAMILIES = ("llama", "gpt2")
+# Every registered family (ember/models/registry.py); a model whose description has a feature
+# these operators do not express (``DecoderConfig.fused_decode_refusal``) uses the step graph.
+# ``--fused-decode auto`` (FP16 folders) adds the part: timed on CUDA for LLaMA (H100 and H200,
+# 1.7-1.9x faster per decode step than the step graph) and GPT-2 (H200, 1.5-1.9x,
+# benchmarks/results/gpu_roofline_gpt2_h200.md).
+FAMILIES = FAMILY_MODULES
+AUTO_FAMILIES = FAMILY_MODULES
 
 
 def check_supported(cfg) -> None:
-    """The fused decode graph covers the families ``llama.py`` and ``gpt2.py`` export."""
-    if cfg.family not in FAMILIES:
-        raise ConfigError(f"the fused decode graph (--fused-decode) covers the {' and '.join(FAMILIES)} families, "
-                          f"not {cfg.family!r}; compile with --fused-decode off (the portable step graph serves every family)")
+    """The fused decode graph expresses ``cfg`` (a DecoderConfig), or ConfigError saying why not."""
+    refusal = cfg.fused_decode_refusal()
+    if refusal:
+        raise ConfigError(f"the fused decode graph (--fused-decode) cannot express this {cfg.family} model: {refusal}; "
+                          "compile with --fused-decode off (the portable step graph serves every family)")
     if cfg.head_dim % 16:
         raise ConfigError(f"head_dim {cfg.head_dim} is not a multiple of 16, which ONNX Runtime's "
                           "GroupQueryAttention requires; compile with --fused-decode off")
@@ -124,7 +128,7 @@ def build_decode_graph(model, cfg, dtype: str = "float16", linears: str = "gemm"
     np_dtype, onnx_dtype = DTYPES[dtype]
     g = _Graph(np_dtype, linears)
     ids = g.node("Reshape", ["input_ids", g.shape("flat", [-1])], name="ids_flat")[0]
-    body = _llama_body if cfg.family == "llama" else _gpt2_body
+    body = _gpt2_body if cfg.positions == "learned" else _llama_body
     hid, head = body(g, model, cfg, ids)
     logits = g.node("Gemm", [hid, head], name="lm_head", transB=1)[0]
     if onnx_dtype != TensorProto.FLOAT:
@@ -166,6 +170,8 @@ def _llama_body(g: _Graph, model, cfg, ids: str) -> tuple[str, str]:
     d, eps = cfg.head_dim, float(cfg.norm_eps)
     # rotary tables [max_positions, D/2], computed in float64 and stored in the graph dtype
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    if cfg.rope_scaling is not None:  # linear / llama3: the step model's scaled frequencies
+        inv_freq = model.inv_freq.double().numpy()
     freqs = np.arange(cfg.max_positions, dtype=np.float64)[:, None] * inv_freq[None, :]
     rotary = (g.weight("rope.cos", np.cos(freqs)), g.weight("rope.sin", np.sin(freqs)))
     embed = g.weight("embed_tokens.weight", model.embed_tokens.weight)

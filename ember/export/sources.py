@@ -15,6 +15,7 @@ import torch
 from ember.errors import ConfigError
 from ember.export.config import BUILTIN, DecoderConfig, config_from_hf, read_json_object
 from ember.export.tokenizer_builtin import EOS_TOKEN, build_builtin_tokenizer
+from ember.models.registry import family
 from ember.export.weights import check_parameter_count, check_sizes_against_weights, one_line, read_weight_index
 
 
@@ -22,18 +23,16 @@ from ember.export.weights import check_parameter_count, check_sizes_against_weig
 class DecoderSource:
     name: str
     config: DecoderConfig
-    model: torch.nn.Module  # a GPT2Step / LlamaStep in eval mode, float32
+    model: torch.nn.Module  # the family's step module (ember/models/) in eval mode, float32
     tokenizer: Any | None  # tokenizers.Tokenizer
     origin: str  # "builtin" | folder path
     seed: int | None = None
     chat_template: str | None = None  # Jinja chat template from the model folder, if any
 
 
-def step_model_class(family: str):
-    from ember.export.gpt2 import GPT2Step
-    from ember.export.llama import LlamaStep
-
-    return {"gpt2": GPT2Step, "llama": LlamaStep}[family]
+def step_model_class(family_name: str):
+    """The constructor ``cfg -> torch step module`` of a registered family (ember/models/)."""
+    return family(family_name).step_model
 
 
 def random_init_(model: torch.nn.Module, seed: int) -> None:

@@ -64,6 +64,31 @@ def attention_biases(past_lengths: torch.Tensor, new_lengths: torch.Tensor, dims
     return past_bias, new_bias.unsqueeze(1)
 
 
+def window_biases(positions: torch.Tensor, past_lengths: torch.Tensor, new_lengths: torch.Tensor, dims: StepDims,
+                  group: int, window: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attention_biases`` for a sliding-window layer: a query at position q also needs key
+    position k > q - ``window`` (transformers' sliding-window mask). Past slot p holds position p.
+
+    past_bias [B,1,G*T,P] and new_bias [B,1,G*T,T] are per query. A padding query always sees its
+    own key, so no softmax row is empty (an empty row would be NaN, and 0 * NaN in the value
+    product would spread it to valid rows)."""
+    b, t, p = dims.b, dims.t, dims.p
+    neg = torch.tensor(float("-inf"), dtype=dtype)
+    zero = torch.tensor(0.0, dtype=dtype)
+    q_pos = positions.unsqueeze(-1)  # [B, T, 1]
+    slot = torch.arange(p).reshape(1, 1, p)
+    past_ok = (slot < past_lengths.reshape(b, 1, 1)) & (q_pos - slot < window)  # [B, T, P]
+    key = torch.arange(t)
+    causal = key.unsqueeze(0) <= key.unsqueeze(1)  # [T(query), T(key)]
+    in_window = q_pos - positions.unsqueeze(1) < window  # [B, T, T]
+    new_ok = (causal.unsqueeze(0) & (key.reshape(1, 1, t) < new_lengths.reshape(b, 1, 1)) & in_window) | \
+        (key.unsqueeze(0) == key.unsqueeze(1)).unsqueeze(0)
+    past_bias, new_bias = torch.where(past_ok, zero, neg), torch.where(new_ok, zero, neg)
+    if group > 1:
+        past_bias, new_bias = past_bias.repeat(1, group, 1), new_bias.repeat(1, group, 1)
+    return past_bias.unsqueeze(1), new_bias.unsqueeze(1)
+
+
 def fixed_size(x: torch.Tensor, axis: int) -> int:
     """``x.shape[axis]`` as a Python int, for sizes the config fixes (heads, head_dim, hidden).
 
@@ -104,23 +129,29 @@ def step_attention(
     past_bias: torch.Tensor,
     new_bias: torch.Tensor,
     dims: StepDims,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Returns the attention output [N, H*D] (rows batch-major).
 
     ``q`` must already carry the 1/sqrt(D) scale (``scaled_linear``); biases from ``attention_biases``.
+    ``softcap``: scores become ``softcap * tanh(q.k)`` (q then carries scale / softcap), Gemma's capping.
     """
     h, d, hkv = fixed_size(q, 1), fixed_size(q, 3), fixed_size(k_new, 1)
     g = h // hkv
     b, t, p = dims.b, dims.t, dims.p
     qg = q if g == 1 else q.reshape(b, hkv, g * t, d)
-    s_past = torch.matmul(qg, past_k.transpose(2, 3)) + past_bias  # [B, Hkv, G*T, P]
-    s_new = torch.matmul(qg, k_new.transpose(2, 3)) + new_bias  # [B, Hkv, G*T, T]
+    s_past = _capped(torch.matmul(qg, past_k.transpose(2, 3)), softcap) + past_bias  # [B, Hkv, G*T, P]
+    s_new = _capped(torch.matmul(qg, k_new.transpose(2, 3)), softcap) + new_bias  # [B, Hkv, G*T, T]
     probs = torch.softmax(torch.cat([s_past, s_new], dim=-1), dim=-1)
     p_past, p_new = torch.split(probs, [p, t], dim=-1)
     out = torch.matmul(p_past, past_v) + torch.matmul(p_new, v_new)  # [B, Hkv, G*T, D]
     if g > 1:
         out = out.reshape(b, h, t, d)
     return out.transpose(1, 2).reshape(-1, h * d)  # [N, H*D]
+
+
+def _capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return scores if softcap is None else torch.tanh(scores) * softcap
 
 
 def last_valid(hidden: torch.Tensor, new_lengths: torch.Tensor, tokens) -> torch.Tensor:

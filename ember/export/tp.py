@@ -35,10 +35,10 @@ from torch.nn import functional as F
 
 from ember.errors import ConfigError
 from ember.export.config import DecoderConfig
-from ember.export.gpt2 import gelu_tanh
-from ember.export.llama import rotate_half
+from ember.models.layers import gelu_tanh
+from ember.models.rope import rotate_half
 from ember.export.step_attention import (StepDims, attention_biases, fixed_size, last_valid, query_scale, scaled_linear,
-                                         split_heads, step_attention)
+                                         split_heads, step_attention, window_biases)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -70,6 +70,10 @@ def plan_tp(cfg: DecoderConfig, tp: int) -> TPLayout:
     """Check that ``cfg`` shards over ``tp`` ranks; ConfigError naming the field otherwise."""
     if tp < 1:
         raise ConfigError(f"--tp {tp} must be >= 1")
+    refusal = cfg.tp_refusal() if tp > 1 else None
+    if refusal:
+        raise ConfigError(f"--tp {tp}: the tensor-parallel segments do not express this {cfg.family} model ({refusal}); "
+                          "compile it with --tp 1")
     divisors = [d for d in range(1, cfg.num_heads + 1) if cfg.num_heads % d == 0]
     if cfg.num_heads % tp:
         raise ConfigError(
@@ -147,10 +151,12 @@ class AttnSegment(nn.Module):
     """
 
     def __init__(self, norm: nn.Module, q: nn.Linear, k: nn.Linear, v: nn.Linear, o: nn.Linear,
-                 heads: int, kv_heads: int, head_dim: int, residual: bool, inv_freq: torch.Tensor | None):
+                 heads: int, kv_heads: int, head_dim: int, residual: bool, inv_freq: torch.Tensor | None,
+                 q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, window: int = 0):
         super().__init__()
         self.norm, self.q, self.k, self.v, self.o = norm, q, k, v, o
         self.h, self.hkv, self.d, self.residual = heads, kv_heads, head_dim, residual
+        self.q_norm, self.k_norm, self.window = q_norm, k_norm, window  # per-head norms: replicated
         if inv_freq is not None:
             self.register_buffer("inv_freq", inv_freq.clone(), persistent=False)
         else:
@@ -159,8 +165,12 @@ class AttnSegment(nn.Module):
     def forward(self, hidden, positions, past_lengths, new_lengths, past_k, past_v):
         dims = StepDims(b=hidden.shape[0], t=hidden.shape[1], p=past_k.shape[2])
         y = self.norm(hidden.reshape(-1, fixed_size(hidden, 2)))  # [N, C]: 2-D linears export as Gemm
-        q = split_heads(scaled_linear(y, self.q, query_scale(self.d)), dims, self.h)
-        k = split_heads(self.k(y), dims, self.hkv)
+        if self.q_norm is None:
+            q = split_heads(scaled_linear(y, self.q, query_scale(self.d)), dims, self.h)
+            k = split_heads(self.k(y), dims, self.hkv)
+        else:  # Qwen3: the score scale rides on the (scale-invariant) q norm, as in ember/models/layers.py
+            q = self.q_norm(split_heads(self.q(y), dims, self.h), scale=query_scale(self.d))
+            k = self.k_norm(split_heads(self.k(y), dims, self.hkv))
         v = split_heads(self.v(y), dims, self.hkv)
         if self.inv_freq is not None:  # rotary positions (LLaMA)
             freqs = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq
@@ -168,7 +178,11 @@ class AttnSegment(nn.Module):
             cos, sin = emb.cos().to(y.dtype), emb.sin().to(y.dtype)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
-        past_bias, new_bias = attention_biases(past_lengths, new_lengths, dims, self.h // self.hkv, y.dtype)
+        if self.window:
+            past_bias, new_bias = window_biases(positions, past_lengths, new_lengths, dims, self.h // self.hkv,
+                                                self.window, y.dtype)
+        else:
+            past_bias, new_bias = attention_biases(past_lengths, new_lengths, dims, self.h // self.hkv, y.dtype)
         a = step_attention(q, k, v, past_k, past_v, past_bias, new_bias, dims)
         out = self.o(a).reshape_as(hidden)
         return (out + hidden if self.residual else out), k, v
@@ -229,7 +243,7 @@ def shard_segments(model: nn.Module, cfg: DecoderConfig, layout: TPLayout, rank:
     k0, kn = lay.kv_head_start(rank, cfg) * d, lay.kv_heads * d
     f0, v0 = rank * lay.inter, rank * lay.vocab
     lead = rank == 0
-    gpt2 = cfg.family == "gpt2"
+    gpt2 = cfg.positions == "learned"  # GPT-2's layout: fused c_attn, learned positions, LayerNorm
 
     def col(w, b, start, n):  # column-parallel: output features [start, start+n)
         return _linear(_rows(w.detach(), start, n), None if b is None else _rows(b.detach(), start, n))
@@ -253,7 +267,9 @@ def shard_segments(model: nn.Module, cfg: DecoderConfig, layout: TPLayout, rank:
         else:
             attn = AttnSegment(_clone(blk.input_layernorm), col(blk.q_proj.weight, blk.q_proj.bias, q0, qn),
                                col(blk.k_proj.weight, blk.k_proj.bias, k0, kn), col(blk.v_proj.weight, blk.v_proj.bias, k0, kn),
-                               row(blk.o_proj.weight, blk.o_proj.bias, q0, qn), lay.heads, lay.kv_heads, d, lead, inv_freq)
+                               row(blk.o_proj.weight, blk.o_proj.bias, q0, qn), lay.heads, lay.kv_heads, d, lead, inv_freq,
+                               _clone(blk.q_norm) if blk.q_norm is not None else None,
+                               _clone(blk.k_norm) if blk.k_norm is not None else None, cfg.window(i))
             mlp = MlpSegment(_clone(blk.post_attention_layernorm), col(blk.up_proj.weight, None, f0, lay.inter),
                              col(blk.gate_proj.weight, None, f0, lay.inter), row(blk.down_proj.weight, None, f0, lay.inter), lead)
         segs.append(Segment(f"attn.{i}", attn, ["hidden", "positions", "past_lengths", "new_lengths",

@@ -18,20 +18,8 @@ from pathlib import Path
 import torch
 
 from ember.errors import ConfigError
-from ember.export.config import HF_FIELD_NAMES, DecoderConfig
-
-# Per family: the prefix a checkpoint may carry, the layer-name pattern, and the tensors that pin down a size:
-# (DecoderConfig field, tensor name, dimension).
-_PREFIX = {"gpt2": "transformer.", "llama": "model."}
-_LAYERS = {"gpt2": "h", "llama": "layers"}  # layer i's tensors are named f"{_LAYERS[family]}.{i}.*"
-_SIZES = {
-    "gpt2": [("vocab_size", "wte.weight", 0), ("hidden_size", "wte.weight", 1), ("max_positions", "wpe.weight", 0),
-             ("intermediate_size", "h.0.mlp.c_fc.weight", 1)],
-    "llama": [("vocab_size", "embed_tokens.weight", 0), ("hidden_size", "embed_tokens.weight", 1),
-              ("intermediate_size", "layers.0.mlp.gate_proj.weight", 0)],
-}
-_KV_PROJ = "layers.0.self_attn.k_proj.weight"  # llama: rows = num_kv_heads * head_dim
-
+from ember.models.description import DecoderConfig
+from ember.models.registry import family
 
 @dataclass
 class WeightIndex:
@@ -123,16 +111,15 @@ def _load_bin(f: Path) -> dict[str, torch.Tensor]:
 
 def check_sizes_against_weights(cfg: DecoderConfig, index: WeightIndex, where: str) -> None:
     """Fail, naming the config.json field, when a size in ``cfg`` disagrees with the weights' shapes."""
-    family = cfg.family
-    names = HF_FIELD_NAMES[family]
-    prefix = _PREFIX[family]
-    shapes = {k.removeprefix(prefix): v for k, v in index.shapes.items()}
-    layer_name = _LAYERS[family]
+    fam = family(cfg.family)
+    names = fam.hf_field_names
+    shapes = {k.removeprefix(fam.weight_prefix): v for k, v in index.shapes.items()}
+    layer_name = fam.layer_prefix
     pattern = re.compile(rf"{layer_name}\.(\d+)\.")
     layers = {int(m.group(1)) for k in shapes if (m := pattern.match(k))}
     if not layers:
         raise ConfigError(f"{where}: the weight files hold no {layer_name}.N.* layer tensors, so they are not a "
-                          f"{cfg.model_type or family} checkpoint: use the weights that belong to this config")
+                          f"{cfg.model_type or cfg.family} checkpoint: use the weights that belong to this config")
     if len(layers) != max(layers) + 1:  # the first gap is at most len(layers): no range over a hostile index
         gap = next(i for i in range(len(layers) + 1) if i not in layers)
         raise ConfigError(f"{where}: the weights hold {layer_name}.{max(layers)} but no {layer_name}.{gap}; "
@@ -141,15 +128,15 @@ def check_sizes_against_weights(cfg: DecoderConfig, index: WeightIndex, where: s
         raise ConfigError(f"{where}: {names['num_layers']}={cfg.num_layers} but the weights hold {max(layers) + 1} layers "
                           f"({layer_name}.0 to {layer_name}.{max(layers)}); set {names['num_layers']} to {max(layers) + 1} "
                           "or use the weights that belong to this config")
-    for fieldname, tensor, dim in _SIZES[family]:
+    for fieldname, tensor, dim, divisor in fam.size_tensors:
         shape = shapes.get(tensor)
         if shape is None or len(shape) <= dim:
             continue  # absent: the parameter count below and the load itself still catch it
-        _expect(where, names[fieldname], getattr(cfg, fieldname), shape[dim], f"{tensor} has shape {list(shape)}")
-    kv = shapes.get(_KV_PROJ)
-    if family == "llama" and kv and len(kv) == 2 and kv[0] % cfg.head_dim == 0:
+        _expect(where, names[fieldname], getattr(cfg, fieldname), shape[dim] // divisor, f"{tensor} has shape {list(shape)}")
+    kv = shapes.get(fam.kv_proj) if fam.kv_proj else None
+    if kv and len(kv) == 2 and kv[0] % cfg.head_dim == 0:
         _expect(where, names["num_kv_heads"], cfg.num_kv_heads, kv[0] // cfg.head_dim,
-                f"{_KV_PROJ} has {kv[0]} rows = {kv[0] // cfg.head_dim} heads of {cfg.head_dim}")
+                f"{fam.kv_proj} has {kv[0]} rows = {kv[0] // cfg.head_dim} heads of {cfg.head_dim}")
 
 
 def _expect(where: str, key: str, value: int, actual: int, evidence: str) -> None:

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from ember.compiler.manifest import kv_geometry
 from ember.errors import ArtifactError, ConfigError, InputError
 from ember.runtime.decode_session import decode_positions_ok
 from ember.runtime.executor import step_on_pool
@@ -455,8 +456,7 @@ def make_cuda_executor(folder: Path, manifest, part, device: str, max_batch: int
 
     index = parse_device(device)
     cfg = manifest.model["config"]
-    layers, hkv = cfg["num_layers"], cfg["num_kv_heads"]
-    head_dim = cfg["hidden_size"] // cfg["num_heads"]
+    layers, hkv, head_dim = kv_geometry(cfg)
     kv_dtype = next(t.dtype for t in part.inputs if t.name == "past_key.0")
     if cuda_graph is None:  # on by default: 4.4x faster decode on llama-1b (docs/gpu.md)
         cuda_graph = os.environ.get("EMBER_CUDA_GRAPH", "1") != "0"

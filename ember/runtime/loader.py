@@ -12,8 +12,8 @@ import os
 import re
 from pathlib import Path
 
-from ember.compiler.manifest import (MANIFEST_NAME, Manifest, check_decoder_config, read_manifest, read_member,
-                                     resolve_member, tokenizer_members, verify_files)
+from ember.compiler.manifest import (MANIFEST_NAME, Manifest, check_decoder_config, kv_geometry, read_manifest,
+                                     read_member, resolve_member, tokenizer_members, verify_files)
 from ember.errors import ArtifactError, InputError
 from ember.runtime.backend_choice import choose_backend, onnx_graph, plan_needs_gpu, runs_plan
 
@@ -97,8 +97,7 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
 
     cfg = check_decoder_config(manifest.model, str(folder / MANIFEST_NAME))
     part = manifest.part("step")
-    layers, hkv = cfg["num_layers"], cfg["num_kv_heads"]
-    head_dim = cfg["hidden_size"] // cfg["num_heads"]
+    layers, hkv, head_dim = kv_geometry(cfg)
     kv_dtype = next(t.dtype for t in part.inputs if t.name == "past_key.0")
     bytes_per_token = 2 * layers * hkv * head_dim * (2 if kv_dtype == "float16" else 4)
     max_pos = int(cfg["max_positions"])
