@@ -185,3 +185,20 @@ def test_accuracy_report_reuses_the_feeds_float_run(llama_graph):
     assert reused == again and 0 < reused["max_rel_error"] < 1
     with pytest.raises(Exception, match="float_outputs has 2 entries for 3 feeds"):
         accuracy_report(llama_graph, q, feeds, float_outputs=outputs[:2])
+
+
+def test_session_past_the_inline_limit_goes_through_a_folder(tmp_path, monkeypatch):
+    """A model too big to serialize (ByteSize raises past 2 GiB) is never measured by protobuf: its
+    inline weights are counted, and past the limit the session reads a temporary folder."""
+    import ember.passes.quant_graph as qg
+
+    model, w = _two_matmuls()
+    x = np.ones((2, 512), np.float32)
+    want = ort_session(model).run(None, {"x": x})[0]
+    write_model(model, tmp_path / "m.onnx")
+    inits = {t.name: t for t in model.graph.initializer}
+    inits["mid"].CopyFrom(numpy_helper.from_array(w["mid"], "mid"))  # one weight back inline, one external
+    monkeypatch.setattr(qg, "_INLINE_LIMIT", 1024)
+    monkeypatch.setattr(onnx.ModelProto, "ByteSize", lambda self: 1 / 0, raising=False)
+    np.testing.assert_allclose(ort_session(model, base_dir=tmp_path).run(None, {"x": x})[0], want, rtol=1e-6)
+    assert is_external(inits["big"]) and not is_external(inits["mid"])  # the caller's model is untouched

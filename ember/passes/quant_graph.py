@@ -213,7 +213,7 @@ def ort_session(model: onnx.ModelProto, threads: int = 0, optimized_path: str | 
     """
     import onnxruntime as ort
 
-    from ember.export.external_data import has_external, write_model
+    from ember.export.external_data import has_external, is_external, tensor_nbytes, write_model
 
     disabled = ort_disabled_optimizers(model)
     kwargs = {"disabled_optimizers": disabled} if disabled else {}
@@ -226,7 +226,9 @@ def ort_session(model: onnx.ModelProto, threads: int = 0, optimized_path: str | 
     external = has_external(model)
     if external and base_dir is None:
         raise ValueError("the model keeps weights in external files: pass base_dir, the folder they lie in")
-    if model.ByteSize() < _INLINE_LIMIT:
+    # protobuf cannot even measure a message past 2 GiB (ByteSize raises): count the inline weights instead
+    inline = sum(tensor_nbytes(t) for t in model.graph.initializer if not is_external(t))
+    if inline < _INLINE_LIMIT:
         if external:
             so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base_dir))
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"], **kwargs)
