@@ -22,10 +22,13 @@ from ember.errors import ConfigError
 PRECISIONS = ("fp32", "int8-weights", "int4")
 # Ember's compile options per precision, set like the peers' formats: ONNX Runtime GenAI's builder quantizes
 # every MatMul, the LM head included, symmetrically in blocks of 32 (its defaults); llama.cpp's Q8_0/Q4_K_M
-# quantize the output matrix too. So the Ember arms quantize the LM head, symmetric, block 32.
+# quantize the output matrix too. So the Ember arms quantize the LM head, symmetric, block 32. With 4- and
+# 8-bit weights the step graph's many small nodes, not the weights, bound a decode step on the CPU, so the
+# quantized arms decode through the fused part (GroupQueryAttention, skip-norms; --fused-decode on).
 EMBER_OPTIONS = {"fp32": {},
-                 "int8-weights": {"quantize": "int8-weights", "symmetric": True, "quantize_lm_head": True},
-                 "int4": {"quantize": "int4", "symmetric": True, "quantize_lm_head": True}}
+                 "int8-weights": {"quantize": "int8-weights", "symmetric": True, "quantize_lm_head": True,
+                                  "fused_decode": "on"},
+                 "int4": {"quantize": "int4", "symmetric": True, "quantize_lm_head": True, "fused_decode": "on"}}
 PEER_PRECISION = {"onnxruntime-genai": {"fp32": "fp32", "int8-weights": "int8", "int4": "int4"},
                   "llama.cpp": {"fp32": "F32", "int8-weights": "Q8_0", "int4": "Q4_K_M"},
                   "transformers": {"fp32": "fp32"}}
