@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train Ember's reference language model on the documentation that ships with Python.
 
-    python scripts/train_reference_lm.py                       # default: ~15 min on 2 cores
+    python scripts/train_reference_lm.py                       # default: 1200 steps, 6-30 min on 2 cores
     python scripts/train_reference_lm.py --max-steps 30 -o /tmp/ref-lm   # a quick check
 
 Writes a Hugging Face folder (default artifacts/reference-lm/) that ``ember compile`` accepts,

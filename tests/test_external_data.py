@@ -202,3 +202,11 @@ def test_session_past_the_inline_limit_goes_through_a_folder(tmp_path, monkeypat
     monkeypatch.setattr(onnx.ModelProto, "ByteSize", lambda self: 1 / 0, raising=False)
     np.testing.assert_allclose(ort_session(model, base_dir=tmp_path).run(None, {"x": x})[0], want, rtol=1e-6)
     assert is_external(inits["big"]) and not is_external(inits["mid"])  # the caller's model is untouched
+
+
+def test_quantized_lm_head_leaves_no_dead_float_table(llama_graph):
+    """--quantize-lm-head: the LM head's float table goes once its quantized copy replaces it."""
+    q, report = quantize_matmul_nbits(llama_graph, NBitsOptions(bits=4, block_size=32, quantize_lm_head=True))
+    read = {i for n in q.graph.node for i in n.input}
+    dead = [t.name for t in q.graph.initializer if t.name not in read]
+    assert dead == [] and any(m["role"] == "lm_head" and m["bits"] == 4 for m in report.matmuls)

@@ -10,8 +10,8 @@ import pytest
 
 from ember.errors import InputError
 from ember.reference.corpus import build_corpus, is_heldout, module_docstrings
-from ember.reference.evaluate import (encode_texts, folder_tokenizer, nll_of_logits, perplexity, token_windows,
-                                      top1_agreement)
+from ember.reference.evaluate import (encode_texts, folder_tokenizer, nll_of_logits, perplexity, score_windows,
+                                      token_windows, top1_agreement)
 from ember.reference.train import TrainConfig, lr_at, train_reference_model
 
 TINY = TrainConfig(vocab_size=320, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
@@ -77,6 +77,30 @@ def test_top1_agreement_counts_matching_predictions():
     assert top1_agreement(echo, echo_but_zero, windows) == pytest.approx(1 - (scored == 0).mean())
 
 
+def test_one_scoring_pass_gives_perplexity_and_top1_for_agreement():
+    windows = np.arange(15, dtype=np.int64).reshape(3, 5) % 4
+
+    def echo(w):  # predicts the current token, with a little mass elsewhere
+        return np.eye(4, dtype=np.float32)[w] * 2.0
+
+    def echo_but_zero(w):  # differs wherever the current token is 0
+        out = echo(w)
+        out[w == 0] = np.eye(4, dtype=np.float32)[3] * 2.0
+        return out
+
+    scores = score_windows(echo, windows, batch=2)
+    assert scores.result == perplexity(echo, windows, batch=3)
+    np.testing.assert_array_equal(scores.top1, windows[:, :-1])
+    other = score_windows(echo_but_zero, windows)
+    assert scores.agreement(other) == pytest.approx(1 - (windows[:, :-1] == 0).mean())
+    assert scores.agreement(other) == top1_agreement(echo, echo_but_zero, windows)
+    np.testing.assert_allclose(scores.margin, 2.0)
+    assert scores.agreement(other, min_margin=2.0) == scores.agreement(other)
+    assert np.isnan(scores.agreement(other, min_margin=2.5))  # no prediction leads by that much
+    with pytest.raises(InputError, match="same windows"):
+        scores.agreement(score_windows(echo, windows[:2]))
+
+
 def test_token_windows_are_non_overlapping_and_capped():
     ids = np.arange(100)
     w = token_windows(ids, 10)
@@ -91,6 +115,17 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     cfg = TrainConfig(max_steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
     assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
     assert lr_at(99, cfg) == pytest.approx(1e-4, rel=1e-2)
+
+
+def test_default_command_trains_the_published_model():
+    """`python scripts/train_reference_lm.py` (no flags) must reproduce the model whose figures
+    benchmarks/results/quantize_reference.md publishes; change both together."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    published = Path(__file__).resolve().parent.parent / "benchmarks/results/quantize_reference.json"
+    config = json.loads(published.read_text())["training"]["config"]
+    assert config == asdict(TrainConfig())
 
 
 def _sha(path):

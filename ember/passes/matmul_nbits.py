@@ -196,7 +196,16 @@ def quantize_matmul_nbits(model: onnx.ModelProto, options: NBitsOptions, calib_f
             result = _quantize_each_weight(out, options, set(keep), base_dir, mnq)
     finally:
         logging.getLogger("onnxruntime.quantization").setLevel(level)
+    _drop_unread_initializers(result)
     return result, _finish(result, options, weights, keep, lm_head)
+
+
+def _drop_unread_initializers(model: onnx.ModelProto) -> None:
+    """Remove initializers no node reads (e.g. the LM head's float table once ``gemm_to_matmul`` gave its
+    MatMul a [K, N] copy that was then quantized): an engine should not carry dead float weights."""
+    read = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    for t in [t for t in model.graph.initializer if t.name not in read]:
+        model.graph.initializer.remove(t)
 
 
 def _shape_only(t: onnx.TensorProto) -> onnx.TensorProto:

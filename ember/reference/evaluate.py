@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ember.compiler.manifest import kv_geometry
 from ember.errors import InputError
 
 Scorer = Callable[[np.ndarray], np.ndarray]
@@ -71,27 +72,53 @@ def nll_of_logits(logits: np.ndarray, windows: np.ndarray) -> np.ndarray:
     return log_norm - target
 
 
+@dataclass(frozen=True)
+class WindowScores:
+    """One scoring pass over token windows: the perplexity and each prediction's top-1 token,
+    so comparing several targets against one reference scores each target once."""
+    result: PerplexityResult
+    top1: np.ndarray  # int64 [N, T-1]: the predicted token at every scored position
+    margin: np.ndarray  # float32 [N, T-1]: top-1 minus top-2 logit (nats) at every scored position
+
+    def agreement(self, other: "WindowScores", min_margin: float | None = None) -> float:
+        """Fraction of predictions where both picked the same top-1 token (same windows); with
+        ``min_margin``, only over the predictions where *this* target's top-1 leads its top-2 by
+        at least that many nats (near-ties flip under any perturbation, so they say little)."""
+        if self.top1.shape != other.top1.shape:
+            raise InputError(f"top-1 arrays of shape {self.top1.shape} and {other.top1.shape} come from different "
+                             f"windows; score both targets on the same windows")
+        same = self.top1 == other.top1
+        if min_margin is not None:
+            same = same[self.margin >= min_margin]
+        return float(same.mean()) if same.size else float("nan")
+
+
+def score_windows(scorer: Scorer | str | os.PathLike, windows: np.ndarray, batch: int = 16) -> WindowScores:
+    """Perplexity and top-1 predictions of ``scorer`` over every prediction in ``windows``."""
+    score = as_scorer(scorer)
+    total, count, top1, margin = 0.0, 0, [], []
+    for i in range(0, len(windows), batch):
+        logits = score(windows[i:i + batch])
+        nll = nll_of_logits(logits, windows[i:i + batch])
+        total, count = total + float(nll.sum()), count + nll.size
+        scored = logits[:, :-1].astype(np.float32)
+        top2 = np.partition(scored, -2, axis=-1)[..., -2:]
+        top1.append(scored.argmax(-1))
+        margin.append(top2[..., 1] - top2[..., 0])
+    mean = total / count
+    return WindowScores(PerplexityResult(mean, math.exp(mean), count), np.concatenate(top1).astype(np.int64),
+                        np.concatenate(margin))
+
+
 def perplexity(scorer: Scorer | str | os.PathLike, windows: np.ndarray, batch: int = 16) -> PerplexityResult:
     """exp(mean NLL) of ``scorer`` over every prediction in ``windows``."""
-    score = as_scorer(scorer)
-    total, count = 0.0, 0
-    for i in range(0, len(windows), batch):
-        nll = nll_of_logits(score(windows[i:i + batch]), windows[i:i + batch])
-        total, count = total + float(nll.sum()), count + nll.size
-    mean = total / count
-    return PerplexityResult(mean, math.exp(mean), count)
+    return score_windows(scorer, windows, batch).result
 
 
 def top1_agreement(a: Scorer | str | os.PathLike, b: Scorer | str | os.PathLike, windows: np.ndarray,
                    batch: int = 16) -> float:
     """Fraction of predictions (every position but each window's last) where a and b pick the same top-1 token."""
-    score_a, score_b = as_scorer(a), as_scorer(b)
-    same, count = 0, 0
-    for i in range(0, len(windows), batch):
-        w = windows[i:i + batch]
-        top_a, top_b = score_a(w)[:, :-1].argmax(-1), score_b(w)[:, :-1].argmax(-1)
-        same, count = same + int((top_a == top_b).sum()), count + top_a.size
-    return same / count
+    return score_windows(a, windows, batch).agreement(score_windows(b, windows, batch))
 
 
 def evaluate_perplexity(folder_or_engine, texts: Sequence[str], window: int = 128,
@@ -152,8 +179,7 @@ def engine_scorer(folder: Path, threads: int | None = None) -> Scorer:
     verify_files(folder, manifest, check_hashes=False)
     cfg = check_decoder_config(manifest.model, str(folder / "manifest.json"))
     part = manifest.part("step")
-    layers, kv_heads = cfg["num_layers"], cfg["num_kv_heads"]
-    head_dim = cfg["hidden_size"] // cfg["num_heads"]
+    layers, kv_heads, head_dim = kv_geometry(cfg)
     kv_dtype = np.float16 if next(t.dtype for t in part.inputs if t.name == "past_key.0") == "float16" else np.float32
     session = StepSession(onnx_graph(folder, part), layers, threads=threads,
                           disabled_optimizers=part.extra.get("ort_disabled_optimizers"))
