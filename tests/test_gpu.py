@@ -7,25 +7,11 @@ import numpy as np
 import pytest
 
 import ember
+from gpu_env import cuda_reason
 
 pytestmark = pytest.mark.gpu
 
-
-def _gpu_reason() -> str | None:
-    try:
-        import torch
-    except ImportError:
-        return "torch is not installed"
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return f"onnxruntime {ort.__version__} has no CUDA provider (install onnxruntime-gpu)"
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    return None
-
-
-REASON = _gpu_reason()
+REASON = cuda_reason()
 if REASON:
     pytest.skip(REASON, allow_module_level=True)
 

@@ -27,7 +27,7 @@ import torch
 import ember
 from ember.compiler.compile import CompileOptions, compile_decoder
 
-from test_int4_fused_decode import _cuda_reason
+from gpu_env import cuda_reason
 from test_model_families import BASE, FAMILIES, HF_EQUAL_LENGTH, WINDOW, hf_folder
 
 # transformers 5.25 warns that ``past_key_values`` is to be renamed ``cache``; the old name is the one older releases take
@@ -146,7 +146,7 @@ def compare_family(name: str, root, device: str, options: CompileOptions) -> Agr
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(_cuda_reason() is not None, reason=str(_cuda_reason()))
+@pytest.mark.skipif(cuda_reason() is not None, reason=str(cuda_reason()))
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_fp16_cuda_top1_agrees_with_transformers(name, tmp_path):
     """Issue 17's must-show: FP16 on the GPU, through the fused decode part wherever the family's

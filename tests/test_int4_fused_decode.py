@@ -20,6 +20,7 @@ from ember.errors import ConfigError, EmberError
 from ember.export.config import BUILTIN
 from ember.export.gqa_decode import check_decode_graph, step_graph_reference
 from ember.export.sources import resolve_decoder_source
+from gpu_env import cuda_reason
 
 LLAMA_TINY_LINEARS = 2 * 5  # per layer: packed q/k/v, o, gate, up, down
 PROMPTS = np.random.default_rng(0).integers(1, 512, (12, 30))
@@ -192,19 +193,8 @@ def test_fused_decode_options():
         CompileOptions(dtype="fp16", quantize="int4", int4_method="gptq")
 
 
-def _cuda_reason() -> str | None:
-    try:
-        import onnxruntime as ort
-        import torch
-    except ImportError:
-        return "torch is not installed"
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return f"onnxruntime {ort.__version__} has no CUDA provider (install onnxruntime-gpu)"
-    return None if torch.cuda.is_available() else "no CUDA device"
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(_cuda_reason() is not None, reason=str(_cuda_reason()))
+@pytest.mark.skipif(cuda_reason() is not None, reason=str(cuda_reason()))
 def test_fp16_int4_fused_decode_on_cuda(folders):
     _, folder = folders["fp16-int4"]
     with ember.load(folder, device="cuda:0", max_batch=5) as eng:

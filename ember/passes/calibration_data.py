@@ -148,7 +148,6 @@ def decoder_step_feeds(model: onnx.ModelProto, prompts_ids: Sequence[Sequence[in
                           f"{decode_steps} decode steps; raise it or shorten the prompts")
     layers, hkv, d = _kv_layout(model)
     sess = ort_session(model, threads, base_dir=base_dir) if decode_steps or outputs is not None else None
-    out_names = ["logits"] + [f"new_{kv}.{i}" for i in range(layers) for kv in ("key", "value")]
     graph_outputs = [o.name for o in model.graph.output]
     feeds: list[dict[str, np.ndarray]] = []
     for start in range(0, len(prompts_ids), batch_size):

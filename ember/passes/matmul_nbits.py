@@ -28,6 +28,7 @@ import onnx
 from onnx import helper
 
 from ember.errors import ConfigError
+from ember.export.external_data import tensor_nbytes
 from ember.passes.quant_gemm import gemm_to_matmul
 
 BLOCK_SIZES = (32, 64, 128)
@@ -149,10 +150,6 @@ def _weight_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
             and n.input[1] in inits and len(inits[n.input[1]].dims) == 2]
 
 
-def _tensor_bytes(t: onnx.TensorProto) -> int:
-    return int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-
-
 def quantize_matmul_nbits(model: onnx.ModelProto, options: NBitsOptions, calib_feeds: Sequence[dict[str, np.ndarray]] = (),
                           base_dir=None) -> tuple[onnx.ModelProto, NBitsReport]:
     """Return a new model whose weight MatMuls are MatMulNBits (``model`` is not modified).
@@ -216,7 +213,8 @@ def _shape_only(t: onnx.TensorProto) -> onnx.TensorProto:
 def _quantize_each_weight(model: onnx.ModelProto, options: NBitsOptions, keep: set[str], base_dir, mnq
                           ) -> onnx.ModelProto:
     """Replace each constant-weight MatMul not in ``keep`` by ONNX Runtime's MatMulNBits for it, in place;
-    each weight is read, quantized on a one-MatMul graph and dropped before the next is read."""
+    each weight is read, quantized on a one-MatMul graph and dropped before the next is read (the float
+    initializers left unread go in ``_drop_unread_initializers``)."""
     from ember.export.external_data import load_tensor
 
     g = model.graph
@@ -235,10 +233,6 @@ def _quantize_each_weight(model: onnx.ModelProto, options: NBitsOptions, keep: s
         at = list(g.node).index(node)
         g.node.remove(node)
         g.node.insert(at, q)
-    still_read = {i for n in g.node for i in n.input}
-    for name in done:
-        if name not in still_read:
-            g.initializer.remove(inits[name])
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return model
@@ -284,12 +278,12 @@ def _finish(model: onnx.ModelProto, options: NBitsOptions, weights: dict[str, on
             n.attribute.append(helper.make_attribute("accuracy_level", options.accuracy_level))
         source = n.name[: -len(f"_Q{options.bits}")] if n.name.endswith(f"_Q{options.bits}") else n.name
         nbits[source] = (n, {k: helper.get_attribute_value(v) for k, v in attrs.items()})
-        report.weight_bytes_quantized += sum(_tensor_bytes(inits[i]) for i in n.input[1:] if i in inits)
+        report.weight_bytes_quantized += sum(tensor_nbytes(inits[i]) for i in n.input[1:] if i in inits)
     for name, w in weights.items():
         role = "lm_head" if name == lm_head else None
         if name in nbits:
             _, a = nbits[name]
-            report.weight_bytes_float += _tensor_bytes(w)
+            report.weight_bytes_float += tensor_nbytes(w)
             report.matmuls.append({"node": name, "role": role, "bits": int(a["bits"]), "block_size": int(a["block_size"]),
                                    "method": options.method, "symmetric": options.symmetric,
                                    "accuracy_level": options.accuracy_level})
