@@ -241,7 +241,7 @@ def time_ember_arm(folder: Path, device: str, workloads: list[dict], vocab: int,
     import ember
 
     row: dict = {}
-    with ember.load(folder, device=device, max_batch=max(args.batches)) as eng:
+    with ember.load(folder, device=device, max_batch=max(*args.batches, args.agree_rows)) as eng:
         ex = eng.executor
         decode = getattr(ex, "decode", None)
         row["fused_decode"] = decode is not None
@@ -289,6 +289,16 @@ def free_device() -> None:
             torch.cuda.empty_cache()
     except ImportError:
         pass
+
+
+def save_partial(out: str, name: str, rows: list[dict]) -> None:
+    """The rows so far as ``NAME.partial.json`` (a run cut short by its time limit keeps its timed arms);
+    removed once the full report is written."""
+    path = Path(out) / f"{name}.partial.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rows, indent=1, default=str))
+    tmp.replace(path)
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -468,6 +478,7 @@ def main(argv=None) -> int:
                                engine_mb=dir_bytes(folder) / 1e6, **meta)
                     rows.append(row)
                     log(f"   {json.dumps({k: v for k, v in row.items() if k not in ('steps', 'b1_tokens', 'compile')}, default=str)[:400]}")
+                    save_partial(args.out, name, rows)
 
             for p in GENAI_PRECISIONS[args.provider]:
                 arm = f"ONNX Runtime GenAI {p}"
@@ -496,6 +507,7 @@ def main(argv=None) -> int:
                     row = {"arm": arm, "engine": "onnxruntime-genai", "precision": p, "skipped": f"failed: {e}"[:500]}
                 rows.append(row)
                 log(f"   {json.dumps({k: v for k, v in row.items() if k != 'b1_tokens'}, default=str)[:400]}")
+                save_partial(args.out, name, rows)
         finally:  # a build left running (a failure above) must not outlive its folder
             for build in genai_builds.values():
                 if build.proc.poll() is None:
@@ -515,6 +527,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(doc, indent=1, default=str))
+    (out / f"{name}.partial.json").unlink(missing_ok=True)
     smoke = "" if cuda and args.shape == "tinyllama" else " (SMOKE RUN: its numbers say nothing about the GPU targets)"
     md = [f"# Block-wise int4 on {doc['device']}{smoke}", "",
           f"Machine: {machine_line(info)}" + (f"; GPU {gpu}, torch {info.get('torch')}" if gpu else ""),

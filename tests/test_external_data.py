@@ -210,3 +210,16 @@ def test_quantized_lm_head_leaves_no_dead_float_table(llama_graph):
     read = {i for n in q.graph.node for i in n.input}
     dead = [t.name for t in q.graph.initializer if t.name not in read]
     assert dead == [] and any(m["role"] == "lm_head" and m["bits"] == 4 for m in report.matmuls)
+
+
+def test_w8a8_reads_weights_from_the_data_file(tmp_path, external_always, monkeypatch):
+    """--quantize int8 (Q/DQ): calibration, the pass and the accuracy report read the step graph's
+    weights from its data file, one at a time; the graph is never loaded whole (peak compile memory)."""
+    import ember.export.external_data as ed
+
+    def load_all(*args, **kwargs):
+        raise AssertionError("the Q/DQ pass loaded every weight into memory")
+
+    monkeypatch.setattr(ed, "load_all", load_all)
+    compile_decoder("llama-tiny", tmp_path / "e", CompileOptions(quantize="int8", quiet=True))
+    assert (tmp_path / "e" / "step.onnx.data").exists()

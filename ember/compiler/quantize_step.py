@@ -33,10 +33,9 @@ def quantize_step_graph(proto: onnx.ModelProto, src, options, folder: Path, log:
     under ``folder``; return the new graph and the manifest's ``quantization`` record."""
     if options.blockwise:
         return quantize_blockwise(proto, src, options, log, base_dir=folder)
-    from ember.export.external_data import load_all
-
-    load_all(proto, folder)  # the Q/DQ pass rewrites every weight: bring them into memory
     from safetensors.numpy import save_file
+
+    from ember.export.external_data import load_all
 
     from ember.passes.calibration_data import decoder_step_feeds, default_prompts, load_prompts
     from ember.passes.quant_accuracy import accuracy_report, format_accuracy
@@ -49,23 +48,27 @@ def quantize_step_graph(proto: onnx.ModelProto, src, options, folder: Path, log:
                          # an int8 table read by Gather + Cast is an ONNX Runtime pattern; TensorRT builders
                          # accept quantized constants only in front of a DequantizeLinear
                          quantize_embeddings=options.backend == "onnxruntime")
+    if qopts.smoothquant_alpha is not None or qopts.upgrade_opset:
+        load_all(proto, folder)  # SmoothQuant and the opset converter rewrite every weight: bring them into memory
     limit = CALIB_CAPACITY - CALIB_DECODE_STEPS
     calib_prompts = load_prompts(options.calib) if options.calib else default_prompts("calib")
     held_out = default_prompts("heldout")
     calib_ids = _prompt_ids(src, calib_prompts, limit)
     held_ids = _prompt_ids(src, held_out, limit)
     feeds = [] if qopts.weights_only else decoder_step_feeds(proto, calib_ids, CALIB_CAPACITY,
-                                                             decode_steps=CALIB_DECODE_STEPS)
+                                                             decode_steps=CALIB_DECODE_STEPS, base_dir=folder)
     log.note(f"calibration: {len(calib_ids)} prompts ({'user file' if options.calib else 'built-in set'}), "
              f"{len(feeds)} step feeds")
-    quant, report = quantize_model(proto, feeds, qopts)
+    # weights are read one at a time from the step graph's data file; the float ones the quantized
+    # graph still reads (norms) stay references into it, streamed into the engine's file by save_onnx
+    quant, report = quantize_model(proto, feeds, qopts, base_dir=folder)
     log.note(f"{len(report.quantized_nodes)} nodes quantized; weights {report.weight_bytes_float / 1e6:.1f} MB -> "
              f"{report.weight_bytes_quantized / 1e6:.1f} MB")
     float_outputs: list = []
     held_feeds = decoder_step_feeds(proto, held_ids, CALIB_CAPACITY, decode_steps=CALIB_DECODE_STEPS,
-                                    outputs=float_outputs)
+                                    base_dir=folder, outputs=float_outputs)
     try:
-        acc = accuracy_report(proto, quant, held_feeds, float_outputs=float_outputs)
+        acc = accuracy_report(proto, quant, held_feeds, base_dir=folder, float_outputs=float_outputs)
     except Exception as e:  # ONNX Runtime has no CPU kernels for some FP8 patterns
         if options.quantize != "fp8":
             raise

@@ -38,9 +38,10 @@ def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPro
     return probe
 
 
-def _runs(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]], names: list[str], threads: int):
+def _runs(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]], names: list[str], threads: int,
+          base_dir=None):
     """Yield (name, value) for every requested tensor of every feed, a chunk of names at a time."""
-    sess = ort_session(_with_outputs(model, names), threads=threads)
+    sess = ort_session(_with_outputs(model, names), threads=threads, base_dir=base_dir)
     for start in range(0, len(names), _OUTPUTS_PER_RUN):
         chunk = names[start:start + _OUTPUTS_PER_RUN]
         for feed in feeds:
@@ -55,8 +56,10 @@ def collect_stats(
     histogram_bins: int = 0,
     channel_tensors: Sequence[str] = (),
     threads: int = 0,
+    base_dir=None,
 ) -> dict[str, TensorStats]:
-    """Stats of ``tensors`` (+ per-channel maxima of ``channel_tensors``) over ``feeds``.
+    """Stats of ``tensors`` (+ per-channel maxima of ``channel_tensors``) over ``feeds`` (weights
+    ``model`` keeps in external files are read from ``base_dir``).
 
     ``histogram_bins`` > 0 adds a second pass that fills |x| histograms over [0, amax].
     """
@@ -65,7 +68,7 @@ def collect_stats(
         return {}
     stats = {n: TensorStats(0.0) for n in names}
     channel = set(channel_tensors)
-    for name, value in _runs(model, feeds, names, threads):
+    for name, value in _runs(model, feeds, names, threads, base_dir):
         if value.dtype.kind != "f":
             raise ConfigError(f"tensor {name!r} is {value.dtype}, not float: it cannot be quantized; exclude its consumer")
         st = stats[name]
@@ -78,7 +81,7 @@ def collect_stats(
     if histogram_bins > 0:
         for st in stats.values():
             st.hist = np.zeros(histogram_bins, dtype=np.int64)
-        for name, value in _runs(model, feeds, [n for n in tensors], threads):
+        for name, value in _runs(model, feeds, [n for n in tensors], threads, base_dir):
             st = stats[name]
             if value.size and st.amax > 0:
                 h, _ = np.histogram(np.abs(value), bins=histogram_bins, range=(0.0, st.amax))

@@ -78,8 +78,10 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan, act_scales: dict[str, fl
     tables: dict[str, np.ndarray] = {}
 
     for w in plan.weights:
-        scale = weight_scales(w.value, w.axis, fmt)
-        q = fmt.quantize(w.value, _broadcast(scale, w.axis, w.value.ndim))
+        value = w.value  # read now, dropped after its codes are made
+        scale = weight_scales(value, w.axis, fmt)
+        q = fmt.quantize(value, _broadcast(scale, w.axis, value.ndim))
+        del value
         base = unique_name(taken, f"{w.node}.w{w.input_index}")
         inits += [numpy_helper.from_array(q, f"{base}_quantized"), numpy_helper.from_array(scale, f"{base}_scale"),
                   numpy_helper.from_array(fmt.zero_point(scale.shape), f"{base}_zero_point")]

@@ -17,7 +17,9 @@ Rules (DESIGN §6), each referred to below by its number:
 """
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,11 +34,23 @@ _MIN_EMBEDDING_ELEMENTS = 4096
 
 @dataclass
 class WeightSite:
+    """A constant weight to quantize. Its value is read when asked (``value``), not held by the
+    plan: a graph whose weights lie in an external file is never in memory all at once."""
+
     node: str  # node name
     input_index: int
     tensor: str  # the input's current name (initializer, Constant or Transpose output)
-    value: np.ndarray  # float weight, Transposes folded
+    read: Callable[[], np.ndarray]  # the float32 weight, Transposes folded
+    shape: tuple[int, ...]
     axis: int | None  # per-channel axis; None = per tensor
+
+    @property
+    def value(self) -> np.ndarray:
+        return self.read()
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
 
 
 @dataclass
@@ -57,7 +71,21 @@ class ActSite:
 class EmbeddingSite:
     node: str
     table: str
-    value: np.ndarray  # [V, C]
+    read: Callable[[], np.ndarray]  # the float32 table [V, C], read when asked (as WeightSite)
+    shape: tuple[int, ...]
+
+    @property
+    def value(self) -> np.ndarray:
+        return self.read()
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+def _reader(idx: GraphIndex, name: str) -> Callable[[], np.ndarray]:
+    """Reads constant ``name`` (Transposes folded) as float32 each time it is called."""
+    return lambda: idx.constant_weight(name)[0].astype(np.float32)
 
 
 @dataclass
@@ -142,13 +170,14 @@ def _act_site(idx: GraphIndex, tensor: str, edge: tuple[str, int], sites: dict[s
     return None
 
 
-def plan_quantization(model: onnx.ModelProto, rules: PlanRules) -> QuantPlan:
-    """Walk the graph once and decide every Q/DQ site (see the module docstring)."""
+def plan_quantization(model: onnx.ModelProto, rules: PlanRules, base_dir=None) -> QuantPlan:
+    """Walk the graph once and decide every Q/DQ site (see the module docstring). Weights kept in
+    external files are read from ``base_dir``, one at a time."""
     taken = {n.name for n in model.graph.node}
     for node in model.graph.node:  # edges are addressed by node name: every node needs one
         if not node.name:
             node.name = unique_name(taken, f"{node.op_type}_{node.output[0]}")
-    idx = GraphIndex.build(model.graph)
+    idx = GraphIndex.build(model.graph, base_dir)
     plan = QuantPlan()
     sites: dict[str, ActSite] = {}
     for node in model.graph.node:
@@ -158,13 +187,13 @@ def plan_quantization(model: onnx.ModelProto, rules: PlanRules) -> QuantPlan:
         if why:
             plan.skipped[node.name] = why
             continue
-        weight_ins: list[tuple[int, np.ndarray]] = []
+        weight_ins: list[tuple[int, np.ndarray]] = []  # (input index, value: read here for its shape and dtype)
         act_ins: list[int] = []
         if node.op_type == "Gather":
             found = idx.constant_weight(node.input[0]) if rules.embeddings else None
             if found is None or found[0].ndim != 2 or _attr(node, "axis", 0) != 0 or found[0].size < _MIN_EMBEDDING_ELEMENTS:
                 continue  # an index/shape Gather, not an embedding table (R5)
-            plan.embeddings.append(EmbeddingSite(node.name, node.input[0], found[0].astype(np.float32)))
+            plan.embeddings.append(EmbeddingSite(node.name, node.input[0], _reader(idx, node.input[0]), found[0].shape))
             plan.quantized_nodes.append(node.name)
             continue
         if node.op_type == "Add":
@@ -208,7 +237,8 @@ def plan_quantization(model: onnx.ModelProto, rules: PlanRules) -> QuantPlan:
                 _act_site(idx, out, (reader.name, list(reader.input).index(out)), trial)
         sites = trial
         for i, value in weight_ins:
-            plan.weights.append(WeightSite(node.name, i, node.input[i], value.astype(np.float32), _weight_axis(node, value)))
+            plan.weights.append(WeightSite(node.name, i, node.input[i], _reader(idx, node.input[i]), value.shape,
+                                           _weight_axis(node, value)))
         plan.quantized_nodes.append(node.name)
     plan.activations = list(sites.values())
     return plan

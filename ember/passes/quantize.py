@@ -190,23 +190,31 @@ def _no_quantizable_ops(plan: QuantPlan, options: QuantOptions) -> ConfigError:
 
 
 def quantize_model(model: onnx.ModelProto, calib_feeds: Sequence[dict[str, np.ndarray]],
-                   options: QuantOptions = QuantOptions()) -> tuple[onnx.ModelProto, QuantReport]:
+                   options: QuantOptions = QuantOptions(), base_dir=None) -> tuple[onnx.ModelProto, QuantReport]:
     """Quantize ``model`` (left untouched) with calibration on ``calib_feeds`` (graph input name -> array).
 
-    Feeds may be empty only for the weights-only scheme. Returns (new model, report).
+    Feeds may be empty only for the weights-only scheme. Returns (new model, report). Weights ``model``
+    keeps in external files are read from ``base_dir`` one at a time (calibration sessions map them);
+    the float weights the new model still reads stay external references into the same files.
+    SmoothQuant and an opset upgrade rewrite every weight: give them a model held in memory.
     """
+    from ember.export.external_data import has_external
+
+    if has_external(model) and (options.smoothquant_alpha is not None or default_opset(model) < options.min_opset):
+        raise ConfigError("SmoothQuant and the FP8 opset upgrade rewrite every weight: load the model's external "
+                          "weights first (ember.export.external_data.load_all)")
     out = onnx.ModelProto()
     out.CopyFrom(model)
     out = _ensure_opset(out, options)
     if options.gemm_as_matmul and "Gemm" in options.include_ops:
-        gemm_to_matmul(out)
+        gemm_to_matmul(out, base_dir=base_dir)
     if not options.weights_only:
         if not calib_feeds:
             raise ConfigError(f"scheme {options.scheme!r} needs calibration feeds (give --calib FILE or use the "
                               "built-in prompts); only 'int8-weights' runs without them")
         check_calib_feeds(out, calib_feeds)
     rules = _rules(options)
-    plan = plan_quantization(out, rules)
+    plan = plan_quantization(out, rules, base_dir)
     if not plan.weights and not plan.activations:
         raise _no_quantizable_ops(plan, options)
 
@@ -225,12 +233,13 @@ def quantize_model(model: onnx.ModelProto, calib_feeds: Sequence[dict[str, np.nd
     scales: dict[str, float] = {}
     if plan.activations:
         bins = options.histogram_bins if options.calib_method != "max" else 0
-        stats = collect_stats(out, calib_feeds, plan.activation_tensors(), histogram_bins=bins, threads=options.threads)
+        stats = collect_stats(out, calib_feeds, plan.activation_tensors(), histogram_bins=bins, threads=options.threads,
+                              base_dir=base_dir)
         scales = {t: threshold(s, options.calib_method, options.percentile) / fmt.act_max for t, s in stats.items()}
 
-    bytes_float = sum(w.value.nbytes for w in plan.weights) + sum(e.value.nbytes for e in plan.embeddings)
+    bytes_float = 4 * (sum(w.size for w in plan.weights) + sum(e.size for e in plan.embeddings))
     tables = apply_plan(out, plan, scales, fmt)
-    bytes_quant = sum(w.value.size for w in plan.weights) + sum(e.value.size for e in plan.embeddings) + \
+    bytes_quant = sum(w.size for w in plan.weights) + sum(e.size for e in plan.embeddings) + \
         sum(v.nbytes for k, v in tables.items() if not k.endswith(".act_scale"))
     validation = assert_trt_compatible(out, weights_only=options.weights_only)
     report = QuantReport(
