@@ -2,7 +2,7 @@
 
 Arms, measured in one run on the same prompts and seeds (prompt-major, arms interleaved so
 machine-load drift hits all arms alike):
-  FP32 uncached (baseline) | uniform N=3 | uniform N=5 | DP N=5 (DESIGN §5's unweighted J) |
+  FP32 uncached (baseline) | uniform N=3 | uniform N=5 | DP N=5 (docs/design.md §5.2's unweighted J) |
   DP N=5 (sampler-weighted J, the default) | DP N=5 + DEC | W8A8 uncached | DP N=5 + W8A8 |
   DP N=5 + W8A8 + DEC
 Columns: UNet-loop and end-to-end wall-clock speedup vs baseline, UNet-loop MACs ratio,
@@ -221,7 +221,7 @@ def write(res: dict, name: str = "diffusion") -> None:
         f"interleaved per prompt); fidelity is the mean over prompts. Compile of the {len(res['schedules'])} engine "
         f"folders (calibration, quantization and DEC fits included): {res['compile_s']:.0f} s; the timed part "
         f"{res['total_s']:.0f} s. \"DP\" is the DP schedule with the sampler-weighted objective (the default); "
-        "\"unweighted J\" is DESIGN §5's objective as written.",
+        "\"unweighted J\" is docs/design.md §5.2's objective as written.",
         "",
         "| arm | full/shallow steps | UNet-loop speedup | end-to-end speedup | UNet MACs ratio | UNet weight-size ratio | PSNR vs baseline (dB) | final-latent rel. error |",
         "|---|---|---|---|---|---|---|---|",
@@ -253,7 +253,7 @@ def write(res: dict, name: str = "diffusion") -> None:
         f"{c['w8a8']['shallow'] / c['w8a8']['full']:.0%} of its time — its one self-attention over the 32×32 latent "
         "is memory-bound; (3) text encoder + VAE decode + sampler are a fixed cost per image.",
         "",
-        f"**DP vs uniform** (N=5, 10 full steps each): uniform {fid('uniform N=5')}; DP with DESIGN §5's unweighted J "
+        f"**DP vs uniform** (N=5, 10 full steps each): uniform {fid('uniform N=5')}; DP with docs/design.md §5.2's unweighted J "
         f"{fid('DP N=5, unweighted J')}; DP with the sampler-weighted J {fid('DP N=5')} (PSNR / final-latent error).",
         "",
         f"**DEC**: FP32 DP {fid('DP N=5')} → + DEC {fid('DP N=5 + DEC')}; W8A8 DP {fid('DP N=5 + W8A8')} → + DEC "

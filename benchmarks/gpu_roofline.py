@@ -1,7 +1,7 @@
 """Decode-step roofline on a GPU: step time vs (weight bytes + live KV bytes) / copy bandwidth.
 
 The bandwidth is measured in the same run by a large device-to-device copy (bytes read +
-bytes written, DESIGN §8). A decode step must read every weight once and every live K/V
+bytes written, docs/design.md §8). A decode step must read every weight once and every live K/V
 position of every row once, so ``floor = (weights + live KV) / bandwidth`` and
 ``efficiency = floor / measured``. Steps run through the runtime's ``DeviceExecutor``
 (graph + KV write + logits to the host: what serving pays) and, separately, the session

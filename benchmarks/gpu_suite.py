@@ -1,4 +1,4 @@
-"""Everything the GPU issue must show, in one run on one machine (DESIGN §8, docs/gpu.md).
+"""Everything the GPU issue must show, in one run on one machine (docs/design.md §8, docs/gpu.md).
 
 Sections (each guarded: a failure is recorded and the next section still runs):
   env          GPU, driver, torch / onnxruntime versions and providers

@@ -1,4 +1,4 @@
-"""Committed serving benchmarks of the temporal fusion scheduler (issue 3, DESIGN §8).
+"""Committed serving benchmarks of the temporal fusion scheduler (issue 3, docs/design.md §8).
 
     flock /tmp/ember-bench.lock python benchmarks/serve.py [--only flover,poisson,compaction]
 

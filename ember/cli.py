@@ -106,7 +106,7 @@ def _add_compile(sub) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (one engine per rank)")
     p.add_argument("--fused-decode", default="auto", choices=["auto", "on", "off"],
                    help="add the fused decode graph (ONNX Runtime GroupQueryAttention, K/V updated in place) that "
-                        "runs one-token steps; auto = --dtype fp16 llama family; on = gpt2 and FP32 too "
+                        "runs one-token steps; auto = --dtype fp16 (every family the part can express); on = FP32 too "
                         "(CPU: faster decode, a second copy of the weights in memory; docs/gpu.md)")
     p.add_argument("--seed", type=int, default=0, help="seed of a built-in config's random weights")
     trt = p.add_argument_group("TensorRT (--backend tensorrt or tensorrt-rtx; see docs/gpu.md)")

@@ -1,4 +1,4 @@
-"""DP cache schedule (DESIGN §5): optimal vs brute force, budget and group bounds, uniform, errors."""
+"""DP cache schedule (docs/design.md §5.2): optimal vs brute force, budget and group bounds, uniform, errors."""
 from __future__ import annotations
 
 import itertools

@@ -1,5 +1,5 @@
 """The diffusion compile plan: pipeline source -> four ONNX parts -> (W8A8) -> cache schedule
-(DP or uniform) -> DEC tables -> engine folder (DESIGN §5).
+(DP or uniform) -> DEC tables -> engine folder (docs/design.md §5).
 
 ``compile_diffusion`` is the API behind ``ember compile sd-... --cache-interval N ...``; every
 CLI option is a field of ``DiffusionCompileOptions``. Calibration runs (features for the DP
@@ -28,7 +28,7 @@ from ember.progress import StageLog
 PART_NAMES = ("text_encoder", "unet_full", "unet_shallow", "vae_decoder")
 SCHEDULES = ("dp", "uniform")
 SCHEDULE_WEIGHTS = ("sampler", "none")
-# DESIGN §5: keep the input/output convs, the time embedding and shortcut convs in float.
+# docs/design.md §5.4: keep the input/output convs, the time embedding and shortcut convs in float.
 KEEP_FLOAT = (r"conv_in/", r"conv_out/", r"time_embedding", r"conv_shortcut")
 BACKENDS = ("onnxruntime", *PLAN_BACKENDS)
 PLAN_MAX_BATCH = 16  # TensorRT parts: batch 1..16 (prompts x 2 with guidance) unless --trt-max-batch says otherwise
@@ -47,7 +47,7 @@ class DiffusionCompileOptions:
     quant_calib_steps: int = 6  # trajectory steps per calibration prompt used as quantization feeds
     dec: bool = False  # fit decoupled error correction tables
     schedule_features: str = "auto"  # float | quantized | auto (quantized when --quantize)
-    schedule_weights: str = "sampler"  # DP objective per-step weights: sampler (DDIM eps -> x_0 gain) | none (DESIGN §5's J)
+    schedule_weights: str = "sampler"  # DP objective per-step weights: sampler (DDIM eps -> x_0 gain) | none (docs/design.md §5.2's J)
     calib_prompts: tuple[str, ...] = calib.DEFAULT_CALIB_PROMPTS
     calib_seed: int = 1000
     guidance_scale: float = 7.5

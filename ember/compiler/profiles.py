@@ -7,7 +7,7 @@ that name, shapes derived here are consistent by construction; ``check_profile``
 shapes from anywhere else (a user's JSON, an older manifest) before a build, since TensorRT
 fails late and obscurely when two inputs sharing a dim disagree.
 
-The decoder step graph gets two profiles (DESIGN §3):
+The decoder step graph gets two profiles (docs/design.md §3.1):
 - ``decode``: T = 1, batch 1..max_batch (optimised at ``decode_batch_opt``);
 - ``prefill``: T = 2..prefill_tokens, batch 1..prefill_batch (optimised for one row).
 Both cover past = 1..max_past (the KV pool's capacity ``S_cap``, never 0: the pool keeps at

@@ -1,4 +1,4 @@
-"""The fused decode graph of the LLaMA and GPT-2 families for ONNX Runtime (DESIGN §3, second option).
+"""The fused decode graph of the registry's decoder families for ONNX Runtime (docs/design.md §3.2).
 
 The portable step graph (``llama.py`` through the TorchScript exporter) is ~50 ONNX Runtime
 kernels per layer: on a GPU a batch-1 decode is bound by launching them, not by reading the

@@ -1,6 +1,6 @@
 """torch -> ONNX export of the decoder step graph, and its check against the torch model.
 
-The exported graph follows the step-graph contract of DESIGN §3 (see ``step_io_names``).
+The exported graph follows the step-graph contract of docs/design.md §3.1 (see ``step_io_names``).
 Dynamic dims: ``batch``, ``tokens`` (new tokens per row), ``past`` (KV pool capacity).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The step graph's attention and shape plumbing, shared by every decoder family (DESIGN §3).
+"""The step graph's attention and shape plumbing, shared by every decoder family (docs/design.md §3.1).
 
 Hidden states travel as 2-D ``[N, C]`` (N = B*T rows, batch-major) between the attention
 blocks, so every linear layer exports as one 2-D MatMul + bias that ONNX Runtime fuses into

@@ -1,7 +1,7 @@
 """The rotary decoder step module (every family but GPT-2), and its Hugging Face weight table.
 
 ``RotaryDecoderStep.forward(input_ids, positions, past_lengths, new_lengths, *past_kv)``
-follows the step-graph contract (DESIGN §3). The per-step work that layers share is done once:
+follows the step-graph contract (docs/design.md §3.1). The per-step work that layers share is done once:
 cos/sin per rotary kind (global, local) and the attention masks per window size.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Shared layers of the rotary decoder families, written for the step graph (DESIGN §3).
+"""Shared layers of the rotary decoder families, written for the step graph (docs/design.md §3.1).
 
 Every module works on 2-D ``[N, C]`` rows (see ``ember.export.step_attention``). What varies
 between families is read from the DecoderConfig: the norm kind, q/k normalisation, the MLP's

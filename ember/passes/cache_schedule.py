@@ -4,7 +4,7 @@ A schedule over T steps is the sorted list of *full* steps (group starts) ``s_1 
 every other step i reuses the cached feature of the last start ``r(i) <= i`` (shallow engine).
 
 - ``uniform_schedule``: DeepCache's fixed interval N (starts 0, N, 2N, ...).
-- ``dp_schedule``: CacheQuant's dynamic-programming schedule (DESIGN §5). Given the cached
+- ``dp_schedule``: CacheQuant's dynamic-programming schedule (docs/design.md §5.2). Given the cached
   feature X_i at every step from calibration runs, choose K starts minimising
   ``J = sum_k sum_{i in [s_k, s_{k+1})} ||X_i - X_{s_k}||_1`` with every group length in
   [lo, hi] (from interval N: [ceil(N/2), 2N]).

@@ -1,7 +1,7 @@
 """Calibration data: prompts (a built-in set or a user file) and decoder step-graph feeds made
 from tokenized prompts by running the float step graph (prefill, then greedy decode steps).
 
-Feeds follow the step-graph contract (DESIGN §3): ``input_ids``/``positions`` int64 [B, T],
+Feeds follow the step-graph contract (docs/design.md §3.1): ``input_ids``/``positions`` int64 [B, T],
 ``past_lengths``/``new_lengths`` int64 [B], ``past_key.{i}``/``past_value.{i}`` float [B, Hkv, P, D].
 """
 from __future__ import annotations

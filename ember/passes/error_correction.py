@@ -1,4 +1,4 @@
-"""Decoupled error correction (DEC, DESIGN §5): per-step, per-channel least-squares affine fits.
+"""Decoupled error correction (DEC, docs/design.md §5.3): per-step, per-channel least-squares affine fits.
 
 - Cache error: on a cached step t that reuses the feature of full step r, fit
   ``X_t ≈ a_t ⊙ X_r + b_t`` per channel with ``a = Cov(X_r, X_t) / Var(X_r)``,

@@ -1,4 +1,4 @@
-"""TensorRT-compatibility check of a Q/DQ graph (DESIGN §6); an analysis, it edits nothing.
+"""TensorRT-compatibility check of a Q/DQ graph (docs/design.md §6); an analysis, it edits nothing.
 
 Checks, each reported with the node at fault:
   V1 opset: INT8 Q/DQ needs default opset >= 13 (per-axis), FP8 E4M3 >= 19.

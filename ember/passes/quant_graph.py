@@ -20,7 +20,7 @@ from ember.errors import ConfigError
 # belongs *before* them (TensorRT propagates Q/DQ across them; ONNX Runtime's QDQ propagation
 # moves the DQ back down to the consumer).
 DATA_MOVEMENT_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})
-# Ops whose outputs never get a Q/DQ pair (DESIGN §6).
+# Ops whose outputs never get a Q/DQ pair (docs/design.md §6).
 NO_QDQ_OUTPUT_OPS = frozenset({"Concat", "Softmax", "Reshape", "Transpose"})
 # ONNX Runtime 1.32's ReluQuantRewrite drops a Relu before an FP8 QuantizeLinear as if FP8 could
 # not hold negatives (measured: 94% output error on a Relu->Q(FP8) graph); sessions running FP8

@@ -1,6 +1,6 @@
 """Which tensors of a graph get quantized, and how: the plan of the Q/DQ pass (no graph edits).
 
-Rules (DESIGN §6), each referred to below by its number:
+Rules (docs/design.md §6), each referred to below by its number:
   R1 weights: constant input of Conv (axis 0), ConvTranspose (axis 1; per-tensor when grouped),
      MatMul with a constant 2-D B (axis 1; per-tensor for higher ranks), Gemm B (axis 0 when
      transB=1, else 1). A constant behind Transpose nodes counts (it is folded).

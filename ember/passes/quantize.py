@@ -1,4 +1,4 @@
-"""The quantization pass: ONNX float graph -> TensorRT-compatible Q/DQ graph (DESIGN §6).
+"""The quantization pass: ONNX float graph -> TensorRT-compatible Q/DQ graph (docs/design.md §6).
 
 Contract: ``quantize_model`` returns a NEW model (the input is not modified) in which
   * planned weights (quant_plan R1) are stored quantized (INT8 or FP8 E4M3, per output channel)

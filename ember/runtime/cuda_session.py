@@ -1,4 +1,4 @@
-"""GPU step execution: ONNX Runtime's CUDA provider with device-resident buffers (DESIGN §7).
+"""GPU step execution: ONNX Runtime's CUDA provider with device-resident buffers (docs/design.md §7).
 
 The KV pool lives on the GPU (``device_kv_pool.DeviceKVPool``: a slot range is one
 contiguous device view per layer), and every step input and output is bound to device

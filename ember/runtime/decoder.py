@@ -1,5 +1,5 @@
 """The decoder engine: requests in, tokens streamed out, every live sequence fused into one
-step per iteration (DESIGN §4). The loop is ``schedule -> execute -> update`` on a
+step per iteration (docs/design.md §4.1). The loop is ``schedule -> execute -> update`` on a
 background thread that runs while there is work; ``submit`` is thread-safe.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The runtime-owned KV memory (DESIGN §3).
+"""The runtime-owned KV memory (docs/design.md §3.3).
 
 One K and one V array per layer, slot-major: ``k[l]`` is ``[slots, Hkv, S_cap, D]``. The
 rows of a contiguous slot range are one contiguous view, which ONNX Runtime reads without a

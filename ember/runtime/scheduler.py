@@ -1,4 +1,4 @@
-"""The temporal fusion scheduler's policy (DESIGN §4): admission, slots, chunked prefill,
+"""The temporal fusion scheduler's policy (docs/design.md §4.2): admission, slots, chunked prefill,
 compaction. It never touches an engine: ``schedule()`` returns a plain ``StepPlan`` that the
 engine executes, so the policy is testable with a fake step function.
 

@@ -1,4 +1,4 @@
-"""ONNX Runtime CPU session over the decoder step graph (DESIGN §3 contract).
+"""ONNX Runtime CPU session over the decoder step graph (the contract of docs/design.md §3.1).
 
 ``StepSession.run`` takes numpy arrays; contiguous inputs (the KV pool's slot-range views)
 are read in place by ONNX Runtime. Outputs are fresh arrays owned by the caller.

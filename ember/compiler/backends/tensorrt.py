@@ -1,4 +1,4 @@
-"""TensorRT backends: ONNX graph -> ``<part>.plan``, one module for two libraries (DESIGN §7).
+"""TensorRT backends: ONNX graph -> ``<part>.plan``, one module for two libraries (docs/design.md §7).
 
 ``build_plan_part`` is the builder interface of ``--backend tensorrt`` (classic TensorRT, through
 polygraphy) and ``--backend tensorrt-rtx`` (TensorRT-RTX, through its bindings:

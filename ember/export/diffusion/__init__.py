@@ -1,5 +1,5 @@
 """Diffusion export: SD-1.x pipeline sources (built-ins, diffusers folders), the UNet split
-into full/shallow cache-branch graphs, and torch -> ONNX of every engine part (DESIGN §5)."""
+into full/shallow cache-branch graphs, and torch -> ONNX of every engine part (docs/design.md §5.1)."""
 from __future__ import annotations
 
 from ember.export.diffusion.config import BUILTIN, DiffusionConfig, builtin_config

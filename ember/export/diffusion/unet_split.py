@@ -8,7 +8,7 @@ last ``b + 1`` layers (resnet [+ attention]) of the final up block:
   (they produce the skip inputs the tail needs), the tail of the final up block and the
   output head; takes the cached feature plus per-sample correction rows as inputs.
 
-Correction inputs (decoupled error correction, DESIGN §5), one row per sample:
+Correction inputs (decoupled error correction, docs/design.md §5.3), one row per sample:
 ``cache_scale``/``cache_bias`` [B, C_cache]: ``h <- scale * h + bias`` on the cached feature;
 ``quant_scale``/``quant_bias`` [B, C_out]: ``y <- scale * y + bias`` on the output of the
 first tail resnet's ``conv1`` (the conv that consumes the cached channels). Identity rows

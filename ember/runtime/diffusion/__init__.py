@@ -1,4 +1,4 @@
-"""Diffusion runtime: load a compiled diffusion folder and generate images (DESIGN §5)."""
+"""Diffusion runtime: load a compiled diffusion folder and generate images (docs/design.md §5)."""
 from __future__ import annotations
 
 from pathlib import Path

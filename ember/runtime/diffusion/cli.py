@@ -75,7 +75,7 @@ def add_diffusion_compile_args(p: argparse.ArgumentParser) -> None:
                    help="measure DP/DEC features through the float or the quantized graphs (auto: quantized if --quantize)")
     g.add_argument("--schedule-weights", choices=["sampler", "none"], default="sampler",
                    help="weight each step's feature error in the DP objective by how far the sampler carries a "
-                        "noise-prediction error at that step into x_0 (none: DESIGN §5's unweighted J)")
+                        "noise-prediction error at that step into x_0 (none: docs/design.md §5.2's unweighted J)")
 
 
 def _prompts(path: str | None) -> tuple[str, ...] | None:

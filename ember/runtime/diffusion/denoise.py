@@ -25,7 +25,7 @@ from ember.runtime.diffusion.engines import PartSession
 
 @dataclass
 class DecRows:
-    """Per-step correction rows, each [T, C] float32 (DESIGN §5); ones/zeros = no correction."""
+    """Per-step correction rows, each [T, C] float32 (docs/design.md §5.3); ones/zeros = no correction."""
 
     cache_scale: np.ndarray
     cache_bias: np.ndarray

@@ -1,4 +1,4 @@
-"""Tensor-parallel decoder runtime (DESIGN §4): one process per rank, rank 0 schedules.
+"""Tensor-parallel decoder runtime (docs/design.md §4.4): one process per rank, rank 0 schedules.
 
 ``load_tp_engine`` (called by ``ember.load`` for folders compiled with ``--tp N``) returns
 an ordinary ``DecoderEngine`` whose executor is a ``TPExecutor``: same submit / generate /
