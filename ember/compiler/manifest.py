@@ -377,7 +377,8 @@ def _check_kv_rings(cfg: dict[str, Any], where: str) -> None:
         raise ArtifactError(f"{where}: model.config.kv_rings / layer_windows must list one entry per layer "
                             f"({cfg['num_layers']}); recompile the folder")
     for i, (ring, window) in enumerate(zip(rings, windows)):
-        if isinstance(ring, bool) or not isinstance(ring, int) or ring < 0 or (ring and not (isinstance(window, int) and 0 < window <= ring)):
+        whole = isinstance(ring, int) and not isinstance(ring, bool) and ring >= 0
+        if not whole or (ring and not (isinstance(window, int) and 0 < window <= ring)):  # a ring holds its window
             raise ArtifactError(f"{where}: model.config.kv_rings[{i}] is {ring!r} for a layer with window {window!r}; "
                                 "it must be 0 or a whole number >= the window: recompile the folder")
 

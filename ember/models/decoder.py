@@ -54,7 +54,7 @@ class RotaryDecoderStep(nn.Module):
         for i, layer in enumerate(self.layers):
             x, k, v = layer(x, rope, masks, past_kv[2 * i], past_kv[2 * i + 1])
             new_kv += [k, v]
-        h = self.norm(last_valid(x, new_lengths, dims.t))
+        h = self.norm(last_valid(x, new_lengths, input_ids.shape[1]))
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(h, w)
         if cfg.final_softcap is not None:
