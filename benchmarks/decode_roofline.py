@@ -195,7 +195,7 @@ class DecodeTimer:
     def live_kv_bytes(self, batch: int) -> int:
         """Mean live K/V bytes of the timed steps (the context grows by one per step of a call)."""
         pool = self.executor(batch).pool
-        return int(batch * (self.context + self.max_steps // 2) * pool.bytes_per_token)
+        return int(batch * pool.slot_bytes(self.context + self.max_steps // 2))
 
     def __call__(self, batch: int, steps: int) -> list[float]:
         ex = self.executor(batch)

@@ -52,7 +52,7 @@ def weight_bytes(folder: Path, manifest) -> int:
 
 
 def kv_bytes(cfg: dict, batch: int, live: int, itemsize: int) -> int:
-    return kv_geometry(cfg).bytes_per_token(itemsize) * live * batch
+    return kv_geometry(cfg).slot_bytes(live, itemsize) * batch
 
 
 def _fill_pool(pool, batch: int, live: int, steps: int) -> None:

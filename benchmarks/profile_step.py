@@ -48,8 +48,9 @@ def _step_feeds(cfg: dict, batch: int, context: int, capacity: int) -> dict[str,
     """One decode step: each of ``batch`` rows has ``context`` live tokens in a pool of ``capacity``."""
     from ember.runtime.kv_pool import KVPool
 
-    layers, hkv, d = kv_geometry(cfg)
-    pool = KVPool(layers, hkv, d, slots=batch, max_capacity=max(capacity, cfg["max_positions"]), capacity=capacity)
+    geometry = kv_geometry(cfg)
+    pool = KVPool(*geometry[:3], slots=batch, max_capacity=max(capacity, cfg["max_positions"]), capacity=capacity,
+                  layer_rings=geometry.layer_rings)
     pool.lengths[:] = context
     feeds = {"input_ids": np.ones((batch, 1), np.int64), "positions": np.full((batch, 1), context, np.int64),
              "past_lengths": np.full(batch, context, np.int64), "new_lengths": np.ones(batch, np.int64)}

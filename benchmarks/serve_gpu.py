@@ -64,7 +64,8 @@ class GpuBenchModel(BenchModel):
         verify_files(self.folder, self.manifest, check_hashes=False)
         cfg = self.config = self.manifest.model["config"]
         part = self.manifest.part("step")
-        self.num_layers, self.num_kv_heads, self.head_dim = kv_geometry(cfg)
+        self.geometry = kv_geometry(cfg)
+        self.num_layers, self.num_kv_heads, self.head_dim = self.geometry[:3]
         self.kv_dtype = next(t.dtype for t in part.inputs if t.name == "past_key.0")
         self.max_positions, self.vocab_size = int(cfg["max_positions"]), int(cfg["vocab_size"])
         self.eos_token_id, self.threads = cfg.get("eos_token_id"), None
@@ -80,7 +81,8 @@ class GpuBenchModel(BenchModel):
 
     def pool(self, slots: int) -> DeviceKVPool:
         return device_pool(self.num_layers, self.num_kv_heads, self.head_dim, slots, self.max_positions,
-                           self.kv_dtype, fused_decode=self.decode is not None)
+                           self.kv_dtype, fused_decode=self.decode is not None,
+                           layer_rings=self.geometry.layer_rings)
 
     def executor(self, max_batch: int) -> DeviceExecutor:
         """The runtime's GPU executor (what ``ember.load(device=)`` builds) over a device KV pool."""

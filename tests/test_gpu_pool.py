@@ -14,10 +14,12 @@ from ember.errors import InputError  # noqa: E402
 from ember.runtime.cuda_session import parse_device  # noqa: E402
 from ember.runtime.device_kv_pool import DeviceKVPool, KVList  # noqa: E402
 from ember.runtime.kv_pool import KVPool  # noqa: E402
+from ember.runtime.kv_ring import held  # noqa: E402
 
 
-def _pair(dtype="float32", slots=4, max_capacity=200):
-    args = dict(num_layers=2, num_kv_heads=2, head_dim=3, slots=slots, max_capacity=max_capacity, dtype=dtype)
+def _pair(dtype="float32", slots=4, max_capacity=200, layer_rings=()):
+    args = dict(num_layers=2, num_kv_heads=2, head_dim=3, slots=slots, max_capacity=max_capacity, dtype=dtype,
+                layer_rings=layer_rings)
     return KVPool(**args), DeviceKVPool(**args, device="cpu")
 
 
@@ -26,18 +28,21 @@ def _same(ref: KVPool, dev: DeviceKVPool) -> None:
     the CPU pool moves blocks in place on a resize and leaves stale values there)."""
     assert ref.capacity == dev.capacity
     np.testing.assert_array_equal(ref.lengths, dev.lengths)
-    for a, b in zip(ref.k + ref.v, dev.k + dev.v):
+    for layer, (a, b) in enumerate(zip(ref.k + ref.v, dev.k + dev.v)):
         for slot, n in enumerate(ref.lengths):
+            n = held(int(n), ref.geometry.ring(layer % ref.num_layers))
             np.testing.assert_array_equal(a[slot, :, :n], b.numpy()[slot, :, :n])
 
 
+@pytest.mark.parametrize("rings", [(), (0, 16)], ids=["full", "layer1-ring16"])
 @pytest.mark.parametrize("arena", [True, False], ids=["arena-in-place", "fresh-buffer-per-resize"])
-def test_write_move_grow_shrink_match_numpy_pool(arena):
+def test_write_move_grow_shrink_match_numpy_pool(arena, rings):
     rng = np.random.default_rng(0)
-    ref, dev = _pair()
+    ref, dev = _pair(layer_rings=rings)
     if not arena:  # what the CPU pool does when the arena cannot be reserved (MemoryError)
-        ref._arena = False
-    assert (ref._arena is not False) == arena
+        for g in ref.groups:
+            g.arena = False
+    assert all((g.arena is not False) == arena for g in ref.groups)
     # prefill rows of different lengths into slots 1..3 (row 1 padded), then decodes
     lens = np.array([5, 2, 7], np.int64)
     new = [rng.standard_normal((3, 2, 7, 3)).astype(np.float32) for _ in range(4)]
@@ -70,7 +75,7 @@ def test_views_are_contiguous_slot_ranges():
 
 def test_fp16_pool_and_limits():
     ref, dev = _pair("float16", max_capacity=40)
-    assert dev.k[0].dtype == torch.float16 and dev.bytes_per_token == ref.bytes_per_token
+    assert dev.k[0].dtype == torch.float16 and dev.slot_bytes(7) == ref.slot_bytes(7) == 2 * 2 * 2 * 3 * 2 * 7
     with pytest.raises(InputError):
         dev.ensure_capacity(41)
 

@@ -80,15 +80,23 @@ HF_EQUAL_LENGTH = {"phi3-longrope": 16}
 
 def test_greedy_tokens_equal_transformers(family_engine):
     """Prompts longer than the window (chunked prefill of 8), generations past position 16
-    (original_max_position_embeddings of the scaled-RoPE configs)."""
+    (original_max_position_embeddings of the scaled-RoPE configs) and past 3 wraps of a window
+    layer's KV ring (16 positions for the window of 8); one prompt longer than the ring prefilled
+    in one chunk (only its last 16 positions stay in the ring)."""
     name, model, folder = family_engine
+    new_tokens = 36
     prompts = [list(range(20, 33)), [5, 6, 7], [100 + (7 * i) % 90 for i in range(11)]]
-    total = HF_EQUAL_LENGTH.get(name, 13 + 24)
+    total = HF_EQUAL_LENGTH.get(name, 13 + new_tokens)
     with ember.load(folder, prefill_chunk=8) as eng:
-        got = [r.token_ids for r in eng.generate(prompts, max_new_tokens=24, ignore_eos=True)]
+        got = [r.token_ids for r in eng.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)]
     for p, g in zip(prompts, got):
-        n = min(24, total - len(p))
+        n = min(new_tokens, total - len(p))
         assert g[:n] == hf_greedy(model, p, n), (name, p)
+    if FAMILIES[name][1].get("sliding_window") and name not in HF_EQUAL_LENGTH:
+        long_prompt = [100 + (11 * i) % 150 for i in range(40)]
+        with ember.load(folder, prefill_chunk=64, verify="size") as eng:
+            got = eng.generate([long_prompt], max_new_tokens=8, ignore_eos=True)[0].token_ids
+        assert got == hf_greedy(model, long_prompt, 8), name
 
 
 def test_longrope_frequencies_match_transformers():
@@ -108,7 +116,7 @@ def test_longrope_frequencies_match_transformers():
 
 
 def test_fused_staggered_equals_alone(family_engine):
-    """The fusion invariant with windows, prefill chunks, fused batches and compaction."""
+    """The fusion invariant with windows (their KV rings wrap), prefill chunks, fused batches and compaction."""
     name, _, folder = family_engine
     reqs = [(p[:40], min(n, 16), delay) for p, n, delay in make_requests(24, seed=5, vocab=250)]
     with ember.load(folder, max_batch=1, verify="size") as solo:
@@ -133,6 +141,8 @@ def test_manifest_records_the_description(family_engine):
     windows = getattr(model.config, "layer_types", None)
     if FAMILIES[name][1].get("sliding_window") and windows:
         assert [bool(w) for w in cfg["layer_windows"]] == [t == "sliding_attention" for t in windows]
+    # the window layers keep a ring of 16 positions (the window of 8 rounded up to RING_ALIGN)
+    assert cfg["kv_rings"] == ([16 if w else 0 for w in cfg["layer_windows"]] if cfg["layer_windows"] else [])
 
 
 @pytest.mark.parametrize("model_type, field, value, message", [
@@ -211,6 +221,7 @@ def test_inspect_says_why_the_fused_part_is_missing(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "e")]) == 0
     out = capsys.readouterr().out
     assert "fused decode    not built: q/k normalisation" in out and "head_dim 32" in out
+    assert "sliding window 8 on 1 of 3 layers (KV ring of 16 positions)" in out
 
 
 @pytest.mark.parametrize("name", ["llama3-rope", "mistral-window", "qwen2-window", "qwen3", "phi3-longrope", "gemma3_text"])

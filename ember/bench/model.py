@@ -33,7 +33,8 @@ class BenchModel:
         cfg = self.manifest.model["config"]
         self.config = cfg
         part = self.manifest.part("step")
-        self.num_layers, self.num_kv_heads, self.head_dim = kv_geometry(cfg)
+        self.geometry = kv_geometry(cfg)
+        self.num_layers, self.num_kv_heads, self.head_dim = self.geometry[:3]
         self.kv_dtype = next(t.dtype for t in part.inputs if t.name == "past_key.0")
         self.max_positions = int(cfg["max_positions"])
         self.vocab_size = int(cfg["vocab_size"])
@@ -45,7 +46,7 @@ class BenchModel:
 
     def pool(self, slots: int) -> KVPool:
         return KVPool(self.num_layers, self.num_kv_heads, self.head_dim, slots=slots,
-                      max_capacity=self.max_positions, dtype=self.kv_dtype)
+                      max_capacity=self.max_positions, dtype=self.kv_dtype, layer_rings=self.geometry.layer_rings)
 
     def executor(self, max_batch: int):
         """The executor an engine of ``max_batch`` slots runs on (the GPU harness overrides it)."""

@@ -16,7 +16,9 @@ def _windows(cfg: dict) -> str:
     if not any(windows):
         return "full attention"
     sliding = [w for w in windows if w]
-    return f"sliding window {max(sliding)} on {len(sliding)} of {len(windows)} layers"
+    rings = [r for r in cfg.get("kv_rings") or [] if r]
+    kv = f" (KV ring of {max(rings)} positions)" if rings else " (KV keeps every position)"
+    return f"sliding window {max(sliding)} on {len(sliding)} of {len(windows)} layers{kv}"
 
 
 def _rope(cfg: dict) -> str:

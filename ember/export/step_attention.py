@@ -13,9 +13,10 @@ takes its fast matrix-vector path (M=1, transposed B) only when the scale alpha 
 makes the decode step's scores against the past ~1.4x faster at batch 32.
 
 Attention shapes: q [B, H, T, D] (already scaled); k_new, v_new [B, Hkv, T, D]; past_k,
-past_v [B, Hkv, P, D] where P is the KV pool's capacity and only the first
-``past_lengths[b]`` positions of row b are live. Scores against the past and against the
-new tokens are computed separately and joined after the matmuls, so the graph never
+past_v [B, Hkv, P, D] where P is the layer's KV pool capacity and only the first
+``past_lengths[b]`` positions of row b are live (a sliding-window layer's past can be a ring
+of its last positions, ``window_biases``, with a P of its own). Scores against the past and
+against the new tokens are computed separately and joined after the matmuls, so the graph never
 concatenates (copies) the cache; grouped query heads are folded into the query axis
 ([B, Hkv, G*T, D]) so K/V are never repeated.
 """
@@ -65,9 +66,16 @@ def attention_biases(past_lengths: torch.Tensor, new_lengths: torch.Tensor, dims
 
 
 def window_biases(positions: torch.Tensor, past_lengths: torch.Tensor, new_lengths: torch.Tensor, dims: StepDims,
-                  group: int, window: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                  group: int, window: int, dtype: torch.dtype, ring: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``attention_biases`` for a sliding-window layer: a query at position q also needs key
-    position k > q - ``window`` (transformers' sliding-window mask). Past slot p holds position p.
+    position k > q - ``window`` (transformers' sliding-window mask).
+
+    ``ring`` (>= ``window``; 0 = none): the layer's past is a ring of that many positions
+    (``ember/runtime/kv_ring.py``: position p at index p % ring), so past index i of a row
+    with L = past_lengths holds position ``L-1 - ((L-1-i) mod ring)`` for i < min(L, ring).
+    That is i itself while the ring has not wrapped (L <= ring), so the graph serves any
+    physical capacity up to ``ring``. Rotary is applied before caching and softmax does not
+    care about key order, so only this mask knows about the ring.
 
     past_bias [B,1,G*T,P] and new_bias [B,1,G*T,T] are per query. A padding query always sees its
     own key, so no softmax row is empty (an empty row would be NaN, and 0 * NaN in the value
@@ -77,7 +85,13 @@ def window_biases(positions: torch.Tensor, past_lengths: torch.Tensor, new_lengt
     zero = torch.tensor(0.0, dtype=dtype)
     q_pos = positions.unsqueeze(-1)  # [B, T, 1]
     slot = torch.arange(p).reshape(1, 1, p)
-    past_ok = (slot < past_lengths.reshape(b, 1, 1)) & (q_pos - slot < window)  # [B, T, P]
+    length = past_lengths.reshape(b, 1, 1)
+    if ring:
+        key_pos = length - 1 - torch.remainder(length - 1 - slot, ring)  # [B, 1, P]
+        live = (slot < length) & (slot < ring)
+    else:
+        key_pos, live = slot, slot < length
+    past_ok = live & (q_pos - key_pos < window)  # [B, T, P]
     key = torch.arange(t)
     causal = key.unsqueeze(0) <= key.unsqueeze(1)  # [T(query), T(key)]
     in_window = q_pos - positions.unsqueeze(1) < window  # [B, T, T]

@@ -152,11 +152,12 @@ class AttnSegment(nn.Module):
 
     def __init__(self, norm: nn.Module, q: nn.Linear, k: nn.Linear, v: nn.Linear, o: nn.Linear,
                  heads: int, kv_heads: int, head_dim: int, residual: bool, inv_freq: torch.Tensor | None,
-                 q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, window: int = 0):
+                 q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, window: int = 0, ring: int = 0):
         super().__init__()
         self.norm, self.q, self.k, self.v, self.o = norm, q, k, v, o
         self.h, self.hkv, self.d, self.residual = heads, kv_heads, head_dim, residual
         self.q_norm, self.k_norm, self.window = q_norm, k_norm, window  # per-head norms: replicated
+        self.ring = ring  # the window layer's past is a ring of this many positions (0: none; window_biases)
         if inv_freq is not None:
             self.register_buffer("inv_freq", inv_freq.clone(), persistent=False)
         else:
@@ -180,7 +181,7 @@ class AttnSegment(nn.Module):
             k = k * cos + rotate_half(k) * sin
         if self.window:
             past_bias, new_bias = window_biases(positions, past_lengths, new_lengths, dims, self.h // self.hkv,
-                                                self.window, y.dtype)
+                                                self.window, y.dtype, self.ring)
         else:
             past_bias, new_bias = attention_biases(past_lengths, new_lengths, dims, self.h // self.hkv, y.dtype)
         a = step_attention(q, k, v, past_k, past_v, past_bias, new_bias, dims)
@@ -269,7 +270,8 @@ def shard_segments(model: nn.Module, cfg: DecoderConfig, layout: TPLayout, rank:
                                col(blk.k_proj.weight, blk.k_proj.bias, k0, kn), col(blk.v_proj.weight, blk.v_proj.bias, k0, kn),
                                row(blk.o_proj.weight, blk.o_proj.bias, q0, qn), lay.heads, lay.kv_heads, d, lead, inv_freq,
                                _clone(blk.q_norm) if blk.q_norm is not None else None,
-                               _clone(blk.k_norm) if blk.k_norm is not None else None, cfg.window(i))
+                               _clone(blk.k_norm) if blk.k_norm is not None else None, cfg.window(i),
+                               cfg.kv_ring(i))
             mlp = MlpSegment(_clone(blk.post_attention_layernorm), col(blk.up_proj.weight, None, f0, lay.inter),
                              col(blk.gate_proj.weight, None, f0, lay.inter), row(blk.down_proj.weight, None, f0, lay.inter), lead)
         segs.append(Segment(f"attn.{i}", attn, ["hidden", "positions", "past_lengths", "new_lengths",

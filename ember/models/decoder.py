@@ -32,23 +32,29 @@ class RotaryDecoderStep(nn.Module):
         # ``inv_freq``: the full-attention layers' frequencies (the fused decode part and TP read it)
         self.register_buffer("inv_freq", self.rope.get("global", self.rope[self.rope_kinds[0]])["inv_freq"],
                              persistent=False)
-        self.windows = sorted({cfg.window(i) for i in range(cfg.num_layers)})
+        # layers sharing a mask: (window, ring) -> the first such layer (its past gives the capacity P)
+        self.mask_layers: dict[tuple[int, int], int] = {}
+        for i, layer in enumerate(self.layers):
+            self.mask_layers.setdefault(layer.mask_key, i)
 
     def forward(self, input_ids, positions, past_lengths, new_lengths, *past_kv):
         cfg = self.cfg
-        dims = StepDims.of(input_ids, past_kv[0])
         x = self.embed_tokens(input_ids.reshape(-1))  # [N, C]
         if cfg.embed_scale != 1.0:
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
         rope = {kind: cos_sin(positions, t["inv_freq"], t["factor"], x.dtype, t.get("long_inv_freq"), t.get("switch", 0))
                 for kind, t in self.rope.items()}
-        masks = {w: (window_biases(positions, past_lengths, new_lengths, dims, cfg.kv_group, w, x.dtype) if w else
-                     attention_biases(past_lengths, new_lengths, dims, cfg.kv_group, x.dtype)) for w in self.windows}
+        masks = {}  # (window, ring) -> (dims, past_bias, new_bias); a ring layer's past has its own capacity
+        for (w, ring), first in self.mask_layers.items():
+            dims = StepDims.of(input_ids, past_kv[2 * first])
+            masks[(w, ring)] = (dims, *(
+                window_biases(positions, past_lengths, new_lengths, dims, cfg.kv_group, w, x.dtype, ring) if w else
+                attention_biases(past_lengths, new_lengths, dims, cfg.kv_group, x.dtype)))
         new_kv = []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, rope, masks, past_kv[2 * i], past_kv[2 * i + 1], dims)
+            x, k, v = layer(x, rope, masks, past_kv[2 * i], past_kv[2 * i + 1])
             new_kv += [k, v]
-        h = self.norm(last_valid(x, new_lengths, dims.t))
+        h = self.norm(last_valid(x, new_lengths, input_ids.shape[1]))
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(h, w)
         if cfg.final_softcap is not None:

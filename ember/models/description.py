@@ -18,6 +18,12 @@ POSITIONS = ("learned", "rotary")  # GPT-2's position table, or rotary embedding
 NORMS = ("layer", "rms", "rms_one_plus")  # LayerNorm, RMSNorm * w, Gemma's RMSNorm * (1 + w)
 MLPS = ("gelu", "swiglu", "geglu")  # GPT-2's fc-GELU-proj; gated SiLU; gated tanh-GELU
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+RING_ALIGN = 16  # a sliding-window layer's KV ring: its window rounded up to a multiple of this
+
+
+def ring_size(window: int) -> int:
+    """The positions a layer with sliding window ``window`` keeps in the KV pool (0: no window, no ring)."""
+    return -(-window // RING_ALIGN) * RING_ALIGN if window else 0
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,9 @@ class DecoderConfig:
     attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap)
     final_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
     embed_scale: float = 1.0  # token embeddings are multiplied by it (Gemma: sqrt(hidden_size))
+    # per layer: the positions a sliding-window layer keeps in the KV pool, a ring (ember/runtime/kv_ring.py);
+    # 0 = every position. None: ``ring_size`` of each window; () = no rings (folders compiled before them)
+    kv_rings: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         from ember.models.registry import family
@@ -105,11 +114,29 @@ class DecoderConfig:
         if windows and len(windows) != self.num_layers:
             raise ConfigError(f"layer_windows has {len(windows)} entries for {self.num_layers} layers")
         object.__setattr__(self, "layer_windows", windows if any(windows) else ())
+        self._set_kv_rings()
         if self.positions == "rotary" and self.rotary_dim % 2:
             raise ConfigError(f"the rotary part of the head ({self.rotary_dim} of head_dim {self.head_dim}) is odd; "
                               "rotary embeddings need an even size: set the model's values")
 
+    def _set_kv_rings(self) -> None:
+        if self.kv_rings is None:  # a ring as long as the longest sequence saves nothing: none
+            rings = [ring_size(self.window(i)) for i in range(self.num_layers)]
+            object.__setattr__(self, "kv_rings", tuple(r if r < self.max_positions else 0 for r in rings))
+        rings = tuple(int(r) for r in self.kv_rings)
+        if rings and len(rings) != self.num_layers:
+            raise ConfigError(f"kv_rings has {len(rings)} entries for {self.num_layers} layers")
+        for i, ring in enumerate(rings):
+            if ring and not 0 < self.window(i) <= ring:
+                raise ConfigError(f"kv_rings[{i}]={ring} must be 0 or at least layer {i}'s sliding window "
+                                  f"({self.window(i)}; 0 = none)")
+        object.__setattr__(self, "kv_rings", rings if any(rings) else ())
+
     # --- derived geometry: the one place consumers read it from ---
+    def kv_ring(self, layer: int) -> int:
+        """The positions layer ``layer`` keeps in the KV pool when it is a ring (0: every position)."""
+        return self.kv_rings[layer] if self.kv_rings else 0
+
     @property
     def kv_group(self) -> int:
         return self.num_heads // self.num_kv_heads
@@ -140,12 +167,13 @@ class DecoderConfig:
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "DecoderConfig":
-        """From a manifest's ``model.config`` (older manifests lack the architecture fields: family defaults)."""
+        """From a manifest's ``model.config`` (older manifests lack the architecture fields: family defaults,
+        and ``kv_rings``: no rings, the layout their step graphs were built for)."""
         known = {f.name for f in fields(DecoderConfig)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"model.config has unknown fields {unknown}; recompile the folder with this Ember")
-        return DecoderConfig(**d)
+        return DecoderConfig(**{"kv_rings": (), **d})
 
     # --- what the fused decode part and tensor parallelism cannot express (None: they can) ---
     def fused_decode_refusal(self) -> str | None:

@@ -57,6 +57,7 @@ class DecoderBlock(nn.Module):
         c, d = cfg.hidden_size, cfg.head_dim
         self.h, self.hkv, self.d, self.rotary_dim = cfg.num_heads, cfg.num_kv_heads, d, cfg.rotary_dim
         self.window, self.rope_kind, self.softcap = cfg.window(layer), cfg.rope_kind(layer), cfg.attn_softcap
+        self.mask_key = (self.window, cfg.kv_ring(layer))  # the attention mask this layer reads
         # the score scale (and 1/softcap) folded into the query weights: no Mul in the graph
         self.q_scale = cfg.score_scale / (cfg.attn_softcap or 1.0)
         self.input_layernorm = make_norm(cfg, c)
@@ -74,8 +75,10 @@ class DecoderBlock(nn.Module):
         self.mlp_out_norm = make_norm(cfg, c) if cfg.sandwich_norm else None
         self.act = GATE_ACTIVATIONS[cfg.mlp]
 
-    def forward(self, x, rope: dict, masks: dict, past_k, past_v, dims: StepDims):
-        """x [N, C] (N = B*T rows) -> (x [N, C], new k, new v [B, Hkv, T, D])."""
+    def forward(self, x, rope: dict, masks: dict, past_k, past_v):
+        """x [N, C] (N = B*T rows) -> (x [N, C], new k, new v [B, Hkv, T, D]); ``masks[mask_key]`` is
+        (StepDims, past_bias, new_bias) for this layer's past."""
+        dims, past_bias, new_bias = masks[self.mask_key]
         y = self.input_layernorm(x)
         if self.q_norm is None:
             q = split_heads(scaled_linear(y, self.q_proj, self.q_scale), dims, self.h)
@@ -86,7 +89,6 @@ class DecoderBlock(nn.Module):
         v = split_heads(self.v_proj(y), dims, self.hkv)
         cos, sin = rope[self.rope_kind]
         q, k = apply_rotary(q, cos, sin, self.rotary_dim), apply_rotary(k, cos, sin, self.rotary_dim)
-        past_bias, new_bias = masks[self.window]
         a = self.o_proj(step_attention(q, k, v, past_k, past_v, past_bias, new_bias, dims, self.softcap))
         x = x + (a if self.attn_out_norm is None else self.attn_out_norm(a))
         y = self.post_attention_layernorm(x)

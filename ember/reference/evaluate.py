@@ -171,6 +171,7 @@ def engine_scorer(folder: Path, threads: int | None = None) -> Scorer:
     """The engine folder's step graph, one token per row per call, K/V carried between calls."""
     from ember.compiler.manifest import check_decoder_config, read_manifest, verify_files
     from ember.runtime.backend_choice import onnx_graph
+    from ember.runtime.kv_pool import KVPool
     from ember.runtime.session import StepSession
 
     manifest = read_manifest(folder)
@@ -179,21 +180,22 @@ def engine_scorer(folder: Path, threads: int | None = None) -> Scorer:
     verify_files(folder, manifest, check_hashes=False)
     cfg = check_decoder_config(manifest.model, str(folder / "manifest.json"))
     part = manifest.part("step")
-    layers, kv_heads, head_dim = kv_geometry(cfg)
-    kv_dtype = np.float16 if next(t.dtype for t in part.inputs if t.name == "past_key.0") == "float16" else np.float32
-    session = StepSession(onnx_graph(folder, part), layers, threads=threads,
+    geometry = kv_geometry(cfg)
+    kv_dtype = next(t.dtype for t in part.inputs if t.name == "past_key.0")
+    session = StepSession(onnx_graph(folder, part), geometry.num_layers, threads=threads,
                           disabled_optimizers=part.extra.get("ort_disabled_optimizers"))
 
     def score(windows: np.ndarray) -> np.ndarray:
         b, t = windows.shape
-        kv = [np.zeros((b, kv_heads, t, head_dim), kv_dtype) for _ in range(2 * layers)]
+        pool = KVPool(*geometry[:3], slots=b, max_capacity=t, capacity=t, dtype=kv_dtype,
+                      layer_rings=geometry.layer_rings)  # the layout the step graph was built for
         ones = np.ones(b, np.int64)
         logits = []
         for pos in range(t):
             step_logits, new = session.run(np.ascontiguousarray(windows[:, pos:pos + 1]),
-                                           np.full((b, 1), pos, np.int64), np.full(b, pos, np.int64), ones, kv)
-            for buf, fresh in zip(kv, new):
-                buf[:, :, pos] = fresh[:, :, 0]
+                                           np.full((b, 1), pos, np.int64), np.full(b, pos, np.int64), ones,
+                                           pool.views(0, b))
+            pool.write(0, new, ones)
             logits.append(step_logits)
         return np.stack(logits, axis=1)
     return score

@@ -456,7 +456,8 @@ def make_cuda_executor(folder: Path, manifest, part, device: str, max_batch: int
 
     index = parse_device(device)
     cfg = manifest.model["config"]
-    layers, hkv, head_dim = kv_geometry(cfg)
+    geometry = kv_geometry(cfg)
+    layers = geometry.num_layers
     kv_dtype = next(t.dtype for t in part.inputs if t.name == "past_key.0")
     if cuda_graph is None:  # on by default: 4.4x faster decode on llama-1b (docs/gpu.md)
         cuda_graph = os.environ.get("EMBER_CUDA_GRAPH", "1") != "0"
@@ -480,14 +481,16 @@ def make_cuda_executor(folder: Path, manifest, part, device: str, max_batch: int
                               "fused_decode=False (CLI: EMBER_FUSED_DECODE=0)")
         decode = CudaDecodeSession(Path(folder) / decode_part.file, layers, device_index=index, cuda_graph=cuda_graph,
                                    async_launch=async_launch)
-    pool = device_pool(layers, hkv, head_dim, max_batch, max_seq_len, kv_dtype, index, fused_decode=decode is not None)
+    pool = device_pool(*geometry[:3], max_batch, max_seq_len, kv_dtype, index, fused_decode=decode is not None,
+                       layer_rings=geometry.layer_rings)
     return DeviceExecutor(session, pool, decode=decode)
 
 
 def device_pool(layers: int, kv_heads: int, head_dim: int, slots: int, max_seq_len: int, kv_dtype: str,
-                device_index: int = 0, fused_decode: bool = False) -> DeviceKVPool:
+                device_index: int = 0, fused_decode: bool = False, layer_rings: tuple[int, ...] = ()) -> DeviceKVPool:
     """The device KV pool of a GPU executor. With the fused decode part, decode cost follows
     the live lengths, not the capacity: the pool is laid out once at its budget, so growth
-    never stalls a step or invalidates captured CUDA graphs."""
+    never stalls a step or invalidates captured CUDA graphs. ``layer_rings``: the sliding-window
+    layers' rings (``KVGeometry.layer_rings``)."""
     return DeviceKVPool(layers, kv_heads, head_dim, slots=slots, max_capacity=max_seq_len, dtype=kv_dtype,
-                        device_index=device_index, preallocate=fused_decode)
+                        device_index=device_index, preallocate=fused_decode, layer_rings=layer_rings)

@@ -1,6 +1,7 @@
 """The KV pool in GPU memory: ``kv_pool.KVPool``'s contract on PyTorch device tensors.
 
-One buffer ``[L, 2, slots, Hkv, S_cap, D]``; ``k[l]``/``v[l]`` are views with KVPool's
+One buffer ``[L, 2, slots, Hkv, S_cap, D]`` per layer group (``kv_pool.LayerGroup``: the
+full-attention layers, the window layers of one ring); ``k[l]``/``v[l]`` are views with KVPool's
 per-layer layout ``[slots, Hkv, S_cap, D]``, so a slot range is one contiguous view per
 layer (the step graph reads it in place), while a decode's writes for every layer, a
 compaction move and a growth copy are one operation each. Lengths stay on the host (the
@@ -13,6 +14,7 @@ import numpy as np
 
 from ember.errors import ConfigError
 from ember.runtime.kv_pool import KVPool
+from ember.runtime.kv_ring import ring_index, ring_spans
 
 
 def require_torch(need_cuda: bool = True):
@@ -47,8 +49,9 @@ class KVList(list):
 
 class DeviceKVPool(KVPool):
     """``KVPool`` in device memory (PyTorch tensors): one buffer ``[L, 2, slots, Hkv, S_cap, D]``
-    whose ``k[l]``/``v[l]`` views have KVPool's per-layer layout, so a slot range is still one
-    contiguous view per layer, while writes, moves and growth touch every layer in one op.
+    per layer group (``KVPool``'s sliding-window rings included) whose ``k[l]``/``v[l]`` views
+    have KVPool's per-layer layout, so a slot range is still one contiguous view per layer,
+    while writes, moves and growth touch every layer of a group in one op.
 
     Lengths stay on the host (the scheduler reads them). Views are valid until the next
     grow/shrink, which reallocates (``generation`` counts reallocations).
@@ -56,27 +59,28 @@ class DeviceKVPool(KVPool):
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, slots: int, max_capacity: int,
                  dtype: str = "float16", device_index: int = 0, capacity: int = 16, device=None,
-                 preallocate: bool = False):
+                 preallocate: bool = False, layer_rings: tuple[int, ...] = ()):
         torch = require_torch(need_cuda=device is None)
         self.device = torch.device(device) if device is not None else torch.device("cuda", device_index)
         self.torch_dtype = torch_dtype(dtype)
-        self.storage = None
         self.generation = 0
         super().__init__(num_layers, num_kv_heads, head_dim, slots, max_capacity, dtype=dtype, capacity=capacity,
-                         preallocate=preallocate)
+                         preallocate=preallocate, layer_rings=layer_rings)
+        # each group's rows of a step's stacked [L, ...] K/V (None: the group is every layer)
+        self._rows = [None if len(g.layers) == num_layers else torch.tensor(g.layers, device=self.device)
+                      for g in self.groups]
 
     def _resize(self, capacity: int, keep: int | None = None) -> None:
-        torch = require_torch(need_cuda=False)
-        keep = self.capacity if keep is None else keep
-        keep = min(keep, capacity, self.capacity)
-        new = torch.zeros((self.num_layers, 2, self.slots, self.num_kv_heads, capacity, self.head_dim),
-                          dtype=self.torch_dtype, device=self.device)
-        if self.storage is not None and keep:
-            new[..., :keep, :] = self.storage[..., :keep, :]
-        self.storage, self.capacity = new, capacity
-        self.k = [new[l, 0] for l in range(self.num_layers)]
-        self.v = [new[l, 1] for l in range(self.num_layers)]
+        super()._resize(capacity, keep)
         self.generation += 1
+
+    def _lay_out(self, g, capacity: int, keep: int) -> None:
+        torch = require_torch(need_cuda=False)
+        new = torch.zeros((len(g.layers), 2, self.slots, self.num_kv_heads, capacity, self.head_dim),
+                          dtype=self.torch_dtype, device=self.device)
+        if g.storage is not None and keep:
+            new[..., :keep, :] = g.storage[..., :keep, :]
+        g.storage = new
 
     def write(self, start: int, new_kv: list, new_lengths: np.ndarray) -> None:
         """Append each row's first ``new_lengths[r]`` new tokens (device tensors [B,Hkv,T,D])."""
@@ -90,18 +94,16 @@ class DeviceKVPool(KVPool):
             stacked = torch.stack([torch.stack(new_kv[2 * l:2 * l + 2]) for l in range(self.num_layers)])
         t = stacked.shape[4]
         live = np.flatnonzero(new_lengths > 0)
-        if t == 1 and len(live):  # decode: one scatter for every layer, K and V, of the live rows
-            idx = torch.from_numpy(np.stack([live, start + live, past[live]]).astype(np.int64)).to(self.device)
-            src = stacked[:, :, :, :, 0, :] if len(live) == b else stacked[:, :, idx[0], :, 0, :]
-            # advanced indices on dims 2 and 4 (split by a slice) put the rows first: [n, L, 2, Hkv, D]
-            self.storage[:, :, idx[1], :, idx[2], :] = src.permute(2, 0, 1, 3, 4)
-        else:
-            for r in live:
-                n, p = int(new_lengths[r]), int(past[r])
-                self.storage[:, :, start + r, :, p:p + n] = stacked[:, :, r, :, :n]
+        for g, rows in zip(self.groups, self._rows):
+            mine = stacked if rows is None else stacked[rows]  # [Lg, 2, B, Hkv, T, D]
+            if t == 1 and len(live):  # decode: one scatter for the group, K and V, of the live rows
+                at = ring_index(past[live], g.ring)
+                idx = torch.from_numpy(np.stack([live, start + live, at]).astype(np.int64)).to(self.device)
+                src = mine[:, :, :, :, 0, :] if len(live) == b else mine[:, :, idx[0], :, 0, :]
+                # advanced indices on dims 2 and 4 (split by a slice) put the rows first: [n, Lg, 2, Hkv, D]
+                g.storage[:, :, idx[1], :, idx[2], :] = src.permute(2, 0, 1, 3, 4)
+            elif t > 1:
+                for r in live:
+                    for src, dst, n in ring_spans(int(past[r]), int(new_lengths[r]), g.ring):
+                        g.storage[:, :, start + r, :, dst:dst + n] = mine[:, :, r, :, src:src + n]
         self.lengths[start:start + b] += new_lengths
-
-    def move(self, src: int, dst: int) -> None:
-        n = int(self.lengths[src])
-        self.storage[:, :, dst, :, :n] = self.storage[:, :, src, :, :n]
-        self.lengths[dst], self.lengths[src] = n, 0

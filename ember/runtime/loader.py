@@ -12,8 +12,8 @@ import os
 import re
 from pathlib import Path
 
-from ember.compiler.manifest import (MANIFEST_NAME, Manifest, check_decoder_config, kv_geometry, read_manifest,
-                                     read_member, resolve_member, tokenizer_members, verify_files)
+from ember.compiler.manifest import (MANIFEST_NAME, KVGeometry, Manifest, check_decoder_config, kv_geometry,
+                                     read_manifest, read_member, resolve_member, tokenizer_members, verify_files)
 from ember.errors import ArtifactError, InputError
 from ember.runtime.backend_choice import choose_backend, onnx_graph, plan_needs_gpu, runs_plan
 
@@ -97,12 +97,10 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
 
     cfg = check_decoder_config(manifest.model, str(folder / MANIFEST_NAME))
     part = manifest.part("step")
-    layers, hkv, head_dim = kv_geometry(cfg)
+    geometry = kv_geometry(cfg)
     kv_dtype = next(t.dtype for t in part.inputs if t.name == "past_key.0")
-    bytes_per_token = 2 * layers * hkv * head_dim * (2 if kv_dtype == "float16" else 4)
     max_pos = int(cfg["max_positions"])
-    kv_bytes = parse_bytes(kv_memory)
-    capacity = max_batch * max_pos if kv_bytes is None else kv_bytes // bytes_per_token
+    capacity = kv_capacity_tokens(geometry, kv_dtype, max_batch, max_pos, parse_bytes(kv_memory))
     scheduler = FusionScheduler(max_batch=max_batch, kv_capacity_tokens=capacity, max_seq_len=max_pos,
                                 prefill_chunk=prefill_chunk or default_prefill_chunk(device), max_queue=max_queue,
                                 compaction=compaction, admit_batch=admit_batch or default_admit_batch(device))
@@ -115,10 +113,10 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
         from ember.runtime.decode_session import DecodeSession
         from ember.runtime.session import StepSession
 
-        session = StepSession(onnx_graph(folder, part), layers, threads=threads,
+        session = StepSession(onnx_graph(folder, part), geometry.num_layers, threads=threads,
                               disabled_optimizers=part.extra.get("ort_disabled_optimizers"))
-        decode = (DecodeSession(resolve_member(folder, decode_part.file, "parts[decode]"), layers, threads=threads)
-                  if decode_part else None)
+        decode = (DecodeSession(resolve_member(folder, decode_part.file, "parts[decode]"), geometry.num_layers,
+                                threads=threads) if decode_part else None)
     elif device.startswith("cuda"):
         from ember.runtime.cuda_session import make_cuda_executor
 
@@ -127,8 +125,19 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
                        max_pos)
     else:
         raise InputError(f"device {device!r} is not understood; use 'cpu' or 'cuda:N'")
-    pool = KVPool(layers, hkv, head_dim, slots=max_batch, max_capacity=scheduler.max_seq_len, dtype=kv_dtype)
+    pool = KVPool(*geometry[:3], slots=max_batch, max_capacity=scheduler.max_seq_len, dtype=kv_dtype,
+                  layer_rings=geometry.layer_rings)
     return _engine(LocalExecutor(session, pool, decode=decode), scheduler, folder, manifest, max_pos)
+
+
+def kv_capacity_tokens(geometry: KVGeometry, kv_dtype: str, max_batch: int, max_positions: int,
+                       kv_bytes: int | None) -> int:
+    """The scheduler's KV budget in tokens: ``max_batch`` slots of the most positions (<= ``max_positions``)
+    that fit ``kv_bytes`` (None: no limit) -- a sliding-window layer's ring counts at most its ring."""
+    if kv_bytes is None:
+        return max_batch * max_positions
+    itemsize = 2 if kv_dtype == "float16" else 4
+    return max_batch * geometry.positions_within(kv_bytes // max_batch, itemsize, max_positions)
 
 
 def _engine(executor, scheduler, folder: Path, manifest: Manifest, max_pos: int):

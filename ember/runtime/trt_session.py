@@ -94,7 +94,7 @@ class TensorRTStepSession:
 
         torch = self.torch
         b, t = input_ids.shape
-        p = int(kv[0].shape[2])
+        p = max(int(a.shape[2]) for a in kv)  # sliding-window rings can be shorter than the other layers
         ctx = self.contexts[select_profile(self.profiles, {"batch": b, "tokens": t, "past": p})]
         small = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.device)
                  for a in (input_ids, positions, past_lengths, new_lengths)]

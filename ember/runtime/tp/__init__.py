@@ -60,7 +60,8 @@ def load_tp_engine(folder: str | os.PathLike, manifest: Manifest, *, max_batch: 
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
-    from ember.runtime.loader import _engine, parse_bytes
+    from ember.compiler.manifest import kv_geometry
+    from ember.runtime.loader import _engine, kv_capacity_tokens, parse_bytes
     from ember.runtime.scheduler import FusionScheduler, default_admit_batch, default_prefill_chunk
     from ember.runtime.tp.comm import PREFIX, Comm
     from ember.runtime.tp.executor import TPExecutor
@@ -87,9 +88,8 @@ def load_tp_engine(folder: str | os.PathLike, manifest: Manifest, *, max_batch: 
     cfg = manifest.model["config"]
     max_pos = int(cfg["max_positions"])
     kv = next(t for t in rank_parts(manifest, 0)[1].inputs if t.name == "past_key.0")
-    bytes_per_token = 2 * int(cfg["num_layers"]) * int(kv.shape[1]) * int(kv.shape[3]) * (2 if kv.dtype == "float16" else 4)
-    kv_bytes = parse_bytes(kv_memory)
-    capacity = max_batch * max_pos if kv_bytes is None else kv_bytes // bytes_per_token
+    rank_geometry = kv_geometry(cfg)._replace(num_kv_heads=int(kv.shape[1]))  # a rank holds its kv heads
+    capacity = kv_capacity_tokens(rank_geometry, kv.dtype, max_batch, max_pos, parse_bytes(kv_memory))
     scheduler = FusionScheduler(max_batch=max_batch, kv_capacity_tokens=capacity, max_seq_len=max_pos,
                                 prefill_chunk=prefill_chunk or default_prefill_chunk(device), max_queue=max_queue,
                                 compaction=compaction, admit_batch=admit_batch or default_admit_batch(device))

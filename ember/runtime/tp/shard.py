@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ember.compiler.manifest import EnginePart, Manifest
+from ember.compiler.manifest import EnginePart, Manifest, kv_geometry
 from ember.errors import ArtifactError
 from ember.runtime.executor import LocalExecutor
 from ember.runtime.kv_pool import KVPool
@@ -63,6 +63,7 @@ class ShardSession:
         kv = next(t for t in self.parts[1].inputs if t.name == "past_key.0")
         self.kv_heads, self.head_dim, self.kv_dtype = int(kv.shape[1]), int(kv.shape[3]), kv.dtype
         self.num_layers = sum(1 for p in self.parts if p.extra["segment_name"].startswith("attn."))
+        self.layer_rings = kv_geometry(manifest.model["config"]).layer_rings  # the segments' window rings
 
     def run(self, input_ids: np.ndarray, positions: np.ndarray, past_lengths: np.ndarray, new_lengths: np.ndarray,
             kv: list[np.ndarray]) -> tuple[np.ndarray | None, list[np.ndarray]]:
@@ -95,5 +96,5 @@ def shard_executor(folder: Path, manifest: Manifest, rank: int, world: int, *, m
         threads = max(1, cores // world)
     session = ShardSession(folder, manifest, rank, threads, device)
     pool = KVPool(session.num_layers, session.kv_heads, session.head_dim, slots=max_batch, max_capacity=max_seq_len,
-                  dtype=session.kv_dtype)
+                  dtype=session.kv_dtype, layer_rings=session.layer_rings)
     return LocalExecutor(session, pool)
