@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import ember
-from ember.compiler.manifest import read_manifest
+from ember.engine_format.manifest import read_manifest
 from ember.errors import ArtifactError, InputError
 
 pytest.importorskip("transformers")

@@ -9,14 +9,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ember.compiler.manifest import Manifest, kv_geometry, read_manifest, verify_files
+from ember.engine_format.decoder_spec import kv_geometry
+from ember.engine_format.manifest import Manifest, read_manifest, verify_files
 from ember.errors import ArtifactError
+from ember.ort.decode_session import DecodeSession
+from ember.ort.session import StepSession
 from ember.runtime.decoder import DecoderEngine
 from ember.runtime.executor import LocalExecutor
 from ember.runtime.kv_pool import KVPool
 from ember.runtime.scheduler import FusionScheduler, default_admit_batch, default_prefill_chunk
-from ember.runtime.decode_session import DecodeSession
-from ember.runtime.session import StepSession
 
 
 class BenchModel:

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ember.compiler.manifest import kv_geometry
+from ember.engine_format.decoder_spec import kv_geometry
 from ember.errors import InputError
 
 Scorer = Callable[[np.ndarray], np.ndarray]
@@ -169,9 +169,10 @@ def torch_scorer(model) -> Scorer:
 
 def engine_scorer(folder: Path, threads: int | None = None) -> Scorer:
     """The engine folder's step graph, one token per row per call, K/V carried between calls."""
-    from ember.compiler.manifest import check_decoder_config, read_manifest, verify_files
+    from ember.engine_format.decoder_spec import check_decoder_config
+    from ember.engine_format.manifest import read_manifest, verify_files
     from ember.runtime.backend_choice import onnx_graph
-    from ember.runtime.session import StepSession
+    from ember.ort.session import StepSession
 
     manifest = read_manifest(folder)
     if manifest.kind != "decoder":
@@ -205,7 +206,7 @@ def folder_tokenizer(folder) -> tuple:
 
     folder = Path(folder)
     if (folder / "manifest.json").is_file():
-        from ember.compiler.manifest import read_manifest
+        from ember.engine_format.manifest import read_manifest
         from ember.runtime.loader import load_tokenizer
 
         manifest = read_manifest(folder)

@@ -35,12 +35,12 @@ from typing import Any
 
 import numpy as np
 
-from ember.compiler.manifest import kv_geometry
+from ember.engine_format.decoder_spec import kv_geometry
 from ember.errors import ArtifactError, ConfigError, InputError
-from ember.runtime.decode_session import decode_positions_ok
-from ember.runtime.executor import step_on_pool
+from ember.ort.decode_session import decode_positions_ok
 from ember.runtime.device_kv_pool import DeviceKVPool, KVList
 from ember.runtime.device_kv_pool import require_torch as _torch
+from ember.runtime.executor import step_on_pool
 
 
 def parse_device(device: str) -> int:

@@ -12,8 +12,10 @@ import os
 import re
 from pathlib import Path
 
-from ember.compiler.manifest import (MANIFEST_NAME, Manifest, check_decoder_config, kv_geometry, read_manifest,
-                                     read_member, resolve_member, tokenizer_members, verify_files)
+from ember.engine_format.decoder_spec import check_decoder_config, kv_geometry
+from ember.engine_format.manifest import (MANIFEST_NAME, Manifest, read_manifest, read_member, resolve_member,
+                                         tokenizer_members, verify_files)
+from ember.engine_format.tp_spec import is_tensor_parallel
 from ember.errors import ArtifactError, InputError
 from ember.runtime.backend_choice import choose_backend, onnx_graph, plan_needs_gpu, runs_plan
 
@@ -46,7 +48,7 @@ def load(path: str | os.PathLike, verify: str = "full", **opts):
     if backend is not None:
         opts["backend"] = backend
     if manifest.kind == "decoder":
-        tensor_parallel = any(p.extra.get("rank") is not None for p in manifest.parts)
+        tensor_parallel = is_tensor_parallel(manifest)
         if tensor_parallel:
             from ember.runtime.tp import load_tp_engine as build
         else:
@@ -112,8 +114,8 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
         fused_decode = os.environ.get("EMBER_FUSED_DECODE", "1") != "0"
     decode_part = manifest.find_part("decode") if fused_decode else None
     if device == "cpu":
-        from ember.runtime.decode_session import DecodeSession
-        from ember.runtime.session import StepSession
+        from ember.ort.decode_session import DecodeSession
+        from ember.ort.session import StepSession
 
         session = StepSession(onnx_graph(folder, part), layers, threads=threads,
                               disabled_optimizers=part.extra.get("ort_disabled_optimizers"))

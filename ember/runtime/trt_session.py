@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from ember.compiler.backends.tensorrt import check_plan_compat, gpu_environment, require_tensorrt
-from ember.compiler.profiles import ProfileSpec, select_profile
+from ember.engine_format.profiles import select_profile
+from ember.engine_format.tensorrt_part import (PLAN_TITLES, check_plan_compat, gpu_environment, part_profiles,
+                                             require_tensorrt)
 from ember.errors import ArtifactError
-from ember.runtime.backend_choice import PLAN_TITLES
 
 
 def open_plan_library(part, plan_path: str | os.PathLike, device_index: int = 0):
@@ -74,7 +74,7 @@ class TensorRTStepSession:
         self.engine = self.runtime.deserialize_cuda_engine(data)
         if self.engine is None:
             raise ArtifactError(f"{title} could not deserialize {plan_path} (see its log above); recompile the folder")
-        self.profiles = [ProfileSpec.from_dict(p) for p in part.extra["profiles"]]
+        self.profiles = part_profiles(part)
         if self.engine.num_optimization_profiles != len(self.profiles):
             raise ArtifactError(f"{plan_path} has {self.engine.num_optimization_profiles} optimization profiles but the "
                                 f"manifest lists {len(self.profiles)}; recompile the folder")

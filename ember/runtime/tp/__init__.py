@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from ember.compiler.manifest import Manifest
+from ember.engine_format.manifest import Manifest
 from ember.errors import InputError
 
 __all__ = ["load_tp_engine"]
@@ -64,7 +64,8 @@ def load_tp_engine(folder: str | os.PathLike, manifest: Manifest, *, max_batch: 
     from ember.runtime.scheduler import FusionScheduler, default_admit_batch, default_prefill_chunk
     from ember.runtime.tp.comm import PREFIX, Comm
     from ember.runtime.tp.executor import TPExecutor
-    from ember.runtime.tp.shard import rank_parts, shard_executor, tp_size
+    from ember.engine_format.tp_spec import rank_parts, tp_size
+    from ember.runtime.tp.shard import shard_executor
     from ember.runtime.tp.worker import WorkerSpec, exit_worker, rank_device, serve_rank, spawn_main
 
     folder = Path(folder)

@@ -26,9 +26,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ember.compiler.manifest import EnginePart, Manifest, read_manifest, verify_files
+from ember.engine_format.manifest import EnginePart, Manifest, read_manifest, verify_files
+from ember.engine_format.tensorrt_part import is_plan
 from ember.errors import ArtifactError
-from ember.runtime.backend_choice import is_plan
 
 DEFAULT_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "quantized": 1e-1}
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from ember.compiler.manifest import TensorSpec
+from ember.engine_format.manifest import TensorSpec
 
 
 def _spec(v: onnx.ValueInfoProto) -> TensorSpec:
