@@ -15,9 +15,9 @@ from ember.errors import ArtifactError
 from ember.ort.decode_session import DecodeSession
 from ember.ort.session import StepSession
 from ember.runtime.decoder import DecoderEngine
+from ember.runtime.engine_builder import SchedulerOptions, kv_bytes_per_token, make_engine, make_scheduler
 from ember.runtime.executor import LocalExecutor
 from ember.runtime.kv_pool import KVPool
-from ember.runtime.scheduler import FusionScheduler, default_admit_batch, default_prefill_chunk
 
 
 class BenchModel:
@@ -56,11 +56,9 @@ class BenchModel:
                max_queue: int = 1 << 20, admit_batch: int | None = None) -> DecoderEngine:
         """A DecoderEngine over the shared session, KV pool of ``max_batch`` full-length slots
         (``prefill_chunk``, ``admit_batch`` None: the runtime's defaults for ``self.device``)."""
-        sched = FusionScheduler(max_batch=max_batch, kv_capacity_tokens=max_batch * self.max_positions,
-                                max_seq_len=self.max_positions,
-                                prefill_chunk=prefill_chunk or default_prefill_chunk(self.device),
-                                admit_batch=admit_batch or default_admit_batch(self.device),
-                                max_queue=max_queue, compaction=compaction)
-        return DecoderEngine(self.executor(max_batch), sched, tokenizer=None,
-                             eos_token_id=self.eos_token_id, max_positions=self.max_positions,
-                             config=self.config, manifest=self.manifest)
+        options = SchedulerOptions(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                                   compaction=compaction, admit_batch=admit_batch)
+        sched = make_scheduler(options, max_positions=self.max_positions, device=self.device,
+                               kv_bytes_per_token=kv_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim,
+                                                                     self.kv_dtype))
+        return make_engine(self.manifest, sched, self.executor(max_batch))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import re
 from pathlib import Path
 
 from ember.engine_format.decoder_spec import check_decoder_config, kv_geometry
@@ -18,20 +17,6 @@ from ember.engine_format.manifest import (MANIFEST_NAME, Manifest, read_manifest
 from ember.engine_format.tp_spec import is_tensor_parallel
 from ember.errors import ArtifactError, InputError
 from ember.runtime.backend_choice import choose_backend, onnx_graph, plan_needs_gpu, runs_plan
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
-          "g": 1 << 30, "gb": 10**9, "gib": 1 << 30}
-
-
-def parse_bytes(v: int | str | None) -> int | None:
-    """'512MiB', '2GB', '1g', 1234 -> bytes."""
-    if v is None or isinstance(v, int):
-        return v
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(v))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise InputError(f"memory size {v!r} is not understood; write e.g. 2GiB, 512MiB or a byte count")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
 
 def load(path: str | os.PathLike, verify: str = "full", **opts):
     """Load an engine folder. Decoder options: max_batch, kv_memory, max_queue, prefill_chunk,
@@ -93,21 +78,17 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
     (GroupQueryAttention, K/V written in place) when it has one; None = yes if present
     (``EMBER_FUSED_DECODE=0`` says no). ``backend``: None (the step part's own) or
     ``'onnxruntime'`` (a plan's source ONNX graph on ONNX Runtime; ``load`` checks it)."""
+    from ember.runtime.engine_builder import SchedulerOptions, kv_bytes_per_token, make_engine, make_scheduler
     from ember.runtime.executor import LocalExecutor
     from ember.runtime.kv_pool import KVPool
-    from ember.runtime.scheduler import FusionScheduler, default_admit_batch, default_prefill_chunk
 
     cfg = check_decoder_config(manifest.model, str(folder / MANIFEST_NAME))
     part = manifest.part("step")
     layers, hkv, head_dim = kv_geometry(cfg)
     kv_dtype = next(t.dtype for t in part.inputs if t.name == "past_key.0")
-    bytes_per_token = 2 * layers * hkv * head_dim * (2 if kv_dtype == "float16" else 4)
-    max_pos = int(cfg["max_positions"])
-    kv_bytes = parse_bytes(kv_memory)
-    capacity = max_batch * max_pos if kv_bytes is None else kv_bytes // bytes_per_token
-    scheduler = FusionScheduler(max_batch=max_batch, kv_capacity_tokens=capacity, max_seq_len=max_pos,
-                                prefill_chunk=prefill_chunk or default_prefill_chunk(device), max_queue=max_queue,
-                                compaction=compaction, admit_batch=admit_batch or default_admit_batch(device))
+    options = SchedulerOptions(max_batch, kv_memory, max_queue, prefill_chunk, compaction, admit_batch)
+    scheduler = make_scheduler(options, max_positions=int(cfg["max_positions"]), device=device,
+                               kv_bytes_per_token=kv_bytes_per_token(layers, hkv, head_dim, kv_dtype))
     if runs_plan(part, backend) and not device.startswith("cuda"):
         raise plan_needs_gpu(folder, part, device)
     if fused_decode is None:
@@ -121,24 +102,16 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
                               disabled_optimizers=part.extra.get("ort_disabled_optimizers"))
         decode = (DecodeSession(resolve_member(folder, decode_part.file, "parts[decode]"), layers, threads=threads)
                   if decode_part else None)
+        pool = KVPool(layers, hkv, head_dim, slots=max_batch, max_capacity=scheduler.max_seq_len, dtype=kv_dtype)
+        executor = LocalExecutor(session, pool, decode=decode)
     elif device.startswith("cuda"):
         from ember.runtime.cuda_session import make_cuda_executor
 
-        return _engine(make_cuda_executor(folder, manifest, part, device, max_batch, scheduler.max_seq_len,
-                                          decode_part=decode_part, backend=backend), scheduler, folder, manifest,
-                       max_pos)
+        executor = make_cuda_executor(folder, manifest, part, device, max_batch, scheduler.max_seq_len,
+                                      decode_part=decode_part, backend=backend)
     else:
         raise InputError(f"device {device!r} is not understood; use 'cpu' or 'cuda:N'")
-    pool = KVPool(layers, hkv, head_dim, slots=max_batch, max_capacity=scheduler.max_seq_len, dtype=kv_dtype)
-    return _engine(LocalExecutor(session, pool, decode=decode), scheduler, folder, manifest, max_pos)
-
-
-def _engine(executor, scheduler, folder: Path, manifest: Manifest, max_pos: int):
-    from ember.runtime.decoder import DecoderEngine
-
-    cfg = manifest.model["config"]
-    return DecoderEngine(executor, scheduler, tokenizer=load_tokenizer(folder, manifest),
-                         eos_token_id=cfg.get("eos_token_id"), max_positions=max_pos, config=cfg, manifest=manifest)
+    return make_engine(manifest, scheduler, executor, load_tokenizer(folder, manifest))
 
 
 def load_tokenizer(folder: str | os.PathLike, manifest: Manifest):

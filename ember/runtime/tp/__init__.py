@@ -60,8 +60,8 @@ def load_tp_engine(folder: str | os.PathLike, manifest: Manifest, *, max_batch: 
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
-    from ember.runtime.loader import _engine, parse_bytes
-    from ember.runtime.scheduler import FusionScheduler, default_admit_batch, default_prefill_chunk
+    from ember.runtime.engine_builder import SchedulerOptions, kv_bytes_per_token, make_engine, make_scheduler
+    from ember.runtime.loader import load_tokenizer
     from ember.runtime.tp.comm import PREFIX, Comm
     from ember.runtime.tp.executor import TPExecutor
     from ember.engine_format.tp_spec import rank_parts, tp_size
@@ -86,14 +86,11 @@ def load_tp_engine(folder: str | os.PathLike, manifest: Manifest, *, max_batch: 
         raise InputError(f"--tp {tp} does not match {folder}, compiled for {world} ranks; pass --tp {world} (or omit it) "
                          f"or recompile with `ember compile SOURCE --tp {tp}`")
     cfg = manifest.model["config"]
-    max_pos = int(cfg["max_positions"])
-    kv = next(t for t in rank_parts(manifest, 0)[1].inputs if t.name == "past_key.0")
-    bytes_per_token = 2 * int(cfg["num_layers"]) * int(kv.shape[1]) * int(kv.shape[3]) * (2 if kv.dtype == "float16" else 4)
-    kv_bytes = parse_bytes(kv_memory)
-    capacity = max_batch * max_pos if kv_bytes is None else kv_bytes // bytes_per_token
-    scheduler = FusionScheduler(max_batch=max_batch, kv_capacity_tokens=capacity, max_seq_len=max_pos,
-                                prefill_chunk=prefill_chunk or default_prefill_chunk(device), max_queue=max_queue,
-                                compaction=compaction, admit_batch=admit_batch or default_admit_batch(device))
+    kv = next(t for t in rank_parts(manifest, 0)[1].inputs if t.name == "past_key.0")  # this rank's share of heads
+    options = SchedulerOptions(max_batch, kv_memory, max_queue, prefill_chunk, compaction, admit_batch)
+    scheduler = make_scheduler(options, max_positions=int(cfg["max_positions"]), device=device,
+                               kv_bytes_per_token=kv_bytes_per_token(int(cfg["num_layers"]), int(kv.shape[1]),
+                                                                     int(kv.shape[3]), kv.dtype))
 
     torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_PORT" in os.environ
     if torchrun:
@@ -133,4 +130,4 @@ def load_tp_engine(folder: str | os.PathLike, manifest: Manifest, *, max_batch: 
     comm.start_heartbeat(heartbeat_s)
     executor = TPExecutor(local, comm, heartbeat_s, procs)
     executor.store = store  # keep the store (and its server) alive as long as the executor
-    return _engine(executor, scheduler, folder, manifest, max_pos)
+    return make_engine(manifest, scheduler, executor, load_tokenizer(folder, manifest))
