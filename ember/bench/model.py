@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ember.engine_format.decoder_spec import kv_geometry
 from ember.engine_format.manifest import Manifest, read_manifest, verify_files
+from ember.engine_format.roles import PAST_KEY
 from ember.errors import ArtifactError
 from ember.ort.decode_session import DecodeSession
 from ember.ort.session import StepSession
@@ -35,7 +36,7 @@ class BenchModel:
         self.config = cfg
         part = self.manifest.part("step")
         self.num_layers, self.num_kv_heads, self.head_dim = kv_geometry(cfg)
-        self.kv_dtype = next(t.dtype for t in part.inputs if t.name == "past_key.0")
+        self.kv_dtype = part.tensor(PAST_KEY, layer=0).dtype
         self.max_positions = int(cfg["max_positions"])
         self.vocab_size = int(cfg["vocab_size"])
         self.eos_token_id = cfg.get("eos_token_id")

@@ -23,9 +23,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from ember.engine_format.roles import role_from_name
 from ember.errors import ArtifactError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: tensor specs carry role/layer (schema 1 folders get them from their names)
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
 CHAT_TEMPLATE_FILE = "tokenizer/chat_template.jinja"
@@ -39,11 +40,22 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One graph input/output: name, element type (numpy name) and shape (ints or dim names)."""
+    """One graph input/output: name, element type (numpy name), shape (ints or dim names), and
+    what it means (``role``, ``layer`` for per-layer K/V: ``engine_format.roles``; None for none)."""
 
     name: str
     dtype: str
     shape: list[int | str]
+    role: str | None = None
+    layer: int | None = None
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "TensorSpec":
+        """A manifest record; one written before roles (schema 1) gets them from its name."""
+        if "role" not in d:
+            role, layer = role_from_name(d["name"])
+            return TensorSpec(**d, role=role, layer=layer)
+        return TensorSpec(**d)
 
 
 @dataclass
@@ -59,6 +71,23 @@ class EnginePart:
     outputs: list[TensorSpec]
     external_data: list[dict[str, Any]] = field(default_factory=list)  # [{file, sha256, size}]
     extra: dict[str, Any] = field(default_factory=dict)  # backend details: profiles, rank, dtype
+
+    def tensor(self, role: str, layer: int | None = None, output: bool = False) -> TensorSpec:
+        """The input (or ``output``) with ``role`` (and ``layer``); ArtifactError when there is none."""
+        found = self.find_tensor(role, layer, output)
+        if found is None:
+            what = f"{'output' if output else 'input'} with role {role!r}" + ("" if layer is None else f" (layer {layer})")
+            raise ArtifactError(f"manifest part {self.name!r} ({self.file}) has no {what}; recompile the folder")
+        return found
+
+    def find_tensor(self, role: str, layer: int | None = None, output: bool = False) -> TensorSpec | None:
+        return next((t for t in (self.outputs if output else self.inputs) if t.role == role and t.layer == layer), None)
+
+    def kv_tensors(self, key_role: str, value_role: str, output: bool = False) -> list[TensorSpec]:
+        """The per-layer K/V tensors in the runtime's order: key 0, value 0, key 1, value 1, ..."""
+        specs = self.outputs if output else self.inputs
+        layers = sorted({t.layer for t in specs if t.role == key_role})
+        return [self.tensor(r, i, output) for i in layers for r in (key_role, value_role)]
 
 
 @dataclass
@@ -102,8 +131,8 @@ class Manifest:
                 EnginePart(
                     **{
                         **p,
-                        "inputs": [TensorSpec(**t) for t in p["inputs"]],
-                        "outputs": [TensorSpec(**t) for t in p["outputs"]],
+                        "inputs": [TensorSpec.from_dict(t) for t in p["inputs"]],
+                        "outputs": [TensorSpec.from_dict(t) for t in p["outputs"]],
                     }
                 )
                 for p in d["parts"]

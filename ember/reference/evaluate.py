@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ember.engine_format.decoder_spec import kv_geometry
+from ember.engine_format.roles import PAST_KEY
 from ember.errors import InputError
 
 Scorer = Callable[[np.ndarray], np.ndarray]
@@ -181,7 +182,7 @@ def engine_scorer(folder: Path, threads: int | None = None) -> Scorer:
     cfg = check_decoder_config(manifest.model, str(folder / "manifest.json"))
     part = manifest.part("step")
     layers, kv_heads, head_dim = kv_geometry(cfg)
-    kv_dtype = np.float16 if next(t.dtype for t in part.inputs if t.name == "past_key.0") == "float16" else np.float32
+    kv_dtype = np.float16 if part.tensor(PAST_KEY, layer=0).dtype == "float16" else np.float32
     session = StepSession(onnx_graph(folder, part), layers, threads=threads,
                           disabled_optimizers=part.extra.get("ort_disabled_optimizers"))
 

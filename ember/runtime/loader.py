@@ -14,6 +14,7 @@ from pathlib import Path
 from ember.engine_format.decoder_spec import check_decoder_config, kv_geometry
 from ember.engine_format.manifest import (MANIFEST_NAME, Manifest, read_manifest, read_member, resolve_member,
                                          tokenizer_members, verify_files)
+from ember.engine_format.roles import PAST_KEY
 from ember.engine_format.tp_spec import is_tensor_parallel
 from ember.errors import ArtifactError, InputError
 from ember.runtime.backend_choice import choose_backend, onnx_graph, plan_needs_gpu, runs_plan
@@ -85,7 +86,7 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
     cfg = check_decoder_config(manifest.model, str(folder / MANIFEST_NAME))
     part = manifest.part("step")
     layers, hkv, head_dim = kv_geometry(cfg)
-    kv_dtype = next(t.dtype for t in part.inputs if t.name == "past_key.0")
+    kv_dtype = part.tensor(PAST_KEY, layer=0).dtype
     options = SchedulerOptions(max_batch, kv_memory, max_queue, prefill_chunk, compaction, admit_batch)
     scheduler = make_scheduler(options, max_positions=int(cfg["max_positions"]), device=device,
                                kv_bytes_per_token=kv_bytes_per_token(layers, hkv, head_dim, kv_dtype))

@@ -64,6 +64,7 @@ def load_tp_engine(folder: str | os.PathLike, manifest: Manifest, *, max_batch: 
     from ember.runtime.loader import load_tokenizer
     from ember.runtime.tp.comm import PREFIX, Comm
     from ember.runtime.tp.executor import TPExecutor
+    from ember.engine_format.roles import PAST_KEY
     from ember.engine_format.tp_spec import rank_parts, tp_size
     from ember.runtime.tp.shard import shard_executor
     from ember.runtime.tp.worker import WorkerSpec, exit_worker, rank_device, serve_rank, spawn_main
@@ -86,7 +87,7 @@ def load_tp_engine(folder: str | os.PathLike, manifest: Manifest, *, max_batch: 
         raise InputError(f"--tp {tp} does not match {folder}, compiled for {world} ranks; pass --tp {world} (or omit it) "
                          f"or recompile with `ember compile SOURCE --tp {tp}`")
     cfg = manifest.model["config"]
-    kv = next(t for t in rank_parts(manifest, 0)[1].inputs if t.name == "past_key.0")  # this rank's share of heads
+    kv = rank_parts(manifest, 0)[1].tensor(PAST_KEY, layer=0)  # this rank's share of the KV heads
     options = SchedulerOptions(max_batch, kv_memory, max_queue, prefill_chunk, compaction, admit_batch)
     scheduler = make_scheduler(options, max_positions=int(cfg["max_positions"]), device=device,
                                kv_bytes_per_token=kv_bytes_per_token(int(cfg["num_layers"]), int(kv.shape[1]),

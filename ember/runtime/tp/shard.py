@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ember.engine_format.manifest import Manifest
+from ember.engine_format.roles import PAST_KEY
 from ember.engine_format.tp_spec import rank_parts
 from ember.errors import ArtifactError
 from ember.ort.session import session_options
@@ -46,7 +47,7 @@ class ShardSession:
             s = _session(Path(folder) / p.file, threads, device)
             self.segments.append((p.extra["segment_name"], s, [i.name for i in s.get_inputs()],
                                   [o.name for o in s.get_outputs()]))
-        kv = next(t for t in self.parts[1].inputs if t.name == "past_key.0")
+        kv = self.parts[1].tensor(PAST_KEY, layer=0)
         self.kv_heads, self.head_dim, self.kv_dtype = int(kv.shape[1]), int(kv.shape[3]), kv.dtype
         self.num_layers = sum(1 for p in self.parts if p.extra["segment_name"].startswith("attn."))
 
