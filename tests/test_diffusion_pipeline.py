@@ -202,3 +202,12 @@ def test_cli_generate_image_writes_png(dp_engine, tmp_path) -> None:
     img = Image.open(out)
     assert img.format == "PNG" and img.size == (16, 16)
     assert main(["generate-image", str(dp_engine), "a cat", "-o", str(out), "--steps", "2"]) == 2  # EmberError -> exit 2
+
+
+def test_a_calibrating_compile_needs_the_pipeline_from_the_caller(tmp_path):
+    """The compiler does not import the runtime: a compile that calibrates is handed the pipeline."""
+    opts = DiffusionCompileOptions(steps=4, cache_interval=2, schedule="dp", quiet=True)
+    with pytest.raises(ConfigError, match="open_pipeline=ember.runtime.diffusion.pipeline.DiffusionPipeline"):
+        compile_diffusion("sd-tiny", tmp_path / "x", opts)
+    assert not (tmp_path / "x").exists()
+
