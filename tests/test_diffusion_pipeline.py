@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 
+import ember
 from ember.compiler import diffusion_calib as calib
 from ember.compiler.diffusion import DiffusionCompileOptions, compile_diffusion
 from ember.errors import ConfigError, InputError
 from ember.passes.cache_schedule import uniform_schedule
 from ember.passes.error_correction import fit_cache_correction, fit_channel_affine, relative_l2
 from ember.runtime.diffusion.pipeline import DiffusionPipeline
-import ember
 
 STEPS = 12
 PROMPTS = ["a red cube on a table", "a much longer prompt that the tokenizer will have to truncate somewhere"]

@@ -3,7 +3,6 @@ finds tensors by them, and a schema-1 folder (no roles) still loads with roles f
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,17 +12,12 @@ from ember.engine_format.manifest import SCHEMA_VERSION, TensorSpec, read_manife
 from ember.engine_format.roles import role_from_name
 from ember.errors import ArtifactError
 
+from engine_folders import edit_manifest, private_copy
+
 
 @pytest.fixture
 def folder(gpt2_tiny, tmp_path) -> Path:
-    return Path(shutil.copytree(gpt2_tiny, tmp_path / "engine"))
-
-
-def edit_manifest(folder: Path, change) -> None:
-    p = folder / "manifest.json"
-    m = json.loads(p.read_text())
-    change(m)
-    p.write_text(json.dumps(m))
+    return private_copy(gpt2_tiny, tmp_path)
 
 
 def greedy(folder: Path) -> list[int]:

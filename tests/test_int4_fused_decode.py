@@ -11,6 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, numpy_helper
 
+import ember
 from ember.compiler.compile import QUANT_DECODE_TOLERANCE, CompileOptions, compile_decoder, wants_fused_decode
 from ember.compiler.inspect import describe
 from ember.compiler.quantize_step import float32_feeds
@@ -19,7 +20,6 @@ from ember.errors import ConfigError, EmberError
 from ember.export.config import BUILTIN
 from ember.export.gqa_decode import check_decode_graph, step_graph_reference
 from ember.export.sources import resolve_decoder_source
-import ember
 from gpu_env import cuda_reason
 
 LLAMA_TINY_LINEARS = 2 * 5  # per layer: packed q/k/v, o, gate, up, down

@@ -20,8 +20,8 @@ Classic TensorRT, each stage a polygraphy loader, called once at the end::
 
 Classic TensorRT's builder ships from NVIDIA's package index only; without it the build fails
 with a ConfigError that says how to install it. The plan's TensorRT version, CUDA version and
-GPU compute capability go into the manifest part's ``extra``; ``check_plan_compat`` compares
-them with the loading machine before deserializing (a plan runs only where it was built unless
+GPU compute capability go into the manifest part's ``extra``; the runtime compares them with
+the loading machine before deserializing (``engine_format.tensorrt_part.check_plan_compat``) (a plan runs only where it was built unless
 built version-/hardware-compatible). TensorRT-RTX plans record their targets instead
 (``tensorrt_rtx`` module docstring). Plans can carry host code (version-compatible plans do):
 load only folders you trust.
@@ -39,7 +39,7 @@ from ember.engine_format import manifest as mf
 from ember.engine_format.profiles import ProfileSpec, check_profile, profile_shapes, step_profiles
 from ember.engine_format.tensorrt_part import (CLASSIC, PLAN_BACKENDS, PLAN_SUFFIX, PLAN_TITLES, RTX, gpu_environment,
                                              require_tensorrt)
-from ember.errors import ArtifactError, ConfigError
+from ember.errors import ConfigError
 from ember.passes.quant_graph import ort_disabled_optimizers
 
 HW_LEVELS = {"none": "NONE", "ampere+": "AMPERE_PLUS", "same-compute-capability": "SAME_COMPUTE_CAPABILITY"}
