@@ -140,7 +140,7 @@ def main() -> None:
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                 capture_output=True, text=True).stdout.strip())
     sides = {"old": old_rev.stdout.strip(), "new": new_rev + ("+changes" if dirty else "")}
-    from ember.runtime.session import default_threads
+    from ember.ort.session import default_threads
 
     threads = a.threads or default_threads()
     steps = max(3, -(-a.reps // a.rounds))

@@ -146,7 +146,7 @@ class ChainTimer:
     def __init__(self, model, c_in: int, threads: int):
         import onnxruntime as ort
 
-        from ember.runtime.session import session_options
+        from ember.ort.session import session_options
 
         self.sess = ort.InferenceSession(model.SerializeToString(), session_options(threads),
                                          providers=["CPUExecutionProvider"])
@@ -170,9 +170,9 @@ class DecodeTimer:
     the folder's fused decode part runs the step."""
 
     def __init__(self, folder: Path, context: int, threads: int, max_steps: int, fused: bool = False):
-        from ember.compiler.manifest import read_manifest
-        from ember.runtime.decode_session import DecodeSession
-        from ember.runtime.session import StepSession
+        from ember.engine_format.manifest import read_manifest
+        from ember.ort.decode_session import DecodeSession
+        from ember.ort.session import StepSession
 
         m = read_manifest(folder)
         self.cfg = c = m.model["config"]
@@ -240,7 +240,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode_roofline"))
     a = ap.parse_args()
     from ember.compiler.compile import CompileOptions, compile_decoder
-    from ember.runtime.session import default_threads
+    from ember.ort.session import default_threads
 
     threads = a.threads or default_threads()
     info = machine_info()
@@ -258,7 +258,7 @@ def main() -> None:
     bw = max(probes.values())
     peak = gemm_flops(threads)
     chain, c_in = gemm_chain(fused_folder / "decode.onnx")
-    from ember.compiler.manifest import read_manifest
+    from ember.engine_format.manifest import read_manifest
 
     cfg = read_manifest(folder).model["config"]
     steps = max(3, -(-a.reps // a.rounds))  # per call: the warm-up or one round

@@ -39,6 +39,7 @@ def int8_kernels(isa: str) -> str:
 
 import ember  # noqa: E402
 from ember.compiler.diffusion import DiffusionCompileOptions, compile_diffusion  # noqa: E402
+from ember.runtime.diffusion.pipeline import DiffusionPipeline  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 CALIB = ("a photograph of an astronaut riding a horse", "a watercolor painting of a lighthouse at dawn")
@@ -71,7 +72,7 @@ def compile_all(root: Path, steps: int, model: str) -> tuple[dict[str, Path], fl
         if (root / name / "manifest.json").exists() and name in times:
             continue
         t0 = time.perf_counter()
-        compile_diffusion(model, root / name, opts)
+        compile_diffusion(model, root / name, opts, open_pipeline=DiffusionPipeline)
         times[name] = time.perf_counter() - t0
         print(f"compiled {name} in {times[name]:.1f} s", flush=True)
         root.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ import numpy as np
 def measure(folder: str, batch: int = 32, steps: int = 50, warmup: int = 10) -> dict:
     import torch
 
-    from ember.compiler.manifest import read_manifest
+    from ember.engine_format.manifest import read_manifest
     from ember.runtime.cuda_session import make_cuda_executor
 
     m = read_manifest(folder)

@@ -81,8 +81,8 @@ def derive_quantized(fp16: Path, src, dst: Path, fields: dict, validate: bool) -
     import onnx
 
     from ember.compiler import compile as cc
-    from ember.compiler import manifest as mf
-    from ember.compiler.artifact import atomic_folder, write_manifest
+    from ember.engine_format import manifest as mf
+    from ember.engine_format.writer import atomic_folder, write_manifest
     from ember.compiler.quantize_step import quantize_step_graph
     from ember.export.onnx_export import save_onnx
     from ember.progress import StageLog

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ember.compiler.manifest import kv_geometry
+from ember.engine_format.decoder_spec import kv_geometry
 
 
 def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> dict:
@@ -165,7 +165,7 @@ def main() -> None:
     a = ap.parse_args()
     import torch
 
-    from ember.compiler.manifest import read_manifest
+    from ember.engine_format.manifest import read_manifest
     from ember.runtime.cuda_session import DeviceExecutor, make_cuda_executor
 
     folder = Path(a.folder)

@@ -49,9 +49,9 @@ def derive_fp16(src: Path, dst: Path, keep: tuple[str, ...], fused: bool = False
 
     import onnx
 
-    from ember.compiler import manifest as mf
-    from ember.compiler.artifact import atomic_folder, write_manifest
-    from ember.compiler.onnx_io import io_specs
+    from ember.engine_format import manifest as mf
+    from ember.engine_format.writer import atomic_folder, write_manifest
+    from ember.engine_format.io_specs import io_specs
     from ember.export.onnx_export import save_onnx
     from ember.passes.fp16 import convert_to_fp16
 
@@ -170,7 +170,7 @@ class Suite:
 
     def fp16(self) -> dict:
         """Top-1 agreement of each FP16 variant with FP32, teacher-forced on FP32's greedy tokens."""
-        from ember.compiler.manifest import read_manifest
+        from ember.engine_format.manifest import read_manifest
         from ember.runtime.cuda_session import make_cuda_executor
 
         rows, plen, steps = self.a.fp16_rows, 16, self.a.fp16_steps
@@ -234,7 +234,7 @@ class Suite:
     def roofline(self) -> dict:
         import torch
 
-        from ember.compiler.manifest import read_manifest
+        from ember.engine_format.manifest import read_manifest
         from ember.runtime.cuda_session import CudaStepSession, DeviceExecutor, make_cuda_executor
 
         f = self._folder("fp16")

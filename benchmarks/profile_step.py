@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ember.compiler.manifest import kv_geometry
+from ember.engine_format.decoder_spec import kv_geometry
 
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import machine_info, machine_line  # noqa: E402
@@ -37,7 +37,7 @@ def _session(onnx_path: Path, threads: int, profile_prefix: str | None, optimize
     """An ORT CPU session with the runtime's options (``session_options``) + profiling."""
     import onnxruntime as ort
 
-    from ember.runtime.session import session_options
+    from ember.ort.session import session_options
 
     so = session_options(threads, optimized_model, profile_prefix)
     kwargs = {"disabled_optimizers": disabled_optimizers} if disabled_optimizers else {}
@@ -148,8 +148,8 @@ def main() -> None:
     ap.add_argument("--optimized-model", default=None, help="also save ORT's optimized graph here (inspect fusions)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "profile_step"))
     a = ap.parse_args()
-    from ember.compiler.manifest import read_manifest
-    from ember.runtime.session import default_threads
+    from ember.engine_format.manifest import read_manifest
+    from ember.ort.session import default_threads
 
     folder = Path(a.engine)
     m = read_manifest(folder)

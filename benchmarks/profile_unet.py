@@ -27,8 +27,8 @@ WARMUP = 3
 def profile(folder: Path, part_name: str, runs: int) -> dict:
     import onnxruntime as ort
 
-    from ember.compiler.manifest import read_manifest
-    from ember.runtime.session import session_options
+    from ember.engine_format.manifest import read_manifest
+    from ember.ort.session import session_options
 
     part = read_manifest(folder).part(part_name)
     so = session_options(None, None)

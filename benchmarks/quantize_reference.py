@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.machine import machine_info, machine_line  # noqa: E402
 from ember.compiler.compile import CompileOptions, compile_decoder  # noqa: E402
-from ember.compiler.manifest import read_manifest  # noqa: E402
+from ember.engine_format.manifest import read_manifest  # noqa: E402
 from ember.errors import ConfigError  # noqa: E402
 from ember.reference.corpus import build_corpus  # noqa: E402
 from ember.reference.evaluate import (WindowScores, encode_texts, engine_scorer, folder_tokenizer,  # noqa: E402

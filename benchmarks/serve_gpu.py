@@ -34,7 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ember.bench.model import BenchModel  # noqa: E402
-from ember.compiler.manifest import kv_geometry, read_manifest, verify_files  # noqa: E402
+from ember.engine_format.decoder_spec import kv_geometry  # noqa: E402
+from ember.engine_format.manifest import read_manifest, verify_files  # noqa: E402
 from ember.runtime.cuda_session import (CudaDecodeSession, CudaStepSession, DeviceExecutor,  # noqa: E402
                                        device_pool, logits_to_host)
 from ember.runtime.device_kv_pool import DeviceKVPool  # noqa: E402

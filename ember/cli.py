@@ -26,7 +26,7 @@ EXTENSIONS = {
     "ember.runtime.diffusion.cli": (("generate-image",), "diffusion"),
     "ember.server.cli": (("serve",), "serve"),
     "ember.bench.cli": (("bench",), "bench"),
-    "ember.compiler.check_cli": (("check",), "gpu"),
+    "ember.check_cli": (("check",), "gpu"),
 }
 # Optional dependencies -> the extra that installs them (pyproject.toml's optional-dependencies).
 EXTRA_OF_MODULE = {"torch": "export", "transformers": "export", "diffusers": "diffusion", "PIL": "diffusion",
@@ -126,7 +126,7 @@ def _add_compile(sub) -> None:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_compile, needs_extra="export")
     try:
-        from ember.runtime.diffusion.cli import add_diffusion_compile_args
+        from ember.diffusion_cli import add_diffusion_compile_args
 
         add_diffusion_compile_args(p)
     except ImportError:
@@ -162,7 +162,7 @@ def _cmd_compile(a) -> int:
                              f"use --quantize int8 or int8-weights")
         a.needs_extra = "diffusion"
         require_modules("compile", "diffusion", ("torch", "transformers", "diffusers"))
-        from ember.runtime.diffusion.cli import run_diffusion_compile
+        from ember.diffusion_cli import run_diffusion_compile
 
         with sigterm_interrupts():
             return run_diffusion_compile(a, out)
@@ -189,7 +189,7 @@ def _add_inspect(sub) -> None:
 
 def _cmd_inspect(a) -> int:
     from ember.compiler.inspect import describe
-    from ember.compiler.manifest import read_manifest
+    from ember.engine_format.manifest import read_manifest
 
     m = read_manifest(a.folder)
     print(m.to_json() if a.json else describe(m, Path(a.folder)))

@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ember  # noqa: E402
-from ember.compiler.manifest import read_manifest  # noqa: E402
+from ember.engine_format.manifest import read_manifest  # noqa: E402
 from ember.runtime.gpu_target import find_gpu  # noqa: E402
 
 PROMPTS = [[1, 2, 3], [7, 8, 9, 10, 11], [42], [5, 4, 3, 2, 1, 0]]

@@ -13,6 +13,7 @@ from ember.compiler.diffusion import DiffusionCompileOptions, compile_diffusion
 from ember.errors import ConfigError, InputError
 from ember.passes.cache_schedule import uniform_schedule
 from ember.passes.error_correction import fit_cache_correction, fit_channel_affine, relative_l2
+from ember.runtime.diffusion.pipeline import DiffusionPipeline
 
 STEPS = 12
 PROMPTS = ["a red cube on a table", "a much longer prompt that the tokenizer will have to truncate somewhere"]
@@ -33,7 +34,7 @@ def dp_engine(tiny_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("eng") / "tiny-dp"
     opts = DiffusionCompileOptions(steps=STEPS, cache_interval=3, schedule="dp", dec=True, quiet=True,
                                    calib_prompts=("a cat", "a dog", "a house"))
-    compile_diffusion(str(tiny_folder), out, opts)
+    compile_diffusion(str(tiny_folder), out, opts, open_pipeline=DiffusionPipeline)
     return out
 
 
@@ -107,7 +108,7 @@ def test_loop_runs_exactly_the_manifest_schedule_and_feeds_the_dec_rows(dp_engin
     for s, f in [(s, f) for s, kind, f in _run_and_record(pipe, dec=False) if kind == "shallow"]:
         assert (f["cache_scale"] == 1).all() and (f["cache_bias"] == 0).all()
     uni = tmp_path / "tiny-uniform"
-    compile_diffusion("sd-tiny", uni, DiffusionCompileOptions(steps=STEPS, cache_interval=3, schedule="uniform", quiet=True))
+    compile_diffusion("sd-tiny", uni, DiffusionCompileOptions(steps=STEPS, cache_interval=3, schedule="uniform", quiet=True), open_pipeline=DiffusionPipeline)
     assert [s for s, kind, _ in _run_and_record(ember.load(uni)) if kind == "full"] == [0, 3, 6, 9]
     assert all(k == "full" for _, k, _ in _run_and_record(pipe, cache=False))
 
@@ -139,7 +140,7 @@ def test_affine_fit_recovers_known_channels() -> None:
 def test_quantized_dec_compile_and_generate(tiny_folder, tmp_path) -> None:
     out = tmp_path / "tiny-q"
     m = compile_diffusion(str(tiny_folder), out, DiffusionCompileOptions(
-        steps=8, cache_interval=2, quantize="int8", dec=True, quiet=True, calib_prompts=("a cat", "a dog")))
+        steps=8, cache_interval=2, quantize="int8", dec=True, quiet=True, calib_prompts=("a cat", "a dog")), open_pipeline=DiffusionPipeline)
     assert m.quantization["parts"]["unet_full"]["quantized_nodes"] > 0
     assert m.extra["diffusion"]["cache"]["features"] == "quantized"
     with np.load(out / "dec.npz") as z:
@@ -159,7 +160,7 @@ def test_quantized_engines_run_fused_int8_kernels(tiny_folder, tmp_path) -> None
 
     out = tmp_path / "tiny-q"
     m = compile_diffusion(str(tiny_folder), out, DiffusionCompileOptions(
-        steps=4, quantize="int8", quiet=True, calib_prompts=("a cat",)))
+        steps=4, quantize="int8", quiet=True, calib_prompts=("a cat",)), open_pipeline=DiffusionPipeline)
     for name in ("unet_full", "unet_shallow"):
         part = m.part(name)
         assert "CommonSubexpressionElimination" in part.extra["ort_disabled_optimizers"]
@@ -186,7 +187,7 @@ def test_bad_inputs_give_clear_errors(dp_engine, tmp_path) -> None:
     other = pipe.generate("a cat", steps=STEPS + 3)
     assert other.notes and "uniform interval of 3" in other.notes[0]
     with pytest.raises(ConfigError, match="multiple of"):
-        compile_diffusion("sd-tiny", tmp_path / "x", DiffusionCompileOptions(image_size=18, quiet=True))
+        compile_diffusion("sd-tiny", tmp_path / "x", DiffusionCompileOptions(image_size=18, quiet=True), open_pipeline=DiffusionPipeline)
     with pytest.raises(ConfigError, match="not both"):
         DiffusionCompileOptions(cache_interval=3, cache_speedup=2.0)
 
@@ -201,3 +202,12 @@ def test_cli_generate_image_writes_png(dp_engine, tmp_path) -> None:
     img = Image.open(out)
     assert img.format == "PNG" and img.size == (16, 16)
     assert main(["generate-image", str(dp_engine), "a cat", "-o", str(out), "--steps", "2"]) == 2  # EmberError -> exit 2
+
+
+def test_a_calibrating_compile_needs_the_pipeline_from_the_caller(tmp_path):
+    """The compiler does not import the runtime: a compile that calibrates is handed the pipeline."""
+    opts = DiffusionCompileOptions(steps=4, cache_interval=2, schedule="dp", quiet=True)
+    with pytest.raises(ConfigError, match="open_pipeline=ember.runtime.diffusion.pipeline.DiffusionPipeline"):
+        compile_diffusion("sd-tiny", tmp_path / "x", opts)
+    assert not (tmp_path / "x").exists()
+

@@ -122,7 +122,7 @@ def test_cli_compile_inspect_generate(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "[1/5] loading model source gpt2-tiny" in r.stderr and "wrote" in r.stderr
     r = subprocess.run([sys.executable, "-m", "ember.cli", "inspect", str(out)], capture_output=True, text=True)
-    assert "decoder (manifest schema 1)" in r.stdout and "step.onnx" in r.stdout
+    assert "decoder (manifest schema 2)" in r.stdout and "step.onnx" in r.stdout
     r = subprocess.run([sys.executable, "-m", "ember.cli", "generate", str(out), "Hello", "--max-new-tokens", "5",
                         "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

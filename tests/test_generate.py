@@ -135,7 +135,7 @@ def test_runtime_does_not_import_torch(gpt2_tiny):
 def test_chat_template_is_recorded(tmp_path):
     import json
 
-    from ember.compiler.manifest import read_manifest
+    from ember.engine_format.manifest import read_manifest
 
     save_hf_model(BUILTIN["gpt2-tiny"], tmp_path / "hf")
     tpl = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"

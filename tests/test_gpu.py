@@ -18,7 +18,7 @@ if REASON:
 import torch  # noqa: E402
 
 from ember.compiler.compile import CompileOptions, compile_decoder  # noqa: E402
-from ember.compiler.manifest import read_manifest  # noqa: E402
+from ember.engine_format.manifest import read_manifest  # noqa: E402
 from ember.runtime.cuda_session import CudaStepSession, make_cuda_executor  # noqa: E402
 from ember.runtime.device_kv_pool import DeviceKVPool  # noqa: E402
 from ember.runtime.kv_pool import KVPool  # noqa: E402
@@ -119,7 +119,7 @@ def test_cuda_graph_decode_matches_plain(folders):
 
 
 def test_check_runs_the_cuda_backend(folders):
-    from ember.compiler.check import check_folder
+    from ember.check import check_folder
 
     rows = check_folder(folders["fp32"])
     assert {r.backend for r in rows} == {"onnxruntime-cuda"}

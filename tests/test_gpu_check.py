@@ -1,4 +1,4 @@
-"""``ember check`` (compiler/check.py) on the CPU tier: an FP16 engine against its FP32 graph
+"""``ember check`` (ember/check.py) on the CPU tier: an FP16 engine against its FP32 graph
 (``--reference``), tolerances that must fail, and the error paths. The CUDA backend's row is
 covered by tests/test_gpu.py and the TensorRT one by tests/test_tensorrt.py where present."""
 from __future__ import annotations
@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from ember.compiler import check_cli
-from ember.compiler.check import check_folder, format_report, step_cases
+from ember import check_cli
+from ember.check import check_folder, format_report, step_cases
 from ember.compiler.compile import CompileOptions, compile_decoder
-from ember.compiler.manifest import read_manifest
+from ember.engine_format.manifest import read_manifest
 from ember.errors import ArtifactError, InputError
 
 

@@ -14,7 +14,7 @@ from ember.errors import InputError  # noqa: E402
 from ember.runtime.cuda_session import parse_device  # noqa: E402
 from ember.runtime.device_kv_pool import DeviceKVPool, KVList  # noqa: E402
 from ember.runtime.kv_pool import KVPool  # noqa: E402
-from ember.runtime.kv_ring import held  # noqa: E402
+from ember.engine_format.kv_ring import held  # noqa: E402
 
 
 def _pair(dtype="float32", slots=4, max_capacity=200, layer_rings=()):

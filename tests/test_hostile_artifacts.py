@@ -8,7 +8,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,8 +16,10 @@ from pathlib import Path
 import pytest
 
 import ember
-from ember.compiler.manifest import read_manifest
+from ember.engine_format.manifest import read_manifest
 from ember.errors import ArtifactError, InputError
+
+from engine_folders import edit_manifest, private_copy
 
 pytest.importorskip("transformers")
 
@@ -62,15 +63,7 @@ def compiled(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def folder(compiled, tmp_path) -> Path:
-    """A private copy of the compiled engine folder, free to tamper with."""
-    return Path(shutil.copytree(compiled, tmp_path / "engine"))
-
-
-def edit_manifest(folder: Path, change) -> None:
-    p = folder / "manifest.json"
-    m = json.loads(p.read_text())
-    change(m)
-    p.write_text(json.dumps(m))
+    return private_copy(compiled, tmp_path)
 
 
 def record(path: Path, rel: str) -> dict:

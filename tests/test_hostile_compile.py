@@ -133,6 +133,7 @@ def test_engine_folder_replaced_only_with_overwrite(tmp_path, capsys):
 
 def test_api_defaults_refuse_and_fail_before_loading(tmp_path, gpt2_tiny, monkeypatch):
     from ember.compiler.diffusion import DiffusionCompileOptions, compile_diffusion
+    from ember.runtime.diffusion.pipeline import DiffusionPipeline
     import ember.export.sources as sources
 
     assert CompileOptions().overwrite is False and DiffusionCompileOptions().overwrite is False
@@ -147,7 +148,7 @@ def test_api_defaults_refuse_and_fail_before_loading(tmp_path, gpt2_tiny, monkey
         with pytest.raises(EmberError, match="already holds an Ember engine"):
             compile_decoder("gpt2-tiny", out, opts)
     with pytest.raises(EmberError, match="already holds an Ember engine"):
-        compile_diffusion("sd-tiny", out, DiffusionCompileOptions(quiet=True))
+        compile_diffusion("sd-tiny", out, DiffusionCompileOptions(quiet=True), open_pipeline=DiffusionPipeline)
 
 
 # -- killed compiles -----------------------------------------------------------------------------
@@ -284,9 +285,10 @@ def test_tp_folder_holds_exactly_its_files(tmp_path, past_2gb):
 
 def test_diffusion_folder_holds_exactly_its_files(tmp_path, past_2gb):
     from ember.compiler.diffusion import DiffusionCompileOptions, compile_diffusion
+    from ember.runtime.diffusion.pipeline import DiffusionPipeline
 
     out = tmp_path / "engine"
-    compile_diffusion("sd-tiny", out, DiffusionCompileOptions(steps=2, validate=False, quiet=True))
+    compile_diffusion("sd-tiny", out, DiffusionCompileOptions(steps=2, validate=False, quiet=True), open_pipeline=DiffusionPipeline)
     assert files_in(out) == named_files(out)
     assert "unet_full.onnx.data" in files_in(out)
 

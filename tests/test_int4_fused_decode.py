@@ -14,8 +14,8 @@ from onnx import TensorProto, numpy_helper
 import ember
 from ember.compiler.compile import QUANT_DECODE_TOLERANCE, CompileOptions, compile_decoder, wants_fused_decode
 from ember.compiler.inspect import describe
-from ember.compiler.manifest import read_manifest
 from ember.compiler.quantize_step import float32_feeds
+from ember.engine_format.manifest import read_manifest
 from ember.errors import ConfigError, EmberError
 from ember.export.config import BUILTIN
 from ember.export.gqa_decode import check_decode_graph, step_graph_reference

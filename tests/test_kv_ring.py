@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from ember.compiler.manifest import KVGeometry, check_decoder_config, kv_geometry
+from ember.engine_format.decoder_spec import KVGeometry, check_decoder_config, kv_geometry
 from ember.errors import ArtifactError, ConfigError
 from ember.export.config import config_from_hf
 from ember.export.step_attention import StepDims, step_attention, window_biases
 from ember.models.description import DecoderConfig, ring_size
 from ember.runtime.kv_pool import KVPool
-from ember.runtime.kv_ring import held, ring_spans
-from ember.runtime.loader import kv_capacity_tokens
+from ember.engine_format.kv_ring import held, ring_spans
+from ember.runtime.engine_builder import kv_capacity_tokens
 
 RING = 16
 HKV, D = 2, 3

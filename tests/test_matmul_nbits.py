@@ -13,7 +13,7 @@ import ember
 from ember.cli import main
 from ember.compiler.compile import CompileOptions, compile_decoder
 from ember.compiler.inspect import describe
-from ember.compiler.manifest import read_manifest
+from ember.engine_format.manifest import read_manifest
 from ember.errors import ConfigError
 from ember.export.onnx_export import export_step_graph
 from ember.export.sources import resolve_decoder_source

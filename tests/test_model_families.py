@@ -135,7 +135,7 @@ def test_fused_staggered_equals_alone(family_engine):
 
 def test_manifest_records_the_description(family_engine):
     name, model, folder = family_engine
-    cfg = ember.compiler.manifest.read_manifest(folder).model["config"]
+    cfg = ember.engine_format.manifest.read_manifest(folder).model["config"]
     hc = model.config
     assert cfg["head_dim"] == (getattr(hc, "head_dim", None) or hc.hidden_size // hc.num_attention_heads)
     windows = getattr(model.config, "layer_types", None)

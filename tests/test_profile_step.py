@@ -18,7 +18,7 @@ def profile_step():
 
 
 def test_profile_counts_every_node_of_the_timed_runs(profile_step, gpt2_tiny):
-    from ember.compiler.manifest import read_manifest
+    from ember.engine_format.manifest import read_manifest
 
     cfg = read_manifest(gpt2_tiny).model["config"]
     r = profile_step.profile_batch(gpt2_tiny / "step.onnx", cfg, batch=2, context=5, capacity=16, threads=1, reps=3,

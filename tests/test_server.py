@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ember.compiler.manifest import file_record
+from ember.engine_format.manifest import file_record
 from ember.server.metrics import parse_prometheus
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
@@ -434,9 +434,10 @@ def test_load_failure_exits_nonzero(tmp_path):
 @pytest.fixture(scope="module")
 def image_server(tmp_path_factory):
     from ember.compiler.diffusion import DiffusionCompileOptions, compile_diffusion
+    from ember.runtime.diffusion.pipeline import DiffusionPipeline
 
     out = tmp_path_factory.mktemp("server-sd") / "sd-tiny"
-    compile_diffusion("sd-tiny", out, DiffusionCompileOptions(steps=4, validate=False, quiet=True))
+    compile_diffusion("sd-tiny", out, DiffusionCompileOptions(steps=4, validate=False, quiet=True), open_pipeline=DiffusionPipeline)
     s = Server(out, "--max-queue", "4")
     yield s
     s.stop()

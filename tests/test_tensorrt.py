@@ -8,9 +8,10 @@ import importlib.util
 
 import pytest
 
-from ember.compiler.backends.tensorrt import TensorRTOptions, build_plan_part, check_plan_compat, plan_profiles
-from ember.compiler.manifest import TensorSpec
-from ember.compiler.profiles import DimRange, ProfileSpec, check_profile, profile_shapes, select_profile, step_profiles
+from ember.compiler.backends.tensorrt import TensorRTOptions, build_plan_part, plan_profiles
+from ember.engine_format.manifest import TensorSpec
+from ember.engine_format.profiles import DimRange, ProfileSpec, check_profile, profile_shapes, select_profile, step_profiles
+from ember.engine_format.tensorrt_part import check_plan_compat
 from ember.errors import ArtifactError, ConfigError, InputError
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -132,7 +133,7 @@ def test_tensorrt_plan_matches_onnx(tmp_path):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
-    from ember.compiler.check import check_folder
+    from ember.check import check_folder
     from ember.compiler.compile import CompileOptions, compile_decoder
 
     compile_decoder("llama-tiny", tmp_path / "trt", CompileOptions(backend="tensorrt", dtype="fp16", quiet=True,

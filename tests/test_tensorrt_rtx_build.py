@@ -19,10 +19,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from ember.compiler import manifest as mf
 from ember.compiler.backends.tensorrt import TensorRTOptions, build_plan_part, check_plan_options
-from ember.compiler.backends.tensorrt_rtx import DEFAULT_TARGETS, FP8_TARGETS, TARGETS, parse_targets, plan_header
-from ember.compiler.onnx_io import io_specs
+from ember.compiler.backends.tensorrt_rtx import DEFAULT_TARGETS, FP8_TARGETS, parse_targets, plan_header
+from ember.engine_format import manifest as mf
+from ember.engine_format.io_specs import io_specs
+from ember.engine_format.tensorrt_part import RTX_TARGETS as TARGETS
 from ember.errors import ConfigError
 
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx_bindings") is not None
@@ -302,10 +303,12 @@ def test_sd_tiny_parts_build_plans(tmp_path):
 
     from ember.compiler.diffusion import PART_NAMES, DiffusionCompileOptions, compile_diffusion
 
+    from ember.runtime.diffusion.pipeline import DiffusionPipeline
+
     out = tmp_path / "sd-rtx"
     compile_diffusion("sd-tiny", out, DiffusionCompileOptions(
         steps=2, validate=False, quiet=True, backend="tensorrt-rtx",
-        backend_extra={"targets": ["sm86"], "max_batch": 4}))
+        backend_extra={"targets": ["sm86"], "max_batch": 4}), open_pipeline=DiffusionPipeline)
     m = _check_plan_folder(out, trt.__version__)
     assert [p.name for p in m.parts] == list(PART_NAMES)
     for p in m.parts:

@@ -19,9 +19,9 @@ import types
 import pytest
 
 import ember
-from ember.compiler.check import check_folder
-from ember.compiler.manifest import EnginePart, file_record, read_manifest
-from ember.compiler.profiles import step_profiles
+from ember.check import check_folder
+from ember.engine_format.manifest import EnginePart, file_record, read_manifest
+from ember.engine_format.profiles import step_profiles
 from ember.errors import ArtifactError, ConfigError, InputError
 from ember.runtime import gpu_target
 from ember.runtime.gpu_target import GpuInfo
@@ -209,7 +209,7 @@ def test_image_part_runs_its_source_graph_only_with_the_onnxruntime_backend(rtx_
     """The diffusion runtime's part session (runtime/diffusion/engines.py) on a plan part."""
     import numpy as np
 
-    from ember.compiler.check import step_cases
+    from ember.check import step_cases
     from ember.runtime.diffusion.engines import PartSession
 
     part = read_manifest(rtx_folder).part("step")

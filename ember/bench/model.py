@@ -9,14 +9,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ember.compiler.manifest import Manifest, kv_geometry, read_manifest, verify_files
+from ember.engine_format.decoder_spec import kv_geometry
+from ember.engine_format.manifest import Manifest, read_manifest, verify_files
+from ember.engine_format.roles import PAST_KEY
 from ember.errors import ArtifactError
+from ember.ort.decode_session import DecodeSession
+from ember.ort.session import StepSession
 from ember.runtime.decoder import DecoderEngine
+from ember.runtime.engine_builder import SchedulerOptions, make_engine, make_scheduler
 from ember.runtime.executor import LocalExecutor
 from ember.runtime.kv_pool import KVPool
-from ember.runtime.scheduler import FusionScheduler, default_admit_batch, default_prefill_chunk
-from ember.runtime.decode_session import DecodeSession
-from ember.runtime.session import StepSession
 
 
 class BenchModel:
@@ -35,7 +37,7 @@ class BenchModel:
         part = self.manifest.part("step")
         self.geometry = kv_geometry(cfg)
         self.num_layers, self.num_kv_heads, self.head_dim = self.geometry[:3]
-        self.kv_dtype = next(t.dtype for t in part.inputs if t.name == "past_key.0")
+        self.kv_dtype = part.tensor(PAST_KEY, layer=0).dtype
         self.max_positions = int(cfg["max_positions"])
         self.vocab_size = int(cfg["vocab_size"])
         self.eos_token_id = cfg.get("eos_token_id")
@@ -56,11 +58,8 @@ class BenchModel:
                max_queue: int = 1 << 20, admit_batch: int | None = None) -> DecoderEngine:
         """A DecoderEngine over the shared session, KV pool of ``max_batch`` full-length slots
         (``prefill_chunk``, ``admit_batch`` None: the runtime's defaults for ``self.device``)."""
-        sched = FusionScheduler(max_batch=max_batch, kv_capacity_tokens=max_batch * self.max_positions,
-                                max_seq_len=self.max_positions,
-                                prefill_chunk=prefill_chunk or default_prefill_chunk(self.device),
-                                admit_batch=admit_batch or default_admit_batch(self.device),
-                                max_queue=max_queue, compaction=compaction)
-        return DecoderEngine(self.executor(max_batch), sched, tokenizer=None,
-                             eos_token_id=self.eos_token_id, max_positions=self.max_positions,
-                             config=self.config, manifest=self.manifest)
+        options = SchedulerOptions(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                                   compaction=compaction, admit_batch=admit_batch)
+        sched = make_scheduler(options, max_positions=self.max_positions, geometry=self.geometry,
+                               kv_dtype=self.kv_dtype, device=self.device)
+        return make_engine(self.manifest, sched, self.executor(max_batch))

@@ -2,7 +2,7 @@
 
 ``compile_decoder`` is the API behind ``ember compile``; every CLI option is a field of
 ``CompileOptions``. The folder is written atomically, and only where ``-o`` may write: a new or
-empty folder, or an existing engine folder with ``overwrite`` (see ``ember.compiler.artifact``).
+empty folder, or an existing engine folder with ``overwrite`` (see ``ember.engine_format.writer``).
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import onnx
 
-from ember.compiler import manifest as mf
-from ember.compiler.artifact import atomic_folder, prepare_output, write_manifest
-from ember.compiler.onnx_io import io_specs
+from ember.engine_format import manifest as mf
+from ember.engine_format.io_specs import io_specs
+from ember.engine_format.writer import atomic_folder, prepare_output, write_manifest
 from ember.errors import ConfigError, EmberError
 from ember.progress import StageLog
 

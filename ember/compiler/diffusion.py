@@ -3,7 +3,9 @@
 
 ``compile_diffusion`` is the API behind ``ember compile sd-... --cache-interval N ...``; every
 CLI option is a field of ``DiffusionCompileOptions``. Calibration runs (features for the DP
-schedule, quantization feeds, DEC fits) go through the runtime's own denoising loop.
+schedule, quantization feeds, DEC fits) go through the runtime's own denoising loop: the caller
+passes it as ``open_pipeline`` (``ember.runtime.diffusion.pipeline.DiffusionPipeline``; ``ember compile``
+does), since the compiler does not import the runtime.
 """
 from __future__ import annotations
 
@@ -17,11 +19,13 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ember.compiler import manifest as mf
 from ember.compiler import diffusion_calib as calib
-from ember.compiler.artifact import atomic_folder, prepare_output, write_manifest
-from ember.compiler.backends.tensorrt import PLAN_BACKENDS, check_plan_options
-from ember.compiler.onnx_io import io_specs
+from ember.compiler.backends.tensorrt import check_plan_options
+from ember.compiler.diffusion_calib import PipelineOpener
+from ember.engine_format import manifest as mf
+from ember.engine_format.io_specs import io_specs
+from ember.engine_format.tensorrt_part import PLAN_BACKENDS
+from ember.engine_format.writer import atomic_folder, prepare_output, write_manifest
 from ember.errors import ConfigError, EmberError
 from ember.progress import StageLog
 
@@ -154,7 +158,7 @@ def _plan_parts(folder: Path, opts: DiffusionCompileOptions) -> dict[str, mf.Eng
     from types import SimpleNamespace
 
     from ember.compiler.backends.tensorrt import build_plan_part
-    from ember.compiler.profiles import DimRange, ProfileSpec
+    from ember.engine_format.profiles import DimRange, ProfileSpec
 
     extra = {**opts.backend_extra}
     extra["max_batch"] = top = extra.get("max_batch", PLAN_MAX_BATCH)
@@ -191,15 +195,21 @@ def _manifest(folder: Path, source: str, src, opts: DiffusionCompileOptions, spe
 
 
 def compile_diffusion(source: str | os.PathLike, out_dir: str | os.PathLike,
-                      options: DiffusionCompileOptions = DiffusionCompileOptions()) -> mf.Manifest:
-    """Compile a diffusion SOURCE (diffusers SD-1.x folder or ``sd-tiny``/``sd-small``) into ``out_dir``."""
+                      options: DiffusionCompileOptions = DiffusionCompileOptions(),
+                      open_pipeline: PipelineOpener | None = None) -> mf.Manifest:
+    """Compile a diffusion SOURCE (diffusers SD-1.x folder or ``sd-tiny``/``sd-small``) into ``out_dir``.
+
+    ``open_pipeline`` runs the half-built folder for calibration
+    (``ember.runtime.diffusion.pipeline.DiffusionPipeline``); needed when ``options.needs_calibration``."""
     from ember.export.diffusion.onnx_export import count_macs
     from ember.export.diffusion.source import load_source
     from ember.export.diffusion.unet_split import UNetShallow
-    from ember.runtime.diffusion.ddim import DDIM
-    from ember.runtime.diffusion.pipeline import DiffusionPipeline
 
     opts = options
+    if opts.needs_calibration and open_pipeline is None:
+        raise ConfigError("this diffusion compile calibrates (DP schedule, DEC or quantization), which runs the engine: "
+                          "pass open_pipeline=ember.runtime.diffusion.pipeline.DiffusionPipeline (ember compile does), or "
+                          "choose a uniform schedule without --quantize/--dec")
     prepare_output(out_dir, overwrite=opts.overwrite, source=source)  # fail before the long export
     plans_wanted = opts.backend in PLAN_BACKENDS
     log = StageLog(total=4 + bool(opts.needs_calibration) + bool(opts.quantize) + bool(opts.dec) + plans_wanted,
@@ -227,7 +237,7 @@ def compile_diffusion(source: str | os.PathLike, out_dir: str | os.PathLike,
         traj = traj_q = None
         if opts.needs_calibration:
             with log.stage(f"calibrate: {len(opts.calib_prompts)} prompts x {opts.steps} full steps"):
-                pipe = DiffusionPipeline(tmp, draft, threads=opts.threads)
+                pipe = open_pipeline(tmp, draft, threads=opts.threads)
                 traj = calib.collect_trajectories(pipe, list(opts.calib_prompts), opts.steps, opts.calib_seed, opts.guidance_scale)
         quant = None
         float_shallow = onnx.load(str(tmp / "unet_shallow.onnx"))
@@ -237,7 +247,7 @@ def compile_diffusion(source: str | os.PathLike, out_dir: str | os.PathLike,
                 draft = _manifest(tmp, str(source), src, opts, spec, quant, [], "int8")
                 use_q = opts.schedule_features in ("quantized", "auto") and (opts.dec or opts.schedule == "dp") and opts.caching
                 if use_q:
-                    pipe = DiffusionPipeline(tmp, draft, threads=opts.threads)
+                    pipe = open_pipeline(tmp, draft, threads=opts.threads)
                     traj_q = calib.collect_trajectories(pipe, list(opts.calib_prompts), opts.steps, opts.calib_seed,
                                                         opts.guidance_scale)
         feats = traj_q if traj_q is not None else traj
@@ -247,7 +257,7 @@ def compile_diffusion(source: str | os.PathLike, out_dir: str | os.PathLike,
             need_d = opts.caching and opts.schedule == "dp"
             weights = None
             if need_d and opts.schedule_weights == "sampler":
-                weights = DDIM.from_config(src.scheduler_config).eps_weights(opts.steps)
+                weights = pipe.sampler.eps_weights(opts.steps)  # the sampler of the folder's scheduler config
             sched = _schedule(opts, macs, pairwise_l1(feats.features) if need_d else None, weights)
             spec["cache"] = {**sched.to_dict(), "budget": sched.budget,
                              "features": "quantized" if feats is traj_q and traj_q is not None else "float",

@@ -2,11 +2,14 @@
 and the probe of the conv that DEC's quantization correction targets.
 
 All runs go through the same runtime loop users get (``DiffusionPipeline.run_jobs``), so the
-features the DP schedule and DEC see are those the engines will produce.
+features the DP schedule and DEC see are those the engines will produce. The compiler does not
+import the runtime: the caller hands it a ``PipelineOpener`` (``CalibrationPipeline`` is what is
+used of the pipeline).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import onnx
@@ -20,6 +23,20 @@ DEFAULT_CALIB_PROMPTS = (
 )
 
 
+class CalibrationPipeline(Protocol):
+    """What calibration uses of a loaded diffusion folder (``ember.runtime.diffusion.pipeline.DiffusionPipeline``)."""
+
+    sampler: Any  # the folder's DDIM sampler: ``eps_weights(steps)``
+
+    def make_jobs(self, prompts: list[str], **kw: Any) -> tuple[list, Any]: ...
+
+    def run_jobs(self, jobs: list, observer: Callable | None = None) -> Any: ...
+
+
+# (folder, manifest, threads=) -> a pipeline over that folder
+PipelineOpener = Callable[..., CalibrationPipeline]
+
+
 @dataclass
 class Trajectories:
     """Per calibration prompt: cached feature per step [T, R, Cc, h, w], and full-engine feeds per step."""
@@ -28,7 +45,7 @@ class Trajectories:
     feeds: list[list[dict[str, np.ndarray]]] = field(default_factory=list)
 
 
-def collect_trajectories(pipe, prompts: list[str], steps: int, seed: int, guidance_scale: float) -> Trajectories:
+def collect_trajectories(pipe: CalibrationPipeline, prompts: list[str], steps: int, seed: int, guidance_scale: float) -> Trajectories:
     """Run every step full (no cache) and record each step's cached feature and UNet inputs."""
     out = Trajectories()
     for i, prompt in enumerate(prompts):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ember.compiler.manifest import MANIFEST_NAME, Manifest, manifest_members, tokenizer_members
+from ember.engine_format.manifest import MANIFEST_NAME, Manifest, manifest_members, tokenizer_members
 from ember.passes.matmul_nbits import summarize_matmuls
 
 

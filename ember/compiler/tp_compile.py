@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 import torch
 
-from ember.compiler import manifest as mf
-from ember.compiler.onnx_io import io_specs
+from ember.engine_format import manifest as mf
+from ember.engine_format.io_specs import io_specs
 from ember.errors import ConfigError, EmberError
 from ember.export.config import DecoderConfig
 from ember.export.onnx_export import example_step_inputs, save_onnx, torch_export
@@ -123,7 +123,7 @@ def compile_tp_folder(src, out, options, log: StageLog, source: str | None = Non
     """The whole ``--tp N`` compile after the source is loaded: parts, tokenizer, manifest,
     written atomically to ``out`` (called by ``compile_decoder`` when ``options.tp > 1``;
     ``source`` is the model source, which ``out`` may not be or contain)."""
-    from ember.compiler.artifact import atomic_folder, write_manifest
+    from ember.engine_format.writer import atomic_folder, write_manifest
     from ember.compiler.compile import model_record, options_record, write_tokenizer
 
     log.total = log.i + 3 + int(options.validate)

@@ -269,7 +269,7 @@ def step_graph_reference(step_path, num_layers: int) -> DecodeReference:
     """The step graph (ONNX Runtime CPU) as a decode reference, same contract as
     ``torch_reference``: the new token at each row's past length. A quantized step graph is
     the reference of a decode part quantized the same way (same weights, same blocks)."""
-    from ember.runtime.session import StepSession
+    from ember.ort.session import StepSession
 
     sess = StepSession(step_path, num_layers)
 
@@ -288,7 +288,7 @@ def check_decode_graph(model, cfg, onnx_path, batch: int = 3, capacity: int = 48
     reference's by more than ``kv_tol`` (default: 1e-4 in FP32, 2e-2 in FP16) relative to
     their largest magnitude, or any other cache position changed."""
     from ember.errors import EmberError
-    from ember.runtime.decode_session import DecodeSession
+    from ember.ort.decode_session import DecodeSession
 
     capacity = min(capacity, cfg.max_positions)
     rng = np.random.default_rng(seed)

@@ -71,7 +71,7 @@ def window_biases(positions: torch.Tensor, past_lengths: torch.Tensor, new_lengt
     position k > q - ``window`` (transformers' sliding-window mask).
 
     ``ring`` (>= ``window``; 0 = none): the layer's past is a ring of that many positions
-    (``ember/runtime/kv_ring.py``: position p at index p % ring), so past index i of a row
+    (``ember/engine_format/kv_ring.py``: position p at index p % ring), so past index i of a row
     with L = past_lengths holds position ``L-1 - ((L-1-i) mod ring)`` for i < min(L, ring).
     That is i itself while the ring has not wrapped (L <= ring), so the graph serves any
     physical capacity up to ``ring``. Rotary is applied before caching and softmax does not

@@ -82,7 +82,7 @@ class DecoderConfig:
     attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap)
     final_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
     embed_scale: float = 1.0  # token embeddings are multiplied by it (Gemma: sqrt(hidden_size))
-    # per layer: the positions a sliding-window layer keeps in the KV pool, a ring (ember/runtime/kv_ring.py);
+    # per layer: the positions a sliding-window layer keeps in the KV pool, a ring (ember/engine_format/kv_ring.py);
     # 0 = every position. None: ``ring_size`` of each window; () = no rings (folders compiled before them)
     kv_rings: tuple[int, ...] | None = None
 

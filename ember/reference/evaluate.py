@@ -23,7 +23,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ember.compiler.manifest import kv_geometry
+from ember.engine_format.decoder_spec import kv_geometry
+from ember.engine_format.roles import PAST_KEY
 from ember.errors import InputError
 
 Scorer = Callable[[np.ndarray], np.ndarray]
@@ -169,10 +170,11 @@ def torch_scorer(model) -> Scorer:
 
 def engine_scorer(folder: Path, threads: int | None = None) -> Scorer:
     """The engine folder's step graph, one token per row per call, K/V carried between calls."""
-    from ember.compiler.manifest import check_decoder_config, read_manifest, verify_files
+    from ember.engine_format.decoder_spec import check_decoder_config
+    from ember.engine_format.manifest import read_manifest, verify_files
     from ember.runtime.backend_choice import onnx_graph
+    from ember.ort.session import StepSession
     from ember.runtime.kv_pool import KVPool
-    from ember.runtime.session import StepSession
 
     manifest = read_manifest(folder)
     if manifest.kind != "decoder":
@@ -181,7 +183,7 @@ def engine_scorer(folder: Path, threads: int | None = None) -> Scorer:
     cfg = check_decoder_config(manifest.model, str(folder / "manifest.json"))
     part = manifest.part("step")
     geometry = kv_geometry(cfg)
-    kv_dtype = next(t.dtype for t in part.inputs if t.name == "past_key.0")
+    kv_dtype = np.float16 if part.tensor(PAST_KEY, layer=0).dtype == "float16" else np.float32
     session = StepSession(onnx_graph(folder, part), geometry.num_layers, threads=threads,
                           disabled_optimizers=part.extra.get("ort_disabled_optimizers"))
 
@@ -207,7 +209,7 @@ def folder_tokenizer(folder) -> tuple:
 
     folder = Path(folder)
     if (folder / "manifest.json").is_file():
-        from ember.compiler.manifest import read_manifest
+        from ember.engine_format.manifest import read_manifest
         from ember.runtime.loader import load_tokenizer
 
         manifest = read_manifest(folder)

@@ -11,15 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ember.compiler.backends.tensorrt import PLAN_BACKENDS, PLAN_TITLES
-from ember.compiler.manifest import EnginePart, Manifest, resolve_member
+from ember.engine_format.manifest import EnginePart, Manifest, resolve_member
+from ember.engine_format.tensorrt_part import PLAN_TITLES, is_plan
 from ember.errors import ArtifactError, InputError
 
 ONNXRUNTIME = "onnxruntime"
-
-
-def is_plan(part: EnginePart) -> bool:
-    return part.backend in PLAN_BACKENDS
 
 
 def choose_backend(folder: Path, manifest: Manifest, backend: Any) -> str | None:

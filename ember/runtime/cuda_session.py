@@ -35,12 +35,13 @@ from typing import Any
 
 import numpy as np
 
-from ember.compiler.manifest import kv_geometry
+from ember.engine_format.decoder_spec import kv_geometry
+from ember.engine_format.roles import PAST_KEY
 from ember.errors import ArtifactError, ConfigError, InputError
-from ember.runtime.decode_session import decode_positions_ok
-from ember.runtime.executor import step_on_pool
+from ember.ort.decode_session import decode_positions_ok
 from ember.runtime.device_kv_pool import DeviceKVPool, KVList
 from ember.runtime.device_kv_pool import require_torch as _torch
+from ember.runtime.executor import step_on_pool
 
 
 def parse_device(device: str) -> int:
@@ -458,7 +459,7 @@ def make_cuda_executor(folder: Path, manifest, part, device: str, max_batch: int
     cfg = manifest.model["config"]
     geometry = kv_geometry(cfg)
     layers = geometry.num_layers
-    kv_dtype = next(t.dtype for t in part.inputs if t.name == "past_key.0")
+    kv_dtype = part.tensor(PAST_KEY, layer=0).dtype
     if cuda_graph is None:  # on by default: 4.4x faster decode on llama-1b (docs/gpu.md)
         cuda_graph = os.environ.get("EMBER_CUDA_GRAPH", "1") != "0"
     # on by default: the engine streams the last step's tokens while the device runs the next
@@ -474,7 +475,7 @@ def make_cuda_executor(folder: Path, manifest, part, device: str, max_batch: int
                                   async_launch=async_launch)
     decode = None
     if decode_part is not None:
-        decode_kv = next(t.dtype for t in decode_part.inputs if t.name == "past_key.0")
+        decode_kv = decode_part.tensor(PAST_KEY, layer=0).dtype
         if decode_kv != "float16":
             raise ConfigError(f"{folder}: the fused decode part is {decode_kv}, and ONNX Runtime's CUDA "
                               "GroupQueryAttention runs FP16 only: recompile with --dtype fp16, or load with "

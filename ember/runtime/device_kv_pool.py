@@ -14,7 +14,7 @@ import numpy as np
 
 from ember.errors import ConfigError
 from ember.runtime.kv_pool import KVPool
-from ember.runtime.kv_ring import ring_index, ring_spans
+from ember.engine_format.kv_ring import ring_index, ring_spans
 
 
 def require_torch(need_cuda: bool = True):

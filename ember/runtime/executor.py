@@ -11,9 +11,9 @@ from typing import Callable
 
 import numpy as np
 
-from ember.runtime.decode_session import decode_positions_ok
+from ember.ort.decode_session import decode_positions_ok
+from ember.ort.session import StepSession
 from ember.runtime.kv_pool import KVPool
-from ember.runtime.session import StepSession
 
 
 def step_on_pool(pool, session, decode, start: int, input_ids: np.ndarray, positions: np.ndarray,

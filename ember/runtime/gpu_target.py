@@ -21,6 +21,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
+from ember.engine_format.tensorrt_part import RTX_INSTALL, RTX_NO_TARGET, RTX_TARGETS, require_tensorrt_rtx
 from ember.errors import ArtifactError, InputError
 
 RTX_EXTRA = "tensorrt-rtx"
@@ -113,17 +114,13 @@ def check_targets(part, gpu: GpuInfo, device: str = "cuda:0") -> None:
 
 
 def _support_note(gpu: GpuInfo) -> str:
-    from ember.compiler.backends.tensorrt_rtx import NO_TARGET, TARGETS
-
-    arch = NO_TARGET.get(gpu.capability.split(".")[0])
-    return f"it has no {arch} target" if arch else f"its targets are {', '.join(sm_name(t) for t in TARGETS)}"
+    arch = RTX_NO_TARGET.get(gpu.capability.split(".")[0])
+    return f"it has no {arch} target" if arch else f"its targets are {', '.join(sm_name(t) for t in RTX_TARGETS)}"
 
 
 def import_rtx() -> Any:
     """The ``tensorrt_rtx_bindings`` module, or a ConfigError naming the install."""
-    from ember.compiler.backends.tensorrt_rtx import INSTALL, require_tensorrt_rtx
-
-    return require_tensorrt_rtx(f"TensorRT-RTX is not installed, and this folder's plans need it: {INSTALL}; or run "
+    return require_tensorrt_rtx(f"TensorRT-RTX is not installed, and this folder's plans need it: {RTX_INSTALL}; or run "
                                 f"the folder's ONNX graphs with ONNX Runtime: {ORT_FIX} (CLI: --backend onnxruntime)")
 
 

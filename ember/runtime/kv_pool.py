@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from ember.compiler.manifest import KVGeometry
+from ember.engine_format.decoder_spec import KVGeometry
 from ember.errors import InputError
-from ember.runtime.kv_ring import held, ring_index, ring_spans
+from ember.engine_format.kv_ring import held, ring_index, ring_spans
 
 MIN_CAPACITY = 16
 

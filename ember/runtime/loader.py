@@ -9,27 +9,15 @@ from __future__ import annotations
 
 import inspect
 import os
-import re
 from pathlib import Path
 
-from ember.compiler.manifest import (MANIFEST_NAME, KVGeometry, Manifest, check_decoder_config, kv_geometry,
-                                     read_manifest, read_member, resolve_member, tokenizer_members, verify_files)
+from ember.engine_format.decoder_spec import check_decoder_config, kv_geometry
+from ember.engine_format.manifest import (MANIFEST_NAME, Manifest, read_manifest, read_member, resolve_member,
+                                         tokenizer_members, verify_files)
+from ember.engine_format.roles import PAST_KEY
+from ember.engine_format.tp_spec import is_tensor_parallel
 from ember.errors import ArtifactError, InputError
 from ember.runtime.backend_choice import choose_backend, onnx_graph, plan_needs_gpu, runs_plan
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
-          "g": 1 << 30, "gb": 10**9, "gib": 1 << 30}
-
-
-def parse_bytes(v: int | str | None) -> int | None:
-    """'512MiB', '2GB', '1g', 1234 -> bytes."""
-    if v is None or isinstance(v, int):
-        return v
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(v))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise InputError(f"memory size {v!r} is not understood; write e.g. 2GiB, 512MiB or a byte count")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
 
 def load(path: str | os.PathLike, verify: str = "full", **opts):
     """Load an engine folder. Decoder options: max_batch, kv_memory, max_queue, prefill_chunk,
@@ -46,7 +34,7 @@ def load(path: str | os.PathLike, verify: str = "full", **opts):
     if backend is not None:
         opts["backend"] = backend
     if manifest.kind == "decoder":
-        tensor_parallel = any(p.extra.get("rank") is not None for p in manifest.parts)
+        tensor_parallel = is_tensor_parallel(manifest)
         if tensor_parallel:
             from ember.runtime.tp import load_tp_engine as build
         else:
@@ -91,61 +79,41 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
     (GroupQueryAttention, K/V written in place) when it has one; None = yes if present
     (``EMBER_FUSED_DECODE=0`` says no). ``backend``: None (the step part's own) or
     ``'onnxruntime'`` (a plan's source ONNX graph on ONNX Runtime; ``load`` checks it)."""
+    from ember.runtime.engine_builder import SchedulerOptions, make_engine, make_scheduler
     from ember.runtime.executor import LocalExecutor
     from ember.runtime.kv_pool import KVPool
-    from ember.runtime.scheduler import FusionScheduler, default_admit_batch, default_prefill_chunk
 
     cfg = check_decoder_config(manifest.model, str(folder / MANIFEST_NAME))
     part = manifest.part("step")
     geometry = kv_geometry(cfg)
-    kv_dtype = next(t.dtype for t in part.inputs if t.name == "past_key.0")
-    max_pos = int(cfg["max_positions"])
-    capacity = kv_capacity_tokens(geometry, kv_dtype, max_batch, max_pos, parse_bytes(kv_memory))
-    scheduler = FusionScheduler(max_batch=max_batch, kv_capacity_tokens=capacity, max_seq_len=max_pos,
-                                prefill_chunk=prefill_chunk or default_prefill_chunk(device), max_queue=max_queue,
-                                compaction=compaction, admit_batch=admit_batch or default_admit_batch(device))
+    kv_dtype = part.tensor(PAST_KEY, layer=0).dtype
+    options = SchedulerOptions(max_batch, kv_memory, max_queue, prefill_chunk, compaction, admit_batch)
+    scheduler = make_scheduler(options, max_positions=int(cfg["max_positions"]), geometry=geometry, kv_dtype=kv_dtype,
+                               device=device)
     if runs_plan(part, backend) and not device.startswith("cuda"):
         raise plan_needs_gpu(folder, part, device)
     if fused_decode is None:
         fused_decode = os.environ.get("EMBER_FUSED_DECODE", "1") != "0"
     decode_part = manifest.find_part("decode") if fused_decode else None
     if device == "cpu":
-        from ember.runtime.decode_session import DecodeSession
-        from ember.runtime.session import StepSession
+        from ember.ort.decode_session import DecodeSession
+        from ember.ort.session import StepSession
 
         session = StepSession(onnx_graph(folder, part), geometry.num_layers, threads=threads,
                               disabled_optimizers=part.extra.get("ort_disabled_optimizers"))
         decode = (DecodeSession(resolve_member(folder, decode_part.file, "parts[decode]"), geometry.num_layers,
                                 threads=threads) if decode_part else None)
+        pool = KVPool(*geometry[:3], slots=max_batch, max_capacity=scheduler.max_seq_len, dtype=kv_dtype,
+                      layer_rings=geometry.layer_rings)
+        executor = LocalExecutor(session, pool, decode=decode)
     elif device.startswith("cuda"):
         from ember.runtime.cuda_session import make_cuda_executor
 
-        return _engine(make_cuda_executor(folder, manifest, part, device, max_batch, scheduler.max_seq_len,
-                                          decode_part=decode_part, backend=backend), scheduler, folder, manifest,
-                       max_pos)
+        executor = make_cuda_executor(folder, manifest, part, device, max_batch, scheduler.max_seq_len,
+                                      decode_part=decode_part, backend=backend)
     else:
         raise InputError(f"device {device!r} is not understood; use 'cpu' or 'cuda:N'")
-    pool = KVPool(*geometry[:3], slots=max_batch, max_capacity=scheduler.max_seq_len, dtype=kv_dtype,
-                  layer_rings=geometry.layer_rings)
-    return _engine(LocalExecutor(session, pool, decode=decode), scheduler, folder, manifest, max_pos)
-
-
-def kv_capacity_tokens(geometry: KVGeometry, kv_dtype: str, max_batch: int, max_positions: int,
-                       kv_bytes: int | None) -> int:
-    """The scheduler's KV budget in tokens: ``max_batch`` slots of the most positions (<= ``max_positions``)
-    that fit ``kv_bytes`` (None: no limit) -- a sliding-window layer's ring counts at most its ring."""
-    if kv_bytes is None:
-        return max_batch * max_positions
-    itemsize = 2 if kv_dtype == "float16" else 4
-    return max_batch * geometry.positions_within(kv_bytes // max_batch, itemsize, max_positions)
-
-
-def _engine(executor, scheduler, folder: Path, manifest: Manifest, max_pos: int):
-    from ember.runtime.decoder import DecoderEngine
-
-    cfg = manifest.model["config"]
-    return DecoderEngine(executor, scheduler, tokenizer=load_tokenizer(folder, manifest),
-                         eos_token_id=cfg.get("eos_token_id"), max_positions=max_pos, config=cfg, manifest=manifest)
+    return make_engine(manifest, scheduler, executor, load_tokenizer(folder, manifest))
 
 
 def load_tokenizer(folder: str | os.PathLike, manifest: Manifest):

@@ -21,10 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from ember.compiler.backends.tensorrt import check_plan_compat, gpu_environment, require_tensorrt
-from ember.compiler.profiles import ProfileSpec, select_profile
+from ember.engine_format.profiles import select_profile
+from ember.engine_format.roles import (LOGITS, NEW_KEY, NEW_LENGTHS, NEW_VALUE, PAST_KEY, PAST_LENGTHS, PAST_VALUE,
+                                      POSITIONS, TOKEN_IDS)
+from ember.engine_format.tensorrt_part import (PLAN_TITLES, check_plan_compat, gpu_environment, part_profiles,
+                                             require_tensorrt)
 from ember.errors import ArtifactError
-from ember.runtime.backend_choice import PLAN_TITLES
 
 
 def open_plan_library(part, plan_path: str | os.PathLike, device_index: int = 0):
@@ -74,7 +76,7 @@ class TensorRTStepSession:
         self.engine = self.runtime.deserialize_cuda_engine(data)
         if self.engine is None:
             raise ArtifactError(f"{title} could not deserialize {plan_path} (see its log above); recompile the folder")
-        self.profiles = [ProfileSpec.from_dict(p) for p in part.extra["profiles"]]
+        self.profiles = part_profiles(part)
         if self.engine.num_optimization_profiles != len(self.profiles):
             raise ArtifactError(f"{plan_path} has {self.engine.num_optimization_profiles} optimization profiles but the "
                                 f"manifest lists {len(self.profiles)}; recompile the folder")
@@ -83,8 +85,11 @@ class TensorRTStepSession:
             ctx = self.engine.create_execution_context()
             ctx.set_optimization_profile_async(i, self.stream.cuda_stream)
             self.contexts.append(ctx)
-        self.input_names = [t.name for t in part.inputs]
-        self.output_names = [t.name for t in part.outputs]
+        # the order ``run`` passes them in: token ids, positions, past and new lengths, then K/V by layer
+        small = [part.tensor(r).name for r in (TOKEN_IDS, POSITIONS, PAST_LENGTHS, NEW_LENGTHS)]
+        self.input_names = small + [t.name for t in part.kv_tensors(PAST_KEY, PAST_VALUE)]
+        self.output_names = [part.tensor(LOGITS, output=True).name] + [
+            t.name for t in part.kv_tensors(NEW_KEY, NEW_VALUE, output=True)]
         self.out_dtypes = {t.name: t.dtype for t in part.outputs}
 
     def run(self, input_ids: np.ndarray, positions: np.ndarray, past_lengths: np.ndarray, new_lengths: np.ndarray,

@@ -45,7 +45,7 @@ def find_chat_template(folder: str | Path | None, manifest: Any = None) -> str |
 
 
 def _recorded_template(folder: str | Path | None, manifest: Any) -> str | None:
-    from ember.compiler.manifest import MANIFEST_NAME, read_member, tokenizer_members
+    from ember.engine_format.manifest import MANIFEST_NAME, read_member, tokenizer_members
 
     _, member = tokenizer_members(manifest, f"{folder}/{MANIFEST_NAME}")
     if member is None:

@@ -125,7 +125,7 @@ def run_server(folder: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
     """Serve ``folder`` until SIGTERM/SIGINT; returns the exit code (0 after a drain, 1 if the
     engine failed to load)."""
     import ember
-    from ember.compiler.manifest import read_manifest
+    from ember.engine_format.manifest import read_manifest
     from ember.server.app import create_app
 
     folder = Path(folder)

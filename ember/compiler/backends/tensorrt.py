@@ -20,8 +20,8 @@ Classic TensorRT, each stage a polygraphy loader, called once at the end::
 
 Classic TensorRT's builder ships from NVIDIA's package index only; without it the build fails
 with a ConfigError that says how to install it. The plan's TensorRT version, CUDA version and
-GPU compute capability go into the manifest part's ``extra``; ``check_plan_compat`` compares
-them with the loading machine before deserializing (a plan runs only where it was built unless
+GPU compute capability go into the manifest part's ``extra``; the runtime compares them with
+the loading machine before deserializing (``engine_format.tensorrt_part.check_plan_compat``) (a plan runs only where it was built unless
 built version-/hardware-compatible). TensorRT-RTX plans record their targets instead
 (``tensorrt_rtx`` module docstring). Plans can carry host code (version-compatible plans do):
 load only folders you trust.
@@ -35,18 +35,13 @@ from typing import Any
 
 import onnx
 
-from ember.compiler import manifest as mf
-from ember.compiler.profiles import ProfileSpec, check_profile, profile_shapes, step_profiles
-from ember.errors import ArtifactError, ConfigError
+from ember.engine_format import manifest as mf
+from ember.engine_format.profiles import ProfileSpec, check_profile, profile_shapes, step_profiles
+from ember.engine_format.tensorrt_part import (CLASSIC, PLAN_BACKENDS, PLAN_SUFFIX, PLAN_TITLES, RTX, gpu_environment,
+                                             require_tensorrt)
+from ember.errors import ConfigError
 from ember.passes.quant_graph import ort_disabled_optimizers
 
-NAME = "tensorrt"
-RTX_NAME = "tensorrt-rtx"
-PLAN_TITLES = {NAME: "TensorRT", RTX_NAME: "TensorRT-RTX"}  # backends that build plans -> their library's name
-PLAN_BACKENDS = tuple(PLAN_TITLES)
-PLAN_SUFFIX = ".plan"
-INSTALL_HINT = ("TensorRT is not installed: its builder ships from NVIDIA's package index, not PyPI "
-                "(pip install --extra-index-url https://pypi.nvidia.com tensorrt); or compile with --backend onnxruntime")
 HW_LEVELS = {"none": "NONE", "ampere+": "AMPERE_PLUS", "same-compute-capability": "SAME_COMPUTE_CAPABILITY"}
 # Options only one of the two libraries has: option -> what to do instead with the other library
 CLASSIC_ONLY = {
@@ -108,7 +103,7 @@ class TensorRTOptions:
         """These options, checked against what ``backend``'s library has (ConfigError naming the fix)."""
         if backend not in PLAN_BACKENDS:
             raise ConfigError(f"backend {backend!r} does not build TensorRT plans; use one of {', '.join(PLAN_BACKENDS)}")
-        other_only = CLASSIC_ONLY if backend == RTX_NAME else RTX_ONLY
+        other_only = CLASSIC_ONLY if backend == RTX else RTX_ONLY
         for name, fix in other_only.items():
             if getattr(self, name) != getattr(DEFAULT_OPTIONS, name):
                 raise ConfigError(f"TensorRT option {name} does not apply to --backend {backend}: {fix}")
@@ -116,7 +111,7 @@ class TensorRTOptions:
 
     def record(self, backend: str) -> dict[str, Any]:
         """The options as the manifest part records them (those of ``backend``'s library)."""
-        skip = {"profiles", *(CLASSIC_ONLY if backend == RTX_NAME else RTX_ONLY)}
+        skip = {"profiles", *(CLASSIC_ONLY if backend == RTX else RTX_ONLY)}
         out = {k: v for k, v in asdict(self).items() if k not in skip}
         if "targets" in out and out["targets"] is not None:
             out["targets"] = list(out["targets"])
@@ -164,79 +159,6 @@ def plan_profiles(inputs: list[mf.TensorSpec], opts: TensorRTOptions) -> list[Pr
     return profiles
 
 
-def require_tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise ConfigError(INSTALL_HINT) from e
-    return trt
-
-
-def gpu_environment(device_index: int = 0) -> dict[str, Any]:
-    """This machine's TensorRT / CUDA versions and GPU (what a plan is tied to)."""
-    env: dict[str, Any] = {}
-    try:
-        import tensorrt as trt
-
-        env["tensorrt"] = trt.__version__
-    except ImportError:
-        env["tensorrt"] = None
-    try:
-        import torch
-
-        env["cuda"] = torch.version.cuda
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability(device_index)
-            env["compute_capability"] = f"{major}.{minor}"
-            env["gpu"] = torch.cuda.get_device_name(device_index)
-    except ImportError:
-        pass
-    return env
-
-
-def _version_tuple(v: str) -> tuple[int, ...]:
-    out = []
-    for p in str(v).split("."):
-        digits = "".join(ch for ch in p if ch.isdigit())
-        out.append(int(digits) if digits else 0)
-    return tuple(out)
-
-
-def check_plan_compat(extra: dict[str, Any], env: dict[str, Any], plan: str = "step.plan", rebuild: str = "") -> None:
-    """Raise ArtifactError (naming the fix) when a plan built as ``extra`` says cannot run in ``env``.
-
-    Rules: without version compatibility the TensorRT version must match exactly; with it,
-    the same major and a runtime at least as new. Without a hardware-compatibility level the
-    compute capability must match; ``ampere+`` needs sm_80 or newer; ``same-compute-capability``
-    needs the same one.
-    """
-    rebuild = rebuild or "ember compile SOURCE --backend tensorrt -o FOLDER"
-    built_trt, here_trt = extra.get("tensorrt"), env.get("tensorrt")
-    built_cc, here_cc = extra.get("compute_capability"), env.get("compute_capability")
-    where = f"{plan} was built with TensorRT {built_trt} for sm_{str(built_cc).replace('.', '')}"
-    if here_trt is None:
-        raise ArtifactError(f"{where}, but TensorRT is not installed here: {INSTALL_HINT.split(': ', 1)[1]}")
-    vc = bool(extra.get("version_compatible"))
-    bt, ht = _version_tuple(built_trt), _version_tuple(here_trt)
-    trt_ok = (bt[:1] == ht[:1] and ht >= bt) if vc else bt == ht
-    level = extra.get("hardware_compatibility_level", "none")
-    if here_cc is None:
-        cc_ok = False
-    elif level == "ampere+":
-        cc_ok = _version_tuple(here_cc) >= (8, 0)
-    else:
-        cc_ok = here_cc == built_cc
-    if trt_ok and cc_ok:
-        return
-    here = f"this machine has TensorRT {here_trt} / sm_{str(here_cc).replace('.', '')}"
-    fixes = [f"rebuild here with `{rebuild}`"]
-    if not trt_ok and not vc:
-        fixes.append("or build with --version-compatible (runs on later TensorRT of the same major)")
-    if not cc_ok and level == "none":
-        fixes.append("or build with --hardware-compatibility-level ampere+ (runs on any sm_80+ GPU)")
-    raise ArtifactError(f"{where}; {here}: " + " ".join(fixes))
-
-
 def build_plan_part(folder: Path, name: str, onnx_path: Path, inputs: list[mf.TensorSpec],
                     outputs: list[mf.TensorSpec], options, max_past: int | None = None) -> mf.EnginePart:
     """Build ``folder/<name>.plan`` from ``onnx_path`` and return its manifest part.
@@ -248,13 +170,13 @@ def build_plan_part(folder: Path, name: str, onnx_path: Path, inputs: list[mf.Te
     stays in the folder as the part's ``extra['source_onnx']`` (``ember check`` compares the plan
     against it; the caller lists its external data file).
     """
-    backend = getattr(options, "backend", NAME)
+    backend = getattr(options, "backend", CLASSIC)
     quantize = getattr(options, "quantize", None)
     opts = TensorRTOptions.from_extra(dict(options.extra or {}), max_past=max_past).for_backend(backend)
     profiles = plan_profiles(inputs, opts)  # fail on bad profiles before touching a library
     plan_path = Path(folder) / f"{name}{PLAN_SUFFIX}"
     try:
-        if backend == RTX_NAME:
+        if backend == RTX:
             from ember.compiler.backends.tensorrt_rtx import build_rtx_plan, default_targets
 
             library = build_rtx_plan(onnx_path, plan_path, inputs, profiles, opts.targets or default_targets(quantize),
@@ -323,7 +245,7 @@ def _build_classic_plan(onnx_path: Path, plan_path: Path, inputs: list[mf.Tensor
     del engine
     env = gpu_environment()
     return {
-        "library": NAME,
+        "library": CLASSIC,
         "tensorrt": env.get("tensorrt"),
         "cuda": env.get("cuda"),
         "compute_capability": env.get("compute_capability"),

@@ -12,7 +12,7 @@ the classic TensorRT backend there)::
                  builder_optimization_level
       -> build_serialized_network -> <part>.plan
 
-Targets are "major.minor" strings (``TARGETS``). The default is every Ampere-or-newer target
+Targets are "major.minor" strings (``RTX_TARGETS``). The default is every Ampere-or-newer target
 (the library's own default set), narrowed to 8.9+ for FP8 graphs (FP8 needs Ada or Blackwell).
 TensorRT-RTX has no Hopper (sm90) or data-center Blackwell (sm100) target.
 
@@ -27,37 +27,16 @@ import struct
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ember.compiler import manifest as mf
-from ember.compiler.profiles import ProfileSpec, profile_shapes
+from ember.engine_format import manifest as mf
+from ember.engine_format.profiles import ProfileSpec, profile_shapes
+from ember.engine_format.tensorrt_part import RTX, RTX_NO_TARGET, RTX_TARGETS, require_tensorrt_rtx
 from ember.errors import ConfigError
 
-NAME = "tensorrt-rtx"
 MODULE = "tensorrt_rtx_bindings"
-INSTALL = "pip install 'ember[tensorrt-rtx]' (the tensorrt-rtx-cu13-libs and tensorrt-rtx-cu13-bindings wheels from PyPI)"
-INSTALL_HINT = f"TensorRT-RTX is not installed: {INSTALL}; or compile with --backend onnxruntime"
-# compute capability -> (ComputeCapability member, GPUs)
-TARGETS: dict[str, tuple[str, str]] = {
-    "7.5": ("SM75", "Turing: RTX 20, T4"),
-    "8.0": ("SM80", "A100, A30"),
-    "8.6": ("SM86", "RTX 30, RTX A-series, A10, A40"),
-    "8.9": ("SM89", "RTX 40, RTX Ada, L4, L40"),
-    "12.0": ("SM120", "RTX 50, RTX PRO Blackwell"),
-    "12.1": ("SM121", "GB10 / DGX Spark"),
-}
 DEFAULT_TARGETS = ("8.0", "8.6", "8.9", "12.0", "12.1")
 FP8_TARGETS = ("8.9", "12.0", "12.1")
-NO_TARGET = {"9": "Hopper (H100/H200)", "10": "data-center Blackwell (B200)", "11": "Thor"}
 HOPPER_NOTE = ("TensorRT-RTX has no Hopper (sm90) target, so an H100/H200 runs the folder's ONNX graphs with ONNX "
                "Runtime: ember.load(FOLDER, backend='onnxruntime') (CLI: --backend onnxruntime)")
-
-
-def require_tensorrt_rtx(hint: str = INSTALL_HINT):
-    """The ``tensorrt_rtx_bindings`` module, or a ConfigError with ``hint`` (the install and the fix)."""
-    try:
-        import tensorrt_rtx_bindings as trt
-    except ImportError as e:
-        raise ConfigError(hint) from e
-    return trt
 
 
 def _capability(text: str) -> str | None:
@@ -74,16 +53,16 @@ def parse_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
     """Targets as given (``"sm80,sm120"``, ``["8.6", "8.9"]``) -> sorted "major.minor" strings."""
     items = targets.split(",") if isinstance(targets, str) else list(targets)
     items = [str(t).strip() for t in items if str(t).strip()]
-    valid = ", ".join(f"sm{c.replace('.', '')} ({gpus})" for c, (_, gpus) in TARGETS.items())
+    valid = ", ".join(f"sm{c.replace('.', '')} ({gpus})" for c, (_, gpus) in RTX_TARGETS.items())
     if not items:
         raise ConfigError(f"--trt-targets is empty; give one or more of {valid}")
     out: set[str] = set()
     for t in items:
         cc = _capability(t)
-        if cc not in TARGETS:
+        if cc not in RTX_TARGETS:
             what = f"{t!r} is not a TensorRT-RTX target"
-            if cc is not None and cc.split(".")[0] in NO_TARGET:
-                what = f"{t!r} is {NO_TARGET[cc.split('.')[0]]}, which TensorRT-RTX has no target for"
+            if cc is not None and cc.split(".")[0] in RTX_NO_TARGET:
+                what = f"{t!r} is {RTX_NO_TARGET[cc.split('.')[0]]}, which TensorRT-RTX has no target for"
             raise ConfigError(f"--trt-targets: {what}; valid targets: {valid}. {HOPPER_NOTE}")
         out.add(cc)
     return tuple(sorted(out, key=lambda c: tuple(map(int, c.split(".")))))
@@ -138,7 +117,7 @@ def build_rtx_plan(onnx_path: Path, plan_path: Path, inputs: list[mf.TensorSpec]
             raise PlanBuildError("build", f"profile {spec.name!r} was refused: {logger.first_error()}")
     config.num_compute_capabilities = len(targets)
     for i, cc in enumerate(targets):
-        member = getattr(trt.ComputeCapability, TARGETS[cc][0], None)
+        member = getattr(trt.ComputeCapability, RTX_TARGETS[cc][0], None)
         if member is None:
             raise ConfigError(f"TensorRT-RTX {trt.__version__} has no target sm{cc.replace('.', '')}; drop it from "
                               f"--trt-targets or install the release Ember pins: pip install 'ember[tensorrt-rtx]'")
@@ -156,7 +135,7 @@ def build_rtx_plan(onnx_path: Path, plan_path: Path, inputs: list[mf.TensorSpec]
         raise PlanBuildError("build", f"the plan's header names targets {header['targets']}, not the requested "
                                       f"{list(targets)}", hint="this is a TensorRT-RTX or Ember bug: please report it")
     plan_path.write_bytes(data)
-    return {"library": NAME, "tensorrt_rtx": trt.__version__, "targets": list(targets)}
+    return {"library": RTX, "tensorrt_rtx": trt.__version__, "targets": list(targets)}
 
 
 def _recording_logger(trt):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ember.compiler.manifest import Manifest
+from ember.engine_format.manifest import Manifest
 
 
 def load_pipeline(folder: Path, manifest: Manifest, *, threads: int | None = None, backend: str | None = None,

@@ -5,10 +5,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ember.compiler.manifest import EnginePart
+from ember.engine_format.manifest import EnginePart
+from ember.engine_format.tensorrt_part import PLAN_TITLES, is_plan
 from ember.errors import ArtifactError, InputError
-from ember.runtime.backend_choice import PLAN_TITLES, is_plan, onnx_graph, runs_plan
-from ember.runtime.session import make_session
+from ember.ort.session import make_session
+from ember.runtime.backend_choice import onnx_graph, runs_plan
 
 
 class PartSession:

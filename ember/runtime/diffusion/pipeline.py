@@ -12,7 +12,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ember.compiler.manifest import Manifest, resolve_member
+from ember.engine_format.manifest import Manifest, resolve_member
 from ember.errors import ArtifactError, InputError
 from ember.runtime.diffusion.ddim import DDIM
 from ember.runtime.diffusion.denoise import DecRows, DenoiseJob, LoopStats, Observer, run_loop

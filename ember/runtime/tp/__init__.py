@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from ember.compiler.manifest import Manifest
+from ember.engine_format.manifest import Manifest
 from ember.errors import InputError
 
 __all__ = ["load_tp_engine"]
@@ -60,12 +60,14 @@ def load_tp_engine(folder: str | os.PathLike, manifest: Manifest, *, max_batch: 
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
-    from ember.compiler.manifest import kv_geometry
-    from ember.runtime.loader import _engine, kv_capacity_tokens, parse_bytes
-    from ember.runtime.scheduler import FusionScheduler, default_admit_batch, default_prefill_chunk
+    from ember.engine_format.decoder_spec import kv_geometry
+    from ember.runtime.engine_builder import SchedulerOptions, make_engine, make_scheduler
+    from ember.runtime.loader import load_tokenizer
     from ember.runtime.tp.comm import PREFIX, Comm
     from ember.runtime.tp.executor import TPExecutor
-    from ember.runtime.tp.shard import rank_parts, shard_executor, tp_size
+    from ember.engine_format.roles import PAST_KEY
+    from ember.engine_format.tp_spec import rank_parts, tp_size
+    from ember.runtime.tp.shard import shard_executor
     from ember.runtime.tp.worker import WorkerSpec, exit_worker, rank_device, serve_rank, spawn_main
 
     folder = Path(folder)
@@ -86,13 +88,11 @@ def load_tp_engine(folder: str | os.PathLike, manifest: Manifest, *, max_batch: 
         raise InputError(f"--tp {tp} does not match {folder}, compiled for {world} ranks; pass --tp {world} (or omit it) "
                          f"or recompile with `ember compile SOURCE --tp {tp}`")
     cfg = manifest.model["config"]
-    max_pos = int(cfg["max_positions"])
-    kv = next(t for t in rank_parts(manifest, 0)[1].inputs if t.name == "past_key.0")
-    rank_geometry = kv_geometry(cfg)._replace(num_kv_heads=int(kv.shape[1]))  # a rank holds its kv heads
-    capacity = kv_capacity_tokens(rank_geometry, kv.dtype, max_batch, max_pos, parse_bytes(kv_memory))
-    scheduler = FusionScheduler(max_batch=max_batch, kv_capacity_tokens=capacity, max_seq_len=max_pos,
-                                prefill_chunk=prefill_chunk or default_prefill_chunk(device), max_queue=max_queue,
-                                compaction=compaction, admit_batch=admit_batch or default_admit_batch(device))
+    kv = rank_parts(manifest, 0)[1].tensor(PAST_KEY, layer=0)
+    rank_geometry = kv_geometry(cfg)._replace(num_kv_heads=int(kv.shape[1]))  # a rank holds its share of the kv heads
+    options = SchedulerOptions(max_batch, kv_memory, max_queue, prefill_chunk, compaction, admit_batch)
+    scheduler = make_scheduler(options, max_positions=int(cfg["max_positions"]), geometry=rank_geometry,
+                               kv_dtype=kv.dtype, device=device)
 
     torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_PORT" in os.environ
     if torchrun:
@@ -132,4 +132,4 @@ def load_tp_engine(folder: str | os.PathLike, manifest: Manifest, *, max_batch: 
     comm.start_heartbeat(heartbeat_s)
     executor = TPExecutor(local, comm, heartbeat_s, procs)
     executor.store = store  # keep the store (and its server) alive as long as the executor
-    return _engine(executor, scheduler, folder, manifest, max_pos)
+    return make_engine(manifest, scheduler, executor, load_tokenizer(folder, manifest))

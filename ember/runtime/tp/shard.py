@@ -12,27 +12,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ember.compiler.manifest import EnginePart, Manifest, kv_geometry
+from ember.engine_format.decoder_spec import kv_geometry
+from ember.engine_format.manifest import Manifest
+from ember.engine_format.roles import PAST_KEY
+from ember.engine_format.tp_spec import rank_parts
 from ember.errors import ArtifactError
+from ember.ort.session import session_options
 from ember.runtime.executor import LocalExecutor
 from ember.runtime.kv_pool import KVPool
-from ember.runtime.session import session_options
 from ember.runtime.tp.comm import Comm
-
-
-def tp_size(manifest: Manifest) -> int:
-    ranks = {p.extra.get("rank") for p in manifest.parts}
-    if None in ranks or ranks != set(range(len(ranks))):
-        raise ArtifactError("manifest mixes tensor-parallel rank parts with other parts, or misses a rank; recompile "
-                            "with `ember compile SOURCE --tp N`")
-    return len(ranks)
-
-
-def rank_parts(manifest: Manifest, rank: int) -> list[EnginePart]:
-    parts = sorted((p for p in manifest.parts if p.extra.get("rank") == rank), key=lambda p: p.extra["segment"])
-    if not parts:
-        raise ArtifactError(f"manifest has no parts for tensor-parallel rank {rank}; recompile the folder")
-    return parts
 
 
 def _session(path: Path, threads: int, device: str) -> ort.InferenceSession:
@@ -60,7 +48,7 @@ class ShardSession:
             s = _session(Path(folder) / p.file, threads, device)
             self.segments.append((p.extra["segment_name"], s, [i.name for i in s.get_inputs()],
                                   [o.name for o in s.get_outputs()]))
-        kv = next(t for t in self.parts[1].inputs if t.name == "past_key.0")
+        kv = self.parts[1].tensor(PAST_KEY, layer=0)
         self.kv_heads, self.head_dim, self.kv_dtype = int(kv.shape[1]), int(kv.shape[3]), kv.dtype
         self.num_layers = sum(1 for p in self.parts if p.extra["segment_name"].startswith("attn."))
         self.layer_rings = kv_geometry(manifest.model["config"]).layer_rings  # the segments' window rings

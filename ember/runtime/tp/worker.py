@@ -77,7 +77,7 @@ def serve_rank(spec: WorkerSpec, rank: int, local_rank: int | None = None) -> in
 
     import torch.distributed as dist
 
-    from ember.compiler.manifest import read_manifest
+    from ember.engine_format.manifest import read_manifest
     from ember.runtime.tp.comm import PREFIX, Comm, CommError
     from ember.runtime.tp.shard import shard_executor
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from ember.compiler.manifest import TensorSpec
+from ember.engine_format.manifest import TensorSpec
 from ember.errors import ConfigError, InputError
 
 Shape = tuple[int, ...]

@@ -1,4 +1,4 @@
-"""``ember check FOLDER [--reference FILE.onnx] [--tol NAME=VALUE ...] [--json]`` (see compiler/check.py)."""
+"""``ember check FOLDER [--reference FILE.onnx] [--tol NAME=VALUE ...] [--json]`` (see ember/check.py)."""
 from __future__ import annotations
 
 import json
@@ -33,7 +33,7 @@ def _parse_tols(items: list[str]) -> dict[str, float]:
 
 
 def _cmd_check(a) -> int:
-    from ember.compiler.check import check_folder, format_report, rows_to_json
+    from ember.check import check_folder, format_report, rows_to_json
 
     rows = check_folder(a.folder, reference=a.reference, tolerances=_parse_tols(a.tol), seed=a.seed)
     print(json.dumps(rows_to_json(rows), indent=2) if a.json else format_report(rows))

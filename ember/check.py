@@ -26,9 +26,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ember.compiler.manifest import EnginePart, Manifest, read_manifest, verify_files
+from ember.engine_format.manifest import EnginePart, Manifest, read_manifest, verify_files
+from ember.engine_format.roles import KV_CAPACITY, LOGITS, NEW_KEY, NEW_VALUE, PAST_KEY, PAST_VALUE
+from ember.engine_format.tensorrt_part import is_plan
 from ember.errors import ArtifactError
-from ember.runtime.backend_choice import is_plan
 
 DEFAULT_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "quantized": 1e-1}
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
@@ -75,7 +76,7 @@ def step_cases(part: EnginePart, seed: int = 0) -> dict[str, dict[str, np.ndarra
 
 def is_decode_part(part: EnginePart) -> bool:
     """The fused decode part (``export/gqa_decode.py``): K/V buffers updated in place."""
-    return any(t.name == "seqlens_k" for t in part.inputs)
+    return part.find_tensor(KV_CAPACITY) is not None
 
 
 def decode_cases(part: EnginePart, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
@@ -142,8 +143,8 @@ def _device_runner(session, part: EnginePart) -> Callable[[dict], dict]:
     """Run a device step session (ORT CUDA / TensorRT) on host feeds; outputs back on the host."""
     import torch
 
-    kv_names = [t.name for t in part.inputs][4:]
-    out_names = [t.name for t in part.outputs]
+    kv_names = [t.name for t in part.kv_tensors(PAST_KEY, PAST_VALUE)]
+    out_names = [part.tensor(LOGITS, output=True).name] + [t.name for t in part.kv_tensors(NEW_KEY, NEW_VALUE, output=True)]
 
     def run(feeds: dict) -> dict:
         kv = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(session.device) for n in kv_names]

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ember.compiler.manifest import MANIFEST_NAME, Manifest, manifest_members, read_manifest
+from ember.engine_format.manifest import MANIFEST_NAME, Manifest, manifest_members, read_manifest
 from ember.errors import ArtifactError, EmberError
 
 NEW_FOLDER_HINT = "choose a new or empty folder for -o (e.g. -o artifacts/NAME)"

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import onnxruntime as ort
 
-from ember.runtime.session import make_session
+from ember.ort.session import make_session
 
 
 def decode_positions_ok(positions: np.ndarray, past_lengths: np.ndarray, new_lengths: np.ndarray) -> bool:

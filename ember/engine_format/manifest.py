@@ -1,7 +1,7 @@
 """The engine folder's manifest: schema, I/O signatures, hashing, and validation.
 
-The runtime depends on this module only (never on export/ or passes/). A manifest is
-plain JSON; ``Manifest`` is its typed view. Schema versions are positive integers; a folder
+Part of ``ember.engine_format``, which the compiler writes and the runtime reads (neither
+imports the other). A manifest is plain JSON; ``Manifest`` is its typed view. Schema versions are positive integers; a folder
 written by a newer Ember fails to load with an error that says to upgrade.
 
 Every file the manifest names (parts, their external data, a TensorRT plan's source ONNX,
@@ -21,11 +21,12 @@ import re
 import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, NamedTuple
+from typing import Any
 
+from ember.engine_format.roles import role_from_name
 from ember.errors import ArtifactError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: tensor specs carry role/layer (schema 1 folders get them from their names)
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
 CHAT_TEMPLATE_FILE = "tokenizer/chat_template.jinja"
@@ -39,11 +40,22 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One graph input/output: name, element type (numpy name) and shape (ints or dim names)."""
+    """One graph input/output: name, element type (numpy name), shape (ints or dim names), and
+    what it means (``role``, ``layer`` for per-layer K/V: ``engine_format.roles``; None for none)."""
 
     name: str
     dtype: str
     shape: list[int | str]
+    role: str | None = None
+    layer: int | None = None
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "TensorSpec":
+        """A manifest record; one written before roles (schema 1) gets them from its name."""
+        if "role" not in d:
+            role, layer = role_from_name(d["name"])
+            return TensorSpec(**d, role=role, layer=layer)
+        return TensorSpec(**d)
 
 
 @dataclass
@@ -59,6 +71,23 @@ class EnginePart:
     outputs: list[TensorSpec]
     external_data: list[dict[str, Any]] = field(default_factory=list)  # [{file, sha256, size}]
     extra: dict[str, Any] = field(default_factory=dict)  # backend details: profiles, rank, dtype
+
+    def tensor(self, role: str, layer: int | None = None, output: bool = False) -> TensorSpec:
+        """The input (or ``output``) with ``role`` (and ``layer``); ArtifactError when there is none."""
+        found = self.find_tensor(role, layer, output)
+        if found is None:
+            what = f"{'output' if output else 'input'} with role {role!r}" + ("" if layer is None else f" (layer {layer})")
+            raise ArtifactError(f"manifest part {self.name!r} ({self.file}) has no {what}; recompile the folder")
+        return found
+
+    def find_tensor(self, role: str, layer: int | None = None, output: bool = False) -> TensorSpec | None:
+        return next((t for t in (self.outputs if output else self.inputs) if t.role == role and t.layer == layer), None)
+
+    def kv_tensors(self, key_role: str, value_role: str, output: bool = False) -> list[TensorSpec]:
+        """The per-layer K/V tensors in the runtime's order: key 0, value 0, key 1, value 1, ..."""
+        specs = self.outputs if output else self.inputs
+        layers = sorted({t.layer for t in specs if t.role == key_role})
+        return [self.tensor(r, i, output) for i in layers for r in (key_role, value_role)]
 
 
 @dataclass
@@ -102,8 +131,8 @@ class Manifest:
                 EnginePart(
                     **{
                         **p,
-                        "inputs": [TensorSpec(**t) for t in p["inputs"]],
-                        "outputs": [TensorSpec(**t) for t in p["outputs"]],
+                        "inputs": [TensorSpec.from_dict(t) for t in p["inputs"]],
+                        "outputs": [TensorSpec.from_dict(t) for t in p["outputs"]],
                     }
                 )
                 for p in d["parts"]
@@ -332,92 +361,3 @@ def _file_kind(mode: int) -> str:
     kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
              (stat.S_ISFIFO, "a fifo"), (stat.S_ISSOCK, "a socket"))
     return next((name for test, name in kinds if test(mode)), "not a plain file")
-
-
-_DECODER_SIZES = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "max_positions")
-
-
-def check_decoder_config(model: Any, where: str = MANIFEST_NAME) -> dict[str, Any]:
-    """The manifest's ``model.config`` of a decoder, checked field by field before the runtime
-    sizes anything from it; one ArtifactError naming the field per problem."""
-    cfg = model.get("config") if isinstance(model, dict) else None
-    if not isinstance(cfg, dict):
-        raise ArtifactError(f"{where}: model.config is missing or not an object; recompile the folder")
-    for name in _DECODER_SIZES:
-        if name not in cfg:
-            raise ArtifactError(f"{where}: model.config has no {name!r}; recompile the folder with `ember compile`")
-        v = cfg[name]
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ArtifactError(f"{where}: model.config.{name} is {v!r}, not an integer; recompile the folder")
-        if v < 1:
-            raise ArtifactError(f"{where}: model.config.{name} is {v}; it must be at least 1 -- recompile the folder")
-    head_dim = cfg.get("head_dim") or 0  # 0 / absent (older folders): hidden_size // num_heads
-    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 0:
-        raise ArtifactError(f"{where}: model.config.head_dim is {head_dim!r}, not a positive integer; recompile the folder")
-    if not head_dim and cfg["hidden_size"] % cfg["num_heads"]:
-        raise ArtifactError(f"{where}: model.config.hidden_size {cfg['hidden_size']} is not a multiple of num_heads "
-                            f"{cfg['num_heads']}; recompile the folder")
-    if cfg["num_heads"] % cfg["num_kv_heads"]:
-        raise ArtifactError(f"{where}: model.config.num_heads {cfg['num_heads']} is not a multiple of num_kv_heads "
-                            f"{cfg['num_kv_heads']}; recompile the folder")
-    _check_kv_rings(cfg, where)
-    eos = cfg.get("eos_token_id")
-    if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int)):
-        raise ArtifactError(f"{where}: model.config.eos_token_id is {eos!r}, not a token id; recompile the folder")
-    return cfg
-
-
-def _check_kv_rings(cfg: dict[str, Any], where: str) -> None:
-    """``kv_rings`` (absent or empty: no rings) is one whole number per layer, 0 or at least the layer's window."""
-    rings, windows = cfg.get("kv_rings"), cfg.get("layer_windows")
-    if rings is None or rings == []:
-        return
-    if not isinstance(rings, list) or len(rings) != cfg["num_layers"] or not isinstance(windows, list) or \
-            len(windows) != cfg["num_layers"]:
-        raise ArtifactError(f"{where}: model.config.kv_rings / layer_windows must list one entry per layer "
-                            f"({cfg['num_layers']}); recompile the folder")
-    for i, (ring, window) in enumerate(zip(rings, windows)):
-        whole = isinstance(ring, int) and not isinstance(ring, bool) and ring >= 0
-        if not whole or (ring and not (isinstance(window, int) and 0 < window <= ring)):  # a ring holds its window
-            raise ArtifactError(f"{where}: model.config.kv_rings[{i}] is {ring!r} for a layer with window {window!r}; "
-                                "it must be 0 or a whole number >= the window: recompile the folder")
-
-
-class KVGeometry(NamedTuple):
-    """The KV cache's shape per layer, [slots, num_kv_heads, positions, head_dim], from the decoder description.
-
-    ``layer_rings``: per layer, the positions a sliding-window layer keeps (its ring, ``runtime/kv_ring.py``;
-    0 = every position); empty when no layer has one (full-attention models, folders compiled before rings)."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    layer_rings: tuple[int, ...] = ()
-
-    def ring(self, layer: int) -> int:
-        return self.layer_rings[layer] if self.layer_rings else 0
-
-    def slot_bytes(self, positions: int, itemsize: int) -> int:
-        """Bytes of one slot laid out for ``positions`` positions (a window layer holds at most its ring)."""
-        from ember.runtime.kv_ring import held
-
-        per_position = 2 * self.num_kv_heads * self.head_dim * itemsize
-        return per_position * sum(held(positions, self.ring(l)) for l in range(self.num_layers))
-
-    def positions_within(self, slot_budget: int, itemsize: int, limit: int) -> int:
-        """The most positions (<= ``limit``) a slot can be laid out for in ``slot_budget`` bytes."""
-        if self.slot_bytes(limit, itemsize) <= slot_budget:
-            return limit
-        lo, hi = 0, limit  # slot_bytes(lo) <= budget < slot_bytes(hi); it grows with positions
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if self.slot_bytes(mid, itemsize) <= slot_budget else (lo, mid)
-        return lo
-
-
-def kv_geometry(cfg: dict[str, Any]) -> KVGeometry:
-    """The one place the runtime reads geometry from a (checked) ``model.config``: ``head_dim`` is
-    the recorded one (Qwen3 and Gemma 3 set it apart from hidden_size / num_heads), ``kv_rings`` the
-    ring of each sliding-window layer the step graph was built for (absent: every layer full)."""
-    return KVGeometry(cfg["num_layers"], cfg["num_kv_heads"], cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_heads"],
-                      tuple(cfg.get("kv_rings") or ()))

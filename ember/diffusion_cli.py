@@ -1,0 +1,64 @@
+"""The diffusion flags of ``ember compile`` and the compile they run (``ember/cli.py`` calls
+``add_diffusion_compile_args(compile_parser)`` and ``run_diffusion_compile(args, out)``).
+
+Top level, not in the compiler: a diffusion compile calibrates by running the runtime's
+pipeline on the half-built folder, handed to ``compile_diffusion`` as ``open_pipeline``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_diffusion_compile_args(p: argparse.ArgumentParser) -> None:
+    """Flags of ``ember compile`` that only diffusion sources use (--quantize/--calib/--seed are shared)."""
+    g = p.add_argument_group("diffusion (sd-* built-ins or a diffusers folder)")
+    cache = g.add_mutually_exclusive_group()
+    cache.add_argument("--cache-interval", type=int, default=None, metavar="N",
+                       help="one full UNet step per N steps on average (1 = no caching)")
+    cache.add_argument("--cache-speedup", type=float, default=None, metavar="X",
+                       help="choose the full-step budget for a UNet-loop MACs speedup of X")
+    g.add_argument("--schedule", choices=["dp", "uniform"], default="dp", help="cache schedule (default: dp)")
+    g.add_argument("--cache-branch", type=int, default=0, help="skip branch to cache at (0 = shallowest)")
+    g.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: the source's)")
+    g.add_argument("--dec", action="store_true", help="fit decoupled error-correction tables")
+    g.add_argument("--steps", type=int, default=50, help="denoising steps the schedule/DEC are fitted for")
+    g.add_argument("--guidance-scale", type=float, default=7.5, help="default CFG scale (also used in calibration)")
+    g.add_argument("--schedule-features", choices=["auto", "float", "quantized"], default="auto",
+                   help="measure DP/DEC features through the float or the quantized graphs (auto: quantized if --quantize)")
+    g.add_argument("--schedule-weights", choices=["sampler", "none"], default="sampler",
+                   help="weight each step's feature error in the DP objective by how far the sampler carries a "
+                        "noise-prediction error at that step into x_0 (none: docs/design.md §5.2's unweighted J)")
+
+
+def _prompts(path: str | None) -> tuple[str, ...] | None:
+    if path is None:
+        return None
+    text = Path(path).read_text()
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError:
+        items = [line.strip() for line in text.splitlines() if line.strip()]
+    return tuple(str(x) for x in items)
+
+
+def run_diffusion_compile(a, out: str) -> int:
+    from ember.compiler.diffusion import DiffusionCompileOptions, compile_diffusion
+    from ember.runtime.diffusion.pipeline import DiffusionPipeline
+
+    kw = dict(steps=a.steps, cache_interval=a.cache_interval, cache_speedup=a.cache_speedup, schedule=a.schedule,
+              branch=a.cache_branch, image_size=a.image_size, quantize=a.quantize, calib_method=a.calib_method, dec=a.dec,
+              schedule_features=a.schedule_features,
+              schedule_weights=a.schedule_weights, guidance_scale=a.guidance_scale, seed=a.seed,
+              validate=not getattr(a, "no_validate", False), overwrite=getattr(a, "overwrite", False),
+              quiet=getattr(a, "quiet", False), backend=getattr(a, "backend", "onnxruntime"),
+              backend_extra=getattr(a, "trt_options", {}))
+    prompts = _prompts(getattr(a, "calib", None))
+    if prompts is not None:
+        kw["calib_prompts"] = prompts
+    m = compile_diffusion(a.source, out, DiffusionCompileOptions(**kw), open_pipeline=DiffusionPipeline)
+    c = m.extra["diffusion"]["cache"]
+    print(f"wrote {out}: {c['method']} schedule, {c['budget']}/{c['steps']} full steps"
+          + (f", {m.quantization['scheme']}" if m.quantization else "") + (", DEC" if m.extra["diffusion"]["dec"] else ""))
+    return 0

@@ -1,0 +1,45 @@
+"""Roles of a decoder part's inputs and outputs: what each tensor means (docs/engine-format.md).
+
+Each manifest ``TensorSpec`` of a decoder part carries a ``role`` (and, for per-layer K/V, a
+``layer``), so a loader finds its tensors by meaning, not by Ember's names. Roles:
+
+step graph (``step``, TP ``attn.*`` segments)
+    inputs ``token_ids`` [B,T] int64, ``positions`` [B,T] int64, ``past_lengths`` [B] int64
+    (valid cached positions per row), ``new_lengths`` [B] int64 (valid new tokens per row, right
+    padded), ``past_key`` / ``past_value`` [B,Hkv,P,D] per layer; outputs ``logits`` [B,V] (of
+    each row's last valid new token), ``new_key`` / ``new_value`` [B,Hkv,T,D] per layer.
+fused decode part (``decode``)
+    inputs ``token_ids`` [B,1], ``past_lengths`` [B] int32 (``seqlens_k``), ``kv_capacity``
+    scalar int32 (the K/V buffers' length), ``past_key`` / ``past_value`` [B,Hkv,S,D] per layer;
+    outputs ``logits`` and ``present_key`` / ``present_value``: the same buffers, written in place.
+tensor-parallel segments
+    ``hidden`` (input: the summed activations), ``partial_sum`` (output: to be all-reduced),
+    ``logits_shard`` (output: this rank's vocabulary slice).
+
+Folders written before roles were recorded (schema 1) get them from ``role_from_name``, the one
+place Ember's tensor names are mapped to meanings.
+"""
+from __future__ import annotations
+
+import re
+
+TOKEN_IDS, POSITIONS, PAST_LENGTHS, NEW_LENGTHS = "token_ids", "positions", "past_lengths", "new_lengths"
+KV_CAPACITY, LOGITS = "kv_capacity", "logits"
+PAST_KEY, PAST_VALUE, NEW_KEY, NEW_VALUE = "past_key", "past_value", "new_key", "new_value"
+PRESENT_KEY, PRESENT_VALUE = "present_key", "present_value"
+HIDDEN, PARTIAL_SUM, LOGITS_SHARD = "hidden", "partial_sum", "logits_shard"
+LAYERED = (PAST_KEY, PAST_VALUE, NEW_KEY, NEW_VALUE, PRESENT_KEY, PRESENT_VALUE)
+
+_BY_NAME = {"input_ids": TOKEN_IDS, "positions": POSITIONS, "past_lengths": PAST_LENGTHS, "new_lengths": NEW_LENGTHS,
+            "seqlens_k": PAST_LENGTHS, "total_sequence_length": KV_CAPACITY, "logits": LOGITS, "hidden": HIDDEN,
+            "partial": PARTIAL_SUM, "logits_shard": LOGITS_SHARD}
+_LAYERED_NAME = re.compile(rf"({'|'.join(LAYERED)})\.(\d+)")
+
+
+def role_from_name(name: str) -> tuple[str | None, int | None]:
+    """(role, layer) of the tensor Ember's exporters name ``name``; (None, None) for tensors
+    without a decoder role (e.g. a diffusion UNet's ``sample``)."""
+    m = _LAYERED_NAME.fullmatch(name)
+    if m:
+        return m.group(1), int(m.group(2))
+    return _BY_NAME.get(name), None
