@@ -66,29 +66,31 @@ def family_engine(request, tmp_path_factory):
 
 
 def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """transformers' own ``generate`` (greedy): through ``prepare_inputs_for_generation``, so
+    Phi-3 drops and recomputes its cache with the long LongRoPE factors when a sequence first
+    passes original_max_position_embeddings, as a user running transformers gets."""
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                              eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt):].tolist()
 
 
-# transformers' Phi-3 recomputes its whole cache with the long LongRoPE factors once a sequence
-# passes original_max_position_embeddings (16 here); Ember keeps cached keys (ember/models/phi3.py),
-# so tokens are compared up to that length (test_longrope_frequencies_match_transformers covers the long set)
-HF_EQUAL_LENGTH = {"phi3-longrope": 16}
-
-
 def test_greedy_tokens_equal_transformers(family_engine):
-    """Prompts longer than the window (chunked prefill of 8), generations past position 16
-    (original_max_position_embeddings of the scaled-RoPE configs)."""
+    """Prompts longer than the window (chunked prefill of 8), generations well past position 16
+    (original_max_position_embeddings of the scaled-RoPE configs), and a prompt longer than 16.
+    LongRoPE: generations that cross 16 are recomputed with the long factors, as transformers'
+    ``generate`` does; the 16- and 20-token prompts take them from the first chunk (or, at
+    exactly 16, on the first generated token)."""
     name, model, folder = family_engine
-    prompts = [list(range(20, 33)), [5, 6, 7], [100 + (7 * i) % 90 for i in range(11)]]
-    total = HF_EQUAL_LENGTH.get(name, 13 + 24)
+    prompts = [list(range(20, 33)), [5, 6, 7], [100 + (7 * i) % 90 for i in range(11)],
+               [40 + (5 * i) % 200 for i in range(16)], [30 + (11 * i) % 250 for i in range(20)]]
     with ember.load(folder, prefill_chunk=8) as eng:
         got = [r.token_ids for r in eng.generate(prompts, max_new_tokens=24, ignore_eos=True)]
+        recomputes = eng.stats()["longrope_recomputes_total"]
     for p, g in zip(prompts, got):
-        n = min(24, total - len(p))
-        assert g[:n] == hf_greedy(model, p, n), (name, p)
+        assert g == hf_greedy(model, p, 24), (name, p)
+    # every prompt within the switch (16) crosses it while generating: recomputed once each
+    assert recomputes == (4 if name == "phi3-longrope" else 0)
 
 
 def test_longrope_frequencies_match_transformers():
@@ -104,7 +106,7 @@ def test_longrope_frequencies_match_transformers():
     long, _ = ROPE_INIT_FUNCTIONS["longrope"](hf, None, seq_len=17)
     torch.testing.assert_close(ours["inv_freq"], short)
     torch.testing.assert_close(ours["long_inv_freq"], long)
-    assert ours["factor"] == pytest.approx(factor) and factor > 1 and ours["switch"] == 16
+    assert ours["factor"] == pytest.approx(factor) and factor > 1 and cfg.longrope_switch == 16
 
 
 def test_fused_staggered_equals_alone(family_engine):
@@ -121,8 +123,12 @@ def test_fused_staggered_equals_alone(family_engine):
             time.sleep(delay)
             handles.append(eng.submit(p, max_new_tokens=n, ignore_eos=True))
         results = [h.result(timeout=120) for h in handles]
+        recomputes = eng.stats()["longrope_recomputes_total"]
     bad = [i for i, ((p, n, _), r) in enumerate(zip(reqs, results)) if r.token_ids != cache[(tuple(p), n)]]
     assert not bad, f"{name}: {len(bad)} of {len(reqs)} fused requests differ from their solo run"
+    if name == "phi3-longrope":  # fused requests crossed the switch and were recomputed amid the others
+        crossing = sum(len(p) <= 16 < len(p) + n - 1 for p, n, _ in reqs)
+        assert crossing >= 3 and recomputes == crossing
 
 
 def test_manifest_records_the_description(family_engine):

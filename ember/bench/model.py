@@ -14,6 +14,7 @@ from ember.errors import ArtifactError
 from ember.runtime.decoder import DecoderEngine
 from ember.runtime.executor import LocalExecutor
 from ember.runtime.kv_pool import KVPool
+from ember.runtime.loader import longrope_switch
 from ember.runtime.scheduler import FusionScheduler, default_admit_batch, default_prefill_chunk
 from ember.runtime.decode_session import DecodeSession
 from ember.runtime.session import StepSession
@@ -39,6 +40,7 @@ class BenchModel:
         self.vocab_size = int(cfg["vocab_size"])
         self.eos_token_id = cfg.get("eos_token_id")
         self.threads = threads
+        self.rope_switch = longrope_switch(cfg, part, self.folder)
         self.session = StepSession(self.folder / part.file, self.num_layers, threads=threads)
         decode = self.manifest.find_part("decode")  # the fused decode part runs one-token steps where present
         self.decode = DecodeSession(self.folder / decode.file, self.num_layers, threads=threads) if decode else None
@@ -59,7 +61,7 @@ class BenchModel:
                                 max_seq_len=self.max_positions,
                                 prefill_chunk=prefill_chunk or default_prefill_chunk(self.device),
                                 admit_batch=admit_batch or default_admit_batch(self.device),
-                                max_queue=max_queue, compaction=compaction)
+                                max_queue=max_queue, compaction=compaction, rope_switch=self.rope_switch)
         return DecoderEngine(self.executor(max_batch), sched, tokenizer=None,
                              eos_token_id=self.eos_token_id, max_positions=self.max_positions,
                              config=self.config, manifest=self.manifest)

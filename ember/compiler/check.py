@@ -29,6 +29,7 @@ import numpy as np
 from ember.compiler.manifest import EnginePart, Manifest, read_manifest, verify_files
 from ember.errors import ArtifactError
 from ember.runtime.backend_choice import is_plan
+from ember.runtime.session import kv_input_names
 
 DEFAULT_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "quantized": 1e-1}
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
@@ -65,6 +66,8 @@ def step_cases(part: EnginePart, seed: int = 0) -> dict[str, dict[str, np.ndarra
         feeds["input_ids"] = rng.integers(0, vocab, (b, t)).astype(np.int64)
         feeds["positions"] = (pl[:, None] + np.arange(t)[None, :]).astype(np.int64)
         feeds["past_lengths"], feeds["new_lengths"] = pl, nl
+        if "rope_long" in names:  # LongRoPE: rows with either factor set
+            feeds["rope_long"] = np.arange(b, dtype=np.int64) % 2
         for spec in part.inputs:
             if spec.name not in feeds:
                 shape = [dims.get(d, 2) if isinstance(d, str) else d for d in spec.shape]
@@ -142,12 +145,13 @@ def _device_runner(session, part: EnginePart) -> Callable[[dict], dict]:
     """Run a device step session (ORT CUDA / TensorRT) on host feeds; outputs back on the host."""
     import torch
 
-    kv_names = [t.name for t in part.inputs][4:]
+    kv_names = kv_input_names(t.name for t in part.inputs)
     out_names = [t.name for t in part.outputs]
 
     def run(feeds: dict) -> dict:
         kv = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(session.device) for n in kv_names]
-        logits, new = session.run(feeds["input_ids"], feeds["positions"], feeds["past_lengths"], feeds["new_lengths"], kv)
+        logits, new = session.run(feeds["input_ids"], feeds["positions"], feeds["past_lengths"], feeds["new_lengths"], kv,
+                                  rope_long=feeds.get("rope_long"))
         torch.cuda.synchronize(session.device)
         return dict(zip(out_names, [logits.float().cpu().numpy()] + [x.float().cpu().numpy() for x in new]))
     return run

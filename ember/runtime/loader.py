@@ -105,7 +105,8 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
     capacity = max_batch * max_pos if kv_bytes is None else kv_bytes // bytes_per_token
     scheduler = FusionScheduler(max_batch=max_batch, kv_capacity_tokens=capacity, max_seq_len=max_pos,
                                 prefill_chunk=prefill_chunk or default_prefill_chunk(device), max_queue=max_queue,
-                                compaction=compaction, admit_batch=admit_batch or default_admit_batch(device))
+                                compaction=compaction, admit_batch=admit_batch or default_admit_batch(device),
+                                rope_switch=longrope_switch(cfg, part, folder))
     if runs_plan(part, backend) and not device.startswith("cuda"):
         raise plan_needs_gpu(folder, part, device)
     if fused_decode is None:
@@ -129,6 +130,23 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
         raise InputError(f"device {device!r} is not understood; use 'cpu' or 'cuda:N'")
     pool = KVPool(layers, hkv, head_dim, slots=max_batch, max_capacity=scheduler.max_seq_len, dtype=kv_dtype)
     return _engine(LocalExecutor(session, pool, decode=decode), scheduler, folder, manifest, max_pos)
+
+
+def longrope_switch(cfg: dict, part, folder: Path) -> int | None:
+    """LongRoPE's switch length (original_max_position_embeddings) of a decoder whose step graph
+    takes the per-row ``rope_long`` input, for the scheduler's recompute (``scheduler.py``,
+    step 4); None for other models. A LongRoPE folder compiled before that input existed rotated
+    each position by itself: it is refused (recompile)."""
+    from ember.models.description import DecoderConfig
+
+    scaling = cfg.get("rope_scaling")
+    longrope = isinstance(scaling, dict) and scaling.get("type") == "longrope"
+    takes_input = any(t.name == "rope_long" for t in part.inputs)
+    if longrope != takes_input:
+        raise ArtifactError(f"{folder}: model.config {'has' if longrope else 'has no'} LongRoPE scaling but the step "
+                            f"graph {'lacks' if longrope else 'takes'} the rope_long input; recompile the folder "
+                            f"with this Ember")
+    return DecoderConfig.from_dict(cfg).longrope_switch if longrope else None
 
 
 def _engine(executor, scheduler, folder: Path, manifest: Manifest, max_pos: int):
