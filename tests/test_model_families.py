@@ -86,11 +86,12 @@ def test_greedy_tokens_equal_transformers(family_engine):
                [40 + (5 * i) % 200 for i in range(16)], [30 + (11 * i) % 250 for i in range(20)]]
     with ember.load(folder, prefill_chunk=8) as eng:
         got = [r.token_ids for r in eng.generate(prompts, max_new_tokens=24, ignore_eos=True)]
-        recomputes = eng.stats()["longrope_recomputes_total"]
+        recomputes, switch = eng.stats()["longrope_recomputes_total"], eng.scheduler.rope_switch
     for p, g in zip(prompts, got):
         assert g == hf_greedy(model, p, 24), (name, p)
-    # every prompt within the switch (16) crosses it while generating: recomputed once each
-    assert recomputes == (4 if name == "phi3-longrope" else 0)
+    # LongRoPE: every prompt within the switch (16) crosses it while generating, recomputed once
+    assert (switch is not None) == (FAMILIES[name][1].get("rope_scaling", {}).get("type") == "longrope")
+    assert recomputes == (0 if switch is None else 4)
 
 
 def test_longrope_frequencies_match_transformers():
@@ -123,11 +124,11 @@ def test_fused_staggered_equals_alone(family_engine):
             time.sleep(delay)
             handles.append(eng.submit(p, max_new_tokens=n, ignore_eos=True))
         results = [h.result(timeout=120) for h in handles]
-        recomputes = eng.stats()["longrope_recomputes_total"]
+        recomputes, switch = eng.stats()["longrope_recomputes_total"], eng.scheduler.rope_switch
     bad = [i for i, ((p, n, _), r) in enumerate(zip(reqs, results)) if r.token_ids != cache[(tuple(p), n)]]
     assert not bad, f"{name}: {len(bad)} of {len(reqs)} fused requests differ from their solo run"
-    if name == "phi3-longrope":  # fused requests crossed the switch and were recomputed amid the others
-        crossing = sum(len(p) <= 16 < len(p) + n - 1 for p, n, _ in reqs)
+    if switch is not None:  # LongRoPE: fused requests crossed the switch and were recomputed amid the others
+        crossing = sum(len(p) <= switch < len(p) + n - 1 for p, n, _ in reqs)
         assert crossing >= 3 and recomputes == crossing
 
 

@@ -209,8 +209,9 @@ class DecoderEngine:
         same decode rows again, fed the tokens ``last`` is computing (on the device). Only for
         an executor that ``chains``, a pure-decode ``last`` whose rows all take the argmax and
         none ends with the token in flight (length), and while no request waits or is being
-        cancelled. An EOS or stop string found in ``last``'s token ends its request, and the
-        token computed behind it is dropped. Called under the lock."""
+        cancelled, and no row would cross the LongRoPE switch. An EOS or stop string found in
+        ``last``'s token ends its request, and the token computed behind it is dropped. Called
+        under the lock."""
         if not getattr(self.executor, "chains", False) or last.prefill or last.decode_stop <= last.decode_start:
             return None
         if self._cancel or self.scheduler.waiting:
@@ -220,7 +221,7 @@ class DecoderEngine:
                 return None
             if len(s.generated) + 1 >= s.params.max_new_tokens or s.total_tokens + 1 >= self._length_limit:
                 return None
-            if self.scheduler.crosses_rope_switch(s, s.num_cached + 1):  # a recompute: the scheduler's
+            if self.scheduler.crosses_rope_switch(s, s.num_cached + 1):  # LongRoPE: schedule() recomputes it
                 return None
         return StepPlan([], [], last.decode_start, last.decode_stop, list(last.decode_seqs))
 

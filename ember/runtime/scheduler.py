@@ -65,12 +65,11 @@ class Sequence:
     phase: Phase = Phase.WAITING
     cancelled: bool = False
     order: int = 0  # arrival order, set by the scheduler
+    rope_long: bool = False  # LongRoPE: its tokens take the long factors (algorithm step 4)
 
     def __post_init__(self) -> None:
         assert self.prompt_ids.ndim == 1 and len(self.prompt_ids) >= 1, "a sequence needs a non-empty prompt"
         assert self.reserved >= len(self.prompt_ids)
-
-    rope_long: bool = False  # LongRoPE: its tokens take the long factors (algorithm step 4)
 
     @property
     def total_tokens(self) -> int:
