@@ -110,6 +110,27 @@ def test_longrope_frequencies_match_transformers():
     assert ours["factor"] == pytest.approx(factor) and factor > 1 and cfg.longrope_switch == 16
 
 
+def test_loading_reads_the_longrope_switch_and_refuses_an_old_longrope_graph(tmp_path):
+    """A LongRoPE step graph takes ``rope_long`` and the scheduler gets the switch; a LongRoPE
+    folder compiled before that input (each position rotated by itself) is refused: recompile."""
+    from types import SimpleNamespace
+
+    from ember.errors import ArtifactError
+    from ember.runtime.loader import longrope_switch
+
+    model_type, extra = FAMILIES["phi3-longrope"]
+    cfg = config_from_hf(transformers.AutoConfig.for_model(model_type, **BASE, **extra).to_dict()).to_dict()
+    plain = config_from_hf({"model_type": "llama", **BASE}).to_dict()
+    old = SimpleNamespace(inputs=[SimpleNamespace(name=n) for n in ("input_ids", "positions", "past_lengths",
+                                                                    "new_lengths", "past_key.0")])
+    new = SimpleNamespace(inputs=old.inputs + [SimpleNamespace(name="rope_long")])
+    assert longrope_switch(cfg, new, tmp_path) == 16 and longrope_switch(plain, old, tmp_path) is None
+    with pytest.raises(ArtifactError, match="LongRoPE scaling but the step graph lacks the rope_long input; recompile"):
+        longrope_switch(cfg, old, tmp_path)
+    with pytest.raises(ArtifactError, match="has no LongRoPE scaling but the step graph takes the rope_long"):
+        longrope_switch(plain, new, tmp_path)
+
+
 def test_fused_staggered_equals_alone(family_engine):
     """The fusion invariant with windows, prefill chunks, fused batches and compaction."""
     name, _, folder = family_engine

@@ -4,11 +4,12 @@ The formulas follow the published definitions (and transformers' ``modeling_rope
 which the tests compare against): ``linear`` divides every frequency by ``factor``;
 ``llama3`` divides the low frequencies and blends the middle band; ``yarn`` blends
 interpolated and extrapolated frequencies over a ramp and scales cos/sin by an attention
-factor; ``longrope`` (Phi-3 "su") divides frequencies by per-frequency factors: the long set for every
-token of a sequence longer than ``original_max_positions``, the short set otherwise, chosen per
-row by the step graph's ``rope_long`` input (the runtime recomputes a sequence's cache when it
-crosses that length, as transformers' ``generate`` does: docs/models.md). ``dynamic`` NTK scaling is not
-supported (it changes every cached key's frequencies as the sequence grows).
+factor; ``longrope`` (Phi-3 "su") divides frequencies by per-frequency factors: the long
+set for every token of a sequence longer than ``original_max_positions``, the short set
+otherwise, chosen per row by the step graph's ``rope_long`` input (the runtime recomputes a
+sequence's cache when it crosses that length, as transformers' ``generate`` does:
+docs/models.md). ``dynamic`` NTK scaling is not supported (it changes every cached key's
+frequencies as the sequence grows).
 
 Each step computes cos/sin once per rotary kind (global, local) and every layer of that kind
 shares them; frequencies are float32 constants in the graph.
