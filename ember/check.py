@@ -66,6 +66,8 @@ def step_cases(part: EnginePart, seed: int = 0) -> dict[str, dict[str, np.ndarra
         feeds["input_ids"] = rng.integers(0, vocab, (b, t)).astype(np.int64)
         feeds["positions"] = (pl[:, None] + np.arange(t)[None, :]).astype(np.int64)
         feeds["past_lengths"], feeds["new_lengths"] = pl, nl
+        if "rope_long" in names:  # LongRoPE: rows with either factor set
+            feeds["rope_long"] = np.arange(b, dtype=np.int64) % 2
         for spec in part.inputs:
             if spec.name not in feeds:
                 shape = [dims.get(d, 2) if isinstance(d, str) else d for d in spec.shape]
@@ -148,7 +150,8 @@ def _device_runner(session, part: EnginePart) -> Callable[[dict], dict]:
 
     def run(feeds: dict) -> dict:
         kv = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(session.device) for n in kv_names]
-        logits, new = session.run(feeds["input_ids"], feeds["positions"], feeds["past_lengths"], feeds["new_lengths"], kv)
+        logits, new = session.run(feeds["input_ids"], feeds["positions"], feeds["past_lengths"], feeds["new_lengths"], kv,
+                                  rope_long=feeds.get("rope_long"))
         torch.cuda.synchronize(session.device)
         return dict(zip(out_names, [logits.float().cpu().numpy()] + [x.float().cpu().numpy() for x in new]))
     return run

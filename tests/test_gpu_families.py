@@ -28,7 +28,7 @@ import ember
 from ember.compiler.compile import CompileOptions, compile_decoder
 
 from gpu_env import cuda_reason
-from test_model_families import BASE, FAMILIES, HF_EQUAL_LENGTH, WINDOW, hf_folder
+from test_model_families import BASE, FAMILIES, WINDOW, hf_folder
 
 # transformers 5.25 warns that ``past_key_values`` is to be renamed ``cache``; the old name is the one older releases take
 pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values`.*deprecated:FutureWarning")
@@ -38,11 +38,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values`.*deprecated:Fu
 FUSED_CONFIGS = {"gpt2": ("gpt2", {}), "mistral": ("mistral", {}), "qwen2": ("qwen2", {}), "phi3": ("phi3", {})}
 CONFIGS = {**FAMILIES, **FUSED_CONFIGS}
 
-# Longer than the sliding windows, no longer than phi3-longrope's original_max_position_embeddings:
-# a prompt past it is prefilled with the long factors by transformers, the short ones by Ember (docs/models.md).
-PROMPTS = [np.random.default_rng(i).integers(3, BASE["vocab_size"], n).tolist() for i, n in enumerate((13, 9, 16, 11))]
+# Longer than the sliding windows; shorter than, equal to and longer than phi3-longrope's
+# original_max_position_embeddings (16), generations well past it.
+PROMPTS = [np.random.default_rng(i).integers(3, BASE["vocab_size"], n).tolist() for i, n in enumerate((13, 9, 16, 11, 20))]
 NEW_TOKENS = 32
-assert all(WINDOW < len(p) <= HF_EQUAL_LENGTH["phi3-longrope"] for p in PROMPTS)
+assert all(WINDOW < len(p) for p in PROMPTS)
 
 
 def family_folder(name: str, folder, seed: int = 0):
@@ -69,22 +69,32 @@ def ember_greedy(folder, device: str) -> tuple[list[list[int]], bool, int]:
     return tokens, decode is not None, calls[0]
 
 
+class _ForceTokens:
+    """A logits processor that makes ``generate`` pick ``tokens`` (Ember's), one per step."""
+
+    def __init__(self, prompt_len: int, tokens: list[int]):
+        self.prompt_len, self.tokens = prompt_len, tokens
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.tokens[input_ids.shape[1] - self.prompt_len]] = 0
+        return forced
+
+
 def transformers_logits(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
     """transformers' logits (float32 [len(tokens), V]) after ``prompt`` and after each of ``tokens``
-    but the last, teacher-forced one token at a time through its KV cache, as its generate() runs
-    (one forward over the whole sequence would rotate Phi-3's earlier positions with the long
-    LongRoPE factors, docs/models.md)."""
+    but the last, teacher-forced through its own ``generate`` (its raw logits, the next token
+    forced to Ember's): the path a user runs, Phi-3's LongRoPE cache recompute included."""
+    from transformers import LogitsProcessorList
+
     device = next(model.parameters()).device
-    ids = torch.tensor([prompt + tokens[:-1]], device=device)
     with torch.no_grad():
-        out = model(input_ids=ids[:, :len(prompt)], use_cache=True)
-        rows = [out.logits[0, -1]]
-        for pos in range(len(prompt), ids.shape[1]):
-            at = torch.tensor([pos], device=device)
-            out = model(input_ids=ids[:, pos:pos + 1], past_key_values=out.past_key_values, use_cache=True,
-                        position_ids=at[None], cache_position=at)
-            rows.append(out.logits[0, -1])
-    return torch.stack(rows).float().cpu()
+        out = model.generate(torch.tensor([prompt], device=device), max_new_tokens=len(tokens),
+                             min_new_tokens=len(tokens), do_sample=False, eos_token_id=None, pad_token_id=0,
+                             logits_processor=LogitsProcessorList([_ForceTokens(len(prompt), tokens)]),
+                             output_logits=True, return_dict_in_generate=True)
+    assert out.sequences[0, len(prompt):].tolist() == tokens
+    return torch.stack([row[0] for row in out.logits]).float().cpu()
 
 
 @dataclass
@@ -158,8 +168,10 @@ def test_fp16_cuda_top1_agrees_with_transformers(name, tmp_path):
     assert r.decisive_rows >= 0.99, f"{name}: {r}"
 
 
-def test_fp32_cpu_top1_equals_transformers(tmp_path):
-    """The GPU test's comparison on the CPU, FP32, through the fused decode part: exact."""
-    r = compare_family("llama3-rope", tmp_path, "cpu", CompileOptions(fused_decode="on", quiet=True))
-    assert r.fused and len(r.hits) == NEW_TOKENS * len(PROMPTS)
-    assert r.all_rows == 1.0, f"llama3-rope: {r}"
+@pytest.mark.parametrize("name, fused", [("llama3-rope", "on"), ("phi3-longrope", "auto")])
+def test_fp32_cpu_top1_equals_transformers(name, fused, tmp_path):
+    """The GPU test's comparison on the CPU, FP32: exact, through the fused decode part for
+    llama3 RoPE and on the step graph for Phi-3 LongRoPE (generations past the switch)."""
+    r = compare_family(name, tmp_path, "cpu", CompileOptions(fused_decode=fused, quiet=True))
+    assert r.fused == (fused == "on") and len(r.hits) == NEW_TOKENS * len(PROMPTS)
+    assert r.all_rows == 1.0, f"{name}: {r}"

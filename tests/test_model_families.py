@@ -66,33 +66,36 @@ def family_engine(request, tmp_path_factory):
 
 
 def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """transformers' own ``generate`` (greedy): through ``prepare_inputs_for_generation``, so
+    Phi-3 drops and recomputes its cache with the long LongRoPE factors when a sequence first
+    passes original_max_position_embeddings, as a user running transformers gets."""
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                              eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt):].tolist()
 
 
-# transformers' Phi-3 recomputes its whole cache with the long LongRoPE factors once a sequence
-# passes original_max_position_embeddings (16 here); Ember keeps cached keys (ember/models/phi3.py),
-# so tokens are compared up to that length (test_longrope_frequencies_match_transformers covers the long set)
-HF_EQUAL_LENGTH = {"phi3-longrope": 16}
-
-
 def test_greedy_tokens_equal_transformers(family_engine):
-    """Prompts longer than the window (chunked prefill of 8), generations past position 16
+    """Prompts longer than the window (chunked prefill of 8), generations well past position 16
     (original_max_position_embeddings of the scaled-RoPE configs) and past 3 wraps of a window
-    layer's KV ring (16 positions for the window of 8); one prompt longer than the ring prefilled
-    in one chunk (only its last 16 positions stay in the ring)."""
+    layer's KV ring (16 positions for the window of 8), prompts of 16 and 20 tokens; one prompt
+    longer than the ring prefilled in one chunk (only its last 16 positions stay in the ring).
+    LongRoPE: generations that cross 16 are recomputed with the long factors, as transformers'
+    ``generate`` does; the 16- and 20-token prompts take them from the first chunk (or, at
+    exactly 16, on the first generated token)."""
     name, model, folder = family_engine
     new_tokens = 36
-    prompts = [list(range(20, 33)), [5, 6, 7], [100 + (7 * i) % 90 for i in range(11)]]
-    total = HF_EQUAL_LENGTH.get(name, 13 + new_tokens)
+    prompts = [list(range(20, 33)), [5, 6, 7], [100 + (7 * i) % 90 for i in range(11)],
+               [40 + (5 * i) % 200 for i in range(16)], [30 + (11 * i) % 250 for i in range(20)]]
     with ember.load(folder, prefill_chunk=8) as eng:
         got = [r.token_ids for r in eng.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)]
+        recomputes, switch = eng.stats()["longrope_recomputes_total"], eng.scheduler.rope_switch
     for p, g in zip(prompts, got):
-        n = min(new_tokens, total - len(p))
-        assert g[:n] == hf_greedy(model, p, n), (name, p)
-    if FAMILIES[name][1].get("sliding_window") and name not in HF_EQUAL_LENGTH:
+        assert g == hf_greedy(model, p, new_tokens), (name, p)
+    # LongRoPE: every prompt within the switch (16) crosses it while generating, recomputed once
+    assert (switch is not None) == (FAMILIES[name][1].get("rope_scaling", {}).get("type") == "longrope")
+    assert recomputes == (0 if switch is None else 4)
+    if FAMILIES[name][1].get("sliding_window"):
         long_prompt = [100 + (11 * i) % 150 for i in range(40)]
         with ember.load(folder, prefill_chunk=64, verify="size") as eng:
             got = eng.generate([long_prompt], max_new_tokens=8, ignore_eos=True)[0].token_ids
@@ -112,7 +115,31 @@ def test_longrope_frequencies_match_transformers():
     long, _ = ROPE_INIT_FUNCTIONS["longrope"](hf, None, seq_len=17)
     torch.testing.assert_close(ours["inv_freq"], short)
     torch.testing.assert_close(ours["long_inv_freq"], long)
-    assert ours["factor"] == pytest.approx(factor) and factor > 1 and ours["switch"] == 16
+    assert ours["factor"] == pytest.approx(factor) and factor > 1 and cfg.longrope_switch == 16
+
+
+def test_loading_reads_the_longrope_switch_and_refuses_an_old_longrope_graph(tmp_path):
+    """A LongRoPE step graph takes ``rope_long`` and the scheduler gets the switch; a LongRoPE
+    folder compiled before that input (each position rotated by itself) is refused: recompile."""
+    from types import SimpleNamespace
+
+    from ember.engine_format.decoder_spec import longrope_switch
+    from ember.engine_format.roles import role_from_name
+    from ember.errors import ArtifactError
+
+    model_type, extra = FAMILIES["phi3-longrope"]
+    cfg = config_from_hf(transformers.AutoConfig.for_model(model_type, **BASE, **extra).to_dict()).to_dict()
+    plain = config_from_hf({"model_type": "llama", **BASE}).to_dict()
+    def spec(name):
+        return SimpleNamespace(name=name, role=role_from_name(name)[0])
+
+    old = SimpleNamespace(inputs=[spec(n) for n in ("input_ids", "positions", "past_lengths", "new_lengths", "past_key.0")])
+    new = SimpleNamespace(inputs=old.inputs + [spec("rope_long")])
+    assert longrope_switch(cfg, new, str(tmp_path)) == 16 and longrope_switch(plain, old, str(tmp_path)) is None
+    with pytest.raises(ArtifactError, match="LongRoPE scaling but the step graph lacks the rope_long input; recompile"):
+        longrope_switch(cfg, old, str(tmp_path))
+    with pytest.raises(ArtifactError, match="has no LongRoPE scaling but the step graph takes the rope_long"):
+        longrope_switch(plain, new, str(tmp_path))
 
 
 def test_fused_staggered_equals_alone(family_engine):
@@ -129,8 +156,12 @@ def test_fused_staggered_equals_alone(family_engine):
             time.sleep(delay)
             handles.append(eng.submit(p, max_new_tokens=n, ignore_eos=True))
         results = [h.result(timeout=120) for h in handles]
+        recomputes, switch = eng.stats()["longrope_recomputes_total"], eng.scheduler.rope_switch
     bad = [i for i, ((p, n, _), r) in enumerate(zip(reqs, results)) if r.token_ids != cache[(tuple(p), n)]]
     assert not bad, f"{name}: {len(bad)} of {len(reqs)} fused requests differ from their solo run"
+    if switch is not None:  # LongRoPE: fused requests crossed the switch and were recomputed amid the others
+        crossing = sum(len(p) <= switch < len(p) + n - 1 for p, n, _ in reqs)
+        assert crossing >= 3 and recomputes == crossing
 
 
 def test_manifest_records_the_description(family_engine):

@@ -12,6 +12,7 @@ import pytest
 
 from ember.errors import InputError, OverloadedError
 from ember.runtime.decoder import DecoderEngine
+from ember.runtime.executor import DoneStep
 from ember.runtime.requests import FinishReason, SamplingParams
 from ember.runtime.scheduler import ADMIT_WAIT, FusionScheduler, Phase, Sequence, min_move_plan
 
@@ -513,4 +514,134 @@ def test_chained_steps_give_the_solo_tokens(seed):
     assert ex.chained - before == n - 2, ex.chained - before
     st = eng.stats()
     assert st["kv_used_tokens"] == 0 and st["running"] == 0
+    eng.close()
+
+
+# -- LongRoPE: the switch to the long factors and the recompute (scheduler step 4) ------------------
+def _run_plan(s: FusionScheduler, plan, token: int = 3) -> None:
+    """Apply ``plan`` as the engine does, with no model: cache the tokens, record a token for each
+    row that finishes a prefill or decodes."""
+    for g in plan.prefill:
+        for q, n in zip(g.seqs, g.lengths):
+            q.num_cached += n
+            if q.num_cached == q.total_tokens:
+                q.phase = Phase.DECODE
+                q.generated.append(token)
+    for q in plan.decode_seqs:
+        q.num_cached += 1
+        q.generated.append(token)
+
+
+def test_longrope_switch_recomputes_a_sequence_when_it_crosses():
+    s = FusionScheduler(max_batch=3, kv_capacity_tokens=3 * 64, max_seq_len=64, prefill_chunk=4, rope_switch=8)
+    short, at_switch, long = seq(6, max_new=10, rid="short"), seq(8, max_new=10, rid="at"), seq(10, max_new=10, rid="long")
+    for q in (short, at_switch, long):
+        s.add(q)
+    plan = s.schedule()
+    assert long.rope_long and not short.rope_long and not at_switch.rope_long and plan.drop_kv == []
+    prefilled: dict[tuple[str, bool], int] = {}  # (request, long) -> tokens prefilled
+    drops = []
+    for _ in range(40):
+        for slot in plan.drop_kv:
+            q = s.slots[slot]
+            assert q.num_cached == 0 and q.phase is Phase.PREFILL and q.rope_long
+            drops.append((q.request_id, q.total_tokens))
+        for g in plan.prefill:
+            for q, n in zip(g.seqs, g.lengths):
+                prefilled[q.request_id, q.rope_long] = prefilled.get((q.request_id, q.rope_long), 0) + n
+        _run_plan(s, plan)
+        plan = s.schedule()
+    # recomputed at the step that would make them 9 tokens long: all 9 again, long, in chunks
+    assert sorted(drops) == [("at", 9), ("short", 9)]
+    assert prefilled == {("short", False): 6, ("short", True): 9, ("at", False): 8, ("at", True): 9, ("long", True): 10}
+    assert s.total_recomputes == 2 and all(q.rope_long for q in (short, at_switch, long))
+
+
+def test_no_longrope_switch_never_recomputes():
+    s = FusionScheduler(max_batch=1, kv_capacity_tokens=64, max_seq_len=64, prefill_chunk=4)
+    q = seq(6, max_new=20)
+    s.add(q)
+    for _ in range(20):
+        plan = s.schedule()
+        assert plan.drop_kv == [] and not q.rope_long
+        _run_plan(s, plan)
+    assert s.total_recomputes == 0 and q.num_cached == q.total_tokens - 1
+
+
+def fake_longrope_token(tokens: list[int], long: bool) -> int:
+    """The fake LongRoPE model: a token's 'K/V' depends on the factor set it was rotated with."""
+    return fake_next_token([2 * t + int(long) for t in tokens])
+
+
+def solo_longrope(prompt: list[int], n: int, switch: int) -> list[int]:
+    """transformers' ``generate`` semantics: every token of a sequence longer than ``switch`` is
+    rotated long (its cache recomputed), of a shorter one short."""
+    toks, out = list(prompt), []
+    for _ in range(n):
+        out.append(fake_longrope_token(toks, len(toks) > switch))
+        toks.append(out[-1])
+    return out
+
+
+class LongRopeFakeExecutor(FakeExecutor):
+    """``FakeExecutor`` of a LongRoPE model: each cached entry keeps the factor set its step was
+    given (``rope_long``), and the next token hashes tokens and factor sets; ``chains`` as the
+    GPU executor (a decode launched with ``chain=`` takes that step's tokens as its ids)."""
+
+    def __init__(self, slots: int, chains: bool):
+        super().__init__(slots)
+        self.chains, self.chained = chains, 0
+
+    def run(self, start, input_ids, positions, new_lengths, rope_long=None):
+        assert rope_long is not None and len(rope_long) == len(new_lengths), "a LongRoPE step needs rope_long per row"
+        b = input_ids.shape[0]
+        logits = np.zeros((b, VOCAB), dtype=np.float32)
+        for r in range(b):
+            n = int(new_lengths[r])
+            if n == 0:
+                continue
+            cache = self.kv[start + r]
+            assert list(positions[r, :n]) == list(range(len(cache), len(cache) + n)), "positions are per request"
+            cache.extend(2 * int(t) + int(rope_long[r]) for t in input_ids[r, :n])
+            logits[r, fake_next_token(cache)] = 1.0
+        return logits
+
+    def launch_greedy(self, start, input_ids, positions, new_lengths, logit_rows=(), chain=None, rope_long=None):
+        if chain is not None:
+            self.chained += 1
+            input_ids = chain.tokens.reshape(-1, 1)
+        logits = self.run(start, input_ids, positions, new_lengths, rope_long)
+        pending = DoneStep(logits.argmax(axis=1), logits[np.asarray(logit_rows, dtype=np.int64)])
+        pending.tokens = logits.argmax(axis=1)
+        return pending
+
+
+@pytest.mark.parametrize("chains,seed", [(False, 0), (True, 1), (True, 2)])
+def test_longrope_engine_recomputes_crossing_sequences_amid_fused_traffic(chains, seed):
+    """Requests shorter and longer than the switch, arriving at random, fused, in prefill chunks,
+    compacted, one cancelled: each one's tokens are transformers' (``solo_longrope``), each one
+    that crosses the switch is recomputed once, and the pool is empty at the end."""
+    switch, slots = 12, 4
+    ex = LongRopeFakeExecutor(slots, chains)
+    sched = FusionScheduler(max_batch=slots, kv_capacity_tokens=slots * 64, max_seq_len=64, prefill_chunk=5,
+                            rope_switch=switch)
+    eng = DecoderEngine(ex, sched, eos_token_id=None, max_positions=64, config={"vocab_size": VOCAB})
+    rng = random.Random(seed)
+    jobs = []
+    for _ in range(24):
+        p = [rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 20))]
+        n = rng.randint(1, 20)
+        jobs.append((p, n, eng.submit(p, max_new_tokens=n)))
+        if rng.random() < 0.3:
+            time.sleep(0.002)
+    victim = eng.submit(list(range(1, 12)), max_new_tokens=40)
+    victim.cancel()
+    for p, n, h in jobs:
+        assert h.result(timeout=30).token_ids == solo_longrope(p, n, switch), (p, n)
+    victim.result(timeout=30)
+    st = eng.stats()
+    crossing = sum(len(p) <= switch < len(p) + n - 1 for p, n, _ in jobs)
+    assert crossing >= 5 and st["longrope_recomputes_total"] == crossing
+    assert st["kv_used_tokens"] == 0 and st["running"] == 0
+    assert not chains or ex.chained > 0
     eng.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ember.engine_format.decoder_spec import kv_geometry
+from ember.engine_format.decoder_spec import kv_geometry, longrope_switch
 from ember.engine_format.manifest import Manifest, read_manifest, verify_files
 from ember.engine_format.roles import PAST_KEY
 from ember.errors import ArtifactError
@@ -42,6 +42,7 @@ class BenchModel:
         self.vocab_size = int(cfg["vocab_size"])
         self.eos_token_id = cfg.get("eos_token_id")
         self.threads = threads
+        self.rope_switch = longrope_switch(cfg, part, str(self.folder))
         self.session = StepSession(self.folder / part.file, self.num_layers, threads=threads)
         decode = self.manifest.find_part("decode")  # the fused decode part runs one-token steps where present
         self.decode = DecodeSession(self.folder / decode.file, self.num_layers, threads=threads) if decode else None
@@ -61,5 +62,5 @@ class BenchModel:
         options = SchedulerOptions(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
                                    compaction=compaction, admit_batch=admit_batch)
         sched = make_scheduler(options, max_positions=self.max_positions, geometry=self.geometry,
-                               kv_dtype=self.kv_dtype, device=self.device)
+                               kv_dtype=self.kv_dtype, device=self.device, rope_switch=self.rope_switch)
         return make_engine(self.manifest, sched, self.executor(max_batch))

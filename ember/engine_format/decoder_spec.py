@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 from ember.engine_format.kv_ring import held
 from ember.engine_format.manifest import MANIFEST_NAME
+from ember.engine_format.roles import ROPE_LONG
 from ember.errors import ArtifactError
 
 _DECODER_SIZES = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "max_positions")
@@ -93,3 +94,24 @@ def kv_geometry(cfg: dict[str, Any]) -> KVGeometry:
     ring of each sliding-window layer the step graph was built for (absent: every layer full)."""
     return KVGeometry(cfg["num_layers"], cfg["num_kv_heads"], cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_heads"],
                       tuple(cfg.get("kv_rings") or ()))
+
+
+def longrope_switch(cfg: dict[str, Any], part, where: str = MANIFEST_NAME) -> int | None:
+    """LongRoPE's switch length (``original_max_position_embeddings``) of a decoder whose step graph
+    takes the per-row ``rope_long`` input, for the scheduler's recompute (``runtime/scheduler.py``);
+    None for other models. A LongRoPE folder compiled before that input existed rotated each position
+    by itself: it is refused (recompile)."""
+    scaling = cfg.get("rope_scaling")
+    longrope = isinstance(scaling, dict) and scaling.get("type") == "longrope"
+    takes_input = any(t.role == ROPE_LONG for t in part.inputs)
+    if longrope != takes_input:
+        raise ArtifactError(f"{where}: model.config {'has' if longrope else 'has no'} LongRoPE scaling but the step "
+                            f"graph {'lacks' if longrope else 'takes'} the rope_long input; recompile the folder "
+                            f"with this Ember")
+    if not longrope:
+        return None
+    switch = scaling.get("original_max_positions")
+    if isinstance(switch, bool) or not isinstance(switch, int) or switch < 1:
+        raise ArtifactError(f"{where}: model.config.rope_scaling.original_max_positions is {switch!r}, not a positive "
+                            "integer; recompile the folder")
+    return switch

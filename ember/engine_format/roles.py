@@ -6,7 +6,8 @@ Each manifest ``TensorSpec`` of a decoder part carries a ``role`` (and, for per-
 step graph (``step``, TP ``attn.*`` segments)
     inputs ``token_ids`` [B,T] int64, ``positions`` [B,T] int64, ``past_lengths`` [B] int64
     (valid cached positions per row), ``new_lengths`` [B] int64 (valid new tokens per row, right
-    padded), ``past_key`` / ``past_value`` [B,Hkv,P,D] per layer; outputs ``logits`` [B,V] (of
+    padded), ``rope_long`` [B] int64 (LongRoPE models only: 1 = rotate the row's tokens with the
+    long factors, docs/models.md), ``past_key`` / ``past_value`` [B,Hkv,P,D] per layer; outputs ``logits`` [B,V] (of
     each row's last valid new token), ``new_key`` / ``new_value`` [B,Hkv,T,D] per layer.
 fused decode part (``decode``)
     inputs ``token_ids`` [B,1], ``past_lengths`` [B] int32 (``seqlens_k``), ``kv_capacity``
@@ -24,14 +25,14 @@ from __future__ import annotations
 import re
 
 TOKEN_IDS, POSITIONS, PAST_LENGTHS, NEW_LENGTHS = "token_ids", "positions", "past_lengths", "new_lengths"
-KV_CAPACITY, LOGITS = "kv_capacity", "logits"
+KV_CAPACITY, LOGITS, ROPE_LONG = "kv_capacity", "logits", "rope_long"
 PAST_KEY, PAST_VALUE, NEW_KEY, NEW_VALUE = "past_key", "past_value", "new_key", "new_value"
 PRESENT_KEY, PRESENT_VALUE = "present_key", "present_value"
 HIDDEN, PARTIAL_SUM, LOGITS_SHARD = "hidden", "partial_sum", "logits_shard"
 LAYERED = (PAST_KEY, PAST_VALUE, NEW_KEY, NEW_VALUE, PRESENT_KEY, PRESENT_VALUE)
 
 _BY_NAME = {"input_ids": TOKEN_IDS, "positions": POSITIONS, "past_lengths": PAST_LENGTHS, "new_lengths": NEW_LENGTHS,
-            "seqlens_k": PAST_LENGTHS, "total_sequence_length": KV_CAPACITY, "logits": LOGITS, "hidden": HIDDEN,
+            "rope_long": ROPE_LONG, "seqlens_k": PAST_LENGTHS, "total_sequence_length": KV_CAPACITY, "logits": LOGITS, "hidden": HIDDEN,
             "partial": PARTIAL_SUM, "logits_shard": LOGITS_SHARD}
 _LAYERED_NAME = re.compile(rf"({'|'.join(LAYERED)})\.(\d+)")
 

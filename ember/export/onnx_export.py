@@ -28,6 +28,8 @@ EXTERNAL_DATA_THRESHOLD = 1 << 30
 
 def step_io_names(cfg: DecoderConfig) -> tuple[list[str], list[str]]:
     inputs = ["input_ids", "positions", "past_lengths", "new_lengths"]
+    if cfg.longrope_switch is not None:  # int64 [B]: 1 = the row's tokens take LongRoPE's long factors
+        inputs.append("rope_long")
     outputs = ["logits"]
     for i in range(cfg.num_layers):
         inputs += [f"past_key.{i}", f"past_value.{i}"]
@@ -37,7 +39,8 @@ def step_io_names(cfg: DecoderConfig) -> tuple[list[str], list[str]]:
 
 def example_step_inputs(cfg: DecoderConfig, batch: int, tokens: int, past: int, past_len: list[int] | None = None,
                         seed: int = 0, dtype=torch.float32) -> tuple[torch.Tensor, ...]:
-    """Random step inputs: rows with live pasts of ``past_len`` and full ``tokens`` new tokens."""
+    """Random step inputs: rows with live pasts of ``past_len`` and full ``tokens`` new tokens
+    (LongRoPE models: odd rows take the long factors, ``rope_long``)."""
     g = torch.Generator().manual_seed(seed)
     past_len = past_len if past_len is not None else [min(past, 3 + b) for b in range(batch)]
     pl = torch.tensor(past_len, dtype=torch.int64)
@@ -46,7 +49,8 @@ def example_step_inputs(cfg: DecoderConfig, batch: int, tokens: int, past: int, 
     nl = torch.full((batch,), tokens, dtype=torch.int64)
     kv = [torch.randn(batch, cfg.num_kv_heads, past, cfg.head_dim, generator=g, dtype=torch.float32).to(dtype)
           for _ in range(2 * cfg.num_layers)]
-    return (ids, pos, pl, nl, *kv)
+    extra = (torch.arange(batch, dtype=torch.int64) % 2,) if cfg.longrope_switch is not None else ()
+    return (ids, pos, pl, nl, *extra, *kv)
 
 
 def _step_export_args(cfg: DecoderConfig) -> tuple[tuple, dict]:
@@ -54,7 +58,7 @@ def _step_export_args(cfg: DecoderConfig) -> tuple[tuple, dict]:
     dyn = {"input_ids": {0: "batch", 1: "tokens"}, "positions": {0: "batch", 1: "tokens"},
            "past_lengths": {0: "batch"}, "new_lengths": {0: "batch"}, "logits": {0: "batch"}}
     for n in inputs[4:]:
-        dyn[n] = {0: "batch", 2: "past"}
+        dyn[n] = {0: "batch", 2: "past"} if n.startswith("past_") else {0: "batch"}  # rope_long: [B]
     for n in outputs[1:]:
         dyn[n] = {0: "batch", 2: "tokens"}
     args = example_step_inputs(cfg, batch=2, tokens=3, past=5)

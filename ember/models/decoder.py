@@ -1,7 +1,8 @@
 """The rotary decoder step module (every family but GPT-2), and its Hugging Face weight table.
 
-``RotaryDecoderStep.forward(input_ids, positions, past_lengths, new_lengths, *past_kv)``
-follows the step-graph contract (docs/design.md §3.1). The per-step work that layers share is done once:
+``RotaryDecoderStep.forward(input_ids, positions, past_lengths, new_lengths, [rope_long,] *past_kv)``
+follows the step-graph contract (docs/design.md §3.1); ``rope_long`` (int64 [B], 1 = the row's
+tokens take LongRoPE's long factors) is there only for LongRoPE models (``cfg.longrope_switch``). The per-step work that layers share is done once:
 cos/sin per rotary kind (global, local) and the attention masks per window size.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from ember.models.rope import cos_sin, rope_tables
 
 
 class RotaryDecoderStep(nn.Module):
-    """forward(input_ids, positions, past_lengths, new_lengths, *past_kv) -> (logits, *new_kv)."""
+    """forward(input_ids, positions, past_lengths, new_lengths, [rope_long,] *past_kv) -> (logits, *new_kv)."""
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -37,12 +38,13 @@ class RotaryDecoderStep(nn.Module):
         for i, layer in enumerate(self.layers):
             self.mask_layers.setdefault(layer.mask_key, i)
 
-    def forward(self, input_ids, positions, past_lengths, new_lengths, *past_kv):
+    def forward(self, input_ids, positions, past_lengths, new_lengths, *rest):
         cfg = self.cfg
+        rope_long, past_kv = (rest[0], rest[1:]) if cfg.longrope_switch is not None else (None, rest)
         x = self.embed_tokens(input_ids.reshape(-1))  # [N, C]
         if cfg.embed_scale != 1.0:
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
-        rope = {kind: cos_sin(positions, t["inv_freq"], t["factor"], x.dtype, t.get("long_inv_freq"), t.get("switch", 0))
+        rope = {kind: cos_sin(positions, t["inv_freq"], t["factor"], x.dtype, t.get("long_inv_freq"), rope_long)
                 for kind, t in self.rope.items()}
         masks = {}  # (window, ring) -> (dims, past_bias, new_bias); a ring layer's past has its own capacity
         for (w, ring), first in self.mask_layers.items():

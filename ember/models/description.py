@@ -149,6 +149,14 @@ class DecoderConfig:
     def score_scale(self) -> float:
         return self.attn_scale if self.attn_scale is not None else 1.0 / math.sqrt(self.head_dim)
 
+    @property
+    def longrope_switch(self) -> int | None:
+        """LongRoPE's ``original_max_position_embeddings``: a sequence longer than this is rotated
+        with the long factors (every token of it, as transformers does), else with the short ones;
+        None for other models. The step graph then takes a ``rope_long`` input (docs/models.md)."""
+        s = self.rope_scaling
+        return s.original_max_positions if s is not None and s.type == "longrope" else None
+
     def window(self, layer: int) -> int:
         """Layer ``layer``'s sliding window (0: full attention, also for a window that covers every position)."""
         w = self.layer_windows[layer] if self.layer_windows else 0

@@ -2,11 +2,10 @@
 weights (split at load), partial rotary (``partial_rotary_factor``), LongRoPE (``su``) scaling
 and an optional sliding window on every layer.
 
-LongRoPE rotates a token at position >= ``original_max_position_embeddings`` with the long
-factors and earlier ones with the short: results never depend on chunking or batching.
-transformers instead picks one set per forward call and, in ``generate``, recomputes the whole
-cache once when a sequence crosses that length; Ember keeps the cached keys (as vLLM does), so
-tokens after the crossing can differ from transformers' (docs/models.md).
+LongRoPE follows transformers' ``generate``: every token of a sequence no longer than
+``original_max_position_embeddings`` is rotated with the short factors, every token of a longer
+one with the long factors (the step graph's ``rope_long`` input, per row); the runtime recomputes
+a sequence's cache when its generation crosses that length (docs/models.md).
 """
 from __future__ import annotations
 

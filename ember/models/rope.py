@@ -4,9 +4,12 @@ The formulas follow the published definitions (and transformers' ``modeling_rope
 which the tests compare against): ``linear`` divides every frequency by ``factor``;
 ``llama3`` divides the low frequencies and blends the middle band; ``yarn`` blends
 interpolated and extrapolated frequencies over a ramp and scales cos/sin by an attention
-factor; ``longrope`` (Phi-3 "su") divides frequencies by per-frequency factors, the long set
-from position ``original_max_positions`` on. ``dynamic`` NTK scaling is not
-supported (it changes every cached key's frequencies as the sequence grows).
+factor; ``longrope`` (Phi-3 "su") divides frequencies by per-frequency factors: the long
+set for every token of a sequence longer than ``original_max_positions``, the short set
+otherwise, chosen per row by the step graph's ``rope_long`` input (the runtime recomputes a
+sequence's cache when it crosses that length, as transformers' ``generate`` does:
+docs/models.md). ``dynamic`` NTK scaling is not supported (it changes every cached key's
+frequencies as the sequence grows).
 
 Each step computes cos/sin once per rotary kind (global, local) and every layer of that kind
 shares them; frequencies are float32 constants in the graph.
@@ -79,7 +82,7 @@ def _yarn(theta: float, dim: int, s: RopeScaling) -> tuple[torch.Tensor, float]:
 
 def rope_tables(cfg: DecoderConfig, kind: str) -> dict[str, torch.Tensor | float]:
     """The constants of rotary kind ``kind`` (``global`` | ``local``): inverse frequencies, the
-    cos/sin factor, and for LongRoPE the long set and the switch length."""
+    cos/sin factor, and for LongRoPE the long set (``long_inv_freq``)."""
     if kind == "local":  # sliding-window layers of Gemma 3: plain RoPE at their own base
         inv, att = inv_freq_and_factor(cfg.local_rope_theta, cfg.rotary_dim, None, cfg.max_positions)
         return {"inv_freq": inv, "factor": att}
@@ -88,7 +91,6 @@ def rope_tables(cfg: DecoderConfig, kind: str) -> dict[str, torch.Tensor | float
     out: dict = {"inv_freq": inv, "factor": att}
     if s is not None and s.type == "longrope":
         out["long_inv_freq"] = inv_freq_and_factor(cfg.rope_theta, cfg.rotary_dim, s, cfg.max_positions, long=True)[0]
-        out["switch"] = s.original_max_positions
     return out
 
 
@@ -98,16 +100,17 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, factor: float, dtype: torch.dtype,
-            long_inv_freq: torch.Tensor | None = None, switch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+            long_inv_freq: torch.Tensor | None = None,
+            rope_long: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [B, 1, T, rotary_dim] for ``positions`` [B, T].
 
-    LongRoPE: a token at position >= ``switch`` (original_max_position_embeddings) is rotated
-    with the long frequencies, earlier ones with the short: a position's rotation never depends
-    on how the sequence was chunked or batched, and cached keys keep theirs (docs/models.md)."""
+    LongRoPE: row b's tokens are all rotated with ``long_inv_freq`` where ``rope_long[b]`` (int64
+    [B]) is non-zero, else with ``inv_freq``. The choice is the runtime's, per sequence (long once
+    its length passes original_max_position_embeddings): never the batch's or the chunk's."""
     freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # [B, T, D/2]
     if long_inv_freq is not None:
         long = positions.to(torch.float32).unsqueeze(-1) * long_inv_freq
-        freqs = torch.where((positions >= switch).unsqueeze(-1), long, freqs)
+        freqs = torch.where((rope_long > 0).reshape(-1, 1, 1), long, freqs)
     emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)  # [B, 1, T, D]
     if factor == 1.0:
         return emb.cos().to(dtype), emb.sin().to(dtype)

@@ -49,6 +49,25 @@ def make_session(onnx_path: str | os.PathLike, threads: int | None = None, provi
         raise ArtifactError(f"{Path(onnx_path)} could not be loaded by ONNX Runtime ({e}); recompile the folder") from e
 
 
+def small_step_inputs(input_names, input_ids: np.ndarray, positions: np.ndarray, past_lengths: np.ndarray,
+                      new_lengths: np.ndarray, rope_long: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The step graph's inputs other than the K/V, by name, for a graph with ``input_names``
+    (every step session feeds through here). ``rope_long`` (int64 [B], a LongRoPE graph only):
+    1 = the row's tokens take the long factors; None = every row short (sequences within
+    original_max_position_embeddings). Arrays of the caller pass through unchanged (a GPU
+    session may hand in device tensors for the ids)."""
+    feeds = {"input_ids": input_ids, "positions": positions, "past_lengths": past_lengths, "new_lengths": new_lengths}
+    if "rope_long" in input_names:
+        feeds["rope_long"] = (np.zeros(len(new_lengths), np.int64) if rope_long is None
+                              else np.ascontiguousarray(rope_long, dtype=np.int64))
+    return feeds
+
+
+def kv_input_names(input_names) -> list[str]:
+    """The K/V inputs ``past_key.i``/``past_value.i`` of a step graph, in graph order."""
+    return [n for n in input_names if n.startswith(("past_key.", "past_value."))]
+
+
 class StepSession:
     def __init__(self, onnx_path: str | os.PathLike, num_layers: int, threads: int | None = None,
                  providers: list[str] | None = None, disabled_optimizers: list[str] | None = None):
@@ -58,14 +77,16 @@ class StepSession:
         for i in range(num_layers):
             self.kv_names += [f"past_key.{i}", f"past_value.{i}"]
         self.output_names = [o.name for o in self.sess.get_outputs()]
+        self.input_names = [i.name for i in self.sess.get_inputs()]
 
     def run(self, input_ids: np.ndarray, positions: np.ndarray, past_lengths: np.ndarray, new_lengths: np.ndarray,
-            kv: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """input_ids/positions int64 [B,T]; lengths int64 [B]; kv 2L arrays [B,Hkv,P,D].
+            kv: list[np.ndarray], rope_long: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """input_ids/positions int64 [B,T]; lengths int64 [B]; kv 2L arrays [B,Hkv,P,D];
+        ``rope_long`` int64 [B] for a LongRoPE graph (``small_step_inputs``).
 
         Returns logits [B,V] (float32) and the new tokens' K/V, 2L arrays [B,Hkv,T,D].
         """
-        feeds = {"input_ids": input_ids, "positions": positions, "past_lengths": past_lengths, "new_lengths": new_lengths}
+        feeds = small_step_inputs(self.input_names, input_ids, positions, past_lengths, new_lengths, rope_long)
         feeds.update(zip(self.kv_names, kv))
         out = self.sess.run(self.output_names, feeds)
         logits = out[0] if out[0].dtype == np.float32 else out[0].astype(np.float32)

@@ -2,7 +2,8 @@
 from tokenized prompts by running the float step graph (prefill, then greedy decode steps).
 
 Feeds follow the step-graph contract (docs/design.md §3.1): ``input_ids``/``positions`` int64 [B, T],
-``past_lengths``/``new_lengths`` int64 [B], ``past_key.{i}``/``past_value.{i}`` float [B, Hkv, P, D].
+``past_lengths``/``new_lengths`` int64 [B], ``past_key.{i}``/``past_value.{i}`` float [B, Hkv, P, D];
+a LongRoPE graph's ``rope_long`` int64 [B] is 0 (short factors).
 """
 from __future__ import annotations
 
@@ -147,6 +148,9 @@ def decoder_step_feeds(model: onnx.ModelProto, prompts_ids: Sequence[Sequence[in
         raise ConfigError(f"past_capacity={past_capacity} is too small for a {longest}-token prompt plus "
                           f"{decode_steps} decode steps; raise it or shorten the prompts")
     layers, hkv, d = _kv_layout(model)
+    # a LongRoPE graph's per-row factor set: short, as the runtime runs prompts within
+    # original_max_position_embeddings (calibration prompts are short)
+    longrope = any(v.name == "rope_long" for v in model.graph.input)
     sess = ort_session(model, threads, base_dir=base_dir) if decode_steps or outputs is not None else None
     graph_outputs = [o.name for o in model.graph.output]
     feeds: list[dict[str, np.ndarray]] = []
@@ -160,7 +164,8 @@ def decoder_step_feeds(model: onnx.ModelProto, prompts_ids: Sequence[Sequence[in
         pool = {f"past_{kv}.{i}": np.zeros((b, hkv, past_capacity, d), np.float32)
                 for i in range(layers) for kv in ("key", "value")}
         feed = {"input_ids": ids, "positions": np.broadcast_to(np.arange(t, dtype=np.int64), (b, t)).copy(),
-                "past_lengths": np.zeros(b, np.int64), "new_lengths": lengths, **pool}
+                "past_lengths": np.zeros(b, np.int64), "new_lengths": lengths, **pool,
+                **({"rope_long": np.zeros(b, np.int64)} if longrope else {})}
         past_len = np.zeros(b, np.int64)
         for step in range(decode_steps + 1):
             feeds.append(feed)
@@ -181,5 +186,5 @@ def decoder_step_feeds(model: onnx.ModelProto, prompts_ids: Sequence[Sequence[in
             past_len = past_len + feed["new_lengths"]
             nxt = np.argmax(res["logits"], axis=-1).astype(np.int64)
             feed = {"input_ids": nxt[:, None], "positions": past_len[:, None].copy(), "past_lengths": past_len.copy(),
-                    "new_lengths": np.ones(b, np.int64), **pool}
+                    "new_lengths": np.ones(b, np.int64), **pool, **({"rope_long": np.zeros(b, np.int64)} if longrope else {})}
     return feeds

@@ -39,6 +39,7 @@ from ember.engine_format.decoder_spec import kv_geometry
 from ember.engine_format.roles import PAST_KEY
 from ember.errors import ArtifactError, ConfigError, InputError
 from ember.ort.decode_session import decode_positions_ok
+from ember.ort.session import kv_input_names, small_step_inputs
 from ember.runtime.device_kv_pool import DeviceKVPool, KVList
 from ember.runtime.device_kv_pool import require_torch as _torch
 from ember.runtime.executor import step_on_pool
@@ -94,6 +95,7 @@ class CudaStepSession:
         if self.sess is None:
             self.sess = self._make(ort, onnx_path, False, optimized_model_path)
         self.input_names = [i.name for i in self.sess.get_inputs()]
+        self.kv_names = kv_input_names(self.input_names)
         self.output_names = [o.name for o in self.sess.get_outputs()]
         out_types = {o.name: o.type for o in self.sess.get_outputs()}
         self.logits_dtype = torch.float16 if out_types["logits"] == "tensor(float16)" else torch.float32
@@ -161,13 +163,15 @@ class CudaStepSession:
         return logits, new
 
     def run(self, input_ids: np.ndarray, positions: np.ndarray, past_lengths: np.ndarray, new_lengths: np.ndarray,
-            kv: list) -> tuple[Any, list]:
-        """ids/positions int64 [B,T], lengths int64 [B] (host); kv 2L device views [B,Hkv,P,D]."""
+            kv: list, rope_long: np.ndarray | None = None) -> tuple[Any, list]:
+        """ids/positions int64 [B,T], lengths int64 [B] (host); kv 2L device views [B,Hkv,P,D];
+        ``rope_long`` int64 [B] for a LongRoPE graph (``session.small_step_inputs``)."""
         b, t = input_ids.shape
+        small = small_step_inputs(self.input_names, input_ids, positions, past_lengths, new_lengths, rope_long)
         with self.lock, self.on_own_stream():
             if self.cuda_graph_status == "on" and t == 1:
-                return self._run_graph(input_ids, positions, past_lengths, new_lengths, kv)
-            return self._run_plain(input_ids, positions, past_lengths, new_lengths, kv)
+                return self._run_graph(small, kv)
+            return self._run_plain(small, kv)
 
     @contextlib.contextmanager
     def on_own_stream(self):
@@ -182,21 +186,21 @@ class CudaStepSession:
         finally:
             caller.wait_stream(self.stream)
 
-    def _binding(self, small: list, kv: list, logits, new: list):
-        """An IOBinding of the four small inputs, the KV views and the preallocated outputs."""
+    def _binding(self, small: dict, kv: list, logits, new: list):
+        """An IOBinding of the small inputs (by name), the KV views and the preallocated outputs."""
         binding = self.sess.io_binding()
-        for name, a in zip(self.input_names[:4], small):
+        for name, a in small.items():
             self._bind(binding, name, a)
-        for name, a in zip(self.input_names[4:], kv):
+        for name, a in zip(self.kv_names, kv):
             self._bind(binding, name, a)
         self._bind_out(binding, "logits", logits)
         for name, a in zip(self.output_names[1:], new):
             self._bind_out(binding, name, a)
         return binding
 
-    def _run_plain(self, input_ids, positions, past_lengths, new_lengths, kv) -> tuple[Any, list]:
-        b, t = input_ids.shape
-        small = [_int64_tensor(a).to(self.device) for a in (input_ids, positions, past_lengths, new_lengths)]
+    def _run_plain(self, small: dict, kv) -> tuple[Any, list]:
+        b, t = small["input_ids"].shape
+        small = {n: _int64_tensor(a).to(self.device) for n, a in small.items()}
         logits, new = self._outputs(b, t, kv)
         binding = self._binding(small, kv, logits, new)
         # In a graph-enabled session a run without a graph id is captured as graph 0 and
@@ -204,25 +208,23 @@ class CudaStepSession:
         self.sess.run_with_iobinding(binding, self._no_graph)
         return logits, new
 
-    def _run_graph(self, input_ids, positions, past_lengths, new_lengths, kv) -> tuple[Any, list]:
+    def _run_graph(self, small: dict, kv) -> tuple[Any, list]:
         """Decode through a captured CUDA graph: inputs copied into static buffers, same addresses."""
         torch = self.torch
-        b = input_ids.shape[0]
+        b = small["input_ids"].shape[0]
         key = (b, tuple(int(a.data_ptr()) for a in kv), tuple(kv[0].shape))
         g = self._graphs.get(key)
-        if g is None:
-            small = [torch.zeros((b, 1), dtype=torch.int64, device=self.device),
-                     torch.zeros((b, 1), dtype=torch.int64, device=self.device),
-                     torch.zeros((b,), dtype=torch.int64, device=self.device),
-                     torch.zeros((b,), dtype=torch.int64, device=self.device)]
+        if g is None:  # static int64 buffers: [B, 1] for ids/positions, [B] for the per-row inputs
+            static = {n: torch.zeros((b, 1) if n in ("input_ids", "positions") else (b,), dtype=torch.int64,
+                                     device=self.device) for n in small}
             logits, new = self._outputs(b, 1, kv)
-            binding = self._binding(small, kv, logits, new)
+            binding = self._binding(static, kv, logits, new)
             self._graph_ids += 1
             ro = self._run_options(self._graph_ids)
-            g = {"small": small, "logits": logits, "new": new, "binding": binding, "ro": ro}
+            g = {"small": static, "logits": logits, "new": new, "binding": binding, "ro": ro}
             self._graphs[key] = g
-        for dst, src in zip(g["small"], (input_ids, positions, past_lengths, new_lengths)):
-            _fill(dst, src)
+        for name, src in small.items():
+            _fill(g["small"][name], src)
         self.sess.run_with_iobinding(g["binding"], g["ro"])
         # Static buffers: valid until the next replay, by which time the executor has consumed them.
         return g["logits"], g["new"]
@@ -377,16 +379,19 @@ class DeviceExecutor:
             for src, dst in moves:
                 self.pool.move(src, dst)
 
-    def run_device(self, start: int, input_ids: np.ndarray, positions: np.ndarray, new_lengths: np.ndarray):
+    def run_device(self, start: int, input_ids: np.ndarray, positions: np.ndarray, new_lengths: np.ndarray,
+                   rope_long: np.ndarray | None = None):
         """One step over slots [start, start+B); returns the logits as a device tensor [B,V].
 
         Rows with ``new_lengths`` 0 are computed but keep no K/V. With CUDA graphs on, a
-        decode (T = 1) runs over ``graph_window`` with padding rows of that kind.
+        decode (T = 1) runs over ``graph_window`` with padding rows of that kind. ``rope_long``:
+        LongRoPE's per-row factor set (``executor.step_on_pool``).
         """
         with self.lock:
-            return self._run_device(start, input_ids, positions, new_lengths)
+            return self._run_device(start, input_ids, positions, new_lengths, rope_long)
 
-    def _run_device(self, start: int, input_ids: np.ndarray, positions: np.ndarray, new_lengths: np.ndarray):
+    def _run_device(self, start: int, input_ids: np.ndarray, positions: np.ndarray, new_lengths: np.ndarray,
+                    rope_long: np.ndarray | None = None):
         b, t = input_ids.shape
         stop = start + b
         lo, hi = start, stop
@@ -402,9 +407,13 @@ class DeviceExecutor:
                 new = np.zeros(hi - lo, np.int64)
                 ids[start - lo:stop - lo], pos[start - lo:stop - lo] = input_ids, positions
                 new[start - lo:stop - lo] = new_lengths
+                if rope_long is not None:  # padding rows: short (their tokens are not kept)
+                    long = np.zeros(hi - lo, np.int64)
+                    long[start - lo:stop - lo] = rope_long
+                    rope_long = long
                 input_ids, positions, new_lengths = ids, pos, new
         logits = step_on_pool(self.pool, self.session, decode, lo, input_ids, positions, new_lengths,
-                              before_run=self._forget_stale_graphs)
+                              before_run=self._forget_stale_graphs, rope_long=rope_long)
         return logits[start - lo:stop - lo]
 
     def _forget_stale_graphs(self) -> None:
@@ -415,13 +424,15 @@ class DeviceExecutor:
                     s.forget_graphs()
             self._generation = self.pool.generation
 
-    def run(self, start: int, input_ids: np.ndarray, positions: np.ndarray, new_lengths: np.ndarray) -> np.ndarray:
+    def run(self, start: int, input_ids: np.ndarray, positions: np.ndarray, new_lengths: np.ndarray,
+            rope_long: np.ndarray | None = None) -> np.ndarray:
         """As ``LocalExecutor.run``: logits [B,V] float32 on the host."""
         with self.lock:
-            return logits_to_host(self._run_device(start, input_ids, positions, new_lengths))
+            return logits_to_host(self._run_device(start, input_ids, positions, new_lengths, rope_long))
 
     def launch_greedy(self, start: int, input_ids: np.ndarray, positions: np.ndarray, new_lengths: np.ndarray,
-                      logit_rows=(), chain: PendingGreedy | None = None) -> PendingGreedy:
+                      logit_rows=(), chain: PendingGreedy | None = None,
+                      rope_long: np.ndarray | None = None) -> PendingGreedy:
         """``executor.launch_greedy`` on the device: the step, every row's argmax and the copy
         of the B tokens (plus the ``logit_rows`` that sample; not B x V logits) are queued on
         the stream; the host goes on until it asks for ``result()``. With ``chain`` (a pending
@@ -429,7 +440,7 @@ class DeviceExecutor:
         if chain is not None:
             input_ids = chain.device_tokens.reshape(-1, 1)
         with self.lock:
-            return PendingGreedy(self._run_device(start, input_ids, positions, new_lengths), logit_rows)
+            return PendingGreedy(self._run_device(start, input_ids, positions, new_lengths, rope_long), logit_rows)
 
     def release(self, slot: int) -> None:
         self.pool.release(slot)

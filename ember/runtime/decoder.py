@@ -144,6 +144,7 @@ class DecoderEngine:
                 "kv_capacity_tokens": int(self.scheduler.kv_capacity_tokens),
                 "max_batch": self.scheduler.max_batch,
                 "slot_moves_total": self.scheduler.total_moves,
+                "longrope_recomputes_total": self.scheduler.total_recomputes,
                 **self.counters,
             }
 
@@ -208,8 +209,9 @@ class DecoderEngine:
         same decode rows again, fed the tokens ``last`` is computing (on the device). Only for
         an executor that ``chains``, a pure-decode ``last`` whose rows all take the argmax and
         none ends with the token in flight (length), and while no request waits or is being
-        cancelled. An EOS or stop string found in ``last``'s token ends its request, and the
-        token computed behind it is dropped. Called under the lock."""
+        cancelled, and no row would cross the LongRoPE switch. An EOS or stop string found in
+        ``last``'s token ends its request, and the token computed behind it is dropped. Called
+        under the lock."""
         if not getattr(self.executor, "chains", False) or last.prefill or last.decode_stop <= last.decode_start:
             return None
         if self._cancel or self.scheduler.waiting:
@@ -219,28 +221,34 @@ class DecoderEngine:
                 return None
             if len(s.generated) + 1 >= s.params.max_new_tokens or s.total_tokens + 1 >= self._length_limit:
                 return None
+            if self.scheduler.crosses_rope_switch(s, s.num_cached + 1):  # LongRoPE: schedule() recomputes it
+                return None
         return StepPlan([], [], last.decode_start, last.decode_stop, list(last.decode_seqs))
 
     def _launch(self, plan: StepPlan, chain=None) -> list:
-        """Queue the plan's calls on the executor: slot moves, one call per prefill group, one
-        fused decode call (fed the device tokens of the pending step ``chain`` when given, for a
-        ``_continuation``). Returns, per call, (the sequences and rows whose token it yields,
-        the rows that sample, the pending result)."""
+        """Queue the plan's calls on the executor: slot moves, the K/V drops of recomputed
+        sequences (LongRoPE), one call per prefill group, one fused decode call (fed the device
+        tokens of the pending step ``chain`` when given, for a ``_continuation``). Returns, per
+        call, (the sequences and rows whose token it yields, the rows that sample, the pending
+        result)."""
         ex = self.executor
         if plan.moves:
             ex.move(plan.moves)
+        for slot in plan.drop_kv:
+            ex.release(slot)
         launched = []
         for g in plan.prefill:
             b, t = len(g.seqs), max(g.lengths)
             ids = np.zeros((b, t), dtype=np.int64)
             pos = np.zeros((b, t), dtype=np.int64)
             for r, (s, n) in enumerate(zip(g.seqs, g.lengths)):
-                ids[r, :n] = s.prompt_ids[s.num_cached:s.num_cached + n]
+                ids[r, :n] = s.token_ids()[s.num_cached:s.num_cached + n]
                 pos[r, :n] = np.arange(s.num_cached, s.num_cached + n)
             ending = [(g.seqs[r], r) for r, (s, n) in enumerate(zip(g.seqs, g.lengths))
-                      if s.num_cached + n == len(s.prompt_ids)]
+                      if s.num_cached + n == s.total_tokens]
             sampled = [r for s, r in ending if s.payload.rng is not None]
-            pending = launch_greedy(ex, g.start, ids, pos, np.asarray(g.lengths, dtype=np.int64), sampled)
+            pending = launch_greedy(ex, g.start, ids, pos, np.asarray(g.lengths, dtype=np.int64), sampled,
+                                    rope_long=self._rope_long(g.seqs, g.start, b))
             for s, n in zip(g.seqs, g.lengths):
                 s.num_cached += n
             launched.append((ending, sampled, pending))
@@ -255,11 +263,22 @@ class DecoderEngine:
             # every row's argmax in one pass (on the device for a GPU executor); full logits
             # only for the rows that sample
             sampled = [s.slot - start for s in plan.decode_seqs if s.payload.rng is not None]
-            pending = launch_greedy(ex, start, ids, pos, new, sampled, chain=chain)
+            pending = launch_greedy(ex, start, ids, pos, new, sampled, chain=chain,
+                                    rope_long=self._rope_long(plan.decode_seqs, start, b))
             for s in plan.decode_seqs:
                 s.num_cached += 1
             launched.append(([(s, s.slot - start) for s in plan.decode_seqs], sampled, pending))
         return launched
+
+    def _rope_long(self, seqs: list[Sequence], start: int, rows: int) -> np.ndarray | None:
+        """LongRoPE's factor set of slots [start, start+rows) (int64, 1 = long; rows not in
+        ``seqs`` are ignored by the step: 0); None for a model without LongRoPE."""
+        if self.scheduler.rope_switch is None:
+            return None
+        long = np.zeros(rows, dtype=np.int64)
+        for s in seqs:
+            long[s.slot - start] = s.rope_long
+        return long
 
     def _update(self, launched: list) -> list[Sequence]:
         """Wait for the launched calls' tokens and record them (sampling the rows that sample):

@@ -65,13 +65,14 @@ class SchedulerOptions:
 
 
 def make_scheduler(options: SchedulerOptions, *, max_positions: int, geometry: KVGeometry, kv_dtype: str,
-                   device: str) -> FusionScheduler:
-    """The scheduler of an engine whose KV pool is laid out as ``geometry`` in ``kv_dtype``."""
+                   device: str, rope_switch: int | None = None) -> FusionScheduler:
+    """The scheduler of an engine whose KV pool is laid out as ``geometry`` in ``kv_dtype``;
+    ``rope_switch``: LongRoPE's switch length (``decoder_spec.longrope_switch``), None for other models."""
     capacity = kv_capacity_tokens(geometry, kv_dtype, options.max_batch, max_positions, parse_bytes(options.kv_memory))
     return FusionScheduler(max_batch=options.max_batch, kv_capacity_tokens=capacity, max_seq_len=max_positions,
                            prefill_chunk=options.prefill_chunk or default_prefill_chunk(device),
                            max_queue=options.max_queue, compaction=options.compaction,
-                           admit_batch=options.admit_batch or default_admit_batch(device))
+                           admit_batch=options.admit_batch or default_admit_batch(device), rope_switch=rope_switch)
 
 
 def make_engine(manifest: Manifest, scheduler: FusionScheduler, executor, tokenizer=None) -> DecoderEngine:

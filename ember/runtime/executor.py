@@ -17,13 +17,15 @@ from ember.runtime.kv_pool import KVPool
 
 
 def step_on_pool(pool, session, decode, start: int, input_ids: np.ndarray, positions: np.ndarray,
-                 new_lengths: np.ndarray, before_run: Callable[[], None] | None = None):
+                 new_lengths: np.ndarray, before_run: Callable[[], None] | None = None,
+                 rope_long: np.ndarray | None = None):
     """One step over ``pool`` slots [start, start+B), the one home of a step's KV bookkeeping
     (CPU and GPU executors): through the fused ``decode`` session when given (it writes each
     row's K/V in place at its past length; the pool only counts the tokens), else through the
     step ``session`` with the new K/V written into the pool. ``before_run`` runs once the
     capacity is settled (the GPU executor drops CUDA graphs a reallocation made stale).
-    Returns the session's logits [B,V]."""
+    ``rope_long``: LongRoPE's per-row factor choice (int64 [B]; a LongRoPE step graph only, which
+    never has a fused decode part). Returns the session's logits [B,V]."""
     stop = start + len(new_lengths)
     past = pool.lengths[start:stop].copy()
     # the fused decode writes every row's token (kept or not) at its past length: room for one more
@@ -35,7 +37,8 @@ def step_on_pool(pool, session, decode, start: int, input_ids: np.ndarray, posit
         pool.advance(start, new_lengths)
         return logits
     run_lengths = np.maximum(new_lengths, 1)  # a skipped row still needs one valid query
-    logits, new_kv = session.run(input_ids, positions, past, run_lengths, pool.views(start, stop))
+    kw = {} if rope_long is None else {"rope_long": rope_long}
+    logits, new_kv = session.run(input_ids, positions, past, run_lengths, pool.views(start, stop), **kw)
     pool.write(start, new_kv, new_lengths)
     return logits
 
@@ -52,7 +55,7 @@ class DoneStep:
 
 
 def launch_greedy(executor, start: int, input_ids: np.ndarray, positions: np.ndarray, new_lengths: np.ndarray,
-                  logit_rows: np.ndarray | list[int] = (), chain=None):
+                  logit_rows: np.ndarray | list[int] = (), chain=None, rope_long: np.ndarray | None = None):
     """Start one step through ``executor``; ``.result()`` of what it returns gives what the
     engine samples from: every row's greedy token (int64 [B]) and the logits of ``logit_rows``
     only (float32 [len(logit_rows), V]; the rows that sample rather than take the argmax).
@@ -63,15 +66,18 @@ def launch_greedy(executor, start: int, input_ids: np.ndarray, positions: np.nda
     full logits from the executor's ``run`` are reduced on the host.
 
     ``chain``: a pending step of the same rows whose greedy tokens are this step's
-    ``input_ids`` (taken on the device; only for an executor whose ``chains`` is true)."""
+    ``input_ids`` (taken on the device; only for an executor whose ``chains`` is true).
+    ``rope_long``: int64 [B], LongRoPE's factor set per row (1 = long), for a LongRoPE model only
+    (its executors take it; others are called without it)."""
+    kw = {} if rope_long is None else {"rope_long": rope_long}
     own = getattr(executor, "launch_greedy", None)
     if own is not None:
         if chain is not None:
-            return own(start, input_ids, positions, new_lengths, logit_rows, chain=chain)
-        return own(start, input_ids, positions, new_lengths, logit_rows)
+            return own(start, input_ids, positions, new_lengths, logit_rows, chain=chain, **kw)
+        return own(start, input_ids, positions, new_lengths, logit_rows, **kw)
     if chain is not None:
         raise ValueError("this executor cannot chain steps")
-    logits = executor.run(start, input_ids, positions, new_lengths)
+    logits = executor.run(start, input_ids, positions, new_lengths, **kw)
     return DoneStep(logits.argmax(axis=1), logits[np.asarray(logit_rows, dtype=np.int64)])
 
 
@@ -92,12 +98,15 @@ class LocalExecutor:
         for src, dst in moves:
             self.pool.move(src, dst)
 
-    def run(self, start: int, input_ids: np.ndarray, positions: np.ndarray, new_lengths: np.ndarray) -> np.ndarray:
+    def run(self, start: int, input_ids: np.ndarray, positions: np.ndarray, new_lengths: np.ndarray,
+            rope_long: np.ndarray | None = None) -> np.ndarray:
         """Run slots [start, start+B) with new tokens ``input_ids`` [B,T]; rows with
-        ``new_lengths`` 0 are computed but their K/V is not kept. Returns logits [B,V]."""
+        ``new_lengths`` 0 are computed but their K/V is not kept. ``rope_long``: see
+        ``step_on_pool``. Returns logits [B,V]."""
         decode = self.decode if self.decode is not None and decode_positions_ok(
             positions, self.pool.lengths[start:start + len(new_lengths)], new_lengths) else None
-        return step_on_pool(self.pool, self.session, decode, start, input_ids, positions, new_lengths)
+        return step_on_pool(self.pool, self.session, decode, start, input_ids, positions, new_lengths,
+                            rope_long=rope_long)
 
     def release(self, slot: int) -> None:
         self.pool.release(slot)

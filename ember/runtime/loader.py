@@ -11,7 +11,7 @@ import inspect
 import os
 from pathlib import Path
 
-from ember.engine_format.decoder_spec import check_decoder_config, kv_geometry
+from ember.engine_format.decoder_spec import check_decoder_config, kv_geometry, longrope_switch
 from ember.engine_format.manifest import (MANIFEST_NAME, Manifest, read_manifest, read_member, resolve_member,
                                          tokenizer_members, verify_files)
 from ember.engine_format.roles import PAST_KEY
@@ -89,7 +89,7 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
     kv_dtype = part.tensor(PAST_KEY, layer=0).dtype
     options = SchedulerOptions(max_batch, kv_memory, max_queue, prefill_chunk, compaction, admit_batch)
     scheduler = make_scheduler(options, max_positions=int(cfg["max_positions"]), geometry=geometry, kv_dtype=kv_dtype,
-                               device=device)
+                               device=device, rope_switch=longrope_switch(cfg, part, str(folder / MANIFEST_NAME)))
     if runs_plan(part, backend) and not device.startswith("cuda"):
         raise plan_needs_gpu(folder, part, device)
     if fused_decode is None:

@@ -18,8 +18,16 @@ Algorithm, once per iteration:
    The KV pool is ``max_batch`` rows of up to ``max_seq_len`` positions, so the memory
    budget is enforced per sequence at ``add``: reserved length (prompt + max_new_tokens)
    <= kv_capacity_tokens // max_batch.
-4. Give prefill chunks to prefilling sequences, FIFO, under ``prefill_chunk`` tokens.
-5. Decode: one fused call over the slot range spanning every sequence in decode phase.
+4. LongRoPE (``rope_switch``, the model's original_max_position_embeddings; None for other
+   models): a sequence is rotated with the long factors once its length (prompt + generated,
+   counting the token its next step feeds) exceeds the switch, with the short ones before; the
+   choice is per sequence and sticky (``Sequence.rope_long``). A sequence that crosses the switch
+   with K/V already cached (rotated short) is recomputed, as transformers' Phi-3 ``generate``
+   does: its K/V are dropped (``StepPlan.drop_kv``) and it goes back to prefill over its whole
+   token sequence, prompt and generated tokens, in chunks as usual; the last chunk yields its
+   next token. A prompt longer than the switch is long from its first chunk.
+5. Give prefill chunks to prefilling sequences, FIFO, under ``prefill_chunk`` tokens.
+6. Decode: one fused call over the slot range spanning every sequence in decode phase.
 """
 from __future__ import annotations
 
@@ -57,6 +65,7 @@ class Sequence:
     phase: Phase = Phase.WAITING
     cancelled: bool = False
     order: int = 0  # arrival order, set by the scheduler
+    rope_long: bool = False  # LongRoPE: its tokens take the long factors (algorithm step 4)
 
     def __post_init__(self) -> None:
         assert self.prompt_ids.ndim == 1 and len(self.prompt_ids) >= 1, "a sequence needs a non-empty prompt"
@@ -65,6 +74,13 @@ class Sequence:
     @property
     def total_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.generated)
+
+    def token_ids(self) -> np.ndarray:
+        """Prompt then generated tokens, int64: what a prefill caches (the whole sequence when it
+        is recomputed after crossing the LongRoPE switch)."""
+        if not self.generated:
+            return self.prompt_ids
+        return np.concatenate([self.prompt_ids, np.asarray(self.generated, dtype=np.int64)])
 
     def next_input(self) -> int:
         """The token a decode step feeds: the last generated one."""
@@ -87,6 +103,7 @@ class StepPlan:
     decode_start: int
     decode_stop: int  # decode call covers slots [start, stop); empty when start == stop
     decode_seqs: list[Sequence]  # the rows that really decode (others in range are ignored)
+    drop_kv: list[int] = field(default_factory=list)  # slots whose K/V to drop after the moves (recomputed)
 
     @property
     def empty(self) -> bool:
@@ -133,7 +150,7 @@ def default_admit_batch(device: str = "cpu") -> int:
 class FusionScheduler:
     def __init__(self, max_batch: int, kv_capacity_tokens: int, max_seq_len: int,
                  prefill_chunk: int = PREFILL_CHUNK["cpu"], max_queue: int = 1024, compaction: str = "min-move",
-                 admit_batch: int = 1, admit_wait: int = ADMIT_WAIT):
+                 admit_batch: int = 1, admit_wait: int = ADMIT_WAIT, rope_switch: int | None = None):
         if compaction not in ("min-move", "holes"):
             raise InputError(f"compaction={compaction!r} must be 'min-move' or 'holes'")
         if max_batch < 1 or prefill_chunk < 1 or admit_batch < 1 or admit_wait < 0:
@@ -153,6 +170,8 @@ class FusionScheduler:
         self.slots: list[Sequence | None] = [None] * max_batch
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.total_moves = 0
+        self.rope_switch = rope_switch  # LongRoPE's original_max_position_embeddings (algorithm step 4)
+        self.total_recomputes = 0  # sequences recomputed with the long factors
         self._arrivals = itertools.count()
 
     # -- queue -----------------------------------------------------------------------------
@@ -191,6 +210,7 @@ class FusionScheduler:
     def schedule(self) -> StepPlan:
         moves = self._compact() if self.compaction == "min-move" else []
         self._admit()
+        drop = self._switch_to_long_rope()
         prefill = self._prefill_groups()
         dec = [s for s in self.slots if s is not None and s.phase is Phase.DECODE]
         if dec:
@@ -198,7 +218,27 @@ class FusionScheduler:
             stop = max(s.slot for s in dec) + 1
         else:
             start = stop = 0
-        return StepPlan(moves=moves, prefill=prefill, decode_start=start, decode_stop=stop, decode_seqs=dec)
+        return StepPlan(moves=moves, prefill=prefill, decode_start=start, decode_stop=stop, decode_seqs=dec,
+                        drop_kv=drop)
+
+    def crosses_rope_switch(self, seq: Sequence, length: int) -> bool:
+        """Whether ``seq``, short so far, must take the long LongRoPE factors at ``length`` tokens
+        (algorithm step 4). An engine that plans a step without ``schedule`` asks this first."""
+        return self.rope_switch is not None and not seq.rope_long and length > self.rope_switch
+
+    def _switch_to_long_rope(self) -> list[int]:
+        """Algorithm step 4: mark sequences past the switch long; recompute those with K/V cached.
+        Returns the slots whose K/V the engine drops."""
+        drop = []
+        for s in self.slots:
+            if s is None or not self.crosses_rope_switch(s, s.total_tokens):
+                continue
+            s.rope_long = True
+            if s.num_cached:
+                drop.append(s.slot)
+                s.num_cached, s.phase = 0, Phase.PREFILL
+                self.total_recomputes += 1
+        return drop
 
     def _compact(self) -> list[tuple[int, int]]:
         live = [s is not None for s in self.slots]
@@ -262,7 +302,7 @@ class FusionScheduler:
         for s in pre:
             if budget <= 0:
                 break
-            n = min(budget, len(s.prompt_ids) - s.num_cached)
+            n = min(budget, s.total_tokens - s.num_cached)
             chosen.append((s, n))
             budget -= n
         chosen.sort(key=lambda x: x[0].slot)

@@ -27,6 +27,7 @@ from ember.engine_format.roles import (LOGITS, NEW_KEY, NEW_LENGTHS, NEW_VALUE, 
 from ember.engine_format.tensorrt_part import (PLAN_TITLES, check_plan_compat, gpu_environment, part_profiles,
                                              require_tensorrt)
 from ember.errors import ArtifactError
+from ember.ort.session import kv_input_names, small_step_inputs
 
 
 def open_plan_library(part, plan_path: str | os.PathLike, device_index: int = 0):
@@ -93,7 +94,7 @@ class TensorRTStepSession:
         self.out_dtypes = {t.name: t.dtype for t in part.outputs}
 
     def run(self, input_ids: np.ndarray, positions: np.ndarray, past_lengths: np.ndarray, new_lengths: np.ndarray,
-            kv: list) -> tuple[Any, list]:
+            kv: list, rope_long: np.ndarray | None = None) -> tuple[Any, list]:
         """As ``CudaStepSession.run``: host int64 small inputs, device KV views; device outputs."""
         from ember.runtime.device_kv_pool import torch_dtype
 
@@ -101,9 +102,9 @@ class TensorRTStepSession:
         b, t = input_ids.shape
         p = max(int(a.shape[2]) for a in kv)  # sliding-window rings can be shorter than the other layers
         ctx = self.contexts[select_profile(self.profiles, {"batch": b, "tokens": t, "past": p})]
-        small = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.device)
-                 for a in (input_ids, positions, past_lengths, new_lengths)]
-        for name, a in zip(self.input_names, list(small) + list(kv)):
+        small = {n: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.device) for n, a in
+                 small_step_inputs(self.input_names, input_ids, positions, past_lengths, new_lengths, rope_long).items()}
+        for name, a in list(small.items()) + list(zip(kv_input_names(self.input_names), kv)):
             ctx.set_input_shape(name, tuple(a.shape))
             ctx.set_tensor_address(name, a.data_ptr())
         outs = []
