@@ -12,6 +12,7 @@ import ember
 import ember.runtime.decoder as decoder_mod
 from ember.errors import InputError
 from ember.runtime.detokenize import Detokenizer
+from ember.runtime.executor import LocalExecutor
 from ember.runtime.requests import FinishReason, RequestHandle, SamplingParams
 from ember.runtime.sampling import sample_token
 
@@ -179,10 +180,10 @@ def test_a_sampling_failure_fails_only_its_request(gpt2_tiny, reference, monkeyp
 
 def test_nan_logits_fail_only_the_sampling_request(gpt2_tiny, reference, monkeypatch):
     """The model returns NaN logits for the rows that sample; only one job samples here."""
-    real_launch = decoder_mod.launch_greedy
+    real_launch = LocalExecutor.launch_greedy
 
-    def nan_launch(*args, **kwargs):
-        pending = real_launch(*args, **kwargs)
+    def nan_launch(self, *args, **kwargs):
+        pending = real_launch(self, *args, **kwargs)
 
         class WithNaN:
             def result(self):
@@ -190,7 +191,7 @@ def test_nan_logits_fail_only_the_sampling_request(gpt2_tiny, reference, monkeyp
                 return greedy, np.full_like(logits, np.nan)
         return WithNaN()
 
-    monkeypatch.setattr(decoder_mod, "launch_greedy", nan_launch)
+    monkeypatch.setattr(LocalExecutor, "launch_greedy", nan_launch)
     with ember.load(gpt2_tiny) as eng:
         with eng._cv:
             handles = [eng.submit(p, max_new_tokens=N_NEW, ignore_eos=True, **(kw if i == POISON else {}))

@@ -16,7 +16,7 @@ import numpy as np
 
 from ember.errors import EmberError, InputError
 from ember.runtime.detokenize import Detokenizer
-from ember.runtime.executor import launch_greedy
+from ember.runtime.executor_protocol import Executor
 from ember.runtime.requests import Completion, FinishReason, RequestHandle, SamplingParams, TokenEvent
 from ember.runtime.sampling import sample_token
 from ember.runtime.scheduler import FusionScheduler, Phase, Sequence, StepPlan
@@ -40,7 +40,7 @@ def _describe(e: BaseException) -> str:
 class DecoderEngine:
     """Owns an executor (session + KV pool), a scheduler and the loop thread."""
 
-    def __init__(self, executor, scheduler: FusionScheduler, *, tokenizer=None, eos_token_id: int | None = None,
+    def __init__(self, executor: Executor, scheduler: FusionScheduler, *, tokenizer=None, eos_token_id: int | None = None,
                  max_positions: int, config: dict | None = None, manifest=None):
         self.executor, self.scheduler = executor, scheduler
         self.tokenizer, self.eos_token_id = tokenizer, eos_token_id
@@ -157,7 +157,7 @@ class DecoderEngine:
         # Tokens already recorded whose streaming (detokenization, stop strings, events) waits
         # until the next step is launched: on a GPU it then overlaps the device's work.
         unstreamed: list[Sequence] = []
-        # The last launched step, its tokens not yet recorded. An executor that ``chains`` can
+        # The last launched step, its tokens not yet recorded. An executor that ``supports_chaining`` can
         # run a pure-decode step behind it with the ids taken from its argmax on the device, so
         # the host never holds the device up (``_continuation``).
         inflight: tuple[StepPlan, list] | None = None
@@ -206,11 +206,11 @@ class DecoderEngine:
     def _continuation(self, last: StepPlan) -> StepPlan | None:
         """The next step, when it can be launched before ``last``'s tokens are recorded: the
         same decode rows again, fed the tokens ``last`` is computing (on the device). Only for
-        an executor that ``chains``, a pure-decode ``last`` whose rows all take the argmax and
+        an executor that ``supports_chaining``, a pure-decode ``last`` whose rows all take the argmax and
         none ends with the token in flight (length), and while no request waits or is being
         cancelled. An EOS or stop string found in ``last``'s token ends its request, and the
         token computed behind it is dropped. Called under the lock."""
-        if not getattr(self.executor, "chains", False) or last.prefill or last.decode_stop <= last.decode_start:
+        if not self.executor.supports_chaining or last.prefill or last.decode_stop <= last.decode_start:
             return None
         if self._cancel or self.scheduler.waiting:
             return None
@@ -240,7 +240,7 @@ class DecoderEngine:
             ending = [(g.seqs[r], r) for r, (s, n) in enumerate(zip(g.seqs, g.lengths))
                       if s.num_cached + n == len(s.prompt_ids)]
             sampled = [r for s, r in ending if s.payload.rng is not None]
-            pending = launch_greedy(ex, g.start, ids, pos, np.asarray(g.lengths, dtype=np.int64), sampled)
+            pending = ex.launch_greedy(g.start, ids, pos, np.asarray(g.lengths, dtype=np.int64), sampled)
             for s, n in zip(g.seqs, g.lengths):
                 s.num_cached += n
             launched.append((ending, sampled, pending))
@@ -255,7 +255,7 @@ class DecoderEngine:
             # every row's argmax in one pass (on the device for a GPU executor); full logits
             # only for the rows that sample
             sampled = [s.slot - start for s in plan.decode_seqs if s.payload.rng is not None]
-            pending = launch_greedy(ex, start, ids, pos, new, sampled, chain=chain)
+            pending = ex.launch_greedy(start, ids, pos, new, sampled, chain=chain)
             for s in plan.decode_seqs:
                 s.num_cached += 1
             launched.append(([(s, s.slot - start) for s in plan.decode_seqs], sampled, pending))
