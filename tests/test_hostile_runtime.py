@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import ember
-import ember.runtime.decoder as decoder_mod
+import ember.runtime.output_processor as output_processor_mod
 from ember.errors import InputError
 from ember.runtime.detokenize import Detokenizer
 from ember.runtime.executor import LocalExecutor
@@ -172,7 +172,7 @@ def test_a_sampling_failure_fails_only_its_request(gpt2_tiny, reference, monkeyp
                 raise RuntimeError("poisoned sample")
         return real(logits, params, rng)
 
-    monkeypatch.setattr(decoder_mod, "sample_token", poisoned)
+    monkeypatch.setattr(output_processor_mod, "sample_token", poisoned)
     done, stats, _ = _run_batch(gpt2_tiny)
     _check_isolated(done, stats, reference, "poisoned sample")
     assert done[POISON].token_ids == reference[0][POISON].token_ids[:2]  # the tokens before the failure
