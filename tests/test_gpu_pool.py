@@ -5,6 +5,8 @@ grow / shrink logic, so a GPU run is never the first time it executes.
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -120,13 +122,23 @@ def test_graph_window_buckets():
     assert graph_window(20, 30, 24) == (0, 24)
 
 
-class _FakeGraphSession:
-    """Stands in for a CUDA-graph session: returns logits = row's input id, records the window."""
+class _FakeDeviceSession:
+    """The ``DeviceSession`` members ``DeviceExecutor`` reads, as a CUDA-graph session declares them."""
 
     cuda_graph_status = "on"
+    supports_chaining = False
 
     def __init__(self):
         self.calls = []
+        self.lock = threading.RLock()
+        self.forgotten = 0
+
+    def forget_graphs(self):
+        self.forgotten += 1
+
+
+class _FakeGraphSession(_FakeDeviceSession):
+    """Stands in for a CUDA-graph session: returns logits = row's input id, records the window."""
 
     def run(self, ids, pos, past, new, kv):
         b, t = ids.shape
@@ -151,14 +163,9 @@ def test_executor_pads_graph_decodes_to_a_bucket_from_slot_zero():
     assert pool.lengths.tolist() == [0, 0, 0, 5, 6, 7, 0, 0]  # padding rows kept nothing
 
 
-class _FakeDecodeSession:
+class _FakeDecodeSession(_FakeDeviceSession):
     """Stands in for ``CudaDecodeSession``: writes each row's 'K/V' (its token id) in place at
     its past length, as GroupQueryAttention does with a shared past/present buffer."""
-
-    cuda_graph_status = "on"
-
-    def __init__(self):
-        self.calls = []
 
     def run(self, input_ids, past_lengths, kv):
         self.calls.append((len(input_ids), list(past_lengths)))
@@ -230,9 +237,9 @@ def test_device_greedy_matches_host_argmax_and_returns_only_sampled_rows():
 
 
 def test_run_greedy_falls_back_to_full_logits():
-    from ember.runtime.executor import run_greedy
+    from ember.runtime.executor import HostGreedy, run_greedy
 
-    class HostOnly:  # an executor with only `run` (the CPU and tensor-parallel ones)
+    class HostOnly(HostGreedy):  # an executor whose steps run on the host (the CPU and tensor-parallel ones)
         def run(self, start, ids, pos, new):
             return np.array([[0.0, 2.0, 1.0], [5.0, 1.0, 5.0]], np.float32)
 

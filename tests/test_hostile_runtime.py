@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 import ember
-import ember.runtime.decoder as decoder_mod
+import ember.runtime.output_processor as output_processor_mod
 from ember.errors import InputError
 from ember.runtime.detokenize import Detokenizer
+from ember.runtime.executor import LocalExecutor
 from ember.runtime.requests import FinishReason, RequestHandle, SamplingParams
 from ember.runtime.sampling import sample_token
 
@@ -171,7 +172,7 @@ def test_a_sampling_failure_fails_only_its_request(gpt2_tiny, reference, monkeyp
                 raise RuntimeError("poisoned sample")
         return real(logits, params, rng)
 
-    monkeypatch.setattr(decoder_mod, "sample_token", poisoned)
+    monkeypatch.setattr(output_processor_mod, "sample_token", poisoned)
     done, stats, _ = _run_batch(gpt2_tiny)
     _check_isolated(done, stats, reference, "poisoned sample")
     assert done[POISON].token_ids == reference[0][POISON].token_ids[:2]  # the tokens before the failure
@@ -179,10 +180,10 @@ def test_a_sampling_failure_fails_only_its_request(gpt2_tiny, reference, monkeyp
 
 def test_nan_logits_fail_only_the_sampling_request(gpt2_tiny, reference, monkeypatch):
     """The model returns NaN logits for the rows that sample; only one job samples here."""
-    real_launch = decoder_mod.launch_greedy
+    real_launch = LocalExecutor.launch_greedy
 
-    def nan_launch(*args, **kwargs):
-        pending = real_launch(*args, **kwargs)
+    def nan_launch(self, *args, **kwargs):
+        pending = real_launch(self, *args, **kwargs)
 
         class WithNaN:
             def result(self):
@@ -190,7 +191,7 @@ def test_nan_logits_fail_only_the_sampling_request(gpt2_tiny, reference, monkeyp
                 return greedy, np.full_like(logits, np.nan)
         return WithNaN()
 
-    monkeypatch.setattr(decoder_mod, "launch_greedy", nan_launch)
+    monkeypatch.setattr(LocalExecutor, "launch_greedy", nan_launch)
     with ember.load(gpt2_tiny) as eng:
         with eng._cv:
             handles = [eng.submit(p, max_new_tokens=N_NEW, ignore_eos=True, **(kw if i == POISON else {}))

@@ -90,9 +90,14 @@ class _RopeRecordingSession:
     """Stands in for a graph-captured step session; records the ``rope_long`` of each run."""
 
     cuda_graph_status = "on"
+    supports_chaining = False
 
     def __init__(self):
         self.rope_long: list = []
+        self.lock = threading.Lock()
+
+    def forget_graphs(self):
+        pass
 
     def run(self, ids, pos, past, new, kv, rope_long=None):
         self.rope_long.append(None if rope_long is None else list(rope_long))

@@ -12,7 +12,8 @@ import pytest
 
 from ember.errors import InputError, OverloadedError
 from ember.runtime.decoder import DecoderEngine
-from ember.runtime.executor import DoneStep
+
+from ember.runtime.executor import DoneStep, HostGreedy
 from ember.runtime.requests import FinishReason, SamplingParams
 from ember.runtime.scheduler import ADMIT_WAIT, FusionScheduler, Phase, Sequence, min_move_plan
 
@@ -292,7 +293,7 @@ def fake_next_token(tokens: list[int]) -> int:
     return h % VOCAB
 
 
-class FakeExecutor:
+class FakeExecutor(HostGreedy):
     """The executor contract over Python lists: slot i holds the tokens whose 'K/V' it stores.
     ``run`` checks the per-request positions and that no dead row is fed to the model."""
 
@@ -383,7 +384,7 @@ class LaunchingFakeExecutor(FakeExecutor):
         super().__init__(slots)
         self.log, self.launches = log, 0
 
-    def launch_greedy(self, start, input_ids, positions, new_lengths, logit_rows=()):
+    def launch_greedy(self, start, input_ids, positions, new_lengths, logit_rows=(), chain=None):
         self.launches += 1
         n, log = self.launches, self.log
         log.append(("launch", n))
@@ -451,10 +452,10 @@ def test_a_failing_detokenization_fails_its_request_not_the_engine():
 
 
 class ChainingFakeExecutor(LaunchingFakeExecutor):
-    """``LaunchingFakeExecutor`` that also ``chains``: a decode launched with ``chain=`` takes its
+    """``LaunchingFakeExecutor`` that ``supports_chaining``: a decode launched with ``chain=`` takes its
     ids from that pending step's tokens (on a GPU: its argmax, copied on the device)."""
 
-    chains = True
+    supports_chaining = True
 
     def __init__(self, slots: int, log: list):
         super().__init__(slots, log)
@@ -585,12 +586,12 @@ def solo_longrope(prompt: list[int], n: int, switch: int) -> list[int]:
 
 class LongRopeFakeExecutor(FakeExecutor):
     """``FakeExecutor`` of a LongRoPE model: each cached entry keeps the factor set its step was
-    given (``rope_long``), and the next token hashes tokens and factor sets; ``chains`` as the
-    GPU executor (a decode launched with ``chain=`` takes that step's tokens as its ids)."""
+    given (``rope_long``), and the next token hashes tokens and factor sets; with ``chains`` it
+    ``supports_chaining`` as the GPU executor (a decode launched with ``chain=`` takes that step's tokens as its ids)."""
 
     def __init__(self, slots: int, chains: bool):
         super().__init__(slots)
-        self.chains, self.chained = chains, 0
+        self.supports_chaining, self.chained = chains, 0
 
     def run(self, start, input_ids, positions, new_lengths, rope_long=None):
         assert rope_long is not None and len(rope_long) == len(new_lengths), "a LongRoPE step needs rope_long per row"

@@ -132,14 +132,14 @@ def wants_fused_decode(options: CompileOptions, family: str, head_dim: int = 64,
 
 def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions = CompileOptions()) -> mf.Manifest:
     """Compile a decoder SOURCE (HF folder or built-in name) into the engine folder ``out``."""
-    from ember.export.external_data import load_all
+    from ember.compiler.decoder_passes import LM_HEAD_GEMM, decoder_passes
     from ember.export.onnx_export import (check_against_reference, export_step_graph_file, save_onnx,
                                           torch_step_reference)
     from ember.export.sources import resolve_decoder_source
-    from ember.passes.lm_head_gemm import lm_head_gemm
+    from ember.passes.contract import PassContext, run_passes
 
     prepare_output(out, overwrite=options.overwrite, source=source)  # fail before the long export
-    passes = [p for p in (options.dtype == "fp16", options.quantize) if p]
+    passes = decoder_passes(options)
     log = StageLog(total=5 + len(passes) + int(options.validate) - 1, quiet=options.quiet)
     with log.stage(f"loading model source {source}"):
         src = resolve_decoder_source(source, seed=options.seed)
@@ -153,9 +153,14 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
         return compile_tp_folder(src, out, options, log, source=source)
     with atomic_folder(out, overwrite=options.overwrite, source=source) as tmp:
         step_path = tmp / STEP_FILE
+        records = []  # every pass's record, in order, for the manifest
+
+        def export_rewrite(graph, base_dir):  # runs on the exported graph before it is written
+            records.extend(run_passes([LM_HEAD_GEMM], graph, PassContext(folder=base_dir, options=options))[1])
+
         with log.stage("exporting the step graph to ONNX"):
             # big weights stay in step.onnx.data: passes read them a tensor at a time (export/external_data.py)
-            proto = export_step_graph_file(src.model, c, step_path, rewrite=lm_head_gemm)
+            proto = export_step_graph_file(src.model, c, step_path, rewrite=export_rewrite)
         check = None
         reference = torch_step_reference(src.model, c) if options.validate else None
         if not fused:  # nothing below needs the torch weights: free them before ONNX Runtime maps its own
@@ -170,20 +175,10 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
                         f"exported graph differs from the torch model (relative error {check.max_rel_error:.2e} "
                         f"on {check.worst_output}); this is an Ember export bug: please report it with the source"
                     )
-        quant_info = None
-        if options.dtype == "fp16":
-            with log.stage("converting to FP16"):
-                from ember.passes.fp16 import convert_to_fp16, default_keep_fp32
-
-                proto = convert_to_fp16(load_all(proto, tmp), keep_fp32=default_keep_fp32(options.backend))
-        if options.quantize:
-            with log.stage(f"quantizing ({options.quantize}, " + (f"block-wise MatMulNBits, block {options.block_size or 32})"
-                                                                  if options.blockwise else
-                                                                  f"calibration {options.calib_method})")):
-                from ember.compiler.quantize_step import quantize_step_graph
-
-                proto, quant_info = quantize_step_graph(proto, src, options, tmp, log)
-        if passes:
+        proto, graph_records = run_passes(passes, proto, PassContext(folder=tmp, options=options, source=src, log=log))
+        records += graph_records
+        quant_info = next((r.record for r in graph_records if r.name == "quantize"), None)
+        if any(r.changed for r in graph_records):
             save_onnx(proto, step_path, base_dir=tmp, keep_in_memory=False)
         files = sorted(f.name for f in tmp.glob(STEP_FILE + "*"))
         with log.stage(f"building the {options.backend} engine" + (" + fused decode graph" if fused else "")):
@@ -205,7 +200,7 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
                 build=build,
                 tables=[mf.file_record(tmp, t) for t in sorted(_tables(tmp))],
                 extra={"dtype": options.dtype, "export_check": check.to_dict() if check else None,
-                       "options": options_record(options)},
+                       "options": options_record(options), "passes": [_pass_entry(r) for r in records]},
             )
             write_manifest(tmp, m)
     if not options.quiet:
@@ -320,6 +315,16 @@ def _check_quantized_decode(src, folder: Path, path: Path, dtype: str, options: 
         raise EmberError(f"the quantized fused decode graph differs from the quantized step graph (relative error "
                          f"{err:.2e} > {tol}); {fix}")
     return record
+
+
+def _pass_entry(record) -> dict:
+    """A pass's entry in the manifest's ``extra["passes"]``; the quantization pass's record is
+    the manifest's ``quantization`` section, not repeated here."""
+    entry = record.to_dict()
+    if record.name == "quantize":
+        entry.pop("record", None)
+        entry["record_in"] = "quantization"
+    return entry
 
 
 def model_record(src) -> dict:

@@ -11,8 +11,9 @@ pool's K/V writes (PyTorch kernels), the graph and what the caller does with its
 ordered without host synchronisation.
 
 Device memory is held in PyTorch CUDA tensors (PyTorch is the array library of the GPU
-path; the CPU path never imports it). ``DeviceExecutor`` has the four methods of
-``executor.LocalExecutor`` and serves both the ORT CUDA and the TensorRT step sessions.
+path; the CPU path never imports it). ``DeviceExecutor`` implements the ``Executor`` protocol
+(``executor_protocol.py``) and serves both the ORT CUDA and the TensorRT step sessions
+(``DeviceSession``).
 
 Runs are launched asynchronously (``async_launch``): ``DeviceExecutor.launch_greedy`` queues
 the step, the argmax and the tokens' copy to pinned memory, and returns; the engine streams
@@ -43,6 +44,7 @@ from ember.ort.session import kv_input_names, small_step_inputs
 from ember.runtime.device_kv_pool import DeviceKVPool, KVList
 from ember.runtime.device_kv_pool import require_torch as _torch
 from ember.runtime.executor import step_on_pool
+from ember.runtime.executor_protocol import DeviceSession
 
 
 def parse_device(device: str) -> int:
@@ -71,8 +73,12 @@ class CudaStepSession:
 
     ``run`` takes host int64 arrays for ids/positions/lengths and the pool's device views;
     it returns device tensors: logits [B,V] and the new K/V (2L tensors [B,Hkv,T,D]), which
-    the caller owns.
+    the caller owns. A ``DeviceSession`` (``executor_protocol.py``).
     """
+
+    # ``DeviceSession`` members, set per session in ``__init__``
+    supports_chaining: bool = False  # true with ``async_launch``
+    cuda_graph_status: str = "off"  # "on" / "off" / "unavailable: <why>"
 
     def __init__(self, onnx_path: str | os.PathLike, num_layers: int, device_index: int = 0,
                  cuda_graph: bool = False, optimized_model_path: str | None = None, tf32: bool = False,
@@ -106,6 +112,9 @@ class CudaStepSession:
         # may touch CUDA. Executors take this lock around everything they do on the device.
         self.lock = threading.RLock()
         self.async_launch = async_launch
+        # a chained step's ids are a device tensor, and a run that does not wait for the device
+        # lets the host launch the next one behind it
+        self.supports_chaining = async_launch
         self._no_graph = self._run_options(-1 if self.cuda_graph_status == "on" else None)
 
     def _run_options(self, graph_id: int | None):
@@ -361,16 +370,17 @@ def graph_window(start: int, stop: int, slots: int) -> tuple[int, int]:
 
 
 class DeviceExecutor:
-    """``LocalExecutor``'s interface over a device session + ``DeviceKVPool``."""
+    """The ``Executor`` protocol over a ``DeviceSession`` + ``DeviceKVPool``; it chains steps
+    where its session does (``supports_chaining``)."""
 
-    def __init__(self, session, pool: DeviceKVPool, decode=None):
+    def __init__(self, session: DeviceSession, pool: DeviceKVPool, decode: DeviceSession | None = None):
         self.session, self.pool, self.decode = session, pool, decode
         # steps chain on the device (``launch_greedy(chain=)``) where launches are asynchronous
         # (ONNX Runtime sessions; ``EMBER_ASYNC_LAUNCH=0`` turns both off)
-        self.chains = bool(getattr(session, "async_launch", False))
+        self.supports_chaining = session.supports_chaining
         self._generation = pool.generation
         # one lock per session: executors sharing it (one per thread) never overlap on the device
-        self.lock = getattr(session, "lock", None) or threading.RLock()
+        self.lock = session.lock
         if decode is not None:  # ORT captures graphs in global mode: both sessions under one lock
             decode.lock = self.lock
 
@@ -398,7 +408,7 @@ class DeviceExecutor:
         decode = None
         if self.decode is not None and decode_positions_ok(positions, self.pool.lengths[start:stop], new_lengths):
             decode = self.decode
-        if t == 1 and getattr(decode or self.session, "cuda_graph_status", "off") == "on":
+        if t == 1 and (decode or self.session).cuda_graph_status == "on":
             lo, hi = graph_window(start, stop, self.pool.slots)
             if (lo, hi) != (start, stop):
                 ids = np.zeros((hi - lo, 1), np.int64) if isinstance(input_ids, np.ndarray) else \
@@ -420,7 +430,7 @@ class DeviceExecutor:
         """Captured graphs hold the pool's addresses: drop them after it reallocates."""
         if self.pool.generation != self._generation:
             for s in (self.session, self.decode):
-                if hasattr(s, "forget_graphs"):
+                if s is not None:
                     s.forget_graphs()
             self._generation = self.pool.generation
 

@@ -1,6 +1,11 @@
 """The decoder engine: requests in, tokens streamed out, every live sequence fused into one
 step per iteration (docs/design.md §4.1). The loop is ``schedule -> execute -> update`` on a
 background thread that runs while there is work; ``submit`` is thread-safe.
+
+Three parts, each with one job: the scheduler (``scheduler.py``) plans each step and owns every
+change of a request's state, the chaining policy included; the runner (``step_runner.py``)
+builds a plan's tensors and launches them on the executor; the output processor
+(``output_processor.py``) records the tokens, streams them and finishes requests.
 """
 from __future__ import annotations
 
@@ -8,42 +13,28 @@ import dataclasses
 import itertools
 import threading
 import time
-import traceback
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence as Seq
 
 import numpy as np
 
 from ember.errors import EmberError, InputError
 from ember.runtime.detokenize import Detokenizer
-from ember.runtime.executor import launch_greedy
+from ember.runtime.executor_protocol import Executor
+from ember.runtime.output_processor import OutputProcessor, RequestState
 from ember.runtime.requests import Completion, FinishReason, RequestHandle, SamplingParams, TokenEvent
-from ember.runtime.sampling import sample_token
 from ember.runtime.scheduler import FusionScheduler, Phase, Sequence, StepPlan
+from ember.runtime.step_runner import InflightStep, StepRunner
 from ember.runtime.text_input import check_text, check_token_ids
 
 
-@dataclass
-class _RequestState:
-    handle: RequestHandle
-    rng: np.random.Generator | None
-    detok: Detokenizer
-    first_token_at: float | None = None
-    token_times: list[float] | None = None
-    streamed: int = 0  # generated tokens already pushed to the handle
-
-
-def _describe(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"
-
-
 class DecoderEngine:
-    """Owns an executor (session + KV pool), a scheduler and the loop thread."""
+    """Owns an executor (session + KV pool), a scheduler, the runner and output processor
+    between them, and the loop thread."""
 
-    def __init__(self, executor, scheduler: FusionScheduler, *, tokenizer=None, eos_token_id: int | None = None,
+    def __init__(self, executor: Executor, scheduler: FusionScheduler, *, tokenizer=None, eos_token_id: int | None = None,
                  max_positions: int, config: dict | None = None, manifest=None):
         self.executor, self.scheduler = executor, scheduler
-        self.tokenizer, self.eos_token_id = tokenizer, eos_token_id
+        self.tokenizer = tokenizer
         self.max_positions = max_positions
         self._length_limit = min(max_positions, scheduler.max_seq_len)  # a sequence's last position
         self.config, self.manifest = config or {}, manifest
@@ -54,6 +45,16 @@ class DecoderEngine:
         self._cancel: list[Sequence] = []
         self.counters = {"tokens_generated_total": 0, "requests_finished_total": 0, "iterations_total": 0,
                          "prompt_tokens_total": 0, "requests_failed_total": 0}
+        self.runner = StepRunner(executor, longrope=scheduler.rope_switch is not None)
+        self.output = OutputProcessor(scheduler, executor, eos_token_id, self._length_limit, self.counters)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.output.eos_token_id
+
+    @eos_token_id.setter
+    def eos_token_id(self, value: int | None) -> None:
+        self.output.eos_token_id = value
 
     # -- submission ------------------------------------------------------------------------
     def encode(self, prompt: str | Seq[int], field: str = "prompt") -> np.ndarray:
@@ -92,7 +93,7 @@ class DecoderEngine:
         seq = Sequence(request_id=rid, prompt_ids=ids, params=params, reserved=reserved)
         handle = RequestHandle(rid, len(ids), lambda h, s=seq: self._request_cancel(s))
         rng = np.random.default_rng(params.seed) if params.temperature > 0 else None
-        seq.payload = _RequestState(handle, rng, Detokenizer(self.tokenizer, params.stop), token_times=[])
+        seq.payload = RequestState(handle, rng, Detokenizer(self.tokenizer, params.stop), token_times=[])
         with self._cv:
             if self._closed:
                 raise EmberError("engine is closed")
@@ -130,7 +131,7 @@ class DecoderEngine:
 
     def _request_cancel(self, seq: Sequence) -> None:
         with self._cv:
-            seq.cancelled = True
+            self.scheduler.cancel(seq)
             self._cancel.append(seq)
             self._cv.notify()
 
@@ -155,253 +156,92 @@ class DecoderEngine:
             self._thread.start()
 
     def _loop(self) -> None:
-        # Tokens already recorded whose streaming (detokenization, stop strings, events) waits
-        # until the next step is launched: on a GPU it then overlaps the device's work.
+        """schedule -> launch -> (stream the last step's tokens) -> collect, until closed.
+
+        ``unstreamed``: tokens recorded whose streaming (detokenization, stop strings, events)
+        waits until the next step is launched: on a GPU it then overlaps the device's work.
+        ``inflight``: the last launched step, its tokens not yet recorded. An executor that
+        ``supports_chaining`` runs a pure-decode step behind it, fed its argmax on the device
+        (``FusionScheduler.continuation``), so the host never holds the device up."""
         unstreamed: list[Sequence] = []
-        # The last launched step, its tokens not yet recorded. An executor that ``chains`` can
-        # run a pure-decode step behind it with the ids taken from its argmax on the device, so
-        # the host never holds the device up (``_continuation``).
-        inflight: tuple[StepPlan, list] | None = None
+        inflight: InflightStep | None = None
         while True:
             with self._cv:
                 if self._closed:
                     return
-                plan = self._continuation(inflight[0]) if inflight is not None else None
+                plan = self._continuation(inflight)
             if inflight is not None and plan is None:  # the next step needs this one's tokens first
-                try:
-                    unstreamed += self._update(inflight[1])
-                except Exception as e:
-                    self._fail_plan(inflight[0], e)
+                unstreamed += self._collect(inflight)
                 inflight = None
                 continue
             if plan is None:
-                with self._cv:
-                    if not self.scheduler.has_work():
-                        unstreamed = self._stream_all(unstreamed)
-                    while not self._closed and not self._cancel and not self.scheduler.has_work():
-                        self._cv.wait()
-                    if self._closed:
-                        return
-                    for seq in self._cancel:
-                        if seq.phase is not Phase.DONE:
-                            self._finish(seq, FinishReason.CANCELLED)
-                    self._cancel.clear()
-                    plan = self.scheduler.schedule()
+                plan = self._wait_and_schedule(unstreamed)
+                if plan is None:  # closed
+                    return
                 if plan.empty and not plan.moves:
-                    unstreamed = self._stream_all(unstreamed)
+                    self._stream(unstreamed)
                     continue
-            self.counters["iterations_total"] += 1
-            launched = None
-            try:
-                launched = self._launch(plan, chain=inflight[1][-1][2] if inflight is not None else None)
-            except Exception as e:  # a failed step fails the requests in it, not the engine
-                self._fail_plan(plan, e)
-            unstreamed = self._stream_all(unstreamed)
+            launched = self._launch(plan, behind=inflight)
+            self._stream(unstreamed)
             if inflight is not None:  # the step this one was chained behind
-                try:
-                    unstreamed = self._update(inflight[1])
-                except Exception as e:
-                    self._fail_plan(inflight[0], e)
-            inflight = (plan, launched) if launched is not None else None
+                unstreamed += self._collect(inflight)
+            inflight = launched
 
-    def _continuation(self, last: StepPlan) -> StepPlan | None:
-        """The next step, when it can be launched before ``last``'s tokens are recorded: the
-        same decode rows again, fed the tokens ``last`` is computing (on the device). Only for
-        an executor that ``chains``, a pure-decode ``last`` whose rows all take the argmax and
-        none ends with the token in flight (length), and while no request waits or is being
-        cancelled, and no row would cross the LongRoPE switch. An EOS or stop string found in
-        ``last``'s token ends its request, and the token computed behind it is dropped. Called
-        under the lock."""
-        if not getattr(self.executor, "chains", False) or last.prefill or last.decode_stop <= last.decode_start:
+    def _continuation(self, inflight: InflightStep | None) -> StepPlan | None:
+        """The step to chain behind ``inflight`` (the scheduler's policy), or None. Under the lock."""
+        if inflight is None:
             return None
-        if self._cancel or self.scheduler.waiting:
-            return None
-        for s in last.decode_seqs:
-            if s.phase is not Phase.DECODE or s.cancelled or s.payload.rng is not None:
-                return None
-            if len(s.generated) + 1 >= s.params.max_new_tokens or s.total_tokens + 1 >= self._length_limit:
-                return None
-            if self.scheduler.crosses_rope_switch(s, s.num_cached + 1):  # LongRoPE: schedule() recomputes it
-                return None
-        return StepPlan([], [], last.decode_start, last.decode_stop, list(last.decode_seqs))
+        return self.scheduler.continuation(inflight.plan, chaining=self.executor.supports_chaining,
+                                           cancelling=bool(self._cancel), length_limit=self._length_limit)
 
-    def _launch(self, plan: StepPlan, chain=None) -> list:
-        """Queue the plan's calls on the executor: slot moves, the K/V drops of recomputed
-        sequences (LongRoPE), one call per prefill group, one fused decode call (fed the device
-        tokens of the pending step ``chain`` when given, for a ``_continuation``). Returns, per
-        call, (the sequences and rows whose token it yields, the rows that sample, the pending
-        result)."""
-        ex = self.executor
-        if plan.moves:
-            ex.move(plan.moves)
-        for slot in plan.drop_kv:
-            ex.release(slot)
-        launched = []
-        for g in plan.prefill:
-            b, t = len(g.seqs), max(g.lengths)
-            ids = np.zeros((b, t), dtype=np.int64)
-            pos = np.zeros((b, t), dtype=np.int64)
-            for r, (s, n) in enumerate(zip(g.seqs, g.lengths)):
-                ids[r, :n] = s.token_ids()[s.num_cached:s.num_cached + n]
-                pos[r, :n] = np.arange(s.num_cached, s.num_cached + n)
-            ending = [(g.seqs[r], r) for r, (s, n) in enumerate(zip(g.seqs, g.lengths))
-                      if s.num_cached + n == s.total_tokens]
-            sampled = [r for s, r in ending if s.payload.rng is not None]
-            pending = launch_greedy(ex, g.start, ids, pos, np.asarray(g.lengths, dtype=np.int64), sampled,
-                                    rope_long=self._rope_long(g.seqs, g.start, b))
-            for s, n in zip(g.seqs, g.lengths):
-                s.num_cached += n
-            launched.append((ending, sampled, pending))
-        if plan.decode_stop > plan.decode_start:
-            start, b = plan.decode_start, plan.decode_stop - plan.decode_start
-            ids = np.zeros((b, 1), dtype=np.int64)
-            pos = np.zeros((b, 1), dtype=np.int64)
-            new = np.zeros(b, dtype=np.int64)
-            for s in plan.decode_seqs:
-                r = s.slot - start
-                ids[r, 0], pos[r, 0], new[r] = (0 if chain is not None else s.next_input()), s.num_cached, 1
-            # every row's argmax in one pass (on the device for a GPU executor); full logits
-            # only for the rows that sample
-            sampled = [s.slot - start for s in plan.decode_seqs if s.payload.rng is not None]
-            pending = launch_greedy(ex, start, ids, pos, new, sampled, chain=chain,
-                                    rope_long=self._rope_long(plan.decode_seqs, start, b))
-            for s in plan.decode_seqs:
-                s.num_cached += 1
-            launched.append(([(s, s.slot - start) for s in plan.decode_seqs], sampled, pending))
-        return launched
-
-    def _rope_long(self, seqs: list[Sequence], start: int, rows: int) -> np.ndarray | None:
-        """LongRoPE's factor set of slots [start, start+rows) (int64, 1 = long; rows not in
-        ``seqs`` are ignored by the step: 0); None for a model without LongRoPE."""
-        if self.scheduler.rope_switch is None:
-            return None
-        long = np.zeros(rows, dtype=np.int64)
-        for s in seqs:
-            long[s.slot - start] = s.rope_long
-        return long
-
-    def _update(self, launched: list) -> list[Sequence]:
-        """Wait for the launched calls' tokens and record them (sampling the rows that sample):
-        EOS and length finish a request here, before the next schedule; returns the sequences
-        whose new token is still to be streamed."""
-        results = []
-        for rows_of_call, sampled, pending in launched:
-            greedy, logits = pending.result()
-            results.append((rows_of_call, dict(zip(sampled, logits)), greedy))
-        now = time.perf_counter()
-        unstreamed = []
+    def _wait_and_schedule(self, unstreamed: list[Sequence]) -> StepPlan | None:
+        """Wait for work (streaming what is left first when there is none), finish the
+        cancelled requests, and plan the next step; None once the engine is closed."""
         with self._cv:
-            for rows_of_call, logits_of, greedy in results:
-                for s, r in rows_of_call:
-                    if s.phase is Phase.PREFILL:  # its prompt's last chunk: the first token
-                        s.phase = Phase.DECODE
-                    try:
-                        if self._record(s, logits_of.get(r), int(greedy[r]), now):
-                            unstreamed.append(s)
-                    except Exception as e:  # e.g. sampling: fails this request, not its batch mates
-                        self._fail_request(s, e)
-        return unstreamed
+            if not self.scheduler.has_work():
+                self._stream(unstreamed)
+            while not self._closed and not self._cancel and not self.scheduler.has_work():
+                self._cv.wait()
+            if self._closed:
+                return None
+            for seq in self._cancel:
+                if seq.phase is not Phase.DONE:
+                    self.output.finish(seq, FinishReason.CANCELLED)
+            self._cancel.clear()
+            return self.scheduler.schedule()
 
-    def _record(self, s: Sequence, logits_row: np.ndarray | None, greedy_token: int, now: float) -> bool:
-        """Sample the next token of ``s`` (``logits_row``: the row's logits when it samples,
-        else None), record it, and finish the request on EOS or length (streaming it first).
-        Returns True when the token waits to be streamed."""
-        if s.phase is Phase.DONE:  # stopped or cancelled while this step ran: the token is dropped
-            return False
-        st: _RequestState = s.payload
-        if s.cancelled:
-            self._finish(s, FinishReason.CANCELLED)
-            return False
-        tok = greedy_token if st.rng is None else sample_token(logits_row, s.params, st.rng)
-        s.generated.append(tok)
-        self.counters["tokens_generated_total"] += 1
-        if st.first_token_at is None:
-            st.first_token_at = now
-        st.token_times.append(now)
-        if tok == self.eos_token_id and not s.params.ignore_eos:
-            self._finish(s, FinishReason.EOS)
-        elif len(s.generated) >= s.params.max_new_tokens or s.total_tokens >= self._length_limit:
-            self._finish(s, FinishReason.LENGTH)
-        else:
-            return True
-        return False
-
-    def _stream_all(self, seqs: list[Sequence]) -> list[Sequence]:
-        """Stream the recorded tokens of ``seqs`` (finishing those that hit a stop string);
-        returns the empty list of what is left to stream."""
-        with self._cv:
-            for s in seqs:
-                if s.phase is Phase.DONE:
-                    continue
-                try:
-                    self._stream(s)
-                except Exception as e:  # a failing detokenization fails its request, not the engine
-                    self._fail_request(s, e)
-                    continue
-                if s.payload.detok.stopped:
-                    self._finish(s, FinishReason.STOP)
-        return []
-
-    def _stream(self, s: Sequence) -> None:
-        """Push the token events ``s`` has recorded but not streamed (detokenized, with the
-        stop strings checked)."""
-        st: _RequestState = s.payload
-        while st.streamed < len(s.generated):
-            i = st.streamed
-            st.streamed += 1
-            tok = s.generated[i]
-            is_eos = tok == self.eos_token_id and not s.params.ignore_eos
-            delta = "" if is_eos else st.detok.add(s.generated if i + 1 == len(s.generated) else s.generated[:i + 1])
-            st.handle._push(TokenEvent(tok, delta, i))
-
-    def _finish(self, s: Sequence, reason: FinishReason, error: str | None = None) -> None:
-        """End ``s``: stream what it recorded and the text held back, free its slot, complete its
-        handle. A failing per-request step here (detokenization, the stop-string flush, the
-        handle's events) makes it an ERROR finish of this request alone; nothing is raised."""
-        st: _RequestState = s.payload
+    def _launch(self, plan: StepPlan, behind: InflightStep | None) -> InflightStep | None:
+        """Launch ``plan`` (chained behind ``behind`` when given); None when the launch failed,
+        which fails the requests in it, not the engine. Only the loop thread changes
+        ``num_cached``, so ``launched`` needs no lock."""
+        self.counters["iterations_total"] += 1
         try:
-            self._stream(s)  # a recorded token is always streamed before the request ends
-            if reason is FinishReason.LENGTH and st.detok.stopped:  # the last token completed a stop string
-                reason = FinishReason.STOP
-            tail = st.detok.flush() if reason not in (FinishReason.CANCELLED, FinishReason.ERROR) else ""
-            if tail:
-                st.handle._push(TokenEvent(-1, tail, len(s.generated)))
+            step = self.runner.launch(plan, chain=behind.chain_source if behind is not None else None)
         except Exception as e:
-            if reason is not FinishReason.ERROR:
-                traceback.print_exc()
-                reason, error = FinishReason.ERROR, _describe(e)
-        slot = s.slot
-        self.scheduler.retire(s)
+            with self._cv:
+                self.output.fail_plan(plan, e)
+            return None
+        self.scheduler.launched(plan)
+        return step
+
+    def _collect(self, step: InflightStep) -> list[Sequence]:
+        """Wait for ``step``'s tokens and record them; returns the sequences whose new token is
+        still to be streamed."""
         try:
-            if slot is not None:
-                self.executor.release(slot)
-        except Exception:  # the executor's own failure: its next step reports it to every request
-            traceback.print_exc()
-        self.counters["requests_finished_total"] += 1
-        if reason is FinishReason.ERROR:
-            self.counters["requests_failed_total"] += 1
-        st.handle._finish(Completion(
-            request_id=s.request_id, prompt_tokens=len(s.prompt_ids), token_ids=list(s.generated),
-            text=st.detok.text, finish_reason=reason, error=error, submitted_at=st.handle.submitted_at,
-            first_token_at=st.first_token_at, finished_at=time.perf_counter(), token_times=st.token_times,
-        ))
-        if not self.scheduler.running:
-            self.executor.maybe_shrink()
-
-    def _fail_request(self, s: Sequence, e: Exception, log: bool = True) -> None:
-        """The one home of "a step failed for this request": finish ``s`` alone with ERROR and
-        the message (its slot is freed); its batch mates carry on. Call from the except block."""
-        if log:
-            traceback.print_exc()
-        if s.phase is not Phase.DONE:
-            self._finish(s, FinishReason.ERROR, error=_describe(e))
-
-    def _fail_plan(self, plan: StepPlan, e: Exception) -> None:
-        """A whole step failed (the model call): every request in it fails."""
-        traceback.print_exc()
+            outputs = step.wait()
+        except Exception as e:
+            with self._cv:
+                self.output.fail_plan(step.plan, e)
+            return []
+        now = time.perf_counter()
         with self._cv:
-            for s in [s for g in plan.prefill for s in g.seqs] + list(plan.decode_seqs):
-                self._fail_request(s, e, log=False)
+            return self.output.record(outputs, now)
+
+    def _stream(self, unstreamed: list[Sequence]) -> None:
+        """Stream the recorded tokens of ``unstreamed`` and empty it."""
+        with self._cv:
+            self.output.stream_all(unstreamed)
+        unstreamed.clear()
 
     # -- lifetime --------------------------------------------------------------------------
     def close(self) -> None:
@@ -415,7 +255,7 @@ class DecoderEngine:
             self._thread.join()
         with self._cv:
             for s in list(self.scheduler.running) + list(self.scheduler.waiting):
-                self._finish(s, FinishReason.CANCELLED)
+                self.output.finish(s, FinishReason.CANCELLED)
         self.executor.close()
 
     def __enter__(self) -> "DecoderEngine":

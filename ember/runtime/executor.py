@@ -3,7 +3,7 @@
 It is the seam between the engine loop and the hardware: the engine decides what to run
 (from the scheduler's plan), the executor runs it and keeps the KV memory. The local
 executor drives one session + one pool; a tensor-parallel executor can drive N ranks
-behind the same four methods.
+behind the same methods (the ``Executor`` protocol, ``executor_protocol.py``).
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 
 from ember.ort.decode_session import decode_positions_ok
 from ember.ort.session import StepSession
+from ember.runtime.executor_protocol import Executor
 from ember.runtime.kv_pool import KVPool
 
 
@@ -45,7 +46,8 @@ def step_on_pool(pool, session, decode, start: int, input_ids: np.ndarray, posit
 
 class DoneStep:
     """A step whose result is already on the host (what a synchronous executor returns from
-    ``launch_greedy``); a GPU executor returns a pending step with the same ``result``."""
+    ``launch_greedy``); a GPU executor returns a pending step with the same ``result``
+    (``executor_protocol.PendingStep``)."""
 
     def __init__(self, greedy: np.ndarray, rows: np.ndarray):
         self._result = (greedy, rows)
@@ -54,40 +56,31 @@ class DoneStep:
         return self._result
 
 
-def launch_greedy(executor, start: int, input_ids: np.ndarray, positions: np.ndarray, new_lengths: np.ndarray,
-                  logit_rows: np.ndarray | list[int] = (), chain=None, rope_long: np.ndarray | None = None):
-    """Start one step through ``executor``; ``.result()`` of what it returns gives what the
-    engine samples from: every row's greedy token (int64 [B]) and the logits of ``logit_rows``
-    only (float32 [len(logit_rows), V]; the rows that sample rather than take the argmax).
+class HostGreedy:
+    """``launch_greedy`` for an executor whose steps run on the host to completion (CPU,
+    tensor parallel): the step runs in ``launch_greedy``, the full logits from ``run`` are
+    reduced here, and the result is already there. Such an executor cannot chain: the tokens
+    a chained step would read exist only once the previous step has been waited on."""
 
-    An executor with its own ``launch_greedy`` (the GPU's: the step, the argmax and the copy
-    of the tokens are queued on the device and ``result`` waits for them) lets the engine do
-    host work while the device runs; otherwise the step runs here, to completion, and the
-    full logits from the executor's ``run`` are reduced on the host.
+    supports_chaining = False
 
-    ``chain``: a pending step of the same rows whose greedy tokens are this step's
-    ``input_ids`` (taken on the device; only for an executor whose ``chains`` is true).
-    ``rope_long``: int64 [B], LongRoPE's factor set per row (1 = long), for a LongRoPE model only
-    (its executors take it; others are called without it)."""
-    kw = {} if rope_long is None else {"rope_long": rope_long}
-    own = getattr(executor, "launch_greedy", None)
-    if own is not None:
+    def launch_greedy(self, start: int, input_ids: np.ndarray, positions: np.ndarray, new_lengths: np.ndarray,
+                      logit_rows: np.ndarray | list[int] = (), chain=None, rope_long: np.ndarray | None = None
+                      ) -> DoneStep:
         if chain is not None:
-            return own(start, input_ids, positions, new_lengths, logit_rows, chain=chain, **kw)
-        return own(start, input_ids, positions, new_lengths, logit_rows, **kw)
-    if chain is not None:
-        raise ValueError("this executor cannot chain steps")
-    logits = executor.run(start, input_ids, positions, new_lengths, **kw)
-    return DoneStep(logits.argmax(axis=1), logits[np.asarray(logit_rows, dtype=np.int64)])
+            raise ValueError(f"{type(self).__name__} cannot chain steps (supports_chaining is False)")
+        kw = {} if rope_long is None else {"rope_long": rope_long}  # only a LongRoPE model's executor takes it
+        logits = self.run(start, input_ids, positions, new_lengths, **kw)
+        return DoneStep(logits.argmax(axis=1), logits[np.asarray(logit_rows, dtype=np.int64)])
 
 
-def run_greedy(executor, start: int, input_ids: np.ndarray, positions: np.ndarray, new_lengths: np.ndarray,
-               logit_rows: np.ndarray | list[int] = ()) -> tuple[np.ndarray, np.ndarray]:
-    """``launch_greedy`` run to completion: (greedy tokens [B], logits of ``logit_rows``)."""
-    return launch_greedy(executor, start, input_ids, positions, new_lengths, logit_rows).result()
+def run_greedy(executor: Executor, start: int, input_ids: np.ndarray, positions: np.ndarray,
+               new_lengths: np.ndarray, logit_rows: np.ndarray | list[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """``executor.launch_greedy`` run to completion: (greedy tokens [B], logits of ``logit_rows``)."""
+    return executor.launch_greedy(start, input_ids, positions, new_lengths, logit_rows).result()
 
 
-class LocalExecutor:
+class LocalExecutor(HostGreedy):
     """``decode``: an optional fused decode session (``decode_session.DecodeSession``) that
     runs one-token calls and writes their K/V in place; everything else runs the step graph."""
 

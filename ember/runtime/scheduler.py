@@ -1,6 +1,8 @@
 """The temporal fusion scheduler's policy (docs/design.md §4.2): admission, slots, chunked prefill,
-compaction. It never touches an engine: ``schedule()`` returns a plain ``StepPlan`` that the
-engine executes, so the policy is testable with a fake step function.
+compaction, chaining (``continuation``). It never touches an engine: ``schedule()`` returns a
+plain ``StepPlan`` that the engine executes, so the policy is testable with a fake step function.
+Every change of a request's state goes through it: admission and slots here, ``num_cached``
+(``launched``), the phase and the generated tokens (``record_token``), ``cancel``, ``retire``.
 
 Algorithm, once per iteration:
 1. Free the slots of finished/cancelled sequences (``retire``, called by the engine).
@@ -205,6 +207,47 @@ class FusionScheduler:
                 self.waiting.remove(seq)
             except ValueError:
                 pass
+
+    # -- request state (the engine reports; the scheduler changes) ---------------------------
+    def cancel(self, seq: Sequence) -> None:
+        """Mark ``seq`` cancelled; the engine finishes it at its next iteration."""
+        seq.cancelled = True
+
+    def launched(self, plan: StepPlan) -> None:
+        """``plan``'s calls are queued: its rows' new tokens have K/V (or will, once the device
+        is done) -- a prefill row its chunk, a decode row its one token."""
+        for g in plan.prefill:
+            for s, n in zip(g.seqs, g.lengths):
+                s.num_cached += n
+        for s in plan.decode_seqs:
+            s.num_cached += 1
+
+    def record_token(self, seq: Sequence, token: int) -> None:
+        """``seq`` generated ``token``; its first token ends its prefill."""
+        if seq.phase is Phase.PREFILL:
+            seq.phase = Phase.DECODE
+        seq.generated.append(token)
+
+    def continuation(self, last: StepPlan, *, chaining: bool, cancelling: bool, length_limit: int) -> StepPlan | None:
+        """The next step when it can be launched before ``last``'s tokens are recorded: the same
+        decode rows again, fed the tokens ``last`` is computing (on the device). Only with
+        ``chaining`` (the executor's ``supports_chaining``), for a pure-decode ``last`` whose
+        rows all take the argmax and none ends with the token in flight (``max_new_tokens``,
+        or ``length_limit`` total tokens), and while no request waits or is being cancelled
+        (``cancelling``), and no row would cross the LongRoPE switch. An EOS or stop string found
+        in ``last``'s token ends its request, and the token computed behind it is dropped."""
+        if not chaining or last.prefill or last.decode_stop <= last.decode_start:
+            return None
+        if cancelling or self.waiting:
+            return None
+        for s in last.decode_seqs:
+            if s.phase is not Phase.DECODE or s.cancelled or s.params.temperature > 0:
+                return None
+            if len(s.generated) + 1 >= s.params.max_new_tokens or s.total_tokens + 1 >= length_limit:
+                return None
+            if self.crosses_rope_switch(s, s.num_cached + 1):  # LongRoPE: ``schedule`` recomputes it
+                return None
+        return StepPlan([], [], last.decode_start, last.decode_stop, list(last.decode_seqs))
 
     # -- the plan --------------------------------------------------------------------------
     def schedule(self) -> StepPlan:

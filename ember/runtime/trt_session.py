@@ -16,6 +16,7 @@ stream, so the KV pool's writes and the plan are ordered without host syncs.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,18 @@ def check_engine_validity(trt, runtime, data: bytes, plan_path, title: str) -> N
 
 
 class TensorRTStepSession:
+    """A ``DeviceSession`` (``executor_protocol.py``) over a TensorRT or TensorRT-RTX plan."""
+
+    # ``run`` reads its ids from host arrays (``torch.from_numpy``): a chained step's ids are a
+    # device tensor, so ``DeviceExecutor`` never chains over this session; every step's tokens
+    # are read by the host before the next decode is launched.
+    supports_chaining = False
+    # TensorRT runs each profile's execution context as is; no CUDA graph capture here.
+    cuda_graph_status = "off"
+
+    def forget_graphs(self) -> None:
+        """Nothing to drop: no graphs are captured (``cuda_graph_status`` is off)."""
+
     def __init__(self, plan_path: str | os.PathLike, part, num_layers: int, device_index: int = 0):
         from ember.runtime.device_kv_pool import require_torch
 
@@ -68,6 +81,7 @@ class TensorRTStepSession:
         self.device = torch.device("cuda", device_index)
         torch.cuda.set_device(self.device)
         self.stream = torch.cuda.current_stream(self.device)
+        self.lock = threading.RLock()  # DeviceExecutor holds it around its device work
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         if part.extra.get("version_compatible"):

@@ -1,4 +1,4 @@
-"""Rank 0's tensor-parallel executor: the ``LocalExecutor`` interface, replicated to N ranks.
+"""Rank 0's tensor-parallel executor: the ``Executor`` protocol, replicated to N ranks.
 
 The engine loop (``DecoderEngine``) and its scheduler run in rank 0's process only. Every
 executor call becomes an op broadcast to the other ranks before rank 0 runs it itself, so
@@ -17,10 +17,13 @@ import time
 
 import numpy as np
 
+from ember.runtime.executor import HostGreedy
 from ember.runtime.tp.comm import Comm, CommError, RankFailure
 
 
-class TPExecutor:
+class TPExecutor(HostGreedy):
+    """The ``Executor`` protocol over N ranks; steps run to completion (``HostGreedy``: no chaining)."""
+
     def __init__(self, local, comm: Comm, heartbeat_s: float, procs: list | None = None):
         """``local``: rank 0's LocalExecutor over its shard; ``procs``: spawned workers
         (index r-1 is rank r), None when launched by torchrun."""

@@ -1,0 +1,93 @@
+"""The interfaces the engine loop drives: ``Executor`` (one step over a slot range of the KV
+pool, and the pool's bookkeeping) and ``PendingStep`` (a launched step's result), plus
+``DeviceSession``, what ``cuda_session.DeviceExecutor`` needs from the step session it wraps.
+
+Every capability is a declared member with an explicit value, never a probe: an executor
+that cannot chain says ``supports_chaining = False``. Implementations: ``LocalExecutor``
+(CPU, ``executor.py``), ``DeviceExecutor`` (ONNX Runtime CUDA and TensorRT sessions,
+``cuda_session.py``), ``TPExecutor`` (tensor parallel, ``tp/executor.py``).
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class PendingStep(Protocol):
+    """A launched step. ``result()`` waits for it and returns every row's greedy token (int64
+    [B]) and the logits of the rows that sample (float32 [len(logit_rows), V])."""
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Runs step-graph calls over slots [start, start+B) of its KV pool, which it owns.
+
+    ``supports_chaining``: ``launch_greedy(chain=pending)`` accepts a pending step of the same
+    rows and feeds its greedy tokens as this step's ids without the host reading them (the
+    engine then launches a pure-decode step before recording the previous one's tokens).
+    ``rope_long`` (int64 [B], 1 = LongRoPE's long factors) is passed to ``run`` and
+    ``launch_greedy`` only for a LongRoPE model, whose executors (CPU, CUDA, TensorRT) take it;
+    the others are never given it (tensor parallelism refuses LongRoPE at compile time)."""
+
+    supports_chaining: bool
+
+    def run(self, start: int, input_ids: np.ndarray, positions: np.ndarray, new_lengths: np.ndarray) -> np.ndarray:
+        """Run the rows with new tokens ``input_ids`` [B,T]; rows with ``new_lengths`` 0 are
+        computed but keep no K/V. Returns the logits [B,V] float32 on the host."""
+        ...
+
+    def launch_greedy(self, start: int, input_ids: np.ndarray, positions: np.ndarray, new_lengths: np.ndarray,
+                      logit_rows: Any = (), chain: PendingStep | None = None) -> PendingStep:
+        """Start one step; its ``result()`` gives every row's argmax and the ``logit_rows``' logits.
+        ``chain`` only where ``supports_chaining``."""
+        ...
+
+    def move(self, moves: list[tuple[int, int]]) -> None:
+        """Apply (src, dst) slot moves in order (compaction)."""
+        ...
+
+    def release(self, slot: int) -> None:
+        """Free a finished sequence's slot."""
+        ...
+
+    def maybe_shrink(self) -> None:
+        """Give pool memory back when the running sequences need less (called when idle)."""
+        ...
+
+    @property
+    def used_tokens(self) -> int:
+        """Tokens with K/V in the pool."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+@runtime_checkable
+class DeviceSession(Protocol):
+    """A step session on a GPU (``CudaStepSession``, ``CudaDecodeSession``,
+    ``TensorRTStepSession``) as ``DeviceExecutor`` drives it.
+
+    ``supports_chaining``: ``run`` takes the ids as a device tensor and returns without waiting
+    for the device; ``lock``: held around everything done on the device (shared by the sessions
+    of one executor); ``cuda_graph_status``: ``"on"`` when one-token runs replay CUDA graphs
+    (``forget_graphs`` drops them after the KV pool reallocates)."""
+
+    supports_chaining: bool
+    lock: Any
+    cuda_graph_status: str
+
+    def forget_graphs(self) -> None: ...
+
+
+def missing_members(obj: Any, protocol: type) -> list[str]:
+    """The members of ``protocol`` that ``obj`` (an instance or a class) lacks; [] when it
+    implements it. (``isinstance`` with a runtime-checkable protocol says only yes or no.)"""
+    names = set(vars(protocol).get("__annotations__", {}))
+    names |= {n for n, v in vars(protocol).items()
+              if not n.startswith("_") and (callable(v) or isinstance(v, property))}
+    return sorted(n for n in names if not hasattr(obj, n))

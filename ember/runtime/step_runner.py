@@ -1,0 +1,122 @@
+"""The engine loop's runner: a ``StepPlan`` in, the batch tensors built and launched on the
+executor, a typed ``InflightStep`` out. It changes no request state (the scheduler does:
+``FusionScheduler.launched``) and decides no policy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ember.runtime.executor_protocol import Executor, PendingStep
+from ember.runtime.scheduler import Sequence, StepPlan
+
+
+@dataclass(frozen=True)
+class LaunchedCall:
+    """One executor call of a step: ``rows``, the sequences that get a token from it and their
+    row in the call; ``sampled``, the rows whose logits come back (they sample rather than
+    take the argmax); ``pending``, the call's result."""
+
+    rows: list[tuple[Sequence, int]]
+    sampled: list[int]
+    pending: PendingStep
+
+
+@dataclass(frozen=True)
+class CallOutput:
+    """A finished call: every row's greedy token (int64 [B]) and the sampled rows' logits."""
+
+    rows: list[tuple[Sequence, int]]
+    greedy: np.ndarray
+    logits_of: dict[int, np.ndarray]  # row -> its logits [V], for the rows in ``sampled``
+
+
+@dataclass(frozen=True)
+class InflightStep:
+    """A launched step: its plan and its calls (one per prefill group, then the fused decode)."""
+
+    plan: StepPlan
+    calls: list[LaunchedCall]
+
+    @property
+    def chain_source(self) -> PendingStep | None:
+        """The pending call a chained step takes its ids from: this step's decode call (a
+        continuation is the same decode rows again)."""
+        return self.calls[-1].pending if self.calls else None
+
+    def wait(self) -> list[CallOutput]:
+        """Wait for every call's tokens (and sampled rows' logits)."""
+        outputs = []
+        for call in self.calls:
+            greedy, logits = call.pending.result()
+            outputs.append(CallOutput(call.rows, greedy, dict(zip(call.sampled, logits))))
+        return outputs
+
+
+def samples(s: Sequence) -> bool:
+    """Whether ``s`` samples its tokens (temperature > 0) rather than taking the argmax."""
+    return s.params.temperature > 0
+
+
+class StepRunner:
+    """Builds a plan's batch tensors and launches them on ``executor``."""
+
+    def __init__(self, executor: Executor, longrope: bool = False):
+        self.executor = executor
+        self.longrope = longrope  # the step graph takes LongRoPE's per-row ``rope_long``
+
+    def launch(self, plan: StepPlan, chain: PendingStep | None = None) -> InflightStep:
+        """Queue the plan's calls: slot moves, the K/V drops of recomputed sequences (LongRoPE),
+        one call per prefill group, one fused decode call (its ids taken on the device from
+        ``chain``, a pending decode of the same rows, when given: ``FusionScheduler.continuation``).
+        Reads ``num_cached`` as it was planned; the caller then tells the scheduler the plan was
+        launched."""
+        ex = self.executor
+        if plan.moves:
+            ex.move(plan.moves)
+        for slot in plan.drop_kv:
+            ex.release(slot)
+        calls = [self._launch_prefill(g.start, g.seqs, g.lengths) for g in plan.prefill]
+        if plan.decode_stop > plan.decode_start:
+            calls.append(self._launch_decode(plan, chain))
+        return InflightStep(plan, calls)
+
+    def _launch_prefill(self, start: int, seqs: list[Sequence], lengths: list[int]) -> LaunchedCall:
+        b, t = len(seqs), max(lengths)
+        ids = np.zeros((b, t), dtype=np.int64)
+        pos = np.zeros((b, t), dtype=np.int64)
+        for r, (s, n) in enumerate(zip(seqs, lengths)):
+            ids[r, :n] = s.token_ids()[s.num_cached:s.num_cached + n]  # a recompute re-feeds generated tokens
+            pos[r, :n] = np.arange(s.num_cached, s.num_cached + n)
+        # the rows whose prompt (or recomputed sequence) ends in this chunk yield their next token
+        ending = [(s, r) for r, (s, n) in enumerate(zip(seqs, lengths)) if s.num_cached + n == s.total_tokens]
+        sampled = [r for s, r in ending if samples(s)]
+        pending = self.executor.launch_greedy(start, ids, pos, np.asarray(lengths, dtype=np.int64), sampled,
+                                              **self._rope_long(seqs, start, b))
+        return LaunchedCall(ending, sampled, pending)
+
+    def _launch_decode(self, plan: StepPlan, chain: PendingStep | None) -> LaunchedCall:
+        start, b = plan.decode_start, plan.decode_stop - plan.decode_start
+        ids = np.zeros((b, 1), dtype=np.int64)
+        pos = np.zeros((b, 1), dtype=np.int64)
+        new = np.zeros(b, dtype=np.int64)
+        for s in plan.decode_seqs:
+            r = s.slot - start
+            ids[r, 0], pos[r, 0], new[r] = (0 if chain is not None else s.next_input()), s.num_cached, 1
+        # every row's argmax in one pass (on the device for a GPU executor); full logits only
+        # for the rows that sample
+        sampled = [s.slot - start for s in plan.decode_seqs if samples(s)]
+        pending = self.executor.launch_greedy(start, ids, pos, new, sampled, chain=chain,
+                                              **self._rope_long(plan.decode_seqs, start, b))
+        return LaunchedCall([(s, s.slot - start) for s in plan.decode_seqs], sampled, pending)
+
+    def _rope_long(self, seqs: list[Sequence], start: int, rows: int) -> dict:
+        """``{"rope_long": int64 [rows]}`` (1 = the slot's sequence takes LongRoPE's long factors;
+        rows not in ``seqs`` are ignored by the step: 0) for a LongRoPE model, else nothing."""
+        if not self.longrope:
+            return {}
+        long = np.zeros(rows, dtype=np.int64)
+        for s in seqs:
+            long[s.slot - start] = s.rope_long
+        return {"rope_long": long}
