@@ -22,35 +22,40 @@ from machine import machine_info, machine_line  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class InstantExecutor:
-    """The executor contract at zero cost: every step returns the same preallocated logits."""
+def instant_executor(batch: int, vocab: int):
+    """The ``Executor`` protocol at zero cost: every step returns the same preallocated logits
+    (host steps, ``executor.HostGreedy``: the argmax runs on the host, no chaining)."""
+    from ember.runtime.executor import HostGreedy
 
-    used_tokens = 0
+    class InstantExecutor(HostGreedy):
+        used_tokens = 0
 
-    def __init__(self, batch: int, vocab: int):
-        self.logits = np.random.default_rng(0).standard_normal((batch, vocab)).astype(np.float32)
+        def __init__(self):
+            self.logits = np.random.default_rng(0).standard_normal((batch, vocab)).astype(np.float32)
 
-    def run(self, start, input_ids, positions, new_lengths):
-        return self.logits[:input_ids.shape[0]]
+        def run(self, start, input_ids, positions, new_lengths):
+            return self.logits[:input_ids.shape[0]]
 
-    def move(self, moves):
-        pass
+        def move(self, moves):
+            pass
 
-    def release(self, slot):
-        pass
+        def release(self, slot):
+            pass
 
-    def maybe_shrink(self):
-        pass
+        def maybe_shrink(self):
+            pass
 
-    def close(self):
-        pass
+        def close(self):
+            pass
+
+    return InstantExecutor()
 
 
 def measure(batch: int, vocab: int, tokens: int, repeats: int) -> dict:
     from ember.runtime.decoder import DecoderEngine
     from ember.runtime.scheduler import FusionScheduler
 
-    ex = InstantExecutor(batch, vocab)
+    ex = instant_executor(batch, vocab)
     sched = FusionScheduler(max_batch=batch, kv_capacity_tokens=batch * (tokens + 16), max_seq_len=tokens + 16,
                             prefill_chunk=1024)
     runs = []
