@@ -306,7 +306,7 @@ class FakeExecutor(HostGreedy):
         for src, dst in moves:
             self.kv[dst], self.kv[src] = self.kv[src], []
 
-    def run(self, start, input_ids, positions, new_lengths):
+    def run(self, start, input_ids, positions, new_lengths, rope_long=None):
         b = input_ids.shape[0]
         logits = np.zeros((b, VOCAB), dtype=np.float32)
         self.rows_computed += b
@@ -316,9 +316,13 @@ class FakeExecutor(HostGreedy):
                 continue
             cache = self.kv[start + r]
             assert list(positions[r, :n]) == list(range(len(cache), len(cache) + n)), "positions are per request"
-            cache.extend(int(t) for t in input_ids[r, :n])
+            cache.extend(self.entry(int(t), None if rope_long is None else int(rope_long[r])) for t in input_ids[r, :n])
             logits[r, fake_next_token(cache)] = 1.0
         return logits
+
+    def entry(self, token: int, rope_long: int | None) -> int:
+        """What the cache keeps for ``token`` (its 'K/V')."""
+        return token
 
     def release(self, slot):
         self.kv[slot] = []
@@ -595,17 +599,10 @@ class LongRopeFakeExecutor(FakeExecutor):
 
     def run(self, start, input_ids, positions, new_lengths, rope_long=None):
         assert rope_long is not None and len(rope_long) == len(new_lengths), "a LongRoPE step needs rope_long per row"
-        b = input_ids.shape[0]
-        logits = np.zeros((b, VOCAB), dtype=np.float32)
-        for r in range(b):
-            n = int(new_lengths[r])
-            if n == 0:
-                continue
-            cache = self.kv[start + r]
-            assert list(positions[r, :n]) == list(range(len(cache), len(cache) + n)), "positions are per request"
-            cache.extend(2 * int(t) + int(rope_long[r]) for t in input_ids[r, :n])
-            logits[r, fake_next_token(cache)] = 1.0
-        return logits
+        return super().run(start, input_ids, positions, new_lengths, rope_long)
+
+    def entry(self, token: int, rope_long: int | None) -> int:
+        return 2 * token + rope_long  # the factor set the step was given stays in the cache
 
     def launch_greedy(self, start, input_ids, positions, new_lengths, logit_rows=(), chain=None, rope_long=None):
         if chain is not None:

@@ -32,17 +32,12 @@ QUANTIZABLE_OPS = (*WEIGHT_OPS, "Add", "Gather")
 _MIN_EMBEDDING_ELEMENTS = 4096
 
 
-@dataclass
-class WeightSite:
-    """A constant weight to quantize. Its value is read when asked (``value``), not held by the
-    plan: a graph whose weights lie in an external file is never in memory all at once."""
+class _ReadOnDemand:
+    """A constant of the plan whose value is read when asked (``value``, via its ``read``), not
+    held by the plan: a graph whose weights lie in an external file is never in memory all at once."""
 
-    node: str  # node name
-    input_index: int
-    tensor: str  # the input's current name (initializer, Constant or Transpose output)
-    read: Callable[[], np.ndarray]  # the float32 weight, Transposes folded
+    read: Callable[[], np.ndarray]
     shape: tuple[int, ...]
-    axis: int | None  # per-channel axis; None = per tensor
 
     @property
     def value(self) -> np.ndarray:
@@ -51,6 +46,18 @@ class WeightSite:
     @property
     def size(self) -> int:
         return math.prod(self.shape)
+
+
+@dataclass
+class WeightSite(_ReadOnDemand):
+    """A constant weight to quantize (read on demand)."""
+
+    node: str  # node name
+    input_index: int
+    tensor: str  # the input's current name (initializer, Constant or Transpose output)
+    read: Callable[[], np.ndarray]  # the float32 weight, Transposes folded
+    shape: tuple[int, ...]
+    axis: int | None  # per-channel axis; None = per tensor
 
 
 @dataclass
@@ -68,19 +75,11 @@ class ActSite:
 
 
 @dataclass
-class EmbeddingSite:
+class EmbeddingSite(_ReadOnDemand):
     node: str
     table: str
-    read: Callable[[], np.ndarray]  # the float32 table [V, C], read when asked (as WeightSite)
+    read: Callable[[], np.ndarray]  # the float32 table [V, C]
     shape: tuple[int, ...]
-
-    @property
-    def value(self) -> np.ndarray:
-        return self.read()
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
 
 
 def _reader(idx: GraphIndex, name: str) -> Callable[[], np.ndarray]:
