@@ -7,6 +7,19 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
+
+def exported_step_graph(source: str, folder) -> onnx.ModelProto:
+    """A built-in model's step graph as ``ember compile`` exports it (LM head as Gemm), in memory."""
+    from ember.export.onnx_export import export_step_graph
+    from ember.export.sources import resolve_decoder_source
+    from ember.passes.lm_head_gemm import lm_head_gemm
+
+    src = resolve_decoder_source(source)
+    graph = export_step_graph(src.model, src.config, folder)
+    lm_head_gemm(graph)
+    return graph
+
+
 def _weights(seed: int):
     """A weight maker with its own generator, so each graph is the same whatever ran before."""
     rng = np.random.default_rng(seed)

@@ -13,11 +13,10 @@ import ember
 from ember.compiler.compile import CompileOptions, compile_decoder
 from ember.export.external_data import (ALIGN_BYTES, PAGE, external_info, is_external, load_all, read_tensor,
                                         weight_bytes, write_model)
-from ember.export.onnx_export import export_step_graph
-from ember.export.sources import resolve_decoder_source
-from ember.passes.lm_head_gemm import lm_head_gemm
 from ember.passes.matmul_nbits import NBitsOptions, quantize_matmul_nbits
 from ember.passes.quant_graph import ort_session
+
+from _quantize_models import exported_step_graph
 
 
 def _two_matmuls() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
@@ -78,10 +77,7 @@ def test_session_over_external_graph_needs_its_folder(tmp_path):
 
 @pytest.fixture(scope="module")
 def llama_graph(tmp_path_factory):
-    src = resolve_decoder_source("llama-tiny")
-    graph = export_step_graph(src.model, src.config, tmp_path_factory.mktemp("g"))
-    lm_head_gemm(graph)
-    return graph
+    return exported_step_graph("llama-tiny", tmp_path_factory.mktemp("g"))
 
 
 @pytest.mark.parametrize("bits,symmetric", [(4, False), (4, True), (8, False)])

@@ -15,12 +15,12 @@ from ember.compiler.compile import CompileOptions, compile_decoder
 from ember.compiler.inspect import describe
 from ember.engine_format.manifest import read_manifest
 from ember.errors import ConfigError
-from ember.export.onnx_export import export_step_graph
 from ember.export.sources import resolve_decoder_source
 from ember.passes.calibration_data import decoder_step_feeds, default_prompts
-from ember.passes.lm_head_gemm import lm_head_gemm
 from ember.passes.matmul_nbits import NBitsOptions, gptq_compensates, quantize_matmul_nbits
 from ember.passes.quant_accuracy import accuracy_report
+
+from _quantize_models import exported_step_graph
 
 WEIGHT_MATMULS = {"gpt2-tiny": 8, "llama-tiny": 14}  # q/k/v (one Gemm in gpt2), o, MLP; LM head not counted
 ENGINES = [("gpt2-tiny", "int4", 32), ("llama-tiny", "int4", 64), ("gpt2-tiny", "int8-weights", 128),
@@ -92,10 +92,7 @@ def test_int4_engine_generates_and_fused_requests_equal_solo(engines):
 
 @pytest.fixture(scope="module")
 def gpt2_graph(tmp_path_factory):
-    src = resolve_decoder_source("gpt2-tiny")
-    graph = export_step_graph(src.model, src.config, tmp_path_factory.mktemp("g"))
-    lm_head_gemm(graph)
-    return graph
+    return exported_step_graph("gpt2-tiny", tmp_path_factory.mktemp("g"))
 
 
 def test_hqq_and_lm_head_option(gpt2_graph):
