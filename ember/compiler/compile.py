@@ -187,22 +187,11 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
                 part, decode_files = fused_decode_part(src, tmp, options, log)
                 parts.append(part)
                 files += decode_files
-        with log.stage("writing tokenizer and manifest"):
-            tokenizer = write_tokenizer(src, tmp)
-            build = mf.build_environment()
-            build["compile_times_s"] = log.times
-            m = mf.Manifest(
-                kind="decoder",
-                model=model_record(src),
-                parts=parts,
-                tokenizer=tokenizer,
-                quantization=quant_info,
-                build=build,
-                tables=[mf.file_record(tmp, t) for t in sorted(_tables(tmp))],
-                extra={"dtype": options.dtype, "export_check": check.to_dict() if check else None,
-                       "options": options_record(options), "passes": [_pass_entry(r) for r in records]},
-            )
-            write_manifest(tmp, m)
+        m = write_decoder_manifest(
+            src, tmp, parts, log, quantization=quant_info,
+            tables=[mf.file_record(tmp, t) for t in sorted(_tables(tmp))],
+            extra={"dtype": options.dtype, "export_check": check.to_dict() if check else None,
+                   "options": options_record(options), "passes": [_pass_entry(r) for r in records]})
     if not options.quiet:
         total = sum((Path(out) / f).stat().st_size for f in files)
         log.note(f"wrote {out} ({total / 1e6:.1f} MB engine)")
@@ -325,6 +314,19 @@ def _pass_entry(record) -> dict:
         entry.pop("record", None)
         entry["record_in"] = "quantization"
     return entry
+
+
+def write_decoder_manifest(src, folder: Path, parts: list, log: StageLog, **fields) -> mf.Manifest:
+    """Write the tokenizer and the decoder manifest of ``folder`` (the one home of that last
+    stage for the plain and the tensor-parallel compile); ``fields``: further Manifest fields."""
+    with log.stage("writing tokenizer and manifest"):
+        tokenizer = write_tokenizer(src, folder)
+        build = mf.build_environment()
+        build["compile_times_s"] = log.times
+        m = mf.Manifest(kind="decoder", model=model_record(src), parts=parts, tokenizer=tokenizer,
+                        build=build, **fields)
+        write_manifest(folder, m)
+    return m
 
 
 def model_record(src) -> dict:

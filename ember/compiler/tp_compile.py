@@ -123,24 +123,15 @@ def compile_tp_folder(src, out, options, log: StageLog, source: str | None = Non
     """The whole ``--tp N`` compile after the source is loaded: parts, tokenizer, manifest,
     written atomically to ``out`` (called by ``compile_decoder`` when ``options.tp > 1``;
     ``source`` is the model source, which ``out`` may not be or contain)."""
-    from ember.engine_format.writer import atomic_folder, write_manifest
-    from ember.compiler.compile import model_record, options_record, write_tokenizer
+    from ember.engine_format.writer import atomic_folder
+    from ember.compiler.compile import options_record, write_decoder_manifest
 
     log.total = log.i + 3 + int(options.validate)
     with atomic_folder(out, overwrite=options.overwrite, source=source) as tmp:
         parts = compile_tp(src, tmp, options, log)
-        with log.stage("writing tokenizer and manifest"):
-            tokenizer = write_tokenizer(src, tmp)
-            build = mf.build_environment()
-            build["compile_times_s"] = log.times
-            m = mf.Manifest(
-                kind="decoder",
-                model=model_record(src),
-                parts=parts, tokenizer=tokenizer, build=build,
-                extra={"dtype": options.dtype, "tp": parts[0].extra["tp"],
-                       "options": options_record(options)},
-            )
-            write_manifest(tmp, m)
+        m = write_decoder_manifest(src, tmp, parts, log,
+                                   extra={"dtype": options.dtype, "tp": parts[0].extra["tp"],
+                                          "options": options_record(options)})
     size = sum(p.size for p in parts) / options.tp
     log.note(f"wrote {out} ({options.tp} ranks x {len(parts) // options.tp} segments, {size / 1e6:.1f} MB per rank)")
     return m

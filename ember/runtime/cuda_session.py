@@ -43,7 +43,7 @@ from ember.ort.decode_session import decode_positions_ok
 from ember.ort.session import kv_input_names, small_step_inputs
 from ember.runtime.device_kv_pool import DeviceKVPool, KVList
 from ember.runtime.device_kv_pool import require_torch as _torch
-from ember.runtime.executor import step_on_pool
+from ember.runtime.executor import PoolSlots, step_on_pool
 from ember.runtime.executor_protocol import DeviceSession
 
 
@@ -369,7 +369,7 @@ def graph_window(start: int, stop: int, slots: int) -> tuple[int, int]:
     return 0, min(end, slots)
 
 
-class DeviceExecutor:
+class DeviceExecutor(PoolSlots):
     """The ``Executor`` protocol over a ``DeviceSession`` + ``DeviceKVPool``; it chains steps
     where its session does (``supports_chaining``)."""
 
@@ -452,19 +452,6 @@ class DeviceExecutor:
         with self.lock:
             return PendingGreedy(self._run_device(start, input_ids, positions, new_lengths, rope_long), logit_rows)
 
-    def release(self, slot: int) -> None:
-        self.pool.release(slot)
-
-    def maybe_shrink(self) -> None:
-        with self.lock:
-            self.pool.maybe_shrink()
-
-    @property
-    def used_tokens(self) -> int:
-        return self.pool.used_tokens
-
-    def close(self) -> None:
-        pass
 
 
 def make_cuda_executor(folder: Path, manifest, part, device: str, max_batch: int, max_seq_len: int,

@@ -7,6 +7,7 @@ behind the same methods (the ``Executor`` protocol, ``executor_protocol.py``).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import numpy as np
@@ -80,7 +81,29 @@ def run_greedy(executor: Executor, start: int, input_ids: np.ndarray, positions:
     return executor.launch_greedy(start, input_ids, positions, new_lengths, logit_rows).result()
 
 
-class LocalExecutor(HostGreedy):
+class PoolSlots:
+    """The pool bookkeeping of an executor that owns a slot pool (``self.pool``): the
+    ``Executor`` protocol's ``release``, ``maybe_shrink``, ``used_tokens`` and ``close``.
+    ``lock``: held around the shrink (a device executor's session lock; none on the host)."""
+
+    lock = contextlib.nullcontext()
+
+    def release(self, slot: int) -> None:
+        self.pool.release(slot)
+
+    def maybe_shrink(self) -> None:
+        with self.lock:
+            self.pool.maybe_shrink()
+
+    @property
+    def used_tokens(self) -> int:
+        return self.pool.used_tokens
+
+    def close(self) -> None:
+        pass
+
+
+class LocalExecutor(PoolSlots, HostGreedy):
     """``decode``: an optional fused decode session (``decode_session.DecodeSession``) that
     runs one-token calls and writes their K/V in place; everything else runs the step graph."""
 
@@ -101,15 +124,3 @@ class LocalExecutor(HostGreedy):
         return step_on_pool(self.pool, self.session, decode, start, input_ids, positions, new_lengths,
                             rope_long=rope_long)
 
-    def release(self, slot: int) -> None:
-        self.pool.release(slot)
-
-    def maybe_shrink(self) -> None:
-        self.pool.maybe_shrink()
-
-    @property
-    def used_tokens(self) -> int:
-        return self.pool.used_tokens
-
-    def close(self) -> None:
-        pass
