@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from ember.compiler.compile import CompileOptions
-from ember.compiler.decoder_passes import FP16, LM_HEAD_GEMM, decoder_passes, quantize_pass
+from ember.compiler.decoder_passes import FP16, LM_HEAD_GEMM, decoder_passes, quantize_pass, segment_passes
 from ember.engine_format.manifest import read_manifest
 from ember.errors import ConfigError
 from ember.passes.contract import PassContext, PassResult, run_passes
@@ -24,6 +24,22 @@ from ember.passes.contract import PassContext, PassResult, run_passes
 ])
 def test_the_pipeline_is_the_list_of_passes_the_options_choose(options, names):
     assert [p.name for p in decoder_passes(options)] == names
+
+
+def test_a_tensor_parallel_segment_goes_fp16_through_its_pass_list_with_float32_logits():
+    assert segment_passes(CompileOptions(tp=2)) == []
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["h", "w"], ["logits_shard"]),
+                           helper.make_node("MatMul", ["h", "w"], ["partial"])], "seg",
+                          [helper.make_tensor_value_info("h", TensorProto.FLOAT, [2, 4])],
+                          [helper.make_tensor_value_info("logits_shard", TensorProto.FLOAT, [2, 6]),
+                           helper.make_tensor_value_info("partial", TensorProto.FLOAT, [2, 6])], [w])
+    passes = segment_passes(CompileOptions(tp=2, dtype="fp16"))
+    model, records = run_passes(passes, helper.make_model(g), PassContext())
+    out_types = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
+    assert [r.name for r in records] == ["fp16"] and records[0].changed
+    assert out_types == {"logits_shard": TensorProto.FLOAT, "partial": TensorProto.FLOAT16}
 
 
 def test_a_pass_stage_says_what_it_does():

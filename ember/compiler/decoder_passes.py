@@ -41,6 +41,18 @@ FP16 = Pass("fp16", _fp16, requires=frozenset({"step-graph", "float-weights"}), 
             stage="converting to FP16")
 
 
+def _fp16_segment(model: onnx.ModelProto, context: PassContext) -> PassResult:
+    from ember.passes.fp16 import convert_to_fp16, fp16_report
+
+    # a shard's logits stay float32 (as the TP=1 step graph's); partials/hidden/K/V go FP16
+    model = convert_to_fp16(model, fp32_outputs=("logits_shard",))
+    return PassResult(model, True, fp16_report(model) or {})
+
+
+FP16_SEGMENT = Pass("fp16", _fp16_segment, requires=frozenset({"float-weights"}), ensures=frozenset({"fp16"}),
+                    stage="converting the segment to FP16")
+
+
 def quantize_pass(options) -> Pass:
     """The quantization pass of ``options`` (CompileOptions with ``quantize`` set)."""
     how = (f"block-wise MatMulNBits, block {options.block_size or 32}" if options.blockwise
@@ -48,6 +60,11 @@ def quantize_pass(options) -> Pass:
     return Pass("quantize", _quantize, requires=frozenset({"step-graph", "float-weights"}),
                 ensures=frozenset({"quantized"}), removes=frozenset({"float-weights"}),
                 stage=f"quantizing ({options.quantize}, {how})")
+
+
+def segment_passes(options) -> list[Pass]:
+    """The passes run on each exported tensor-parallel segment (``tp_compile``), in order."""
+    return [FP16_SEGMENT] if options.dtype == "fp16" else []
 
 
 def decoder_passes(options) -> list[Pass]:

@@ -14,9 +14,11 @@ import numpy as np
 import onnx
 import torch
 
+from ember.compiler.decoder_passes import segment_passes
 from ember.engine_format import manifest as mf
 from ember.engine_format.io_specs import io_specs
 from ember.errors import ConfigError, EmberError
+from ember.passes.contract import PassContext, run_passes
 from ember.export.config import DecoderConfig
 from ember.export.onnx_export import example_step_inputs, save_onnx, torch_export
 from ember.export.tp import Segment, TPLayout, plan_tp, shard_segments
@@ -84,11 +86,10 @@ def compile_tp(src, tmp_folder: Path, options, log: StageLog) -> list[mf.EngineP
             for seg in segs:
                 path = tmp_folder / f"rank{r}" / f"{seg.name}.onnx"
                 export_segment(seg, cfg, layout, path)
-                if options.dtype == "fp16":
-                    from ember.passes.fp16 import convert_to_fp16
-
-                    # logits stay float32 (as the TP=1 step graph's); partials/hidden/K/V go FP16
-                    save_onnx(convert_to_fp16(onnx.load(str(path)), fp32_outputs=("logits_shard",)), path)
+                passes = segment_passes(options)
+                if passes:
+                    graph, _ = run_passes(passes, onnx.load(str(path)), PassContext(options=options))
+                    save_onnx(graph, path)
                 names.append(path.relative_to(tmp_folder).as_posix())
             rel_paths.append(names)
     if options.validate:
@@ -131,6 +132,7 @@ def compile_tp_folder(src, out, options, log: StageLog, source: str | None = Non
         parts = compile_tp(src, tmp, options, log)
         m = write_decoder_manifest(src, tmp, parts, log,
                                    extra={"dtype": options.dtype, "tp": parts[0].extra["tp"],
+                                          "passes": [{"name": p.name, "on": "every segment"} for p in segment_passes(options)],
                                           "options": options_record(options)})
     size = sum(p.size for p in parts) / options.tp
     log.note(f"wrote {out} ({options.tp} ranks x {len(parts) // options.tp} segments, {size / 1e6:.1f} MB per rank)")
