@@ -159,6 +159,22 @@ def test_graph_contract():
     assert all(len(n.input) == 10 for n in attn)  # only the inputs ONNX Runtime 1.31 has
 
 
+def test_host_bounds_feed_the_operator_and_change_nothing():
+    cfg = CONFIGS["llama-tiny"]
+    model = _model(cfg)
+    proto = build_paged_graph(model, cfg, host_bounds=True)
+    assert proto.graph.input[4].name == "attention_metadata"
+    attn = [n for n in proto.graph.node if n.op_type == "PagedAttention"]
+    assert all(len(n.input) == 17 and n.input[16] == "attention_metadata" for n in attn)
+    feeds = packed_inputs([PackedSequence((1, 2, 3), 2, (4, 5)), PackedSequence((9,), 6, (0, 2))], BLOCK, host_bounds=True)
+    assert feeds["attention_metadata"].tolist() == [3, 7]
+    pool = _Pool(cfg)
+    outs = reference_session(proto).run(None, {**feeds, **pool.caches})
+    plain = reference_session(build_paged_graph(model, cfg)).run(None, {**{k: v for k, v in feeds.items() if k != "attention_metadata"},
+                                                                        **pool.caches})
+    np.testing.assert_array_equal(outs[0], plain[0])
+
+
 @pytest.mark.parametrize("cfg,field", [
     (BUILTIN["gpt2-tiny"], "positions=learned"),
     (DecoderConfig(family="gemma3_text", **SMALL, head_dim=16), r"\(1 \+ w\) RMSNorm"),

@@ -26,10 +26,10 @@ class PagedAttention(OpRun):
     op_domain = "com.microsoft"
 
     def _run(self, query, key=None, value=None, key_cache=None, value_cache=None, cumulative_sequence_length=None,
-             past_seqlens=None, block_table=None, cos_cache=None, sin_cache=None, *unused, num_heads=None,
+             past_seqlens=None, block_table=None, cos_cache=None, sin_cache=None, *later, num_heads=None,
              kv_num_heads=None, scale=0.0, softcap=0.0, local_window_size=-1, do_rotary=0, rotary_interleaved=0,
              **other_attrs):
-        if any(u is not None for u in unused):
+        if any(u is not None for u in later[:6]):  # attention_metadata (16) only bounds the work: ignored
             raise NotImplementedError("PagedAttention reference: inputs past sin_cache (slot_mapping, head_sink, "
                                       "q/k norm weights, KV scales) are not modelled")
         if rotary_interleaved:

@@ -39,6 +39,7 @@ from ember.export.fused_graph import DTYPES, FusedGraph, llama_body, rotary_tabl
 PAGED_FILE = "paged_step.onnx"
 DTYPE = "float16"  # PagedAttention's T is float16 | bfloat16
 INPUTS = ("input_ids", "cumulative_sequence_length", "past_seqlens", "block_table")
+HOST_BOUNDS = "attention_metadata"
 
 
 def cache_bindings(num_layers: int) -> list[tuple[str, str]]:
@@ -56,9 +57,11 @@ class PackedSequence:
     blocks: tuple[int, ...]
 
 
-def packed_inputs(seqs: list[PackedSequence], block_size: int, max_blocks: int | None = None) -> dict[str, np.ndarray]:
+def packed_inputs(seqs: list[PackedSequence], block_size: int, max_blocks: int | None = None,
+                  host_bounds: bool = False) -> dict[str, np.ndarray]:
     """The graph's non-cache inputs for ``seqs`` (``block_table`` padded with -1 to ``max_blocks``
-    columns, default: the longest block list)."""
+    columns, default: the longest block list; ``attention_metadata`` for a graph built with
+    ``host_bounds``: this call's exact bounds)."""
     width = max_blocks if max_blocks is not None else max(len(s.blocks) for s in seqs)
     table = np.full((len(seqs), width), -1, np.int32)
     for b, s in enumerate(seqs):
@@ -69,10 +72,13 @@ def packed_inputs(seqs: list[PackedSequence], block_size: int, max_blocks: int |
             raise ValueError(f"sequence {b} holds {s.past + len(s.tokens)} tokens in {len(s.blocks)} blocks of "
                              f"{block_size}: it needs {need} (at most {width} per row)")
         table[b, :len(s.blocks)] = s.blocks
-    return {"input_ids": np.array([t for s in seqs for t in s.tokens], np.int64),
-            "cumulative_sequence_length": np.cumsum([0] + [len(s.tokens) for s in seqs]).astype(np.int32),
-            "past_seqlens": np.array([s.past for s in seqs], np.int32),
-            "block_table": table}
+    feeds = {"input_ids": np.array([t for s in seqs for t in s.tokens], np.int64),
+             "cumulative_sequence_length": np.cumsum([0] + [len(s.tokens) for s in seqs]).astype(np.int32),
+             "past_seqlens": np.array([s.past for s in seqs], np.int32),
+             "block_table": table}
+    if host_bounds:
+        feeds[HOST_BOUNDS] = np.array([max(len(s.tokens) for s in seqs), max(s.past + len(s.tokens) for s in seqs)], np.int32)
+    return feeds
 
 
 def check_supported(cfg) -> None:
@@ -88,16 +94,20 @@ def check_supported(cfg) -> None:
         raise ConfigError(f"q/k norms of kind norm={cfg.norm!r}: the paged step graph writes them as RMSNorm * w")
 
 
-def build_paged_graph(model, cfg, linears: str = "gemm") -> onnx.ModelProto:
+def build_paged_graph(model, cfg, linears: str = "gemm", host_bounds: bool = False) -> onnx.ModelProto:
     """The paged step graph of ``model`` (the family's torch step module with weights), float16.
-    ``linears`` as in ``gqa_decode.build_decode_graph``."""
+    ``linears`` as in ``gqa_decode.build_decode_graph``. ``host_bounds`` adds the input
+    ``attention_metadata`` int32 [2] in host memory, [max new tokens of any sequence, max
+    past + new of any sequence] (upper bounds): without it the CUDA kernel copies the lengths back
+    from the device at every layer of every call. It is an input of newer ONNX Runtime builds
+    (index 16 of the operator's schema): build with it only where the installed schema has it."""
     check_supported(cfg)
     np_dtype, onnx_dtype = DTYPES[DTYPE]
     g = FusedGraph(np_dtype, linears)
     rotary = rotary_tables(g, model, cfg)
 
     def attention(g: FusedGraph, name: str, i: int, layer, qkv: str) -> str:
-        return _paged_attention(g, name, i, layer, qkv, cfg, rotary)
+        return _paged_attention(g, name, i, layer, qkv, cfg, rotary, host_bounds)
 
     hid, head = llama_body(g, model, cfg, "input_ids", attention)
     # each sequence's last new token: row cumulative_sequence_length[b+1] - 1 of the packed tokens
@@ -114,6 +124,8 @@ def build_paged_graph(model, cfg, linears: str = "gemm") -> onnx.ModelProto:
               helper.make_tensor_value_info("cumulative_sequence_length", TensorProto.INT32, ["batch_plus_1"]),
               helper.make_tensor_value_info("past_seqlens", TensorProto.INT32, ["batch"]),
               helper.make_tensor_value_info("block_table", TensorProto.INT32, ["batch", "max_blocks"])]
+    if host_bounds:
+        inputs.append(helper.make_tensor_value_info(HOST_BOUNDS, TensorProto.INT32, [2]))
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", cfg.vocab_size])]
     for cache_in, cache_out in cache_bindings(cfg.num_layers):
         inputs.append(helper.make_tensor_value_info(cache_in, onnx_dtype, pool))
@@ -125,7 +137,8 @@ def build_paged_graph(model, cfg, linears: str = "gemm") -> onnx.ModelProto:
     return proto
 
 
-def _paged_attention(g: FusedGraph, name: str, i: int, layer, qkv: str, cfg, rotary: tuple[str, str]) -> str:
+def _paged_attention(g: FusedGraph, name: str, i: int, layer, qkv: str, cfg, rotary: tuple[str, str],
+                     host_bounds: bool) -> str:
     """PagedAttention over the packed [N, (H+2Hkv)D] projections; returns [N, H*D]. With q/k
     norms the projections are split and each head normed here, before the operator's rotary
     (the order of Qwen3 / Gemma 3): the graph never depends on the operator's newer
@@ -145,7 +158,7 @@ def _paged_attention(g: FusedGraph, name: str, i: int, layer, qkv: str, cfg, rot
         attrs["softcap"] = float(cfg.attn_softcap)
     return g.node("PagedAttention",
                   [*qkv_inputs, f"key_cache.{i}", f"value_cache.{i}", "cumulative_sequence_length", "past_seqlens",
-                   "block_table", *rotary],
+                   "block_table", *rotary, *([""] * 6 + [HOST_BOUNDS] if host_bounds else [])],
                   name=name, domain="com.microsoft", outputs=[f"{name}/out", f"key_cache_out.{i}", f"value_cache_out.{i}"],
                   **attrs)[0]
 
