@@ -148,7 +148,7 @@ def cpu_engine_tokens(name: str, prompts: list[list[int]], max_new: int, work: P
 
     folder = work / f"{name}-cpu"
     compile_decoder(name, folder, CompileOptions(fused_decode="off", validate=False, quiet=True))
-    with ember.load(folder, max_batch=len(prompts)) as eng:
+    with ember.load(folder, max_batch=len(prompts), device="cpu") as eng:
         return [o.token_ids for o in eng.generate(prompts, max_new_tokens=max_new, ignore_eos=True)]
 
 
@@ -203,6 +203,8 @@ def time_gqa_decode(sess, cfg, batch: int, live: int, steps: int, warmup: int = 
     rng = np.random.default_rng(batch)
     times = []
     for i in range(warmup + steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()  # the step's inputs to the device count, as in the paged arm
         io = sess.io_binding()
         ids = torch.from_numpy(rng.integers(0, cfg.vocab_size, (batch, 1)).astype(np.int64)).cuda()
         seqlens = torch.full((batch,), live + i, dtype=torch.int32, device="cuda")
@@ -214,8 +216,6 @@ def time_gqa_decode(sess, cfg, batch: int, live: int, steps: int, warmup: int = 
                 io.bind_input(f"past_{kind}.{j}", "cuda", 0, np.float16, tuple(t.shape), t.data_ptr())
                 io.bind_output(f"present_{kind}.{j}", "cuda", 0, np.float16, tuple(t.shape), t.data_ptr())
         io.bind_output("logits", "cuda", 0, np.float32, tuple(logits.shape), logits.data_ptr())
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
         sess.run_with_iobinding(io)
         logits.cpu()
         torch.cuda.synchronize()

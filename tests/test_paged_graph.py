@@ -28,6 +28,7 @@ CONFIGS = {
     "qwen2-bias-tied": DecoderConfig(family="qwen2", **{**SMALL, "tie_word_embeddings": True}, qkv_bias=True, rope_theta=1e6),
     # layer 0 sees only the last 5 positions: prompts and generations run past it
     "mistral-window": DecoderConfig(family="mistral", **SMALL, layer_windows=(5, 0)),
+    "gpt2-tiny": BUILTIN["gpt2-tiny"],  # learned positions gathered per packed token, no rotary
     "qwen3-qknorm-softcap-scale": DecoderConfig(family="qwen3", **{**SMALL, "num_kv_heads": 1}, head_dim=32,
                                                 attn_softcap=2.0, attn_scale=0.3),
 }
@@ -159,6 +160,19 @@ def test_graph_contract():
     assert all(len(n.input) == 10 for n in attn)  # only the inputs ONNX Runtime 1.31 has
 
 
+def test_every_tensor_has_a_role():
+    from ember.engine_format.io_specs import io_specs
+
+    cfg = CONFIGS["llama-tiny"]
+    inputs, outputs = io_specs(build_paged_graph(_model(cfg), cfg, host_bounds=True))
+    roles = {t.name: (t.role, t.layer) for t in inputs + outputs}
+    assert roles["input_ids"] == ("token_ids", None) and roles["cumulative_sequence_length"] == ("cu_seqlens", None)
+    assert roles["past_seqlens"] == ("past_lengths", None) and roles["block_table"] == ("block_table", None)
+    assert roles["attention_metadata"] == ("attention_bounds", None) and roles["logits"] == ("logits", None)
+    assert roles["key_cache.1"] == ("key_cache", 1) and roles["value_cache_out.0"] == ("value_cache_out", 0)
+    assert all(role is not None for role, _ in roles.values())
+
+
 def test_host_bounds_feed_the_operator_and_change_nothing():
     cfg = CONFIGS["llama-tiny"]
     model = _model(cfg)
@@ -176,7 +190,6 @@ def test_host_bounds_feed_the_operator_and_change_nothing():
 
 
 @pytest.mark.parametrize("cfg,field", [
-    (BUILTIN["gpt2-tiny"], "positions=learned"),
     (DecoderConfig(family="gemma3_text", **SMALL, head_dim=16), r"\(1 \+ w\) RMSNorm"),
     (DecoderConfig(family="llama", **SMALL, rope_scaling={"type": "yarn", "factor": 4.0, "original_max_positions": 16}),
      "rope_scaling.type yarn"),

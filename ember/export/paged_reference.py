@@ -113,6 +113,29 @@ class SkipSimplifiedLayerNormalization(OpRun):
         return _rms(total, gamma, epsilon).astype(x.dtype), empty, empty, total.astype(x.dtype)
 
 
+class SkipLayerNormalization(OpRun):
+    op_domain = "com.microsoft"
+
+    def _run(self, x, skip, gamma, beta=None, bias=None, epsilon=1e-5):
+        total = x.astype(np.float32) + skip.astype(np.float32)
+        if bias is not None:
+            total = total + bias.astype(np.float32)
+        centred = total - total.mean(-1, keepdims=True)
+        out = centred / np.sqrt((centred * centred).mean(-1, keepdims=True) + epsilon) * gamma.astype(np.float32)
+        if beta is not None:
+            out = out + beta.astype(np.float32)
+        empty = np.zeros(0, np.float32)
+        return out.astype(x.dtype), empty, empty, total.astype(x.dtype)
+
+
+class FastGelu(OpRun):
+    op_domain = "com.microsoft"
+
+    def _run(self, x, bias=None):
+        x32 = x.astype(np.float32) + (0 if bias is None else bias.astype(np.float32))
+        return ((0.5 * x32 * (1.0 + np.tanh(0.7978845608028654 * (x32 + 0.044715 * x32 ** 3)))).astype(x.dtype),)
+
+
 class QuickGelu(OpRun):
     op_domain = "com.microsoft"
 
@@ -121,7 +144,8 @@ class QuickGelu(OpRun):
         return ((x32 / (1.0 + np.exp(-alpha * x32))).astype(x.dtype),)
 
 
-CONTRIB_OPS = [PagedAttention, SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization, QuickGelu]
+CONTRIB_OPS = [PagedAttention, SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization, SkipLayerNormalization,
+               QuickGelu, FastGelu]
 
 
 def reference_session(model: onnx.ModelProto) -> ReferenceEvaluator:

@@ -34,7 +34,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from ember.errors import ConfigError
-from ember.export.fused_graph import DTYPES, FusedGraph, llama_body, rotary_tables
+from ember.export.fused_graph import DTYPES, FusedGraph, gpt2_body, llama_body, rotary_tables
 
 PAGED_FILE = "paged_step.onnx"
 DTYPE = "float16"  # PagedAttention's T is float16 | bfloat16
@@ -104,12 +104,15 @@ def build_paged_graph(model, cfg, linears: str = "gemm", host_bounds: bool = Fal
     check_supported(cfg)
     np_dtype, onnx_dtype = DTYPES[DTYPE]
     g = FusedGraph(np_dtype, linears)
-    rotary = rotary_tables(g, model, cfg)
+    rotary = None if cfg.positions == "learned" else rotary_tables(g, model, cfg)
 
     def attention(g: FusedGraph, name: str, i: int, layer, qkv: str) -> str:
         return _paged_attention(g, name, i, layer, qkv, cfg, rotary, host_bounds)
 
-    hid, head = llama_body(g, model, cfg, "input_ids", attention)
+    if cfg.positions == "learned":  # GPT-2: position embeddings at each token's position, no rotary
+        hid, head = gpt2_body(g, model, cfg, "input_ids", _token_positions(g), attention)
+    else:
+        hid, head = llama_body(g, model, cfg, "input_ids", attention)
     # each sequence's last new token: row cumulative_sequence_length[b+1] - 1 of the packed tokens
     ends = g.node("Slice", ["cumulative_sequence_length", g.weight("seq.one", np.array([1]), np.int64),
                             g.weight("seq.end", np.array([np.iinfo(np.int64).max]), np.int64)], name="seq_ends")[0]
@@ -137,7 +140,7 @@ def build_paged_graph(model, cfg, linears: str = "gemm", host_bounds: bool = Fal
     return proto
 
 
-def _paged_attention(g: FusedGraph, name: str, i: int, layer, qkv: str, cfg, rotary: tuple[str, str],
+def _paged_attention(g: FusedGraph, name: str, i: int, layer, qkv: str, cfg, rotary: tuple[str, str] | None,
                      host_bounds: bool) -> str:
     """PagedAttention over the packed [N, (H+2Hkv)D] projections; returns [N, H*D]. With q/k
     norms the projections are split and each head normed here, before the operator's rotary
@@ -151,16 +154,39 @@ def _paged_attention(g: FusedGraph, name: str, i: int, layer, qkv: str, cfg, rot
         q = _head_norm(g, f"{name}.q_norm", layer.q_norm.weight, q, h, d, cfg.norm_eps)
         k = _head_norm(g, f"{name}.k_norm", layer.k_norm.weight, k, hkv, d, cfg.norm_eps)
         qkv_inputs = [q, k, v]
-    attrs = dict(num_heads=h, kv_num_heads=hkv, do_rotary=1, rotary_interleaved=0, scale=float(cfg.score_scale))
+    attrs = dict(num_heads=h, kv_num_heads=hkv, do_rotary=int(rotary is not None), rotary_interleaved=0,
+                 scale=float(cfg.score_scale))
     if cfg.window(i):  # keys within the last w positions, the step graph's window_biases
         attrs["local_window_size"] = cfg.window(i)
     if cfg.attn_softcap is not None:
         attrs["softcap"] = float(cfg.attn_softcap)
     return g.node("PagedAttention",
                   [*qkv_inputs, f"key_cache.{i}", f"value_cache.{i}", "cumulative_sequence_length", "past_seqlens",
-                   "block_table", *rotary, *([""] * 6 + [HOST_BOUNDS] if host_bounds else [])],
+                   "block_table", *(rotary or ("", "")), *([""] * 6 + [HOST_BOUNDS] if host_bounds else [])],
                   name=name, domain="com.microsoft", outputs=[f"{name}/out", f"key_cache_out.{i}", f"value_cache_out.{i}"],
                   **attrs)[0]
+
+
+def _token_positions(g: FusedGraph) -> str:
+    """Each packed token's position, int64 [N]: ``past_seqlens[b] + j`` for the j-th new token of
+    sequence b (b = how many sequence ends ``cumulative_sequence_length[1:]`` are <= its index).
+    PagedAttention derives the same positions for rotary inside; GPT-2's table needs them here."""
+    i64 = TensorProto.INT64
+    n = g.node("Shape", ["input_ids"], name="tokens_n")[0]
+    n = g.node("Squeeze", [n, g.weight("pos.axis0", np.array([0]), np.int64)], name="tokens_n_scalar")[0]
+    index = g.node("Range", [g.weight("pos.zero", np.array(0), np.int64), n, g.weight("pos.one", np.array(1), np.int64)],
+                   name="token_index")[0]  # [N]
+    cum = g.node("Cast", ["cumulative_sequence_length"], name="cum_i64", to=i64)[0]
+    ends = g.node("Slice", [cum, g.weight("pos.start1", np.array([1]), np.int64),
+                            g.weight("pos.end", np.array([np.iinfo(np.int64).max]), np.int64)], name="pos_seq_ends")[0]
+    axis1 = g.weight("pos.axis1", np.array([1]), np.int64)
+    column = g.node("Unsqueeze", [index, axis1], name="token_col")[0]  # [N, 1]
+    after = g.node("GreaterOrEqual", [column, ends], name="token_after_end")[0]  # [N, B]
+    seq = g.node("ReduceSum", [g.node("Cast", [after], name="after_i64", to=i64)[0], axis1], name="token_seq",
+                 keepdims=0)[0]  # [N]
+    start = g.node("Gather", [cum, seq], name="token_seq_start", axis=0)[0]
+    past = g.node("Gather", [g.node("Cast", ["past_seqlens"], name="past_i64", to=i64)[0], seq], name="token_seq_past", axis=0)[0]
+    return g.node("Add", [past, g.node("Sub", [index, start], name="token_offset")[0]], name="token_positions")[0]
 
 
 def _head_norm(g: FusedGraph, name: str, weight, x: str, heads: int, d: int, eps: float) -> str:

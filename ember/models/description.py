@@ -200,8 +200,6 @@ class DecoderConfig:
         paged_has = ("q/k normalisation (q_norm/k_norm)", "sliding-window attention (sliding_window)",
                      "a custom attention scale (query_pre_attn_scalar)", "attention logit soft-capping")
         reasons = [r for r in self._special_features() if r not in paged_has]
-        if self.positions == "learned":
-            reasons.append("learned position embeddings (positions=learned, GPT-2's wpe)")
         if self.rope_scaling is not None and self.rope_scaling.type in ("yarn", "longrope"):
             reasons.append(f"rope_scaling.type {self.rope_scaling.type}")
         return "; ".join(reasons) or None
