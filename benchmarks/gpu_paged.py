@@ -37,7 +37,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ember.export.paged_step import HOST_BOUNDS, PackedSequence, build_paged_graph, cache_bindings, packed_inputs  # noqa: E402
+from ember.export.paged_step import (HOST_BOUNDS, PAGED_FILE, PackedSequence, build_paged_graph,  # noqa: E402
+                                     cache_bindings, packed_inputs)
 
 
 class BlockPool:
@@ -296,8 +297,9 @@ def markdown(doc: dict, a) -> str:
         lines.append(f"- prefill {r['batch']} x {r['prompt']} tokens, one packed call: {r['ms']:.2f} ms")
     if "memory" in doc:
         m = doc["memory"]
-        lines += ["", f"Memory: weights {(m.get('weight_bytes') or 0) / 2**30:.2f} GiB, pools {(m.get('pool_bytes') or 0) / 2**30:.2f} GiB, "
-                  f"torch max allocated {(m.get('torch_max_allocated') or 0) / 2**30:.2f} GiB, nvidia-smi used "
+        gib = {k: (m.get(k) or 0) / 2**30 for k in ("weight_bytes", "pool_bytes", "torch_max_allocated")}
+        lines += ["", f"Memory: weights {gib['weight_bytes']:.2f} GiB, pools {gib['pool_bytes']:.2f} GiB, "
+                  f"torch max allocated {gib['torch_max_allocated']:.2f} GiB, nvidia-smi used "
                   f"{m.get('nvidia_smi_used_mib')} MiB (ONNX Runtime's arena is outside torch's count)"]
     for name, tb in doc.get("errors", {}).items():
         lines += ["", f"## {name} failed", "```", tb.strip()[-3000:], "```"]
@@ -349,7 +351,7 @@ def main() -> None:
     has_bounds = HOST_BOUNDS in doc.get("env", {}).get("paged_attention_inputs", [])
     doc["host_bounds"] = host_bounds = {"on": True, "off": False, "auto": has_bounds and not a.dry_run}[a.host_bounds]
 
-    path = work / "paged_step.onnx"
+    path = work / PAGED_FILE
 
     def build() -> dict:
         from ember.export.onnx_export import save_onnx

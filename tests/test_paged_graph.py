@@ -14,7 +14,7 @@ import torch
 from ember.errors import ConfigError
 from ember.export.config import BUILTIN, DecoderConfig
 from ember.export.paged_reference import reference_session
-from ember.export.paged_step import PackedSequence, build_paged_graph, cache_bindings, packed_inputs
+from ember.export.paged_step import INPUTS, PackedSequence, build_paged_graph, cache_bindings, packed_inputs
 from ember.export.sources import random_init_, step_model_class
 
 BLOCK = 4
@@ -151,7 +151,8 @@ def test_graph_contract():
     proto = build_paged_graph(_model(cfg), cfg)
     ins = [(i.name, i.type.tensor_type.elem_type) for i in proto.graph.input]
     outs = [o.name for o in proto.graph.output]
-    assert [n for n, _ in ins[:4]] == ["input_ids", "cumulative_sequence_length", "past_seqlens", "block_table"]
+    assert tuple(n for n, _ in ins[:4]) == INPUTS == ("input_ids", "cumulative_sequence_length", "past_seqlens",
+                                                      "block_table")
     assert [n for n, _ in ins[4:]] == [i for i, _ in cache_bindings(2)] and all(t == 10 for _, t in ins[4:])  # FLOAT16
     assert outs == ["logits"] + [o for _, o in cache_bindings(2)]
     attn = [n for n in proto.graph.node if n.op_type == "PagedAttention"]
@@ -184,8 +185,8 @@ def test_host_bounds_feed_the_operator_and_change_nothing():
     assert feeds["attention_metadata"].tolist() == [3, 7]
     pool = _Pool(cfg)
     outs = reference_session(proto).run(None, {**feeds, **pool.caches})
-    plain = reference_session(build_paged_graph(model, cfg)).run(None, {**{k: v for k, v in feeds.items() if k != "attention_metadata"},
-                                                                        **pool.caches})
+    without = {k: v for k, v in feeds.items() if k != "attention_metadata"}
+    plain = reference_session(build_paged_graph(model, cfg)).run(None, {**without, **pool.caches})
     np.testing.assert_array_equal(outs[0], plain[0])
 
 
