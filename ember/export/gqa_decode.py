@@ -33,14 +33,14 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from ember.errors import ConfigError
+from ember.export.fused_graph import DTYPES, LINEARS, FusedGraph, gpt2_body, llama_body, rotary_tables
 from ember.models.registry import FAMILY_MODULES
 
 DECODE_PART = "decode"
 DECODE_FILE = "decode.onnx"
-DTYPES = {"float32": (np.float32, TensorProto.FLOAT), "float16": (np.float16, TensorProto.FLOAT16)}
 
 
 def decode_input_names(num_layers: int) -> list[str]:
@@ -55,39 +55,6 @@ def decode_output_names(num_layers: int) -> list[str]:
     for i in range(num_layers):
         names += [f"present_key.{i}", f"present_value.{i}"]
     return names
-
-
-class _Graph:
-    """Nodes + initializers under construction (numpy weights converted to the graph dtype)."""
-
-    def __init__(self, np_dtype, linears: str = "gemm"):
-        self.np_dtype = np_dtype
-        self.linears = linears
-        self.nodes: list = []
-        self.inits: list = []
-        self._n = 0
-        self._shapes: set[str] = set()
-
-    def shape(self, name: str, dims: list[int]) -> str:
-        """An int64 shape constant ``shape.<name>``, stored once however many nodes use it."""
-        full = f"shape.{name}"
-        if full not in self._shapes:
-            self._shapes.add(full)
-            self.weight(full, np.array(dims), np.int64)
-        return full
-
-    def weight(self, name: str, t: torch.Tensor | np.ndarray, dtype=None) -> str:
-        a = t.detach().to(torch.float32).numpy() if isinstance(t, torch.Tensor) else t
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(a.astype(dtype or self.np_dtype)), name))
-        return name
-
-    def node(self, op: str, inputs: list[str], n_out: int = 1, name: str | None = None, domain: str = "",
-             outputs: list[str] | None = None, **attrs) -> list[str]:
-        self._n += 1
-        name = name or f"{op}_{self._n}"
-        outs = outputs or [f"{name}/out{j}" for j in range(n_out)]
-        self.nodes.append(helper.make_node(op, inputs, outs, name=name, domain=domain, **attrs))
-        return outs
 
 
 # Every registered family (ember/models/registry.py); a model whose description has a feature
@@ -110,9 +77,6 @@ def check_supported(cfg) -> None:
                           "GroupQueryAttention requires; compile with --fused-decode off")
 
 
-LINEARS = ("gemm", "matmul")
-
-
 def build_decode_graph(model, cfg, dtype: str = "float16", linears: str = "gemm") -> onnx.ModelProto:
     """The fused decode graph of ``model`` (an ``llama.LlamaStep`` or ``gpt2.GPT2Step`` with
     weights) in ``dtype``. ``linears``: ``gemm`` writes every layer's linear as ``Gemm(transB=1)``
@@ -126,10 +90,13 @@ def build_decode_graph(model, cfg, dtype: str = "float16", linears: str = "gemm"
     if linears not in LINEARS:
         raise ConfigError(f"fused decode linears {linears!r} is not one of {', '.join(LINEARS)}")
     np_dtype, onnx_dtype = DTYPES[dtype]
-    g = _Graph(np_dtype, linears)
+    g = FusedGraph(np_dtype, linears)
     ids = g.node("Reshape", ["input_ids", g.shape("flat", [-1])], name="ids_flat")[0]
-    body = _gpt2_body if cfg.positions == "learned" else _llama_body
-    hid, head = body(g, model, cfg, ids)
+    if cfg.positions == "learned":  # GPT-2: K/V heads = heads, no rotary; each row's position is its past length
+        hid, head = gpt2_body(g, model, cfg, ids, "seqlens_k", lambda g, name, i, _, qkv: _attention(g, name, i, qkv, cfg, None))
+    else:
+        rotary = rotary_tables(g, model, cfg)
+        hid, head = llama_body(g, model, cfg, ids, lambda g, name, i, _, qkv: _attention(g, name, i, qkv, cfg, rotary))
     logits = g.node("Gemm", [hid, head], name="lm_head", transB=1)[0]
     if onnx_dtype != TensorProto.FLOAT:
         g.node("Cast", [logits], name="logits_fp32", outputs=["logits"], to=TensorProto.FLOAT)
@@ -152,7 +119,7 @@ def build_decode_graph(model, cfg, dtype: str = "float16", linears: str = "gemm"
     return proto
 
 
-def _attention(g: _Graph, name: str, i: int, qkv: str, cfg, rotary: tuple[str, str] | None) -> str:
+def _attention(g: FusedGraph, name: str, i: int, qkv: str, cfg, rotary: tuple[str, str] | None) -> str:
     """GroupQueryAttention over the packed [B, (H+2Hkv)D] projections, K/V appended in place
     at each row's past length; returns [B, H*D]."""
     qkv = g.node("Reshape", [qkv, g.shape("tokens", [0, 1, -1])], name=f"{name}_tokens")[0]  # GQA takes [B, S, N]
@@ -163,89 +130,6 @@ def _attention(g: _Graph, name: str, i: int, qkv: str, cfg, rotary: tuple[str, s
                   num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, do_rotary=int(rotary is not None),
                   rotary_interleaved=0, scale=1.0 / float(np.sqrt(cfg.head_dim)))[0]
     return g.node("Reshape", [attn, g.shape("rows", [0, -1])], name=f"{name}_rows")[0]
-
-
-def _llama_body(g: _Graph, model, cfg, ids: str) -> tuple[str, str]:
-    """RMSNorm (fused with the residual add), rotary GQA, SwiGLU; returns (final hidden, head weight)."""
-    d, eps = cfg.head_dim, float(cfg.norm_eps)
-    # rotary tables [max_positions, D/2], computed in float64 and stored in the graph dtype
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
-    if cfg.rope_scaling is not None:  # linear / llama3: the step model's scaled frequencies
-        inv_freq = model.inv_freq.double().numpy()
-    freqs = np.arange(cfg.max_positions, dtype=np.float64)[:, None] * inv_freq[None, :]
-    rotary = (g.weight("rope.cos", np.cos(freqs)), g.weight("rope.sin", np.sin(freqs)))
-    embed = g.weight("embed_tokens.weight", model.embed_tokens.weight)
-    x = g.node("Gather", [embed, ids], name="embed")[0]  # [B, C]: the residual stream, one row per sequence
-    pending = None  # the previous sublayer's output, added to the residual by the next norm
-    for i, layer in enumerate(model.layers):
-        p = f"layers.{i}"
-        y, x = _rms_norm(g, f"{p}.input_layernorm", layer.input_layernorm.weight, x, pending, eps)
-        w_qkv = torch.cat([layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight], 0)  # [(H+2Hkv)D, C]
-        b_qkv = None if layer.q_proj.bias is None else torch.cat([layer.q_proj.bias, layer.k_proj.bias, layer.v_proj.bias])
-        attn = _attention(g, f"{p}.attn", i, _linear(g, f"{p}.qkv", y, w_qkv, b_qkv), cfg, rotary)
-        o = _linear(g, f"{p}.o_proj", attn, layer.o_proj.weight, layer.o_proj.bias)
-        y, x = _rms_norm(g, f"{p}.post_attention_layernorm", layer.post_attention_layernorm.weight, x, o, eps)
-        gate = _linear(g, f"{p}.gate_proj", y, layer.gate_proj.weight)
-        up = _linear(g, f"{p}.up_proj", y, layer.up_proj.weight)
-        act = g.node("QuickGelu", [gate], name=f"{p}.silu", domain="com.microsoft", alpha=1.0)[0]
-        mlp = g.node("Mul", [act, up], name=f"{p}.swiglu")[0]
-        pending = _linear(g, f"{p}.down_proj", mlp, layer.down_proj.weight)
-    hid, _ = _rms_norm(g, "norm", model.norm.weight, x, pending, eps)
-    # tied: the embedding matrix is the head, read in place
-    head = embed if model.lm_head is None else g.weight("lm_head.weight", model.lm_head.weight)
-    return hid, head
-
-
-def _gpt2_body(g: _Graph, model, cfg, ids: str) -> tuple[str, str]:
-    """LayerNorm (fused with the residual add), learned positions at each row's past length,
-    GQA with H K/V heads and no rotary, tanh-GELU MLP; returns (final hidden, head weight)."""
-    eps = float(cfg.norm_eps)
-    wte = g.weight("wte.weight", model.wte.weight)
-    tok = g.node("Gather", [wte, ids], name="embed")[0]
-    pos = g.node("Gather", [g.weight("wpe.weight", model.wpe.weight), "seqlens_k"], name="embed_positions")[0]
-    x, pending = tok, pos  # the residual stream [B, C] and the sublayer output the next norm adds to it
-    for i, blk in enumerate(model.blocks):
-        p = f"blocks.{i}"
-        y, x = _layer_norm(g, f"{p}.ln_1", blk.ln_1, x, pending, eps)
-        attn = _attention(g, f"{p}.attn", i, _linear(g, f"{p}.c_attn", y, blk.c_attn.weight, blk.c_attn.bias), cfg, None)
-        o = _linear(g, f"{p}.c_proj", attn, blk.c_proj.weight, blk.c_proj.bias)
-        y, x = _layer_norm(g, f"{p}.ln_2", blk.ln_2, x, o, eps)
-        h = _linear(g, f"{p}.c_fc", y, blk.c_fc.weight, blk.c_fc.bias)
-        h = g.node("FastGelu", [h], name=f"{p}.gelu", domain="com.microsoft")[0]  # tanh approximation (gelu_new)
-        pending = _linear(g, f"{p}.mlp_proj", h, blk.mlp_proj.weight, blk.mlp_proj.bias)
-    hid, _ = _layer_norm(g, "ln_f", model.ln_f, x, pending, eps)
-    head = wte if model.lm_head is None else g.weight("lm_head.weight", model.lm_head.weight)
-    return hid, head
-
-
-def _layer_norm(g: _Graph, name: str, ln, x: str, pending: str, eps: float) -> tuple[str, str]:
-    """LayerNorm of ``x + pending``; returns (normed, the new residual stream)."""
-    out = g.node("SkipLayerNormalization", [pending, x, g.weight(f"{name}.weight", ln.weight), g.weight(f"{name}.bias", ln.bias)],
-                 name=name, domain="com.microsoft", outputs=[f"{name}/out", "", "", f"{name}/residual"], epsilon=eps)
-    return out[0], out[3]
-
-
-def _linear(g: _Graph, name: str, x: str, weight, bias=None) -> str:
-    """``x @ weight.T + bias``: as ``Gemm(transB=1)`` on torch's [out, in] layout (on the GPU the
-    one-row GEMMs of a decode read the weight faster this way than as MatMul's [in, out]), or,
-    for the block-wise quantizer (``g.linears == "matmul"``), as MatMul on [in, out] + Add."""
-    if g.linears == "matmul":
-        y = g.node("MatMul", [x, g.weight(f"{name}.weight_kn", weight.detach().T)], name=name)[0]
-        return y if bias is None else g.node("Add", [y, g.weight(f"{name}.bias", bias)], name=f"{name}_bias")[0]
-    inputs = [x, g.weight(f"{name}.weight", weight)]
-    if bias is not None:
-        inputs.append(g.weight(f"{name}.bias", bias))
-    return g.node("Gemm", inputs, name=name, transB=1)[0]
-
-
-def _rms_norm(g: _Graph, name: str, weight, x: str, pending: str | None, eps: float) -> tuple[str, str]:
-    """RMSNorm of ``x + pending`` (or of ``x``); returns (normed, the new residual stream)."""
-    w = g.weight(f"{name}.weight", weight)
-    if pending is None:
-        return g.node("SimplifiedLayerNormalization", [x, w], name=name, axis=-1, epsilon=eps, stash_type=1)[0], x
-    out = g.node("SkipSimplifiedLayerNormalization", [pending, x, w], name=name, domain="com.microsoft",
-                 outputs=[f"{name}/out", "", "", f"{name}/residual"], epsilon=eps)
-    return out[0], out[3]
 
 
 # (ids [B,1], past lengths [B], K/V 2L x [B,Hkv,S,D]) -> (logits [B,V], the new token's K/V 2L x [B,Hkv,1,D])

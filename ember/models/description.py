@@ -193,6 +193,17 @@ class DecoderConfig:
             reasons.append("YaRN attention factor (rope_scaling.type yarn)")
         return "; ".join(reasons) or None
 
+    def paged_refusal(self) -> str | None:
+        """Why the PagedAttention step graph (export/paged_step.py) cannot run this model, or None.
+        The operator itself applies sliding windows, soft-capping and the score scale; the graph
+        applies q/k norms before it."""
+        paged_has = ("q/k normalisation (q_norm/k_norm)", "sliding-window attention (sliding_window)",
+                     "a custom attention scale (query_pre_attn_scalar)", "attention logit soft-capping")
+        reasons = [r for r in self._special_features() if r not in paged_has]
+        if self.rope_scaling is not None and self.rope_scaling.type in ("yarn", "longrope"):
+            reasons.append(f"rope_scaling.type {self.rope_scaling.type}")
+        return "; ".join(reasons) or None
+
     def tp_refusal(self) -> str | None:
         """Why the tensor-parallel segments (export/tp.py) cannot shard this model, or None."""
         # q/k norms are per head (replicated on every rank) and window masks per rank's heads: TP has both

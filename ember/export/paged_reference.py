@@ -1,0 +1,160 @@
+"""The paged step graph on the CPU: numpy semantics of the ONNX Runtime contrib operators it
+uses, for ``onnx.reference.ReferenceEvaluator`` (``PagedAttention`` has only a CUDA kernel).
+
+``PagedAttention`` follows the operator's schema (onnxruntime ``com.microsoft`` opset 1) for
+the inputs the paged step graph uses (indices 0-9): packed or separate Q/K/V, rotary at
+position ``past_seqlens[b] + j`` from the cos/sin caches (non-interleaved, the first
+2 * cos_cache.shape[1] features of each head), the new tokens' K/V written into their slots
+``block_table[b, p // block_size] * block_size + p % block_size`` before attending, causal
+attention over each sequence's ``past_seqlens[b] + n_b`` keys, ``scale`` (0: 1/sqrt(D)),
+``softcap`` (scores -> cap * tanh(scores / cap)) and ``local_window_size`` w (a query at
+position q sees keys k > q - w, as the CUDA kernel passes w - 1 to FlashAttention's left
+window). Scores and softmax in float32, outputs in the query's dtype, as the CUDA kernels.
+
+The evaluator cannot alias outputs to inputs: ``key_cache_out`` / ``value_cache_out`` are new
+arrays holding the updated pools, which the caller feeds to the next call.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
+
+
+class PagedAttention(OpRun):
+    op_domain = "com.microsoft"
+
+    def _run(self, query, key=None, value=None, key_cache=None, value_cache=None, cumulative_sequence_length=None,
+             past_seqlens=None, block_table=None, cos_cache=None, sin_cache=None, *later, num_heads=None,
+             kv_num_heads=None, scale=0.0, softcap=0.0, local_window_size=-1, do_rotary=0, rotary_interleaved=0,
+             **other_attrs):
+        if any(u is not None for u in later[:6]):  # attention_metadata (16) only bounds the work: ignored
+            raise NotImplementedError("PagedAttention reference: inputs past sin_cache (slot_mapping, head_sink, "
+                                      "q/k norm weights, KV scales) are not modelled")
+        if rotary_interleaved:
+            raise NotImplementedError("PagedAttention reference: rotary_interleaved=1 is not modelled")
+        h, hkv = int(num_heads), int(kv_num_heads)
+        num_blocks, block_size, _, d = key_cache.shape
+        n = query.shape[0]
+        if key is None:  # packed [N, (H + 2Hkv) D]
+            key, value = query[:, h * d:(h + hkv) * d], query[:, (h + hkv) * d:]
+            query = query[:, :h * d]
+        q = query.reshape(n, h, d).astype(np.float32)
+        k = key.reshape(n, hkv, d).astype(np.float32)
+        v = value.reshape(n, hkv, d)
+        cum, past = cumulative_sequence_length.astype(np.int64), past_seqlens.astype(np.int64)
+        seq_of = np.searchsorted(cum[1:], np.arange(n), side="right")  # each token's sequence
+        pos = past[seq_of] + np.arange(n) - cum[seq_of]  # each token's position
+        if do_rotary:
+            q, k = _rotate(q, pos, cos_cache, sin_cache), _rotate(k, pos, cos_cache, sin_cache)
+        k_out, v_out = key_cache.copy(), value_cache.copy()
+        blocks = block_table[seq_of, pos // block_size]
+        if (blocks < 0).any() or (blocks >= num_blocks).any():
+            raise ValueError(f"PagedAttention reference: a new token's position maps to block "
+                             f"{int(blocks[(blocks < 0) | (blocks >= num_blocks)][0])} (pool of {num_blocks})")
+        k_out[blocks, pos % block_size] = k.astype(key_cache.dtype)
+        v_out[blocks, pos % block_size] = v.astype(value_cache.dtype)
+        scale = float(scale) or 1.0 / np.sqrt(d)
+        out = np.zeros((n, h, d), np.float32)
+        for b in range(len(past)):
+            lo, hi = int(cum[b]), int(cum[b + 1])
+            total = int(past[b]) + hi - lo
+            kpos = np.arange(total)
+            slots = block_table[b, kpos // block_size]
+            keys = k_out[slots, kpos % block_size].astype(np.float32)  # [L, Hkv, D]
+            vals = v_out[slots, kpos % block_size].astype(np.float32)
+            keys, vals = np.repeat(keys, h // hkv, axis=1), np.repeat(vals, h // hkv, axis=1)  # [L, H, D]
+            scores = np.einsum("thd,khd->htk", q[lo:hi], keys) * scale  # [H, T, L]
+            if softcap:
+                scores = softcap * np.tanh(scores / softcap)
+            qpos = pos[lo:hi].reshape(1, -1, 1)
+            ok = kpos.reshape(1, 1, -1) <= qpos
+            if local_window_size is not None and local_window_size > 0:
+                ok &= qpos - kpos.reshape(1, 1, -1) < local_window_size
+            scores = np.where(ok, scores, -np.inf)
+            probs = np.exp(scores - scores.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            out[lo:hi] = np.einsum("htk,khd->thd", probs, vals)
+        return out.reshape(n, h * d).astype(query.dtype), k_out, v_out
+
+
+def _rotate(x: np.ndarray, pos: np.ndarray, cos_cache: np.ndarray, sin_cache: np.ndarray) -> np.ndarray:
+    """Rotate-half RoPE of the first 2 * cos_cache.shape[1] features of x [N, heads, D] (float32)."""
+    half = cos_cache.shape[1]
+    cos = cos_cache[pos].astype(np.float32)[:, None, :]
+    sin = sin_cache[pos].astype(np.float32)[:, None, :]
+    x1, x2 = x[..., :half], x[..., half:2 * half]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., 2 * half:]], axis=-1)
+
+
+def _rms(x: np.ndarray, gamma: np.ndarray, eps: float) -> np.ndarray:
+    x32 = x.astype(np.float32)
+    return x32 / np.sqrt((x32 * x32).mean(-1, keepdims=True) + eps) * gamma.astype(np.float32)
+
+
+class SimplifiedLayerNormalization(OpRun):
+    op_domain = ""
+
+    def _run(self, x, scale, axis=-1, epsilon=1e-5, stash_type=1):
+        if axis != -1 and axis != x.ndim - 1:
+            raise NotImplementedError("SimplifiedLayerNormalization reference: only the last axis")
+        return (_rms(x, scale, epsilon).astype(x.dtype),)
+
+
+class SkipSimplifiedLayerNormalization(OpRun):
+    op_domain = "com.microsoft"
+
+    def _run(self, x, skip, gamma, bias=None, epsilon=1e-5):
+        total = x.astype(np.float32) + skip.astype(np.float32)
+        if bias is not None:
+            total = total + bias.astype(np.float32)
+        empty = np.zeros(0, np.float32)  # mean and inv_std_var: never read by the graph
+        return _rms(total, gamma, epsilon).astype(x.dtype), empty, empty, total.astype(x.dtype)
+
+
+class SkipLayerNormalization(OpRun):
+    op_domain = "com.microsoft"
+
+    def _run(self, x, skip, gamma, beta=None, bias=None, epsilon=1e-5):
+        total = x.astype(np.float32) + skip.astype(np.float32)
+        if bias is not None:
+            total = total + bias.astype(np.float32)
+        centred = total - total.mean(-1, keepdims=True)
+        out = centred / np.sqrt((centred * centred).mean(-1, keepdims=True) + epsilon) * gamma.astype(np.float32)
+        if beta is not None:
+            out = out + beta.astype(np.float32)
+        empty = np.zeros(0, np.float32)
+        return out.astype(x.dtype), empty, empty, total.astype(x.dtype)
+
+
+class FastGelu(OpRun):
+    op_domain = "com.microsoft"
+
+    def _run(self, x, bias=None):
+        x32 = x.astype(np.float32) + (0 if bias is None else bias.astype(np.float32))
+        return ((0.5 * x32 * (1.0 + np.tanh(0.7978845608028654 * (x32 + 0.044715 * x32 ** 3)))).astype(x.dtype),)
+
+
+class QuickGelu(OpRun):
+    op_domain = "com.microsoft"
+
+    def _run(self, x, alpha=1.702):
+        x32 = x.astype(np.float32)
+        return ((x32 / (1.0 + np.exp(-alpha * x32))).astype(x.dtype),)
+
+
+CONTRIB_OPS = [PagedAttention, SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization, SkipLayerNormalization,
+               QuickGelu, FastGelu]
+
+
+def reference_session(model: onnx.ModelProto) -> ReferenceEvaluator:
+    """``onnx.reference`` evaluator of a paged step graph. Unused optional outputs (named "")
+    get names of their own in a copy: the evaluator stores every output under its name, and a
+    value stored under "" would stand in for every absent optional input after it."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for node in model.graph.node:
+        for j, out in enumerate(node.output):
+            if not out:
+                node.output[j] = f"{node.name}/unused{j}"
+    return ReferenceEvaluator(model, new_ops=CONTRIB_OPS)
