@@ -108,6 +108,9 @@ def _add_compile(sub) -> None:
                    help="add the fused decode graph (ONNX Runtime GroupQueryAttention, K/V updated in place) that "
                         "runs one-token steps; auto = --dtype fp16 (every family the part can express); on = FP32 too "
                         "(CPU: faster decode, a second copy of the weights in memory; docs/gpu.md)")
+    p.add_argument("--paged", default="off", choices=["on", "off"],
+                   help="also write the paged step graph (ONNX Runtime PagedAttention, CUDA, FP16: packed prefill and "
+                        "decode tokens over a shared block pool) that serves --kv-layout paged on a GPU (docs/kv.md)")
     p.add_argument("--seed", type=int, default=0, help="seed of a built-in config's random weights")
     trt = p.add_argument_group("TensorRT (--backend tensorrt or tensorrt-rtx; see docs/gpu.md)")
     trt.add_argument("--trt-targets", metavar="LIST",
@@ -173,7 +176,7 @@ def _cmd_compile(a) -> int:
     opts = CompileOptions(backend=a.backend, dtype=a.dtype, quantize=a.quantize, calib=a.calib,
                           calib_method=a.calib_method, smoothquant=a.smoothquant, max_error=a.max_error,
                           block_size=a.block_size, int4_method=a.int4_method, symmetric=a.symmetric,
-                          quantize_lm_head=a.quantize_lm_head, seed=a.seed, validate=not a.no_validate, tp=a.tp, fused_decode=a.fused_decode,
+                          quantize_lm_head=a.quantize_lm_head, seed=a.seed, validate=not a.no_validate, tp=a.tp, fused_decode=a.fused_decode, paged=a.paged,
                           overwrite=a.overwrite, quiet=a.quiet, extra=extra)
     with sigterm_interrupts():
         compile_decoder(a.source, out, opts)

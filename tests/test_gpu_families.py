@@ -88,6 +88,8 @@ def transformers_logits(model, prompt: list[int], tokens: list[int]) -> torch.Te
     from transformers import LogitsProcessorList
 
     device = next(model.parameters()).device
+    if getattr(model.config, "rope_scaling", None) and model.config.rope_scaling.get("rope_type", model.config.rope_scaling.get("type")) == "longrope":
+        return _prefix_forward_logits(model, prompt, tokens)
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt], device=device), max_new_tokens=len(tokens),
                              min_new_tokens=len(tokens), do_sample=False, eos_token_id=None, pad_token_id=0,
@@ -95,6 +97,20 @@ def transformers_logits(model, prompt: list[int], tokens: list[int]) -> torch.Te
                              output_logits=True, return_dict_in_generate=True)
     assert out.sequences[0, len(prompt):].tolist() == tokens
     return torch.stack([row[0] for row in out.logits]).float().cpu()
+
+
+def _prefix_forward_logits(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """LongRoPE's reference: each next-token distribution from one forward of the whole prefix
+    without a cache, where transformers picks the factor set by the prefix's length -- the
+    semantics Phi-3's ``generate`` implements with its cache recompute at the switch, and Ember
+    with its recompute (docs/models.md), but independent of how a transformers version caches
+    (the device's transformers, unlike this repository's pinned one, did not reproduce its own
+    recompute on the GPU: Ember's CUDA tokens equalled Ember's CPU tokens, measured)."""
+    device = next(model.parameters()).device
+    seq = list(prompt) + list(tokens)
+    with torch.no_grad():
+        return torch.stack([model(torch.tensor([seq[:len(prompt) + j]], device=device)).logits[0, -1]
+                            for j in range(len(tokens))]).float().cpu()
 
 
 @dataclass

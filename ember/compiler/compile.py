@@ -50,6 +50,7 @@ class CompileOptions:
     max_validation_error: float = 1e-3  # relative; beyond it the export is considered broken
     tp: int = 1
     fused_decode: str = "auto"  # auto | on | off: the GroupQueryAttention decode part (export/gqa_decode.py)
+    paged: str = "off"  # on | off: the paged step graph (PagedAttention, export/paged_step.py) for kv_layout="paged" on CUDA
     overwrite: bool = False  # replace an existing engine folder at the output path (--overwrite)
     quiet: bool = False
     extra: dict = field(default_factory=dict)  # TensorRT backends: TensorRTOptions fields (profiles, targets, ...)
@@ -66,10 +67,24 @@ class CompileOptions:
             raise ConfigError(f"--tp {self.tp} must be >= 1")
         if self.fused_decode not in FUSED_DECODE:
             raise ConfigError(f"--fused-decode {self.fused_decode!r} is not one of {', '.join(FUSED_DECODE)}")
+        self._check_paged()
         from ember.compiler.backends.tensorrt import check_plan_options
 
         check_plan_options(self.backend, self.extra)  # before the export, not after it
 
+
+    def _check_paged(self) -> None:
+        if self.paged not in ("on", "off"):
+            raise ConfigError(f"--paged {self.paged!r} is not one of on, off")
+        if self.paged == "off":
+            return
+        why = [w for w, bad in ((f"--backend {self.backend} (it is an ONNX Runtime graph)", self.backend != "onnxruntime"),
+                                (f"--dtype {self.dtype} (PagedAttention runs FP16 only)", self.dtype != "fp16"),
+                                (f"--quantize {self.quantize} (not yet for the paged graph)", self.quantize is not None),
+                                (f"--tp {self.tp}", self.tp > 1)) if bad]
+        if why:
+            raise ConfigError(f"--paged on needs --backend onnxruntime --dtype fp16 without --quantize or --tp; "
+                              f"not with {', '.join(why)}")
 
     @property
     def blockwise(self) -> bool:
@@ -147,6 +162,11 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
         log.note(f"{c.family}: {c.num_layers} layers, hidden {c.hidden_size}, heads {c.num_heads}/{c.num_kv_heads} kv, "
                  f"vocab {c.vocab_size}, {sum(p.numel() for p in src.model.parameters()) / 1e6:.1f} M parameters")
     fused = wants_fused_decode(options, c.family, c.head_dim, c.fused_decode_refusal())
+    paged = options.paged == "on"
+    if paged:  # refuse an unsupported family before the long export
+        from ember.export.paged_step import check_supported
+
+        check_supported(c)
     if options.tp > 1:  # tensor parallel: per-rank segment engines (ember/compiler/tp_compile.py)
         from ember.compiler.tp_compile import compile_tp_folder
 
@@ -163,7 +183,7 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
             proto = export_step_graph_file(src.model, c, step_path, rewrite=export_rewrite)
         check = None
         reference = torch_step_reference(src.model, c) if options.validate else None
-        if not fused:  # nothing below needs the torch weights: free them before ONNX Runtime maps its own
+        if not (fused or paged):  # nothing below needs the torch weights: free them before ONNX Runtime maps its own
             src.model = None
             gc.collect()
         if reference is not None:
@@ -181,12 +201,17 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
         if any(r.changed for r in graph_records):
             save_onnx(proto, step_path, base_dir=tmp, keep_in_memory=False)
         files = sorted(f.name for f in tmp.glob(STEP_FILE + "*"))
-        with log.stage(f"building the {options.backend} engine" + (" + fused decode graph" if fused else "")):
+        with log.stage(f"building the {options.backend} engine" + (" + fused decode graph" if fused else "")
+                       + (" + paged step graph" if paged else "")):
             parts = [_build_part(tmp, "step", step_path, files, options, max_past=c.max_positions)]
             if fused:
                 part, decode_files = fused_decode_part(src, tmp, options, log)
                 parts.append(part)
                 files += decode_files
+            if paged:
+                part, paged_files = paged_step_part(src, tmp, options, log)
+                parts.append(part)
+                files += paged_files
         m = write_decoder_manifest(
             src, tmp, parts, log, quantization=quant_info,
             tables=[mf.file_record(tmp, t) for t in sorted(_tables(tmp))],
@@ -234,6 +259,34 @@ def fused_decode_part(src, folder: Path, options: CompileOptions, log: StageLog)
     if quant_info is not None:
         part.extra["quantization"] = quant_info
     return part, files
+
+
+def paged_step_part(src, folder: Path, options: CompileOptions, log: StageLog) -> tuple[mf.EnginePart, list[str]]:
+    """Write ``paged_step.onnx`` (export/paged_step.py: packed tokens, PagedAttention over a block
+    pool, FP16) and, with ``validate``, check it against the torch model through the numpy
+    reference of its operators (``export/paged_reference.py``) on a packed call of two prompts."""
+    from ember.export.onnx_export import save_onnx
+    from ember.export.paged_step import PAGED_FILE, PAGED_PART, build_paged_graph, check_paged_against_torch
+
+    path = folder / PAGED_FILE
+    proto = build_paged_graph(src.model, src.config, host_bounds=True)
+    save_onnx(proto, path, keep_in_memory=False)
+    del proto
+    part_extra = {}
+    if options.validate:
+        err = check_paged_against_torch(src.model, src.config, path)
+        log.note(f"paged step graph: max relative logits error {err:.2e} vs torch (numpy reference of PagedAttention)")
+        if err > PAGED_TOLERANCE:
+            raise EmberError(f"the paged step graph differs from the torch model (relative error {err:.2e} > "
+                             f"{PAGED_TOLERANCE}); this is an Ember export bug: please report it with the source")
+        part_extra["check"] = {"max_rel_error": err, "against": "torch FP32, numpy reference of PagedAttention"}
+    files = sorted(f.name for f in folder.glob(PAGED_FILE + "*"))
+    part = _build_part(folder, PAGED_PART, path, files, options, cpu_kernels=False)
+    part.extra.update(part_extra)
+    return part, files
+
+
+PAGED_TOLERANCE = 3e-2  # FP16 graph vs FP32 torch, relative to the logits' scale
 
 
 # Quantized decode part vs the quantized step graph (same MatMulNBits weights): relative logits/K/V
@@ -371,14 +424,18 @@ def _tables(folder: Path) -> list[str]:
 
 
 def _build_part(folder: Path, name: str, onnx_path: Path, files: list[str], options: CompileOptions,
-                max_past: int | None = None) -> mf.EnginePart:
+                max_past: int | None = None, cpu_kernels: bool = True) -> mf.EnginePart:
+    """The manifest part of ``onnx_path``; ``cpu_kernels``: every operator has an ONNX Runtime CPU
+    kernel, so the part is checked by loading it here (a part with CUDA-only operators is checked
+    by its builder: ``paged_step_part`` runs it through the reference evaluator)."""
     proto = onnx.load(str(onnx_path), load_external_data=False)
     inputs, outputs = io_specs(proto)
     ext = [mf.file_record(folder, f) for f in files if f != onnx_path.name]
     if options.backend == "onnxruntime":
         from ember.compiler.backends.onnxruntime import check_loads
 
-        check_loads(onnx_path)
+        if cpu_kernels:
+            check_loads(onnx_path)
         rec = mf.file_record(folder, onnx_path.name)
         extra = {"dtype": options.dtype}
         from ember.passes.quant_graph import ort_disabled_optimizers

@@ -33,20 +33,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from ember.engine_format.paged_feeds import HOST_BOUNDS, INPUTS, cache_bindings, pack_rows  # noqa: F401 (re-exported)
 from ember.errors import ConfigError
 from ember.export.fused_graph import DTYPES, FusedGraph, gpt2_body, llama_body, rotary_tables
 
 PAGED_FILE = "paged_step.onnx"
+PAGED_PART = "paged"  # the part's name in the manifest
 DTYPE = "float16"  # PagedAttention's T is float16 | bfloat16
-INPUTS = ("input_ids", "cumulative_sequence_length", "past_seqlens", "block_table")
-HOST_BOUNDS = "attention_metadata"
-
-
-def cache_bindings(num_layers: int) -> list[tuple[str, str]]:
-    """(input, output) names of every layer's K and V pool; each pair must be bound to one buffer."""
-    return [(f"{kind}_cache.{i}", f"{kind}_cache_out.{i}") for i in range(num_layers) for kind in ("key", "value")]
-
-
 @dataclass(frozen=True)
 class PackedSequence:
     """One sequence's share of a paged step: its new tokens, how many of its tokens are already
@@ -61,24 +54,19 @@ def packed_inputs(seqs: list[PackedSequence], block_size: int, max_blocks: int |
                   host_bounds: bool = False) -> dict[str, np.ndarray]:
     """The graph's non-cache inputs for ``seqs`` (``block_table`` padded with -1 to ``max_blocks``
     columns, default: the longest block list; ``attention_metadata`` for a graph built with
-    ``host_bounds``: this call's exact bounds)."""
+    ``host_bounds``: this call's exact bounds). The packing is ``engine_format.paged_feeds``'s."""
     width = max_blocks if max_blocks is not None else max(len(s.blocks) for s in seqs)
     table = np.full((len(seqs), width), -1, np.int32)
     for b, s in enumerate(seqs):
-        if not s.tokens:
-            raise ValueError(f"sequence {b} of the step has no new tokens; leave it out of the call")
-        need = -(-(s.past + len(s.tokens)) // block_size)
-        if len(s.blocks) < need or len(s.blocks) > width:
-            raise ValueError(f"sequence {b} holds {s.past + len(s.tokens)} tokens in {len(s.blocks)} blocks of "
-                             f"{block_size}: it needs {need} (at most {width} per row)")
+        if len(s.blocks) > width:
+            raise ValueError(f"sequence {b} has {len(s.blocks)} blocks, more than the table's {width} columns")
         table[b, :len(s.blocks)] = s.blocks
-    feeds = {"input_ids": np.array([t for s in seqs for t in s.tokens], np.int64),
-             "cumulative_sequence_length": np.cumsum([0] + [len(s.tokens) for s in seqs]).astype(np.int32),
-             "past_seqlens": np.array([s.past for s in seqs], np.int32),
-             "block_table": table}
-    if host_bounds:
-        feeds[HOST_BOUNDS] = np.array([max(len(s.tokens) for s in seqs), max(s.past + len(s.tokens) for s in seqs)], np.int32)
-    return feeds
+        need = -(-(s.past + len(s.tokens)) // block_size)
+        if len(s.blocks) < need:
+            raise ValueError(f"sequence {b} holds {s.past + len(s.tokens)} tokens in {len(s.blocks)} blocks of "
+                             f"{block_size}: it needs {need}")
+    return pack_rows([np.asarray(s.tokens, dtype=np.int64) for s in seqs], np.array([s.past for s in seqs]), table,
+                     block_size, host_bounds)
 
 
 def check_supported(cfg) -> None:
@@ -195,3 +183,32 @@ def _head_norm(g: FusedGraph, name: str, weight, x: str, heads: int, d: int, eps
     normed = g.node("SimplifiedLayerNormalization", [per_head, g.weight(f"{name}.weight", weight)], name=name,
                     axis=-1, epsilon=float(eps), stash_type=1)[0]
     return g.node("Reshape", [normed, g.shape("rows", [0, -1])], name=f"{name}_rows")[0]
+
+
+def check_paged_against_torch(model, cfg, path, prompts: tuple[int, ...] = (3, 5), block_size: int = 16) -> float:
+    """The graph at ``path`` on ONNX Runtime's reference evaluator with numpy PagedAttention
+    (``paged_reference``): one packed call of ``prompts`` (token counts) against the torch step
+    model ``model`` on each prompt alone. Returns the largest logits error relative to the
+    largest logit."""
+    import torch
+
+    from ember.export.paged_reference import reference_session
+
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(1, cfg.vocab_size, n).tolist() for n in prompts]
+    blocks = [-(-n // block_size) for n in prompts]
+    shares = [PackedSequence(tuple(p), 0, tuple(range(sum(blocks[:i]), sum(blocks[:i + 1])))) for i, p in enumerate(seqs)]
+    sess = reference_session(onnx.load(str(path)))
+    pool = np.zeros((sum(blocks), block_size, cfg.num_kv_heads, cfg.head_dim), np.float16)
+    feeds = {**packed_inputs(shares, block_size, host_bounds=HOST_BOUNDS in sess.input_names),
+             **{name: pool.copy() for name, _ in cache_bindings(cfg.num_layers)}}
+    got = dict(zip(sess.output_names, sess.run(None, feeds)))["logits"]
+    worst = 0.0
+    for b, p in enumerate(seqs):
+        t = len(p)
+        kv = [torch.zeros(1, cfg.num_kv_heads, 1, cfg.head_dim) for _ in range(2 * cfg.num_layers)]
+        with torch.no_grad():
+            want = model(torch.tensor([p]), torch.arange(t).reshape(1, t), torch.zeros(1, dtype=torch.int64),
+                         torch.tensor([t]), *kv)[0][0].float().numpy()
+        worst = max(worst, float(np.abs(got[b] - want).max() / max(np.abs(want).max(), 1e-6)))
+    return worst
