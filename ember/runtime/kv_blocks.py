@@ -96,6 +96,10 @@ class BlockManager:
         """The block ids of ``key``'s tokens, in order (owned by the manager: do not modify)."""
         return self.seqs[key].table
 
+    def hashed_blocks(self, key: Hashable) -> int:
+        """How many of ``key``'s leading blocks are full, computed and hashed."""
+        return len(self.seqs[key].hashes)
+
     def capacity(self, key: Hashable) -> int:
         """Tokens ``key``'s blocks have room for."""
         return len(self.seqs[key].table) * self.block_size

@@ -1,0 +1,90 @@
+"""``HostPagedExecutor``: the step graph over a paged KV pool on the host (``kv_layout="paged"``
+on the CPU; implements ``executor_protocol.PagedExecutor``, docs/kv.md).
+
+Per layer one K and one V array ``[num_blocks, block_size, Hkv, D]`` (ONNX Runtime
+PagedAttention's cache layout). A step gathers each row's past blocks into the contiguous
+``[B, Hkv, P, D]`` past the step graph takes (P = the longest past, rounded up to whole
+blocks; positions past a row's length are masked by the graph), runs it, and scatters the
+new tokens' K/V into the rows' blocks. The gather copies every row's past once per step:
+the price of running the unchanged step graph; a CUDA executor reads the blocks in place.
+Sliding-window layers (``kv_rings``) are refused: their ring layout is per slot.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ember.engine_format.decoder_spec import KVGeometry
+from ember.errors import InputError
+from ember.runtime.executor import DoneStep
+
+
+def refuse_rings(geometry: KVGeometry) -> None:
+    """InputError when the model has sliding-window layers (the paged layouts keep every position)."""
+    if any(geometry.layer_rings):
+        raise InputError("kv_layout='paged' does not support sliding-window layers (model.config.kv_rings) yet; "
+                         "load with kv_layout='slots' (CLI: --kv-layout slots)")
+
+
+def kv_blocks_within(geometry: KVGeometry, itemsize: int, block_size: int, kv_bytes: int) -> int:
+    """How many blocks of ``block_size`` positions fit ``kv_bytes`` (every layer's K and V)."""
+    per_block = 2 * geometry.num_layers * geometry.num_kv_heads * geometry.head_dim * itemsize * block_size
+    return kv_bytes // per_block
+
+
+class HostPagedExecutor:
+    """``session``: a ``StepSession`` (or one with its ``run``); it owns the block pool."""
+
+    supports_chaining = False
+
+    def __init__(self, session, geometry: KVGeometry, num_blocks: int, block_size: int, dtype: str | np.dtype):
+        refuse_rings(geometry)
+        self.session, self.num_blocks, self.block_size = session, num_blocks, block_size
+        shape = (num_blocks, block_size, geometry.num_kv_heads, geometry.head_dim)
+        # np.zeros maps pages lazily: blocks never used cost no memory
+        self.k = [np.zeros(shape, dtype=dtype) for _ in range(geometry.num_layers)]
+        self.v = [np.zeros(shape, dtype=dtype) for _ in range(geometry.num_layers)]
+
+    def launch_paged(self, input_ids: np.ndarray, positions: np.ndarray, past_lengths: np.ndarray,
+                     new_lengths: np.ndarray, block_tables: np.ndarray, logit_rows=()) -> DoneStep:
+        logits = self.run_paged(input_ids, positions, past_lengths, new_lengths, block_tables)
+        return DoneStep(logits.argmax(axis=1), logits[np.asarray(logit_rows, dtype=np.int64)])
+
+    def run_paged(self, input_ids: np.ndarray, positions: np.ndarray, past_lengths: np.ndarray,
+                  new_lengths: np.ndarray, block_tables: np.ndarray) -> np.ndarray:
+        """One step (``PagedExecutor.launch_paged``'s arguments); returns logits [B,V] float32."""
+        past_lengths = np.asarray(past_lengths, dtype=np.int64)
+        new_lengths = np.asarray(new_lengths, dtype=np.int64)
+        past_blocks = max(1, -(-int(past_lengths.max()) // self.block_size))
+        tables = np.asarray(block_tables, dtype=np.int64)
+        kv = []
+        for k, v in zip(self.k, self.v):
+            kv += [self._gather(k, tables[:, :past_blocks]), self._gather(v, tables[:, :past_blocks])]
+        logits, new_kv = self.session.run(input_ids, positions, past_lengths, new_lengths, kv)
+        self._scatter(new_kv, tables, past_lengths, new_lengths)
+        return logits
+
+    def _gather(self, pool: np.ndarray, tables: np.ndarray) -> np.ndarray:
+        """[B, Hkv, M*block_size, D] from the rows' first M blocks."""
+        b, m = tables.shape
+        rows = pool[tables].reshape(b, m * self.block_size, *pool.shape[2:])
+        return np.ascontiguousarray(rows.transpose(0, 2, 1, 3))
+
+    def _scatter(self, new_kv: list[np.ndarray], tables: np.ndarray, past: np.ndarray, new: np.ndarray) -> None:
+        """Write row r's first new[r] tokens of ``new_kv`` (2L arrays [B, Hkv, T, D]) at positions past[r]..."""
+        row = np.repeat(np.arange(len(new)), new)
+        t = np.arange(len(row)) - np.repeat(np.cumsum(new) - new, new)  # token index within its row
+        pos = past[row] + t
+        block, offset = tables[row, pos // self.block_size], pos % self.block_size
+        for l, (k, v) in enumerate(zip(self.k, self.v)):
+            k[block, offset] = new_kv[2 * l][row, :, t, :]
+            v[block, offset] = new_kv[2 * l + 1][row, :, t, :]
+
+    def maybe_shrink(self) -> None:
+        """Nothing to give back: the pool is sized once (untouched blocks were never paged in)."""
+
+    def close(self) -> None:
+        pass
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k + self.v)
