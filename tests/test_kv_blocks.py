@@ -140,3 +140,21 @@ def test_prefix_caching_off_shares_nothing():
 def test_bad_sizes_are_input_errors():
     with pytest.raises(InputError, match="num_blocks"):
         BlockManager(0, 16)
+
+
+def test_a_prefix_being_computed_is_in_flight_until_computed_or_freed():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    a = ids(*range(10))
+    bm.allocate("a", a)
+    later = ids(*range(8), 70, 71)
+    assert bm.prefix_in_flight(later)  # its first block is a's, not computed yet
+    assert not bm.prefix_in_flight(ids(*range(3)))  # no full block to share
+    assert not bm.prefix_in_flight(ids(9, *range(1, 10)))  # another first block
+    bm.mark_computed("a", a, 4)
+    assert bm.prefix_in_flight(later)  # block 0 cached, block 1 still being computed
+    bm.mark_computed("a", a, 10)
+    assert not bm.prefix_in_flight(later) and bm.allocate("b", later) == 8
+    bm.allocate("c", ids(*range(50, 60)))
+    assert bm.prefix_in_flight(ids(*range(50, 58), 1))
+    bm.free("c")  # freed before computing: nothing to wait for
+    assert not bm.prefix_in_flight(ids(*range(50, 58), 1)) and not bm.in_flight

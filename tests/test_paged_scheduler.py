@@ -71,6 +71,23 @@ def test_decode_out_of_blocks_preempts_the_youngest_and_recomputes_it():
     assert young.phase is Phase.DECODE and young.generated == [7, 7, 7]  # the recompute's last chunk yields a token
 
 
+def test_a_burst_behind_one_new_prefix_computes_it_once():
+    sch = PagedScheduler(BlockManager(num_blocks=32, block_size=4), max_batch=8, max_seq_len=64, prefill_chunk=8)
+    system = list(range(100, 112))  # 3 blocks
+    burst = [seq(f"r{i}", system + [i, i]) for i in range(3)]
+    for s in burst:
+        sch.add(s)
+    plan = sch.schedule()
+    assert sch.running == [burst[0]] and plan.prefill[0].lengths == [8]  # the others wait for its blocks
+    sch.launched(plan)
+    run_step(sch)  # r0's last 6 tokens: every system block computed
+    plan = sch.schedule()
+    assert sch.running == burst and [s.num_cached for s in burst[1:]] == [12, 12]
+    assert plan.prefill[0].seqs == burst[1:] and plan.prefill[0].lengths == [2, 2]
+    st = sch.kv_stats()
+    assert st["prefix_waits_total"] == 2 and st["prefix_cache_hit_tokens"] == 24
+
+
 def test_a_request_larger_than_the_pool_is_refused_at_submission():
     sch = PagedScheduler(BlockManager(num_blocks=2, block_size=2), max_batch=2, max_seq_len=64)
     with pytest.raises(InputError, match="per-sequence limit of 4"):

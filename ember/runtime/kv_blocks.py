@@ -53,6 +53,7 @@ class BlockStats:
 class _SeqBlocks:
     table: list[int] = field(default_factory=list)
     hashes: list[bytes] = field(default_factory=list)  # hashes of the first len(hashes) blocks (full, computed)
+    planned: collections.deque = field(default_factory=collections.deque)  # hashes of its full blocks to compute
 
 
 class BlockManager:
@@ -71,6 +72,7 @@ class BlockManager:
         self.free_list: collections.deque[int] = collections.deque(range(num_blocks))
         self.evictable: collections.OrderedDict[int, None] = collections.OrderedDict()  # LRU first
         self.seqs: dict[Hashable, _SeqBlocks] = {}
+        self.in_flight: collections.Counter[bytes] = collections.Counter()  # hash -> live sequences computing it
         self.stats = BlockStats()
 
     # -- sizes -------------------------------------------------------------------------------
@@ -105,26 +107,40 @@ class BlockManager:
         return len(self.seqs[key].table) * self.block_size
 
     # -- prefix lookup -------------------------------------------------------------------------
-    def _cached_prefix(self, token_ids: np.ndarray) -> tuple[list[int], list[bytes]]:
-        """The cached blocks (and their hashes) of the longest cached run of full blocks of
-        ``token_ids``, leaving at least the last token uncached."""
-        blocks, hashes, parent = [], [], ROOT_HASH
+    def _block_hashes(self, token_ids: np.ndarray) -> list[bytes]:
+        """The chained hashes of every full block of ``token_ids``."""
+        out, parent, bs = [], ROOT_HASH, self.block_size
+        for i in range(len(token_ids) // bs):
+            parent = block_hash(parent, token_ids[i * bs:(i + 1) * bs])
+            out.append(parent)
+        return out
+
+    def _cached_prefix(self, token_ids: np.ndarray, hashes: list[bytes]) -> list[int]:
+        """The cached blocks of the longest cached run of full blocks of ``token_ids``
+        (``hashes``: their ``_block_hashes``), leaving at least the last token uncached."""
+        blocks: list[int] = []
         if not self.prefix_caching:
-            return blocks, hashes
-        bs = self.block_size
-        for i in range((len(token_ids) - 1) // bs):  # full blocks, never the last token
-            h = block_hash(parent, token_ids[i * bs:(i + 1) * bs])
+            return blocks
+        for h in hashes[:(len(token_ids) - 1) // self.block_size]:  # full blocks, never the last token
             b = self.by_hash.get(h)
             if b is None:
                 break
             blocks.append(b)
-            hashes.append(h)
-            parent = h
-        return blocks, hashes
+        return blocks
+
+    def prefix_in_flight(self, token_ids: np.ndarray) -> bool:
+        """Whether the first block of ``token_ids`` that is not cached (a full block that
+        ``allocate`` could share) is being computed by a live sequence: admitting after it is
+        computed turns it into a hit."""
+        if not self.prefix_caching:
+            return False
+        hashes = self._block_hashes(token_ids)
+        i = len(self._cached_prefix(token_ids, hashes))
+        return i < (len(token_ids) - 1) // self.block_size and hashes[i] in self.in_flight
 
     def can_allocate(self, token_ids: np.ndarray, extra_tokens: int = 0) -> bool:
         """Whether ``allocate(key, token_ids, extra_tokens)`` would find enough blocks."""
-        hits, _ = self._cached_prefix(token_ids)
+        hits = self._cached_prefix(token_ids, self._block_hashes(token_ids) if self.prefix_caching else [])
         return self._blocks_to_draw(hits, len(token_ids) + extra_tokens) <= self.num_free
 
     def _blocks_to_draw(self, hits: list[int], tokens: int) -> int:
@@ -138,12 +154,14 @@ class BlockManager:
         ``block_size``, < len(token_ids)), or None (nothing changed) when the blocks are not there."""
         if key in self.seqs:
             raise ValueError(f"sequence {key!r} already has blocks")
-        hits, hashes = self._cached_prefix(token_ids)
+        hashes = self._block_hashes(token_ids) if self.prefix_caching else []
+        hits = self._cached_prefix(token_ids, hashes)
         if self._blocks_to_draw(hits, len(token_ids) + extra_tokens) > self.num_free:
             return None
         for b in hits:
             self._take(b)
-        seq = _SeqBlocks(table=list(hits), hashes=list(hashes))
+        seq = _SeqBlocks(table=list(hits), hashes=hashes[:len(hits)], planned=collections.deque(hashes[len(hits):]))
+        self.in_flight.update(seq.planned)
         self.seqs[key] = seq
         while len(seq.table) < self.blocks_for(len(token_ids) + extra_tokens):
             seq.table.append(self._new_block())
@@ -173,6 +191,8 @@ class BlockManager:
             parent = seq.hashes[-1] if seq.hashes else ROOT_HASH
             h = block_hash(parent, token_ids[i * bs:(i + 1) * bs])
             seq.hashes.append(h)
+            if seq.planned:
+                self._unplan(seq.planned.popleft())
             b = seq.table[i]
             if h not in self.by_hash and self.hash_of[b] is None:
                 self.by_hash[h] = b
@@ -185,6 +205,8 @@ class BlockManager:
         seq = self.seqs.pop(key, None)
         if seq is None:
             return
+        for h in seq.planned:
+            self._unplan(h)
         for b in reversed(seq.table):
             self.ref[b] -= 1
             if self.ref[b] == 0:
@@ -194,6 +216,11 @@ class BlockManager:
                     self.free_list.append(b)
 
     # -- blocks --------------------------------------------------------------------------------
+    def _unplan(self, h: bytes) -> None:
+        self.in_flight[h] -= 1
+        if not self.in_flight[h]:
+            del self.in_flight[h]
+
     def _take(self, b: int) -> None:
         """One more reference to cached block ``b`` (reviving it when evictable)."""
         if self.ref[b] == 0:

@@ -13,6 +13,10 @@ Algorithm, once per iteration:
 2. Admission, FIFO, only in an iteration that preempted nothing: while fewer than
    ``max_batch`` sequences run and the block manager can allocate the head's tokens (its
    cached prefix shared, counted as computed: ``num_cached`` starts at the cached length).
+   A head whose next uncached full block is being computed by a running sequence waits
+   (``BlockManager.prefix_in_flight``; ``prefix_waits_total`` counts the iterations): a
+   block is shared only once computed, so a burst of requests behind one new system prompt
+   would otherwise compute it once each.
 3. Prefill chunks under ``prefill_chunk`` tokens, FIFO, in one call; one decode call over the
    decoding sequences.
 ``launched`` hashes the blocks a step filled, so later requests share them.
@@ -37,6 +41,7 @@ class PagedScheduler(FusionScheduler):
         self.active: list[Sequence] = []  # running sequences, in admission order
         self.total_preemptions = 0
         self.prefill_tokens_total = 0  # prompt (and recomputed) tokens computed, cached prefixes excluded
+        self.prefix_waits_total = 0  # iterations admission waited for a prefix block being computed
         super().__init__(max_batch=max_batch, kv_capacity_tokens=blocks.num_blocks * blocks.block_size,
                          max_seq_len=max_seq_len, prefill_chunk=prefill_chunk, max_queue=max_queue,
                          compaction="holes", admit_batch=1, admit_wait=ADMIT_WAIT)
@@ -85,6 +90,7 @@ class PagedScheduler(FusionScheduler):
     def kv_stats(self) -> dict:
         return {"kv_used_tokens": sum(s.num_cached for s in self.active), "kv_layout": "paged",
                 "preemptions_total": self.total_preemptions, "prefill_tokens_total": self.prefill_tokens_total,
+                "prefix_waits_total": self.prefix_waits_total,
                 **self.blocks.summary()}
 
     # -- the plan ------------------------------------------------------------------------------
@@ -117,7 +123,11 @@ class PagedScheduler(FusionScheduler):
             if seq.cancelled:
                 self.waiting.popleft()
                 continue
-            cached = self.blocks.allocate(seq, seq.token_ids())
+            tokens = seq.token_ids()
+            if self.blocks.prefix_in_flight(tokens):  # wait for it: it becomes a hit
+                self.prefix_waits_total += 1
+                return
+            cached = self.blocks.allocate(seq, tokens)
             if cached is None:
                 return
             self.waiting.popleft()
