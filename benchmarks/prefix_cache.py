@@ -2,17 +2,19 @@
 
 One random-weight folder (the built-in ``gpt2-124m`` shape unless ``--folder``), loaded twice:
 ``slots`` (today's pool: every request prefills its whole prompt) and ``paged`` (``kv_layout=
-"paged"``: full blocks of the system prompt are computed once and shared). In each engine one
-request first runs alone with the system prompt (it fills the cache of the paged engine, as
-earlier traffic would; the slot engine only warms up), then ``--requests`` requests, each the
-system prompt + its own ``--suffix`` tokens, are submitted at once, greedy, ``--new-tokens``
-each. Reported per layout: time to first token (median, max over the requests, from
-submission), total wall time of the batch, prompt tokens computed. One run, no repetition:
-run on a quiet host for numbers.
+"paged"``: full blocks of the system prompt are computed once and shared). ``--requests``
+requests, each the system prompt + its own ``--suffix`` tokens, are submitted at once, greedy,
+``--new-tokens`` each, in three runs (a fresh engine each, warmed up by an unrelated request):
+``slots``; ``paged cold``: the system prompt is new, the burst's first request computes it and
+the others wait for its blocks; ``paged warm``: one request with the system prompt ran before,
+as earlier traffic would have. Reported: time to first token (median, max over the requests,
+from submission), total wall time of the burst, prompt tokens computed. One run each, no
+repetition: run on a quiet host for numbers.
 
     python benchmarks/prefix_cache.py [--folder F] [--requests 16] [--system 200] [--suffix 16]
         [--new-tokens 16] [--block-size 16] [--out benchmarks/results]
-Writes prefix_cache_cpu.{json,md} under ``--out``.
+Writes prefix_cache_cpu.{json,md} under ``--out``. Without ``--folder`` it compiles the
+built-in ``gpt2-124m`` shape (random weights) into a temporary folder first.
 """
 from __future__ import annotations
 
@@ -38,10 +40,11 @@ def compiled_folder(name: str, root: Path) -> Path:
     return out
 
 
-def run_layout(folder: Path, layout: str, prompts: list[list[int]], warm: list[int], args) -> dict:
+def run_layout(folder: Path, name: str, prompts: list[list[int]], warm: list[int], args) -> dict:
+    """One burst on a fresh engine; ``warm``: the request run alone first."""
     import ember
 
-    opts = {"kv_layout": layout, "kv_block_size": args.block_size} if layout == "paged" else {}
+    opts = {"kv_layout": "paged", "kv_block_size": args.block_size} if name.startswith("paged") else {}
     with ember.load(folder, max_batch=len(prompts), verify="size", threads=args.threads, **opts) as eng:
         eng.submit(warm, max_new_tokens=2, ignore_eos=True).result(timeout=600)
         before = eng.stats()
@@ -51,11 +54,12 @@ def run_layout(folder: Path, layout: str, prompts: list[list[int]], warm: list[i
         total = time.perf_counter() - t0
         st = eng.stats()
     ttft = [c.ttft for c in results]
-    row = {"layout": layout, "ttft_median_s": statistics.median(ttft), "ttft_max_s": max(ttft), "total_s": total,
+    row = {"layout": name, "ttft_median_s": statistics.median(ttft), "ttft_max_s": max(ttft), "total_s": total,
            "tokens": [c.token_ids for c in results]}
-    if layout == "paged":
+    if opts:
         row.update(prompt_tokens_computed=st["prefill_tokens_total"] - before["prefill_tokens_total"],
-                   prefix_cache_hit_rate=st["prefix_cache_hit_rate"], preemptions=st["preemptions_total"])
+                   prefix_cache_hit_rate=st["prefix_cache_hit_rate"], preemptions=st["preemptions_total"],
+                   prefix_waits=st["prefix_waits_total"])
     else:
         row["prompt_tokens_computed"] = sum(len(p) for p in prompts)
     return row
@@ -78,30 +82,35 @@ def main() -> int:
         rng = np.random.default_rng(0)
         system = rng.integers(1, 500, args.system).tolist()
         prompts = [system + rng.integers(1, 500, args.suffix).tolist() for _ in range(args.requests)]
-        warm = system + [7]
-        rows = [run_layout(folder, layout, prompts, warm, args) for layout in ("slots", "paged")]
-    same = rows[0].pop("tokens") == rows[1].pop("tokens")
+        unrelated = rng.integers(1, 500, 8).tolist()
+        rows = [run_layout(folder, "slots", prompts, unrelated, args),
+                run_layout(folder, "paged cold", prompts, unrelated, args),
+                run_layout(folder, "paged warm", prompts, system + [7], args)]
+    tokens = [r.pop("tokens") for r in rows]
+    same = all(t == tokens[0] for t in tokens)
+    model = args.folder.name if args.folder else "gpt2-124m"
     report = {"benchmark": "prefix_cache_cpu", "machine": info, "machine_line": machine_line(info),
-              "model": str(args.folder or "gpt2-124m (built-in shape, random weights)"),
+              "model": f"{model} (random weights)" if model in ("gpt2-124m", "gpt2-tiny") else model,
               "requests": args.requests, "system_tokens": args.system, "suffix_tokens": args.suffix,
               "new_tokens": args.new_tokens, "block_size": args.block_size, "same_tokens": same, "rows": rows,
-              "ttft_median_speedup": rows[0]["ttft_median_s"] / rows[1]["ttft_median_s"],
-              "total_speedup": rows[0]["total_s"] / rows[1]["total_s"]}
+              "ttft_median_speedup": {r["layout"]: rows[0]["ttft_median_s"] / r["ttft_median_s"] for r in rows[1:]},
+              "total_speedup": {r["layout"]: rows[0]["total_s"] / r["total_s"] for r in rows[1:]}}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "prefix_cache_cpu.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"# Prefix caching on the CPU: slots vs paged ({report['model']})", "",
-             f"Machine: {report['machine_line']}", "",
+             f"Machine: {report['machine_line']}; 1-min load average at start "
+             f"{info['load_avg_1m_at_start']:.1f} (other work on the host slows every run alike only roughly).", "",
              f"{args.requests} requests submitted at once, each a shared {args.system}-token system prompt + "
-             f"{args.suffix} own tokens, {args.new_tokens} greedy tokens; the system prompt ran once before "
-             f"(one request) in both engines. Block size {args.block_size}. One run. Same tokens in both "
-             f"layouts: {same}.", "",
-             "| layout | TTFT median (s) | TTFT max (s) | total (s) | prompt tokens computed |",
-             "|---|---|---|---|---|"]
+             f"{args.suffix} own tokens, {args.new_tokens} greedy tokens, max_batch {args.requests}. paged cold: "
+             f"the system prompt is new; paged warm: one request with it ran before. Block size "
+             f"{args.block_size}. One run each. Same tokens in every run: {same}.", "",
+             "| run | TTFT median (s) | TTFT max (s) | total (s) | prompt tokens computed | TTFT median vs slots |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
+        gain = report["ttft_median_speedup"].get(r["layout"])
         lines.append(f"| {r['layout']} | {r['ttft_median_s']:.3f} | {r['ttft_max_s']:.3f} | {r['total_s']:.3f} | "
-                     f"{r['prompt_tokens_computed']} |")
-    lines += ["", f"TTFT median: {report['ttft_median_speedup']:.2f}x faster paged; total: "
-                  f"{report['total_speedup']:.2f}x.", ""]
+                     f"{r['prompt_tokens_computed']} | {'' if gain is None else f'{gain:.2f}x'} |")
+    lines.append("")
     (args.out / "prefix_cache_cpu.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
