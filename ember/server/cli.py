@@ -26,8 +26,8 @@ from ember.server.limits import ServerLimits
 log = logging.getLogger("ember.server")
 
 DRAIN_BACKSTOP_S = 10.0  # after drain_timeout_s + this, uvicorn cancels what is still open
-LOAD_OPTIONS = ("max_batch", "kv_memory", "max_queue", "prefill_chunk", "admit_batch", "threads", "backend", "kv_layout",
-                "kv_block_size")
+LOAD_OPTIONS = ("max_batch", "kv_memory", "max_queue", "prefill_chunk", "admit_batch", "threads", "backend",
+                "kv_layout", "kv_block_size")
 IMAGE_LOAD_OPTIONS = ("threads", "backend")  # what a diffusion folder takes (its queue is the server's)
 
 
