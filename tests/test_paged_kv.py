@@ -3,6 +3,7 @@ tiny engines: fused paged requests give their solo slot-layout tokens, with shar
 with preemption; a shared system prompt is prefilled once; cancellation frees the blocks."""
 from __future__ import annotations
 
+import json
 import random
 import time
 
@@ -153,3 +154,16 @@ def test_host_paged_executor_scatters_into_the_tables_blocks():
     assert ex.k[0][1, 1, 0, 0] == 13 and ex.k[0][5, 0, 0, 0] == 22
     past = ex.session.past[0]  # [B, Hkv, P, D], P = 2 blocks
     assert past[0, 0, :3, 0].tolist() == [10, 11, 12] and past[1, 0, :2, 0].tolist() == [20, 21]
+
+
+def test_cli_generate_takes_the_paged_layout(gpt2_tiny, capsys):
+    from ember.cli import main
+
+    def tokens(*extra: str) -> list[list[int]]:
+        assert main(["generate", str(gpt2_tiny), "Hello world", "the quick brown fox", "--max-new-tokens", "6",
+                     "--ignore-eos", "--json", *extra]) == 0
+        return [json.loads(line)["token_ids"] for line in capsys.readouterr().out.strip().splitlines()]
+
+    assert tokens("--kv-layout", "paged", "--kv-block-size", "4") == tokens()
+    with pytest.raises(SystemExit):
+        main(["generate", str(gpt2_tiny), "hi", "--kv-layout", "pages"])
