@@ -147,11 +147,11 @@ def test_host_paged_executor_scatters_into_the_tables_blocks():
     tables = np.asarray([[4, 1, 0], [2, 5, 3]], dtype=np.int32)
     ex.run_paged(np.asarray([[10, 11, 12], [20, 21, 0]]), np.asarray([[0, 1, 2], [0, 1, 0]]), np.asarray([0, 0]),
                  np.asarray([3, 2]), tables)
-    assert ex.k[0][4, :, 0, 0].tolist() == [10, 11] and ex.k[0][1, 0, 0, 0] == 12
-    assert ex.k[0][2, :, 0, 0].tolist() == [20, 21]
+    assert ex.k[0][4, 0, :, 0].tolist() == [10, 11] and ex.k[0][1, 0, 0, 0] == 12  # [block, head, offset, d]
+    assert ex.k[0][2, 0, :, 0].tolist() == [20, 21]
     assert not ex.k[0][5].any()  # row 1 wrote only 2 tokens
     ex.run_paged(np.asarray([[13], [22]]), np.asarray([[3], [2]]), np.asarray([3, 2]), np.asarray([1, 1]), tables)
-    assert ex.k[0][1, 1, 0, 0] == 13 and ex.k[0][5, 0, 0, 0] == 22
+    assert ex.k[0][1, 0, 1, 0] == 13 and ex.k[0][5, 0, 0, 0] == 22
     past = ex.session.past[0]  # [B, Hkv, P, D], P = 2 blocks
     assert past[0, 0, :3, 0].tolist() == [10, 11, 12] and past[1, 0, :2, 0].tolist() == [20, 21]
 
