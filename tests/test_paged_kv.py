@@ -61,7 +61,7 @@ def test_fused_paged_tokens_equal_solo_slot_tokens(request, model, blocks):
     assert all(c.finish_reason is FinishReason.LENGTH for c in results)
     assert st["kv_used_tokens"] == 0 and st["running"] == 0 and st["kv_blocks_used"] == 0
     assert st["iterations_total"] < sum(p.max_new_tokens for _, p, _ in reqs)  # really fused
-    assert st["prefix_cache_hit_tokens"] > 0
+    assert st["prefix_cache_hits_total"] > 0
     if blocks is not None:
         assert st["kv_blocks_total"] == blocks and st["preemptions_total"] > 0
     else:
@@ -80,9 +80,15 @@ def test_shared_system_prompt_is_prefilled_once(gpt2_tiny):
         for i, c in enumerate(outs):
             assert c.token_ids == solo.submit(SYSTEM + [7 + i] * (i + 1), max_new_tokens=3,
                                               ignore_eos=True).result().token_ids
+    pytest.importorskip("fastapi")
+    from ember.server.metrics import ServerMetrics
+
+    exposition = ServerMetrics().render(st, "ready")
+    assert f"ember_engine_prefix_cache_hits_total {st['prefix_cache_hits_total']}" in exposition
+    assert "# TYPE ember_engine_prefix_cache_hits_total counter" in exposition
     cached = len(SYSTEM) // 8 * 8  # the system prompt's full blocks
     assert after_first == len(SYSTEM) + 2
-    assert st["prefix_cache_hit_tokens"] == 4 * cached
+    assert st["prefix_cache_hits_total"] == 4 * cached
     # only the suffixes were computed: the 4 prompts' tokens less the cached system blocks
     assert st["prefill_tokens_total"] - after_first == sum(len(SYSTEM) + i + 1 for i in range(4)) - 4 * cached
     assert 0 < st["prefix_cache_hit_rate"] < 1
@@ -96,7 +102,7 @@ def test_a_block_aligned_prompt_seen_before_computes_its_last_block(gpt2_tiny):
         for _ in range(2):
             assert eng.submit(aligned, max_new_tokens=4, ignore_eos=True).result(timeout=30).token_ids == expected
         st = eng.stats()
-    assert st["prefix_cache_hit_tokens"] == 24 and st["prefill_tokens_total"] == 32 + 8
+    assert st["prefix_cache_hits_total"] == 24 and st["prefill_tokens_total"] == 32 + 8
 
 
 def test_cancel_frees_blocks(gpt2_tiny):

@@ -44,7 +44,7 @@ def test_admission_waits_for_free_blocks_and_cached_prefix_skips_prefill():
     assert plan.prefill[0].seqs == [b] and plan.prefill[0].lengths == [5]  # only b's suffix is computed
     assert plan.decode_seqs == [a]
     st = sch.kv_stats()
-    assert st["prefix_cache_hit_tokens"] == 8 and st["kv_blocks_used"] == 5
+    assert st["prefix_cache_hits_total"] == 8 and st["kv_blocks_used"] == 5
 
 
 def test_decode_out_of_blocks_preempts_the_youngest_and_recomputes_it():
@@ -66,7 +66,7 @@ def test_decode_out_of_blocks_preempts_the_youngest_and_recomputes_it():
     sch.retire(old)  # old ends: young comes back; of its blocks freed tail first, [6, 7] was evicted for old
     plan = sch.schedule()  # and [4, 5] is still cached
     assert young.num_cached == 2 and plan.prefill[0].seqs == [young] and plan.prefill[0].lengths == [3]
-    assert young.phase is Phase.PREFILL and sch.kv_stats()["prefix_cache_hit_tokens"] == 2
+    assert young.phase is Phase.PREFILL and sch.kv_stats()["prefix_cache_hits_total"] == 2
     run_step(sch)
     assert young.phase is Phase.DECODE and young.generated == [7, 7, 7]  # the recompute's last chunk yields a token
 
@@ -85,7 +85,7 @@ def test_a_burst_behind_one_new_prefix_computes_it_once():
     assert sch.running == burst and [s.num_cached for s in burst[1:]] == [12, 12]
     assert plan.prefill[0].seqs == burst[1:] and plan.prefill[0].lengths == [2, 2]
     st = sch.kv_stats()
-    assert st["prefix_waits_total"] == 2 and st["prefix_cache_hit_tokens"] == 24
+    assert st["prefix_waits_total"] == 2 and st["prefix_cache_hits_total"] == 24
 
 
 def test_a_request_larger_than_the_pool_is_refused_at_submission():

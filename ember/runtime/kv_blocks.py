@@ -243,6 +243,6 @@ class BlockManager:
         s = self.stats
         return {"kv_blocks_total": self.num_blocks, "kv_block_size": self.block_size,
                 "kv_blocks_used": self.num_used, "kv_blocks_cached": self.num_cached, "kv_blocks_free": self.num_free,
-                "prefix_cache_queries_tokens": s.queries, "prefix_cache_hit_tokens": s.hits,
+                "prefix_cache_queries_total": s.queries, "prefix_cache_hits_total": s.hits,
                 "prefix_cache_hit_rate": s.hits / s.queries if s.queries else 0.0,
                 "prefix_cache_evictions_total": s.evictions}
