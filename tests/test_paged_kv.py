@@ -39,10 +39,12 @@ def block_bytes(folder, block_size: int) -> int:
     return 2 * geo.num_layers * geo.num_kv_heads * geo.head_dim * 4 * block_size
 
 
-@pytest.mark.parametrize("model,blocks", [("gpt2_tiny", None), ("gpt2_tiny", 40), ("llama_tiny", None)])
-def test_fused_paged_tokens_equal_solo_slot_tokens(request, model, blocks):
+@pytest.mark.parametrize("model,blocks,mixed", [("gpt2_tiny", None, False), ("gpt2_tiny", 24, False),
+                                                ("llama_tiny", None, False), ("gpt2_tiny", 24, True)])
+def test_fused_paged_tokens_equal_solo_slot_tokens(request, model, blocks, mixed):
     """Every request of a fused paged run (shared prefixes; with ``blocks`` a pool so small that
-    decodes preempt) gets exactly the tokens it gets alone with the slot layout."""
+    decodes preempt; ``mixed``: an executor that takes prefill and decode rows in one call) gets
+    exactly the tokens it gets alone with the slot layout."""
     folder = request.getfixturevalue(model)
     reqs = make_requests(48, seed=5)
     with ember.load(folder, max_batch=1, verify="size") as solo:
@@ -50,6 +52,9 @@ def test_fused_paged_tokens_equal_solo_slot_tokens(request, model, blocks):
     kv_memory = None if blocks is None else blocks * block_bytes(folder, 4)
     with ember.load(folder, max_batch=6, prefill_chunk=24, kv_layout="paged", kv_block_size=4, kv_memory=kv_memory,
                     verify="size") as eng:
+        eng.executor.mixed_steps = mixed  # the runner reads the executor's declaration at every launch
+        calls, launch = [], eng.executor.launch_paged
+        eng.executor.launch_paged = lambda *a, **k: calls.append(1) or launch(*a, **k)
         handles = []
         for prompt, params, delay in reqs:
             time.sleep(delay)
@@ -61,6 +66,8 @@ def test_fused_paged_tokens_equal_solo_slot_tokens(request, model, blocks):
     assert all(c.finish_reason is FinishReason.LENGTH for c in results)
     assert st["kv_used_tokens"] == 0 and st["running"] == 0 and st["kv_blocks_used"] == 0
     assert st["iterations_total"] < sum(p.max_new_tokens for _, p, _ in reqs)  # really fused
+    assert st["prefill_tokens_total"] < sum(len(p) for p, _, _ in reqs)  # cached prefixes were not computed
+    assert (len(calls) == st["iterations_total"]) if mixed else (len(calls) > st["iterations_total"])
     assert st["prefix_cache_hits_total"] > 0
     if blocks is not None:
         assert st["kv_blocks_total"] == blocks and st["preemptions_total"] > 0

@@ -82,9 +82,16 @@ class PagedExecutor(Protocol):
     at offset ``i % block_size``. Every table covers its row's past + new tokens (padded with
     any block id past that). The step writes the new tokens' K/V into their blocks and its
     ``result()`` gives every row's argmax and the ``logit_rows``' logits, as
-    ``Executor.launch_greedy``. Blocks not named by a row's table are never written."""
+    ``Executor.launch_greedy``. Blocks not named by a row's table are never written.
+
+    ``mixed_steps``: True = prefill chunks and decode tokens come in one call (rows padded to
+    the longest chunk on the host; an executor that packs rows by ``new_lengths``, as
+    PagedAttention's variable-length input does, computes no padding); False = one call for
+    the prefill rows and one for the decode rows (the host executor, whose step graph would
+    compute every decode row padded to the chunk length)."""
 
     supports_chaining: bool
+    mixed_steps: bool
     num_blocks: int
     block_size: int
 

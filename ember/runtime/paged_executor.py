@@ -37,6 +37,7 @@ class HostPagedExecutor:
     """``session``: a ``StepSession`` (or one with its ``run``); it owns the block pool."""
 
     supports_chaining = False
+    mixed_steps = False  # the step graph computes padding: decode rows are not padded to a prefill chunk
 
     def __init__(self, session, geometry: KVGeometry, num_blocks: int, block_size: int, dtype: str | np.dtype):
         refuse_rings(geometry)

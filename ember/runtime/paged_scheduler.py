@@ -17,8 +17,8 @@ Algorithm, once per iteration:
    (``BlockManager.prefix_in_flight``; ``prefix_waits_total`` counts the iterations): a
    block is shared only once computed, so a burst of requests behind one new system prompt
    would otherwise compute it once each.
-3. Prefill chunks under ``prefill_chunk`` tokens, FIFO, in one call; one decode call over the
-   decoding sequences.
+3. Prefill chunks under ``prefill_chunk`` tokens, FIFO, and one decode token per decoding
+   sequence (``PagedStepRunner`` launches them as one call or two: ``mixed_steps``).
 ``launched`` hashes the blocks a step filled, so later requests share them.
 """
 from __future__ import annotations

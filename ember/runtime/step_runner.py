@@ -138,21 +138,20 @@ class PagedStepRunner:
         self.executor, self.blocks = executor, blocks
 
     def launch(self, plan: StepPlan, chain: PendingStep | None = None) -> InflightStep:
-        """Queue one call for the prefill rows and one for the decode rows (``chain`` is never
-        given: paged plans do not chain)."""
+        """Queue the plan's rows: one call for the prefill rows and one for the decode rows, or
+        a single call for both when the executor declares ``mixed_steps`` (``chain`` is never
+        given: paged plans do not chain). A decode row is a one-token chunk of its sequence."""
         if chain is not None:
             raise ValueError("a paged step cannot be chained")
-        calls = []
-        for g in plan.prefill:
-            ids, pos, ending, sampled = prefill_inputs(g.seqs, g.lengths)
-            calls.append(LaunchedCall(ending, sampled, self._launch(g.seqs, ids, pos, g.lengths, sampled)))
+        groups = [(list(g.seqs), list(g.lengths)) for g in plan.prefill]
         if plan.decode_seqs:
-            seqs = plan.decode_seqs
-            ids = np.asarray([[s.next_input()] for s in seqs], dtype=np.int64)
-            pos = np.asarray([[s.num_cached] for s in seqs], dtype=np.int64)
-            sampled = [r for r, s in enumerate(seqs) if samples(s)]
-            calls.append(LaunchedCall([(s, r) for r, s in enumerate(seqs)], sampled,
-                                      self._launch(seqs, ids, pos, [1] * len(seqs), sampled)))
+            groups.append((list(plan.decode_seqs), [1] * len(plan.decode_seqs)))
+        if self.executor.mixed_steps and len(groups) > 1:
+            groups = [([s for seqs, _ in groups for s in seqs], [n for _, ns in groups for n in ns])]
+        calls = []
+        for seqs, lengths in groups:
+            ids, pos, ending, sampled = prefill_inputs(seqs, lengths)
+            calls.append(LaunchedCall(ending, sampled, self._launch(seqs, ids, pos, lengths, sampled)))
         return InflightStep(plan, calls)
 
     def _launch(self, seqs: list[Sequence], ids: np.ndarray, pos: np.ndarray, lengths: list[int],
