@@ -21,9 +21,9 @@ from ember.errors import EmberError, InputError
 from ember.runtime.detokenize import Detokenizer
 from ember.runtime.executor_protocol import Executor, PagedExecutor, missing_members
 from ember.runtime.output_processor import OutputProcessor, RequestState
+from ember.runtime.paged_scheduler import PagedScheduler
 from ember.runtime.requests import Completion, FinishReason, RequestHandle, SamplingParams, TokenEvent
 from ember.runtime.scheduler import FusionScheduler, Phase, Sequence, StepPlan
-from ember.runtime.paged_scheduler import PagedScheduler
 from ember.runtime.step_runner import InflightStep, PagedStepRunner, StepRunner
 from ember.runtime.text_input import check_text, check_token_ids
 

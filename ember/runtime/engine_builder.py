@@ -22,8 +22,7 @@ from ember.engine_format.decoder_spec import KVGeometry
 from ember.engine_format.manifest import Manifest
 from ember.errors import InputError
 from ember.runtime.decoder import DecoderEngine
-from ember.runtime.kv_blocks import BlockManager
-from ember.runtime.paged_executor import kv_blocks_within, refuse_rings
+from ember.runtime.kv_blocks import BlockManager, kv_blocks_within, refuse_rings
 from ember.runtime.paged_scheduler import PagedScheduler
 from ember.runtime.scheduler import FusionScheduler, default_admit_batch, default_prefill_chunk
 

@@ -18,6 +18,8 @@ Rules:
   (its hash forgotten).
 - Only full, computed blocks are shared, and a sequence only writes past its cached tokens,
   so a shared block is never written: no copy-on-write is needed.
+Also the paged layout's two facts about a model: how many blocks a KV budget holds
+(``kv_blocks_within``) and that sliding-window rings are refused (``refuse_rings``).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from typing import Hashable
 
 import numpy as np
 
+from ember.engine_format.decoder_spec import KVGeometry
 from ember.errors import InputError
 
 ROOT_HASH = b""  # the parent hash of a sequence's first block
@@ -38,6 +41,19 @@ def block_hash(parent: bytes, token_ids: np.ndarray) -> bytes:
     h = hashlib.blake2b(parent, digest_size=16)
     h.update(np.ascontiguousarray(token_ids, dtype=np.int64).tobytes())
     return h.digest()
+
+
+def refuse_rings(geometry: KVGeometry) -> None:
+    """InputError when the model has sliding-window layers (the paged layouts keep every position)."""
+    if any(geometry.layer_rings):
+        raise InputError("kv_layout='paged' does not support sliding-window layers (model.config.kv_rings) yet; "
+                         "load with kv_layout='slots' (CLI: --kv-layout slots)")
+
+
+def kv_blocks_within(geometry: KVGeometry, itemsize: int, block_size: int, kv_bytes: int) -> int:
+    """How many blocks of ``block_size`` positions fit ``kv_bytes`` (every layer's K and V)."""
+    per_block = 2 * geometry.num_layers * geometry.num_kv_heads * geometry.head_dim * itemsize * block_size
+    return kv_bytes // per_block
 
 
 @dataclass

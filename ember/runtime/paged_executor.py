@@ -16,21 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 from ember.engine_format.decoder_spec import KVGeometry
-from ember.errors import InputError
 from ember.runtime.executor import DoneStep
-
-
-def refuse_rings(geometry: KVGeometry) -> None:
-    """InputError when the model has sliding-window layers (the paged layouts keep every position)."""
-    if any(geometry.layer_rings):
-        raise InputError("kv_layout='paged' does not support sliding-window layers (model.config.kv_rings) yet; "
-                         "load with kv_layout='slots' (CLI: --kv-layout slots)")
-
-
-def kv_blocks_within(geometry: KVGeometry, itemsize: int, block_size: int, kv_bytes: int) -> int:
-    """How many blocks of ``block_size`` positions fit ``kv_bytes`` (every layer's K and V)."""
-    per_block = 2 * geometry.num_layers * geometry.num_kv_heads * geometry.head_dim * itemsize * block_size
-    return kv_bytes // per_block
+from ember.runtime.kv_blocks import refuse_rings
 
 
 class HostPagedExecutor:
