@@ -60,11 +60,12 @@ def samples(s: Sequence) -> bool:
     return s.params.temperature > 0
 
 
-def prefill_inputs(seqs: list[Sequence], lengths: list[int]
+def chunk_inputs(seqs: list[Sequence], lengths: list[int]
                    ) -> tuple[np.ndarray, np.ndarray, list[tuple[Sequence, int]], list[int]]:
-    """A prefill call's ids and positions (int64 [B, T], rows padded to the longest chunk), the
-    rows whose prompt (or recomputed sequence) ends in this chunk -- they yield their next token
-    -- and which of those sample. Reads ``num_cached`` as planned."""
+    """A call's ids and positions for a chunk of new tokens per row (int64 [B, T], rows padded
+    to the longest chunk; a decode row is a one-token chunk), the rows whose prompt (or
+    recomputed sequence) ends in this chunk -- they yield their next token -- and which of
+    those sample. Reads ``num_cached`` as planned."""
     b, t = len(seqs), max(lengths)
     ids = np.zeros((b, t), dtype=np.int64)
     pos = np.zeros((b, t), dtype=np.int64)
@@ -99,7 +100,7 @@ class StepRunner:
         return InflightStep(plan, calls)
 
     def _launch_prefill(self, start: int, seqs: list[Sequence], lengths: list[int]) -> LaunchedCall:
-        ids, pos, ending, sampled = prefill_inputs(seqs, lengths)
+        ids, pos, ending, sampled = chunk_inputs(seqs, lengths)
         pending = self.executor.launch_greedy(start, ids, pos, np.asarray(lengths, dtype=np.int64), sampled,
                                               **self._rope_long(seqs, start, len(seqs)))
         return LaunchedCall(ending, sampled, pending)
@@ -150,7 +151,7 @@ class PagedStepRunner:
             groups = [([s for seqs, _ in groups for s in seqs], [n for _, ns in groups for n in ns])]
         calls = []
         for seqs, lengths in groups:
-            ids, pos, ending, sampled = prefill_inputs(seqs, lengths)
+            ids, pos, ending, sampled = chunk_inputs(seqs, lengths)
             calls.append(LaunchedCall(ending, sampled, self._launch(seqs, ids, pos, lengths, sampled)))
         return InflightStep(plan, calls)
 
