@@ -79,8 +79,8 @@ class PagedExecutor(Protocol):
     ``launch_paged``: rows are sequences. Row r has ``past_lengths[r]`` tokens with K/V in its
     blocks and ``new_lengths[r]`` new tokens ``input_ids[r, :n]`` at ``positions[r, :n]``
     (= past + 0..n-1); token i of the row lives in block ``block_tables[r, i // block_size]``
-    at offset ``i % block_size``. Every table covers its row's past + new tokens (padded with
-    any block id past that). The step writes the new tokens' K/V into their blocks and its
+    at offset ``i % block_size``. Every table covers its row's past + new tokens and is
+    padded with -1 (unmapped) past that, PagedAttention's ``block_table`` convention. The step writes the new tokens' K/V into their blocks and its
     ``result()`` gives every row's argmax and the ``logit_rows``' logits, as
     ``Executor.launch_greedy``. Blocks not named by a row's table are never written.
 

@@ -46,7 +46,7 @@ class HostPagedExecutor:
         past_lengths = np.asarray(past_lengths, dtype=np.int64)
         new_lengths = np.asarray(new_lengths, dtype=np.int64)
         past_blocks = max(1, -(-int(past_lengths.max()) // self.block_size))
-        tables = np.asarray(block_tables, dtype=np.int64)
+        tables = np.maximum(np.asarray(block_tables, dtype=np.int64), 0)  # -1 (unmapped) reads block 0, masked
         kv = self._past_buffers(len(tables), past_blocks * self.block_size)
         for l, (k, v) in enumerate(zip(self.k, self.v)):
             self._gather(k, tables[:, :past_blocks], kv[2 * l])

@@ -158,7 +158,7 @@ class PagedStepRunner:
     def _launch(self, seqs: list[Sequence], ids: np.ndarray, pos: np.ndarray, lengths: list[int],
                 sampled: list[int]) -> PendingStep:
         tables = [self.blocks.table(s) for s in seqs]
-        padded = np.zeros((len(seqs), max(map(len, tables))), dtype=np.int32)
+        padded = np.full((len(seqs), max(map(len, tables))), -1, dtype=np.int32)  # -1: unmapped
         for r, t in enumerate(tables):
             padded[r, :len(t)] = t
         past = np.asarray([s.num_cached for s in seqs], dtype=np.int64)
