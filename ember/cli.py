@@ -199,6 +199,15 @@ def _cmd_inspect(a) -> int:
     return 0
 
 
+def add_kv_layout_arguments(g) -> None:
+    """``--kv-layout`` / ``--kv-block-size`` (``ember serve`` and ``ember generate``); None = ember.load's default."""
+    g.add_argument("--kv-layout", default=None, choices=["slots", "paged"],
+                   help="KV memory layout: 'slots' (default: one row per sequence) or 'paged' (blocks shared by every "
+                        "sequence, with prefix caching and preemption; CPU only so far)")
+    g.add_argument("--kv-block-size", type=int, default=None, help="tokens per KV block with --kv-layout paged "
+                                                                   "(default 16)")
+
+
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text with a compiled decoder")
     p.add_argument("folder")
@@ -216,6 +225,7 @@ def _add_generate(sub) -> None:
                    help="run a TensorRT / TensorRT-RTX folder's ONNX graphs with ONNX Runtime instead of its plans "
                         "(e.g. on a GPU the plans were not built for; docs/gpu.md)")
     p.add_argument("--tp", type=int, default=None, help="(tensor-parallel folders) number of ranks to launch")
+    add_kv_layout_arguments(p)
     p.add_argument("--no-stream", action="store_true", help="print whole completions at the end")
     p.add_argument("--json", action="store_true", help="print completions as JSON lines")
     p.set_defaults(func=_cmd_generate)
@@ -229,6 +239,9 @@ def _cmd_generate(a) -> int:
         opts["backend"] = a.backend
     if a.tp is not None:
         opts["tp"] = a.tp
+    for name in ("kv_layout", "kv_block_size"):
+        if getattr(a, name) is not None:
+            opts[name] = getattr(a, name)
     t0 = time.perf_counter()
     with ember.load(a.folder, **opts) as eng:
         load_s = time.perf_counter() - t0

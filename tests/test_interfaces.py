@@ -61,7 +61,18 @@ def test_tensorrt_session_states_it_does_not_chain():
     assert TensorRTStepSession.supports_chaining is False and TensorRTStepSession.cuda_graph_status == "off"
 
 
-@pytest.mark.parametrize("path", ["executor.py", "decoder.py", "cuda_session.py", "tp/executor.py"])
+def test_paged_executors_implement_the_paged_protocol():
+    from ember.engine_format.decoder_spec import KVGeometry
+    from ember.runtime.executor_protocol import PagedExecutor
+    from ember.runtime.paged_executor import HostPagedExecutor
+
+    ex = HostPagedExecutor(session=None, geometry=KVGeometry(1, 1, 2), num_blocks=2, block_size=4, dtype="float32")
+    assert missing_members(ex, PagedExecutor) == [] and isinstance(ex, PagedExecutor)
+    assert ex.supports_chaining is False and (ex.num_blocks, ex.block_size) == (2, 4)
+
+
+@pytest.mark.parametrize("path", ["executor.py", "decoder.py", "cuda_session.py", "tp/executor.py", "paged_executor.py",
+                                  "step_runner.py"])
 def test_the_engine_never_probes_an_executor(path):
     text = (Path(__file__).parents[1] / "ember" / "runtime" / path).read_text()
     assert not re.findall(r"\b(getattr|hasattr)\(", text), f"ember/runtime/{path} probes attributes"

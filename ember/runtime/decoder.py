@@ -19,11 +19,12 @@ import numpy as np
 
 from ember.errors import EmberError, InputError
 from ember.runtime.detokenize import Detokenizer
-from ember.runtime.executor_protocol import Executor
+from ember.runtime.executor_protocol import Executor, PagedExecutor, missing_members
 from ember.runtime.output_processor import OutputProcessor, RequestState
+from ember.runtime.paged_scheduler import PagedScheduler
 from ember.runtime.requests import Completion, FinishReason, RequestHandle, SamplingParams, TokenEvent
 from ember.runtime.scheduler import FusionScheduler, Phase, Sequence, StepPlan
-from ember.runtime.step_runner import InflightStep, StepRunner
+from ember.runtime.step_runner import InflightStep, PagedStepRunner, StepRunner
 from ember.runtime.text_input import check_text, check_token_ids
 
 
@@ -45,7 +46,14 @@ class DecoderEngine:
         self._cancel: list[Sequence] = []
         self.counters = {"tokens_generated_total": 0, "requests_finished_total": 0, "iterations_total": 0,
                          "prompt_tokens_total": 0, "requests_failed_total": 0}
-        self.runner = StepRunner(executor, longrope=scheduler.rope_switch is not None)
+        if isinstance(scheduler, PagedScheduler):
+            missing = missing_members(executor, PagedExecutor)
+            if missing:
+                raise InputError(f"a paged scheduler needs a PagedExecutor; {type(executor).__name__} lacks "
+                                 f"{', '.join(missing)}: load with kv_layout='slots'")
+            self.runner = PagedStepRunner(executor, scheduler.blocks)
+        else:
+            self.runner = StepRunner(executor, longrope=scheduler.rope_switch is not None)
         self.output = OutputProcessor(scheduler, executor, eos_token_id, self._length_limit, self.counters)
 
     @property
@@ -138,10 +146,13 @@ class DecoderEngine:
     def stats(self) -> dict[str, Any]:
         with self._cv:
             running = self.scheduler.running
+            kv = self.scheduler.kv_stats()  # the paged layout counts its blocks (and used tokens) itself
+            if "kv_used_tokens" not in kv:
+                kv["kv_used_tokens"] = int(self.executor.used_tokens)
             return {
                 "queue_depth": len(self.scheduler.waiting),
                 "running": len(running),
-                "kv_used_tokens": int(self.executor.used_tokens),
+                **kv,
                 "kv_capacity_tokens": int(self.scheduler.kv_capacity_tokens),
                 "max_batch": self.scheduler.max_batch,
                 "slot_moves_total": self.scheduler.total_moves,

@@ -22,8 +22,11 @@ from ember.engine_format.decoder_spec import KVGeometry
 from ember.engine_format.manifest import Manifest
 from ember.errors import InputError
 from ember.runtime.decoder import DecoderEngine
+from ember.runtime.kv_blocks import BlockManager, kv_blocks_within, refuse_rings
+from ember.runtime.paged_scheduler import PagedScheduler
 from ember.runtime.scheduler import FusionScheduler, default_admit_batch, default_prefill_chunk
 
+KV_LAYOUTS = ("slots", "paged")
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
           "g": 1 << 30, "gb": 10**9, "gib": 1 << 30}
 
@@ -54,7 +57,10 @@ class SchedulerOptions:
     """The ``ember.load`` options that size and pace the scheduler (``loader.load_decoder`` documents them).
 
     ``kv_memory``: this process's KV budget (bytes or '2GiB'); None: ``max_batch`` sequences of
-    the model's full length. ``prefill_chunk`` / ``admit_batch`` None: the device's defaults."""
+    the model's full length. ``prefill_chunk`` / ``admit_batch`` None: the device's defaults.
+    ``kv_layout``: ``"slots"`` (``max_batch`` rows of one sequence each, ``KVPool``) or
+    ``"paged"`` (a pool of ``kv_block_size``-token blocks shared by every sequence, with prefix
+    caching and preemption: ``PagedScheduler``, docs/kv.md)."""
 
     max_batch: int = 32
     kv_memory: int | str | None = None
@@ -62,17 +68,48 @@ class SchedulerOptions:
     prefill_chunk: int | None = None
     compaction: str = "min-move"
     admit_batch: int | None = None
+    kv_layout: str = "slots"
+    kv_block_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.kv_layout not in KV_LAYOUTS:
+            raise InputError(f"kv_layout={self.kv_layout!r} must be one of {', '.join(KV_LAYOUTS)}")
+        if self.kv_block_size < 1:
+            raise InputError(f"kv_block_size={self.kv_block_size} must be >= 1 (tokens per KV block)")
 
 
 def make_scheduler(options: SchedulerOptions, *, max_positions: int, geometry: KVGeometry, kv_dtype: str,
                    device: str, rope_switch: int | None = None) -> FusionScheduler:
     """The scheduler of an engine whose KV pool is laid out as ``geometry`` in ``kv_dtype``;
     ``rope_switch``: LongRoPE's switch length (``decoder_spec.longrope_switch``), None for other models."""
+    if options.kv_layout == "paged":
+        return make_paged_scheduler(options, max_positions=max_positions, geometry=geometry, kv_dtype=kv_dtype,
+                                    device=device, rope_switch=rope_switch)
     capacity = kv_capacity_tokens(geometry, kv_dtype, options.max_batch, max_positions, parse_bytes(options.kv_memory))
     return FusionScheduler(max_batch=options.max_batch, kv_capacity_tokens=capacity, max_seq_len=max_positions,
                            prefill_chunk=options.prefill_chunk or default_prefill_chunk(device),
                            max_queue=options.max_queue, compaction=options.compaction,
                            admit_batch=options.admit_batch or default_admit_batch(device), rope_switch=rope_switch)
+
+
+def make_paged_scheduler(options: SchedulerOptions, *, max_positions: int, geometry: KVGeometry, kv_dtype: str,
+                         device: str, rope_switch: int | None = None) -> PagedScheduler:
+    """``kv_layout="paged"``: a block pool of ``kv_memory`` (None: as many tokens as the slot
+    layout's ``max_batch`` full-length sequences); the executor sizes its pool from
+    ``scheduler.blocks``."""
+    refuse_rings(geometry)
+    kv_bytes = parse_bytes(options.kv_memory)
+    bs = options.kv_block_size
+    if kv_bytes is None:
+        num_blocks = -(-options.max_batch * max_positions // bs)
+    else:
+        num_blocks = kv_blocks_within(geometry, np.dtype(kv_dtype).itemsize, bs, kv_bytes)
+        if num_blocks < 1:
+            raise InputError(f"--kv-memory {options.kv_memory} holds no block of {bs} tokens; raise it or lower "
+                             f"--kv-block-size")
+    return PagedScheduler(BlockManager(num_blocks, bs), max_batch=options.max_batch, max_seq_len=max_positions,
+                          prefill_chunk=options.prefill_chunk or default_prefill_chunk(device),
+                          max_queue=options.max_queue, rope_switch=rope_switch)
 
 
 def make_engine(manifest: Manifest, scheduler: FusionScheduler, executor, tokenizer=None) -> DecoderEngine:

@@ -5,7 +5,8 @@ pool, and the pool's bookkeeping) and ``PendingStep`` (a launched step's result)
 Every capability is a declared member with an explicit value, never a probe: an executor
 that cannot chain says ``supports_chaining = False``. Implementations: ``LocalExecutor``
 (CPU, ``executor.py``), ``DeviceExecutor`` (ONNX Runtime CUDA and TensorRT sessions,
-``cuda_session.py``), ``TPExecutor`` (tensor parallel, ``tp/executor.py``).
+``cuda_session.py``), ``TPExecutor`` (tensor parallel, ``tp/executor.py``). ``PagedExecutor``:
+the same step over a block pool instead of slots (``kv_layout="paged"``).
 """
 from __future__ import annotations
 
@@ -61,6 +62,47 @@ class Executor(Protocol):
     @property
     def used_tokens(self) -> int:
         """Tokens with K/V in the pool."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+@runtime_checkable
+class PagedExecutor(Protocol):
+    """Runs step calls over paged KV (``kv_layout="paged"``, docs/kv.md): a pool of
+    ``num_blocks`` blocks of ``block_size`` token positions per layer, which it owns; the
+    ``PagedScheduler``'s block manager decides which blocks each sequence uses, so the
+    executor keeps no per-sequence state. Implementations: ``HostPagedExecutor`` (CPU,
+    ``paged_executor.py``); a CUDA one over ``com.microsoft.PagedAttention`` plugs in here.
+
+    ``launch_paged``: rows are sequences. Row r has ``past_lengths[r]`` tokens with K/V in its
+    blocks and ``new_lengths[r]`` new tokens ``input_ids[r, :n]`` at ``positions[r, :n]``
+    (= past + 0..n-1); token i of the row lives in block ``block_tables[r, i // block_size]``
+    at offset ``i % block_size``. Every table covers its row's past + new tokens and is
+    padded with -1 (unmapped) past that, PagedAttention's ``block_table`` convention. The step writes the new tokens' K/V into their blocks and its
+    ``result()`` gives every row's argmax and the ``logit_rows``' logits, as
+    ``Executor.launch_greedy``. Blocks not named by a row's table are never written.
+
+    ``mixed_steps``: True = prefill chunks and decode tokens come in one call (rows padded to
+    the longest chunk on the host; an executor that packs rows by ``new_lengths``, as
+    PagedAttention's variable-length input does, computes no padding); False = one call for
+    the prefill rows and one for the decode rows (the host executor, whose step graph would
+    compute every decode row padded to the chunk length)."""
+
+    supports_chaining: bool
+    mixed_steps: bool
+    num_blocks: int
+    block_size: int
+
+    def launch_paged(self, input_ids: np.ndarray, positions: np.ndarray, past_lengths: np.ndarray,
+                     new_lengths: np.ndarray, block_tables: np.ndarray, logit_rows: Any = ()) -> PendingStep:
+        """input_ids/positions int64 [B,T]; past_lengths/new_lengths int64 [B] (new >= 1);
+        block_tables int32 [B, M]."""
+        ...
+
+    def maybe_shrink(self) -> None:
+        """Called when no sequence runs; may give memory back (a no-op is fine)."""
         ...
 
     def close(self) -> None:

@@ -71,14 +71,18 @@ def _check_options(build, opts: dict, folder: Path, kind: str) -> None:
 def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_memory: int | str | None = None,
                  max_queue: int = 1024, prefill_chunk: int | None = None, threads: int | None = None,
                  compaction: str = "min-move", device: str = "cpu", fused_decode: bool | None = None,
-                 admit_batch: int | None = None, backend: str | None = None):
+                 admit_batch: int | None = None, backend: str | None = None, kv_layout: str = "slots",
+                 kv_block_size: int = 16):
     """``prefill_chunk``: prompt tokens prefilled per iteration (None: 128 on the CPU, 1024 on
     CUDA; ``scheduler.PREFILL_CHUNK``). ``admit_batch``: requests admitted together while the
     slots are busy (None: 1 on the CPU, 8 on CUDA; ``scheduler.ADMIT_BATCH``).
     ``fused_decode``: run one-token steps through the folder's fused decode part
     (GroupQueryAttention, K/V written in place) when it has one; None = yes if present
     (``EMBER_FUSED_DECODE=0`` says no). ``backend``: None (the step part's own) or
-    ``'onnxruntime'`` (a plan's source ONNX graph on ONNX Runtime; ``load`` checks it)."""
+    ``'onnxruntime'`` (a plan's source ONNX graph on ONNX Runtime; ``load`` checks it).
+    ``kv_layout``: ``'slots'`` (default) or ``'paged'`` (blocks of ``kv_block_size`` tokens with
+    prefix caching, CPU only for now, every step on the step graph -- no fused decode part:
+    ``engine_builder.SchedulerOptions``, docs/kv.md)."""
     from ember.runtime.engine_builder import SchedulerOptions, make_engine, make_scheduler
     from ember.runtime.executor import LocalExecutor
     from ember.runtime.kv_pool import KVPool
@@ -87,7 +91,11 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
     part = manifest.part("step")
     geometry = kv_geometry(cfg)
     kv_dtype = part.tensor(PAST_KEY, layer=0).dtype
-    options = SchedulerOptions(max_batch, kv_memory, max_queue, prefill_chunk, compaction, admit_batch)
+    options = SchedulerOptions(max_batch, kv_memory, max_queue, prefill_chunk, compaction, admit_batch, kv_layout,
+                               kv_block_size)
+    if kv_layout == "paged" and device != "cpu":
+        raise InputError(f"kv_layout='paged' runs on the CPU only so far (device {device!r}); load with "
+                         f"kv_layout='slots' (CLI: --kv-layout slots)")
     scheduler = make_scheduler(options, max_positions=int(cfg["max_positions"]), geometry=geometry, kv_dtype=kv_dtype,
                                device=device, rope_switch=longrope_switch(cfg, part, str(folder / MANIFEST_NAME)))
     if runs_plan(part, backend) and not device.startswith("cuda"):
@@ -101,6 +109,11 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
 
         session = StepSession(onnx_graph(folder, part), geometry.num_layers, threads=threads,
                               disabled_optimizers=part.extra.get("ort_disabled_optimizers"))
+        if kv_layout == "paged":
+            from ember.runtime.paged_executor import HostPagedExecutor
+
+            executor = HostPagedExecutor(session, geometry, scheduler.blocks.num_blocks, kv_block_size, kv_dtype)
+            return make_engine(manifest, scheduler, executor, load_tokenizer(folder, manifest))
         decode = (DecodeSession(resolve_member(folder, decode_part.file, "parts[decode]"), geometry.num_layers,
                                 threads=threads) if decode_part else None)
         pool = KVPool(*geometry[:3], slots=max_batch, max_capacity=scheduler.max_seq_len, dtype=kv_dtype,

@@ -161,20 +161,30 @@ class FusionScheduler:
         self._held = 0  # consecutive iterations admission was held back
         self.max_batch, self.max_queue = max_batch, max_queue
         self.prefill_chunk, self.compaction = prefill_chunk, compaction
-        # The pool is max_batch rows x S_cap positions: the budget caps the longest sequence.
-        self.max_seq_len = min(max_seq_len, kv_capacity_tokens // max_batch)
+        self.max_seq_len = self._sequence_limit(max_seq_len, kv_capacity_tokens)
         self.kv_capacity_tokens = kv_capacity_tokens
-        if self.max_seq_len < 2:
-            raise InputError(
-                f"KV memory of {kv_capacity_tokens} tokens cannot hold {max_batch} sequences; "
-                f"raise --kv-memory or lower --max-batch"
-            )
         self.slots: list[Sequence | None] = [None] * max_batch
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.total_moves = 0
         self.rope_switch = rope_switch  # LongRoPE's original_max_position_embeddings (algorithm step 4)
         self.total_recomputes = 0  # sequences recomputed with the long factors
         self._arrivals = itertools.count()
+
+    def _sequence_limit(self, max_seq_len: int, kv_capacity_tokens: int) -> int:
+        """The most tokens one sequence may hold. The slot pool is max_batch rows x S_cap
+        positions: the budget caps the longest sequence."""
+        limit = min(max_seq_len, kv_capacity_tokens // self.max_batch)
+        if limit < 2:
+            raise InputError(
+                f"KV memory of {kv_capacity_tokens} tokens cannot hold {self.max_batch} sequences; "
+                f"raise --kv-memory or lower --max-batch"
+            )
+        return limit
+
+    def kv_stats(self) -> dict:
+        """KV counters of this layout for ``DecoderEngine.stats`` (the slot pool's own are the
+        executor's ``used_tokens``)."""
+        return {}
 
     # -- queue -----------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:

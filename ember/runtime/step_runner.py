@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ember.runtime.executor_protocol import Executor, PendingStep
+from ember.runtime.executor_protocol import Executor, PagedExecutor, PendingStep
+from ember.runtime.kv_blocks import BlockManager
 from ember.runtime.scheduler import Sequence, StepPlan
 
 
@@ -59,6 +60,22 @@ def samples(s: Sequence) -> bool:
     return s.params.temperature > 0
 
 
+def chunk_inputs(seqs: list[Sequence], lengths: list[int]
+                   ) -> tuple[np.ndarray, np.ndarray, list[tuple[Sequence, int]], list[int]]:
+    """A call's ids and positions for a chunk of new tokens per row (int64 [B, T], rows padded
+    to the longest chunk; a decode row is a one-token chunk), the rows whose prompt (or
+    recomputed sequence) ends in this chunk -- they yield their next token -- and which of
+    those sample. Reads ``num_cached`` as planned."""
+    b, t = len(seqs), max(lengths)
+    ids = np.zeros((b, t), dtype=np.int64)
+    pos = np.zeros((b, t), dtype=np.int64)
+    for r, (s, n) in enumerate(zip(seqs, lengths)):
+        ids[r, :n] = s.token_ids()[s.num_cached:s.num_cached + n]  # a recompute re-feeds generated tokens
+        pos[r, :n] = np.arange(s.num_cached, s.num_cached + n)
+    ending = [(s, r) for r, (s, n) in enumerate(zip(seqs, lengths)) if s.num_cached + n == s.total_tokens]
+    return ids, pos, ending, [r for s, r in ending if samples(s)]
+
+
 class StepRunner:
     """Builds a plan's batch tensors and launches them on ``executor``."""
 
@@ -83,17 +100,9 @@ class StepRunner:
         return InflightStep(plan, calls)
 
     def _launch_prefill(self, start: int, seqs: list[Sequence], lengths: list[int]) -> LaunchedCall:
-        b, t = len(seqs), max(lengths)
-        ids = np.zeros((b, t), dtype=np.int64)
-        pos = np.zeros((b, t), dtype=np.int64)
-        for r, (s, n) in enumerate(zip(seqs, lengths)):
-            ids[r, :n] = s.token_ids()[s.num_cached:s.num_cached + n]  # a recompute re-feeds generated tokens
-            pos[r, :n] = np.arange(s.num_cached, s.num_cached + n)
-        # the rows whose prompt (or recomputed sequence) ends in this chunk yield their next token
-        ending = [(s, r) for r, (s, n) in enumerate(zip(seqs, lengths)) if s.num_cached + n == s.total_tokens]
-        sampled = [r for s, r in ending if samples(s)]
+        ids, pos, ending, sampled = chunk_inputs(seqs, lengths)
         pending = self.executor.launch_greedy(start, ids, pos, np.asarray(lengths, dtype=np.int64), sampled,
-                                              **self._rope_long(seqs, start, b))
+                                              **self._rope_long(seqs, start, len(seqs)))
         return LaunchedCall(ending, sampled, pending)
 
     def _launch_decode(self, plan: StepPlan, chain: PendingStep | None) -> LaunchedCall:
@@ -120,3 +129,37 @@ class StepRunner:
         for s in seqs:
             long[s.slot - start] = s.rope_long
         return {"rope_long": long}
+
+
+class PagedStepRunner:
+    """``StepRunner`` for a paged plan (``PagedScheduler``) on a ``PagedExecutor``: rows are the
+    plan's sequences, their KV read and written through the block tables of ``blocks``."""
+
+    def __init__(self, executor: PagedExecutor, blocks: BlockManager):
+        self.executor, self.blocks = executor, blocks
+
+    def launch(self, plan: StepPlan, chain: PendingStep | None = None) -> InflightStep:
+        """Queue the plan's rows: one call for the prefill rows and one for the decode rows, or
+        a single call for both when the executor declares ``mixed_steps`` (``chain`` is never
+        given: paged plans do not chain). A decode row is a one-token chunk of its sequence."""
+        if chain is not None:
+            raise ValueError("a paged step cannot be chained")
+        groups = [(list(g.seqs), list(g.lengths)) for g in plan.prefill]
+        if plan.decode_seqs:
+            groups.append((list(plan.decode_seqs), [1] * len(plan.decode_seqs)))
+        if self.executor.mixed_steps and len(groups) > 1:
+            groups = [([s for seqs, _ in groups for s in seqs], [n for _, ns in groups for n in ns])]
+        calls = []
+        for seqs, lengths in groups:
+            ids, pos, ending, sampled = chunk_inputs(seqs, lengths)
+            calls.append(LaunchedCall(ending, sampled, self._launch(seqs, ids, pos, lengths, sampled)))
+        return InflightStep(plan, calls)
+
+    def _launch(self, seqs: list[Sequence], ids: np.ndarray, pos: np.ndarray, lengths: list[int],
+                sampled: list[int]) -> PendingStep:
+        tables = [self.blocks.table(s) for s in seqs]
+        padded = np.full((len(seqs), max(map(len, tables))), -1, dtype=np.int32)  # -1: unmapped
+        for r, t in enumerate(tables):
+            padded[r, :len(t)] = t
+        past = np.asarray([s.num_cached for s in seqs], dtype=np.int64)
+        return self.executor.launch_paged(ids, pos, past, np.asarray(lengths, dtype=np.int64), padded, sampled)

@@ -19,13 +19,15 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator
 
+from ember.cli import add_kv_layout_arguments
 from ember.errors import EmberError
 from ember.server.limits import ServerLimits
 
 log = logging.getLogger("ember.server")
 
 DRAIN_BACKSTOP_S = 10.0  # after drain_timeout_s + this, uvicorn cancels what is still open
-LOAD_OPTIONS = ("max_batch", "kv_memory", "max_queue", "prefill_chunk", "admit_batch", "threads", "backend")
+LOAD_OPTIONS = ("max_batch", "kv_memory", "max_queue", "prefill_chunk", "admit_batch", "threads", "backend",
+                "kv_layout", "kv_block_size")
 IMAGE_LOAD_OPTIONS = ("threads", "backend")  # what a diffusion folder takes (its queue is the server's)
 
 
@@ -49,6 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine (passed to ember.load)")
     g.add_argument("--max-batch", type=int, default=None, help="sequences generated together (slots)")
     g.add_argument("--kv-memory", default=None, help="KV-cache memory, bytes or e.g. 512MiB")
+    add_kv_layout_arguments(g)
     g.add_argument("--max-queue", type=int, default=None, help="waiting requests before 429 (image folders: "
                                                                "default 8)")
     g.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens per scheduler iteration "
