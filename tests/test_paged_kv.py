@@ -140,7 +140,7 @@ def test_stop_strings_work_paged(gpt2_tiny):
 
 
 def test_paged_layout_refusals(gpt2_tiny):
-    with pytest.raises(InputError, match="CPU only"):
+    with pytest.raises(InputError, match="--paged on"):
         ember.load(gpt2_tiny, kv_layout="paged", device="cuda:0", verify="size")
     with pytest.raises(InputError, match="kv_block_size"):
         ember.load(gpt2_tiny, kv_layout="paged", kv_block_size=0, verify="size")

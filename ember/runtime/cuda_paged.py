@@ -85,6 +85,7 @@ class PagedGraphExecutor:
     """The ``PagedExecutor`` protocol over a paged-graph session and its block pools."""
 
     supports_chaining = False  # paged plans are never chained (docs/kv.md)
+    mixed_steps = True  # prefill chunks and decodes in one call: the rows are packed, no padding is computed
 
     def __init__(self, session: PagedGraphSession, num_layers: int, kv_heads: int, head_dim: int,
                  num_blocks: int, block_size: int, device: str = "cuda:0"):

@@ -14,7 +14,7 @@ from pathlib import Path
 from ember.engine_format.decoder_spec import check_decoder_config, kv_geometry, longrope_switch
 from ember.engine_format.manifest import (MANIFEST_NAME, Manifest, read_manifest, read_member, resolve_member,
                                          tokenizer_members, verify_files)
-from ember.engine_format.roles import PAST_KEY
+from ember.engine_format.roles import KEY_CACHE, PAST_KEY
 from ember.engine_format.tp_spec import is_tensor_parallel
 from ember.errors import ArtifactError, InputError
 from ember.runtime.backend_choice import choose_backend, onnx_graph, plan_needs_gpu, runs_plan
@@ -93,9 +93,14 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
     kv_dtype = part.tensor(PAST_KEY, layer=0).dtype
     options = SchedulerOptions(max_batch, kv_memory, max_queue, prefill_chunk, compaction, admit_batch, kv_layout,
                                kv_block_size)
-    if kv_layout == "paged" and device != "cpu":
-        raise InputError(f"kv_layout='paged' runs on the CPU only so far (device {device!r}); load with "
-                         f"kv_layout='slots' (CLI: --kv-layout slots)")
+    paged_part = None
+    if kv_layout == "paged" and device.startswith("cuda"):
+        paged_part = manifest.find_part("paged")
+        if paged_part is None:
+            raise InputError(f"{folder}: kv_layout='paged' on {device} runs the folder's paged step graph, which it does "
+                             f"not have; recompile with `ember compile SOURCE --dtype fp16 --paged on`, or load with "
+                             f"kv_layout='slots' (CLI: --kv-layout slots)")
+        kv_dtype = paged_part.tensor(KEY_CACHE, layer=0).dtype
     scheduler = make_scheduler(options, max_positions=int(cfg["max_positions"]), geometry=geometry, kv_dtype=kv_dtype,
                                device=device, rope_switch=longrope_switch(cfg, part, str(folder / MANIFEST_NAME)))
     if runs_plan(part, backend) and not device.startswith("cuda"):
@@ -119,6 +124,15 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
         pool = KVPool(*geometry[:3], slots=max_batch, max_capacity=scheduler.max_seq_len, dtype=kv_dtype,
                       layer_rings=geometry.layer_rings)
         executor = LocalExecutor(session, pool, decode=decode)
+    elif paged_part is not None:  # one graph for every step: the step graph and the fused part stay on disk
+        from ember.runtime.cuda_paged import CudaPagedSession, PagedGraphExecutor
+        from ember.runtime.cuda_session import parse_device
+
+        index = parse_device(device)
+        session = CudaPagedSession(resolve_member(folder, paged_part.file, "parts[paged]"), geometry.num_layers,
+                                   int(cfg["vocab_size"]), device_index=index)
+        executor = PagedGraphExecutor(session, geometry.num_layers, geometry.num_kv_heads, geometry.head_dim,
+                                      scheduler.blocks.num_blocks, kv_block_size, device=f"cuda:{index}")
     elif device.startswith("cuda"):
         from ember.runtime.cuda_session import make_cuda_executor
 

@@ -1,0 +1,100 @@
+"""The paged step graph as an engine (``runtime/cuda_paged.PagedGraphExecutor`` under the
+``PagedScheduler``), on the CPU through the numpy reference of PagedAttention: the same
+executor code the GPU runs, with only the session swapped. Every request of a fused paged
+batch -- shared prefixes served from the prefix cache, a pool small enough to preempt -- gets
+the tokens the FP16 slot engine of the same folder gives it alone."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import ember
+from ember.compiler.compile import CompileOptions, compile_decoder
+from ember.engine_format.decoder_spec import kv_geometry
+from ember.engine_format.manifest import read_manifest
+from ember.engine_format.paged_feeds import cache_bindings
+from ember.errors import InputError
+from ember.export.paged_reference import reference_session
+from ember.runtime.cuda_paged import PagedGraphExecutor
+from ember.runtime.engine_builder import SchedulerOptions, make_engine, make_scheduler
+
+torch = pytest.importorskip("torch")
+
+
+class ReferencePagedSession:
+    """``PagedGraphSession`` over ``onnx.reference`` (CPU): pools are torch CPU tensors, updated in place."""
+
+    host_bounds = True
+
+    def __init__(self, path, num_layers: int):
+        self.sess = reference_session(onnx.load(str(path)))
+        self.bindings = cache_bindings(num_layers)
+        self.calls = []
+
+    def run(self, feeds, pools):
+        self.calls.append(len(feeds["input_ids"]))
+        outs = dict(zip(self.sess.output_names,
+                        self.sess.run(None, {**feeds, **{k: v.numpy() for k, v in pools.items()}})))
+        for cache_in, cache_out in self.bindings:
+            pools[cache_in].copy_(torch.from_numpy(outs[cache_out]))
+        return torch.from_numpy(outs["logits"])
+
+
+@pytest.fixture(scope="module")
+def paged_folder(tmp_path_factory):
+    out = tmp_path_factory.mktemp("paged") / "llama"
+    compile_decoder("llama-tiny", out, CompileOptions(dtype="fp16", paged="on", quiet=True))
+    return out
+
+
+def paged_engine(folder, num_blocks_memory: int | None, max_batch: int = 4):
+    m = read_manifest(folder)
+    cfg = m.model["config"]
+    geometry = kv_geometry(cfg)
+    options = SchedulerOptions(max_batch=max_batch, kv_memory=num_blocks_memory, prefill_chunk=16, kv_layout="paged",
+                               kv_block_size=4)
+    sched = make_scheduler(options, max_positions=int(cfg["max_positions"]), geometry=geometry, kv_dtype="float16",
+                           device="cpu")
+    session = ReferencePagedSession(folder / m.part("paged").file, geometry.num_layers)
+    ex = PagedGraphExecutor(session, geometry.num_layers, geometry.num_kv_heads, geometry.head_dim,
+                            sched.blocks.num_blocks, 4, device="cpu")
+    return make_engine(m, sched, ex), session
+
+
+def test_fused_paged_graph_requests_get_their_solo_tokens(paged_folder):
+    rng = np.random.default_rng(0)
+    system = rng.integers(3, 200, 9).tolist()
+    prompts = [system + rng.integers(3, 200, n).tolist() for n in (2, 5, 1)] + [rng.integers(3, 200, 6).tolist()]
+    with ember.load(paged_folder, device="cpu", max_batch=1, fused_decode=False) as solo:
+        want = [solo.generate([p], max_new_tokens=10, ignore_eos=True)[0].token_ids for p in prompts]
+    block_bytes = 2 * 2 * 2 * 16 * 2 * 4  # K+V x layers x kv heads x head_dim x fp16 x block of 4
+    eng, session = paged_engine(paged_folder, num_blocks_memory=None)
+    with eng:
+        first = eng.generate(prompts[:1], max_new_tokens=10, ignore_eos=True)[0].token_ids
+        rest = [h.result(timeout=120).token_ids for h in [eng.submit(p, max_new_tokens=10, ignore_eos=True)
+                                                          for p in prompts[1:]]]
+        stats = eng.stats()
+    assert [first] + rest == want
+    assert stats["prefix_cache_hits_total"] >= 2 * 8  # two requests found the system prompt's two full blocks
+    assert max(session.calls) < sum(map(len, prompts))  # packed: no call computes padding
+    small, _ = paged_engine(paged_folder, num_blocks_memory=7 * block_bytes)  # 28 positions: forces preemption
+    with small:
+        handles = [small.submit(p, max_new_tokens=10, ignore_eos=True) for p in prompts]
+        assert [h.result(timeout=120).token_ids for h in handles] == want
+        assert small.stats()["preemptions_total"] > 0
+
+
+def test_paged_graph_executor_refuses_positions_it_would_not_use(paged_folder):
+    eng, _ = paged_engine(paged_folder, num_blocks_memory=None)
+    ex = eng.executor
+    with pytest.raises(InputError, match="positions"):
+        ex.launch_paged(np.array([[5, 6]]), np.array([[3, 4]]), np.array([0]), np.array([2]), np.array([[0]], np.int32))
+    eng.close()
+
+
+def test_paged_layout_on_a_gpu_needs_the_paged_part(tmp_path):
+    out = tmp_path / "e"
+    compile_decoder("llama-tiny", out, CompileOptions(dtype="fp16", quiet=True))
+    with pytest.raises(InputError, match="--paged on"):
+        ember.load(out, device="cuda:0", kv_layout="paged")
