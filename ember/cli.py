@@ -203,7 +203,7 @@ def add_kv_layout_arguments(g) -> None:
     """``--kv-layout`` / ``--kv-block-size`` (``ember serve`` and ``ember generate``); None = ember.load's default."""
     g.add_argument("--kv-layout", default=None, choices=["slots", "paged"],
                    help="KV memory layout: 'slots' (default: one row per sequence) or 'paged' (blocks shared by every "
-                        "sequence, with prefix caching and preemption; CPU only so far)")
+                        "sequence, with prefix caching and preemption; on a GPU it needs a folder compiled with --paged on)")
     g.add_argument("--kv-block-size", type=int, default=None, help="tokens per KV block with --kv-layout paged "
                                                                    "(default 16)")
 

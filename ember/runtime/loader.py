@@ -81,8 +81,9 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
     (``EMBER_FUSED_DECODE=0`` says no). ``backend``: None (the step part's own) or
     ``'onnxruntime'`` (a plan's source ONNX graph on ONNX Runtime; ``load`` checks it).
     ``kv_layout``: ``'slots'`` (default) or ``'paged'`` (blocks of ``kv_block_size`` tokens with
-    prefix caching, CPU only for now, every step on the step graph -- no fused decode part:
-    ``engine_builder.SchedulerOptions``, docs/kv.md)."""
+    prefix caching: ``engine_builder.SchedulerOptions``, docs/kv.md). Paged on the CPU runs the
+    step graph over gathered blocks (no fused decode part); on CUDA it runs the folder's paged
+    step graph (``ember compile --dtype fp16 --paged on``) alone: one copy of the weights."""
     from ember.runtime.engine_builder import SchedulerOptions, make_engine, make_scheduler
     from ember.runtime.executor import LocalExecutor
     from ember.runtime.kv_pool import KVPool
