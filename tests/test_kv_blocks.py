@@ -105,12 +105,18 @@ def test_freed_cached_blocks_are_evicted_lru_only_when_needed():
     assert bm.allocate("w", ids(1, 2, 7)) == 0  # old's was evicted
 
 
-def test_revived_cached_blocks_count_against_the_free_pool():
+def freed_after_computing(p) -> BlockManager:
+    """A 3-block manager of 2-token blocks in which sequence "a" computed ``p`` and finished."""
     bm = BlockManager(num_blocks=3, block_size=2)
-    p = ids(1, 2, 3, 4, 5)
     bm.allocate("a", p)
     computed(bm, "a", p)
     bm.free("a")
+    return bm
+
+
+def test_revived_cached_blocks_count_against_the_free_pool():
+    p = ids(1, 2, 3, 4, 5)
+    bm = freed_after_computing(p)
     assert bm.num_free == 3 and bm.num_cached == 2
     assert bm.can_allocate(p) and not bm.can_allocate(p, extra_tokens=2)
     assert bm.allocate("b", p) == 4 and bm.num_free == 0 and bm.stats.evictions == 0
@@ -118,11 +124,8 @@ def test_revived_cached_blocks_count_against_the_free_pool():
 
 def test_cached_tail_blocks_are_evicted_before_the_prefix():
     """A finished sequence's blocks become evictable tail first, so its shared prefix stays longest."""
-    bm = BlockManager(num_blocks=3, block_size=2)
     p = ids(1, 2, 3, 4, 5)
-    bm.allocate("a", p)
-    computed(bm, "a", p)
-    bm.free("a")
+    bm = freed_after_computing(p)
     bm.allocate("b", ids(9, 9, 9, 9))  # takes the free block and evicts one cached block: [3, 4]
     assert bm.stats.evictions == 1 and bm.num_cached == 1
     bm.free("b")

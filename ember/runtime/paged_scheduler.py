@@ -68,10 +68,7 @@ class PagedScheduler(FusionScheduler):
         if seq in self.active:
             self.active.remove(seq)
         else:
-            try:
-                self.waiting.remove(seq)
-            except ValueError:
-                pass
+            self._drop_waiting(seq)
 
     def launched(self, plan: StepPlan) -> None:
         super().launched(plan)

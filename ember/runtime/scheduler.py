@@ -213,10 +213,14 @@ class FusionScheduler:
             self.slots[seq.slot] = None
             seq.slot = None
         else:
-            try:
-                self.waiting.remove(seq)
-            except ValueError:
-                pass
+            self._drop_waiting(seq)
+
+    def _drop_waiting(self, seq: Sequence) -> None:
+        """Remove ``seq`` from the queue if it is there (a request retired before admission)."""
+        try:
+            self.waiting.remove(seq)
+        except ValueError:
+            pass
 
     # -- request state (the engine reports; the scheduler changes) ---------------------------
     def cancel(self, seq: Sequence) -> None:
