@@ -240,3 +240,17 @@ def test_kv_dtype_needs_the_paged_graph():
         CompileOptions(dtype="fp16", kv_dtype="int8")
     with pytest.raises(ConfigError, match="--kv-dtype 'int4'"):
         CompileOptions(dtype="fp16", paged="on", kv_dtype="int4")
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])
+def test_onnx_runtime_resolves_the_quantized_graph(kv_dtype, tmp_path):
+    """The installed ONNX Runtime's schema checks (types, attributes) pass the graph: loading it on
+    the CPU stops only at the missing CPU kernel (a float16 scale, say, fails earlier: INVALID_GRAPH)."""
+    ort = pytest.importorskip("onnxruntime")
+    cfg = CONFIGS["llama-tiny"]
+    model = _model(cfg)
+    path = tmp_path / "paged.onnx"
+    onnx.save(build_paged_graph(model, cfg, host_bounds=True, kv_scales=_calibrated(model, cfg, kv_dtype),
+                                kv_dtype=kv_dtype), str(path))
+    with pytest.raises(Exception, match="NOT_IMPLEMENTED : Could not find an implementation for PagedAttention"):
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
