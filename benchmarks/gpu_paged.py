@@ -179,15 +179,20 @@ def agreement(mine: tuple[np.ndarray, np.ndarray], fp16: tuple[np.ndarray, np.nd
             "max_rel_logits_err": float(err.max()), "median_rel_logits_err": float(np.median(err))}
 
 
-def quantized_graph(src, kv_dtype: str, host_bounds: bool, calib: str | None):
+def quantized_graph(src, kv_dtype: str, host_bounds: bool, calib: str | None, granularity: str = "per-channel"):
     """The paged graph with ``--kv-dtype`` pools, its scales from the compile's own calibration
-    (``compile.paged_kv_scales``: ``--calib`` text, else the built-in prompts or random tokens)."""
+    (``compile.paged_kv_scales``: ``--calib`` text, else the built-in prompts or random tokens);
+    ``granularity`` "per-tensor": each layer's largest scale (``kv_quant.per_tensor``)."""
     from ember.compiler.compile import CompileOptions, paged_kv_scales
+    from ember.export.kv_quant import per_tensor
     from ember.progress import StageLog
 
     options = CompileOptions(dtype="fp16", paged="on", kv_dtype=kv_dtype, calib=calib)
     scales, record = paged_kv_scales(src, options, StageLog(1, quiet=True))
-    return build_paged_graph(src.model, src.config, host_bounds=host_bounds, kv_scales=scales, kv_dtype=kv_dtype), record
+    if granularity == "per-tensor":
+        scales = per_tensor(scales)
+    proto = build_paged_graph(src.model, src.config, host_bounds=host_bounds, kv_scales=scales, kv_dtype=kv_dtype)
+    return proto, {**record, "granularity": granularity}
 
 
 def cpu_engine_tokens(name: str, prompts: list[list[int]], max_new: int, work: Path) -> list[list[int]]:
@@ -383,6 +388,8 @@ def main() -> None:
     ap.add_argument("--kv-dtypes", nargs="*", default=["int8", "fp8"],
                     help="quantized KV arms (--kv-dtype of `ember compile`): top-1 agreement with FP16 KV, teacher-forced, "
                          "and decode ms/step")
+    ap.add_argument("--kv-per-tensor", action="store_true",
+                    help="also run PER_TENSOR scales (they run anyway where a PER_CHANNEL arm fails)")
     ap.add_argument("--kv-steps", type=int, default=64, help="positions per sequence of the agreement check")
     ap.add_argument("--calib", default=None, help="calibration prompts of the KV scales (as `ember compile --calib`)")
     ap.add_argument("--dry-run", action="store_true", help="CPU only: build and check through the numpy reference")
@@ -452,10 +459,12 @@ def main() -> None:
                                   BlockPool(nb, a.block_size))
             rows = {}
             for kv in a.kv_dtypes:
-                proto, record = quantized_graph(src, kv, host_bounds, a.calib)
-                mine = teacher_forced(ReferenceRunner(proto, cfg, nb, a.block_size, host_bounds), prompts, steps,
-                                      BlockPool(nb, a.block_size), forced=fp16[0].tolist())
-                rows[kv] = {**agreement(mine, fp16), "calibration": record["calibration"]}
+                for granularity in ("per-channel", "per-tensor")[:2 if a.kv_per_tensor else 1]:
+                    proto, record = quantized_graph(src, kv, host_bounds, a.calib, granularity)
+                    mine = teacher_forced(ReferenceRunner(proto, cfg, nb, a.block_size, host_bounds), prompts, steps,
+                                          BlockPool(nb, a.block_size), forced=fp16[0].tolist())
+                    rows[kv if granularity == "per-channel" else f"{kv}/per-tensor"] = {
+                        **agreement(mine, fp16), "granularity": granularity, "calibration": record["calibration"]}
             return rows
 
         if "kv_quant" not in a.skip:
@@ -550,26 +559,30 @@ def main() -> None:
                                   BlockPool(nb, bs, seed=3))
             rows = {}
             for kv in a.kv_dtypes:
-                try:
-                    rows[kv] = kv_arm(kv, kv_prompts, steps, nb, fp16)
-                except Exception:  # noqa: BLE001 -- one arm failing (e.g. a kernel refusing a scale layout) keeps the other
-                    rows[kv] = {"error": traceback.format_exc()[-3000:]}
-                    print(f"  {kv} FAILED\n{rows[kv]['error']}", flush=True)
+                for granularity in ("per-channel", "per-tensor"):  # per-tensor: where per-channel fails, or asked
+                    name = kv if granularity == "per-channel" else f"{kv}/per-tensor"
+                    try:
+                        rows[name] = kv_arm(kv, granularity, kv_prompts, steps, nb, fp16)
+                    except Exception:  # noqa: BLE001 -- one arm failing (a kernel refusing a layout) keeps the others
+                        rows[name] = {"error": traceback.format_exc()[-3000:]}
+                        print(f"  {name} FAILED\n{rows[name]['error']}", flush=True)
+                    if "error" not in rows[name] and not a.kv_per_tensor:
+                        break
             return rows
 
-        def kv_arm(kv: str, kv_prompts, steps: int, nb: int, fp16) -> dict:
+        def kv_arm(kv: str, granularity: str, kv_prompts, steps: int, nb: int, fp16) -> dict:
             from ember.export.onnx_export import save_onnx
 
             bs = state["block_size"]
-            proto, record = quantized_graph(src, kv, host_bounds, a.calib)
-            qpath = work / f"paged_{kv}.onnx"
+            proto, record = quantized_graph(src, kv, host_bounds, a.calib, granularity)
+            qpath = work / f"paged_{kv}_{granularity}.onnx"
             save_onnx(proto, qpath)
             del proto
             sess = cuda_session(qpath)
             dtype = record["dtype"]
             mine = teacher_forced(CudaRunner(sess, cfg, nb, bs, host_bounds, dtype), kv_prompts, steps,
                                   BlockPool(nb, bs, seed=3), forced=fp16[0].tolist())
-            row = {**agreement(mine, fp16), "calibration": record["calibration"], "decode": []}
+            row = {**agreement(mine, fp16), "granularity": granularity, "calibration": record["calibration"], "decode": []}
             print(f"  {kv}: top-1 agreement {row['top1_agreement']:.2%} over {row['positions']} positions", flush=True)
             for b in a.batches:
                 per_seq = -(-(live + a.steps + 6) // bs)

@@ -17,7 +17,7 @@ from ember.compiler.compile import PAGED_TOLERANCE, CompileOptions, compile_deco
 from ember.engine_format.manifest import read_manifest
 from ember.errors import ConfigError
 from ember.export.config import BUILTIN, DecoderConfig
-from ember.export.kv_quant import CALIB_LENGTHS, calibration_prompts, kv_bounds, kv_cache_dtype, kv_scales
+from ember.export.kv_quant import CALIB_LENGTHS, calibration_prompts, kv_bounds, kv_cache_dtype, kv_scales, per_tensor
 from ember.export.paged_reference import reference_session
 from ember.export.paged_step import PackedSequence, build_paged_graph, cache_bindings, check_paged_against_torch, packed_inputs
 from ember.export.sources import random_init_, resolve_decoder_source, step_model_class
@@ -116,6 +116,23 @@ def test_a_key_scale_ten_times_too_small_saturates_and_changes_the_logits(kv_dty
         return float(np.abs(got - want).max() / np.abs(want).max())
 
     assert err(scales) < 0.1 < 0.3 < err([(k / 10, v) for k, v in scales])
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])
+def test_per_tensor_scales_are_the_schemas_other_layout(kv_dtype):
+    """``per_tensor``: one scale [1] per layer's K and V (for a kernel without per-channel scales):
+    the graph says PER_TENSOR and still follows the FP16-pool graph (int8 coarser than per channel)."""
+    cfg = CONFIGS["llama-tiny"]
+    model = _model(cfg)
+    want = _teacher_forced(build_paged_graph(model, cfg), cfg, "fp16")
+    scales = per_tensor(_calibrated(model, cfg, kv_dtype))
+    proto = build_paged_graph(model, cfg, kv_scales=scales, kv_dtype=kv_dtype)
+    node = next(n for n in proto.graph.node if n.op_type == "PagedAttention")
+    assert {a.name: a.s for a in node.attribute if a.name.endswith("quant_type")} == {
+        "k_quant_type": b"PER_TENSOR", "v_quant_type": b"PER_TENSOR"}
+    got = _teacher_forced(proto, cfg, kv_dtype)
+    print(f"per-tensor {kv_dtype}: max relative logits error {np.abs(got - want).max() / np.abs(want).max():.2e}")
+    assert np.abs(got - want).max() / np.abs(want).max() < 2 * TOL[kv_dtype]
 
 
 def _one_op(kv_onnx_type: int, scale: np.ndarray, quant_type: str) -> onnx.ModelProto:

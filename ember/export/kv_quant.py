@@ -39,7 +39,7 @@ class KVCacheDtype:
 KV_DTYPES = {d.option: d for d in (KVCacheDtype("fp16", "float16", TensorProto.FLOAT16, None),
                                    KVCacheDtype("int8", "int8", TensorProto.INT8, 127.0),
                                    KVCacheDtype("fp8", "float8_e4m3fn", TensorProto.FLOAT8E4M3FN, 448.0))}
-QUANT_TYPE = "PER_CHANNEL"
+QUANT_TYPE = "PER_CHANNEL"  # what the compile writes; ``per_tensor`` gives the schema's other layout
 CALIB_LENGTHS = (16, 48, 96)  # token counts of the seeded random prompts when no text prompt is at hand
 CALIB_TOKENS = 512  # prompts are truncated to this many tokens
 
@@ -116,6 +116,21 @@ def kv_bounds(model, cfg, prompts: list[list[int]]) -> list[tuple[np.ndarray, np
             np.maximum(kb, np.abs(k).max(axis=1), out=kb)
             np.maximum(vb, np.abs(v).max(axis=1), out=vb)
     return bounds
+
+
+def quant_type(scale: np.ndarray) -> str:
+    """The schema's ``*_quant_type`` of a scale: [1] is PER_TENSOR, [Hkv, 1, D] PER_CHANNEL."""
+    if scale.shape == (1,):
+        return "PER_TENSOR"
+    if scale.ndim == 3 and scale.shape[1] == 1:
+        return "PER_CHANNEL"
+    raise ValueError(f"a KV scale of shape {scale.shape} is neither PER_TENSOR [1] nor PER_CHANNEL [Hkv, 1, D]")
+
+
+def per_tensor(scales: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """PER_TENSOR scales [1] covering per-channel ones (each layer's largest), for a kernel that
+    takes no per-channel scales (coarser: small channels get the large channels' steps)."""
+    return [tuple(np.array([s.max()], np.float32) for s in kv) for kv in scales]
 
 
 def kv_scales(bounds: list[tuple[np.ndarray, np.ndarray]], dtype: KVCacheDtype) -> list[tuple[np.ndarray, np.ndarray]]:

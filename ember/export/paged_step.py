@@ -37,7 +37,7 @@ from onnx import TensorProto, helper
 from ember.engine_format.paged_feeds import HOST_BOUNDS, INPUTS, cache_bindings, pack_rows  # noqa: F401 (re-exported)
 from ember.errors import ConfigError
 from ember.export.fused_graph import DTYPES, FusedGraph, gpt2_body, llama_body, rotary_tables
-from ember.export.kv_quant import QUANT_TYPE, kv_cache_dtype
+from ember.export.kv_quant import kv_cache_dtype, quant_type
 
 PAGED_FILE = "paged_step.onnx"
 PAGED_PART = "paged"  # the part's name in the manifest
@@ -89,7 +89,8 @@ def build_paged_graph(model, cfg, linears: str = "gemm", host_bounds: bool = Fal
                       ) -> onnx.ModelProto:
     """The paged step graph of ``model`` (the family's torch step module with weights), float16.
     ``linears`` as in ``gqa_decode.build_decode_graph``. ``kv_dtype`` (``--kv-dtype``): the pools'
-    element type; int8 / fp8 take each layer's (K, V) dequantization ``kv_scales`` [Hkv, 1, D]
+    element type; int8 / fp8 take each layer's (K, V) dequantization ``kv_scales`` ([Hkv, 1, D]
+    PER_CHANNEL, or [1] PER_TENSOR)
     (``export/kv_quant.py``), stored as initializers feeding the operator's ``k_scale`` / ``v_scale``. ``host_bounds`` adds the input
     ``attention_metadata`` int32 [2] in host memory, [max new tokens of any sequence, max
     past + new of any sequence] (upper bounds): without it the CUDA kernel copies the lengths back
@@ -104,8 +105,9 @@ def build_paged_graph(model, cfg, linears: str = "gemm", host_bounds: bool = Fal
     rotary = None if cfg.positions == "learned" else rotary_tables(g, model, cfg)
 
     def attention(g: FusedGraph, name: str, i: int, layer, qkv: str) -> str:
-        scales = None if kv_scales is None else (g.weight(f"kv_scale.key.{i}", kv_scales[i][0], np.float32),
-                                                 g.weight(f"kv_scale.value.{i}", kv_scales[i][1], np.float32))
+        scales = None if kv_scales is None else [
+            (g.weight(f"kv_scale.{kind}.{i}", scale, np.float32), quant_type(scale))
+            for kind, scale in zip(("key", "value"), kv_scales[i])]
         return _paged_attention(g, name, i, layer, qkv, cfg, rotary, host_bounds, scales)
 
     if cfg.positions == "learned":  # GPT-2: position embeddings at each token's position, no rotary
@@ -140,7 +142,7 @@ def build_paged_graph(model, cfg, linears: str = "gemm", host_bounds: bool = Fal
 
 
 def _paged_attention(g: FusedGraph, name: str, i: int, layer, qkv: str, cfg, rotary: tuple[str, str] | None,
-                     host_bounds: bool, scales: tuple[str, str] | None = None) -> str:
+                     host_bounds: bool, scales: list[tuple[str, str]] | None = None) -> str:
     """PagedAttention over the packed [N, (H+2Hkv)D] projections; returns [N, H*D]. With q/k
     norms the projections are split and each head normed here, before the operator's rotary
     (the order of Qwen3 / Gemma 3): the graph never depends on the operator's newer
@@ -160,9 +162,8 @@ def _paged_attention(g: FusedGraph, name: str, i: int, layer, qkv: str, cfg, rot
     if cfg.attn_softcap is not None:
         attrs["softcap"] = float(cfg.attn_softcap)
     later = [""] * 7  # inputs 10-16: slot_mapping, head_sink, q/k norm weights, k_scale, v_scale, attention_metadata
-    if scales is not None:
-        later[4:6] = scales
-        attrs.update(k_quant_type=QUANT_TYPE, v_quant_type=QUANT_TYPE)
+    if scales is not None:  # [(name, quant type)] of K's and V's scale
+        (later[4], attrs["k_quant_type"]), (later[5], attrs["v_quant_type"]) = scales
     if host_bounds:
         later[6] = HOST_BOUNDS
     while later and not later[-1]:
