@@ -90,8 +90,8 @@ def build_paged_graph(model, cfg, linears: str = "gemm", host_bounds: bool = Fal
     """The paged step graph of ``model`` (the family's torch step module with weights), float16.
     ``linears`` as in ``gqa_decode.build_decode_graph``. ``kv_dtype`` (``--kv-dtype``): the pools'
     element type; int8 / fp8 take each layer's (K, V) dequantization ``kv_scales`` ([Hkv, 1, D]
-    PER_CHANNEL, or [1] PER_TENSOR)
-    (``export/kv_quant.py``), stored as initializers feeding the operator's ``k_scale`` / ``v_scale``. ``host_bounds`` adds the input
+    PER_CHANNEL or [1] PER_TENSOR, ``export/kv_quant.py``), stored as initializers feeding the
+    operator's ``k_scale`` / ``v_scale``. ``host_bounds`` adds the input
     ``attention_metadata`` int32 [2] in host memory, [max new tokens of any sequence, max
     past + new of any sequence] (upper bounds): without it the CUDA kernel copies the lengths back
     from the device at every layer of every call. It is an input of newer ONNX Runtime builds
