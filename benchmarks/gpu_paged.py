@@ -15,6 +15,9 @@ Sections (each in its own try/except: one failure still reports the rest):
             same for the fused GroupQueryAttention decode part over a slot pool (today's arm)
   prefill   ms for one packed call of 1 x 512 and 16 x 128 prompt tokens
   memory    torch.cuda.max_memory_allocated (pools, logits) and nvidia-smi's used memory
+  kv_quant  --kv-dtypes int8 / fp8 pools (scales from the compile's calibration, ``compile.paged_kv_scales``):
+            top-1 agreement with FP16 KV per position, teacher-forced (the FP16 run's greedy tokens fed
+            to both), and decode ms/step at each batch; in --dry-run on the numpy reference
 
 Device: ``python benchmarks/gpu_paged.py --model llama-tiny --out $OUT`` (then ``--model llama-1b``).
 Here (no GPU): ``python benchmarks/gpu_paged.py --dry-run`` builds the graphs and runs the token
@@ -63,15 +66,16 @@ class ReferenceRunner:
 
     def __init__(self, proto, cfg, num_blocks: int, block_size: int, host_bounds: bool):
         from ember.export.paged_reference import reference_session
+        from ember.export.paged_step import cache_np_dtype
 
         self.sess, self.cfg, self.block_size, self.host_bounds = reference_session(proto), cfg, block_size, host_bounds
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.pools = {name: np.zeros(shape, np.float16) for name, _ in cache_bindings(cfg.num_layers)}
+        self.pools = {name: np.zeros(shape, cache_np_dtype(proto)) for name, _ in cache_bindings(cfg.num_layers)}
 
-    def step(self, shares: list[PackedSequence]) -> np.ndarray:
+    def step(self, shares: list[PackedSequence], max_blocks: int | None = None) -> np.ndarray:
         outs = dict(zip(self.sess.output_names,
-                        self.sess.run(None, {**packed_inputs(shares, self.block_size, host_bounds=self.host_bounds),
-                                             **self.pools})))
+                        self.sess.run(None, {**packed_inputs(shares, self.block_size, max_blocks,
+                                                             host_bounds=self.host_bounds), **self.pools})))
         for cache_in, cache_out in cache_bindings(self.cfg.num_layers):
             self.pools[cache_in] = outs[cache_out]
         return outs["logits"]
@@ -93,16 +97,25 @@ class CudaRunner:
     """The graph on ONNX Runtime CUDA (``sess``, shared), pools in torch memory bound in place
     (input and output names on one buffer)."""
 
-    def __init__(self, sess, cfg, num_blocks: int, block_size: int, host_bounds: bool):
+    def __init__(self, sess, cfg, num_blocks: int, block_size: int, host_bounds: bool, kv_dtype: str = "float16"):
         import torch
 
+        from ember.runtime.cuda_paged import POOL_DTYPES
+
         self.sess, self.cfg, self.block_size, self.host_bounds = sess, cfg, block_size, host_bounds
+        torch_dtype, self.kv_type = POOL_DTYPES[kv_dtype]  # the runtime's own mapping (ONNX element type)
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.pools = {name: torch.zeros(shape, dtype=torch.float16, device="cuda") for name, _ in cache_bindings(cfg.num_layers)}
+        self.pools = {name: torch.zeros(shape, dtype=getattr(torch, torch_dtype), device="cuda")
+                      for name, _ in cache_bindings(cfg.num_layers)}
 
     def fill_random(self) -> None:
-        for t in self.pools.values():
-            t.normal_()  # never time on zeros
+        import torch
+
+        for t in self.pools.values():  # never time on zeros
+            if t.dtype == torch.int8:
+                t.random_(-127, 128)
+            else:
+                t.copy_(torch.randn(t.shape, device=t.device))
 
     def step(self, shares: list[PackedSequence], max_blocks: int | None = None) -> np.ndarray:
         import torch
@@ -119,8 +132,8 @@ class CudaRunner:
             io.bind_input(name, "cuda", 0, a.dtype.type, tuple(t.shape), t.data_ptr())
         for cache_in, cache_out in cache_bindings(self.cfg.num_layers):
             t = self.pools[cache_in]
-            io.bind_input(cache_in, "cuda", 0, np.float16, tuple(t.shape), t.data_ptr())
-            io.bind_output(cache_out, "cuda", 0, np.float16, tuple(t.shape), t.data_ptr())
+            io.bind_input(cache_in, "cuda", 0, self.kv_type, tuple(t.shape), t.data_ptr())
+            io.bind_output(cache_out, "cuda", 0, self.kv_type, tuple(t.shape), t.data_ptr())
         logits = torch.empty((len(shares), self.cfg.vocab_size), dtype=torch.float32, device="cuda")
         io.bind_output("logits", "cuda", 0, np.float32, tuple(logits.shape), logits.data_ptr())
         self.sess.run_with_iobinding(io)
@@ -140,6 +153,46 @@ def greedy(runner, prompts: list[list[int]], max_new: int, pool: BlockPool) -> l
         for s, x in enumerate(logits.argmax(-1)):
             out[s].append(int(x))
     return out
+
+
+def teacher_forced(runner, prompts: list[list[int]], steps: int, pool: BlockPool,
+                   forced: list[list[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One packed prefill of ``prompts``, then ``steps - 1`` packed decodes feeding ``forced[s]``
+    (None: each sequence's own argmax, i.e. greedy). Returns (argmax [B, steps], logits [B, steps, V])."""
+    logits = [runner.step([pool.share(s, 0, p) for s, p in enumerate(prompts)])]
+    feed = forced if forced is not None else [[int(x)] for x in logits[0].argmax(-1)]
+    for i in range(steps - 1):
+        if forced is None and i > 0:
+            for s, x in enumerate(logits[-1].argmax(-1)):
+                feed[s].append(int(x))
+        logits.append(runner.step([pool.share(s, len(p) + i, [feed[s][i]]) for s, p in enumerate(prompts)]))
+    stacked = np.stack(logits, axis=1)
+    return stacked.argmax(-1), stacked
+
+
+def agreement(mine: tuple[np.ndarray, np.ndarray], fp16: tuple[np.ndarray, np.ndarray]) -> dict:
+    """Top-1 agreement of a quantized-KV run with the FP16-KV run fed the same tokens, per position."""
+    same = mine[0] == fp16[0]
+    err = np.abs(mine[1] - fp16[1]).max(-1) / np.abs(fp16[1]).max(-1)
+    return {"top1_agreement": float(same.mean()), "positions": int(same.size),
+            "first_disagreement_step": [int(np.argmin(r)) if not r.all() else None for r in same],
+            "max_rel_logits_err": float(err.max()), "median_rel_logits_err": float(np.median(err))}
+
+
+def quantized_graph(src, kv_dtype: str, host_bounds: bool, calib: str | None, granularity: str = "per-channel"):
+    """The paged graph with ``--kv-dtype`` pools, its scales from the compile's own calibration
+    (``compile.paged_kv_scales``: ``--calib`` text, else the built-in prompts or random tokens);
+    ``granularity`` "per-tensor": each layer's largest scale (``kv_quant.per_tensor``)."""
+    from ember.compiler.compile import CompileOptions, paged_kv_scales
+    from ember.export.kv_quant import per_tensor
+    from ember.progress import StageLog
+
+    options = CompileOptions(dtype="fp16", paged="on", kv_dtype=kv_dtype, calib=calib)
+    scales, record = paged_kv_scales(src, options, StageLog(1, quiet=True))
+    if granularity == "per-tensor":
+        scales = per_tensor(scales)
+    proto = build_paged_graph(src.model, src.config, host_bounds=host_bounds, kv_scales=scales, kv_dtype=kv_dtype)
+    return proto, {**record, "granularity": granularity}
 
 
 def cpu_engine_tokens(name: str, prompts: list[list[int]], max_new: int, work: Path) -> list[list[int]]:
@@ -301,6 +354,19 @@ def markdown(doc: dict, a) -> str:
         lines += ["", f"Memory: weights {gib['weight_bytes']:.2f} GiB, pools {gib['pool_bytes']:.2f} GiB, "
                   f"torch max allocated {gib['torch_max_allocated']:.2f} GiB, nvidia-smi used "
                   f"{m.get('nvidia_smi_used_mib')} MiB (ONNX Runtime's arena is outside torch's count)"]
+    if "kv_quant" in doc:
+        fp16_ms = {r["batch"]: r["ms_per_step"] for r in doc.get("decode", [])}
+        lines += ["", "Quantized KV vs FP16 KV (teacher-forced: the FP16 run's greedy tokens fed to both, argmax "
+                  "compared per position; scales from the compile's calibration):", "",
+                  "| KV | top-1 agreement | positions | max rel. logits err | decode ms/step by batch (FP16 KV) |",
+                  "|---|---|---|---|---|"]
+        for kv, r in doc["kv_quant"].items():
+            if "error" in r:
+                lines.append(f"| {kv} | failed: {r['error'].strip().splitlines()[-1][:200]} | | | |")
+                continue
+            ms = ", ".join(f"{d['batch']}: {d['ms_per_step']:.2f} ({fp16_ms.get(d['batch'], float('nan')):.2f})"
+                           for d in r.get("decode", [])) or "-"
+            lines.append(f"| {kv} | {r['top1_agreement']:.2%} | {r['positions']} | {r['max_rel_logits_err']:.2e} | {ms} |")
     for name, tb in doc.get("errors", {}).items():
         lines += ["", f"## {name} failed", "```", tb.strip()[-3000:], "```"]
     lines += ["", f"Reproduce: `python benchmarks/gpu_paged.py {' '.join(sys.argv[1:])}`"]
@@ -317,7 +383,15 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=12)
     ap.add_argument("--host-bounds", choices=["auto", "on", "off"], default="auto",
                     help="feed attention_metadata (auto: where the installed schema has it)")
-    ap.add_argument("--skip", nargs="*", default=[], help="sections to leave out (tokens, decode, gqa, prefill)")
+    ap.add_argument("--skip", nargs="*", default=[],
+                    help="sections to leave out (tokens, decode, gqa, prefill, kv_quant)")
+    ap.add_argument("--kv-dtypes", nargs="*", default=["int8", "fp8"],
+                    help="quantized KV arms (--kv-dtype of `ember compile`): top-1 agreement with FP16 KV, teacher-forced, "
+                         "and decode ms/step")
+    ap.add_argument("--kv-per-tensor", action="store_true",
+                    help="also run PER_TENSOR scales (they run anyway where a PER_CHANNEL arm fails)")
+    ap.add_argument("--kv-steps", type=int, default=64, help="positions per sequence of the agreement check")
+    ap.add_argument("--calib", default=None, help="calibration prompts of the KV scales (as `ember compile --calib`)")
     ap.add_argument("--dry-run", action="store_true", help="CPU only: build and check through the numpy reference")
     ap.add_argument("--out", default="benchmarks/results")
     a = ap.parse_args()
@@ -377,6 +451,24 @@ def main() -> None:
             return token_report(mine, want)
 
         section(doc, "tokens", dry)
+
+        def kv_quant_dry() -> dict:
+            steps = min(a.kv_steps, a.new_tokens)
+            nb = len(prompts) * -(-(max(map(len, prompts)) + steps) // a.block_size)
+            fp16 = teacher_forced(ReferenceRunner(doc["_proto"], cfg, nb, a.block_size, host_bounds), prompts, steps,
+                                  BlockPool(nb, a.block_size))
+            rows = {}
+            for kv in a.kv_dtypes:
+                for granularity in ("per-channel", "per-tensor")[:2 if a.kv_per_tensor else 1]:
+                    proto, record = quantized_graph(src, kv, host_bounds, a.calib, granularity)
+                    mine = teacher_forced(ReferenceRunner(proto, cfg, nb, a.block_size, host_bounds), prompts, steps,
+                                          BlockPool(nb, a.block_size), forced=fp16[0].tolist())
+                    rows[kv if granularity == "per-channel" else f"{kv}/per-tensor"] = {
+                        **agreement(mine, fp16), "granularity": granularity, "calibration": record["calibration"]}
+            return rows
+
+        if "kv_quant" not in a.skip:
+            section(doc, "kv_quant", kv_quant_dry)
         doc.pop("_proto", None)
     else:
         import torch
@@ -454,6 +546,56 @@ def main() -> None:
                                         "nvidia_smi_used_mib": nvidia_smi_used_mib()})
         if "gqa" not in a.skip:
             section(doc, "gqa_decode", gqa)
+
+        def kv_quant() -> dict:
+            """Each --kv-dtypes arm against FP16 KV: the same prompts and the FP16 run's greedy tokens fed
+            to both (teacher-forced), argmax compared per position; then decode ms/step as ``decode``."""
+            bs = state["block_size"]
+            lengths = [min(n, cfg.max_positions // 2) for n in (32, 64, 96, 128, 160, 200, 256, 48)]
+            kv_prompts = [rng.integers(1, cfg.vocab_size, n).tolist() for n in lengths]
+            steps = min(a.kv_steps, cfg.max_positions - max(lengths) - 1)
+            nb = len(kv_prompts) * -(-(max(lengths) + steps) // bs)
+            fp16 = teacher_forced(CudaRunner(state["sess"], cfg, nb, bs, host_bounds), kv_prompts, steps,
+                                  BlockPool(nb, bs, seed=3))
+            rows = {}
+            for kv in a.kv_dtypes:
+                for granularity in ("per-channel", "per-tensor"):  # per-tensor: where per-channel fails, or asked
+                    name = kv if granularity == "per-channel" else f"{kv}/per-tensor"
+                    try:
+                        rows[name] = kv_arm(kv, granularity, kv_prompts, steps, nb, fp16)
+                    except Exception:  # noqa: BLE001 -- one arm failing (a kernel refusing a layout) keeps the others
+                        rows[name] = {"error": traceback.format_exc()[-3000:]}
+                        print(f"  {name} FAILED\n{rows[name]['error']}", flush=True)
+                    if "error" not in rows[name] and not a.kv_per_tensor:
+                        break
+            return rows
+
+        def kv_arm(kv: str, granularity: str, kv_prompts, steps: int, nb: int, fp16) -> dict:
+            from ember.export.onnx_export import save_onnx
+
+            bs = state["block_size"]
+            proto, record = quantized_graph(src, kv, host_bounds, a.calib, granularity)
+            qpath = work / f"paged_{kv}_{granularity}.onnx"
+            save_onnx(proto, qpath)
+            del proto
+            sess = cuda_session(qpath)
+            dtype = record["dtype"]
+            mine = teacher_forced(CudaRunner(sess, cfg, nb, bs, host_bounds, dtype), kv_prompts, steps,
+                                  BlockPool(nb, bs, seed=3), forced=fp16[0].tolist())
+            row = {**agreement(mine, fp16), "granularity": granularity, "calibration": record["calibration"], "decode": []}
+            print(f"  {kv}: top-1 agreement {row['top1_agreement']:.2%} over {row['positions']} positions", flush=True)
+            for b in a.batches:
+                per_seq = -(-(live + a.steps + 6) // bs)
+                r = CudaRunner(sess, cfg, per_seq * b, bs, host_bounds, dtype)
+                r.fill_random()
+                row["decode"].append(time_paged_decode(r, cfg, b, live, a.steps))
+                print(f"  {kv} batch {b}: {row['decode'][-1]['ms_per_step']:.2f} ms/step", flush=True)
+                del r
+                torch.cuda.empty_cache()
+            return row
+
+        if "kv_quant" not in a.skip:
+            section(doc, "kv_quant", kv_quant)
         doc.pop("_proto", None)
     stem = "gpu_paged" if a.model == "llama-tiny" else f"gpu_paged_{Path(a.model).name}"
     (out / f"{stem}.json").write_text(json.dumps(doc, indent=2, default=str))

@@ -111,6 +111,10 @@ def _add_compile(sub) -> None:
     p.add_argument("--paged", default="off", choices=["on", "off"],
                    help="also write the paged step graph (ONNX Runtime PagedAttention, CUDA, FP16: packed prefill and "
                         "decode tokens over a shared block pool) that serves --kv-layout paged on a GPU (docs/kv.md)")
+    p.add_argument("--kv-dtype", default="fp16", choices=["fp16", "int8", "fp8"],
+                   help="element type of the paged step graph's KV pools (with --paged on): int8 or fp8 (e4m3) halve "
+                        "the KV memory, with per-channel scales computed at compile time from --calib (or built-in / "
+                        "random prompts) (docs/kv.md, 'Quantized KV')")
     p.add_argument("--seed", type=int, default=0, help="seed of a built-in config's random weights")
     trt = p.add_argument_group("TensorRT (--backend tensorrt or tensorrt-rtx; see docs/gpu.md)")
     trt.add_argument("--trt-targets", metavar="LIST",
@@ -176,7 +180,7 @@ def _cmd_compile(a) -> int:
     opts = CompileOptions(backend=a.backend, dtype=a.dtype, quantize=a.quantize, calib=a.calib,
                           calib_method=a.calib_method, smoothquant=a.smoothquant, max_error=a.max_error,
                           block_size=a.block_size, int4_method=a.int4_method, symmetric=a.symmetric,
-                          quantize_lm_head=a.quantize_lm_head, seed=a.seed, validate=not a.no_validate, tp=a.tp, fused_decode=a.fused_decode, paged=a.paged,
+                          quantize_lm_head=a.quantize_lm_head, seed=a.seed, validate=not a.no_validate, tp=a.tp, fused_decode=a.fused_decode, paged=a.paged, kv_dtype=a.kv_dtype,
                           overwrite=a.overwrite, quiet=a.quiet, extra=extra)
     with sigterm_interrupts():
         compile_decoder(a.source, out, opts)

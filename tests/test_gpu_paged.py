@@ -37,3 +37,22 @@ def test_paged_engine_on_cuda_gives_the_slot_engines_tokens(source, tmp_path):
         assert [first] + rest == want, kv_memory
         assert st["prefix_cache_hits_total"] >= 5 * 32, st  # five requests found the system prompt's two full blocks
         assert kv_memory is None or st["preemptions_total"] > 0, st
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])
+def test_quantized_pools_on_cuda_serve_a_fused_batch(kv_dtype, tmp_path):
+    """``--kv-dtype int8|fp8``: the loader builds one-byte pools bound with their ONNX element type;
+    the CUDA kernel runs them, and a fused batch gives each request the tokens it gets alone."""
+    out = tmp_path / "e"
+    compile_decoder("llama-tiny", out, CompileOptions(dtype="fp16", paged="on", kv_dtype=kv_dtype, quiet=True))
+    rng = np.random.default_rng(1)
+    system = rng.integers(3, 200, 37).tolist()
+    prompts = [system + rng.integers(3, 200, n).tolist() for n in (3, 9, 1)] + [[7, 8, 9]]
+    with ember.load(out, device="cuda:0", max_batch=1, kv_layout="paged") as solo:
+        want = [solo.generate([p], max_new_tokens=16, ignore_eos=True)[0].token_ids for p in prompts]
+        pool = next(iter(solo.executor.pools.values()))
+        assert pool.element_size() == 1 and str(pool.dtype).endswith({"int8": "int8", "fp8": "float8_e4m3fn"}[kv_dtype])
+    with ember.load(out, device="cuda:0", max_batch=4, kv_layout="paged") as fused:
+        got = [h.result(timeout=120).token_ids for h in [fused.submit(p, max_new_tokens=16, ignore_eos=True)
+                                                         for p in prompts]]
+    assert got == want

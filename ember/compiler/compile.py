@@ -51,6 +51,7 @@ class CompileOptions:
     tp: int = 1
     fused_decode: str = "auto"  # auto | on | off: the GroupQueryAttention decode part (export/gqa_decode.py)
     paged: str = "off"  # on | off: the paged step graph (PagedAttention, export/paged_step.py) for kv_layout="paged" on CUDA
+    kv_dtype: str = "fp16"  # fp16 | int8 | fp8: the paged graph's KV pools (export/kv_quant.py; scales from calibration)
     overwrite: bool = False  # replace an existing engine folder at the output path (--overwrite)
     quiet: bool = False
     extra: dict = field(default_factory=dict)  # TensorRT backends: TensorRTOptions fields (profiles, targets, ...)
@@ -76,7 +77,13 @@ class CompileOptions:
     def _check_paged(self) -> None:
         if self.paged not in ("on", "off"):
             raise ConfigError(f"--paged {self.paged!r} is not one of on, off")
+        from ember.export.kv_quant import kv_cache_dtype
+
+        kv_cache_dtype(self.kv_dtype)
         if self.paged == "off":
+            if self.kv_dtype != "fp16":
+                raise ConfigError(f"--kv-dtype {self.kv_dtype} quantizes the KV pools of the paged step graph "
+                                  f"(PagedAttention); add --paged on (with --dtype fp16), or drop --kv-dtype")
             return
         why = [w for w, bad in ((f"--backend {self.backend} (it is an ONNX Runtime graph)", self.backend != "onnxruntime"),
                                 (f"--dtype {self.dtype} (PagedAttention runs FP16 only)", self.dtype != "fp16"),
@@ -269,16 +276,20 @@ def paged_step_part(src, folder: Path, options: CompileOptions, log: StageLog) -
     from ember.export.paged_step import PAGED_FILE, PAGED_PART, build_paged_graph, check_paged_against_torch
 
     path = folder / PAGED_FILE
-    proto = build_paged_graph(src.model, src.config, host_bounds=True)
+    scales, part_extra = None, {}
+    if options.kv_dtype != "fp16":
+        scales, part_extra["kv_cache"] = paged_kv_scales(src, options, log)
+    proto = build_paged_graph(src.model, src.config, host_bounds=True, kv_scales=scales, kv_dtype=options.kv_dtype)
     save_onnx(proto, path, keep_in_memory=False)
     del proto
-    part_extra = {}
     if options.validate:
         err = check_paged_against_torch(src.model, src.config, path)
-        log.note(f"paged step graph: max relative logits error {err:.2e} vs torch (numpy reference of PagedAttention)")
-        if err > PAGED_TOLERANCE:
-            raise EmberError(f"the paged step graph differs from the torch model (relative error {err:.2e} > "
-                             f"{PAGED_TOLERANCE}); this is an Ember export bug: please report it with the source")
+        limit = PAGED_TOLERANCE[options.kv_dtype]
+        log.note(f"paged step graph: max relative logits error {err:.2e} vs torch (numpy reference of PagedAttention, "
+                 f"{options.kv_dtype} KV)")
+        if err > limit:
+            raise EmberError(f"the paged step graph ({options.kv_dtype} KV) differs from the torch model (relative "
+                             f"error {err:.2e} > {limit}); this is an Ember export bug: please report it with the source")
         part_extra["check"] = {"max_rel_error": err, "against": "torch FP32, numpy reference of PagedAttention"}
     files = sorted(f.name for f in folder.glob(PAGED_FILE + "*"))
     part = _build_part(folder, PAGED_PART, path, files, options, cpu_kernels=False)
@@ -286,7 +297,29 @@ def paged_step_part(src, folder: Path, options: CompileOptions, log: StageLog) -
     return part, files
 
 
-PAGED_TOLERANCE = 3e-2  # FP16 graph vs FP32 torch, relative to the logits' scale
+# paged graph vs FP32 torch, relative to the logits' scale, by --kv-dtype: FP16 rounding; and the
+# quantized caches' (measured on llama-tiny / gpt2-tiny: int8 <= 1.1e-2, fp8 <= 2.5e-2; K and V scales 10x too small: > 0.5)
+PAGED_TOLERANCE = {"fp16": 3e-2, "int8": 6e-2, "fp8": 1e-1}
+
+
+def paged_kv_scales(src, options: CompileOptions, log: StageLog) -> tuple[list, dict]:
+    """Per-channel K/V scales of the paged graph's int8 / fp8 pools from the torch step model on
+    calibration prompts (``export/kv_quant.py``), and the manifest's record of them."""
+    from ember.export.kv_quant import QUANT_TYPE, calibration_prompts, kv_bounds, kv_cache_dtype, kv_scales
+
+    dtype = kv_cache_dtype(options.kv_dtype)
+    prompts, source = calibration_prompts(src, options.calib, options.seed)
+    bounds = kv_bounds(src.model, src.config, prompts)
+    log.note(f"KV scales ({options.kv_dtype}, {QUANT_TYPE}): {len(prompts)} prompts from {source}; largest |K| "
+             f"bound {max(float(k.max()) for k, _ in bounds):.3g}, |V| {max(float(v.max()) for _, v in bounds):.3g}")
+    record = {"dtype": dtype.name, "quant_type": QUANT_TYPE, "scale_shape": [src.config.num_kv_heads, 1,
+                                                                             src.config.head_dim],
+              "scale": f"bound / {dtype.qmax:g}; V bound: per-channel absmax; K bound: " + (
+                  "per-channel absmax (no rotary)" if src.config.positions == "learned" else
+                  "per-channel max of the rotary pair norm sqrt(k_i^2 + k_(i+D/2)^2) (covers rotated K at every position)"),
+              "calibration": {"source": source, "prompts": len(prompts), "tokens": sum(map(len, prompts))},
+              "scale_initializers": "kv_scale.key.{layer}, kv_scale.value.{layer}"}
+    return kv_scales(bounds, dtype), record
 
 
 # Quantized decode part vs the quantized step graph (same MatMulNBits weights): relative logits/K/V

@@ -10,6 +10,9 @@ attention over each sequence's ``past_seqlens[b] + n_b`` keys, ``scale`` (0: 1/s
 ``softcap`` (scores -> cap * tanh(scores / cap)) and ``local_window_size`` w (a query at
 position q sees keys k > q - w, as the CUDA kernel passes w - 1 to FlashAttention's left
 window). Scores and softmax in float32, outputs in the query's dtype, as the CUDA kernels.
+Quantized caches (int8 / float8e4m3fn, inputs 14-15 ``k_scale`` / ``v_scale``, PER_TENSOR [1] or
+PER_CHANNEL [Hkv, 1, D]): each new K/V is stored as ``saturate(round(x / scale))`` (ties to even)
+and every cached one read back as ``q * scale`` (``export/kv_quant.py``).
 
 The evaluator cannot alias outputs to inputs: ``key_cache_out`` / ``value_cache_out`` are new
 arrays holding the updated pools, which the caller feeds to the next call.
@@ -21,6 +24,8 @@ import onnx
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
+from ember.export.kv_quant import dequantize, quantize
+
 
 class PagedAttention(OpRun):
     op_domain = "com.microsoft"
@@ -28,12 +33,15 @@ class PagedAttention(OpRun):
     def _run(self, query, key=None, value=None, key_cache=None, value_cache=None, cumulative_sequence_length=None,
              past_seqlens=None, block_table=None, cos_cache=None, sin_cache=None, *later, num_heads=None,
              kv_num_heads=None, scale=0.0, softcap=0.0, local_window_size=-1, do_rotary=0, rotary_interleaved=0,
-             **other_attrs):
-        if any(u is not None for u in later[:6]):  # attention_metadata (16) only bounds the work: ignored
-            raise NotImplementedError("PagedAttention reference: inputs past sin_cache (slot_mapping, head_sink, "
-                                      "q/k norm weights, KV scales) are not modelled")
+             k_quant_type="NONE", v_quant_type="NONE", k_cache_dtype="", v_cache_dtype="", **other_attrs):
+        if any(u is not None for u in later[:4]):  # attention_metadata (16) only bounds the work: ignored
+            raise NotImplementedError("PagedAttention reference: slot_mapping, head_sink and q/k norm weights "
+                                      "(inputs 10-13) are not modelled")
         if rotary_interleaved:
             raise NotImplementedError("PagedAttention reference: rotary_interleaved=1 is not modelled")
+        k_scale, v_scale = (later[4] if len(later) > 4 else None), (later[5] if len(later) > 5 else None)
+        k_store = _Storage(key_cache.dtype, k_quant_type, k_scale, k_cache_dtype, "key")
+        v_store = _Storage(value_cache.dtype, v_quant_type, v_scale, v_cache_dtype, "value")
         h, hkv = int(num_heads), int(kv_num_heads)
         num_blocks, block_size, _, d = key_cache.shape
         n = query.shape[0]
@@ -46,15 +54,15 @@ class PagedAttention(OpRun):
         cum, past = cumulative_sequence_length.astype(np.int64), past_seqlens.astype(np.int64)
         seq_of = np.searchsorted(cum[1:], np.arange(n), side="right")  # each token's sequence
         pos = past[seq_of] + np.arange(n) - cum[seq_of]  # each token's position
-        if do_rotary:
-            q, k = _rotate(q, pos, cos_cache, sin_cache), _rotate(k, pos, cos_cache, sin_cache)
+        if do_rotary:  # in float32, rounded to T as the kernel's rotated K is
+            q, k = _rotate(q, pos, cos_cache, sin_cache), _rotate(k, pos, cos_cache, sin_cache).astype(query.dtype)
         k_out, v_out = key_cache.copy(), value_cache.copy()
         blocks = block_table[seq_of, pos // block_size]
         if (blocks < 0).any() or (blocks >= num_blocks).any():
             raise ValueError(f"PagedAttention reference: a new token's position maps to block "
                              f"{int(blocks[(blocks < 0) | (blocks >= num_blocks)][0])} (pool of {num_blocks})")
-        k_out[blocks, pos % block_size] = k.astype(key_cache.dtype)
-        v_out[blocks, pos % block_size] = v.astype(value_cache.dtype)
+        k_out[blocks, pos % block_size] = k_store.write(k)
+        v_out[blocks, pos % block_size] = v_store.write(v)
         scale = float(scale) or 1.0 / np.sqrt(d)
         out = np.zeros((n, h, d), np.float32)
         for b in range(len(past)):
@@ -62,8 +70,8 @@ class PagedAttention(OpRun):
             total = int(past[b]) + hi - lo
             kpos = np.arange(total)
             slots = block_table[b, kpos // block_size]
-            keys = k_out[slots, kpos % block_size].astype(np.float32)  # [L, Hkv, D]
-            vals = v_out[slots, kpos % block_size].astype(np.float32)
+            keys = k_store.read(k_out[slots, kpos % block_size])  # [L, Hkv, D] float32
+            vals = v_store.read(v_out[slots, kpos % block_size])
             keys, vals = np.repeat(keys, h // hkv, axis=1), np.repeat(vals, h // hkv, axis=1)  # [L, H, D]
             scores = np.einsum("thd,khd->htk", q[lo:hi], keys) * scale  # [H, T, L]
             if softcap:
@@ -77,6 +85,33 @@ class PagedAttention(OpRun):
             probs /= probs.sum(-1, keepdims=True)
             out[lo:hi] = np.einsum("htk,khd->thd", probs, vals)
         return out.reshape(n, h * d).astype(query.dtype), k_out, v_out
+
+
+class _Storage:
+    """How one cache stores values: as its own float type, or quantized (int8 / float8 e4m3fn) with
+    a symmetric dequantization scale (``export/kv_quant.py``), checked against the attributes."""
+
+    def __init__(self, dtype: np.dtype, quant_type: str, scale, logical: str, which: str):
+        self.dtype, self.scale = dtype, scale
+        self.quantized = dtype.name in ("int8", "float8_e4m3fn")
+        if logical and logical.replace("float8e4m3fn", "float8_e4m3fn") != dtype.name:
+            raise ValueError(f"PagedAttention reference: {which[0]}_cache_dtype={logical!r} but the {which} cache "
+                             f"is {dtype.name}")
+        if self.quantized != (quant_type != "NONE"):
+            raise ValueError(f"PagedAttention reference: {which[0]}_quant_type={quant_type} with a {dtype.name} "
+                             f"{which} cache (the schema: non-NONE exactly when the cache is quantized)")
+        if not self.quantized:
+            return
+        want = (1,) if quant_type == "PER_TENSOR" else None
+        if scale is None or (want is not None and scale.shape != want) or (want is None and scale.ndim != 3):
+            raise ValueError(f"PagedAttention reference: {which[0]}_scale of shape "
+                             f"{None if scale is None else scale.shape} does not fit {which[0]}_quant_type={quant_type}")
+
+    def write(self, x: np.ndarray) -> np.ndarray:
+        return quantize(x, self.scale, self.dtype.name) if self.quantized else x.astype(self.dtype)
+
+    def read(self, stored: np.ndarray) -> np.ndarray:
+        return dequantize(stored, self.scale) if self.quantized else stored.astype(np.float32)
 
 
 def _rotate(x: np.ndarray, pos: np.ndarray, cos_cache: np.ndarray, sin_cache: np.ndarray) -> np.ndarray:

@@ -17,8 +17,9 @@ CPU checks it with the numpy semantics in ``paged_reference.py``.
 Contract -- inputs:
   ``input_ids`` int64 [N] (the packed tokens), ``cumulative_sequence_length`` int32 [B+1]
   (0, n_0, n_0+n_1, ...; every n_b >= 1), ``past_seqlens`` int32 [B], ``block_table`` int32
-  [B, max_blocks] (-1: unmapped), ``key_cache.i`` / ``value_cache.i`` float16
-  [num_blocks, block_size, Hkv, D] for each layer i;
+  [B, max_blocks] (-1: unmapped), ``key_cache.i`` / ``value_cache.i`` [num_blocks, block_size,
+  Hkv, D] for each layer i: float16, or int8 / float8e4m3fn with per-channel scales held in
+  the graph (``--kv-dtype``, ``export/kv_quant.py``);
 outputs:
   ``logits`` float32 [B, V] (each sequence's last new token), ``key_cache_out.i`` /
   ``value_cache_out.i``: the pools updated in place. ONNX Runtime's kernel requires each output
@@ -36,6 +37,7 @@ from onnx import TensorProto, helper
 from ember.engine_format.paged_feeds import HOST_BOUNDS, INPUTS, cache_bindings, pack_rows  # noqa: F401 (re-exported)
 from ember.errors import ConfigError
 from ember.export.fused_graph import DTYPES, FusedGraph, gpt2_body, llama_body, rotary_tables
+from ember.export.kv_quant import kv_cache_dtype, quant_type
 
 PAGED_FILE = "paged_step.onnx"
 PAGED_PART = "paged"  # the part's name in the manifest
@@ -82,20 +84,31 @@ def check_supported(cfg) -> None:
         raise ConfigError(f"q/k norms of kind norm={cfg.norm!r}: the paged step graph writes them as RMSNorm * w")
 
 
-def build_paged_graph(model, cfg, linears: str = "gemm", host_bounds: bool = False) -> onnx.ModelProto:
+def build_paged_graph(model, cfg, linears: str = "gemm", host_bounds: bool = False,
+                      kv_scales: list[tuple[np.ndarray, np.ndarray]] | None = None, kv_dtype: str = "fp16"
+                      ) -> onnx.ModelProto:
     """The paged step graph of ``model`` (the family's torch step module with weights), float16.
-    ``linears`` as in ``gqa_decode.build_decode_graph``. ``host_bounds`` adds the input
+    ``linears`` as in ``gqa_decode.build_decode_graph``. ``kv_dtype`` (``--kv-dtype``): the pools'
+    element type; int8 / fp8 take each layer's (K, V) dequantization ``kv_scales`` ([Hkv, 1, D]
+    PER_CHANNEL or [1] PER_TENSOR, ``export/kv_quant.py``), stored as initializers feeding the
+    operator's ``k_scale`` / ``v_scale``. ``host_bounds`` adds the input
     ``attention_metadata`` int32 [2] in host memory, [max new tokens of any sequence, max
     past + new of any sequence] (upper bounds): without it the CUDA kernel copies the lengths back
     from the device at every layer of every call. It is an input of newer ONNX Runtime builds
     (index 16 of the operator's schema): build with it only where the installed schema has it."""
     check_supported(cfg)
     np_dtype, onnx_dtype = DTYPES[DTYPE]
+    cache = kv_cache_dtype(kv_dtype)
+    if (cache.qmax is None) != (kv_scales is None):
+        raise ValueError(f"--kv-dtype {kv_dtype} {'takes no' if cache.qmax is None else 'needs'} KV scales")
     g = FusedGraph(np_dtype, linears)
     rotary = None if cfg.positions == "learned" else rotary_tables(g, model, cfg)
 
     def attention(g: FusedGraph, name: str, i: int, layer, qkv: str) -> str:
-        return _paged_attention(g, name, i, layer, qkv, cfg, rotary, host_bounds)
+        scales = None if kv_scales is None else [
+            (g.weight(f"kv_scale.{kind}.{i}", scale, np.float32), quant_type(scale))
+            for kind, scale in zip(("key", "value"), kv_scales[i])]
+        return _paged_attention(g, name, i, layer, qkv, cfg, rotary, host_bounds, scales)
 
     if cfg.positions == "learned":  # GPT-2: position embeddings at each token's position, no rotary
         hid, head = gpt2_body(g, model, cfg, "input_ids", _token_positions(g), attention)
@@ -119,8 +132,8 @@ def build_paged_graph(model, cfg, linears: str = "gemm", host_bounds: bool = Fal
         inputs.append(helper.make_tensor_value_info(HOST_BOUNDS, TensorProto.INT32, [2]))
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", cfg.vocab_size])]
     for cache_in, cache_out in cache_bindings(cfg.num_layers):
-        inputs.append(helper.make_tensor_value_info(cache_in, onnx_dtype, pool))
-        outputs.append(helper.make_tensor_value_info(cache_out, onnx_dtype, pool))
+        inputs.append(helper.make_tensor_value_info(cache_in, cache.onnx_type, pool))
+        outputs.append(helper.make_tensor_value_info(cache_out, cache.onnx_type, pool))
     graph = helper.make_graph(g.nodes, f"ember_paged_step_{cfg.family}", inputs, outputs, g.inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
                               producer_name="ember")
@@ -129,7 +142,7 @@ def build_paged_graph(model, cfg, linears: str = "gemm", host_bounds: bool = Fal
 
 
 def _paged_attention(g: FusedGraph, name: str, i: int, layer, qkv: str, cfg, rotary: tuple[str, str] | None,
-                     host_bounds: bool) -> str:
+                     host_bounds: bool, scales: list[tuple[str, str]] | None = None) -> str:
     """PagedAttention over the packed [N, (H+2Hkv)D] projections; returns [N, H*D]. With q/k
     norms the projections are split and each head normed here, before the operator's rotary
     (the order of Qwen3 / Gemma 3): the graph never depends on the operator's newer
@@ -148,9 +161,16 @@ def _paged_attention(g: FusedGraph, name: str, i: int, layer, qkv: str, cfg, rot
         attrs["local_window_size"] = cfg.window(i)
     if cfg.attn_softcap is not None:
         attrs["softcap"] = float(cfg.attn_softcap)
+    later = [""] * 7  # inputs 10-16: slot_mapping, head_sink, q/k norm weights, k_scale, v_scale, attention_metadata
+    if scales is not None:  # [(name, quant type)] of K's and V's scale
+        (later[4], attrs["k_quant_type"]), (later[5], attrs["v_quant_type"]) = scales
+    if host_bounds:
+        later[6] = HOST_BOUNDS
+    while later and not later[-1]:
+        later.pop()
     return g.node("PagedAttention",
                   [*qkv_inputs, f"key_cache.{i}", f"value_cache.{i}", "cumulative_sequence_length", "past_seqlens",
-                   "block_table", *(rotary or ("", "")), *([""] * 6 + [HOST_BOUNDS] if host_bounds else [])],
+                   "block_table", *(rotary or ("", "")), *later],
                   name=name, domain="com.microsoft", outputs=[f"{name}/out", f"key_cache_out.{i}", f"value_cache_out.{i}"],
                   **attrs)[0]
 
@@ -185,6 +205,12 @@ def _head_norm(g: FusedGraph, name: str, weight, x: str, heads: int, d: int, eps
     return g.node("Reshape", [normed, g.shape("rows", [0, -1])], name=f"{name}_rows")[0]
 
 
+def cache_np_dtype(proto: onnx.ModelProto) -> np.dtype:
+    """The numpy dtype of the paged graph's KV pools (float16, int8 or ml_dtypes' float8_e4m3fn)."""
+    first = next(i for i in proto.graph.input if i.name == cache_bindings(1)[0][0])
+    return helper.tensor_dtype_to_np_dtype(first.type.tensor_type.elem_type)
+
+
 def check_paged_against_torch(model, cfg, path, prompts: tuple[int, ...] = (3, 5), block_size: int = 16) -> float:
     """The graph at ``path`` on ONNX Runtime's reference evaluator with numpy PagedAttention
     (``paged_reference``): one packed call of ``prompts`` (token counts) against the torch step
@@ -198,8 +224,9 @@ def check_paged_against_torch(model, cfg, path, prompts: tuple[int, ...] = (3, 5
     seqs = [rng.integers(1, cfg.vocab_size, n).tolist() for n in prompts]
     blocks = [-(-n // block_size) for n in prompts]
     shares = [PackedSequence(tuple(p), 0, tuple(range(sum(blocks[:i]), sum(blocks[:i + 1])))) for i, p in enumerate(seqs)]
-    sess = reference_session(onnx.load(str(path)))
-    pool = np.zeros((sum(blocks), block_size, cfg.num_kv_heads, cfg.head_dim), np.float16)
+    proto = onnx.load(str(path))
+    sess = reference_session(proto)
+    pool = np.zeros((sum(blocks), block_size, cfg.num_kv_heads, cfg.head_dim), cache_np_dtype(proto))
     feeds = {**packed_inputs(shares, block_size, host_bounds=HOST_BOUNDS in sess.input_names),
              **{name: pool.copy() for name, _ in cache_bindings(cfg.num_layers)}}
     got = dict(zip(sess.output_names, sess.run(None, feeds)))["logits"]

@@ -5,7 +5,7 @@ block pool per layer, on the CUDA provider.
 One graph runs every step, prefill chunks and decodes of many sequences packed into one call
 (``engine_format.paged_feeds``), so the device holds one copy of the weights: the step graph
 and the fused decode part are not loaded. The pools are torch tensors [num_blocks, block_size,
-Hkv, D] (FP16), each bound as both the layer's ``*_cache`` input and ``*_cache_out`` output:
+Hkv, D] of the part's KV dtype (float16, or int8 / float8_e4m3fn from ``--kv-dtype``), each bound as both the layer's ``*_cache`` input and ``*_cache_out`` output:
 the operator writes the new tokens' K/V into their blocks in place. The executor keeps no
 per-sequence state; the scheduler's ``BlockManager`` says which block holds which token.
 
@@ -18,11 +18,17 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import numpy as np
+from onnx import TensorProto
 
 from ember.engine_format.paged_feeds import HOST_BOUNDS, cache_bindings, pack_rows
 from ember.errors import ConfigError, InputError
 from ember.runtime.cuda_session import PendingGreedy, _ort_cuda
 from ember.runtime.device_kv_pool import require_torch
+
+# a pool's dtype (the part's key_cache spec, torch's name without "torch.") -> (torch dtype name,
+# ONNX element type that IOBinding.bind_input takes in place of a numpy type)
+POOL_DTYPES = {"float16": ("float16", TensorProto.FLOAT16), "int8": ("int8", TensorProto.INT8),
+               "float8_e4m3fn": ("float8_e4m3fn", TensorProto.FLOAT8E4M3FN)}
 
 
 class PagedGraphSession(Protocol):
@@ -72,8 +78,9 @@ class CudaPagedSession:
             io.bind_input(name, "cuda", idx, a.dtype.type, tuple(t.shape), t.data_ptr())
         for cache_in, cache_out in self.bindings:
             t = pools[cache_in]
-            io.bind_input(cache_in, "cuda", idx, np.float16, tuple(t.shape), t.data_ptr())
-            io.bind_output(cache_out, "cuda", idx, np.float16, tuple(t.shape), t.data_ptr())
+            kind = POOL_DTYPES[str(t.dtype).removeprefix("torch.")][1]  # an ONNX element type: numpy has no float8
+            io.bind_input(cache_in, "cuda", idx, kind, tuple(t.shape), t.data_ptr())
+            io.bind_output(cache_out, "cuda", idx, kind, tuple(t.shape), t.data_ptr())
         b = len(feeds["past_seqlens"])
         logits = torch.empty((b, self.vocab), dtype=torch.float32, device=self.device)
         io.bind_output("logits", "cuda", idx, np.float32, tuple(logits.shape), logits.data_ptr())
@@ -88,11 +95,13 @@ class PagedGraphExecutor:
     mixed_steps = True  # prefill chunks and decodes in one call: the rows are packed, no padding is computed
 
     def __init__(self, session: PagedGraphSession, num_layers: int, kv_heads: int, head_dim: int,
-                 num_blocks: int, block_size: int, device: str = "cuda:0"):
+                 num_blocks: int, block_size: int, device: str = "cuda:0", kv_dtype: str = "float16"):
         torch = require_torch(need_cuda=device != "cpu")
+        if kv_dtype not in POOL_DTYPES:
+            raise ConfigError(f"the paged graph's KV pools are {kv_dtype}; this runtime holds {', '.join(POOL_DTYPES)}")
         self.session, self.num_blocks, self.block_size = session, num_blocks, block_size
         shape = (num_blocks, block_size, kv_heads, head_dim)
-        self.pools = {name: torch.zeros(shape, dtype=torch.float16, device=device)
+        self.pools = {name: torch.zeros(shape, dtype=getattr(torch, POOL_DTYPES[kv_dtype][0]), device=device)
                       for name, _ in cache_bindings(num_layers)}
         self.pool_bytes = sum(t.numel() * t.element_size() for t in self.pools.values())
 

@@ -22,7 +22,7 @@ from ember.engine_format.decoder_spec import KVGeometry
 from ember.engine_format.manifest import Manifest
 from ember.errors import InputError
 from ember.runtime.decoder import DecoderEngine
-from ember.runtime.kv_blocks import BlockManager, kv_blocks_within, refuse_rings
+from ember.runtime.kv_blocks import BlockManager, kv_blocks_within, kv_itemsize, refuse_rings
 from ember.runtime.paged_scheduler import PagedScheduler
 from ember.runtime.scheduler import FusionScheduler, default_admit_batch, default_prefill_chunk
 
@@ -103,7 +103,7 @@ def make_paged_scheduler(options: SchedulerOptions, *, max_positions: int, geome
     if kv_bytes is None:
         num_blocks = -(-options.max_batch * max_positions // bs)
     else:
-        num_blocks = kv_blocks_within(geometry, np.dtype(kv_dtype).itemsize, bs, kv_bytes)
+        num_blocks = kv_blocks_within(geometry, kv_itemsize(kv_dtype), bs, kv_bytes)
         if num_blocks < 1:
             raise InputError(f"--kv-memory {options.kv_memory} holds no block of {bs} tokens; raise it or lower "
                              f"--kv-block-size")

@@ -50,6 +50,12 @@ def refuse_rings(geometry: KVGeometry) -> None:
                          "load with kv_layout='slots' (CLI: --kv-layout slots)")
 
 
+def kv_itemsize(kv_dtype: str) -> int:
+    """Bytes per KV element of a pool of ``kv_dtype`` (float8_e4m3fn: the paged graph's ``--kv-dtype fp8``,
+    a name numpy knows only once ml_dtypes is imported)."""
+    return 1 if kv_dtype == "float8_e4m3fn" else np.dtype(kv_dtype).itemsize
+
+
 def kv_blocks_within(geometry: KVGeometry, itemsize: int, block_size: int, kv_bytes: int) -> int:
     """How many blocks of ``block_size`` positions fit ``kv_bytes`` (every layer's K and V)."""
     per_block = 2 * geometry.num_layers * geometry.num_kv_heads * geometry.head_dim * itemsize * block_size

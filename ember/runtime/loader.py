@@ -133,7 +133,8 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
         session = CudaPagedSession(resolve_member(folder, paged_part.file, "parts[paged]"), geometry.num_layers,
                                    int(cfg["vocab_size"]), device_index=index)
         executor = PagedGraphExecutor(session, geometry.num_layers, geometry.num_kv_heads, geometry.head_dim,
-                                      scheduler.blocks.num_blocks, kv_block_size, device=f"cuda:{index}")
+                                      scheduler.blocks.num_blocks, kv_block_size, device=f"cuda:{index}",
+                                      kv_dtype=kv_dtype)
     elif device.startswith("cuda"):
         from ember.runtime.cuda_session import make_cuda_executor
 
