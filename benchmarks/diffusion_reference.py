@@ -101,6 +101,12 @@ ARMS = {
     "DP N=5 + W8A8 + DEC": ("w8a8_dp5", {}),
 }
 
+# (first arm, second arm) compared image by image in the results
+PAIRS = (("DP N=5", "uniform N=5"), ("DP N=5, unweighted J", "uniform N=5"), ("DP N=10", "uniform N=10"),
+         ("DP N=5 + DEC", "DP N=5"), ("DP N=10 + DEC", "DP N=10"),
+         ("DP N=5 + DEC, 12 calibration prompts", "DP N=5, 12 calibration prompts"),
+         ("DP N=5 + W8A8 + DEC", "DP N=5 + W8A8"))
+
 
 def run(args) -> dict:
     info = machine_info()
@@ -130,6 +136,7 @@ def run(args) -> dict:
             "psnr_db_min": float(np.min(p)) if arm != "FP32 uncached (baseline)" else float("inf"),
             "ssim": float(np.mean([ssim(a, b) for a, b in zip(r.images, base.images)])),
             "latent_rel_err": float(np.mean([rel_err(x, y) for x, y in zip(r.latents, base.latents)])),
+            "psnr_per_image": [float(v) for v in p],
         })
     write_grid(outs, RESULTS / f"{args.name}.png", columns=len(EVAL))
     return {"machine": info, "source": str(source), "training": {k: training[k] for k in (
@@ -173,6 +180,13 @@ def write(res: dict, name: str) -> None:
         pm = "∞" if r["psnr_db_min"] == float("inf") else f"{r['psnr_db_min']:.2f}"
         lines.append(f"| {r['arm']} | {r['full_steps']}/{r['shallow_steps']} | {ps} | {pm} | {r['ssim']:.4f} | "
                      f"{r['latent_rel_err']:.4f} |")
+    by = {r["arm"]: r for r in res["rows"]}
+    lines += ["", "Paired per image (same prompt and seed): how often the first arm is closer to the baseline than "
+              "the second, and the median PSNR difference.", "",
+              "| first arm | second arm | first closer | median PSNR difference (dB) |", "|---|---|---|---|"]
+    for a, b in PAIRS:
+        pa, pb = np.array(by[a]["psnr_per_image"]), np.array(by[b]["psnr_per_image"])
+        lines.append(f"| {a} | {b} | {int((pa > pb).sum())}/{len(pa)} | {float(np.median(pa - pb)):+.2f} |")
     lines += ["", "Schedules (full steps): " + "; ".join(f"{k}: {v}" for k, v in res["schedules"].items()),
               "", f"Images (`{name}.png`): one row per arm in table order, the first seed's {len(res['eval_prompts'])} prompts."]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
