@@ -187,6 +187,17 @@ def write(res: dict, name: str) -> None:
     for a, b in PAIRS:
         pa, pb = np.array(by[a]["psnr_per_image"]), np.array(by[b]["psnr_per_image"])
         lines.append(f"| {a} | {b} | {int((pa > pb).sum())}/{len(pa)} | {float(np.median(pa - pb)):+.2f} |")
+    def gap(a: str, b: str) -> str:
+        return f"{by[a]['psnr_db'] - by[b]['psnr_db']:+.2f} dB mean PSNR"
+
+    lines += ["", "Verdicts (mean over images; the paired table says how consistent each is):",
+              f"- DP minus uniform at equal budget: N=5 {gap('DP N=5', 'uniform N=5')}, N=10 {gap('DP N=10', 'uniform N=10')}"
+              f" (worst image {by['DP N=5']['psnr_db_min']:.1f} vs {by['uniform N=5']['psnr_db_min']:.1f} dB at N=5).",
+              f"- DEC minus no DEC: DP N=5 {gap('DP N=5 + DEC', 'DP N=5')}, DP N=10 {gap('DP N=10 + DEC', 'DP N=10')}, "
+              f"DP N=5 + W8A8 {gap('DP N=5 + W8A8 + DEC', 'DP N=5 + W8A8')}.",
+              f"- W8A8 distance to FP32 (uncached): {by['W8A8 uncached']['psnr_db']:.2f} dB PSNR, SSIM "
+              f"{by['W8A8 uncached']['ssim']:.4f}.",
+              "", "Reproduce: `python scripts/train_reference_diffusion.py && python benchmarks/diffusion_reference.py`."]
     lines += ["", "Schedules (full steps): " + "; ".join(f"{k}: {v}" for k, v in res["schedules"].items()),
               "", f"Images (`{name}.png`): one row per arm in table order, the first seed's {len(res['eval_prompts'])} prompts."]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
