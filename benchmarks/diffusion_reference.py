@@ -1,0 +1,224 @@
+"""Fidelity of cache reuse, the DP schedule, DEC and W8A8 on the trained reference pipeline.
+
+The reference pipeline (``ember/reference/diffusion_train.py``: coloured shapes, 32 px images,
+8x8x4 latents; trained when artifacts/reference-diffusion is missing) is compiled into engine
+folders, every arm generates the same prompts and seeds, and each arm's images are compared with
+the FP32 uncached engine's images of the same prompt and seed:
+  PSNR (dB, uint8 images), SSIM (7x7 uniform window, per channel, mean), relative L2 of the final
+  latent. "different seed" compares the baseline with itself at another seed: the distance of an
+  unrelated image of the same prompt (the floor of every column).
+Speed is not measured here (benchmarks/diffusion.py does that on sd-small).
+
+    python benchmarks/diffusion_reference.py [--steps 50] [--seeds 3]
+Engine folders live in --root (default artifacts/bench-diffusion-reference-<steps>) and are reused
+when present. Writes benchmarks/results/diffusion_reference.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from diffusion import psnr, rel_err  # noqa: E402
+from machine import machine_info, machine_line  # noqa: E402
+
+import ember  # noqa: E402
+from ember.compiler.diffusion import DiffusionCompileOptions, compile_diffusion  # noqa: E402
+from ember.reference import shapes  # noqa: E402
+from ember.reference.diffusion_train import DEFAULT_OUTPUT, ensure_reference_pipeline  # noqa: E402
+from ember.runtime.diffusion.pipeline import DiffusionPipeline  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+CALIB = ("a red circle", "a green square", "a blue triangle")
+EVAL = tuple(p for p in shapes.PROMPTS if p not in CALIB)  # the other 9 prompts
+FLOOR = "different seed (unrelated image)"
+
+
+def ssim(a: np.ndarray, b: np.ndarray, win: int = 7) -> float:
+    """Mean SSIM of two uint8 [H, W, C] images: uniform win x win windows (valid positions only),
+    sample covariances, K1 = 0.01, K2 = 0.03, range 255 (scikit-image's defaults)."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    x, y = a.astype(np.float64), b.astype(np.float64)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    n = win * win
+    cov_norm = n / (n - 1)
+
+    def local_mean(img: np.ndarray) -> np.ndarray:
+        return sliding_window_view(img, (win, win), axis=(0, 1)).mean(axis=(-2, -1))
+
+    mx, my = local_mean(x), local_mean(y)
+    vx = cov_norm * (local_mean(x * x) - mx * mx)
+    vy = cov_norm * (local_mean(y * y) - my * my)
+    vxy = cov_norm * (local_mean(x * y) - mx * my)
+    s = ((2 * mx * my + c1) * (2 * vxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return float(s.mean())
+
+
+def compile_all(source: Path, root: Path, steps: int, guidance: float) -> dict[str, Path]:
+    common = dict(steps=steps, calib_prompts=CALIB, guidance_scale=guidance, quiet=True, overwrite=True)
+    plan = {
+        "dp5": DiffusionCompileOptions(cache_interval=5, schedule="dp", dec=True, **common),
+        "dp5_unweighted": DiffusionCompileOptions(cache_interval=5, schedule="dp", schedule_weights="none", **common),
+        "uniform5": DiffusionCompileOptions(cache_interval=5, schedule="uniform", **common),
+        "dp10": DiffusionCompileOptions(cache_interval=10, schedule="dp", dec=True, **common),
+        "uniform10": DiffusionCompileOptions(cache_interval=10, schedule="uniform", **common),
+        # DEC's fit on every prompt (calibration seed 1000; the evaluation seeds stay unseen)
+        "dp5_calib12": DiffusionCompileOptions(cache_interval=5, schedule="dp", dec=True,
+                                               **{**common, "calib_prompts": shapes.PROMPTS}),
+        "w8a8_dp5": DiffusionCompileOptions(cache_interval=5, schedule="dp", quantize="int8", dec=True, **common),
+    }
+    out = {}
+    for name, opts in plan.items():
+        out[name] = root / name
+        if (root / name / "manifest.json").exists():
+            continue
+        t0 = time.perf_counter()
+        compile_diffusion(str(source), root / name, opts, open_pipeline=DiffusionPipeline)
+        print(f"compiled {name} in {time.perf_counter() - t0:.1f} s", flush=True)
+    return out
+
+
+# arm -> (engine folder key, generate kwargs)
+ARMS = {
+    "FP32 uncached (baseline)": ("dp5", dict(cache=False)),
+    "uniform N=5": ("uniform5", {}),
+    "DP N=5, unweighted J": ("dp5_unweighted", {}),
+    "DP N=5": ("dp5", dict(dec=False)),
+    "DP N=5 + DEC": ("dp5", {}),
+    "uniform N=10": ("uniform10", {}),
+    "DP N=10": ("dp10", dict(dec=False)),
+    "DP N=10 + DEC": ("dp10", {}),
+    "DP N=5, 12 calibration prompts": ("dp5_calib12", dict(dec=False)),
+    "DP N=5 + DEC, 12 calibration prompts": ("dp5_calib12", {}),
+    "W8A8 uncached": ("w8a8_dp5", dict(cache=False)),
+    "DP N=5 + W8A8": ("w8a8_dp5", dict(dec=False)),
+    "DP N=5 + W8A8 + DEC": ("w8a8_dp5", {}),
+}
+
+# (first arm, second arm) compared image by image in the results
+PAIRS = (("DP N=5", "uniform N=5"), ("DP N=5, unweighted J", "uniform N=5"), ("DP N=10", "uniform N=10"),
+         ("DP N=5 + DEC", "DP N=5"), ("DP N=10 + DEC", "DP N=10"),
+         ("DP N=5 + DEC, 12 calibration prompts", "DP N=5, 12 calibration prompts"),
+         ("DP N=5 + W8A8 + DEC", "DP N=5 + W8A8"))
+
+
+def run(args) -> dict:
+    info = machine_info()
+    source = ensure_reference_pipeline(Path(args.source))
+    training = json.loads((source / "training.json").read_text())
+    root = Path(args.root or f"artifacts/bench-diffusion-reference-{args.steps}")
+    folders = compile_all(source, root, args.steps, args.guidance)
+    pipes = {k: ember.load(v) for k, v in folders.items()}
+    seeds = [100 + s for s in range(args.seeds)]
+    cases = [(p, s) for s in seeds for p in EVAL]
+    prompts, case_seeds = [p for p, _ in cases], [s for _, s in cases]
+    outs = {arm: pipes[key].generate(prompts, seed=case_seeds, steps=args.steps, **kw) for arm, (key, kw) in ARMS.items()}
+    # the floor: the same prompt at the next seed (last seed wraps to the first)
+    shifted = [s + 1 if s + 1 in seeds else seeds[0] for s in case_seeds]
+    outs[FLOOR] = pipes["dp5"].generate(prompts, seed=shifted, steps=args.steps, cache=False)
+    base = outs["FP32 uncached (baseline)"]
+    schedules = {k: json.loads((v / "manifest.json").read_text())["extra"]["diffusion"]["cache"]["full_steps"]
+                 for k, v in folders.items()}
+    rows = []
+    for arm, r in outs.items():
+        key, kw = ARMS.get(arm, ("dp5", dict(cache=False)))
+        full = len(schedules[key]) if kw.get("cache", True) else args.steps
+        p = [psnr(a, b) for a, b in zip(r.images, base.images)]
+        rows.append({
+            "arm": arm, "full_steps": full, "shallow_steps": args.steps - full,
+            "psnr_db": float(np.mean(p)) if arm != "FP32 uncached (baseline)" else float("inf"),
+            "psnr_db_min": float(np.min(p)) if arm != "FP32 uncached (baseline)" else float("inf"),
+            "ssim": float(np.mean([ssim(a, b) for a, b in zip(r.images, base.images)])),
+            "latent_rel_err": float(np.mean([rel_err(x, y) for x, y in zip(r.latents, base.latents)])),
+            "psnr_per_image": [float(v) for v in p],
+        })
+    write_grid(outs, RESULTS / f"{args.name}.png", columns=len(EVAL))
+    return {"machine": info, "source": str(source), "training": {k: training[k] for k in (
+            "wall_seconds", "stopped_by", "vae", "denoiser", "parameters", "data", "config", "torch", "diffusers")},
+            "steps": args.steps, "guidance_scale": args.guidance, "sampler": "DDIM (eta=0)", "calib_prompts": list(CALIB),
+            "eval_prompts": list(EVAL), "seeds": seeds, "images_per_arm": len(cases), "rows": rows,
+            "schedules": schedules}
+
+
+def write_grid(outs: dict, path: Path, columns: int, scale: int = 3) -> None:
+    """One row per arm (first ``columns`` images), upscaled ``scale``x, for looking at."""
+    from PIL import Image
+
+    rows = [np.concatenate(r.images[:columns], axis=1) for r in outs.values()]
+    grid = np.concatenate(rows, axis=0)
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST).save(path)
+
+
+def write(res: dict, name: str) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
+    m, t = res["machine"], res["training"]
+    lines = [
+        f"# Diffusion fidelity on the trained reference pipeline — {res['steps']} DDIM steps, CFG {res['guidance_scale']}",
+        "",
+        f"Machine: {machine_line(m)}; load average at start {m['load_avg_1m_at_start']}.",
+        f"Model: `{res['source']}` (coloured shapes, {t['data']['image_size']} px; UNet {t['parameters']['unet']:,} / "
+        f"text encoder {t['parameters']['text_encoder']:,} / VAE {t['parameters']['vae']:,} parameters; "
+        f"{t['denoiser']['steps']} UNet steps, VAE reconstruction {t['vae']['recon_psnr_db']:.1f} dB; trained in "
+        f"{t['wall_seconds']:.0f} s, torch {t['torch']}).",
+        f"{res['images_per_arm']} images per arm: the {len(res['eval_prompts'])} prompts not used for calibration x "
+        f"seeds {res['seeds']}; calibration prompts {', '.join(res['calib_prompts'])}. Every column compares an arm's "
+        "image with the FP32 uncached engine's image of the same prompt and seed (mean over images; PSNR also the "
+        "worst image). The last row is the baseline at another seed: an unrelated image of the same prompt.",
+        "",
+        "| arm | full/shallow steps | PSNR (dB) | worst PSNR (dB) | SSIM | final-latent rel. error |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        ps = "∞" if r["psnr_db"] == float("inf") else f"{r['psnr_db']:.2f}"
+        pm = "∞" if r["psnr_db_min"] == float("inf") else f"{r['psnr_db_min']:.2f}"
+        lines.append(f"| {r['arm']} | {r['full_steps']}/{r['shallow_steps']} | {ps} | {pm} | {r['ssim']:.4f} | "
+                     f"{r['latent_rel_err']:.4f} |")
+    by = {r["arm"]: r for r in res["rows"]}
+    lines += ["", "Paired per image (same prompt and seed): how often the first arm is closer to the baseline than "
+              "the second, and the median PSNR difference.", "",
+              "| first arm | second arm | first closer | median PSNR difference (dB) |", "|---|---|---|---|"]
+    for a, b in PAIRS:
+        pa, pb = np.array(by[a]["psnr_per_image"]), np.array(by[b]["psnr_per_image"])
+        lines.append(f"| {a} | {b} | {int((pa > pb).sum())}/{len(pa)} | {float(np.median(pa - pb)):+.2f} |")
+    def gap(a: str, b: str) -> str:
+        return f"{by[a]['psnr_db'] - by[b]['psnr_db']:+.2f} dB mean PSNR"
+
+    lines += ["", "Verdicts (mean over images; the paired table says how consistent each is):",
+              f"- DP minus uniform at equal budget: N=5 {gap('DP N=5', 'uniform N=5')}, N=10 {gap('DP N=10', 'uniform N=10')}"
+              f" (worst image {by['DP N=5']['psnr_db_min']:.1f} vs {by['uniform N=5']['psnr_db_min']:.1f} dB at N=5).",
+              f"- DEC minus no DEC: DP N=5 {gap('DP N=5 + DEC', 'DP N=5')}, DP N=10 {gap('DP N=10 + DEC', 'DP N=10')}, "
+              f"DP N=5 + W8A8 {gap('DP N=5 + W8A8 + DEC', 'DP N=5 + W8A8')}.",
+              f"- W8A8 distance to FP32 (uncached): {by['W8A8 uncached']['psnr_db']:.2f} dB PSNR, SSIM "
+              f"{by['W8A8 uncached']['ssim']:.4f}.",
+              "", "Reproduce: `python scripts/train_reference_diffusion.py && python benchmarks/diffusion_reference.py`."]
+    lines += ["", "Schedules (full steps): " + "; ".join(f"{k}: {v}" for k, v in res["schedules"].items()),
+              "", f"Images (`{name}.png`): one row per arm in table order, the first seed's {len(res['eval_prompts'])} prompts."]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--source", default=str(DEFAULT_OUTPUT), help="reference pipeline folder (trained when missing)")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per evaluation prompt")
+    ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--root", default=None, help="engine folders (default artifacts/bench-diffusion-reference-STEPS)")
+    ap.add_argument("--rewrite", action="store_true", help="rewrite the .md from the saved JSON (no runs)")
+    ap.add_argument("--name", default="diffusion_reference", help="results file stem under benchmarks/results")
+    args = ap.parse_args()
+    if args.rewrite:
+        write(json.loads((RESULTS / f"{args.name}.json").read_text()), args.name)
+        return
+    write(run(args), args.name)
+    print((RESULTS / f"{args.name}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
