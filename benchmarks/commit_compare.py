@@ -12,16 +12,17 @@ attributes, wiring and initializer bytes): a graph that did not change runs the 
 device, the GPU's fused decode part included.
 
 With ``--serve``, a second section serves one workload through each side's own engine: new
-workers (started after the decode workers have exited, so one model's sessions are loaded once
-at a time) run ``ember.bench.engine_arms.run_fused`` -- the fused scheduler of ``ember bench
-serve``'s 'fused' arm, ``--serve-requests`` requests arriving at once, prompts of
+workers (started after the decode workers have exited, so no side holds a model's sessions
+twice) run ``ember.bench.engine_arms.run_fused`` -- the fused scheduler of ``ember bench
+serve``'s 'fused' arm -- on ``--serve-requests`` requests arriving at once, prompts of
 ``--serve-prompt`` random tokens (seeded, no EOS), ``--serve-output`` new tokens ignoring EOS,
-greedy -- in the same interleaved rounds, after one untimed run per side. The workload is made
+greedy, in the same interleaved rounds after one untimed run per side. The workload is made
 once here and sent to both workers, so both serve the same prompts. Reported per model: total
 wall time, output tokens/s and mean time to first token (medians over rounds), and whether the
-two sides' output tokens are identical (same weights, greedy: they must be).
+two sides' output tokens are identical (same weights, greedy: they must be). ``--serve-only``
+runs this section alone (the graphs are still compared).
 
-    python benchmarks/commit_compare.py --old 21b657f [--models gpt2-124m llama-1b] [--batches 1 8 32] [--serve]
+    python benchmarks/commit_compare.py --old 21b657f [--models gpt2-124m llama-1b] [--batches 1 8 32] [--serve | --serve-only]
 Writes benchmarks/results/commit_compare.{json,md} (``--out``).
 """
 from __future__ import annotations
@@ -311,6 +312,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of each section")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--serve", action="store_true", help="add the serving section (see the module docstring)")
+    ap.add_argument("--serve-only", action="store_true", help="the serving section without the decode-step one")
     ap.add_argument("--serve-requests", type=int, default=16, help="requests arriving at once (and engine slots)")
     ap.add_argument("--serve-prompt", default="8:64", help="prompt length: N or LO:HI (uniform)")
     ap.add_argument("--serve-output", type=int, default=64, help="new tokens per request (EOS ignored)")
@@ -323,6 +325,7 @@ def main() -> None:
         return worker(w["root"], w["section"], w["folders"], w["options"])
     if not a.old:
         ap.error("--old REV is required")
+    a.serve = a.serve or a.serve_only
     old_rev = subprocess.run(["git", "rev-parse", "--short", a.old], cwd=ROOT, capture_output=True, text=True)
     if old_rev.returncode:
         ap.error(f"--old {a.old!r}: not a revision of this repository ({old_rev.stderr.strip()})")
@@ -351,7 +354,7 @@ def main() -> None:
                 same[m] = {part: graph_digest(folders["old"][m] / part) == graph_digest(folders["new"][m] / part)
                            for part in ("step.onnx", "decode.onnx")}
                 print(f"  same graphs: {same[m]}", file=sys.stderr, flush=True)
-            rows = run_decode(a, roots, folders, threads)
+            rows = [] if a.serve_only else run_decode(a, roots, folders, threads)
             serve_rows = run_serve(a, roots, folders, threads) if a.serve else None
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(old_root)], cwd=ROOT, capture_output=True)
@@ -364,16 +367,21 @@ def main() -> None:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
-    title = "Decode step and serving" if a.serve else "Decode step"
+    title = "Serving" if a.serve_only else "Decode step and serving" if a.serve else "Decode step"
     md = [f"# {title}: {sides['new']} vs {sides['old']}", "",
-          f"Machine: {machine_line(info)}; {threads} threads; whole run {doc['wall_s']:.0f} s.", "",
-          "## Decode step", ""] + decode_markdown(a, rows, same)
+          f"Machine: {machine_line(info)}; {threads} threads; whole run {doc['wall_s']:.0f} s.", ""]
+    if a.serve_only:
+        md += ["Same graphs (node types, attributes, wiring, initializer bytes): " + "; ".join(
+            f"{m}: " + ", ".join(f"{p} {'same' if v else 'DIFFERENT'}" for p, v in s.items()) for m, s in same.items())]
+    else:
+        md += ["## Decode step", ""] + decode_markdown(a, rows, same)
     if serve_rows is not None:
         md += ["", "## Serving", ""] + serve_markdown(a, serve_rows)
-    serve_args = (f" --serve --serve-requests {a.serve_requests} --serve-prompt {a.serve_prompt} "
+    serve_args = (f" --serve{'-only' if a.serve_only else ''} --serve-requests {a.serve_requests} --serve-prompt {a.serve_prompt} "
                   f"--serve-output {a.serve_output} --serve-seed {a.serve_seed}") if a.serve else ""
-    md += ["", f"Reproduce: `python benchmarks/commit_compare.py --old {sides['old']} --models {' '.join(a.models)} "
-           f"--batches {' '.join(map(str, a.batches))} --reps {a.reps} --rounds {a.rounds}{serve_args}`"]
+    decode_args = "" if a.serve_only else f" --batches {' '.join(map(str, a.batches))} --reps {a.reps}"
+    md += ["", f"Reproduce: `python benchmarks/commit_compare.py --old {sides['old']} --models {' '.join(a.models)}"
+           f"{decode_args} --rounds {a.rounds}{serve_args}`"]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
