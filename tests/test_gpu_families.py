@@ -103,9 +103,10 @@ def _prefix_forward_logits(model, prompt: list[int], tokens: list[int]) -> torch
     """LongRoPE's reference: each next-token distribution from one forward of the whole prefix
     without a cache, where transformers picks the factor set by the prefix's length -- the
     semantics Phi-3's ``generate`` implements with its cache recompute at the switch, and Ember
-    with its recompute (docs/models.md), but independent of how a transformers version caches
-    (the device's transformers, unlike this repository's pinned one, did not reproduce its own
-    recompute on the GPU: Ember's CUDA tokens equalled Ember's CPU tokens, measured)."""
+    with its recompute (docs/models.md), but independent of how a transformers version caches.
+    On the device (H100, 2026-12-07, its own transformers) ``generate`` disagreed with Ember
+    from the switch on (32 % top-1), while Ember's CUDA tokens equalled Ember's CPU tokens, which
+    agree with this host's transformers (measured): the reference, not the engine, differed."""
     device = next(model.parameters()).device
     seq = list(prompt) + list(tokens)
     with torch.no_grad():
