@@ -12,6 +12,9 @@ or that ONNX Runtime cannot run on this machine are recorded with the error, not
 Issue 18's targets: int8-weights >= 99 % top-1 agreement and perplexity within 1 % of FP32;
 int4 (best method) >= 95 % and within 5 %.
 
+The mixed rows (``--quantize-sites``: int4 MLP + int8 attention, and the reverse; ``--no-mixed`` skips
+them) carry no target.
+
 ``--peers`` adds ONNX Runtime GenAI's builder (fp32 and int4, CPU) on the same folder, scored by
 one prefill pass per window on its ONNX model (the same windows), as a check of Ember's int4.
 
