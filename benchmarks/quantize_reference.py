@@ -12,6 +12,9 @@ or that ONNX Runtime cannot run on this machine are recorded with the error, not
 Issue 18's targets: int8-weights >= 99 % top-1 agreement and perplexity within 1 % of FP32;
 int4 (best method) >= 95 % and within 5 %.
 
+The mixed rows (``--quantize-sites``: int4 MLP + int8 attention, and the reverse; ``--no-mixed`` skips
+them) carry no target.
+
 ``--peers`` adds ONNX Runtime GenAI's builder (fp32 and int4, CPU) on the same folder, scored by
 one prefill pass per window on its ONNX model (the same windows), as a check of Ember's int4.
 
@@ -55,7 +58,7 @@ class Arm:
     peer: str | None = None  # ONNX Runtime GenAI builder precision instead of an Ember compile
 
 
-def ember_arms(block128: bool, variants: bool) -> list[Arm]:
+def ember_arms(block128: bool, variants: bool, mixed: bool = True) -> list[Arm]:
     i4 = {"quantize": "int4"}
     arms = [
         Arm("fp32", {"validate": True}),
@@ -80,6 +83,15 @@ def ember_arms(block128: bool, variants: bool) -> list[Arm]:
             Arm("int4 rtn b32 symmetric + LM head", {**i4, "symmetric": True, "quantize_lm_head": True}, "int4",
                 "the form ONNX Runtime GenAI's builder writes"),
             Arm("int4 hqq b32 + LM head", {**i4, "int4_method": "hqq", "quantize_lm_head": True}, "int4"),
+        ]
+    if mixed:  # --quantize-sites: a width per site (docs/quantization.md, "Mixed schemes"); no issue target
+        int8_attention = {"attention": "int8-weights"}
+        arms += [
+            Arm("int4 MLP + int8 attention (rtn b32)", {**i4, "quantize_sites": int8_attention}, note="mixed"),
+            Arm("int4 MLP + int8 attention (hqq b32)", {**i4, "int4_method": "hqq", "quantize_sites": int8_attention},
+                note="mixed; hqq on the int4 weights, rtn on the int8 ones"),
+            Arm("int8 MLP + int4 attention (rtn b32)", {"quantize": "int8-weights", "quantize_sites": {"attention": "int4"}},
+                note="mixed"),
         ]
     arms.append(Arm("fp8 (E4M3 W8A8)", {"quantize": "fp8"}, note="Q/DQ FLOAT8E4M3FN"))
     return arms
@@ -180,7 +192,7 @@ def run(args) -> dict:
     training = json.loads((model / "training.json").read_text())
     windows = heldout_windows(model, args.window, args.windows)
     print(f"{len(windows)} held-out windows of {args.window} tokens ({windows[:, 1:].size} predictions)", flush=True)
-    arms = ember_arms(args.block128, args.variants) + (peer_arms() if args.peers else [])
+    arms = ember_arms(args.block128, args.variants, args.mixed) + (peer_arms() if args.peers else [])
     if args.only:
         arms = [a for a in arms if a.name == "fp32" or any(s in a.name for s in args.only.split(","))]
     rows: list[dict] = []
@@ -305,6 +317,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-block128", dest="block128", action="store_false", help="skip the block-128 rows")
     ap.add_argument("--no-variants", dest="variants", action="store_false",
                     help="skip the int4 variants (symmetric, LM head quantized)")
+    ap.add_argument("--no-mixed", dest="mixed", action="store_false",
+                    help="skip the mixed rows (--quantize-sites: int4 MLP + int8 attention, and the reverse)")
     ap.add_argument("--peers", action="store_true", help="add ONNX Runtime GenAI's builder (fp32, int4) on the same folder")
     ap.add_argument("--only", help="comma-separated substrings of arm names to run (fp32 always runs)")
     ap.add_argument("--name", default="quantize_reference", help="results file stem")

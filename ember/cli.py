@@ -99,6 +99,9 @@ def _add_compile(sub) -> None:
     p.add_argument("--symmetric", action="store_true", help="(int4, int8-weights) no zero points")
     p.add_argument("--quantize-lm-head", action="store_true",
                    help="(int4, int8-weights) quantize the LM head too (default: kept FP32, like the embedding)")
+    p.add_argument("--quantize-sites", metavar="SITE=SCHEME[,...]",
+                   help="(int4, int8-weights) a scheme per site in place of --quantize's: sites attention, mlp; "
+                        "schemes int4, int8-weights, float; e.g. --quantize int4 --quantize-sites attention=int8-weights")
     p.add_argument("--calib", help="calibration prompts: a text file (one per line) or a JSON list")
     p.add_argument("--calib-method", default="max", choices=["max", "percentile", "entropy"])
     p.add_argument("--smoothquant", type=float, metavar="ALPHA", help="SmoothQuant migration strength (e.g. 0.5)")
@@ -163,7 +166,8 @@ def _cmd_compile(a) -> int:
     a.trt_options = _trt_options(a)
     if _is_diffusion_source(a.source):
         blockwise = [f for f, given in (("--block-size", a.block_size is not None), ("--int4-method", a.int4_method != "rtn"),
-                                        ("--symmetric", a.symmetric), ("--quantize-lm-head", a.quantize_lm_head)) if given]
+                                        ("--symmetric", a.symmetric), ("--quantize-lm-head", a.quantize_lm_head),
+                                        ("--quantize-sites", a.quantize_sites is not None)) if given]
         if blockwise:
             raise EmberError(f"{', '.join(blockwise)}: diffusion engines have no block-wise quantization; "
                              f"use --quantize int8 or int8-weights")
@@ -175,12 +179,16 @@ def _cmd_compile(a) -> int:
             return run_diffusion_compile(a, out)
     require_modules("compile", "export", ("torch",))
     from ember.compiler.compile import CompileOptions, compile_decoder
+    from ember.compiler.quantize_sites import parse_sites
 
     extra = a.trt_options
     opts = CompileOptions(backend=a.backend, dtype=a.dtype, quantize=a.quantize, calib=a.calib,
                           calib_method=a.calib_method, smoothquant=a.smoothquant, max_error=a.max_error,
                           block_size=a.block_size, int4_method=a.int4_method, symmetric=a.symmetric,
-                          quantize_lm_head=a.quantize_lm_head, seed=a.seed, validate=not a.no_validate, tp=a.tp, fused_decode=a.fused_decode, paged=a.paged, kv_dtype=a.kv_dtype,
+                          quantize_lm_head=a.quantize_lm_head,
+                          quantize_sites=parse_sites(a.quantize_sites) if a.quantize_sites is not None else {},
+                          seed=a.seed, validate=not a.no_validate, tp=a.tp, fused_decode=a.fused_decode, paged=a.paged,
+                          kv_dtype=a.kv_dtype,
                           overwrite=a.overwrite, quiet=a.quiet, extra=extra)
     with sigterm_interrupts():
         compile_decoder(a.source, out, opts)

@@ -205,7 +205,7 @@ def test_quantized_lm_head_leaves_no_dead_float_table(llama_graph):
     q, report = quantize_matmul_nbits(llama_graph, NBitsOptions(bits=4, block_size=32, quantize_lm_head=True))
     read = {i for n in q.graph.node for i in n.input}
     dead = [t.name for t in q.graph.initializer if t.name not in read]
-    assert dead == [] and any(m["role"] == "lm_head" and m["bits"] == 4 for m in report.matmuls)
+    assert dead == [] and any(m["site"] == "lm_head" and m["bits"] == 4 for m in report.matmuls)
 
 
 def test_w8a8_reads_weights_from_the_data_file(tmp_path, external_always, monkeypatch):

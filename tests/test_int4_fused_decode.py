@@ -75,13 +75,13 @@ def test_fp16_int4_folder_has_a_quantized_fused_decode_part(folders):
     assert m.quantization["scheme"] == "int4" and m.extra["dtype"] == "fp16"
     q = m.part("decode").extra["quantization"]
     assert (q["bits"], q["block_size"], q["method"], q["symmetric"]) == (4, 32, "rtn", False)
-    assert q["summary"] == f"int4 b32 rtn: {LLAMA_TINY_LINEARS} MatMuls; fp32: lm_head"
+    assert q["summary"] == f"int4 b32 rtn: {LLAMA_TINY_LINEARS} MatMuls (attention, mlp); fp16: lm_head"
     assert q["weight_compression"] > 3
     check = q["check"]
     assert check["vs_step_graph_rel_error"] <= check["tolerance"] == QUANT_DECODE_TOLERANCE["float16"]
     assert 0 < check["vs_torch_rel_error"] < 0.3  # the int4 error itself (validate is on)
     text = describe(m, folder)
-    assert f"weights int4 b32 rtn: {LLAMA_TINY_LINEARS} MatMuls; fp32: lm_head (MatMulNBits, zero points" in text
+    assert f"weights int4 b32 rtn: {LLAMA_TINY_LINEARS} MatMuls (attention, mlp); fp16: lm_head (MatMulNBits, zero points" in text
     assert "vs the step graph: max rel error" in text
 
 
@@ -123,7 +123,7 @@ def test_fp16_gemm_linears_and_quantized_lm_head(folders):
         assert any(n.output[0] == "logits/pre_cast" or n.name.startswith("lm_head") for n in nbits), part
         assert _scale_types(folder / part) == {TensorProto.FLOAT16}, part
     q = m.part("decode").extra["quantization"]
-    assert q["summary"] == "int8 b32 rtn sym: 9 MatMuls"  # 2 layers x (qkv, proj, fc, mlp proj) + the LM head
+    assert q["summary"] == "int8 b32 rtn sym: 8 MatMuls (attention, mlp), lm_head"  # 2 layers x (qkv, proj, fc, mlp proj)
     step, fused = _greedy(folder, False), _greedy(folder, True)
     assert np.mean([np.mean(np.array(a) == np.array(b)) for a, b in zip(step, fused)]) >= 0.9
 

@@ -61,10 +61,10 @@ def test_engine_graph_manifest_and_accuracy(engines, model, scheme, block):
     q = m.quantization
     assert (q["scheme"], q["format"], q["bits"], q["block_size"], q["method"]) == (scheme, "MatMulNBits", bits, block, "rtn")
     assert sum(r["bits"] == bits for r in q["matmuls"]) == len(nbits)
-    assert [r["role"] for r in q["matmuls"] if r["bits"] is None] == ["lm_head"]
+    assert [r["site"] for r in q["matmuls"] if r["bits"] is None] == ["lm_head"]
     assert q["weight_compression"] > (5.0 if bits == 4 else 2.0)  # gpt2-tiny: K=64 pads to a 128 block
     assert not m.parts[0].extra.get("ort_disabled_optimizers")
-    assert f"int{bits} b{block} rtn: {len(nbits)} MatMuls; fp32: lm_head" in describe(m, folder)
+    assert f"int{bits} b{block} rtn: {len(nbits)} MatMuls (attention, mlp); fp32: lm_head" in describe(m, folder)
     json.dumps(q)
     # logits against the FP32 engine, computed here (not read from the manifest)
     ref = onnx.load(str(engines[model, None, None] / "step.onnx"))
@@ -100,9 +100,9 @@ def test_hqq_and_lm_head_option(gpt2_graph):
     q, rep = quantize_matmul_nbits(gpt2_graph, NBitsOptions(method="hqq", block_size=32, quantize_lm_head=True))
     ops = Counter(n.op_type for n in q.graph.node)
     assert ops["MatMulNBits"] == WEIGHT_MATMULS["gpt2-tiny"] + 1 and ops["Gemm"] == 0, ops
-    head = next(r for r in rep.matmuls if r["role"] == "lm_head")
+    head = next(r for r in rep.matmuls if r["site"] == "lm_head")
     assert (head["bits"], head["method"]) == (4, "hqq")
-    assert rep.summary() == "int4 b32 hqq: 9 MatMuls"
+    assert rep.summary() == "int4 b32 hqq: 8 MatMuls (attention, mlp), lm_head"
     assert any(n.op_type == "Gather" for n in q.graph.node)  # the embedding stays a float Gather
     acc = accuracy_report(gpt2_graph, q, held)
     assert acc["top1_agreement_decisive"] == 1.0 and acc["max_rel_error"] < 0.2, acc

@@ -41,6 +41,9 @@ class CompileOptions:
     int4_method: str = "rtn"  # rtn | hqq | gptq (--quantize int4)
     symmetric: bool = False  # block-wise schemes: no zero points
     quantize_lm_head: bool = False  # block-wise schemes: the LM head too (default: kept float)
+    # block-wise schemes: a scheme per site in place of ``quantize``, e.g. {"attention": "int8-weights"}
+    # (sites attention, mlp; schemes int4, int8-weights, float; compiler/quantize_sites.py)
+    quantize_sites: dict = field(default_factory=dict)
     calib: str | None = None  # file of calibration prompts (one per line, or a JSON list)
     calib_method: str = "max"  # max | percentile | entropy
     smoothquant: float | None = None  # SmoothQuant alpha
@@ -98,7 +101,15 @@ class CompileOptions:
         """Whether ``quantize`` runs as MatMulNBits (int4; int8-weights on the ONNX Runtime backend)."""
         return self.quantize == "int4" or (self.quantize == "int8-weights" and self.backend == "onnxruntime")
 
+    @property
+    def weight_schemes(self) -> set[str]:
+        """The schemes the weight MatMuls get (``quantize_sites.weight_schemes``)."""
+        from ember.compiler.quantize_sites import weight_schemes
+
+        return weight_schemes(self.quantize, self.quantize_sites, self.quantize_lm_head)
+
     def _check_blockwise(self) -> None:
+        from ember.compiler.quantize_sites import check_sites
         from ember.passes.matmul_nbits import BLOCK_SIZES, METHODS, require_working_gptq
 
         if self.quantize == "int4" and self.backend != "onnxruntime":
@@ -106,8 +117,13 @@ class CompileOptions:
                               f"--backend {self.backend} takes int8, fp8 or int8-weights")
         if self.int4_method not in METHODS:
             raise ConfigError(f"--int4-method {self.int4_method!r} is not one of {', '.join(METHODS)}")
-        if self.int4_method != "rtn" and self.quantize != "int4":
-            raise ConfigError(f"--int4-method {self.int4_method} needs --quantize int4")
+        check_sites(self.quantize_sites, self.quantize, self.quantize_lm_head)
+        if self.int4_method != "rtn" and "int4" not in self.weight_schemes:
+            raise ConfigError(f"--int4-method {self.int4_method} needs --quantize int4 (or an int4 site in "
+                              f"--quantize-sites)")
+        if self.int4_method == "gptq" and self.quantize_sites:
+            raise ConfigError("--int4-method gptq quantizes the whole graph at one width; not with --quantize-sites "
+                              "(use --int4-method rtn or hqq)")
         if self.int4_method == "gptq" and self.dtype == "fp16":
             raise ConfigError("--int4-method gptq calibrates the FP32 step graph; with --dtype fp16 use "
                               "--int4-method rtn or hqq")
@@ -116,7 +132,8 @@ class CompileOptions:
         if self.block_size is not None and self.block_size not in BLOCK_SIZES:
             raise ConfigError(f"--block-size {self.block_size} is not one of {', '.join(map(str, BLOCK_SIZES))}")
         flags = [f for f, given in (("--block-size", self.block_size is not None), ("--symmetric", self.symmetric),
-                                    ("--quantize-lm-head", self.quantize_lm_head)) if given]
+                                    ("--quantize-lm-head", self.quantize_lm_head),
+                                    ("--quantize-sites", bool(self.quantize_sites))) if given]
         if flags and not self.blockwise:
             why = (f"--quantize {self.quantize} on --backend {self.backend} is per-channel Q/DQ"
                    if self.quantize else "no --quantize was given")

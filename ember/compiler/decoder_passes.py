@@ -57,6 +57,10 @@ def quantize_pass(options) -> Pass:
     """The quantization pass of ``options`` (CompileOptions with ``quantize`` set)."""
     how = (f"block-wise MatMulNBits, block {options.block_size or 32}" if options.blockwise
            else f"calibration {options.calib_method}")
+    if options.quantize_sites:
+        from ember.compiler.quantize_sites import format_sites
+
+        how += f", sites {format_sites(options.quantize_sites)}"
     return Pass("quantize", _quantize, requires=frozenset({"step-graph", "float-weights"}),
                 ensures=frozenset({"quantized"}), removes=frozenset({"float-weights"}),
                 stage=f"quantizing ({options.quantize}, {how})")

@@ -48,7 +48,9 @@ def describe(m: Manifest, folder: Path) -> str:
     if m.quantization:
         q = m.quantization
         if q.get("format") == "MatMulNBits":  # block-wise weight-only (passes/matmul_nbits.py)
-            lines.append(f"  quantization    {q.get('scheme')} weight-only, MatMulNBits block {q.get('block_size')}, "
+            by_site = ", ".join(f"{site} {scheme}" for site, scheme in (q.get("sites") or {}).items())
+            scheme = f"{q.get('scheme')} weight-only" + (f" (by site: {by_site})" if by_site else "")
+            lines.append(f"  quantization    {scheme}, MatMulNBits block {q.get('block_size')}, "
                          f"{q.get('method')}, {'symmetric' if q.get('symmetric') else 'zero points'}, "
                          f"accuracy_level {q.get('accuracy_level')}")
             lines.append(f"  weights         {summarize_matmuls(q.get('matmuls') or [])}")

@@ -93,13 +93,15 @@ def quantize_step_graph(proto: onnx.ModelProto, src, options, folder: Path, log:
 
 def blockwise_options(options, graph: onnx.ModelProto):
     """The ``NBitsOptions`` of ``options`` (CompileOptions) for ``graph``, the step graph or the
-    fused decode part: one scheme for both. The LM head is found through the Cast (FP16) or
+    fused decode part: one scheme for both, the same width at the same site. The LM head is found through the Cast (FP16) or
     Identity that may sit between it and the ``logits`` output."""
-    from ember.passes.matmul_nbits import NBitsOptions
+    from ember.passes.matmul_nbits import SCHEMES, NBitsOptions
 
-    return NBitsOptions(bits=4 if options.quantize == "int4" else 8, block_size=options.block_size or 32,
+    bits = {scheme: b for b, scheme in SCHEMES.items()}
+    return NBitsOptions(bits=bits[options.quantize], block_size=options.block_size or 32,
                         method=options.int4_method, symmetric=options.symmetric,
-                        quantize_lm_head=options.quantize_lm_head, lm_head_output=lm_head_output(graph))
+                        quantize_lm_head=options.quantize_lm_head, lm_head_output=lm_head_output(graph),
+                        site_bits={site: bits[scheme] for site, scheme in options.quantize_sites.items()})
 
 
 def lm_head_output(graph: onnx.ModelProto, output: str = "logits") -> str:
@@ -202,7 +204,7 @@ def quantize_blockwise(proto: onnx.ModelProto, src, options, log: StageLog, base
         acc = accuracy_report(proto, quant, held_feeds, base_dir=base_dir, float_outputs=float_outputs)
     log.note("accuracy on held-out prompts: " + format_accuracy(acc))
     if options.max_error is not None and acc["max_rel_error"] > options.max_error:
-        hint = ("--block-size 32 or --int4-method hqq, or --quantize int8-weights" if nb.bits == 4
+        hint = ("--block-size 32 or --int4-method hqq, or --quantize int8-weights" if 4 in nb.all_bits
                 else "--block-size 32, or compile without --quantize")
         raise EmberError(f"quantized engine's relative error {acc['max_rel_error']:.3%} on {acc['worst_output']} "
                          f"exceeds --max-error {options.max_error:.3%}; try {hint}")

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from ember.export.matmul_sites import linear_site
+
 DTYPES = {"float32": (np.float32, TensorProto.FLOAT), "float16": (np.float16, TensorProto.FLOAT16)}
 LINEARS = ("gemm", "matmul")
 
@@ -37,6 +39,7 @@ class FusedGraph:
         self.inits: list = []
         self._n = 0
         self._shapes: set[str] = set()
+        self.sites: dict[str, str] = {}  # weight node name -> site (export/matmul_sites.py)
 
     def shape(self, name: str, dims: list[int]) -> str:
         """An int64 shape constant ``shape.<name>``, stored once however many nodes use it."""
@@ -133,7 +136,12 @@ def layer_norm(g: FusedGraph, name: str, ln, x: str, pending: str, eps: float) -
 def linear(g: FusedGraph, name: str, x: str, weight, bias=None) -> str:
     """``x @ weight.T + bias``: as ``Gemm(transB=1)`` on torch's [out, in] layout (on the GPU the
     one-row GEMMs of a decode read the weight faster this way than as MatMul's [in, out]), or,
-    for the block-wise quantizer (``g.linears == "matmul"``), as MatMul on [in, out] + Add."""
+    for the block-wise quantizer (``g.linears == "matmul"``), as MatMul on [in, out] + Add. ``name``
+    ends in the torch Linear's name (or ``qkv``), which gives the node's site (``matmul_sites``)."""
+    site = linear_site(name)
+    if site is None:
+        raise ValueError(f"fused-graph linear {name!r}: its last name part is none of matmul_sites.LINEAR_SITES")
+    g.sites[name] = site
     if g.linears == "matmul":
         y = g.node("MatMul", [x, g.weight(f"{name}.weight_kn", weight.detach().T)], name=name)[0]
         return y if bias is None else g.node("Add", [y, g.weight(f"{name}.bias", bias)], name=f"{name}_bias")[0]

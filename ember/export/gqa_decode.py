@@ -37,6 +37,7 @@ from onnx import TensorProto, helper
 
 from ember.errors import ConfigError
 from ember.export.fused_graph import DTYPES, LINEARS, FusedGraph, gpt2_body, llama_body, rotary_tables
+from ember.export.matmul_sites import write_sites
 from ember.models.registry import FAMILY_MODULES
 
 DECODE_PART = "decode"
@@ -98,6 +99,7 @@ def build_decode_graph(model, cfg, dtype: str = "float16", linears: str = "gemm"
         rotary = rotary_tables(g, model, cfg)
         hid, head = llama_body(g, model, cfg, ids, lambda g, name, i, _, qkv: _attention(g, name, i, qkv, cfg, rotary))
     logits = g.node("Gemm", [hid, head], name="lm_head", transB=1)[0]
+    g.sites["lm_head"] = "lm_head"
     if onnx_dtype != TensorProto.FLOAT:
         g.node("Cast", [logits], name="logits_fp32", outputs=["logits"], to=TensorProto.FLOAT)
     else:
@@ -116,6 +118,7 @@ def build_decode_graph(model, cfg, dtype: str = "float16", linears: str = "gemm"
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
                               producer_name="ember")
     proto.ir_version = 8
+    write_sites(proto, g.sites)  # each weight node's site, for --quantize-sites
     return proto
 
 

@@ -19,6 +19,7 @@ import torch
 
 from ember.export.config import DecoderConfig
 from ember.export.external_data import load_all, weight_bytes, write_model
+from ember.export.matmul_sites import tag_step_graph
 
 OPSET = 17
 # ONNX protobufs are capped at 2 GiB: past this many bytes of weights (half the cap, leaving
@@ -74,6 +75,7 @@ def export_step_graph(model: torch.nn.Module, cfg: DecoderConfig, workdir: str |
     args, kw = _step_export_args(cfg)
     proto = torch_export(model, args, workdir, **kw)
     _name_output_dims(proto, cfg)
+    tag_step_graph(proto, model)
     return proto
 
 
@@ -87,6 +89,7 @@ def export_step_graph_file(model: torch.nn.Module, cfg: DecoderConfig, path: str
     args, kw = _step_export_args(cfg)
     with exported(model, args, path.parent, **kw) as (proto, scratch):
         _name_output_dims(proto, cfg)
+        tag_step_graph(proto, model, scratch)  # each weight MatMul's site, for --quantize-sites
         if rewrite is not None:
             rewrite(proto, scratch)
         save_onnx(proto, path, base_dir=scratch, keep_in_memory=False)

@@ -17,6 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ember.export.external_data import read_tensor
+from ember.export.matmul_sites import read_sites, write_sites
 
 
 def lm_head_gemm(model: onnx.ModelProto, base_dir=None, output: str = "logits") -> tuple[onnx.ModelProto, bool]:
@@ -42,6 +43,9 @@ def lm_head_gemm(model: onnx.ModelProto, base_dir=None, output: str = "logits") 
     idx = list(g.node).index(node)
     g.node.remove(node)
     g.node.insert(idx, gemm)
+    sites = read_sites(model)  # the node's site record (export/matmul_sites.py) follows its new name
+    sites.pop(node.name, None)
+    write_sites(model, {**sites, gemm.name: "lm_head"})
     if not any(b.name in n.input for n in g.node):
         g.initializer.remove(b)
     return model, True

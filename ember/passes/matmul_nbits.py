@@ -13,12 +13,15 @@ to float). The quantizer is ONNX Runtime's own (``onnxruntime.quantization.matmu
 
 Constant-weight Gemms (GPT-2's Linears) are first rewritten as MatMul + Add (``quant_gemm``).
 The LM head (the Gemm or MatMul writing ``logits``) and the embedding Gather stay float unless
-``quantize_lm_head``. ``NBitsReport.matmuls`` records what each weight MatMul got.
+``quantize_lm_head``. Mixed schemes (``site_bits``, ``--quantize-sites``): each weight's site
+(attention or mlp, recorded in the graph by ``export/matmul_sites.py``) chooses its width, 4, 8 or
+float; block size, zero points and accuracy level stay shared, and 8-bit weights are always rounded
+to nearest. ``NBitsReport.matmuls`` records what each weight MatMul got, and its site.
 """
 from __future__ import annotations
 
 import logging
-from collections import Counter
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +37,8 @@ from ember.passes.quant_gemm import gemm_to_matmul
 BLOCK_SIZES = (32, 64, 128)
 METHODS = ("rtn", "hqq", "gptq")
 BITS = (4, 8)
+SCHEMES = {4: "int4", 8: "int8-weights", None: "float"}  # bits -> the --quantize / --quantize-sites name
+MIXED_SITES = ("attention", "mlp")  # the sites --quantize-sites sets (the LM head: --quantize-lm-head)
 # MatMulNBits accuracy_level per ONNX Runtime provider: CPU 4 (int8 compute; measured faster than
 # 0 at batch 1 and 16 on AVX2, docs/quantization.md); CUDA ignores it (FP16 compute).
 ACCURACY_LEVEL = {"CPUExecutionProvider": 4, "CUDAExecutionProvider": 0}
@@ -43,11 +48,13 @@ ACCURACY_LEVEL = {"CPUExecutionProvider": 4, "CUDAExecutionProvider": 0}
 class NBitsOptions:
     bits: int = 4  # 4 (int4) | 8 (int8-weights)
     block_size: int = 32
-    method: str = "rtn"  # rtn | hqq | gptq
+    method: str = "rtn"  # rtn | hqq | gptq: how 4-bit weights are rounded (8-bit ones: rtn)
     symmetric: bool = False  # no zero points (slightly faster, less accurate at 4 bits)
     accuracy_level: int = ACCURACY_LEVEL["CPUExecutionProvider"]
     quantize_lm_head: bool = False
     lm_head_output: str = "logits"
+    # bits per site (attention, mlp; export/matmul_sites.py) in place of ``bits``; None keeps the site float
+    site_bits: dict[str, int | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:
@@ -56,14 +63,35 @@ class NBitsOptions:
             raise ConfigError(f"--block-size {self.block_size} is not one of {', '.join(map(str, BLOCK_SIZES))}")
         if self.method not in METHODS:
             raise ConfigError(f"--int4-method {self.method!r} is not one of {', '.join(METHODS)}")
-        if self.method != "rtn" and self.bits != 4:
+        for site, bits in self.site_bits.items():
+            if site not in MIXED_SITES or bits not in (*BITS, None):
+                raise ConfigError(f"--quantize-sites {site}={bits}: sites are {', '.join(MIXED_SITES)}, bits "
+                                  f"{', '.join(map(str, BITS))} or None (float)")
+        if self.method != "rtn" and 4 not in self.all_bits:
             raise ConfigError(f"--int4-method {self.method} quantizes to 4 bits only; 8-bit weights use rtn")
+        if self.method == "gptq" and self.site_bits:
+            raise ConfigError("--int4-method gptq quantizes the whole graph at one width; not with --quantize-sites "
+                              "(use --int4-method rtn or hqq)")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ConfigError(f"MatMulNBits accuracy_level={self.accuracy_level} is not one of 0-4")
 
     @property
     def scheme(self) -> str:
         return f"int{self.bits}"
+
+    @property
+    def all_bits(self) -> set[int]:
+        """The widths the weights get (each site's, and the LM head's where it is quantized)."""
+        widths = {self.bits_for(site) for site in MIXED_SITES} | ({self.bits} if self.quantize_lm_head else set())
+        return {b for b in widths if b is not None}
+
+    def bits_for(self, site: str) -> int | None:
+        """The width of a weight of ``site`` (attention, mlp); None: kept float."""
+        return self.site_bits.get(site, self.bits)
+
+    def method_for(self, bits: int) -> str:
+        """How a ``bits``-wide weight is rounded: ``method`` at 4 bits, round-to-nearest at 8."""
+        return self.method if bits == 4 else "rtn"
 
 
 @dataclass
@@ -78,28 +106,48 @@ class NBitsReport:
 
     def to_dict(self) -> dict[str, Any]:
         o = self.options
-        return {"scheme": o.scheme, "format": "MatMulNBits", "bits": o.bits, "block_size": o.block_size,
-                "method": o.method, "symmetric": o.symmetric, "accuracy_level": o.accuracy_level,
-                "quantize_lm_head": o.quantize_lm_head, "quantized_nodes": sum(m["bits"] is not None for m in self.matmuls),
-                "weight_bytes_float": self.weight_bytes_float, "weight_bytes_quantized": self.weight_bytes_quantized,
-                "weight_compression": round(self.weight_bytes_float / max(self.weight_bytes_quantized, 1), 3),
-                "summary": self.summary(), "matmuls": self.matmuls}
+        record = {"scheme": o.scheme, "format": "MatMulNBits", "bits": o.bits, "block_size": o.block_size,
+                  "method": o.method, "symmetric": o.symmetric, "accuracy_level": o.accuracy_level,
+                  "quantize_lm_head": o.quantize_lm_head,
+                  "quantized_nodes": sum(m["bits"] is not None for m in self.matmuls),
+                  "weight_bytes_float": self.weight_bytes_float, "weight_bytes_quantized": self.weight_bytes_quantized,
+                  "weight_compression": round(self.weight_bytes_float / max(self.weight_bytes_quantized, 1), 3),
+                  "summary": self.summary(), "matmuls": self.matmuls}
+        if o.site_bits:
+            record["sites"] = {site: SCHEMES[o.bits_for(site)] for site in MIXED_SITES}
+        return record
+
+
+FLOAT_NAMES = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
 
 
 def summarize_matmuls(matmuls: Sequence[dict[str, Any]]) -> str:
-    """One line: how many weight MatMuls got which form, e.g. ``int4 b32 rtn: 14 MatMuls; fp32: lm_head``."""
-    groups: Counter[str] = Counter()
-    kept: list[str] = []
+    """One line: which form each weight MatMul got, and at which sites, e.g.
+    ``int4 b32 rtn: 14 MatMuls (mlp); int8 b32 rtn: 8 MatMuls (attention); fp32: lm_head``. Weights left
+    float are named by their type (``dtype``; records written before it say ``float``)."""
+    groups: dict[str, list[str | None]] = {}  # form -> the site of each of its MatMuls
     for m in matmuls:
+        site = m.get("site") or m.get("role")  # "role": records before sites, lm_head or None
         if m.get("bits") is None:
-            kept.append(m.get("role") or m.get("node", "?"))
+            form = m.get("dtype", "float")
         else:
-            sym = " sym" if m.get("symmetric") else ""
-            groups[f"int{m['bits']} b{m['block_size']} {m['method']}{sym}"] += 1
-    parts = [f"{k}: {n} MatMul{'s' * (n != 1)}" for k, n in groups.items()]
-    if kept:
-        parts.append("fp32: " + ", ".join(kept))
-    return "; ".join(parts) or "no weight MatMuls"
+            form = f"int{m['bits']} b{m['block_size']} {m['method']}{' sym' if m.get('symmetric') else ''}"
+        groups.setdefault(form, []).append(site)
+    return "; ".join(f"{form}: {_describe_sites(sites)}" for form, sites in groups.items()) or "no weight MatMuls"
+
+
+def _describe_sites(sites: list[str | None]) -> str:
+    """``14 MatMuls (mlp)``, ``lm_head``, ``8 MatMuls (attention), lm_head``, ``3 MatMuls`` (no sites recorded)."""
+    body = [s for s in sites if s != "lm_head"]
+    parts = []
+    if body:
+        known = [s for s in ("attention", "mlp") if s in body]
+        untagged = sum(s is None for s in body)
+        where = known + ([f"{untagged} of unknown site"] if untagged and known else [])
+        parts.append(f"{len(body)} MatMul{'s' * (len(body) != 1)}" + (f" ({', '.join(where)})" if where else ""))
+    if len(body) < len(sites):
+        parts.append("lm_head")
+    return ", ".join(parts)
 
 
 class _FeedReader:
@@ -171,7 +219,8 @@ def quantize_matmul_nbits(model: onnx.ModelProto, options: NBitsOptions, calib_f
     out.CopyFrom(model)
     lm_head = next((n.name for n in out.graph.node if options.lm_head_output in n.output
                     and n.op_type in ("MatMul", "Gemm")), None)
-    keep = () if options.quantize_lm_head or lm_head is None else (lm_head,)
+    sites, widths = _plan(out, options, lm_head)
+    keep = tuple(name for name, bits in widths.items() if bits is None)
     gemm_to_matmul(out, keep=keep, base_dir=base_dir)
     inits = {i.name: i for i in out.graph.initializer}
     weights = {n.name: _shape_only(inits[n.input[1]]) for n in _weight_nodes(out)}
@@ -190,11 +239,33 @@ def quantize_matmul_nbits(model: onnx.ModelProto, options: NBitsOptions, calib_f
             quantizer.process()
             result = quantizer.model.model
         else:
-            result = _quantize_each_weight(out, options, set(keep), base_dir, mnq)
+            result = _quantize_each_weight(out, options, widths, base_dir, mnq)
     finally:
         logging.getLogger("onnxruntime.quantization").setLevel(level)
     _drop_unread_initializers(result)
-    return result, _finish(result, options, weights, keep, lm_head)
+    return result, _finish(result, options, weights, sites, keep)
+
+
+def _plan(model: onnx.ModelProto, options: NBitsOptions, lm_head: str | None
+          ) -> tuple[dict[str, str | None], dict[str, int | None]]:
+    """Each weight node's site (``export/matmul_sites.read_sites``; the LM head by the output it writes)
+    and width (None: kept float). With ``site_bits``, a node of unknown site is an error, not a guess."""
+    from ember.export.matmul_sites import read_sites
+
+    recorded = read_sites(model)
+    sites, widths = {}, {}
+    for node in _weight_nodes(model):
+        site = "lm_head" if node.name == lm_head else recorded.get(node.name)
+        sites[node.name] = site
+        if site == "lm_head":
+            widths[node.name] = options.bits if options.quantize_lm_head else None
+        elif site is None and options.site_bits:
+            raise ConfigError(f"--quantize-sites: weight {node.op_type} {node.name!r} has no recorded site (attention "
+                              f"or mlp) in this graph (ember.matmul_sites: {len(recorded)} nodes), so its width is "
+                              f"unknown; compile without --quantize-sites")
+        else:
+            widths[node.name] = options.bits if site is None else options.bits_for(site)
+    return sites, widths
 
 
 def _drop_unread_initializers(model: onnx.ModelProto) -> None:
@@ -210,26 +281,25 @@ def _shape_only(t: onnx.TensorProto) -> onnx.TensorProto:
     return onnx.TensorProto(name=t.name, dims=list(t.dims), data_type=t.data_type)
 
 
-def _quantize_each_weight(model: onnx.ModelProto, options: NBitsOptions, keep: set[str], base_dir, mnq
+def _quantize_each_weight(model: onnx.ModelProto, options: NBitsOptions, widths: dict[str, int | None], base_dir, mnq
                           ) -> onnx.ModelProto:
-    """Replace each constant-weight MatMul not in ``keep`` by ONNX Runtime's MatMulNBits for it, in place;
-    each weight is read, quantized on a one-MatMul graph and dropped before the next is read (the float
-    initializers left unread go in ``_drop_unread_initializers``)."""
+    """Replace each constant-weight MatMul by ONNX Runtime's MatMulNBits for it at its width (``widths``;
+    None: left float), in place; each weight is read, quantized on a one-MatMul graph and dropped before
+    the next is read (the float initializers left unread go in ``_drop_unread_initializers``)."""
     from ember.export.external_data import load_tensor
 
     g = model.graph
     inits = {i.name: i for i in g.initializer}
-    done: dict[str, tuple[onnx.NodeProto, list[onnx.TensorProto]]] = {}  # weight -> (MatMulNBits template, its tensors)
-    targets = [n for n in _weight_nodes(model) if n.op_type == "MatMul" and n.name not in keep]
+    done: dict[tuple[str, int], tuple[onnx.NodeProto, list[onnx.TensorProto]]] = {}  # (weight, bits) -> node, tensors
+    targets = [n for n in _weight_nodes(model) if n.op_type == "MatMul" and widths.get(n.name) is not None]
     for node in targets:
-        w_name = node.input[1]
-        if w_name not in done:
-            done[w_name] = _quantize_one(node, load_tensor(inits[w_name], base_dir), options, mnq)
-            g.initializer.extend(done[w_name][1])
-        template = done[w_name][0]
+        key = (node.input[1], widths[node.name])
+        if key not in done:
+            done[key] = _quantize_one(node, load_tensor(inits[key[0]], base_dir), options, key[1], mnq)
+            g.initializer.extend(done[key][1])
         q = onnx.NodeProto()
-        q.CopyFrom(template)
-        q.input[0], q.output[0], q.name = node.input[0], node.output[0], node.name + f"_Q{options.bits}"
+        q.CopyFrom(done[key][0])
+        q.input[0], q.output[0], q.name = node.input[0], node.output[0], node.name + f"_Q{key[1]}"
         at = list(g.node).index(node)
         g.node.remove(node)
         g.node.insert(at, q)
@@ -238,20 +308,19 @@ def _quantize_each_weight(model: onnx.ModelProto, options: NBitsOptions, keep: s
     return model
 
 
-def _quantize_one(node: onnx.NodeProto, weight: onnx.TensorProto, options: NBitsOptions, mnq
+def _quantize_one(node: onnx.NodeProto, weight: onnx.TensorProto, options: NBitsOptions, bits: int, mnq
                   ) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
-    """ONNX Runtime's quantizer on a graph of this one MatMul: its MatMulNBits node and tensors."""
+    """ONNX Runtime's quantizer on a graph of this one MatMul, at ``bits``: its MatMulNBits node and tensors."""
     k, n = weight.dims
     graph = helper.make_graph([helper.make_node("MatMul", ["x", weight.name], ["y"], name=node.name)], "one_matmul",
                               [helper.make_tensor_value_info("x", weight.data_type, ["rows", k])],
                               [helper.make_tensor_value_info("y", weight.data_type, ["rows", n])], initializer=[weight])
     one = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    if options.method == "rtn":
-        algo = mnq.DefaultWeightOnlyQuantConfig(block_size=options.block_size, is_symmetric=options.symmetric,
-                                                bits=options.bits)
+    if options.method_for(bits) == "rtn":
+        algo = mnq.DefaultWeightOnlyQuantConfig(block_size=options.block_size, is_symmetric=options.symmetric, bits=bits)
     else:
-        algo = mnq.HQQWeightOnlyQuantConfig(block_size=options.block_size, bits=options.bits)
-    quantizer = mnq.MatMulNBitsQuantizer(one, bits=options.bits, block_size=options.block_size,
+        algo = mnq.HQQWeightOnlyQuantConfig(block_size=options.block_size, bits=bits)
+    quantizer = mnq.MatMulNBitsQuantizer(one, bits=bits, block_size=options.block_size,
                                          is_symmetric=options.symmetric, algo_config=algo)
     quantizer.process()
     result = quantizer.model.model.graph
@@ -263,8 +332,8 @@ def _quantize_one(node: onnx.NodeProto, weight: onnx.TensorProto, options: NBits
 
 
 def _finish(model: onnx.ModelProto, options: NBitsOptions, weights: dict[str, onnx.TensorProto],
-            keep: Sequence[str], lm_head: str | None) -> NBitsReport:
-    """Set accuracy_level on every MatMulNBits node; record what each weight MatMul got."""
+            sites: dict[str, str | None], keep: Sequence[str]) -> NBitsReport:
+    """Set accuracy_level on every MatMulNBits node; record what each weight MatMul got, and its site."""
     report = NBitsReport(options)
     inits = {i.name: i for i in model.graph.initializer}
     nbits = {}
@@ -276,18 +345,24 @@ def _finish(model: onnx.ModelProto, options: NBitsOptions, weights: dict[str, on
             attrs["accuracy_level"].i = options.accuracy_level
         elif options.accuracy_level:
             n.attribute.append(helper.make_attribute("accuracy_level", options.accuracy_level))
-        source = n.name[: -len(f"_Q{options.bits}")] if n.name.endswith(f"_Q{options.bits}") else n.name
-        nbits[source] = (n, {k: helper.get_attribute_value(v) for k, v in attrs.items()})
+        source = re.sub(r"_Q\d+$", "", n.name)
+        nbits[source] = {k: helper.get_attribute_value(v) for k, v in attrs.items()}
         report.weight_bytes_quantized += sum(tensor_nbytes(inits[i]) for i in n.input[1:] if i in inits)
     for name, w in weights.items():
-        role = "lm_head" if name == lm_head else None
+        site = sites.get(name)
         if name in nbits:
-            _, a = nbits[name]
+            a = nbits[name]
             report.weight_bytes_float += tensor_nbytes(w)
-            report.matmuls.append({"node": name, "role": role, "bits": int(a["bits"]), "block_size": int(a["block_size"]),
-                                   "method": options.method, "symmetric": options.symmetric,
+            report.matmuls.append({"node": name, "site": site, "bits": int(a["bits"]), "block_size": int(a["block_size"]),
+                                   "method": options.method_for(int(a["bits"])), "symmetric": options.symmetric,
                                    "accuracy_level": options.accuracy_level})
+            continue
+        if name not in keep:
+            reason = "not quantized by ONNX Runtime"
+        elif site == "lm_head":
+            reason = "kept float (--quantize-lm-head quantizes it)"
         else:
-            reason = "kept float (--quantize-lm-head quantizes it)" if name in keep else "not quantized by ONNX Runtime"
-            report.matmuls.append({"node": name, "role": role, "bits": None, "reason": reason})
+            reason = f"kept float (--quantize-sites {site}=float)"
+        report.matmuls.append({"node": name, "site": site, "bits": None, "dtype": FLOAT_NAMES.get(w.data_type, "float"),
+                               "reason": reason})
     return report
