@@ -52,6 +52,11 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
+def db_cell(db: float) -> str:
+    """A PSNR table cell: two decimals, or ∞ for identical images."""
+    return "∞" if db == float("inf") else f"{db:.2f}"
+
+
 def rel_err(x: np.ndarray, ref: np.ndarray) -> float:
     return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
@@ -228,7 +233,7 @@ def write(res: dict, name: str = "diffusion") -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
-        ps = "∞" if r["psnr_db"] == float("inf") else f"{r['psnr_db']:.2f}"
+        ps = db_cell(r["psnr_db"])
         lines.append(f"| {r['arm']} | {r['full_steps']}/{r['shallow_steps']} | {r['unet_speedup']:.2f}× | "
                      f"{r['e2e_speedup']:.2f}× | {r['macs_ratio']:.2f}× | {r['weight_ratio']:.2f}× | {ps} | "
                      f"{r['latent_rel_err']:.4f} |")

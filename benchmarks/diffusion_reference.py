@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from diffusion import psnr, rel_err  # noqa: E402
+from diffusion import db_cell, psnr, rel_err  # noqa: E402
 from machine import machine_info, machine_line  # noqa: E402
 
 import ember  # noqa: E402
@@ -176,8 +176,7 @@ def write(res: dict, name: str) -> None:
         "|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
-        ps = "∞" if r["psnr_db"] == float("inf") else f"{r['psnr_db']:.2f}"
-        pm = "∞" if r["psnr_db_min"] == float("inf") else f"{r['psnr_db_min']:.2f}"
+        ps, pm = db_cell(r["psnr_db"]), db_cell(r["psnr_db_min"])
         lines.append(f"| {r['arm']} | {r['full_steps']}/{r['shallow_steps']} | {ps} | {pm} | {r['ssim']:.4f} | "
                      f"{r['latent_rel_err']:.4f} |")
     by = {r["arm"]: r for r in res["rows"]}

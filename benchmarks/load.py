@@ -55,6 +55,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ember.server.cli import is_loopback  # noqa: E402
 from ember.server.metrics import parse_prometheus  # noqa: E402
+from ember.server.ready import ServerNotReady, wait_until_healthy  # noqa: E402
 
 RESULTS = Path(__file__).with_name("results")
 WORDS = ("the model of a small engine runs tokens through layers and every request gets its own "
@@ -313,19 +314,13 @@ def start_server(folder: str, port: int, extra: list[str], log_path: Path) -> su
     log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "ember.server", folder, "--port", str(port), "--no-access-log",
                              *extra], stdout=log, stderr=subprocess.STDOUT)
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 300
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}; see {log_path}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
+    try:
+        wait_until_healthy(proc, f"http://127.0.0.1:{port}", timeout_s=300, poll_s=0.2)
+    except ServerNotReady as e:
+        if proc.poll() is None:
             proc.kill()
-            raise SystemExit(f"server not ready after 300 s; see {log_path}")
-        time.sleep(0.2)
+        raise SystemExit(f"{e}; see {log_path}") from None
+    return proc
 
 
 def summarize(driver: Driver, phases: list[dict], rounds: list[dict], before: dict, after: dict, healthy: bool,

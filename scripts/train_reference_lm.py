@@ -10,20 +10,18 @@ versions, machine). See docs/reference_model.md.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ember.errors import EmberError  # noqa: E402
+from ember.reference.cli import run_training, training_parser  # noqa: E402
 from ember.reference.train import DEFAULT_OUTPUT, TrainConfig, config_with, train_reference_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     defaults = TrainConfig()
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("-o", "--output", type=Path, default=DEFAULT_OUTPUT, help=f"folder (default {DEFAULT_OUTPUT})")
+    ap = training_parser(__doc__, DEFAULT_OUTPUT)
     ap.add_argument("--minutes", type=float, help=f"wall-clock guard; stops early and says so (default {defaults.minutes})")
     ap.add_argument("--max-steps", type=int, help=f"optimizer steps; sets the LR schedule (default {defaults.max_steps})")
     ap.add_argument("--seed", type=int, help=f"default {defaults.seed}")
@@ -39,17 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--intermediate-size", type=int, help=f"default {defaults.intermediate_size}")
     ap.add_argument("--eval-windows", type=int, help=f"windows scored for the reported figures (default {defaults.eval_windows})")
     ap.add_argument("--max-modules", type=int, help="only the first N standard-library modules (quick checks)")
-    args = ap.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k != "output"}
-    try:
-        cfg = config_with(defaults, **overrides)
-        record = train_reference_model(cfg, args.output, log=lambda s: print(s, flush=True))
-    except EmberError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.output} ({record['parameters']:,} parameters, held-out perplexity "
-          f"{record['heldout']['perplexity']:.2f}, unigram {record['unigram_heldout']['perplexity']:.2f})")
-    return 0
+    return run_training(ap, argv, defaults, config_with, train_reference_model,
+                        lambda r: f"{r['parameters']:,} parameters, held-out perplexity "
+                                  f"{r['heldout']['perplexity']:.2f}, unigram {r['unigram_heldout']['perplexity']:.2f}")
 
 
 if __name__ == "__main__":

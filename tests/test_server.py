@@ -24,6 +24,7 @@ import pytest
 
 from ember.engine_format.manifest import file_record
 from ember.server.metrics import parse_prometheus
+from ember.server.ready import ServerNotReady, wait_until_healthy
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -62,22 +63,16 @@ class Server:
         self.proc = subprocess.Popen([sys.executable, "-m", "ember.server", str(folder), "--port", str(self.port),
                                       "--no-access-log", "--threads", "1", *args],
                                      stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + ready_timeout_s
         self.saw_loading = False
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                r = httpx.get(self.url + "/health", timeout=2)
-                if r.status_code == 200:
-                    break
-                self.saw_loading |= r.status_code == 503 and r.json()["status"] == "loading"
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"server not ready in {ready_timeout_s} s:\n{self.output()}")
-            time.sleep(0.05)
+
+        def seen(r) -> None:
+            self.saw_loading |= r.status_code == 503 and r.json()["status"] == "loading"
+
+        try:
+            wait_until_healthy(self.proc, self.url, ready_timeout_s, on_response=seen)
+        except ServerNotReady as e:
+            self.stop()
+            raise RuntimeError(f"{e}:\n{self.output()}") from None
 
     def output(self) -> str:
         self.log.flush()
