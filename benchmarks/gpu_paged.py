@@ -103,9 +103,9 @@ class CudaRunner:
         from ember.runtime.cuda_paged import POOL_DTYPES
 
         self.sess, self.cfg, self.block_size, self.host_bounds = sess, cfg, block_size, host_bounds
-        torch_dtype, self.kv_type = POOL_DTYPES[kv_dtype]  # the runtime's own mapping (ONNX element type)
+        self.kv_type = POOL_DTYPES[kv_dtype]  # the runtime's own mapping (ONNX element type)
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.pools = {name: torch.zeros(shape, dtype=getattr(torch, torch_dtype), device="cuda")
+        self.pools = {name: torch.zeros(shape, dtype=getattr(torch, kv_dtype), device="cuda")
                       for name, _ in cache_bindings(cfg.num_layers)}
 
     def fill_random(self) -> None:

@@ -25,10 +25,9 @@ from ember.errors import ConfigError, InputError
 from ember.runtime.cuda_session import PendingGreedy, _ort_cuda
 from ember.runtime.device_kv_pool import require_torch
 
-# a pool's dtype (the part's key_cache spec, torch's name without "torch.") -> (torch dtype name,
-# ONNX element type that IOBinding.bind_input takes in place of a numpy type)
-POOL_DTYPES = {"float16": ("float16", TensorProto.FLOAT16), "int8": ("int8", TensorProto.INT8),
-               "float8_e4m3fn": ("float8_e4m3fn", TensorProto.FLOAT8E4M3FN)}
+# a pool's dtype (the part's key_cache spec; torch's name for it too) -> the ONNX element type that
+# IOBinding.bind_input takes in place of a numpy type (numpy has no float8)
+POOL_DTYPES = {"float16": TensorProto.FLOAT16, "int8": TensorProto.INT8, "float8_e4m3fn": TensorProto.FLOAT8E4M3FN}
 
 
 class PagedGraphSession(Protocol):
@@ -78,7 +77,7 @@ class CudaPagedSession:
             io.bind_input(name, "cuda", idx, a.dtype.type, tuple(t.shape), t.data_ptr())
         for cache_in, cache_out in self.bindings:
             t = pools[cache_in]
-            kind = POOL_DTYPES[str(t.dtype).removeprefix("torch.")][1]  # an ONNX element type: numpy has no float8
+            kind = POOL_DTYPES[str(t.dtype).removeprefix("torch.")]
             io.bind_input(cache_in, "cuda", idx, kind, tuple(t.shape), t.data_ptr())
             io.bind_output(cache_out, "cuda", idx, kind, tuple(t.shape), t.data_ptr())
         b = len(feeds["past_seqlens"])
@@ -101,9 +100,8 @@ class PagedGraphExecutor:
             raise ConfigError(f"the paged graph's KV pools are {kv_dtype}; this runtime holds {', '.join(POOL_DTYPES)}")
         self.session, self.num_blocks, self.block_size = session, num_blocks, block_size
         shape = (num_blocks, block_size, kv_heads, head_dim)
-        self.pools = {name: torch.zeros(shape, dtype=getattr(torch, POOL_DTYPES[kv_dtype][0]), device=device)
+        self.pools = {name: torch.zeros(shape, dtype=getattr(torch, kv_dtype), device=device)
                       for name, _ in cache_bindings(num_layers)}
-        self.pool_bytes = sum(t.numel() * t.element_size() for t in self.pools.values())
 
     def launch_paged(self, input_ids: np.ndarray, positions: np.ndarray, past_lengths: np.ndarray,
                      new_lengths: np.ndarray, block_tables: np.ndarray, logit_rows=()) -> PendingGreedy:
@@ -118,6 +116,10 @@ class PagedGraphExecutor:
                                  f"{int(past[r])} onward, which the paged graph assumes")
         feeds = pack_rows(tokens, past, block_tables, self.block_size, host_bounds=self.session.host_bounds)
         return PendingGreedy(self.session.run(feeds, self.pools), logit_rows)
+
+    @property
+    def pool_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.pools.values())
 
     def maybe_shrink(self) -> None:
         pass  # the pool is sized once, from the KV budget

@@ -48,8 +48,7 @@ def kv_capacity_tokens(geometry: KVGeometry, kv_dtype: str, max_batch: int, max_
     ``geometry``: this process's pool (a tensor-parallel rank holds its share of the KV heads)."""
     if kv_bytes is None:
         return max_batch * max_positions
-    itemsize = np.dtype(kv_dtype).itemsize
-    return max_batch * geometry.positions_within(kv_bytes // max_batch, itemsize, max_positions)
+    return max_batch * geometry.positions_within(kv_bytes // max_batch, kv_itemsize(kv_dtype), max_positions)
 
 
 @dataclass(frozen=True)

@@ -57,9 +57,9 @@ def kv_itemsize(kv_dtype: str) -> int:
 
 
 def kv_blocks_within(geometry: KVGeometry, itemsize: int, block_size: int, kv_bytes: int) -> int:
-    """How many blocks of ``block_size`` positions fit ``kv_bytes`` (every layer's K and V)."""
-    per_block = 2 * geometry.num_layers * geometry.num_kv_heads * geometry.head_dim * itemsize * block_size
-    return kv_bytes // per_block
+    """How many blocks of ``block_size`` positions fit ``kv_bytes`` (every layer's K and V: a block
+    holds what a slot of ``block_size`` positions does; paged geometries have no rings)."""
+    return kv_bytes // geometry.slot_bytes(block_size, itemsize)
 
 
 @dataclass

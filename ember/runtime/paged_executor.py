@@ -2,8 +2,8 @@
 on the CPU; implements ``executor_protocol.PagedExecutor``, docs/kv.md).
 
 Per layer one K and one V array ``[num_blocks, Hkv, block_size, D]`` (head-major inside a
-block, so the gather copies whole block_size x D runs; ONNX Runtime's PagedAttention keeps
-``[num_blocks, block_size, Hkv*D]``, a CUDA executor's own business). A step gathers each row's past blocks into the contiguous
+block, so the gather copies whole block_size x D runs; the paged step graph's PagedAttention
+keeps ``[num_blocks, block_size, Hkv, D]``, ``cuda_paged.py``'s own business). A step gathers each row's past blocks into the contiguous
 ``[B, Hkv, P, D]`` past the step graph takes (P = the longest past, rounded up to whole
 blocks; positions past a row's length are masked by the graph), runs it, and scatters the
 new tokens' K/V into the rows' blocks. The gather copies every row's past once per step:
