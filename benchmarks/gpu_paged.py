@@ -14,7 +14,11 @@ Sections (each in its own try/except: one failure still reports the rest):
   decode    median ms per decode step at each batch (``--live`` cached tokens per sequence), the
             same for the fused GroupQueryAttention decode part over a slot pool (today's arm)
   prefill   ms for one packed call of 1 x 512 and 16 x 128 prompt tokens
-  memory    torch.cuda.max_memory_allocated (pools, logits) and nvidia-smi's used memory
+  memory_inline  torch.cuda.max_memory_allocated (pools, logits) and nvidia-smi's used memory, in this process
+  graphs    decode ms/step of the runtime's paged session without / with CUDA graphs vs the fused GQA part
+            with them, --graph-batches (gpu_paged_graphs.py); in --dry-run graphs on vs off on the reference
+  memory    nvidia-smi's used memory of the old vs new session options, one process per arm, vs the
+            runtime's memory plan (gpu_paged_graphs.py); in --dry-run the plan alone
   kv_quant  --kv-dtypes int8 / fp8 pools (scales from the compile's calibration, ``compile.paged_kv_scales``):
             top-1 agreement with FP16 KV per position, teacher-forced (the FP16 run's greedy tokens fed
             to both), and decode ms/step at each batch; in --dry-run on the numpy reference
@@ -42,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ember.export.paged_step import (HOST_BOUNDS, PAGED_FILE, PackedSequence, build_paged_graph,  # noqa: E402
                                      cache_bindings, packed_inputs)
+from gpu_paged_graphs import dry_graphs, graphs_section, markdown_lines, memory_section, nvidia_smi_used_mib  # noqa: E402
 
 
 class BlockPool:
@@ -308,15 +313,6 @@ def schema_inputs() -> list[str]:
     return [i.name for i in s.inputs]
 
 
-def nvidia_smi_used_mib() -> float | None:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=20).stdout
-        return float(out.split()[0])
-    except Exception:  # noqa: BLE001 -- reported as missing, not fatal
-        return None
-
-
 def section(doc: dict, name: str, fn) -> None:
     t0 = time.time()
     try:
@@ -348,8 +344,8 @@ def markdown(doc: dict, a) -> str:
         lines.append("")
     for r in doc.get("prefill", []):
         lines.append(f"- prefill {r['batch']} x {r['prompt']} tokens, one packed call: {r['ms']:.2f} ms")
-    if "memory" in doc:
-        m = doc["memory"]
+    if "memory_inline" in doc:
+        m = doc["memory_inline"]
         gib = {k: (m.get(k) or 0) / 2**30 for k in ("weight_bytes", "pool_bytes", "torch_max_allocated")}
         lines += ["", f"Memory: weights {gib['weight_bytes']:.2f} GiB, pools {gib['pool_bytes']:.2f} GiB, "
                   f"torch max allocated {gib['torch_max_allocated']:.2f} GiB, nvidia-smi used "
@@ -367,6 +363,7 @@ def markdown(doc: dict, a) -> str:
             ms = ", ".join(f"{d['batch']}: {d['ms_per_step']:.2f} ({fp16_ms.get(d['batch'], float('nan')):.2f})"
                            for d in r.get("decode", [])) or "-"
             lines.append(f"| {kv} | {r['top1_agreement']:.2%} | {r['positions']} | {r['max_rel_logits_err']:.2e} | {ms} |")
+    lines += markdown_lines(doc)
     for name, tb in doc.get("errors", {}).items():
         lines += ["", f"## {name} failed", "```", tb.strip()[-3000:], "```"]
     lines += ["", f"Reproduce: `python benchmarks/gpu_paged.py {' '.join(sys.argv[1:])}`"]
@@ -384,7 +381,11 @@ def main() -> None:
     ap.add_argument("--host-bounds", choices=["auto", "on", "off"], default="auto",
                     help="feed attention_metadata (auto: where the installed schema has it)")
     ap.add_argument("--skip", nargs="*", default=[],
-                    help="sections to leave out (tokens, decode, gqa, prefill, kv_quant)")
+                    help="sections to leave out (tokens, decode, gqa, prefill, kv_quant, graphs, memory)")
+    ap.add_argument("--graph-batches", type=int, nargs="+", default=[1, 16, 64, 128],
+                    help="batches of the graphs section")
+    ap.add_argument("--mem-rows", type=int, default=64, help="rows of the memory section's mixed call")
+    ap.add_argument("--mem-prefill", type=int, default=1024, help="prompt tokens of the memory section's calls")
     ap.add_argument("--kv-dtypes", nargs="*", default=["int8", "fp8"],
                     help="quantized KV arms (--kv-dtype of `ember compile`): top-1 agreement with FP16 KV, teacher-forced, "
                          "and decode ms/step")
@@ -469,6 +470,11 @@ def main() -> None:
 
         if "kv_quant" not in a.skip:
             section(doc, "kv_quant", kv_quant_dry)
+        if "graphs" not in a.skip:  # decode graphs need attention_metadata: a graph built with it
+            section(doc, "graphs", lambda: dry_graphs(build_paged_graph(model, cfg, host_bounds=True), cfg, a.block_size))
+        if "memory" not in a.skip:
+            section(doc, "memory", lambda: memory_section(path, cfg, a.block_size, a.mem_rows,
+                                                          min(a.mem_prefill, cfg.max_positions // 2), a.live, True))
         doc.pop("_proto", None)
     else:
         import torch
@@ -525,13 +531,18 @@ def main() -> None:
             r = CudaRunner(state["sess"], cfg, sum(b * -(-n // bs) for b, n in shapes), bs, host_bounds)
             return time_prefill(r, cfg, shapes)
 
-        def gqa() -> list:
+        def gqa_path() -> Path:
+            """The fused GQA decode part of the model (built once)."""
             from ember.export.gqa_decode import build_decode_graph
             from ember.export.onnx_export import save_onnx
 
-            gqa_path = work / "decode.onnx"
-            save_onnx(build_decode_graph(model, cfg, "float16"), gqa_path)
-            sess = cuda_session(gqa_path)
+            if "gqa_path" not in state:
+                state["gqa_path"] = work / "decode.onnx"
+                save_onnx(build_decode_graph(model, cfg, "float16"), state["gqa_path"])
+            return state["gqa_path"]
+
+        def gqa() -> list:
+            sess = cuda_session(gqa_path())
             return [time_gqa_decode(sess, cfg, b, live, a.steps) for b in a.batches]
 
         section(doc, "session", session)
@@ -540,12 +551,18 @@ def main() -> None:
             if name not in a.skip:
                 section(doc, name, fn)
         # peak of the paged arm alone: before the GQA graph's second copy of the weights is loaded
-        section(doc, "memory", lambda: {"weight_bytes": doc.get("build", {}).get("weight_bytes"),
+        section(doc, "memory_inline", lambda: {"weight_bytes": doc.get("build", {}).get("weight_bytes"),
                                         "pool_bytes": doc.get("pool_bytes_max"),
                                         "torch_max_allocated": torch.cuda.max_memory_allocated(),
                                         "nvidia_smi_used_mib": nvidia_smi_used_mib()})
         if "gqa" not in a.skip:
             section(doc, "gqa_decode", gqa)
+        if "graphs" not in a.skip:
+            section(doc, "graphs", lambda: graphs_section(path, gqa_path(), cfg, state["block_size"], a.graph_batches,
+                                                          live, a.steps))
+        if "memory" not in a.skip:
+            section(doc, "memory", lambda: memory_section(path, cfg, state["block_size"], a.mem_rows,
+                                                          min(a.mem_prefill, cfg.max_positions // 2), live, False))
 
         def kv_quant() -> dict:
             """Each --kv-dtypes arm against FP16 KV: the same prompts and the FP16 run's greedy tokens fed

@@ -56,3 +56,30 @@ def test_quantized_pools_on_cuda_serve_a_fused_batch(kv_dtype, tmp_path):
         got = [h.result(timeout=120).token_ids for h in [fused.submit(p, max_new_tokens=16, ignore_eos=True)
                                                          for p in prompts]]
     assert got == want
+
+
+def test_paged_decode_graphs_on_cuda_give_the_plain_launches_tokens(tmp_path, monkeypatch):
+    """Decode-only calls replay CUDA graphs (3 rows padded to a 4-row bucket on the scratch
+    block) and give the tokens of plain launches (``EMBER_CUDA_GRAPH=0``); the engine's stats
+    carry the graphs' counters and the memory plan."""
+    out = tmp_path / "e"
+    compile_decoder("llama-tiny", out, CompileOptions(dtype="fp16", paged="on", quiet=True))
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 200, n).tolist() for n in (5, 30, 11)]
+
+    def serve() -> tuple[list, dict]:
+        with ember.load(out, device="cuda:0", max_batch=4, kv_layout="paged") as eng:
+            got = [h.result(timeout=120).token_ids for h in [eng.submit(p, max_new_tokens=40, ignore_eos=True)
+                                                             for p in prompts]]
+            return got, eng.stats()
+
+    monkeypatch.setenv("EMBER_CUDA_GRAPH", "0")
+    want, plain = serve()
+    monkeypatch.setenv("EMBER_CUDA_GRAPH", "1")
+    got, st = serve()
+    assert plain["cuda_graph_status"] == "off" and plain["cuda_graph_captures_total"] == 0, plain
+    assert st["cuda_graph_status"] == "on", st
+    assert st["cuda_graph_replays_total"] > 0 and st["cuda_graph_padding_rows_total"] > 0, st
+    assert got == want
+    plan = st["memory_plan"]
+    assert plan["weights"] > 0 and plan["planned"] >= plan["weights"] + plan["pools"] + plan["activations"], plan

@@ -2,7 +2,9 @@
 ``PagedScheduler``), on the CPU through the numpy reference of PagedAttention: the same
 executor code the GPU runs, with only the session swapped. Every request of a fused paged
 batch -- shared prefixes served from the prefix cache, a pool small enough to preempt -- gets
-the tokens the FP16 slot engine of the same folder gives it alone."""
+the tokens the FP16 slot engine of the same folder gives it alone; so do the decode-only calls
+replayed as CUDA graphs (``runtime/paged_graphs.PagedSession``: rows padded to buckets, inputs
+copied into static buffers) over a runner that replays what it captured, as ONNX Runtime does."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,12 +15,13 @@ import ember
 from ember.compiler.compile import CompileOptions, compile_decoder
 from ember.engine_format.decoder_spec import kv_geometry
 from ember.engine_format.manifest import read_manifest
-from ember.engine_format.paged_feeds import cache_bindings
+from ember.engine_format.paged_feeds import HOST_BOUNDS, cache_bindings, pack_rows
 from ember.engine_format.roles import KEY_CACHE
 from ember.errors import InputError
-from ember.export.paged_reference import reference_session
+from ember.export.paged_reference import ReplayingReferenceRunner, reference_session
 from ember.runtime.cuda_paged import PagedGraphExecutor
 from ember.runtime.engine_builder import SchedulerOptions, make_engine, make_scheduler
+from ember.runtime.paged_graphs import PagedSession, decode_bucket, pad_decode_feeds
 
 torch = pytest.importorskip("torch")
 
@@ -27,6 +30,7 @@ class ReferencePagedSession:
     """``PagedGraphSession`` over ``onnx.reference`` (CPU): pools are torch CPU tensors, updated in place."""
 
     host_bounds = True
+    scratch_blocks = 0
 
     def __init__(self, path, num_layers: int):
         self.sess = reference_session(onnx.load(str(path)))
@@ -49,7 +53,8 @@ def paged_folder(tmp_path_factory):
     return out
 
 
-def paged_engine(folder, num_blocks_memory: int | None, max_batch: int = 4):
+def paged_engine(folder, num_blocks_memory: int | None, max_batch: int = 4, session_of=None):
+    """A paged engine over the reference session (``session_of(path, num_layers, scheduler)``: another)."""
     m = read_manifest(folder)
     cfg = m.model["config"]
     geometry = kv_geometry(cfg)
@@ -58,7 +63,8 @@ def paged_engine(folder, num_blocks_memory: int | None, max_batch: int = 4):
     kv_dtype = m.part("paged").tensor(KEY_CACHE, layer=0).dtype  # as the loader reads it
     sched = make_scheduler(options, max_positions=int(cfg["max_positions"]), geometry=geometry, kv_dtype=kv_dtype,
                            device="cpu")
-    session = ReferencePagedSession(folder / m.part("paged").file, geometry.num_layers)
+    path = folder / m.part("paged").file
+    session = (session_of or (lambda p, n, _: ReferencePagedSession(p, n)))(path, geometry.num_layers, sched)
     ex = PagedGraphExecutor(session, geometry.num_layers, geometry.num_kv_heads, geometry.head_dim,
                             sched.blocks.num_blocks, 4, device="cpu", kv_dtype=kv_dtype)
     return make_engine(m, sched, ex), session
@@ -133,3 +139,85 @@ def test_paged_layout_on_a_gpu_needs_the_paged_part(tmp_path):
     compile_decoder("llama-tiny", out, CompileOptions(dtype="fp16", quiet=True))
     with pytest.raises(InputError, match="--paged on"):
         ember.load(out, device="cuda:0", kv_layout="paged")
+
+
+def graphed_session(refuse: bool = False):
+    def make(path, num_layers, sched):
+        runner = ReplayingReferenceRunner(onnx.load(str(path)), num_layers, refuse=refuse)
+        vocab = int(read_manifest(path.parent).model["config"]["vocab_size"])
+        return PagedSession(runner, vocab=vocab, device="cpu",
+                            max_rows=sched.max_batch, max_blocks=-(-sched.max_seq_len // 4), host_bounds=True,
+                            cuda_graph_status="on", min_kv_bound=8)
+    return make
+
+
+def test_decode_buckets_pad_rows_to_a_scratch_block_under_replay_wide_bounds():
+    b = decode_bucket(3, 300, 16, max_blocks=128)
+    assert (b.rows, b.kv_bound, b.table_width) == (4, 512, 32)
+    assert decode_bucket(1, 5, 16, max_blocks=128).kv_bound == 256  # short contexts share the smallest bucket
+    assert decode_bucket(5, 100, 16, max_blocks=8).kv_bound == 128  # capped at the block tables' width
+    assert decode_bucket(1, 129, 16, max_blocks=8) is None  # longer than a table: a plain launch
+    feeds = pack_rows([np.array([7]), np.array([9]), np.array([4])], np.array([20, 3, 40]),
+                      np.array([[5, 6, -1], [2, -1, -1], [1, 3, 8]], np.int32), 16, host_bounds=True)
+    padded = pad_decode_feeds(feeds, b, scratch_block=99)
+    assert padded["input_ids"].tolist() == [7, 9, 4, 0]
+    assert padded["cumulative_sequence_length"].tolist() == [0, 1, 2, 3, 4]
+    assert padded["past_seqlens"].tolist() == [20, 3, 40, 0]
+    assert padded["block_table"].shape == (4, 32)
+    assert padded["block_table"][:3, :3].tolist() == [[5, 6, -1], [2, -1, -1], [1, 3, 8]]
+    assert padded["block_table"][3, 0] == 99 and (padded["block_table"][:, 3:] == -1).all()
+    assert padded[HOST_BOUNDS].tolist() == [1, 512]
+    with pytest.raises(ValueError, match="does not fit"):
+        pad_decode_feeds(feeds, decode_bucket(2, 41, 16, max_blocks=128), scratch_block=99)
+
+
+def test_decode_graphs_replay_padded_buckets_with_the_solo_tokens(paged_folder):
+    """Decode-only calls of 3 rows run as 4-row graphs (a padding row on the scratch block),
+    captured once per (rows, KV bound) and replayed from static buffers as the sequences grow
+    through several KV buckets; every request still gets its solo tokens."""
+    rng = np.random.default_rng(2)
+    system = rng.integers(3, 200, 9).tolist()
+    prompts = [system + rng.integers(3, 200, n).tolist() for n in (2, 5)] + [rng.integers(3, 200, 6).tolist()]
+    with ember.load(paged_folder, device="cpu", max_batch=1, fused_decode=False) as solo:
+        want = [solo.generate([p], max_new_tokens=12, ignore_eos=True)[0].token_ids for p in prompts]
+    eng, session = paged_engine(paged_folder, num_blocks_memory=None, session_of=graphed_session())
+    assert eng.executor.pools["key_cache.0"].shape[0] == eng.executor.num_blocks + 1  # the scratch block
+    with eng:
+        got = [h.result(timeout=120).token_ids for h in [eng.submit(p, max_new_tokens=12, ignore_eos=True)
+                                                         for p in prompts]]
+        st = eng.stats()
+    assert got == want
+    assert st["cuda_graph_status"] == "on"
+    assert st["cuda_graph_captures_total"] >= 3, st  # the load-time probe, then 8- and 16-token KV buckets at least
+    assert st["cuda_graph_replays_total"] > st["cuda_graph_captures_total"], st
+    assert st["cuda_graph_padding_rows_total"] > 0, st
+    assert session.runner.replays == st["cuda_graph_replays_total"]
+
+
+def test_decode_graphs_fall_back_to_plain_launches_when_capture_is_refused(paged_folder):
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    with ember.load(paged_folder, device="cpu", max_batch=1, fused_decode=False) as solo:
+        want = [solo.generate([p], max_new_tokens=6, ignore_eos=True)[0].token_ids for p in prompts]
+    eng, session = paged_engine(paged_folder, num_blocks_memory=None, session_of=graphed_session(refuse=True))
+    with eng:
+        got = [h.result(timeout=120).token_ids for h in [eng.submit(p, max_new_tokens=6, ignore_eos=True)
+                                                         for p in prompts]]
+        st = eng.stats()
+    assert got == want
+    assert st["cuda_graph_status"].startswith("unavailable: capturing decode bucket 1 x 8 failed"), st
+    assert st["cuda_graph_captures_total"] == 0 and st["paged_plain_calls_total"] > 0, st
+    assert not session.runner.graphs
+
+
+def test_graphs_of_closed_pools_are_never_replayed(paged_folder):
+    """A session outlives an executor's pools: after ``close`` the next executor's first decode
+    call captures a new graph under a new id (ONNX Runtime would replay an id it captured before,
+    over the old pools' addresses)."""
+    eng, session = paged_engine(paged_folder, num_blocks_memory=None, session_of=graphed_session())
+    eng.close()
+    m = read_manifest(paged_folder)
+    geometry = kv_geometry(m.model["config"])
+    again = PagedGraphExecutor(session, geometry.num_layers, geometry.num_kv_heads, geometry.head_dim,
+                               eng.executor.num_blocks, 4, device="cpu")
+    assert session.runner.replays == 0 and len(session.runner.captured) == 2
+    assert again.stats()["cuda_graph_captures_total"] == 2

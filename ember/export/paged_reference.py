@@ -16,14 +16,21 @@ and every cached one read back as ``q * scale`` (``export/kv_quant.py``).
 
 The evaluator cannot alias outputs to inputs: ``key_cache_out`` / ``value_cache_out`` are new
 arrays holding the updated pools, which the caller feeds to the next call.
+
+``ReplayingReferenceRunner`` runs the graph under ``runtime/paged_graphs.PagedSession`` on the
+CPU with ONNX Runtime's CUDA-graph semantics (capture on a graph id's first run, replay of the
+captured buffers after), so the decode graphs' control flow is checked without a GPU.
 """
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import onnx
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
+from ember.engine_format.paged_feeds import HOST_BOUNDS, cache_bindings
 from ember.export.kv_quant import dequantize, quantize
 
 
@@ -193,3 +200,54 @@ def reference_session(model: onnx.ModelProto) -> ReferenceEvaluator:
             if not out:
                 node.output[j] = f"{node.name}/unused{j}"
     return ReferenceEvaluator(model, new_ops=CONTRIB_OPS)
+
+
+class ReplayingReferenceRunner:
+    """``runtime/paged_graphs.PagedRunner`` on the CPU: the paged graph ``model`` through
+    ``reference_session``, pools and buffers torch CPU tensors, with ONNX Runtime's CUDA-graph
+    semantics. The first run of a graph id captures its binding; every later run of that id
+    replays it -- it reads the *captured* buffers' current contents and host bounds, whatever
+    binding it is handed -- and checks PagedAttention's contract that the captured bounds hold for
+    the rows it serves (an AssertionError otherwise). ``refuse``: captures raise, as ONNX
+    Runtime's do where it cannot capture."""
+
+    def __init__(self, model: onnx.ModelProto, num_layers: int, graphs: bool = True, refuse: bool = False):
+        self.model, self.num_layers, self.graphs, self.refuse = model, num_layers, graphs, refuse
+        self.sess = reference_session(model)
+        self.captured: dict[int, dict] = {}
+        self.replays = 0
+
+    def ordered(self):
+        return contextlib.nullcontext()
+
+    def bind(self, device_feeds: dict, host_feeds: dict, pools: dict, logits) -> dict:
+        return {"device": dict(device_feeds), "host": dict(host_feeds), "pools": dict(pools), "logits": logits}
+
+    def run(self, binding: dict, graph_id: int | None) -> None:
+        import torch
+
+        if graph_id is not None:
+            if not self.graphs:
+                raise AssertionError("a graph id on a session made without CUDA graphs")
+            if graph_id in self.captured:
+                binding = self.captured[graph_id]
+                self.replays += 1
+            elif self.refuse:
+                raise RuntimeError("CUDA graph capture is not supported for this graph (reference runner, refuse=True)")
+            else:
+                self.captured[graph_id] = binding
+        feeds = {n: t.numpy() for n, t in binding["device"].items()} | binding["host"]
+        new = np.diff(feeds["cumulative_sequence_length"])
+        if HOST_BOUNDS in feeds:
+            bounds = feeds[HOST_BOUNDS]
+            if new.max() > bounds[0] or (feeds["past_seqlens"] + new).max() > bounds[1]:
+                raise AssertionError(f"attention_metadata {bounds.tolist()} does not bound the call's rows "
+                                     f"(new {new.tolist()}, past {feeds['past_seqlens'].tolist()})")
+        outs = dict(zip(self.sess.output_names,
+                        self.sess.run(None, {**feeds, **{k: v.numpy() for k, v in binding["pools"].items()}})))
+        for cache_in, cache_out in cache_bindings(self.num_layers):
+            binding["pools"][cache_in].copy_(torch.from_numpy(outs[cache_out]))
+        binding["logits"].copy_(torch.from_numpy(outs["logits"]))
+
+    def without_graphs(self) -> ReplayingReferenceRunner:
+        return ReplayingReferenceRunner(self.model, self.num_layers, graphs=False)

@@ -68,6 +68,36 @@ def _ort_cuda():
     return ort
 
 
+def ort_run_options(graph_id: int | None, async_launch: bool):
+    """Run options: a CUDA graph id (``-1``: never capture) and, with ``async_launch``, no
+    stream synchronisation at the end of the run. The run is ordered with the caller's
+    stream (``joined_stream``), and the host reads results only through a synchronising
+    copy or an event (``logits_to_host``, ``PendingGreedy``), so the engine can do host
+    work meanwhile."""
+    import onnxruntime as ort
+
+    ro = ort.RunOptions()
+    if graph_id is not None:
+        ro.add_run_config_entry("gpu_graph_id", str(graph_id))
+    if async_launch:
+        ro.add_run_config_entry("disable_synchronize_execution_providers", "1")
+    return ro
+
+
+@contextlib.contextmanager
+def joined_stream(stream, device):
+    """Run the body on ``stream`` (a session's own), ordered after the caller's stream's work so
+    far; the caller's stream then waits for it (device-side waits: the host goes on)."""
+    torch = _torch()
+    caller = torch.cuda.current_stream(device)
+    stream.wait_stream(caller)
+    try:
+        with torch.cuda.stream(stream):
+            yield
+    finally:
+        caller.wait_stream(stream)
+
+
 class CudaStepSession:
     """The step graph on ONNX Runtime's CUDA provider, all I/O bound to device memory.
 
@@ -118,19 +148,7 @@ class CudaStepSession:
         self._no_graph = self._run_options(-1 if self.cuda_graph_status == "on" else None)
 
     def _run_options(self, graph_id: int | None):
-        """Run options: a CUDA graph id (``-1``: never capture) and, with ``async_launch``, no
-        stream synchronisation at the end of the run. The run is ordered with the caller's
-        stream (``on_own_stream``), and the host reads results only through a synchronising
-        copy or an event (``logits_to_host``, ``PendingGreedy``), so the engine can do host
-        work meanwhile."""
-        import onnxruntime as ort
-
-        ro = ort.RunOptions()
-        if graph_id is not None:
-            ro.add_run_config_entry("gpu_graph_id", str(graph_id))
-        if self.async_launch:
-            ro.add_run_config_entry("disable_synchronize_execution_providers", "1")
-        return ro
+        return ort_run_options(graph_id, self.async_launch)
 
     def _make(self, ort, path, graph: bool, optimized_model_path):
         so = ort.SessionOptions()
@@ -182,18 +200,8 @@ class CudaStepSession:
                 return self._run_graph(small, kv)
             return self._run_plain(small, kv)
 
-    @contextlib.contextmanager
     def on_own_stream(self):
-        """Run the body on the session's stream, ordered after the caller's stream's work so far;
-        the caller's stream then waits for it (device-side waits: the host goes on)."""
-        torch = self.torch
-        caller = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(caller)
-        try:
-            with torch.cuda.stream(self.stream):
-                yield
-        finally:
-            caller.wait_stream(self.stream)
+        return joined_stream(self.stream, self.device)
 
     def _binding(self, small: dict, kv: list, logits, new: list):
         """An IOBinding of the small inputs (by name), the KV views and the preallocated outputs."""

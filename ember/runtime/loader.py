@@ -126,15 +126,20 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
                       layer_rings=geometry.layer_rings)
         executor = LocalExecutor(session, pool, decode=decode)
     elif paged_part is not None:  # one graph for every step: the step graph and the fused part stay on disk
-        from ember.runtime.cuda_paged import CudaPagedSession, PagedGraphExecutor
+        from ember.runtime.cuda_paged import PagedGraphExecutor, cuda_paged_session
         from ember.runtime.cuda_session import parse_device
+        from ember.runtime.paged_memory import memory_plan, weight_bytes
 
         index = parse_device(device)
-        session = CudaPagedSession(resolve_member(folder, paged_part.file, "parts[paged]"), geometry.num_layers,
-                                   int(cfg["vocab_size"]), device_index=index)
+        path = resolve_member(folder, paged_part.file, "parts[paged]")
+        max_blocks = -(-scheduler.max_seq_len // kv_block_size)
+        session = cuda_paged_session(path, int(cfg["vocab_size"]), scheduler.max_batch, max_blocks, device_index=index)
         executor = PagedGraphExecutor(session, geometry.num_layers, geometry.num_kv_heads, geometry.head_dim,
                                       scheduler.blocks.num_blocks, kv_block_size, device=f"cuda:{index}",
                                       kv_dtype=kv_dtype)
+        executor.memory_plan = memory_plan(cfg, weight_bytes(path), executor.pool_bytes, session.buffer_bytes,
+                                           max_tokens=scheduler.prefill_chunk + scheduler.max_batch,
+                                           max_rows=scheduler.max_batch, max_seq_len=scheduler.max_seq_len)
     elif device.startswith("cuda"):
         from ember.runtime.cuda_session import make_cuda_executor
 

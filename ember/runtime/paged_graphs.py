@@ -1,0 +1,262 @@
+"""CUDA graphs for the paged step graph's decode-only calls (issue 19), in one ONNX Runtime
+session: the weights stay one copy on the device.
+
+A call whose every row feeds one token (``is_decode_only``) runs through a graph captured once
+per ``DecodeBucket`` (rows rounded up to a power of two; a KV-length bound, a power of two of at
+least ``MIN_KV_BOUND`` tokens). Everything a replay reads is fixed at capture: the bound device
+addresses, the shapes, and ``attention_metadata`` (host memory, read when the graph is
+captured, never again). So each call's rows are padded to the bucket (``pad_decode_feeds``) and
+copied into static device buffers that every graph binds, and the bounds the graph was captured
+with -- [1, bucket.kv_bound] -- hold for every row it serves (PagedAttention's contract: the
+bounds are replay-wide upper bounds; the kernel re-reads each row's length from device
+memory). A padding row is one token at position 0 of the session's scratch block (the
+executor's extra block past the scheduler's, ``scratch_blocks``): it writes only there, and its
+logits are dropped. Bucketing the KV bound keeps the decode kernel's split count close to the
+live length's (ORT sizes its split-KV launch from the bound) while capturing at most
+log2(rows) x log2(max_seq_len / MIN_KV_BOUND) graphs.
+
+Prefill and mixed calls launch normally (ONNX Runtime's ``gpu_graph_id`` -1: never captured),
+in the same session. ``PagedSession`` holds this control flow over a ``PagedRunner`` -- ONNX
+Runtime's IOBinding on the GPU (``cuda_paged.OrtPagedRunner``), a fake that replays what it
+captured on the CPU tests -- so the CPU tier checks the padding, the static buffers and the
+capture/replay order against the numpy reference of the operator.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from ember.engine_format.paged_feeds import HOST_BOUNDS
+from ember.errors import InputError
+
+MIN_KV_BOUND = 256  # the smallest KV-length bucket, tokens: shorter contexts share one graph per row count
+
+
+@dataclass(frozen=True)
+class DecodeBucket:
+    """The static shape of a captured decode call: ``rows`` sequences, each holding at most
+    ``kv_bound`` tokens (a multiple of ``block_size``) after its new one."""
+
+    rows: int
+    kv_bound: int
+    block_size: int
+
+    def __post_init__(self):
+        if self.rows < 1 or self.block_size < 1 or self.kv_bound < self.block_size or self.kv_bound % self.block_size:
+            raise ValueError(f"decode bucket {self}: rows >= 1 and kv_bound a positive multiple of block_size")
+
+    @property
+    def table_width(self) -> int:
+        """Block-table columns: enough blocks for ``kv_bound`` tokens."""
+        return self.kv_bound // self.block_size
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def decode_bucket(rows: int, max_total: int, block_size: int, max_blocks: int,
+                  min_kv_bound: int = MIN_KV_BOUND) -> DecodeBucket | None:
+    """The bucket of a decode call of ``rows`` sequences whose longest holds ``max_total`` tokens
+    after its new one: both rounded up to a power of two (KV to at least ``min_kv_bound``), the
+    KV bound then to whole blocks and to at most ``max_blocks`` of them (the block tables'
+    width). None when ``max_total`` exceeds that."""
+    cap = max_blocks * block_size
+    if max_total > cap:
+        return None
+    kv = min(cap, -(-max(min_kv_bound, _pow2_at_least(max_total)) // block_size) * block_size)
+    return DecodeBucket(_pow2_at_least(rows), kv, block_size)
+
+
+def is_decode_only(feeds: dict[str, np.ndarray]) -> bool:
+    """Every row of the packed call (``paged_feeds.pack_rows``) feeds exactly one token."""
+    return len(feeds["input_ids"]) == len(feeds["past_seqlens"])
+
+
+def pad_decode_feeds(feeds: dict[str, np.ndarray], bucket: DecodeBucket, scratch_block: int) -> dict[str, np.ndarray]:
+    """A decode call's packed inputs (``pack_rows``: one token per row) at ``bucket``'s shapes:
+    rows past the call's are one token at position 0 of ``scratch_block``; block tables are cut
+    or padded (-1, unmapped) to ``bucket.table_width`` columns; ``attention_metadata`` is the
+    bucket's bounds [1, kv_bound]. ValueError when the call does not fit the bucket."""
+    b = len(feeds["past_seqlens"])
+    past = feeds["past_seqlens"].astype(np.int64)
+    if not is_decode_only(feeds) or b > bucket.rows or (past + 1).max() > bucket.kv_bound:
+        raise ValueError(f"a decode call of {b} rows, longest {int((past + 1).max())} tokens, does not fit {bucket}")
+    rows, width = bucket.rows, bucket.table_width
+    ids = np.zeros(rows, np.int64)
+    ids[:b] = feeds["input_ids"]
+    padded_past = np.zeros(rows, np.int32)
+    padded_past[:b] = past
+    table = np.full((rows, width), -1, np.int32)
+    cols = min(width, feeds["block_table"].shape[1])
+    table[:b, :cols] = feeds["block_table"][:, :cols]
+    table[b:, 0] = scratch_block
+    return {"input_ids": ids, "cumulative_sequence_length": np.arange(rows + 1, dtype=np.int32),
+            "past_seqlens": padded_past, "block_table": table,
+            HOST_BOUNDS: np.array([1, bucket.kv_bound], np.int32)}
+
+
+class PagedRunner(Protocol):
+    """What ``PagedSession`` needs from ONNX Runtime (``cuda_paged.OrtPagedRunner``) or a CPU fake."""
+
+    graphs: bool  # the session was made with CUDA graphs enabled
+
+    def ordered(self) -> contextlib.AbstractContextManager:
+        """Device work in the body runs after the caller's so far, and before the caller's later work."""
+        ...
+
+    def bind(self, device_feeds: dict[str, Any], host_feeds: dict[str, np.ndarray], pools: dict[str, Any],
+             logits: Any) -> Any:
+        """A binding of the device tensors, the host arrays, each pool as its ``*_cache`` and
+        ``*_cache_out`` and ``logits`` [B, V] float32 as the output."""
+        ...
+
+    def run(self, binding: Any, graph_id: int | None) -> None:
+        """Run ``binding``; ``graph_id`` None: a plain launch (never captured); an int: capture on
+        its first run, replay the captured graph afterwards (the binding's addresses then)."""
+        ...
+
+    def without_graphs(self) -> PagedRunner:
+        """A runner over a session made without CUDA graphs (after a capture failed)."""
+        ...
+
+
+class PagedSession:
+    """A ``cuda_paged.PagedGraphSession`` over a ``PagedRunner``: decode-only calls replay CUDA
+    graphs (``cuda_graph_status`` "on"), the others launch plainly.
+
+    ``max_rows`` / ``max_blocks``: the largest call (the scheduler's ``max_batch``) and block
+    table (``max_seq_len`` / block size) it serves; the logits buffer [rows, V] float32 and the
+    decode graphs' static inputs are sized for them once, at the first call, and every call
+    returns a view of that buffer, valid until the next call (the executor's ``PendingGreedy``
+    reads it first, on the caller's stream, which the next call waits for).
+    ``cuda_graph_status``: "on", "off" (not asked) or "unavailable: <why>"."""
+
+    def __init__(self, runner: PagedRunner, vocab: int, device: Any, max_rows: int, max_blocks: int,
+                 host_bounds: bool, cuda_graph_status: str, min_kv_bound: int = MIN_KV_BOUND):
+        import torch
+
+        self.torch, self.runner, self.vocab, self.device = torch, runner, vocab, device
+        self.host_bounds = host_bounds
+        self.max_rows, self.max_blocks, self.min_kv_bound = max_rows, max_blocks, min_kv_bound
+        self.cuda_graph_status = cuda_graph_status
+        if cuda_graph_status == "on" and not host_bounds:
+            self.cuda_graph_status = ("unavailable: the paged graph takes no attention_metadata, so the kernel reads "
+                                      "the lengths back from the device (no capture); recompile the folder")
+        self.lock = threading.RLock()
+        self._logits = None
+        self._static: dict[str, Any] | None = None
+        self._graphs: dict[tuple, tuple[Any, int]] = {}  # (bucket, pools' addresses and shape) -> (binding, graph id)
+        self._graph_ids = 0  # ONNX Runtime keeps every graph it captured: an id is never used twice
+        self.counters = {"cuda_graph_captures_total": 0, "cuda_graph_replays_total": 0, "paged_plain_calls_total": 0,
+                         "cuda_graph_padding_rows_total": 0}
+
+    @property
+    def scratch_blocks(self) -> int:
+        """Blocks the executor adds past the scheduler's at the end of each pool: the padding rows' (graphs only)."""
+        return 1 if self.cuda_graph_status == "on" else 0
+
+    def run(self, feeds: dict[str, np.ndarray], pools: dict[str, Any]):
+        """One call (``PagedGraphSession.run``): logits [B, V] float32, a view of the session's buffer."""
+        rows = len(feeds["past_seqlens"])
+        if rows > self.max_rows:
+            raise InputError(f"a paged call of {rows} rows; this session serves at most {self.max_rows} (max_batch)")
+        with self.lock, self.runner.ordered():
+            if self.cuda_graph_status == "on" and is_decode_only(feeds):
+                bucket = decode_bucket(rows, int(feeds["past_seqlens"].max()) + 1, _block_size(pools),
+                                       self.max_blocks, self.min_kv_bound)
+                if bucket is not None:
+                    return self._replay(feeds, pools, bucket)[:rows]
+            return self._run_plain(feeds, pools)
+
+    @property
+    def _static_rows(self) -> int:
+        return _pow2_at_least(self.max_rows)
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Device bytes of the logits buffer and (with graphs) the decode graphs' static inputs."""
+        r = self._static_rows
+        static = r * 8 + (r + 1) * 4 + r * 4 + r * self.max_blocks * 4 if self.cuda_graph_status == "on" else 0
+        return r * self.vocab * 4 + static
+
+    def logits_buffer(self):
+        """[rows, V] float32: every call's output, a view of it (sized once)."""
+        if self._logits is None:
+            self._logits = self.torch.empty((self._static_rows, self.vocab), dtype=self.torch.float32,
+                                            device=self.device)
+        return self._logits
+
+    def _run_plain(self, feeds: dict[str, np.ndarray], pools: dict[str, Any]):
+        torch = self.torch
+        device = {n: torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for n, a in feeds.items()
+                  if n != HOST_BOUNDS}
+        host = {HOST_BOUNDS: feeds[HOST_BOUNDS]} if HOST_BOUNDS in feeds else {}
+        logits = self.logits_buffer()[:len(feeds["past_seqlens"])]
+        self.runner.run(self.runner.bind(device, host, pools, logits), None)
+        self.counters["paged_plain_calls_total"] += 1
+        return logits
+
+    def _static_inputs(self) -> dict[str, Any]:
+        """Flat device buffers every decode graph binds views of (their starts never move)."""
+        if self._static is None:
+            torch, r = self.torch, self._static_rows
+            self._static = {"input_ids": torch.zeros(r, dtype=torch.int64, device=self.device),
+                            "cumulative_sequence_length": torch.zeros(r + 1, dtype=torch.int32, device=self.device),
+                            "past_seqlens": torch.zeros(r, dtype=torch.int32, device=self.device),
+                            "block_table": torch.zeros(r * self.max_blocks, dtype=torch.int32, device=self.device)}
+        return self._static
+
+    def _views(self, bucket: DecodeBucket) -> dict[str, Any]:
+        s, r = self._static_inputs(), bucket.rows
+        return {"input_ids": s["input_ids"][:r], "cumulative_sequence_length": s["cumulative_sequence_length"][:r + 1],
+                "past_seqlens": s["past_seqlens"][:r],
+                "block_table": s["block_table"][:r * bucket.table_width].view(r, bucket.table_width)}
+
+    def _replay(self, feeds: dict[str, np.ndarray], pools: dict[str, Any], bucket: DecodeBucket):
+        padded = pad_decode_feeds(feeds, bucket, scratch_block=_num_blocks(pools) - 1)
+        views = self._views(bucket)
+        for name, view in views.items():  # copied in before the replay reads them
+            view.copy_(self.torch.from_numpy(padded[name]))
+        logits = self.logits_buffer()[:bucket.rows]
+        key = (bucket, tuple(int(t.data_ptr()) for t in pools.values()), tuple(next(iter(pools.values())).shape))
+        self.counters["cuda_graph_padding_rows_total"] += bucket.rows - len(feeds["past_seqlens"])
+        if key in self._graphs:
+            binding, graph_id = self._graphs[key]
+            self.runner.run(binding, graph_id)
+            self.counters["cuda_graph_replays_total"] += 1
+            return logits
+        self._graph_ids += 1  # from 1: 0 is ONNX Runtime's id for a run that names none; -1 never captures
+        graph_id = self._graph_ids
+        binding = self.runner.bind(views, {HOST_BOUNDS: padded[HOST_BOUNDS]}, pools, logits)
+        try:
+            self.runner.run(binding, graph_id)
+        except Exception as e:  # noqa: BLE001 -- ORT refused to capture: plain launches from now on
+            self.cuda_graph_status = f"unavailable: capturing decode bucket {bucket.rows} x {bucket.kv_bound} " \
+                                     f"failed ({str(e).splitlines()[0][:300] if str(e) else type(e).__name__})"
+            self._graphs.clear()
+            self.runner = self.runner.without_graphs()
+            with self.runner.ordered():  # the new session's stream, joined to the caller's as the old one was
+                return self._run_plain(feeds, pools)
+        self._graphs[key] = (binding, graph_id)
+        self.counters["cuda_graph_captures_total"] += 1
+        return logits
+
+    def forget_graphs(self) -> None:
+        """Stop replaying the captured graphs (their pools are gone); later calls capture anew, under new ids."""
+        self._graphs.clear()
+
+    def stats(self) -> dict[str, Any]:
+        return {"cuda_graph_status": self.cuda_graph_status, **self.counters}
+
+
+def _block_size(pools: dict[str, Any]) -> int:
+    return int(next(iter(pools.values())).shape[1])
+
+
+def _num_blocks(pools: dict[str, Any]) -> int:
+    return int(next(iter(pools.values())).shape[0])
