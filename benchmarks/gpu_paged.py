@@ -46,7 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ember.export.paged_step import (HOST_BOUNDS, PAGED_FILE, PackedSequence, build_paged_graph,  # noqa: E402
                                      cache_bindings, packed_inputs)
-from gpu_paged_graphs import dry_graphs, graphs_section, markdown_lines, memory_section, nvidia_smi_used_mib  # noqa: E402
+from gpu_paged_graphs import (dry_graphs, graphs_section, markdown_lines, memory_section,  # noqa: E402
+                              nvidia_smi_used_mib)
 
 
 class BlockPool:

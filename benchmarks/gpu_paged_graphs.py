@@ -70,7 +70,8 @@ def session_decode(session, pools, vocab: int, batch: int, live: int, steps: int
             times.append((time.perf_counter() - t0) * 1e3)
         tokens.append(got.tolist())
     ms = statistics.median(times)
-    return {"batch": batch, "live": live, "ms_per_step": ms, "ms_min": min(times), "tok_per_s": batch / ms * 1e3}, tokens
+    row = {"batch": batch, "live": live, "ms_per_step": ms, "ms_min": min(times), "tok_per_s": batch / ms * 1e3}
+    return row, tokens
 
 
 def graphs_section(path: Path, gqa_path: Path, cfg, block_size: int, batches: list[int], live: int, steps: int) -> dict:
@@ -190,7 +191,8 @@ def memory_section(path: Path, cfg, block_size: int, rows: int, prefill: int, li
         return out
     for arm in ARMS:
         baseline = nvidia_smi_used_mib()  # the parent's own use, constant while it waits
-        r = subprocess.run([sys.executable, __file__, "child", json.dumps({**spec, "arm": arm, "baseline": baseline})],
+        child = json.dumps({**spec, "arm": arm, "baseline": baseline})
+        r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "child", child],
                            capture_output=True, text=True, timeout=240)
         lines = [x for x in r.stdout.splitlines() if x.startswith("{")]
         out["arms"][arm] = json.loads(lines[-1]) if r.returncode == 0 and lines else {
@@ -268,7 +270,7 @@ def memory_child(spec: dict) -> dict:
     rng = np.random.default_rng(0)
     table = shuffled_tables(rows, spec["per_seq"], 0)
     prefill, live = spec["prefill"], spec["live"]
-    tokens = [rng.integers(0, c["vocab_size"], prefill)] + [rng.integers(0, c["vocab_size"], 1) for _ in range(rows - 1)]
+    tokens = [rng.integers(0, c["vocab_size"], n) for n in [prefill] + [1] * (rows - 1)]
     past = np.array([0] + [live] * (rows - 1))
     PendingGreedy(run(pack_rows(tokens, past, table, bs, host_bounds=host_bounds))).result()
     mark("mixed_call")
@@ -288,34 +290,39 @@ def markdown_lines(doc: dict) -> list[str]:
     lines: list[str] = []
     g = doc.get("graphs")
     if g:
-        lines += ["", "Decode with CUDA graphs (runtime sessions; ms/step, median; each step packs, runs and brings the "
-                  "argmax back):", "", "| batch | paged | paged + graphs | GQA fused + graphs |", "|---|---|---|---|"]
+        lines += ["", "Decode with CUDA graphs (runtime sessions; ms/step, median; each step packs, runs and brings "
+                  "the argmax back):", "", "| batch | paged | paged + graphs | GQA fused + graphs |",
+                  "|---|---|---|---|"]
         by = {arm: {r["batch"]: r["ms_per_step"] for r in g.get(arm, {}).get("decode", [])}
               for arm in ("paged", "paged_graphs", "gqa_graphs")}
         for b in sorted(by["paged"] or by["paged_graphs"]):
             lines.append("| " + " | ".join([str(b)] + [f"{by[k].get(b, float('nan')):.2f}" for k in by]) + " |")
         pg = g.get("paged_graphs", {})
         lines += ["", f"paged graphs: {pg.get('cuda_graph_status')}, {pg.get('cuda_graph_captures_total')} captured, "
-                  f"{pg.get('cuda_graph_replays_total')} replays, {pg.get('cuda_graph_padding_rows_total')} padding rows; "
+                  f"{pg.get('cuda_graph_replays_total')} replays, "
+                  f"{pg.get('cuda_graph_padding_rows_total')} padding rows; "
                   f"GQA graphs: {g.get('gqa_graphs', {}).get('cuda_graph_status')}"
                   + (f"; tokens equal with and without graphs: {g['tokens_equal']}" if "tokens_equal" in g else "")]
     m = doc.get("memory")
     if m and "plan" in m:
         p, mib = m["plan"], 2**20
+        terms = ", ".join(f"{k} {v / mib:.0f}" for k, v in p["activation_terms"].items())
         w = m["workload"]
         lines += ["", f"Device memory (one process per arm; nvidia-smi used above the idle parent, MiB; workload: "
                   f"a {w['prefill']}-token prompt + {w['rows'] - 1} decodes at {w['live']} tokens in one call, then a "
                   f"prefill call, then decodes):", "",
-                  f"Plan: weights {p['weights'] / mib:.0f} + pools {p['pools'] / mib:.0f} + buffers {p['buffers'] / mib:.0f} "
+                  f"Plan: weights {p['weights'] / mib:.0f} + pools {p['pools'] / mib:.0f} "
+                  f"+ buffers {p['buffers'] / mib:.0f} "
                   f"+ activations {p['activations'] / mib:.0f} = {p['planned'] / mib:.0f} MiB, CUDA context aside "
-                  f"(activation terms: {', '.join(f'{k} {v / mib:.0f}' for k, v in p['activation_terms'].items())})", ""]
+                  f"(activation terms: {terms})", ""]
         if m.get("arms"):
             stages = ("cuda_context", "loaded", "mixed_call", "prefill_call", "decode_steps")
             lines += ["| arm | " + " | ".join(stages) + " | peak | peak - context | graphs |",
                       "|---|" + "---|" * (len(stages) + 3)]
             for arm, r in m["arms"].items():
                 if "error" in r:
-                    lines.append(f"| {arm} | failed: {r['error'].strip().splitlines()[-1][:150] if r['error'].strip() else r['returncode']} |")
+                    why = r["error"].strip().splitlines()[-1][:150] if r["error"].strip() else r["returncode"]
+                    lines.append(f"| {arm} | failed: {why} |")
                     continue
                 u = r["used_mib"]
                 ctx = u.get("cuda_context") or 0

@@ -239,6 +239,7 @@ class PagedSession:
             self.cuda_graph_status = f"unavailable: capturing decode bucket {bucket.rows} x {bucket.kv_bound} " \
                                      f"failed ({str(e).splitlines()[0][:300] if str(e) else type(e).__name__})"
             self._graphs.clear()
+            del binding  # it holds the graph-enabled session, which goes before the plain one loads
             self.runner = self.runner.without_graphs()
             with self.runner.ordered():  # the new session's stream, joined to the caller's as the old one was
                 return self._run_plain(feeds, pools)
