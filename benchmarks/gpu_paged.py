@@ -23,7 +23,8 @@ Sections (each in its own try/except: one failure still reports the rest):
             top-1 agreement with FP16 KV per position, teacher-forced (the FP16 run's greedy tokens fed
             to both), and decode ms/step at each batch; in --dry-run on the numpy reference
 
-Device: ``python benchmarks/gpu_paged.py --model llama-tiny --out $OUT`` (then ``--model llama-1b``).
+Device: ``python benchmarks/gpu_paged.py --model llama-tiny --out $OUT`` (then ``--model llama-1b``); the CUDA
+graphs and memory work alone: ``--model llama-1b --skip tokens decode prefill gqa kv_quant``.
 Here (no GPU): ``python benchmarks/gpu_paged.py --dry-run`` builds the graphs and runs the token
 check through the numpy reference of the operator (ember/export/paged_reference.py).
 Writes OUT/gpu_paged[_MODEL].{json,md}.

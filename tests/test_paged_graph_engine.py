@@ -221,3 +221,19 @@ def test_graphs_of_closed_pools_are_never_replayed(paged_folder):
                                eng.executor.num_blocks, 4, device="cpu")
     assert session.runner.replays == 0 and len(session.runner.captured) == 2
     assert again.stats()["cuda_graph_captures_total"] == 2
+
+
+def test_memory_plan_counts_one_copy_of_the_weights_and_the_largest_calls_workspace(paged_folder):
+    from ember.runtime.paged_memory import activation_bytes, memory_plan, weight_bytes
+
+    path = paged_folder / read_manifest(paged_folder).part("paged").file
+    full = onnx.load(str(path))
+    want = sum(onnx.numpy_helper.to_array(t).nbytes for t in full.graph.initializer)
+    assert weight_bytes(path) == want
+    llama_1b = {"hidden_size": 2048, "intermediate_size": 5632, "vocab_size": 32000, "num_heads": 32,
+                "num_kv_heads": 4, "head_dim": 64}
+    act = activation_bytes(llama_1b, max_tokens=1024 + 64, max_rows=64, max_seq_len=2048)
+    assert act["attention_gather"] == 2**30 + 1088 * 32 * 64 * 4  # 64 rows x 2048 tokens of dense FP16 K and V
+    assert act["total"] == act["dense"] + act["attention_gather"] + act["lm_head"]  # attention outweighs the MLP
+    plan = memory_plan(llama_1b, want, 10, 20, 1088, 64, 2048)
+    assert plan["planned"] == want + 10 + 20 + act["total"]
