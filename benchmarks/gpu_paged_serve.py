@@ -45,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ember.bench.paged_workloads import (GENAI, SIZES, WORKLOADS, Arm, LengthDist, Sizes, derived,  # noqa: E402
-                                         markdown, parse_workloads, plan_arms, run_burst, run_sequential)
+                                         kv_held_tokens, markdown, memory_ratio, parse_workloads, plan_arms,
+                                         run_burst, run_sequential)
 
 T0 = time.perf_counter()
 
@@ -129,7 +130,8 @@ def run_arm(folder: Path, genai_folder: Path | None, workload: str, arm: Arm, de
     """``arm_process`` in a spawned process; an error dict if it fails, dies or runs past ``timeout_s``."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=arm_process, args=(str(folder), genai_folder and str(genai_folder), workload, arm, device, q))
+    genai = str(genai_folder) if genai_folder else None
+    p = ctx.Process(target=arm_process, args=(str(folder), genai, workload, arm, device, q))
     p.start()
     deadline = time.monotonic() + timeout_s
     res = None
@@ -177,8 +179,10 @@ def prepare(args, sizes: Sizes, workloads: list[str], cuda: bool) -> dict:
     out["hf"], out["work"] = hf, work
     genai = None
     if "ttft1" in workloads:
-        out["genai_skipped"] = ("--no-genai" if not args.genai else None if importlib.util.find_spec("onnxruntime_genai")
-                                else "onnxruntime_genai is not importable here")
+        if not args.genai:
+            out["genai_skipped"] = "--no-genai"
+        elif importlib.util.find_spec("onnxruntime_genai") is None:
+            out["genai_skipped"] = "onnxruntime_genai is not importable here"
     if "ttft1" in workloads and out["genai_skipped"] is None:
         from gpu_int4 import GenAIBuild
 
@@ -260,13 +264,15 @@ def main(argv: list[str] | None = None) -> int:
     geometry = kv_geometry(cfg)
     itemsize = kv_itemsize(m.part("step").tensor(PAST_KEY, layer=0).dtype)  # the slot pool's; both FP16 here
     info = machine_info()
+    weights = sum(p.size for p in m.parts if p.name == "paged")
+    token_bytes = geometry.slot_bytes(1, itemsize)
     doc = {"machine": info, "machine_line": machine_line(info), "cuda": cuda, "device": args.device,
            "device_name": "CPU (smoke run: its numbers say nothing about the GPU targets)" if not cuda else "a GPU",
            "model": Path(args.model).name, "name": args.name, "command": "python benchmarks/gpu_paged_serve.py " +
            " ".join(argv), "model_line": f"random weights, {cfg['num_layers']} layers, hidden {cfg['hidden_size']}, "
            f"heads {cfg['num_heads']}/{cfg['num_kv_heads']} kv, vocab {cfg['vocab_size']}, {cfg['max_positions']} "
-           f"positions; FP16, paged graph {sum(p.size for p in m.parts if p.name == 'paged') / 2**30:.2f} GiB",
-           "token_bytes": geometry.slot_bytes(1, itemsize), "sizes": sizes.record(),
+           f"positions; FP16, paged graph {weights / 2**30:.2f} GiB", "weights_bytes": weights,
+           "token_bytes": token_bytes, "sizes": sizes.record(),
            "build": {k: str(v) if isinstance(v, Path) else v for k, v in built.items()}, "workloads": {}}
     for workload in workloads:
         log(f"== {workload}")
@@ -286,9 +292,13 @@ def main(argv: list[str] | None = None) -> int:
                 if "gpu" in res:
                     doc["device_name"] = res["gpu"]
                 tokens[arm.name] = res.pop("tokens", None)
+                held = kv_held_tokens(workload, arm, sizes)
+                if held is not None and cuda and "device_peak_mib" in res:
+                    res["kv_held_bytes"] = held * token_bytes
+                    res["peak_over_weights_and_kv"] = memory_ratio(res, weights, held * token_bytes)
                 w["arms"][arm.name] = res
-                log(f"{workload} / {arm.name}: " + json.dumps({k: v for k, v in res.items()
-                                                                if k not in ("stats", "traceback", "load")}, default=str))
+                shown = {k: v for k, v in res.items() if k not in ("stats", "traceback", "load")}
+                log(f"{workload} / {arm.name}: {json.dumps(shown, default=str)}")
             w["derived"] = derived(workload, {k: {**r, "tokens": tokens.get(k)} if tokens.get(k) is not None else r
                                               for k, r in w["arms"].items()})
         except Exception as e:  # noqa: BLE001 - one failing workload is reported, the others still run

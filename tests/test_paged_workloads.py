@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 import ember
-from ember.bench.paged_workloads import (GENAI, SIZES, WORKLOADS, derived, markdown, mixed_lengths,
-                                         parse_workloads, plan_arms, run_burst, run_sequential, shared_prefix)
+from ember.bench.paged_workloads import (GENAI, SIZES, WORKLOADS, derived, kv_held_tokens, markdown, memory_ratio,
+                                         mixed_lengths, parse_workloads, plan_arms, run_burst, run_sequential)
 from ember.bench.peers.runners import EmberRunner
 from ember.bench.workload import LengthDist
 from ember.engine_format.decoder_spec import KVGeometry
@@ -142,3 +142,14 @@ def test_the_benchmark_smoke_run_writes_every_workload_it_ran(tmp_path):
     assert mixed["slots"]["stats"]["kv_capacity_tokens"] == mixed["paged"]["stats"]["kv_capacity_tokens"] == 2 * 32
     assert mixed["paged"]["stats"]["running_peak"] > mixed["slots"]["stats"]["running_peak"] == 2
     assert doc["sizes"]["mixed_prompt"] == "U[4,16]" and "## mixed" in (out / "smoke.md").read_text()
+
+
+def test_kv_held_counts_the_system_prompt_once_only_where_it_is_shared():
+    s = SIZES["cuda"]
+    on, off, slots = plan_arms("prefix", s, 32000, LLAMA_1B, 2)
+    assert kv_held_tokens("prefix", on, s) == 1024 + 64 * 32
+    assert kv_held_tokens("prefix", off, s) == kv_held_tokens("prefix", slots, s) == 64 * (1024 + 32)
+    burst_slots, burst_paged = plan_arms("burst", s, 32000, LLAMA_1B, 2)
+    assert kv_held_tokens("burst", burst_paged, s) == 256 + 32 * 96 and kv_held_tokens("mixed", burst_paged, s) is None
+    res = {"device_peak_mib": 3000.0, "device_used_before_load_mib": 500.0}
+    assert memory_ratio(res, 2 * 2**30, 2**29) == pytest.approx(2500 / 2560)
