@@ -9,7 +9,10 @@ Workloads (``--workloads``, default all; sizes and arms: ``ember/bench/paged_wor
           slots; TTFT median / p90 and off / on (target >= 5x)
   mixed   prompts U[16, 2048], outputs U[16, 512], all at once, one KV budget in bytes (the slot arm's
           max_batch x longest request x bytes per token = the paged arm's kv_memory): peak running
-          sequences (``running_peak``) and output tok/s, paged / slots (targets >= 3x, >= 1.3x)
+          sequences (``running_peak``) and output tok/s, paged / slots (targets >= 3x, >= 1.3x);
+          ``--mixed-kv-dtype int8,fp8`` adds paged arms with quantized KV pools (a folder compiled
+          with ``--kv-dtype`` each: twice the tokens in the same bytes on CUDA; on the CPU the host
+          executor keeps FP16 pools, so the smoke run only exercises the harness)
   ttft1   batch-1 requests one after another: TTFT and decode ms/token for slots, paged and ONNX
           Runtime GenAI (skipped with the reason where ``onnxruntime_genai`` is not importable)
 Every arm runs in a process of its own (clean device memory; peak device memory as nvidia-smi sees
@@ -191,14 +194,24 @@ def prepare(args, sizes: Sizes, workloads: list[str], cuda: bool) -> dict:
         if not (out["genai_folder"] / "genai_config.json").exists():
             log(f"ONNX Runtime GenAI builder (-p {precision} -e {'cuda' if cuda else 'cpu'}) started in the background")
             genai = GenAIBuild.start(hf, out["genai_folder"], precision, "cuda" if cuda else "cpu", work)
-    out["folder"] = folder = work / "ember-fp16-paged"
-    t0 = time.perf_counter()
-    out["compile_reused"] = (folder / "manifest.json").exists()
-    if not out["compile_reused"]:
-        log(f"compiling {hf} (--dtype fp16 --paged on)")
-        compile_decoder(str(hf), folder, CompileOptions(dtype="fp16", paged="on", validate=False, quiet=True))
-    out["compile_s"] = time.perf_counter() - t0
-    log(f"Ember folder {'reused' if out['compile_reused'] else 'compiled'}: {folder} ({out['compile_s']:.0f} s)")
+    out["folders"], out["compile_s"], out["compile_errors"] = {}, {}, {}
+    for kv in ("fp16", *(args.mixed_kv_dtype if "mixed" in workloads else ())):
+        folder = work / f"ember-fp16-paged-{kv}-kv"
+        t0 = time.perf_counter()
+        reused = (folder / "manifest.json").exists()
+        try:
+            if not reused:
+                log(f"compiling {hf} (--dtype fp16 --paged on --kv-dtype {kv})")
+                compile_decoder(str(hf), folder, CompileOptions(dtype="fp16", paged="on", kv_dtype=kv, validate=False,
+                                                                quiet=True))
+        except Exception as e:  # noqa: BLE001 - a quantized-KV compile failing costs its arm only
+            if kv == "fp16":
+                raise
+            out["compile_errors"][kv] = f"{type(e).__name__}: {e}"
+            log(f"--kv-dtype {kv} compile failed: {out['compile_errors'][kv]}")
+            continue
+        out["folders"][kv], out["compile_s"][kv] = folder, time.perf_counter() - t0
+        log(f"Ember folder {'reused' if reused else 'compiled'}: {folder} ({out['compile_s'][kv]:.0f} s)")
     if genai is not None:
         try:
             out["genai_build_s"] = genai.wait(args.timeout_s)
@@ -237,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda:0", help="cpu: a smoke run of every workload (no device memory figures)")
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)}")
     ap.add_argument("--genai", action=argparse.BooleanOptionalAction, default=True, help="the ttft1 GenAI arm")
+    ap.add_argument("--mixed-kv-dtype", default="", type=lambda t: [d.strip() for d in t.split(",") if d.strip()],
+                    help="comma list of int8, fp8: mixed adds a paged arm per quantized KV pool (a folder compiled "
+                         "with --kv-dtype each; the same KV bytes hold twice the tokens)"),
     ap.add_argument("--timeout-s", type=float, default=900, help="per arm (and for GenAI's builder)")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).with_name("results")))
     ap.add_argument("--name", default=None, help="file stem (default gpu_paged_serve_<model>_<h100|h200|cpu>)")
@@ -245,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     size_arguments(ap)
     args = ap.parse_args(argv)
     workloads = parse_workloads(args.workloads)
+    if set(args.mixed_kv_dtype) - {"int8", "fp8"}:
+        ap.error(f"--mixed-kv-dtype {','.join(args.mixed_kv_dtype)}: name int8 and/or fp8")
     cuda = args.device.startswith("cuda")
     args.model = args.model or ("llama-1b" if cuda else "llama-tiny")
     sizes = dataclasses.replace(SIZES["cuda" if cuda else "cpu"], **{
@@ -259,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
 
     log(f"{args.model} on {args.device}: workloads {', '.join(workloads)}")
     built = prepare(args, sizes, workloads, cuda)
-    m = read_manifest(built["folder"])
+    m = read_manifest(built["folders"]["fp16"])
     cfg = m.model["config"]
     geometry = kv_geometry(cfg)
     itemsize = kv_itemsize(m.part("step").tensor(PAST_KEY, layer=0).dtype)  # the slot pool's; both FP16 here
@@ -279,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         w: dict = {"arms": {}}
         doc["workloads"][workload] = w
         try:
-            arms = plan_arms(workload, sizes, int(cfg["vocab_size"]), geometry, itemsize)
+            arms = plan_arms(workload, sizes, int(cfg["vocab_size"]), geometry, itemsize, tuple(args.mixed_kv_dtype))
             if workload == "mixed":
                 w["budget_bytes"], w["seq_len"] = arms[0].load["kv_memory"], sizes.positions(["mixed"])
             tokens = {}
@@ -287,8 +305,12 @@ def main(argv: list[str] | None = None) -> int:
                 if arm.engine == GENAI and built["genai_skipped"]:
                     w["arms"][arm.name] = {"skipped": built["genai_skipped"]}
                     continue
+                if arm.kv_dtype in built["compile_errors"]:
+                    w["arms"][arm.name] = {"error": f"compile failed: {built['compile_errors'][arm.kv_dtype]}"}
+                    continue
                 log(f"{workload} / {arm.name}: {json.dumps(arm.load, default=str)}")
-                res = run_arm(built["folder"], built["genai_folder"], workload, arm, args.device, args.timeout_s)
+                res = run_arm(built["folders"][arm.kv_dtype], built["genai_folder"], workload, arm, args.device,
+                              args.timeout_s)
                 if "gpu" in res:
                     doc["device_name"] = res["gpu"]
                 tokens[arm.name] = res.pop("tokens", None)

@@ -41,6 +41,13 @@ def test_mixed_arms_get_the_same_kv_bytes_and_slots_fit_the_longest_request():
     assert paged_sched.kv_capacity_tokens == s.mixed_slots * longest  # the same tokens, in blocks
     assert paged_sched.max_batch == s.mixed_max_batch > s.mixed_slots  # blocks, not max_batch, bound it
     assert slots.timed == paged.timed and len(slots.timed) == s.mixed_requests and slots.warm != slots.timed
+    *_, int8 = plan_arms("mixed", s, 32000, LLAMA_1B, 2, kv_dtypes=("int8",))
+    assert (int8.name, int8.kv_dtype, int8.load) == ("paged int8 KV", "int8", paged.load)  # same bytes, other folder
+    got = derived("mixed", {"slots": {"stats": {"running_peak": 16}, "tok_per_s": 100.0},
+                            "paged": {"stats": {"running_peak": 32}, "tok_per_s": 150.0},
+                            "paged int8 KV": {"stats": {"running_peak": 64}, "tok_per_s": 160.0}})
+    assert (got["running_peak_paged_over_slots"], got["running_peak_paged_int8_over_slots"]) == (2.0, 4.0)
+    assert got["tok_per_s_paged_int8_over_slots"] == 1.6
 
 
 def test_mixed_requests_are_seeded_and_span_their_ranges():

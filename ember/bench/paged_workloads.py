@@ -54,6 +54,7 @@ class Arm:
     timed: list[Request]
     sequential: bool = False  # one request at a time (ttft1) instead of every request at once
     engine: str = "ember"  # or GENAI (its folder instead of Ember's; ``load`` unused)
+    kv_dtype: str = "fp16"  # the compiled folder it loads: its paged graph's KV pools (``--kv-dtype``)
 
 
 @dataclass(frozen=True)
@@ -123,8 +124,10 @@ def slot_budget(geometry: KVGeometry, itemsize: int, slots: int, seq_len: int) -
     return slots * geometry.slot_bytes(seq_len, itemsize)
 
 
-def plan_arms(workload: str, s: Sizes, vocab: int, geometry: KVGeometry, itemsize: int) -> list[Arm]:
-    """The arms of ``workload`` (``WORKLOADS``) and their requests; the GenAI arm of ttft1 included."""
+def plan_arms(workload: str, s: Sizes, vocab: int, geometry: KVGeometry, itemsize: int,
+              kv_dtypes: tuple[str, ...] = ()) -> list[Arm]:
+    """The arms of ``workload`` (``WORKLOADS``) and their requests; the GenAI arm of ttft1 included;
+    ``kv_dtypes`` (int8, fp8): mixed adds a paged arm per quantized KV pool, in the same bytes."""
     if workload == "burst":
         warm, timed = (shared_prefix(vocab, s.requests, s.system, s.own, s.new, s.seed + k) for k in (1, 2))
         return [Arm("slots", {"max_batch": s.requests}, warm, timed),
@@ -142,8 +145,10 @@ def plan_arms(workload: str, s: Sizes, vocab: int, geometry: KVGeometry, itemsiz
         warm = mixed_lengths(vocab, s.mixed_warm, s.mixed_prompt, s.mixed_output, s.seed + 1)
         timed = mixed_lengths(vocab, s.mixed_requests, s.mixed_prompt, s.mixed_output, s.seed + 2)
         budget = slot_budget(geometry, itemsize, s.mixed_slots, s.positions(["mixed"]))
+        paged = {"max_batch": s.mixed_max_batch, "kv_layout": "paged", "kv_memory": budget}
         return [Arm("slots", {"max_batch": s.mixed_slots, "kv_memory": budget}, warm, timed),
-                Arm("paged", {"max_batch": s.mixed_max_batch, "kv_layout": "paged", "kv_memory": budget}, warm, timed)]
+                Arm("paged", paged, warm, timed),
+                *[Arm(f"paged {d} KV", paged, warm, timed, kv_dtype=d) for d in kv_dtypes]]
     if workload == "ttft1":
         warm, timed = (shared_prefix(vocab, n, 0, s.ttft_prompt, s.ttft_new, s.seed + k)
                        for k, n in ((1, s.ttft_warm), (2, s.ttft_requests)))
@@ -256,9 +261,11 @@ def derived(workload: str, arms: dict[str, dict]) -> dict:
                                              get("paged cache on", "ttft_ms", "p90"))
         out["tokens_equal_to"]["paged cache on"] = tokens_equal(ok, "paged cache on")
     elif workload == "mixed":
-        out["running_peak_paged_over_slots"] = _ratio(get("paged", "stats", "running_peak"),
-                                                      get("slots", "stats", "running_peak"))
-        out["tok_per_s_paged_over_slots"] = _ratio(get("paged", "tok_per_s"), get("slots", "tok_per_s"))
+        for arm in [a for a in arms if a.startswith("paged")]:  # "paged", then "paged int8 KV"...
+            tag = arm.replace(" KV", "").replace(" ", "_")
+            out[f"running_peak_{tag}_over_slots"] = _ratio(get(arm, "stats", "running_peak"),
+                                                           get("slots", "stats", "running_peak"))
+            out[f"tok_per_s_{tag}_over_slots"] = _ratio(get(arm, "tok_per_s"), get("slots", "tok_per_s"))
         out["tokens_equal_to"]["slots"] = tokens_equal(ok, "slots")
     elif workload == "ttft1":
         out["ttft_median_paged_over_genai"] = _ratio(get("paged", "ttft_ms", "p50"), get(GENAI, "ttft_ms", "p50"))
