@@ -163,7 +163,6 @@ def prepare(args, sizes: Sizes, workloads: list[str], cuda: bool) -> dict:
     from dataclasses import replace
 
     from ember.bench.peers.folder import save_random_llama_config
-    from ember.compiler.compile import CompileOptions, compile_decoder
     from ember.export.config import BUILTIN
     from ember.export.sources import is_builtin
 
@@ -171,14 +170,14 @@ def prepare(args, sizes: Sizes, workloads: list[str], cuda: bool) -> dict:
     if is_builtin(args.model):
         base = BUILTIN[args.model]
         positions = max(base.max_positions, sizes.positions(workloads))
-        work = Path(args.workdir or Path(tempfile.gettempdir()) / f"ember_paged_workloads_{args.model}_p{positions}")
+        work = Path(args.workdir or tempfile.gettempdir()) / f"ember_paged_workloads_{args.model}_p{positions}"
         hf = work / "hf"
         if not (hf / "config.json").exists():
             log(f"writing a random-weight Hugging Face folder of {args.model} with {positions} positions")
             save_random_llama_config(replace(base, max_positions=positions), hf)
     else:
         hf = Path(args.model)
-        work = Path(args.workdir or Path(tempfile.gettempdir()) / f"ember_paged_workloads_{hf.name}")
+        work = Path(args.workdir or tempfile.gettempdir()) / f"ember_paged_workloads_{hf.name}"
     out["hf"], out["work"] = hf, work
     genai = None
     if "ttft1" in workloads:
@@ -194,6 +193,26 @@ def prepare(args, sizes: Sizes, workloads: list[str], cuda: bool) -> dict:
         if not (out["genai_folder"] / "genai_config.json").exists():
             log(f"ONNX Runtime GenAI builder (-p {precision} -e {'cuda' if cuda else 'cpu'}) started in the background")
             genai = GenAIBuild.start(hf, out["genai_folder"], precision, "cuda" if cuda else "cpu", work)
+    try:
+        compile_folders(args, hf, work, workloads, out)
+    except BaseException:  # a failed compile must not leave the builder running
+        if genai is not None:
+            genai.proc.kill()
+        raise
+    if genai is not None:
+        try:
+            out["genai_build_s"] = genai.wait(args.timeout_s)
+            log(f"ONNX Runtime GenAI folder ready ({out['genai_build_s']:.0f} s)")
+        except RuntimeError as e:
+            out["genai_skipped"], out["genai_folder"] = f"its builder failed: {e}", None
+            log(f"ONNX Runtime GenAI skipped: {e}")
+    return out
+
+
+def compile_folders(args, hf: Path, work: Path, workloads: list[str], out: dict) -> None:
+    """Ember's folder of ``hf`` with FP16 KV pools, and one per ``--mixed-kv-dtype`` (into ``out``)."""
+    from ember.compiler.compile import CompileOptions, compile_decoder
+
     out["folders"], out["compile_s"], out["compile_errors"] = {}, {}, {}
     for kv in ("fp16", *(args.mixed_kv_dtype if "mixed" in workloads else ())):
         folder = work / f"ember-fp16-paged-{kv}-kv"
@@ -212,14 +231,6 @@ def prepare(args, sizes: Sizes, workloads: list[str], cuda: bool) -> dict:
             continue
         out["folders"][kv], out["compile_s"][kv] = folder, time.perf_counter() - t0
         log(f"Ember folder {'reused' if reused else 'compiled'}: {folder} ({out['compile_s'][kv]:.0f} s)")
-    if genai is not None:
-        try:
-            out["genai_build_s"] = genai.wait(args.timeout_s)
-            log(f"ONNX Runtime GenAI folder ready ({out['genai_build_s']:.0f} s)")
-        except RuntimeError as e:
-            out["genai_skipped"], out["genai_folder"] = f"its builder failed: {e}", None
-            log(f"ONNX Runtime GenAI skipped: {e}")
-    return out
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -256,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout-s", type=float, default=900, help="per arm (and for GenAI's builder)")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).with_name("results")))
     ap.add_argument("--name", default=None, help="file stem (default gpu_paged_serve_<model>_<h100|h200|cpu>)")
-    ap.add_argument("--workdir", default=None, help="where the folders are built and kept (default: a temp folder "
-                                                    "named for the model)")
+    ap.add_argument("--workdir", default=None, help="where the folders are built and kept, in a subfolder named for "
+                                                    "the model and its positions (default: the temp folder)")
     size_arguments(ap)
     args = ap.parse_args(argv)
     workloads = parse_workloads(args.workloads)
