@@ -169,7 +169,7 @@ def prepare(args, sizes: Sizes, workloads: list[str], cuda: bool) -> dict:
     out: dict = {"genai_skipped": None, "genai_folder": None}
     if is_builtin(args.model):
         base = BUILTIN[args.model]
-        positions = max(base.max_positions, sizes.positions(workloads))
+        positions = max(base.max_positions, sizes.positions(WORKLOADS))  # every workload's: one folder for any subset
         work = Path(args.workdir or tempfile.gettempdir()) / f"ember_paged_workloads_{args.model}_p{positions}"
         hf = work / "hf"
         if not (hf / "config.json").exists():
