@@ -174,18 +174,11 @@ def workload_prompts(w: dict) -> tuple[list[int], list[list[int]], list[int]]:
     return ids(w["prompt_len"]), [ids(w["prompt_len"]) for _ in range(w["batch"])], ids(w["pp_len"])
 
 
-class LoadedEmberRunner(EmberRunner):
-    """The peers benchmark's Ember runner (its ``generate``) over an engine loaded here, on any device."""
-
-    def __init__(self, engine):
-        self.engine = engine
-
-
 def engine_timings(eng, workloads: list[dict]) -> dict:
     """b1 ms/token and decode tok/s per workload batch, timed as the peers benchmark times every engine."""
     from ember.bench.peers import timing as tm
 
-    runner = LoadedEmberRunner(eng)
+    runner = EmberRunner.over(eng)
     out: dict = {}
     for w in workloads:
         p1, pb, _ = workload_prompts(w)

@@ -211,13 +211,25 @@ def _cmd_inspect(a) -> int:
     return 0
 
 
+KV_LAYOUT_OPTIONS = ("kv_layout", "kv_block_size", "prefix_caching")  # the ember.load options they set
+
+
+def _on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"{text!r}: write 'on' or 'off'")
+    return text == "on"
+
+
 def add_kv_layout_arguments(g) -> None:
-    """``--kv-layout`` / ``--kv-block-size`` (``ember serve`` and ``ember generate``); None = ember.load's default."""
+    """``--kv-layout`` / ``--kv-block-size`` / ``--prefix-cache`` (``ember serve`` and ``ember generate``),
+    into ``KV_LAYOUT_OPTIONS``; None = ember.load's default."""
     g.add_argument("--kv-layout", default=None, choices=["slots", "paged"],
                    help="KV memory layout: 'slots' (default: one row per sequence) or 'paged' (blocks shared by every "
                         "sequence, with prefix caching and preemption; on a GPU it needs a folder compiled with --paged on)")
     g.add_argument("--kv-block-size", type=int, default=None, help="tokens per KV block with --kv-layout paged "
                                                                    "(default 16)")
+    g.add_argument("--prefix-cache", dest="prefix_caching", type=_on_off, default=None, metavar="{on,off}",
+                   help="with --kv-layout paged: share computed prompt blocks between requests (default on)")
 
 
 def _add_generate(sub) -> None:
@@ -251,7 +263,7 @@ def _cmd_generate(a) -> int:
         opts["backend"] = a.backend
     if a.tp is not None:
         opts["tp"] = a.tp
-    for name in ("kv_layout", "kv_block_size"):
+    for name in KV_LAYOUT_OPTIONS:
         if getattr(a, name) is not None:
             opts[name] = getattr(a, name)
     t0 = time.perf_counter()

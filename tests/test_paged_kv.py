@@ -101,6 +101,34 @@ def test_shared_system_prompt_is_prefilled_once(gpt2_tiny):
     assert 0 < st["prefix_cache_hit_rate"] < 1
 
 
+def test_prefix_caching_off_computes_every_prompt_and_gives_the_same_tokens(gpt2_tiny):
+    prompts = [SYSTEM + [7 + i] * (i + 1) for i in range(4)]
+
+    def serve(**opts) -> tuple[list[list[int]], dict]:
+        with ember.load(gpt2_tiny, kv_layout="paged", kv_block_size=8, verify="size", **opts) as eng:
+            first = eng.submit(prompts[0], max_new_tokens=4, ignore_eos=True).result(timeout=30).token_ids
+            rest = [eng.submit(p, max_new_tokens=4, ignore_eos=True) for p in prompts[1:]]
+            return [first] + [h.result(timeout=30).token_ids for h in rest], eng.stats()
+
+    cached_tokens, cached = serve()
+    tokens, st = serve(prefix_caching=False)
+    assert tokens == cached_tokens
+    assert cached["prefix_cache_hits_total"] > 0
+    assert st["prefix_cache_hits_total"] == 0 and st["kv_blocks_cached"] == 0 and st["prefix_waits_total"] == 0
+    assert st["prefill_tokens_total"] == sum(len(p) for p in prompts)  # every prompt computed whole
+
+
+def test_running_peak_counts_the_most_sequences_at_once(gpt2_tiny):
+    for layout in ("slots", "paged"):
+        with ember.load(gpt2_tiny, max_batch=3, kv_layout=layout, verify="size") as eng:
+            eng.submit([5, 6], max_new_tokens=2, ignore_eos=True).result(timeout=30)
+            assert eng.stats()["running_peak"] == 1
+            handles = [eng.submit([5 + i, 6], max_new_tokens=8, ignore_eos=True) for i in range(5)]
+            [h.result(timeout=30) for h in handles]
+            st = eng.stats()
+        assert st["running_peak"] == 3 and st["running"] == 0, layout  # max_batch caps it; it is a high-water mark
+
+
 def test_a_block_aligned_prompt_seen_before_computes_its_last_block(gpt2_tiny):
     aligned = SYSTEM[:32]  # 4 full blocks of 8
     with ember.load(gpt2_tiny, max_batch=1, verify="size") as solo:
@@ -178,5 +206,8 @@ def test_cli_generate_takes_the_paged_layout(gpt2_tiny, capsys):
         return [json.loads(line)["token_ids"] for line in capsys.readouterr().out.strip().splitlines()]
 
     assert tokens("--kv-layout", "paged", "--kv-block-size", "4") == tokens()
+    assert tokens("--kv-layout", "paged", "--prefix-cache", "off") == tokens()
     with pytest.raises(SystemExit):
         main(["generate", str(gpt2_tiny), "hi", "--kv-layout", "pages"])
+    with pytest.raises(SystemExit):
+        main(["generate", str(gpt2_tiny), "hi", "--kv-layout", "paged", "--prefix-cache", "no"])

@@ -105,3 +105,16 @@ def test_chat_template_lookup_order_and_rendering(tmp_path):
 def test_loopback_detection():
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3") and not is_loopback("example.com")
+
+
+def test_serve_passes_the_kv_layout_options_to_load():
+    import argparse
+
+    from ember.server.cli import LOAD_OPTIONS, add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    a = p.parse_args(["folder", "--kv-layout", "paged", "--kv-block-size", "8", "--prefix-cache", "off"])
+    options = {k: getattr(a, k) for k in LOAD_OPTIONS}
+    assert options["kv_layout"] == "paged" and options["kv_block_size"] == 8 and options["prefix_caching"] is False
+    assert {k: getattr(p.parse_args(["folder"]), k) for k in LOAD_OPTIONS}["prefix_caching"] is None  # load's default

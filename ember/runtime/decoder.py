@@ -152,6 +152,7 @@ class DecoderEngine:
             return {
                 "queue_depth": len(self.scheduler.waiting),
                 "running": len(running),
+                "running_peak": self.scheduler.running_peak,
                 **kv,
                 "kv_capacity_tokens": int(self.scheduler.kv_capacity_tokens),
                 "max_batch": self.scheduler.max_batch,

@@ -59,7 +59,9 @@ class SchedulerOptions:
     the model's full length. ``prefill_chunk`` / ``admit_batch`` None: the device's defaults.
     ``kv_layout``: ``"slots"`` (``max_batch`` rows of one sequence each, ``KVPool``) or
     ``"paged"`` (a pool of ``kv_block_size``-token blocks shared by every sequence, with prefix
-    caching and preemption: ``PagedScheduler``, docs/kv.md)."""
+    caching and preemption: ``PagedScheduler``, docs/kv.md). ``prefix_caching``: the paged
+    layout shares computed prompt blocks between requests (False: every request computes its
+    whole prompt, as the slot layout, which never shares KV, always does)."""
 
     max_batch: int = 32
     kv_memory: int | str | None = None
@@ -69,6 +71,7 @@ class SchedulerOptions:
     admit_batch: int | None = None
     kv_layout: str = "slots"
     kv_block_size: int = 16
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.kv_layout not in KV_LAYOUTS:
@@ -106,7 +109,7 @@ def make_paged_scheduler(options: SchedulerOptions, *, max_positions: int, geome
         if num_blocks < 1:
             raise InputError(f"--kv-memory {options.kv_memory} holds no block of {bs} tokens; raise it or lower "
                              f"--kv-block-size")
-    return PagedScheduler(BlockManager(num_blocks, bs), max_batch=options.max_batch, max_seq_len=max_positions,
+    return PagedScheduler(BlockManager(num_blocks, bs, prefix_caching=options.prefix_caching), max_batch=options.max_batch, max_seq_len=max_positions,
                           prefill_chunk=options.prefill_chunk or default_prefill_chunk(device),
                           max_queue=options.max_queue, rope_switch=rope_switch)
 

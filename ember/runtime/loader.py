@@ -72,7 +72,7 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
                  max_queue: int = 1024, prefill_chunk: int | None = None, threads: int | None = None,
                  compaction: str = "min-move", device: str = "cpu", fused_decode: bool | None = None,
                  admit_batch: int | None = None, backend: str | None = None, kv_layout: str = "slots",
-                 kv_block_size: int = 16):
+                 kv_block_size: int = 16, prefix_caching: bool = True):
     """``prefill_chunk``: prompt tokens prefilled per iteration (None: 128 on the CPU, 1024 on
     CUDA; ``scheduler.PREFILL_CHUNK``). ``admit_batch``: requests admitted together while the
     slots are busy (None: 1 on the CPU, 8 on CUDA; ``scheduler.ADMIT_BATCH``).
@@ -81,7 +81,8 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
     (``EMBER_FUSED_DECODE=0`` says no). ``backend``: None (the step part's own) or
     ``'onnxruntime'`` (a plan's source ONNX graph on ONNX Runtime; ``load`` checks it).
     ``kv_layout``: ``'slots'`` (default) or ``'paged'`` (blocks of ``kv_block_size`` tokens with
-    prefix caching: ``engine_builder.SchedulerOptions``, docs/kv.md). Paged on the CPU runs the
+    prefix caching, which ``prefix_caching=False`` turns off: ``engine_builder.SchedulerOptions``,
+    docs/kv.md). Paged on the CPU runs the
     step graph over gathered blocks (no fused decode part); on CUDA it runs the folder's paged
     step graph (``ember compile --dtype fp16 --paged on``) alone: one copy of the weights."""
     from ember.runtime.engine_builder import SchedulerOptions, make_engine, make_scheduler
@@ -93,7 +94,7 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
     geometry = kv_geometry(cfg)
     kv_dtype = part.tensor(PAST_KEY, layer=0).dtype
     options = SchedulerOptions(max_batch, kv_memory, max_queue, prefill_chunk, compaction, admit_batch, kv_layout,
-                               kv_block_size)
+                               kv_block_size, prefix_caching)
     paged_part = None
     if kv_layout == "paged" and device.startswith("cuda"):
         paged_part = manifest.find_part("paged")

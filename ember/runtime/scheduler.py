@@ -166,6 +166,7 @@ class FusionScheduler:
         self.slots: list[Sequence | None] = [None] * max_batch
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.total_moves = 0
+        self.running_peak = 0  # the most sequences running (admitted, holding KV) when a step was launched
         self.rope_switch = rope_switch  # LongRoPE's original_max_position_embeddings (algorithm step 4)
         self.total_recomputes = 0  # sequences recomputed with the long factors
         self._arrivals = itertools.count()
@@ -230,6 +231,7 @@ class FusionScheduler:
     def launched(self, plan: StepPlan) -> None:
         """``plan``'s calls are queued: its rows' new tokens have K/V (or will, once the device
         is done) -- a prefill row its chunk, a decode row its one token."""
+        self.running_peak = max(self.running_peak, len(self.running))
         for g in plan.prefill:
             for s, n in zip(g.seqs, g.lengths):
                 s.num_cached += n

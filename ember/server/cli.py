@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator
 
-from ember.cli import add_kv_layout_arguments
+from ember.cli import KV_LAYOUT_OPTIONS, add_kv_layout_arguments
 from ember.errors import EmberError
 from ember.server.limits import ServerLimits
 
@@ -27,7 +27,7 @@ log = logging.getLogger("ember.server")
 
 DRAIN_BACKSTOP_S = 10.0  # after drain_timeout_s + this, uvicorn cancels what is still open
 LOAD_OPTIONS = ("max_batch", "kv_memory", "max_queue", "prefill_chunk", "admit_batch", "threads", "backend",
-                "kv_layout", "kv_block_size")
+                *KV_LAYOUT_OPTIONS)
 IMAGE_LOAD_OPTIONS = ("threads", "backend")  # what a diffusion folder takes (its queue is the server's)
 
 

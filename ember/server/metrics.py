@@ -23,6 +23,7 @@ E2E_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 3
 ENGINE_GAUGES = {
     "queue_depth": ("ember_queue_depth", "gauge", "Requests waiting for a slot"),
     "running": ("ember_running_sequences", "gauge", "Sequences being generated"),
+    "running_peak": ("ember_running_sequences_peak", "gauge", "The most sequences generated at once so far"),
     "kv_used_tokens": ("ember_kv_used_tokens", "gauge", "KV-cache positions held by live sequences"),
     "kv_capacity_tokens": ("ember_kv_capacity_tokens", "gauge", "KV-cache positions allocated"),
     "tokens_generated_total": ("ember_generation_tokens_total", "counter", "Output tokens generated"),

@@ -20,16 +20,24 @@ SHAPES: dict[str, DecoderConfig] = {
 
 def save_random_llama(shape: str, folder: Path, seed: int = 0) -> Path:
     """Save a seeded random-weight ``LlamaForCausalLM`` of ``shape`` (safetensors + tokenizer) to ``folder``."""
+    if shape not in SHAPES:
+        raise ConfigError(f"--shape {shape!r} is not one of {', '.join(SHAPES)}")
+    return save_random_llama_config(SHAPES[shape], folder, seed)
+
+
+def save_random_llama_config(config: DecoderConfig, folder: Path, seed: int = 0) -> Path:
+    """``save_random_llama`` for any LLaMA-family ``config`` (e.g. a built-in with more positions)."""
     import torch
     import transformers
 
     from ember.export.tokenizer_builtin import EOS_TOKEN, build_builtin_tokenizer
 
-    if shape not in SHAPES:
-        raise ConfigError(f"--shape {shape!r} is not one of {', '.join(SHAPES)}")
-    tok = build_builtin_tokenizer(SHAPES[shape].vocab_size)
+    if config.family != "llama":
+        raise ConfigError(f"a random Hugging Face folder is written for LLaMA-family configs only, not "
+                          f"{config.family!r}; pick a llama-* built-in")
+    tok = build_builtin_tokenizer(config.vocab_size)
     eos = tok.token_to_id(EOS_TOKEN)
-    cfg = replace(SHAPES[shape], bos_token_id=eos, eos_token_id=eos)
+    cfg = replace(config, bos_token_id=eos, eos_token_id=eos)
     hf = {k: v for k, v in to_hf_config(cfg).items() if k != "model_type"}
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf)).eval()

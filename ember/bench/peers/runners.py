@@ -20,6 +20,13 @@ class EmberRunner:
 
         self.engine = ember.load(path, max_batch=max_batch, threads=threads)
 
+    @classmethod
+    def over(cls, engine) -> "EmberRunner":
+        """The runner over an engine loaded by the caller (any device, any load options; the caller closes it)."""
+        runner = cls.__new__(cls)
+        runner.engine = engine
+        return runner
+
     def generate(self, prompts: list[list[int]], n: int) -> tuple[GenTiming, list[int]]:
         from ember.runtime.requests import SamplingParams
 
