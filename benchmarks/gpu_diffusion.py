@@ -22,8 +22,10 @@ compile times), ``--stage run`` times them, ``--stage all`` (default) both. Cali
 schedule's trajectories) runs on --device; W8A8 calibration runs ONNX Runtime on the CPU.
 
 Device (the lead's run; needs diffusers importable for the compile -- the built-in's random modules
-are diffusers classes -- and for the diffusers arm):
-    python benchmarks/gpu_diffusion.py --stage compile --root artifacts/gpu-diffusion
+are diffusers classes -- and for the diffusers arm). The compiles export an 860M-parameter UNet
+twice per folder on the CPU, so they run one folder per command; the folders are reused:
+    python benchmarks/gpu_diffusion.py --stage compile --folders fp16_dp5 --root artifacts/gpu-diffusion --out $OUT
+    python benchmarks/gpu_diffusion.py --stage compile --folders w8a8_dp5 --root artifacts/gpu-diffusion --out $OUT
     python benchmarks/gpu_diffusion.py --stage run --root artifacts/gpu-diffusion --out $OUT
 CPU smoke (any host, < 2 min): python benchmarks/gpu_diffusion.py --device cpu --tiny --out /tmp/gd
 Writes NAME.json + NAME.md to --out (default: $OUT, else benchmarks/results), the machine and GPU named.
@@ -95,12 +97,12 @@ def compile_folders(args, root: Path, want: list[str]) -> tuple[dict[str, Path],
 
 
 def open_pipe(folder: Path, device: str, cuda_graph: bool = True):
-    """The device path (IOBinding over torch tensors) on ``device``; on 'cpu' the same code on the CPU provider."""
+    """The device path (IOBinding over torch tensors) on ``device``; on 'cpu' the same code on the CPU
+    provider (graph sessions and buffers too, without a capture)."""
     from ember.engine_format.manifest import read_manifest
     from ember.runtime.diffusion.pipeline import DiffusionPipeline
 
-    return DiffusionPipeline(folder, read_manifest(folder), device=device, io_binding=True,
-                             cuda_graph=cuda_graph and device.startswith("cuda"))
+    return DiffusionPipeline(folder, read_manifest(folder), device=device, io_binding=True, cuda_graph=cuda_graph)
 
 
 def initial_latents(pipe, seed: int) -> np.ndarray:
@@ -276,7 +278,7 @@ def run(args) -> dict:
     res: dict = {"machine": machine_info(), "device": device_info(args.device), "model": args.model, "steps": args.steps,
                  "guidance_scale": 7.5, "sampler": "DDIM (eta=0)", "repeats": args.repeats, "errors": {}}
     t_start = time.perf_counter()
-    folders, times, errs = compile_folders(args, root, ["fp16_dp5", "w8a8_dp5"])
+    folders, times, errs = compile_folders(args, root, args.folders)
     res["compile_s"], res["errors"] = times, {f"compile {k}": v for k, v in errs.items()}
     if args.stage == "compile":
         res["total_s"] = time.perf_counter() - t_start
@@ -387,10 +389,17 @@ def main() -> None:
     ap.add_argument("--calib-prompts", type=int, default=2, help="calibration prompts (DP features, W8A8 scales)")
     ap.add_argument("--quant-calib-steps", type=int, default=3, help="trajectory steps per prompt as W8A8 calibration feeds")
     ap.add_argument("--stage", choices=["all", "compile", "run"], default="all")
+    ap.add_argument("--folders", default="fp16_dp5,w8a8_dp5",
+                    help="engine folders to build/use (comma list of fp16_dp5, w8a8_dp5): compile them one per command "
+                         "where a compile would not fit the device's time limit; a missing folder's arms report it")
     ap.add_argument("--root", default=None, help="engine folders (default artifacts/gpu-diffusion-MODEL-STEPS)")
     ap.add_argument("--out", default=None, help="results folder (default $OUT, else benchmarks/results)")
     ap.add_argument("--name", default=None, help="results file stem (default gpu_diffusion_<model>_<device kind>)")
     args = ap.parse_args()
+    args.folders = [f for f in args.folders.split(",") if f]
+    unknown = sorted(set(args.folders) - {"fp16_dp5", "w8a8_dp5"})
+    if unknown:
+        ap.error(f"--folders {unknown}: choose from fp16_dp5, w8a8_dp5")
     args.model = args.model or ("sd-tiny" if args.tiny else "sd-15-shape")
     args.steps = args.steps or (12 if args.tiny else 50)
     args.repeats = args.repeats or (1 if args.tiny else 3)
@@ -398,7 +407,8 @@ def main() -> None:
     res = run(args)
     out = Path(args.out or os.environ.get("OUT") or Path(__file__).parent / "results")
     kind = "cpu_smoke" if args.device == "cpu" else (res["device"].get("gpu") or "gpu").split()[-1].lower()
-    name = args.name or f"gpu_diffusion_{args.model}_{kind}" + ("_compile" if args.stage == "compile" else "")
+    name = args.name or f"gpu_diffusion_{args.model}_{kind}" + (f"_compile_{'_'.join(args.folders)}"
+                                                                 if args.stage == "compile" else "")
     print(write(res, out, name).read_text())
 
 

@@ -59,26 +59,36 @@ def test_device_path_gives_the_host_path_images_with_cache_dec_and_staggered_fus
     solo = [dev.generate([p], steps=STEPS, seed=5 + i) for i, p in enumerate(PROMPTS)]
     for i, s in enumerate(solo):  # each fused request gets the image it gets alone
         assert relative_l2(b.latents[i], s.latents[0]) < 1e-5
-    if cuda_graph:
-        assert dev.device_status["unet_full"].startswith("on (batches")
+    if cuda_graph:  # one session, a graph id and static buffers per batch size
+        assert dev.device_status["unet_full"] == "on (shared, batches [2, 4, 6])"
 
 
-def test_static_batch_sessions_fall_back_with_a_reason(fp32_engine, monkeypatch) -> None:
+def test_graph_sessions_fall_back_per_batch_then_plain_with_the_reasons(fp32_engine, monkeypatch) -> None:
     from ember.runtime.diffusion.device_engines import DevicePartSession
 
     real = DevicePartSession._session
+    refuse = {"shared"}
 
-    def refuse(self, batch):
-        if batch is not None:
-            raise RuntimeError("graph capture refused: node X is on the CPU")
-        return real(self, batch)
+    def session(self, batch, graph=False):
+        if graph and batch is None and "shared" in refuse:
+            raise RuntimeError("shared refused: a Memcpy node")
+        if graph and batch is not None and "per-batch" in refuse:
+            raise RuntimeError("per-batch refused: node X is on the CPU")
+        return real(self, batch, graph)
 
-    monkeypatch.setattr(DevicePartSession, "_session", refuse)
-    host, dev = _pair(fp32_engine, cuda_graph=True)
-    a = host.generate(PROMPTS[:1], steps=STEPS, seed=1)
-    b = dev.generate(PROMPTS[:1], steps=STEPS, seed=1)
+    monkeypatch.setattr(DevicePartSession, "_session", session)
+    host = ember.load(fp32_engine)
+    a = host.generate(PROMPTS, steps=STEPS, seed=1, stagger=2)
+    dev = DiffusionPipeline(fp32_engine, host.manifest, device="cpu", io_binding=True, cuda_graph=True)
+    b = dev.generate(PROMPTS, steps=STEPS, seed=1, stagger=2)  # static-batch sessions, one per batch size
+    assert dev.device_status["unet_full"] == "on (per-batch, batches [2, 4, 6])"
+    assert np.abs(a.latents - b.latents).max() <= 1e-4 * np.abs(a.latents).max()
+    refuse.add("per-batch")
+    dev = DiffusionPipeline(fp32_engine, host.manifest, device="cpu", io_binding=True, cuda_graph=True)
+    b = dev.generate(PROMPTS, steps=STEPS, seed=1, stagger=2)
     assert np.abs(a.latents - b.latents).max() <= 1e-5 * np.abs(a.latents).max()
-    assert dev.device_status["unet_full"] == "unavailable: graph capture refused: node X is on the CPU"
+    assert dev.device_status["unet_full"] == ("unavailable: shared refused: a Memcpy node; "
+                                              "per batch: per-batch refused: node X is on the CPU")
     assert any("CUDA graphs unavailable" in n for n in b.notes)
 
 

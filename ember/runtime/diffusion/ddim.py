@@ -102,9 +102,14 @@ class DDIM:
 
 
 def _coefficients_like(x):
-    """float32 host coefficients -> the array type of ``x`` (numpy as is; torch on x's device)."""
+    """float32 host coefficients -> the array type of ``x``: numpy as is; torch on x's device (to a
+    GPU through pinned memory without blocking: a pageable copy would wait for the device's queue)."""
     if isinstance(x, np.ndarray):
         return lambda a: a
     import torch  # x is a torch tensor: torch is loaded
 
-    return lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(x.device)
+    def move(a):
+        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+        return t.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else t
+
+    return move

@@ -6,16 +6,20 @@ or on ``cpu`` (the CPU provider with the same binding code: what the CPU tests e
 Inputs are cast to the graph's types on the device (an FP16 engine takes the loop's float32
 latents); outputs are fresh tensors the caller owns.
 
-CUDA graphs (``cuda_graph=True``): ORT captures a graph only when every node runs on the CUDA
-provider, and with a dynamic batch dim the shape arithmetic (Shape -> Gather -> Concat) is
-placed on the CPU. So each batch size gets a session of its own with the batch fixed
-(``add_free_dimension_override_by_name``: the shape arithmetic then folds to constants), static
-input/output buffers bound once, and replays after the first run. Every such session holds its
-own copy of the weights, so at most ``max_graph_batches`` batch sizes get one; other batches,
-and every batch when ORT refuses a graph, run the dynamic session. ``cuda_graph_status`` says
-which ("on", "off", "unavailable: <why>"); ``graph_batches`` lists the captured batch sizes.
-On the CPU, ``cuda_graph=True`` runs the same static-batch sessions and buffers without a
-capture (what the CPU tests exercise of this path).
+CUDA graphs (``cuda_graph=True``), per engine and batch size, into static input/output buffers
+bound once (the loop's tensors are copied in, the outputs cloned out):
+
+- ``shared`` (tried first): one session with ``enable_cuda_graph``, a ``gpu_graph_id`` per batch
+  size (as ``cuda_session.py`` does for decode). ORT allows it when the only CPU nodes are shape
+  arithmetic with no copies between devices.
+- ``per-batch`` (when ORT refuses the shared session): each batch size gets a session of its own
+  with the batch fixed (``add_free_dimension_override_by_name``: its shape arithmetic folds to
+  constants). Each holds its own copy of the weights.
+
+At most ``max_graph_batches`` batch sizes are captured; other batches run the dynamic session, and
+so does every batch once ORT refuses a graph. ``cuda_graph_status`` says which ("on", "off",
+"unavailable: <why>"), ``graph_mode`` how, ``graph_batches`` lists the captured batch sizes. On the
+CPU the same sessions, buffers and run options run without a capture (what the CPU tests exercise).
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from ember.errors import ArtifactError, ConfigError, InputError
 from ember.runtime.backend_choice import onnx_graph, runs_plan
 
 BATCH_DIM = "batch"  # the dynamic dim name of every diffusion part (export/diffusion/onnx_export.py)
-MAX_GRAPH_BATCHES = 4
+MAX_GRAPH_BATCHES = 6  # a fused loop of 3 requests under CFG: batches 2, 4, 6
 
 
 @dataclass
@@ -85,17 +89,18 @@ _TORCH_OF_ORT = {"tensor(float)": "float32", "tensor(float16)": "float16", "tens
 
 @dataclass
 class _Graph:
-    """A static-batch session with its bound buffers (one CUDA graph)."""
+    """One captured CUDA graph: its session, static buffers, binding and run options."""
 
     sess: Any
     inputs: dict[str, Any]
     outputs: list[Any]
     binding: Any
+    run_options: Any
 
 
 class DevicePartSession:
     """One engine part on ``ctx``. ``run(feeds)`` takes torch tensors (any float dtype, any device)
-    and returns the outputs in the manifest's order as tensors on ``ctx.device``."""
+    and returns the outputs in the manifest's order as fresh tensors on ``ctx.device``."""
 
     def __init__(self, folder: Path, part: EnginePart, ctx: DeviceContext, threads: int | None = None,
                  backend: str | None = None, cuda_graph: bool = False, max_graph_batches: int = MAX_GRAPH_BATCHES,
@@ -111,7 +116,19 @@ class DevicePartSession:
         self.path = onnx_graph(Path(folder), part)
         self.threads, self.conv_algo = threads, conv_algo
         self.disabled_optimizers = list(part.extra.get("ort_disabled_optimizers") or [])
-        self.sess = self._session(None)
+        self.max_graph_batches = max_graph_batches
+        self.cuda_graph_status = "off"
+        self.graph_mode: str | None = None  # "shared" | "per-batch" while graphs are on
+        self.sess = None
+        if cuda_graph:
+            try:
+                self.sess = self._session(None, graph=True)
+                self.cuda_graph_status, self.graph_mode = "on", "shared"
+            except Exception as e:  # ORT refuses graphs when a node needs a copy to or from the CPU
+                self.cuda_graph_status, self.graph_mode = "on", "per-batch"
+                self.shared_refusal = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        if self.sess is None:
+            self.sess = self._session(None)
         have = {i.name for i in self.sess.get_inputs()}
         if have != {t.name for t in part.inputs}:
             raise ArtifactError(f"{folder / part.file}: graph inputs {sorted(have)} differ from the manifest's "
@@ -120,18 +137,19 @@ class DevicePartSession:
         outs = {o.name: o for o in self.sess.get_outputs()}
         self.outputs = [(t.name, getattr(torch, _TORCH_OF_ORT[outs[t.name].type])) for t in part.outputs]
         self._out_dims: list[list[int]] | None = None  # each output's dims after the batch (learned on first run)
-        self.max_graph_batches = max_graph_batches
-        self.cuda_graph_status = "on" if cuda_graph else "off"
         self._graphs: dict[int, _Graph] = {}
-        self._run_options = self._make_run_options()
+        # In a graph-enabled session a run without a graph id is captured as graph 0 and replayed
+        # for every later such run, whatever its shapes: -1 opts out of capture.
+        self._plain = self._run_options(-1 if self.graph_mode == "shared" else None)
 
     @property
     def graph_batches(self) -> list[int]:
         return sorted(self._graphs)
 
     # -- sessions --------------------------------------------------------------------------
-    def _session(self, batch: int | None):
-        """The dynamic session (``batch`` None) or a static-batch one with CUDA graphs enabled."""
+    def _session(self, batch: int | None, graph: bool = False):
+        """A session over the dynamic batch (``batch`` None) or with the batch fixed at ``batch``
+        (its shape arithmetic folds to constants); ``graph``: CUDA graphs enabled."""
         import onnxruntime as ort
 
         from ember.ort.session import session_options
@@ -144,13 +162,13 @@ class DevicePartSession:
             providers: list = ["CPUExecutionProvider"]
         else:
             opts = {"device_id": str(self.ctx.index), "user_compute_stream": str(self.ctx.stream.cuda_stream),
-                    "cudnn_conv_algo_search": self.conv_algo, "enable_cuda_graph": "1" if batch is not None else "0",
+                    "cudnn_conv_algo_search": self.conv_algo, "enable_cuda_graph": "1" if graph else "0",
                     "use_tf32": "0"}
             providers = [("CUDAExecutionProvider", opts), "CPUExecutionProvider"]
         try:
             sess = ort.InferenceSession(str(self.path), so, providers=providers, **kwargs)
         except Exception as e:  # ORT's own exception types
-            if batch is not None:
+            if graph:
                 raise
             raise ArtifactError(f"{self.path} could not be loaded by ONNX Runtime ({e}); recompile the folder") from e
         if self.ctx.is_cuda and "CUDAExecutionProvider" not in sess.get_providers():
@@ -158,11 +176,15 @@ class DevicePartSession:
                               "install onnxruntime-gpu's CUDA dependencies (pip install onnxruntime-gpu[cuda,cudnn])")
         return sess
 
-    def _make_run_options(self):
+    def _run_options(self, graph_id: int | None):
+        """Run options: a CUDA graph id (-1: never capture) and, on CUDA, no synchronisation at
+        the end of the run (ordered on the stream; the host reads results through synchronising copies)."""
         import onnxruntime as ort
 
         ro = ort.RunOptions()
-        if self.ctx.is_cuda:  # ordered on the stream; the host reads results through synchronising copies
+        if graph_id is not None:
+            ro.add_run_config_entry("gpu_graph_id", str(graph_id))
+        if self.ctx.is_cuda:
             ro.add_run_config_entry("disable_synchronize_execution_providers", "1")
         return ro
 
@@ -183,7 +205,7 @@ class DevicePartSession:
                 self._bind(binding, name, t)
             for name, _ in self.outputs:
                 binding.bind_output(name, "cuda" if self.ctx.is_cuda else "cpu", self.ctx.index)
-            self.sess.run_with_iobinding(binding)
+            self.sess.run_with_iobinding(binding, self._plain)
             self._out_dims = [list(v.shape())[1:] for v in binding.get_outputs()]
         return [torch.empty([batch, *dims], dtype=dtype, device=self.ctx.device)
                 for (_, dtype), dims in zip(self.outputs, self._out_dims)]
@@ -206,11 +228,11 @@ class DevicePartSession:
         if g is not None:
             for name, t in feeds.items():
                 g.inputs[name].copy_(t)
-            g.sess.run_with_iobinding(g.binding, self._run_options)
-            return [o.clone() for o in g.outputs]
+            g.sess.run_with_iobinding(g.binding, g.run_options)
+            return [o.clone() for o in g.outputs]  # the graph's buffers are overwritten by its next replay
         inputs = self._device_inputs(feeds)
         outputs = self._alloc_outputs(inputs)
-        self.sess.run_with_iobinding(self._binding(self.sess, inputs, outputs), self._run_options)
+        self.sess.run_with_iobinding(self._binding(self.sess, inputs, outputs), self._plain)
         return outputs
 
     def _device_inputs(self, feeds: dict) -> dict:
@@ -222,13 +244,19 @@ class DevicePartSession:
         if g is not None or len(self._graphs) >= self.max_graph_batches:
             return g
         try:
-            sess = self._session(batch)
+            if self.graph_mode == "shared":  # one session, a graph id per batch size
+                sess, ro = self.sess, self._run_options(len(self._graphs) + 1)
+            else:
+                sess, ro = self._session(batch, graph=True), self._run_options(None)
             inputs = {n: t.clone() for n, t in self._device_inputs(feeds).items()}  # the graph's static buffers
             outputs = self._alloc_outputs(inputs)
-            g = _Graph(sess, inputs, outputs, self._binding(sess, inputs, outputs))
-            sess.run_with_iobinding(g.binding, self._run_options)  # warm-up and capture
+            g = _Graph(sess, inputs, outputs, self._binding(sess, inputs, outputs), ro)
+            sess.run_with_iobinding(g.binding, ro)  # warm-up and capture
         except Exception as e:  # ORT refuses graphs when a node is placed on the CPU, and so on
-            self.cuda_graph_status = f"unavailable: {str(e).splitlines()[0][:300]}"
+            why = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            if self.graph_mode == "per-batch" and getattr(self, "shared_refusal", None):
+                why = f"{self.shared_refusal}; per batch: {why}"
+            self.cuda_graph_status, self.graph_mode = f"unavailable: {why}", None
             return None
         self._graphs[batch] = g
         return g

@@ -106,7 +106,7 @@ class DiffusionPipeline:
         """Per UNet engine: its CUDA graph status and captured batch sizes (device path only)."""
         if self.ctx is None:
             return {}
-        return {e.name: f"{e.cuda_graph_status}" + (f" (batches {e.graph_batches})" if e.graph_batches else "")
+        return {e.name: e.cuda_graph_status + (f" ({e.graph_mode}, batches {e.graph_batches})" if e.graph_batches else "")
                 for e in (self.full, self.shallow)}
 
     def _on_device(self, a: np.ndarray):
