@@ -116,7 +116,8 @@ def time_generate(pipe, prompt: str, lat: np.ndarray, steps: int, repeats: int, 
     return {"total_s": float(np.median([x.timings["total_s"] for x in runs])),
             "per_run_s": [x.timings["total_s"] for x in runs], "full_steps": r.loop.full_calls,
             "shallow_steps": r.loop.shallow_calls, "latents": r.latents[0], "image": r.images[0],
-            "cuda_graphs": pipe.device_status, "notes": r.notes}
+            "cuda_graphs": pipe.device_status if pipe.full.use_graphs else {"UNets": "plain launches (use_graphs=False)"},
+            "notes": r.notes}
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -141,14 +142,20 @@ def ember_arms(args, folders: dict[str, Path], prompt: str, seed: int) -> dict:
         try:
             if key not in folders:
                 raise RuntimeError(f"engine folder {key} was not built (see compile errors)")
-            if (key, graphs) not in pipes:
-                pipes[(key, graphs)] = open_pipe(folders[key], args.device, cuda_graph=graphs)
-            pipe = pipes[(key, graphs)]
+            if key not in pipes:
+                pipes[key] = open_pipe(folders[key], args.device)
+            pipe = pipes[key]
+            for engine in (pipe.full, pipe.shallow):  # the no-graph arm: the same sessions, plain launches
+                engine.use_graphs = graphs
             out[arm] = time_generate(pipe, prompt, initial_latents(pipe, seed), args.steps, args.repeats, **kw)
             print(f"{arm}: {out[arm]['total_s']:.3f} s", flush=True)
         except Exception as e:  # noqa: BLE001
             out[arm] = {"error": f"{type(e).__name__}: {e}"[:500]}
             traceback.print_exc()
+        finally:
+            for p in pipes.values():
+                for engine in (p.full, p.shallow):
+                    engine.use_graphs = True
     return out, pipes
 
 
@@ -286,7 +293,7 @@ def run(args) -> dict:
     prompt, seed = EVAL[0], 100
     arms, pipes = ember_arms(args, folders, prompt, seed)
     lat = None
-    for (key, graphs), p in pipes.items():
+    for key, p in pipes.items():
         if key == "fp16_dp5":
             lat = initial_latents(p, seed)
             res["image_size"] = p.image_size
@@ -313,7 +320,7 @@ def run(args) -> dict:
         if ref is not None and "image" in r:
             row["psnr_vs_diffusers_db"] = psnr(r["image"], ref["image"])
         res["arms"][arm] = row
-    fp16 = pipes.get(("fp16_dp5", True))
+    fp16 = pipes.get("fp16_dp5")
     for name, fn in (("ms_per_call", lambda: engine_call_ms(fp16)),
                      ("fused", lambda: fused_demo(args, fp16, args.requests))):
         try:

@@ -138,6 +138,7 @@ class DevicePartSession:
         self.outputs = [(t.name, getattr(torch, _TORCH_OF_ORT[outs[t.name].type])) for t in part.outputs]
         self._out_dims: list[list[int]] | None = None  # each output's dims after the batch (learned on first run)
         self._graphs: dict[int, _Graph] = {}
+        self.use_graphs = True  # False: plain launches though graphs are on (what benchmarks compare against)
         # In a graph-enabled session a run without a graph id is captured as graph 0 and replayed
         # for every later such run, whatever its shapes: -1 opts out of capture.
         self._plain = self._run_options(-1 if self.graph_mode == "shared" else None)
@@ -224,7 +225,7 @@ class DevicePartSession:
         if unknown:
             raise InputError(f"part {self.name!r} has no inputs {sorted(unknown)}; it takes {sorted(self.input_dtypes)}")
         batch = int(next(iter(feeds.values())).shape[0])
-        g = self._graph(batch, feeds) if self.cuda_graph_status == "on" else None
+        g = self._graph(batch, feeds) if self.cuda_graph_status == "on" and self.use_graphs else None
         if g is not None:
             for name, t in feeds.items():
                 g.inputs[name].copy_(t)

@@ -115,7 +115,8 @@ class DiffusionPipeline:
             return a
         import torch
 
-        return torch.from_numpy(np.ascontiguousarray(a)).to(self.ctx.device)
+        with self.active():  # allocated and filled on the pipeline's stream, where it is used
+            return torch.from_numpy(np.ascontiguousarray(a)).to(self.ctx.device)
 
     def _rows_on_device(self, rows: DecRows) -> DecRows:
         """Correction rows as the loop's array kind (the folder's DEC tables are moved once)."""
@@ -270,19 +271,20 @@ class DiffusionPipeline:
             if v is not None and int(v) != size:
                 raise InputError(f"{name}={v}: this engine was compiled for {size}x{size} images; "
                                  f"use {size} or recompile with `ember compile ... --image-size {v}`")
-        t0 = time.perf_counter()
-        jobs, notes = self.make_jobs(prompts, negative_prompt=negative_prompt, steps=steps, seed=seed,
-                                     guidance_scale=guidance_scale, latents=latents, cache=cache, dec=dec, stagger=stagger)
-        self.synchronize()
-        t1 = time.perf_counter()
-        loop = self.run_jobs(jobs)
-        self.synchronize()
-        t2 = time.perf_counter()
-        final = self.ops.stack([j.latents for j in jobs])
-        images = to_uint8(self.decode(final)) if decode else []
-        final = self.ops.to_host(final)
-        t3 = time.perf_counter()
-        timings = {"text_s": t1 - t0, "loop_s": t2 - t1, "unet_s": loop.unet_seconds, "vae_s": t3 - t2, "total_s": t3 - t0}
+        with self.active():  # every device tensor of the request lives on the pipeline's stream
+            t0 = time.perf_counter()
+            jobs, notes = self.make_jobs(prompts, negative_prompt=negative_prompt, steps=steps, seed=seed,
+                                         guidance_scale=guidance_scale, latents=latents, cache=cache, dec=dec, stagger=stagger)
+            self.synchronize()
+            t1 = time.perf_counter()
+            loop = self.run_jobs(jobs)
+            self.synchronize()
+            t2 = time.perf_counter()
+            final = self.ops.stack([j.latents for j in jobs])
+            images = to_uint8(self.decode(final)) if decode else []
+            final = self.ops.to_host(final)
+            t3 = time.perf_counter()
+            timings = {"text_s": t1 - t0, "loop_s": t2 - t1, "unet_s": loop.unet_seconds, "vae_s": t3 - t2, "total_s": t3 - t0}
         notes += [f"{name}: CUDA graphs {st}" for name, st in self.device_status.items() if st.startswith("unavailable")]
         return ImageResult(images=images, latents=final, timings=timings, loop=loop, notes=notes)
 
