@@ -7,6 +7,8 @@ Arms (50-step DDIM, CFG 7.5, one prompt per image, the same seed and initial lat
   Ember FP16, no cache, no graphs the same with CUDA graphs off (what the graphs buy)
   Ember FP16, DP N=5              DP cache schedule (10 full + 40 shallow steps), no DEC
   Ember FP16, DP N=5 + DEC        the same with decoupled error correction
+  Ember FP16 + ORT UNet fusions   the same three arms on UNets also rewritten by ONNX Runtime's CUDA UNet
+                                  fusions (NhwcConv, GroupNorm, BiasSplitGelu; --ort-unet-fusions; CUDA only)
   Ember W8A8 Q/DQ, DP N=5         W8A8 Q/DQ UNets (float32 around the Q/DQ pairs) on the CUDA provider, FP16
                                   text encoder and VAE, DP schedule from float features, no DEC
   diffusers FP16 (SDPA)           StableDiffusionPipeline on the same torch modules (.half(), CUDA), the text
@@ -25,6 +27,7 @@ Device (the lead's run; needs diffusers importable for the compile -- the built-
 are diffusers classes -- and for the diffusers arm). The compiles export an 860M-parameter UNet
 twice per folder on the CPU, so they run one folder per command; the folders are reused:
     python benchmarks/gpu_diffusion.py --stage compile --folders fp16_dp5 --root artifacts/gpu-diffusion --out $OUT
+    python benchmarks/gpu_diffusion.py --stage compile --folders fp16ort_dp5 --root artifacts/gpu-diffusion --out $OUT
     python benchmarks/gpu_diffusion.py --stage compile --folders w8a8_dp5 --root artifacts/gpu-diffusion --out $OUT
     python benchmarks/gpu_diffusion.py --stage run --root artifacts/gpu-diffusion --out $OUT
 CPU smoke (any host, < 2 min): python benchmarks/gpu_diffusion.py --device cpu --tiny --out /tmp/gd
@@ -51,6 +54,8 @@ CALIB = ("a photograph of an astronaut riding a horse", "a watercolor painting o
 EVAL = ("a red fox in a snowy forest, golden hour", "a futuristic city skyline at night, neon lights",
         "a still life of apples and a jug, oil painting", "a sailing boat on a calm lake, misty morning")
 STAGGER = 7
+FOLDERS = ("fp16_dp5", "fp16ort_dp5", "w8a8_dp5")
+CUDA_ONLY = ("fp16ort_dp5",)  # ORT's CUDA UNet fusions: no CPU kernels
 
 
 def folder_plan(args) -> dict:
@@ -61,6 +66,8 @@ def folder_plan(args) -> dict:
                   validate=args.tiny, calib_device=calib_device, image_size=args.image_size)
     return {
         "fp16_dp5": DiffusionCompileOptions(cache_interval=5, schedule="dp", dec=True, dtype="fp16", **common),
+        "fp16ort_dp5": DiffusionCompileOptions(cache_interval=5, schedule="dp", dec=True, dtype="fp16",
+                                               ort_unet_fusions=True, **common),
         "w8a8_dp5": DiffusionCompileOptions(cache_interval=5, schedule="dp", quantize="int8", schedule_features="float",
                                             quant_calib_steps=args.quant_calib_steps, dtype="fp16", **common),
     }
@@ -77,6 +84,8 @@ def compile_folders(args, root: Path, want: list[str]) -> tuple[dict[str, Path],
     folders, errors = {}, {}
     for name in want:
         folder = root / name
+        if name in CUDA_ONLY and not args.device.startswith("cuda"):
+            continue  # its arms say why
         if (folder / "manifest.json").exists() and name in times:
             folders[name] = folder
             continue
@@ -135,10 +144,16 @@ def ember_arms(args, folders: dict[str, Path], prompt: str, seed: int) -> dict:
         "Ember FP16, no cache, no CUDA graphs": ("fp16_dp5", dict(cache=False), False),
         "Ember FP16, DP N=5": ("fp16_dp5", dict(dec=False), True),
         "Ember FP16, DP N=5 + DEC": ("fp16_dp5", {}, True),
+        "Ember FP16 + ORT UNet fusions, no cache": ("fp16ort_dp5", dict(cache=False), True),
+        "Ember FP16 + ORT UNet fusions, DP N=5": ("fp16ort_dp5", dict(dec=False), True),
+        "Ember FP16 + ORT UNet fusions, DP N=5 + DEC": ("fp16ort_dp5", {}, True),
         "Ember W8A8 Q/DQ, DP N=5": ("w8a8_dp5", dict(dec=False), True),
     }
     out, pipes = {}, {}
     for arm, (key, kw, graphs) in arms.items():
+        if key in CUDA_ONLY and not args.device.startswith("cuda"):
+            out[arm] = {"skipped": "ORT's CUDA UNet fusions have no CPU kernels (CUDA only)"}
+            continue
         try:
             if key not in folders:
                 raise RuntimeError(f"engine folder {key} was not built (see compile errors)")
@@ -396,17 +411,17 @@ def main() -> None:
     ap.add_argument("--calib-prompts", type=int, default=2, help="calibration prompts (DP features, W8A8 scales)")
     ap.add_argument("--quant-calib-steps", type=int, default=3, help="trajectory steps per prompt as W8A8 calibration feeds")
     ap.add_argument("--stage", choices=["all", "compile", "run"], default="all")
-    ap.add_argument("--folders", default="fp16_dp5,w8a8_dp5",
-                    help="engine folders to build/use (comma list of fp16_dp5, w8a8_dp5): compile them one per command "
-                         "where a compile would not fit the device's time limit; a missing folder's arms report it")
+    ap.add_argument("--folders", default=",".join(FOLDERS),
+                    help=f"engine folders to build/use (comma list of {', '.join(FOLDERS)}): compile them one per "
+                         "command where a compile would not fit the device's time limit; a missing folder's arms say so")
     ap.add_argument("--root", default=None, help="engine folders (default artifacts/gpu-diffusion-MODEL-STEPS)")
     ap.add_argument("--out", default=None, help="results folder (default $OUT, else benchmarks/results)")
     ap.add_argument("--name", default=None, help="results file stem (default gpu_diffusion_<model>_<device kind>)")
     args = ap.parse_args()
     args.folders = [f for f in args.folders.split(",") if f]
-    unknown = sorted(set(args.folders) - {"fp16_dp5", "w8a8_dp5"})
+    unknown = sorted(set(args.folders) - set(FOLDERS))
     if unknown:
-        ap.error(f"--folders {unknown}: choose from fp16_dp5, w8a8_dp5")
+        ap.error(f"--folders {unknown}: choose from {', '.join(FOLDERS)}")
     args.model = args.model or ("sd-tiny" if args.tiny else "sd-15-shape")
     args.steps = args.steps or (12 if args.tiny else 50)
     args.repeats = args.repeats or (1 if args.tiny else 3)

@@ -168,3 +168,32 @@ def test_cli_generate_image_takes_a_device(fp32_engine, tmp_path, capsys) -> Non
                "--device", "cpu", "--json"])
     info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rc == 0 and info["device"] == "cpu" and (tmp_path / "x.png").exists()
+
+
+def test_ort_unet_fusions_build_is_a_typed_fp16_graph_for_cuda_only(tmp_path) -> None:
+    out = tmp_path / "tiny-ortfused"
+    opts = DiffusionCompileOptions(steps=STEPS, cache_interval=3, schedule="uniform", quiet=True, dtype="fp16",
+                                   ort_unet_fusions=True)
+    compile_diffusion("sd-tiny", out, opts)
+    m = json.loads((out / "manifest.json").read_text())
+    parts = {p["name"]: p["extra"] for p in m["parts"]}
+    fused = parts["unet_full"]["ort_unet_fusions"]
+    assert parts["unet_full"]["cuda_only"] and fused["MultiHeadAttention"] == 8
+    assert fused["NhwcConv"] > 0 and fused["GroupNorm"] + fused.get("SkipGroupNorm", 0) > 0
+    assert "cuda_only" not in parts["text_encoder"] and parts["text_encoder"]["dtype"] == "fp16"
+    unet = onnx.load(str(out / "unet_full.onnx"))
+    assert {i.type.tensor_type.elem_type for i in unet.graph.input} == {onnx.TensorProto.FLOAT16}
+    assert [d.dim_value for d in unet.graph.input[0].type.tensor_type.shape.dim[1:]] == [4, 8, 8]  # spatial dims restored
+    producer = {o: n for n in unet.graph.node for o in n.output}
+    angles = producer[next(n for n in unet.graph.node if n.op_type == "Sin").input[0]]
+    consts = {t.name: t.data_type for t in unet.graph.initializer}
+    const_types = [consts.get(i) or next((a.t.data_type for a in producer[i].attribute), None)
+                   for i in angles.input if i in consts or (i in producer and producer[i].op_type == "Constant")]
+    assert angles.op_type == "Mul" and const_types == [onnx.TensorProto.FLOAT]  # the timestep angles stay FP32
+    with pytest.raises(ConfigError, match="--ort-unet-fusions"):
+        ember.load(out)
+    with pytest.raises(ConfigError, match="--dtype fp16"):
+        DiffusionCompileOptions(ort_unet_fusions=True)
+    # ORT's CPU provider has no kernel for them: the graph is typed through (it gets to kernel lookup)
+    with pytest.raises(Exception, match="NhwcConv"):
+        ort.InferenceSession(str(out / "unet_full.onnx"), providers=["CPUExecutionProvider"])

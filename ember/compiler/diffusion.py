@@ -67,6 +67,7 @@ class DiffusionCompileOptions:
     dtype: str = "fp32"  # fp32 | fp16 (the GPU build: every float part but a Q/DQ UNet, FP32 islands per passes/fp16.py)
     fused_attention: bool | None = None  # UNet attention -> com.microsoft.MultiHeadAttention (None: on with fp16)
     calib_device: str = "cpu"  # where calibration runs the pipeline (cuda:N for SD-1.5-sized models)
+    ort_unet_fusions: bool = False  # fp16 UNets through ORT's CUDA UNet fusions (NhwcConv, GroupNorm...): CUDA only
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -88,6 +89,9 @@ class DiffusionCompileOptions:
             raise ConfigError(f"--steps {self.steps} must be >= 1")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)} for diffusion engines")
+        if self.ort_unet_fusions and (self.dtype != "fp16" or self.quantize or self.fused_attention is False):
+            raise ConfigError("--ort-unet-fusions rewrites float FP16 UNets with fused attention: use it with "
+                              "--dtype fp16, without --quantize and without --fused-attention off")
         if self.dtype == "fp16" and self.backend != "onnxruntime":
             raise ConfigError(f"--dtype fp16 diffusion engines are built for ONNX Runtime; {self.backend} plans take "
                               "their precision from --trt-options, so leave --dtype at fp32")
@@ -314,7 +318,9 @@ def _finish_graphs(folder: Path, opts: DiffusionCompileOptions) -> dict[str, dic
     """The last rewrites, after calibration and the DEC fits ran on the FP32 graphs: FP16 (every
     part but a quantized UNet, whose Q/DQ graph stays as quantized) with passes/fp16.py's FP32
     islands for ONNX Runtime (the timestep embedding's Sin/Cos inputs), then the UNets' attention
-    fused into MultiHeadAttention. Returns per part what was done (recorded in the manifest)."""
+    fused into MultiHeadAttention; with ``ort_unet_fusions`` the UNets instead go through
+    passes/ort_unet_fusions.py (CUDA-only contrib ops, ORT's FP16 converter). Returns per part what
+    was done (recorded in the manifest)."""
     from ember.export.onnx_export import save_onnx
     from ember.passes.fp16 import convert_to_fp16, default_keep_fp32, fp16_report
     from ember.passes.mha_fusion import fuse_attention
@@ -329,12 +335,19 @@ def _finish_graphs(folder: Path, opts: DiffusionCompileOptions) -> dict[str, dic
         path = folder / f"{name}.onnx"
         model = onnx.load(str(path))
         rec: dict[str, Any] = {}
-        if to_fp16:
-            convert_to_fp16(model, keep_fp32=default_keep_fp32("onnxruntime"), fp32_outputs=())
-            rec["dtype"] = "fp16"
-            rec["fp16"] = fp16_report(model)
-        if fuse:
+        if unet and opts.ort_unet_fusions:  # attention first: ORT's own attention fusion fails on this export
+            from ember.passes.ort_unet_fusions import ort_unet_fusions_fp16
+
             rec["fused_attention"] = fuse_attention(model)
+            model, rec["ort_unet_fusions"] = ort_unet_fusions_fp16(model)
+            rec.update(dtype="fp16", cuda_only=True)
+        else:
+            if to_fp16:
+                convert_to_fp16(model, keep_fp32=default_keep_fp32("onnxruntime"), fp32_outputs=())
+                rec["dtype"] = "fp16"
+                rec["fp16"] = fp16_report(model)
+            if fuse:
+                rec["fused_attention"] = fuse_attention(model)
         for f in folder.glob(f"{name}.onnx*"):
             f.unlink()
         save_onnx(model, path)

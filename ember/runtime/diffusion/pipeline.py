@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ember.engine_format.manifest import Manifest, resolve_member
-from ember.errors import ArtifactError, InputError
+from ember.errors import ArtifactError, ConfigError, InputError
 from ember.runtime.diffusion.ddim import DDIM
 from ember.runtime.diffusion.denoise import HOST, DecRows, DenoiseJob, LoopStats, Observer, run_loop, torch_ops
 from ember.runtime.diffusion.engines import PartSession
@@ -71,6 +71,11 @@ class DiffusionPipeline:
         if not isinstance(device, str) or not (device == "cpu" or device.startswith("cuda")):
             raise InputError(f"device {device!r} is not understood; use 'cpu', 'cuda' or 'cuda:N'")
         self.device = device
+        cuda_only = [p.name for p in manifest.parts if p.extra.get("cuda_only")]
+        if cuda_only and not device.startswith("cuda"):
+            raise ConfigError(f"{folder}: parts {cuda_only} use ONNX Runtime's CUDA-only UNet ops (compiled with "
+                              f"--ort-unet-fusions); load with device='cuda:N' (CLI: --device cuda:0), or recompile "
+                              f"without --ort-unet-fusions to run on the CPU")
         self.ctx = None
         if io_binding if io_binding is not None else device != "cpu":
             from ember.runtime.diffusion.device_engines import DeviceContext, DevicePartSession
