@@ -39,6 +39,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -428,7 +429,8 @@ def main() -> None:
     args.stagger = args.stagger if args.stagger is not None else (2 if args.tiny else STAGGER)
     res = run(args)
     out = Path(args.out or os.environ.get("OUT") or Path(__file__).parent / "results")
-    kind = "cpu_smoke" if args.device == "cpu" else (res["device"].get("gpu") or "gpu").split()[-1].lower()
+    gpu = (res["device"].get("gpu") or "gpu").split()  # "NVIDIA H100 80GB HBM3" -> h100
+    kind = "cpu_smoke" if args.device == "cpu" else next((t for t in gpu if re.fullmatch(r"[A-Z]+\d+\w*", t)), "gpu").lower()
     name = args.name or f"gpu_diffusion_{args.model}_{kind}" + (f"_compile_{'_'.join(args.folders)}"
                                                                  if args.stage == "compile" else "")
     print(write(res, out, name).read_text())
