@@ -14,7 +14,8 @@ Arms (50-step DDIM, CFG 7.5, one prompt per image, the same seed and initial lat
   diffusers FP16 (SDPA)           StableDiffusionPipeline on the same torch modules (.half(), CUDA), the text
                                   encoder run on the same token ids; skipped with the reason where diffusers
                                   is not importable
-Plus: per-call ms of the FP16 full and shallow UNet engines (batch 2 = the CFG rows), and the
+Plus: per-call ms of the FP16 full and shallow UNet engines (batch 2 = the CFG rows), the op
+counts of the W8A8 UNets after ONNX Runtime's optimizers on the device (what it fuses), and the
 staggered-request fusion: R requests (request i joins at step 7i) in one fused loop vs one after
 another (throughput) and each request's max abs difference vs its solo run.
 Every section runs in its own try/except (an error is recorded, the rest goes on).
@@ -210,6 +211,36 @@ def engine_call_ms(pipe, rounds: int = 10) -> dict:
     return out
 
 
+def optimized_ops(folder: Path, device: str) -> dict:
+    """What ONNX Runtime makes of the W8A8 Q/DQ UNets on ``device``: op counts of the graph its
+    optimizers leave (``optimized_model_filepath``; the part's disabled optimizers as the runtime's)."""
+    import collections
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    from ember.engine_format.manifest import read_manifest
+    from ember.ort.session import session_options
+
+    manifest = read_manifest(folder)
+    out = {}
+    for name in ("unet_shallow", "unet_full"):
+        part = manifest.part(name)
+        with tempfile.TemporaryDirectory() as tmp:
+            so = session_options(None, Path(tmp) / "opt.onnx")
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "opt.onnx.data")
+            providers = ([("CUDAExecutionProvider", {"device_id": str(int(device.split(":")[1]) if ":" in device else 0)}),
+                          "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"])
+            disabled = list(part.extra.get("ort_disabled_optimizers") or [])
+            kw = {"disabled_optimizers": disabled} if disabled else {}
+            ort.InferenceSession(str(folder / part.file), so, providers=providers, **kw)
+            ops = collections.Counter(n.op_type for n in onnx.load(str(Path(tmp) / "opt.onnx"),
+                                                                   load_external_data=False).graph.node)
+        out[name] = dict(ops.most_common(16))
+    return out
+
+
 def fused_demo(args, pipe, requests: int) -> dict:
     """Staggered requests in one fused loop vs one after another; per-request max abs diff vs solo."""
     prompts = list(EVAL[:requests])
@@ -338,10 +369,11 @@ def run(args) -> dict:
         res["arms"][arm] = row
     fp16 = pipes.get("fp16_dp5")
     for name, fn in (("ms_per_call", lambda: engine_call_ms(fp16)),
-                     ("fused", lambda: fused_demo(args, fp16, args.requests))):
+                     ("fused", lambda: fused_demo(args, fp16, args.requests)),
+                     ("w8a8_optimized_ops", lambda: optimized_ops(folders["w8a8_dp5"], args.device))):
         try:
-            if fp16 is None:
-                raise RuntimeError("the FP16 folder did not load")
+            if fp16 is None or (name == "w8a8_optimized_ops" and "w8a8_dp5" not in folders):
+                raise RuntimeError("the engine folder it needs did not build or load")
             res[name] = fn()
         except Exception as e:  # noqa: BLE001
             res["errors"][name] = f"{type(e).__name__}: {e}"[:500]
@@ -390,6 +422,11 @@ def write(res: dict, out: Path, name: str) -> Path:
                       f"{f['unet_calls_sequential']} UNet calls). Max abs latent difference vs each request alone: "
                       f"{', '.join(f'{x:.2e}' for x in f['max_abs_diff_vs_solo'])} (latents up to "
                       f"{f['latent_abs_max']:.1f}; FP16 engines at different batch sizes run different kernels)."]
+    if "w8a8_optimized_ops" in res:
+        lines += ["", "W8A8 Q/DQ UNets as ONNX Runtime optimizes them on this device (op counts of the optimized "
+                      "graph; QLinear* = int8 kernels, DequantizeLinear + float op = dequantize-then-float):"]
+        for part, ops in res["w8a8_optimized_ops"].items():
+            lines.append(f"- {part}: " + ", ".join(f"{k} {v}" for k, v in ops.items()))
     if res.get("schedule"):
         lines += ["", f"DP N=5 full steps: {res['schedule']}"]
     if res.get("errors"):
