@@ -21,7 +21,8 @@ class PartSession:
     dequantize their weights every call instead of running as int8 kernels.
     ``optimized_path`` writes ORT's optimized graph there (for inspection and tests).
     A TensorRT / TensorRT-RTX part runs its plan's source ONNX graph with ``backend='onnxruntime'``
-    (the diffusion runtime runs ONNX Runtime on the CPU only; without it such a part is refused).
+    (the diffusion runtime runs ONNX Runtime only; without it such a part is refused). This is the
+    host path's session; ``device_engines.DevicePartSession`` is the device path's.
     """
 
     def __init__(self, folder: Path, part: EnginePart, threads: int | None = None,
