@@ -22,7 +22,8 @@ Every section runs in its own try/except (an error is recorded, the rest goes on
 
 Stages: ``--stage compile`` builds the engine folders into --root (reused when present, with their
 compile times), ``--stage run`` times them, ``--stage all`` (default) both. Calibration (the DP
-schedule's trajectories) runs on --device; W8A8 calibration runs ONNX Runtime on the CPU.
+schedule's trajectories) runs on --device; W8A8 calibration runs ONNX Runtime on the CPU. The
+first compile's FP32 ONNX export is kept in ROOT/export-cache and copied by the others.
 
 Device (the lead's run; needs diffusers importable for the compile -- the built-in's random modules
 are diffusers classes -- and for the diffusers arm). The compiles export an 860M-parameter UNet
@@ -60,12 +61,13 @@ FOLDERS = ("fp16_dp5", "fp16ort_dp5", "w8a8_dp5")
 CUDA_ONLY = ("fp16ort_dp5",)  # ORT's CUDA UNet fusions: no CPU kernels
 
 
-def folder_plan(args) -> dict:
+def folder_plan(args, root: Path) -> dict:
     from ember.compiler.diffusion import DiffusionCompileOptions
 
     calib_device = args.device if args.device.startswith("cuda") else "cpu"
     common = dict(steps=args.steps, calib_prompts=CALIB[: args.calib_prompts], quiet=True, overwrite=True,
-                  validate=args.tiny, calib_device=calib_device, image_size=args.image_size)
+                  validate=args.tiny, calib_device=calib_device, image_size=args.image_size,
+                  export_cache=str(root / "export-cache"))  # one FP32 export serves every folder
     return {
         "fp16_dp5": DiffusionCompileOptions(cache_interval=5, schedule="dp", dec=True, dtype="fp16", **common),
         "fp16ort_dp5": DiffusionCompileOptions(cache_interval=5, schedule="dp", dec=True, dtype="fp16",
@@ -80,7 +82,7 @@ def compile_folders(args, root: Path, want: list[str]) -> tuple[dict[str, Path],
     from ember.compiler.diffusion import compile_diffusion
     from ember.runtime.diffusion.pipeline import DiffusionPipeline
 
-    plan = folder_plan(args)
+    plan = folder_plan(args, root)
     times_file = root / "compile_times.json"
     times = json.loads(times_file.read_text()) if times_file.exists() else {}
     folders, errors = {}, {}

@@ -197,3 +197,22 @@ def test_ort_unet_fusions_build_is_a_typed_fp16_graph_for_cuda_only(tmp_path) ->
     # ORT's CPU provider has no kernel for them: the graph is typed through (it gets to kernel lookup)
     with pytest.raises(Exception, match="NhwcConv"):
         ort.InferenceSession(str(out / "unet_full.onnx"), providers=["CPUExecutionProvider"])
+
+
+def test_export_cache_reuses_one_export_across_compiles(tmp_path, monkeypatch) -> None:
+    import ember.export.diffusion.onnx_export as onnx_export
+
+    calls = []
+    real = onnx_export.export_parts
+    monkeypatch.setattr(onnx_export, "export_parts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    common = dict(steps=STEPS, cache_interval=3, schedule="uniform", quiet=True, export_cache=str(tmp_path / "cache"))
+    compile_diffusion("sd-tiny", tmp_path / "a", DiffusionCompileOptions(**common))
+    compile_diffusion("sd-tiny", tmp_path / "b", DiffusionCompileOptions(dtype="fp16", **common))
+    assert len(calls) == 1  # the second compile copied the FP32 parts
+    compile_diffusion("sd-tiny", tmp_path / "c", DiffusionCompileOptions(seed=1, **common))
+    assert len(calls) == 2  # other weights: exported again
+    a, b = ember.load(tmp_path / "a"), ember.load(tmp_path / "b")
+    ra, rb = (p.generate(PROMPTS[:1], steps=STEPS, seed=3, cache=False) for p in (a, b))
+    assert relative_l2(rb.latents, ra.latents) < 2e-2  # the FP16 build of the same export
+    c = ember.load(tmp_path / "c").generate(PROMPTS[:1], steps=STEPS, seed=3, cache=False)
+    assert relative_l2(c.latents, ra.latents) > 0.1

@@ -68,6 +68,7 @@ class DiffusionCompileOptions:
     fused_attention: bool | None = None  # UNet attention -> com.microsoft.MultiHeadAttention (None: on with fp16)
     calib_device: str = "cpu"  # where calibration runs the pipeline (cuda:N for SD-1.5-sized models)
     ort_unet_fusions: bool = False  # fp16 UNets through ORT's CUDA UNet fusions (NhwcConv, GroupNorm...): CUDA only
+    export_cache: str | None = None  # folder of this source's FP32 ONNX parts, reused across compiles (see _export)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -245,7 +246,7 @@ def compile_diffusion(source: str | os.PathLike, out_dir: str | os.PathLike,
         cc, qc = shallow_mod.cache_channels, shallow_mod.quant_channels
     with atomic_folder(out_dir, overwrite=opts.overwrite, source=source) as tmp:
         with log.stage("export text encoder, UNet full/shallow, VAE decoder to ONNX"):
-            _export_parts(src, tmp, opts.branch)
+            _export(src, str(source), tmp, opts)
             (tmp / "tokenizer").mkdir()
             src.tokenizer.save(str(tmp / "tokenizer" / "tokenizer.json"))
             macs = count_macs(src, opts.branch)
@@ -353,6 +354,41 @@ def _finish_graphs(folder: Path, opts: DiffusionCompileOptions) -> dict[str, dic
         save_onnx(model, path)
         done[name] = rec
     return done
+
+
+def _export(src, source: str, folder: Path, opts: DiffusionCompileOptions) -> None:
+    """Write the FP32 ``<part>.onnx`` files into ``folder``: exported, or copied from
+    ``opts.export_cache`` when it holds an export of the same source name, config, seed, branch,
+    image size and opset (``export.json``; a local folder whose weights changed under the same
+    config needs a fresh cache). A fresh export is copied into the cache. Exporting an
+    SD-1.5-sized UNet twice takes minutes, and a benchmark compiles several folders of one source."""
+    import json
+
+    from ember.export.diffusion.onnx_export import OPSET
+
+    if opts.export_cache is None:
+        _export_parts(src, folder, opts.branch)
+        return
+    cache = Path(opts.export_cache)
+    key = json.loads(json.dumps({"source": source, "config": src.config, "seed": opts.seed, "branch": opts.branch,
+                                 "image_size": src.image_size, "opset": OPSET}, sort_keys=True, default=str))
+    record = cache / "export.json"
+    if record.exists() and json.loads(record.read_text()) == key:
+        for f in _part_files(cache):
+            shutil.copyfile(f, folder / f.name)
+        return
+    _export_parts(src, folder, opts.branch)
+    cache.mkdir(parents=True, exist_ok=True)
+    record.unlink(missing_ok=True)
+    for f in _part_files(cache):
+        f.unlink()
+    for f in _part_files(folder):
+        shutil.copyfile(f, cache / f.name)
+    record.write_text(json.dumps(key))  # last: a cache is complete when it has its record
+
+
+def _part_files(folder: Path) -> list[Path]:
+    return [f for n in PART_NAMES for f in (folder / f"{n}.onnx", folder / f"{n}.onnx.data") if f.exists()]
 
 
 def _export_parts(src, folder: Path, branch: int) -> None:
