@@ -93,6 +93,9 @@ def compile_folders(args, root: Path, want: list[str]) -> tuple[dict[str, Path],
         if (folder / "manifest.json").exists() and name in times:
             folders[name] = folder
             continue
+        if args.stage == "run":  # timing only: a folder not built by an earlier --stage compile is reported
+            errors[name] = f"not built: run --stage compile --folders {name} --root {root} first"
+            continue
         t0 = time.perf_counter()
         try:  # calibration on the device: a plain pipeline (no per-batch graph sessions for one batch size)
             opener = functools.partial(DiffusionPipeline, cuda_graph=False)
@@ -119,6 +122,7 @@ def open_pipe(folder: Path, device: str, cuda_graph: bool = True):
 
 
 def initial_latents(pipe, seed: int) -> np.ndarray:
+    """The seed's initial noise [1, C, h, w] (the diffusers arm draws the same from the config's shape)."""
     return np.random.default_rng(seed).standard_normal((1, *pipe.latent_shape)).astype(np.float32)
 
 
@@ -341,15 +345,15 @@ def run(args) -> dict:
         return res
     prompt, seed = EVAL[0], 100
     arms, pipes = ember_arms(args, folders, prompt, seed)
-    lat = None
-    for key, p in pipes.items():
-        if key == "fp16_dp5":
-            lat = initial_latents(p, seed)
-            res["image_size"] = p.image_size
-            res["schedule"] = p.cache["full_steps"]
+    if "fp16_dp5" in pipes:
+        res["schedule"] = pipes["fp16_dp5"].cache["full_steps"]
     try:
-        if lat is None:
-            raise RuntimeError("no FP16 pipeline to take the latent shape from")
+        from ember.export.diffusion.config import builtin_config
+
+        cfg = builtin_config(args.model)
+        side = args.image_size // cfg.vae_scale if args.image_size else cfg.sample_size
+        res["image_size"] = side * cfg.vae_scale
+        lat = np.random.default_rng(seed).standard_normal((1, cfg.latent_channels, side, side)).astype(np.float32)
         arms["diffusers FP16 (SDPA)" if args.device.startswith("cuda") else "diffusers FP32 (SDPA, CPU)"] = \
             diffusers_arm(args, prompt, lat, args.repeats)
     except Exception as e:  # noqa: BLE001
