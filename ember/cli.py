@@ -79,7 +79,7 @@ def sigterm_interrupts() -> Iterator[None]:
 def _add_compile(sub) -> None:
     p = sub.add_parser("compile", help="compile a model source into an engine folder")
     p.add_argument("source", help="a local Hugging Face model folder, or a built-in config "
-                                  "(gpt2-tiny, gpt2-124m, llama-tiny, llama-1b, sd-tiny, sd-small)")
+                                  "(gpt2-tiny, gpt2-124m, llama-tiny, llama-1b, sd-tiny, sd-small, sd-15-shape)")
     p.add_argument("-o", "--output", help="engine folder to write: a new or empty folder (default: artifacts/<name>)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing engine folder at -o (only once the new one is complete; a folder that "

@@ -30,6 +30,12 @@ def add_diffusion_compile_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--schedule-weights", choices=["sampler", "none"], default="sampler",
                    help="weight each step's feature error in the DP objective by how far the sampler carries a "
                         "noise-prediction error at that step into x_0 (none: docs/design.md §5.2's unweighted J)")
+    g.add_argument("--fused-attention", choices=["auto", "on", "off"], default="auto",
+                   help="rewrite the UNet attention into com.microsoft.MultiHeadAttention (auto: with --dtype fp16)")
+    g.add_argument("--calib-device", default="cpu", help="where calibration runs the pipeline (cpu or cuda[:N])")
+    g.add_argument("--ort-unet-fusions", action="store_true",
+                   help="with --dtype fp16: also run ONNX Runtime's CUDA UNet fusions (NhwcConv, GroupNorm, "
+                        "BiasSplitGelu): the folder then runs on --device cuda only")
 
 
 def _prompts(path: str | None) -> tuple[str, ...] | None:
@@ -53,7 +59,9 @@ def run_diffusion_compile(a, out: str) -> int:
               schedule_weights=a.schedule_weights, guidance_scale=a.guidance_scale, seed=a.seed,
               validate=not getattr(a, "no_validate", False), overwrite=getattr(a, "overwrite", False),
               quiet=getattr(a, "quiet", False), backend=getattr(a, "backend", "onnxruntime"),
-              backend_extra=getattr(a, "trt_options", {}))
+              backend_extra=getattr(a, "trt_options", {}), dtype=getattr(a, "dtype", "fp32"),
+              fused_attention={"auto": None, "on": True, "off": False}[a.fused_attention], calib_device=a.calib_device,
+              ort_unet_fusions=a.ort_unet_fusions)
     prompts = _prompts(getattr(a, "calib", None))
     if prompts is not None:
         kw["calib_prompts"] = prompts

@@ -35,6 +35,7 @@ SCHEDULE_WEIGHTS = ("sampler", "none")
 # docs/design.md §5.4: keep the input/output convs, the time embedding and shortcut convs in float.
 KEEP_FLOAT = (r"conv_in/", r"conv_out/", r"time_embedding", r"conv_shortcut")
 BACKENDS = ("onnxruntime", *PLAN_BACKENDS)
+DTYPES = ("fp32", "fp16")
 PLAN_MAX_BATCH = 16  # TensorRT parts: batch 1..16 (prompts x 2 with guidance) unless --trt-max-batch says otherwise
 
 
@@ -63,6 +64,11 @@ class DiffusionCompileOptions:
     quiet: bool = False
     backend: str = "onnxruntime"  # onnxruntime | tensorrt | tensorrt-rtx (every part a plan built from its ONNX)
     backend_extra: dict = field(default_factory=dict)  # TensorRT options (targets, max_batch, ...)
+    dtype: str = "fp32"  # fp32 | fp16 (the GPU build: every float part but a Q/DQ UNet, FP32 islands per passes/fp16.py)
+    fused_attention: bool | None = None  # UNet attention -> com.microsoft.MultiHeadAttention (None: on with fp16)
+    calib_device: str = "cpu"  # where calibration runs the pipeline (cuda:N for SD-1.5-sized models)
+    ort_unet_fusions: bool = False  # fp16 UNets through ORT's CUDA UNet fusions (NhwcConv, GroupNorm...): CUDA only
+    export_cache: str | None = None  # folder of this source's FP32 ONNX parts, reused across compiles (see _export)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -82,8 +88,20 @@ class DiffusionCompileOptions:
             raise ConfigError(f"schedule_features {self.schedule_features!r} must be float, quantized or auto")
         if self.steps < 1:
             raise ConfigError(f"--steps {self.steps} must be >= 1")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)} for diffusion engines")
+        if self.ort_unet_fusions and (self.dtype != "fp16" or self.quantize or self.fused_attention is False):
+            raise ConfigError("--ort-unet-fusions rewrites float FP16 UNets with fused attention: use it with "
+                              "--dtype fp16, without --quantize and without --fused-attention off")
+        if self.dtype == "fp16" and self.backend != "onnxruntime":
+            raise ConfigError(f"--dtype fp16 diffusion engines are built for ONNX Runtime; {self.backend} plans take "
+                              "their precision from --trt-options, so leave --dtype at fp32")
         if not self.calib_prompts and (self.needs_calibration):
             raise ConfigError("DP schedules, DEC and quantization need calibration prompts; give at least one")
+
+    @property
+    def fuse_attention(self) -> bool:
+        return self.dtype == "fp16" if self.fused_attention is None else bool(self.fused_attention)
 
     @property
     def caching(self) -> bool:
@@ -177,9 +195,16 @@ def _plan_parts(folder: Path, opts: DiffusionCompileOptions) -> dict[str, mf.Eng
 
 
 def _manifest(folder: Path, source: str, src, opts: DiffusionCompileOptions, spec: dict[str, Any], quant: dict | None,
-              tables: list[str], dtype: str, plans: dict[str, mf.EnginePart] | None = None) -> mf.Manifest:
-    """The folder's manifest; its parts are ``plans`` where given, else the ONNX graphs (ONNX Runtime)."""
-    parts = [(plans or {}).get(n) or _part(folder, n, dtype if n.startswith("unet") else "fp32") for n in PART_NAMES]
+              tables: list[str], dtype: str, plans: dict[str, mf.EnginePart] | None = None,
+              finished: dict[str, dict[str, Any]] | None = None) -> mf.Manifest:
+    """The folder's manifest; its parts are ``plans`` where given, else the ONNX graphs (ONNX Runtime).
+    ``dtype`` is the UNets' before ``_finish_graphs``; ``finished`` its per-part record after."""
+    parts = []
+    for n in PART_NAMES:
+        done = (finished or {}).get(n, {})
+        part = (plans or {}).get(n) or _part(folder, n, done.get("dtype") or (dtype if n.startswith("unet") else "fp32"))
+        part.extra.update({k: v for k, v in done.items() if k != "dtype"})
+        parts.append(part)
     return mf.Manifest(
         kind="diffusion",
         model={"family": "stable-diffusion-1", "name": src.name, "source": str(source), "config": src.config},
@@ -221,7 +246,7 @@ def compile_diffusion(source: str | os.PathLike, out_dir: str | os.PathLike,
         cc, qc = shallow_mod.cache_channels, shallow_mod.quant_channels
     with atomic_folder(out_dir, overwrite=opts.overwrite, source=source) as tmp:
         with log.stage("export text encoder, UNet full/shallow, VAE decoder to ONNX"):
-            _export_parts(src, tmp, opts.branch)
+            _export(src, str(source), tmp, opts)
             (tmp / "tokenizer").mkdir()
             src.tokenizer.save(str(tmp / "tokenizer" / "tokenizer.json"))
             macs = count_macs(src, opts.branch)
@@ -237,7 +262,7 @@ def compile_diffusion(source: str | os.PathLike, out_dir: str | os.PathLike,
         traj = traj_q = None
         if opts.needs_calibration:
             with log.stage(f"calibrate: {len(opts.calib_prompts)} prompts x {opts.steps} full steps"):
-                pipe = open_pipeline(tmp, draft, threads=opts.threads)
+                pipe = _open(open_pipeline, tmp, draft, opts)
                 traj = calib.collect_trajectories(pipe, list(opts.calib_prompts), opts.steps, opts.calib_seed, opts.guidance_scale)
         quant = None
         float_shallow = onnx.load(str(tmp / "unet_shallow.onnx"))
@@ -247,7 +272,7 @@ def compile_diffusion(source: str | os.PathLike, out_dir: str | os.PathLike,
                 draft = _manifest(tmp, str(source), src, opts, spec, quant, [], "int8")
                 use_q = opts.schedule_features in ("quantized", "auto") and (opts.dec or opts.schedule == "dp") and opts.caching
                 if use_q:
-                    pipe = open_pipeline(tmp, draft, threads=opts.threads)
+                    pipe = _open(open_pipeline, tmp, draft, opts)
                     traj_q = calib.collect_trajectories(pipe, list(opts.calib_prompts), opts.steps, opts.calib_seed,
                                                         opts.guidance_scale)
         feats = traj_q if traj_q is not None else traj
@@ -268,13 +293,102 @@ def compile_diffusion(source: str | os.PathLike, out_dir: str | os.PathLike,
             with log.stage("fit decoupled error correction"):
                 _fit_dec(tmp, feats, sched, float_shallow, bool(opts.quantize), opts, cc, qc, spec)
                 tables.append("dec.npz")
+        finished = None
+        if opts.dtype == "fp16" or opts.fuse_attention:
+            with log.stage(f"GPU graphs: {opts.dtype}" + (", fused attention" if opts.fuse_attention else "")):
+                finished = _finish_graphs(tmp, opts)
+                spec["graphs"] = finished
         plans = None
         if plans_wanted:
             with log.stage(f"build {opts.backend} plans of {', '.join(PART_NAMES)}"):
                 plans = _plan_parts(tmp, opts)
-        m = _manifest(tmp, str(source), src, opts, spec, quant, tables, "int8" if opts.quantize else "fp32", plans)
+        m = _manifest(tmp, str(source), src, opts, spec, quant, tables, "int8" if opts.quantize else "fp32", plans,
+                      finished)
         write_manifest(tmp, m)
     return m
+
+
+def _open(open_pipeline: PipelineOpener, folder: Path, draft: mf.Manifest, opts: DiffusionCompileOptions):
+    """The half-built folder's pipeline for calibration, on ``opts.calib_device``."""
+    if opts.calib_device == "cpu":
+        return open_pipeline(folder, draft, threads=opts.threads)
+    return open_pipeline(folder, draft, threads=opts.threads, device=opts.calib_device)
+
+
+def _finish_graphs(folder: Path, opts: DiffusionCompileOptions) -> dict[str, dict[str, Any]]:
+    """The last rewrites, after calibration and the DEC fits ran on the FP32 graphs: FP16 (every
+    part but a quantized UNet, whose Q/DQ graph stays as quantized) with passes/fp16.py's FP32
+    islands for ONNX Runtime (the timestep embedding's Sin/Cos inputs), then the UNets' attention
+    fused into MultiHeadAttention; with ``ort_unet_fusions`` the UNets instead go through
+    passes/ort_unet_fusions.py (CUDA-only contrib ops, ORT's FP16 converter). Returns per part what
+    was done (recorded in the manifest)."""
+    from ember.export.onnx_export import save_onnx
+    from ember.passes.fp16 import convert_to_fp16, default_keep_fp32, fp16_report
+    from ember.passes.mha_fusion import fuse_attention
+
+    done: dict[str, dict[str, Any]] = {}
+    for name in PART_NAMES:
+        unet = name.startswith("unet")
+        to_fp16 = opts.dtype == "fp16" and not (unet and opts.quantize)
+        fuse = unet and opts.fuse_attention
+        if not (to_fp16 or fuse):
+            continue
+        path = folder / f"{name}.onnx"
+        model = onnx.load(str(path))
+        rec: dict[str, Any] = {}
+        if unet and opts.ort_unet_fusions:  # attention first: ORT's own attention fusion fails on this export
+            from ember.passes.ort_unet_fusions import ort_unet_fusions_fp16
+
+            rec["fused_attention"] = fuse_attention(model)
+            model, rec["ort_unet_fusions"] = ort_unet_fusions_fp16(model)
+            rec.update(dtype="fp16", cuda_only=True)
+        else:
+            if to_fp16:
+                convert_to_fp16(model, keep_fp32=default_keep_fp32("onnxruntime"), fp32_outputs=())
+                rec["dtype"] = "fp16"
+                rec["fp16"] = fp16_report(model)
+            if fuse:
+                rec["fused_attention"] = fuse_attention(model)
+        for f in folder.glob(f"{name}.onnx*"):
+            f.unlink()
+        save_onnx(model, path)
+        done[name] = rec
+    return done
+
+
+def _export(src, source: str, folder: Path, opts: DiffusionCompileOptions) -> None:
+    """Write the FP32 ``<part>.onnx`` files into ``folder``: exported, or copied from
+    ``opts.export_cache`` when it holds an export of the same source name, config, seed, branch,
+    image size and opset (``export.json``; a local folder whose weights changed under the same
+    config needs a fresh cache). A fresh export is copied into the cache. Exporting an
+    SD-1.5-sized UNet twice takes minutes, and a benchmark compiles several folders of one source."""
+    import json
+
+    from ember.export.diffusion.onnx_export import OPSET
+
+    if opts.export_cache is None:
+        _export_parts(src, folder, opts.branch)
+        return
+    cache = Path(opts.export_cache)
+    key = json.loads(json.dumps({"source": source, "config": src.config, "seed": opts.seed, "branch": opts.branch,
+                                 "image_size": src.image_size, "opset": OPSET}, sort_keys=True, default=str))
+    record = cache / "export.json"
+    if record.exists() and json.loads(record.read_text()) == key:
+        for f in _part_files(cache):
+            shutil.copyfile(f, folder / f.name)
+        return
+    _export_parts(src, folder, opts.branch)
+    cache.mkdir(parents=True, exist_ok=True)
+    record.unlink(missing_ok=True)
+    for f in _part_files(cache):
+        f.unlink()
+    for f in _part_files(folder):
+        shutil.copyfile(f, cache / f.name)
+    record.write_text(json.dumps(key))  # last: a cache is complete when it has its record
+
+
+def _part_files(folder: Path) -> list[Path]:
+    return [f for n in PART_NAMES for f in (folder / f"{n}.onnx", folder / f"{n}.onnx.data") if f.exists()]
 
 
 def _export_parts(src, folder: Path, branch: int) -> None:

@@ -22,7 +22,7 @@ from ember.runtime.backend_choice import choose_backend, onnx_graph, plan_needs_
 def load(path: str | os.PathLike, verify: str = "full", **opts):
     """Load an engine folder. Decoder options: max_batch, kv_memory, max_queue, prefill_chunk,
     threads, compaction, device, fused_decode, admit_batch, backend (tensor-parallel folders add tp,
-    timeout_s, heartbeat_s, startup_timeout_s; diffusion folders take threads and backend). Returns a
+    timeout_s, heartbeat_s, startup_timeout_s; diffusion folders take threads, backend and device). Returns a
     DecoderEngine (or a diffusion pipeline). An option the folder's kind does not take is an
     InputError listing those it does. ``backend='onnxruntime'`` runs a TensorRT or TensorRT-RTX
     folder's parts from the ONNX graphs their plans were built from (``runtime/backend_choice.py``)."""

@@ -150,6 +150,27 @@ BUILTIN: dict[str, DiffusionConfig] = {
         vae_layers_per_block=1,
         vae_norm_num_groups=16,
     ),
+    # GPU benchmarks: Stable Diffusion 1.5's shapes (860M-parameter UNet, CLIP ViT-L/14 text encoder,
+    # the 4-block VAE, 512 px images) with seeded random weights.
+    "sd-15-shape": DiffusionConfig(
+        name="sd-15-shape",
+        sample_size=64,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=2,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        norm_num_groups=32,
+        text_hidden_size=768,
+        text_layers=12,
+        text_heads=12,
+        text_intermediate=3072,
+        max_text_length=77,
+        vae_block_out_channels=(128, 256, 512, 512),
+        vae_layers_per_block=2,
+        vae_norm_num_groups=32,
+    ),
 }
 
 

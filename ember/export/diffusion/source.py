@@ -114,7 +114,7 @@ def build_builtin(cfg: DiffusionConfig, seed: int = 0) -> DiffusionSource:
 
 
 def load_source(source: str | Path, seed: int = 0) -> DiffusionSource:
-    """A built-in name (``sd-tiny``, ``sd-small``) or a local diffusers SD-1.x folder."""
+    """A built-in name (``sd-tiny``, ``sd-small``, ``sd-15-shape``) or a local diffusers SD-1.x folder."""
     path = Path(source)
     if path.is_dir():
         return load_folder(path)
@@ -122,7 +122,7 @@ def load_source(source: str | Path, seed: int = 0) -> DiffusionSource:
         return build_builtin(builtin_config(str(source)), seed=seed)
     raise ConfigError(
         f"diffusion source {str(source)!r} is neither a folder with model_index.json nor a built-in "
-        "name (sd-tiny, sd-small); pass a local diffusers pipeline folder (save_pretrained output)"
+        "name (sd-tiny, sd-small, sd-15-shape); pass a local diffusers pipeline folder (save_pretrained output)"
     )
 
 

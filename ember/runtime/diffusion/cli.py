@@ -26,6 +26,8 @@ def add_generate_image_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-dec", action="store_true", help="ignore the error-correction tables")
     p.add_argument("--stagger", type=int, default=0, help="start prompt i after i*STAGGER steps (fusion demo)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: ONNX Runtime's CUDA provider, "
+                   "device-resident latents, CUDA graphs (EMBER_CUDA_GRAPH=0 turns them off)")
     p.add_argument("--json", action="store_true", help="print timings and paths as JSON")
     p.set_defaults(func=cmd_generate_image)
     return p
@@ -37,7 +39,7 @@ add_parser = add_generate_image_parser  # the name ember.cli's extension loader 
 def cmd_generate_image(a) -> int:
     import ember
 
-    pipe = ember.load(a.folder, threads=a.threads)
+    pipe = ember.load(a.folder, threads=a.threads, device=a.device)
     res = pipe.generate(a.prompt, negative_prompt=a.negative_prompt, steps=a.steps, seed=a.seed,
                         guidance_scale=a.guidance_scale, height=a.height, width=a.width, cache=not a.no_cache,
                         dec=not a.no_dec, stagger=a.stagger)
@@ -46,7 +48,8 @@ def cmd_generate_image(a) -> int:
     for i, path in enumerate(paths):
         res.save(path, i)
     info = {"images": [str(p) for p in paths], "timings": {k: round(v, 4) for k, v in res.timings.items()},
-            "full_steps": res.loop.full_calls, "shallow_steps": res.loop.shallow_calls, "notes": res.notes}
+            "full_steps": res.loop.full_calls, "shallow_steps": res.loop.shallow_calls, "notes": res.notes,
+            "device": a.device, "cuda_graphs": pipe.device_status}
     if a.json:
         print(json.dumps(info))
     else:

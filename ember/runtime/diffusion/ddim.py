@@ -1,8 +1,9 @@
-"""DDIM sampler (eta = 0) in numpy, vectorised over samples that may sit at different steps.
+"""DDIM sampler (eta = 0), vectorised over samples that may sit at different steps: numpy arrays
+or torch tensors (the device path), with the same float32 arithmetic.
 
 Follows diffusers' DDIMScheduler for the options SD-1.x uses (``beta_schedule`` linear or
 scaled_linear, ``timestep_spacing`` leading/trailing/linspace, ``steps_offset``,
-``set_alpha_to_one``, epsilon prediction, optional ``clip_sample``). No torch.
+``set_alpha_to_one``, epsilon prediction, optional ``clip_sample``). torch only for torch inputs.
 """
 from __future__ import annotations
 
@@ -65,19 +66,24 @@ class DDIM:
             ts = np.round(np.arange(n, 0, -n / steps)).astype(np.int64) - 1
         return ts
 
-    def step(self, eps: np.ndarray, t: np.ndarray, x: np.ndarray, steps: np.ndarray) -> np.ndarray:
-        """One DDIM update per sample. eps, x [B,C,h,w]; t [B] int timesteps; steps [B] the
-        number of inference steps of each sample's request (sets its previous timestep)."""
+    def step(self, eps, t: np.ndarray, x, steps: np.ndarray):
+        """One DDIM update per sample. eps, x [B,C,h,w] float32 (numpy arrays, or torch tensors on
+        any device: the update then runs there); t [B] int timesteps; steps [B] the number of
+        inference steps of each sample's request (sets its previous timestep). The per-sample
+        coefficients are computed on the host in float32 either way."""
         prev = t - self.num_train_timesteps // steps
         a_t = self.alphas_cumprod[t]
         a_prev = np.where(prev >= 0, self.alphas_cumprod[np.maximum(prev, 0)], self.final_alpha_cumprod).astype(np.float32)
         shape = (-1,) + (1,) * (x.ndim - 1)
         a_t, a_prev = a_t.reshape(shape), a_prev.reshape(shape)
-        x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)
+        like = _coefficients_like(x)
+        sq_t, s_t = like(np.sqrt(1 - a_t)), like(np.sqrt(a_t))
+        x0 = (x - sq_t * eps) / s_t
         if self.clip_sample:
-            x0 = np.clip(x0, -self.clip_sample_range, self.clip_sample_range)
-            eps = (x - np.sqrt(a_t) * x0) / np.sqrt(1 - a_t)
-        return (np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps).astype(np.float32)
+            x0 = x0.clip(-self.clip_sample_range, self.clip_sample_range)
+            eps = (x - s_t * x0) / sq_t
+        out = like(np.sqrt(a_prev)) * x0 + like(np.sqrt(1 - a_prev)) * eps
+        return out.astype(np.float32) if isinstance(out, np.ndarray) else out.float()
 
     def eps_weights(self, steps: int) -> np.ndarray:
         """[steps] float64: how far an error in step i's noise prediction moves the final x_0.
@@ -93,3 +99,17 @@ class DDIM:
         a_prev = np.where(prev >= 0, self.alphas_cumprod[np.maximum(prev, 0)], self.final_alpha_cumprod).astype(np.float64)
         s_t, s_prev = np.sqrt((1 - a_t) / a_t), np.sqrt((1 - a_prev) / a_prev)
         return np.abs(s_t - s_prev) * np.sqrt(a_prev[-1])
+
+
+def _coefficients_like(x):
+    """float32 host coefficients -> the array type of ``x``: numpy as is; torch on x's device (to a
+    GPU through pinned memory without blocking: a pageable copy would wait for the device's queue)."""
+    if isinstance(x, np.ndarray):
+        return lambda a: a
+    import torch  # x is a torch tensor: torch is loaded
+
+    def move(a):
+        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+        return t.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else t
+
+    return move

@@ -10,17 +10,21 @@ Every iteration (schedule -> execute -> update):
 
 A job's result does not depend on which other jobs share its calls (per-sample timesteps,
 per-sample correction rows; the engines have no cross-batch ops).
+
+The loop is written once for two array kinds (``ArrayOps``): numpy on the host (``HOST``, the
+CPU ``PartSession`` path) and torch tensors on a device (``torch_ops``, the ``DevicePartSession``
+path: latents, text embeddings, cached features and DEC rows stay on the device, the CFG mix and
+the DDIM update run there). Observers always see numpy arrays.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from ember.runtime.diffusion.ddim import DDIM
-from ember.runtime.diffusion.engines import PartSession
 
 
 @dataclass
@@ -37,15 +41,15 @@ class DecRows:
 class DenoiseJob:
     """One request's denoising state. ``text`` [R, S, D] with R = 2 (uncond, cond) under CFG, else 1."""
 
-    text: np.ndarray
-    latents: np.ndarray  # [C, h, w]
+    text: Any  # numpy array or device tensor (the loop's ArrayOps kind), as latents, cached, dec rows
+    latents: Any  # [C, h, w] float32
     timesteps: np.ndarray  # [steps] int64
     full: np.ndarray  # [steps] bool: run the full engine at this step
     guidance_scale: float
     dec: DecRows  # identity rows when the request runs without DEC
     start: int = 0  # iteration at which the job joins the loop
     step: int = 0
-    cached: np.ndarray | None = None  # [R, Cc, h', w'] from the last full step
+    cached: Any = None  # [R, Cc, h', w'] from the last full step
     stats: dict[str, int] = field(default_factory=lambda: {"full": 0, "shallow": 0})
 
     def __post_init__(self) -> None:
@@ -81,51 +85,79 @@ class LoopStats:
     group_sizes: list[tuple[int, int]] = field(default_factory=list)  # (full jobs, shallow jobs) per iteration
 
 
-def _feeds(jobs: list[DenoiseJob], shallow: bool) -> dict[str, np.ndarray]:
+@dataclass(frozen=True)
+class ArrayOps:
+    """The few array operations the loop needs, for one array kind."""
+
+    cat: Callable  # list of arrays -> one, along axis 0
+    stack: Callable  # list of arrays -> one, new axis 0
+    full: Callable  # (n, value) -> float32 [n] of value
+    repeat: Callable  # (row, r) -> row[None] repeated r times along axis 0
+    to_host: Callable  # array -> numpy
+
+
+HOST = ArrayOps(cat=np.concatenate, stack=np.stack, full=lambda n, v: np.full(n, v, np.float32),
+                repeat=lambda x, r: np.repeat(x[None], r, 0), to_host=lambda a: a)
+
+
+def torch_ops(device) -> ArrayOps:
+    """``ArrayOps`` over torch tensors on ``device`` (a ``torch.device``, CPU or CUDA)."""
+    import torch
+
+    return ArrayOps(cat=lambda xs: torch.cat(xs), stack=lambda xs: torch.stack(xs),
+                    full=lambda n, v: torch.full((n,), float(v), dtype=torch.float32, device=device),
+                    repeat=lambda x, r: x[None].expand(r, *x.shape), to_host=lambda a: a.float().cpu().numpy())
+
+
+def _feeds(jobs: list[DenoiseJob], shallow: bool, ops: ArrayOps) -> dict[str, Any]:
     feeds = {
-        "sample": np.concatenate([np.repeat(j.latents[None], j.rows, 0) for j in jobs]),
-        "timestep": np.concatenate([np.full(j.rows, j.timesteps[j.step], np.float32) for j in jobs]),
-        "encoder_hidden_states": np.concatenate([j.text for j in jobs]),
+        "sample": ops.cat([ops.repeat(j.latents, j.rows) for j in jobs]),
+        "timestep": ops.cat([ops.full(j.rows, j.timesteps[j.step]) for j in jobs]),
+        "encoder_hidden_states": ops.cat([j.text for j in jobs]),
     }
     if shallow:
-        feeds["cached"] = np.concatenate([j.cached for j in jobs])
+        feeds["cached"] = ops.cat([j.cached for j in jobs])
         for name in ("cache_scale", "cache_bias", "quant_scale", "quant_bias"):
-            feeds[name] = np.concatenate([np.repeat(getattr(j.dec, name)[j.step][None], j.rows, 0) for j in jobs])
+            feeds[name] = ops.cat([ops.repeat(getattr(j.dec, name)[j.step], j.rows) for j in jobs])
     return feeds
 
 
-def _execute(engine: PartSession, jobs: list[DenoiseJob], kind: str, observer: Observer | None) -> list[list[np.ndarray]]:
-    feeds = _feeds(jobs, kind == "shallow")
+def _execute(engine, jobs: list[DenoiseJob], kind: str, observer: Observer | None, ops: ArrayOps) -> list[list[Any]]:
+    """One engine call over ``jobs``' rows; ``engine.run(feeds)`` returns fresh arrays the loop owns."""
+    feeds = _feeds(jobs, kind == "shallow", ops)
     outs = engine.run(feeds)
     split, at = [], 0
     for j in jobs:
         mine = [o[at:at + j.rows] for o in outs]
         if observer is not None:
-            observer(j, kind, {k: v[at:at + j.rows] for k, v in feeds.items()}, mine)
+            observer(j, kind, {k: ops.to_host(v[at:at + j.rows]) for k, v in feeds.items()}, [ops.to_host(o) for o in mine])
         split.append(mine)
         at += j.rows
     return split
 
 
-def _update(sampler: DDIM, jobs: list[DenoiseJob], outs: list[list[np.ndarray]], kind: str) -> None:
+def _update(sampler: DDIM, jobs: list[DenoiseJob], outs: list[list[Any]], kind: str, ops: ArrayOps) -> None:
     eps = []
     for j, o in zip(jobs, outs):
-        e = o[0]
+        e = o[0].astype(np.float32, copy=False) if ops is HOST else o[0].float()  # FP16 engines: mix in float32
         eps.append(e[0] + j.guidance_scale * (e[1] - e[0]) if j.rows == 2 else e[0])
         if kind == "full":
             j.cached = o[1]
         j.stats[kind] += 1
     t = np.array([j.timesteps[j.step] for j in jobs])
     steps = np.array([j.steps for j in jobs])
-    new = sampler.step(np.stack(eps), t, np.stack([j.latents for j in jobs]), steps)
+    new = sampler.step(ops.stack(eps), t, ops.stack([j.latents for j in jobs]), steps)
     for j, x in zip(jobs, new):
         j.latents = x
         j.step += 1
 
 
-def run_loop(jobs: list[DenoiseJob], sampler: DDIM, full: PartSession, shallow: PartSession | None,
-             observer: Observer | None = None) -> LoopStats:
-    """Denoise every job to completion (in place: each job's ``latents`` ends as x_0)."""
+def run_loop(jobs: list[DenoiseJob], sampler: DDIM, full, shallow, observer: Observer | None = None,
+             ops: ArrayOps = HOST) -> LoopStats:
+    """Denoise every job to completion (in place: each job's ``latents`` ends as x_0).
+
+    ``full``/``shallow``: engines with ``run(feeds) -> [outputs]`` over ``ops``' arrays
+    (``PartSession`` with ``HOST``, ``DevicePartSession`` with ``torch_ops``)."""
     stats = LoopStats()
     it = 0
     while any(not j.done for j in jobs):
@@ -134,15 +166,15 @@ def run_loop(jobs: list[DenoiseJob], sampler: DDIM, full: PartSession, shallow: 
         shallows = [j for j in live if j not in fulls]
         stats.group_sizes.append((len(fulls), len(shallows)))
         t0 = time.perf_counter()
-        outs_full = _execute(full, fulls, "full", observer) if fulls else []
-        outs_shallow = _execute(shallow, shallows, "shallow", observer) if shallows else []
+        outs_full = _execute(full, fulls, "full", observer, ops) if fulls else []
+        outs_shallow = _execute(shallow, shallows, "shallow", observer, ops) if shallows else []
         stats.unet_seconds += time.perf_counter() - t0
         stats.full_calls += bool(fulls)
         stats.shallow_calls += bool(shallows)
         if fulls:
-            _update(sampler, fulls, outs_full, "full")
+            _update(sampler, fulls, outs_full, "full", ops)
         if shallows:
-            _update(sampler, shallows, outs_shallow, "shallow")
+            _update(sampler, shallows, outs_shallow, "shallow", ops)
         it += 1
     stats.iterations = it
     return stats

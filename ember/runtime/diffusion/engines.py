@@ -21,7 +21,8 @@ class PartSession:
     dequantize their weights every call instead of running as int8 kernels.
     ``optimized_path`` writes ORT's optimized graph there (for inspection and tests).
     A TensorRT / TensorRT-RTX part runs its plan's source ONNX graph with ``backend='onnxruntime'``
-    (the diffusion runtime runs ONNX Runtime on the CPU only; without it such a part is refused).
+    (the diffusion runtime runs ONNX Runtime only; without it such a part is refused). This is the
+    host path's session; ``device_engines.DevicePartSession`` is the device path's.
     """
 
     def __init__(self, folder: Path, part: EnginePart, threads: int | None = None,
@@ -44,6 +45,12 @@ class PartSession:
                                 f"{sorted(want)}; recompile")
         self.name = part.name
         self.output_names = [t.name for t in part.outputs]
+        self.input_dtypes = {i.name: ORT_NUMPY[i.type] for i in self.sess.get_inputs()}
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.sess.run(self.output_names, feeds)
+        """Feeds are cast to the graph's input types (an FP16 engine takes the loop's float32)."""
+        return self.sess.run(self.output_names, {k: np.asarray(v, self.input_dtypes[k]) for k, v in feeds.items()})
+
+
+ORT_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+             "tensor(int32)": np.int32}

@@ -1,7 +1,12 @@
-"""The image-generation pipeline over a compiled diffusion folder (no torch at run time).
+"""The image-generation pipeline over a compiled diffusion folder.
 
 prompt -> tokenizer -> text encoder -> fused DDIM loop with CFG (full/shallow UNet engines
 per the cache schedule, DEC rows as engine inputs) -> VAE decoder -> uint8 images / PNG.
+
+Two paths over one loop (``denoise.run_loop``): the host path (``device='cpu'``: numpy and ONNX
+Runtime's CPU provider, no torch) and the device path (``device='cuda:N'``, or ``'cpu'`` with
+``io_binding=True`` for tests: torch tensors bound through IOBinding, everything between the
+prompt's token ids and the final image stays on the device; ``device_engines.py``).
 """
 from __future__ import annotations
 
@@ -13,9 +18,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ember.engine_format.manifest import Manifest, resolve_member
-from ember.errors import ArtifactError, InputError
+from ember.errors import ArtifactError, ConfigError, InputError
 from ember.runtime.diffusion.ddim import DDIM
-from ember.runtime.diffusion.denoise import DecRows, DenoiseJob, LoopStats, Observer, run_loop
+from ember.runtime.diffusion.denoise import HOST, DecRows, DenoiseJob, LoopStats, Observer, run_loop, torch_ops
 from ember.runtime.diffusion.engines import PartSession
 from ember.runtime.text_input import check_text
 
@@ -49,23 +54,85 @@ class DiffusionPipeline:
     """Owns its engine sessions. ``generate`` is the public entry; ``run_jobs`` the fused loop."""
 
     def __init__(self, folder: Path, manifest: Manifest, threads: int | None = None,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None, device: str = "cpu", io_binding: bool | None = None,
+                 cuda_graph: bool | None = None) -> None:
+        """``device``: 'cpu' or 'cuda[:N]'. ``io_binding`` (default: on for CUDA, off for 'cpu')
+        selects the device path; ``cuda_graph`` (default on for CUDA, ``EMBER_CUDA_GRAPH=0`` turns it
+        off) captures the UNet engines per batch size (``device_engines.DevicePartSession``; on the
+        CPU: the same static-batch sessions without a capture)."""
+        import os
+
         from ember.runtime.loader import load_tokenizer
 
         spec = manifest.extra.get("diffusion")
         if not isinstance(spec, dict):
             raise ArtifactError(f"{folder}/manifest.json has no 'diffusion' section; recompile the folder")
         self.folder, self.manifest, self.spec = folder, manifest, spec
-        self.text = PartSession(folder, manifest.part("text_encoder"), threads, backend=backend)
-        self.full = PartSession(folder, manifest.part("unet_full"), threads, backend=backend)
-        self.shallow = PartSession(folder, manifest.part("unet_shallow"), threads, backend=backend)
-        self.vae = PartSession(folder, manifest.part("vae_decoder"), threads, backend=backend)
+        if not isinstance(device, str) or not (device == "cpu" or device.startswith("cuda")):
+            raise InputError(f"device {device!r} is not understood; use 'cpu', 'cuda' or 'cuda:N'")
+        self.device = device
+        cuda_only = [p.name for p in manifest.parts if p.extra.get("cuda_only")]
+        if cuda_only and not device.startswith("cuda"):
+            raise ConfigError(f"{folder}: parts {cuda_only} use ONNX Runtime's CUDA-only UNet ops (compiled with "
+                              f"--ort-unet-fusions); load with device='cuda:N' (CLI: --device cuda:0), or recompile "
+                              f"without --ort-unet-fusions to run on the CPU")
+        self.ctx = None
+        if io_binding if io_binding is not None else device != "cpu":
+            from ember.runtime.diffusion.device_engines import DeviceContext, DevicePartSession
+
+            self.ctx = DeviceContext.make(device)
+            graphs = cuda_graph if cuda_graph is not None else (self.ctx.is_cuda and
+                                                                 os.environ.get("EMBER_CUDA_GRAPH", "1") != "0")
+
+            def part(name: str, graph: bool = False):
+                return DevicePartSession(folder, manifest.part(name), self.ctx, threads, backend=backend,
+                                         cuda_graph=graph and graphs)
+            self.ops = torch_ops(self.ctx.device)
+        elif device != "cpu":
+            raise InputError(f"device={device!r} runs the device path; io_binding=False is for 'cpu' only")
+        else:
+            def part(name: str, graph: bool = False):
+                return PartSession(folder, manifest.part(name), threads, backend=backend)
+            self.ops = HOST
+        self.text = part("text_encoder")
+        self.full = part("unet_full", graph=True)
+        self.shallow = part("unet_shallow", graph=True)
+        self.vae = part("vae_decoder")
         self.tokenizer = load_tokenizer(folder, manifest)
         if self.tokenizer is None:
             raise ArtifactError(f"{folder}/manifest.json records no tokenizer; recompile the folder")
         self.sampler = DDIM.from_config(spec["scheduler"])
         self.cache = spec["cache"]
         self.dec = self._load_dec(spec.get("dec"))
+        self._device_dec: DecRows | None = None
+
+    @property
+    def device_status(self) -> dict[str, str]:
+        """Per UNet engine: its CUDA graph status and captured batch sizes (device path only)."""
+        if self.ctx is None:
+            return {}
+        return {e.name: e.cuda_graph_status + (f" ({e.graph_mode}, batches {e.graph_batches})" if e.graph_batches else "")
+                for e in (self.full, self.shallow)}
+
+    def _on_device(self, a: np.ndarray):
+        """A host array as the loop's array kind (a device tensor on the device path)."""
+        if self.ctx is None:
+            return a
+        import torch
+
+        with self.active():  # allocated and filled on the pipeline's stream, where it is used
+            return torch.from_numpy(np.ascontiguousarray(a)).to(self.ctx.device)
+
+    def _rows_on_device(self, rows: DecRows) -> DecRows:
+        """Correction rows as the loop's array kind (the folder's DEC tables are moved once)."""
+        if self.ctx is None:
+            return rows
+        if rows is self.dec and self._device_dec is not None:
+            return self._device_dec
+        moved = DecRows(*(self._on_device(getattr(rows, k)) for k in ("cache_scale", "cache_bias", "quant_scale", "quant_bias")))
+        if rows is self.dec:
+            self._device_dec = moved
+        return moved
 
     # ---- configuration -------------------------------------------------------------------
     @property
@@ -117,20 +184,37 @@ class DiffusionPipeline:
         return full, self._identity(steps), notes
 
     # ---- stages --------------------------------------------------------------------------
-    def encode(self, prompts: Sequence[str]) -> np.ndarray:
-        """prompts -> text embeddings [N, S, D] float32."""
+    def encode(self, prompts: Sequence[str]):
+        """prompts -> text embeddings [N, S, D] (a float32 array; a device tensor on the device path)."""
         ids = np.array([e.ids for e in self.tokenizer.encode_batch(list(prompts))], dtype=np.int64)
         want = int(self.spec["max_text_length"])
         if ids.shape[1] != want:
             raise ArtifactError(f"tokenizer gives {ids.shape[1]} tokens per prompt, the text encoder takes {want}; recompile")
-        return self.text.run({"input_ids": ids})[0]
+        with self.active():
+            return self.text.run({"input_ids": self._on_device(ids)})[0]
 
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """x_0 latents [N, C, h, w] -> images [N, 3, H, W] in about [-1, 1]."""
-        return self.vae.run({"latents": latents.astype(np.float32)})[0]
+    def decode(self, latents) -> np.ndarray:
+        """x_0 latents [N, C, h, w] (host array or device tensor) -> images [N, 3, H, W] float32 in about [-1, 1]."""
+        if self.ctx is None:
+            return self.vae.run({"latents": np.asarray(latents, np.float32)})[0].astype(np.float32, copy=False)
+        with self.active():
+            lat = self._on_device(np.asarray(latents, np.float32)) if isinstance(latents, np.ndarray) else latents
+            return self.ops.to_host(self.vae.run({"latents": lat})[0])
 
     def run_jobs(self, jobs: list[DenoiseJob], observer: Observer | None = None) -> LoopStats:
-        return run_loop(jobs, self.sampler, self.full, self.shallow, observer)
+        with self.active():
+            return run_loop(jobs, self.sampler, self.full, self.shallow, observer, ops=self.ops)
+
+    def active(self):
+        """The context engine calls run in: the device stream on CUDA (a no-op on the host path)."""
+        import contextlib
+
+        return self.ctx.active() if self.ctx is not None else contextlib.nullcontext()
+
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (timings on the device path)."""
+        if self.ctx is not None:
+            self.ctx.synchronize()
 
     # ---- public API ----------------------------------------------------------------------
     def make_jobs(self, prompts: Sequence[str], *, negative_prompt: str | Sequence[str] = "", steps: int | None = None,
@@ -157,14 +241,16 @@ class DiffusionPipeline:
         if latents is not None and latents.shape != (n, *self.latent_shape):
             raise InputError(f"latents have shape {list(latents.shape)}; this engine takes {[n, *self.latent_shape]}")
         full, rows, notes = self.plan(steps, cache, dec)
+        rows = self._rows_on_device(rows)
         timesteps = self.sampler.timesteps(steps)
         cfg = g > 1.0
         emb = self.encode(list(negs) + list(prompts) if cfg else list(prompts))
         jobs = []
         for i in range(n):
             x = latents[i] if latents is not None else np.random.default_rng(seeds[i]).standard_normal(self.latent_shape)
-            text = np.stack([emb[i], emb[n + i]]) if cfg else emb[i:i + 1]
-            jobs.append(DenoiseJob(text=text, latents=np.asarray(x, np.float32), timesteps=timesteps, full=full.copy(),
+            text = self.ops.stack([emb[i], emb[n + i]]) if cfg else emb[i:i + 1]
+            x = self._on_device(np.asarray(x, np.float32))
+            jobs.append(DenoiseJob(text=text, latents=x, timesteps=timesteps, full=full.copy(),
                                    guidance_scale=g, dec=rows, start=i * stagger))
         return jobs, notes
 
@@ -190,16 +276,21 @@ class DiffusionPipeline:
             if v is not None and int(v) != size:
                 raise InputError(f"{name}={v}: this engine was compiled for {size}x{size} images; "
                                  f"use {size} or recompile with `ember compile ... --image-size {v}`")
-        t0 = time.perf_counter()
-        jobs, notes = self.make_jobs(prompts, negative_prompt=negative_prompt, steps=steps, seed=seed,
-                                     guidance_scale=guidance_scale, latents=latents, cache=cache, dec=dec, stagger=stagger)
-        t1 = time.perf_counter()
-        loop = self.run_jobs(jobs)
-        t2 = time.perf_counter()
-        final = np.stack([j.latents for j in jobs])
-        images = to_uint8(self.decode(final)) if decode else []
-        t3 = time.perf_counter()
-        timings = {"text_s": t1 - t0, "loop_s": t2 - t1, "unet_s": loop.unet_seconds, "vae_s": t3 - t2, "total_s": t3 - t0}
+        with self.active():  # every device tensor of the request lives on the pipeline's stream
+            t0 = time.perf_counter()
+            jobs, notes = self.make_jobs(prompts, negative_prompt=negative_prompt, steps=steps, seed=seed,
+                                         guidance_scale=guidance_scale, latents=latents, cache=cache, dec=dec, stagger=stagger)
+            self.synchronize()
+            t1 = time.perf_counter()
+            loop = self.run_jobs(jobs)
+            self.synchronize()
+            t2 = time.perf_counter()
+            final = self.ops.stack([j.latents for j in jobs])
+            images = to_uint8(self.decode(final)) if decode else []
+            final = self.ops.to_host(final)
+            t3 = time.perf_counter()
+            timings = {"text_s": t1 - t0, "loop_s": t2 - t1, "unet_s": loop.unet_seconds, "vae_s": t3 - t2, "total_s": t3 - t0}
+        notes += [f"{name}: CUDA graphs {st}" for name, st in self.device_status.items() if st.startswith("unavailable")]
         return ImageResult(images=images, latents=final, timings=timings, loop=loop, notes=notes)
 
     def close(self) -> None:
