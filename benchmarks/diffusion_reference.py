@@ -135,11 +135,13 @@ def run(args) -> dict:
                  for k, v in folders.items()}
     rows = []
     for arm, r in outs.items():
-        key, kw = ARMS.get(arm, ("dp5", dict(cache=False)))
-        full = len(schedules[key]) if kw.get("cache", True) else args.steps
+        # UNet calls the loop made (its requests share every call: all sit at the same step)
+        full, shallow = r.loop.full_calls, r.loop.shallow_calls
+        if full + shallow != args.steps:
+            raise RuntimeError(f"{arm}: {full} full + {shallow} shallow calls for {args.steps} steps")
         p = [psnr(a, b) for a, b in zip(r.images, base.images)]
         rows.append({
-            "arm": arm, "full_steps": full, "shallow_steps": args.steps - full,
+            "arm": arm, "full_steps": full, "shallow_steps": shallow,
             "psnr_db": float(np.mean(p)) if arm != "FP32 uncached (baseline)" else float("inf"),
             "psnr_db_min": float(np.min(p)) if arm != "FP32 uncached (baseline)" else float("inf"),
             "ssim": float(np.mean([ssim(a, b) for a, b in zip(r.images, base.images)])),
@@ -192,7 +194,7 @@ def write(res: dict, name: str) -> None:
         "cached-feature distance; \"sampler-weighted\" adds the DDIM per-step weights (the previous default). "
         "Why they differ: `diffusion_reuse_diagnosis.md`.",
         "",
-        "| arm | full/shallow steps | PSNR (dB) | worst PSNR (dB) | SSIM | final-latent rel. error |",
+        "| arm | full/shallow UNet calls | PSNR (dB) | worst PSNR (dB) | SSIM | final-latent rel. error |",
         "|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
