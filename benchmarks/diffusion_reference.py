@@ -7,6 +7,10 @@ the FP32 uncached engine's images of the same prompt and seed:
   PSNR (dB, uint8 images), SSIM (7x7 uniform window, per channel, mean), relative L2 of the final
   latent. "different seed" compares the baseline with itself at another seed: the distance of an
   unrelated image of the same prompt (the floor of every column).
+Arms per cache interval N (5, 10, 20; K = ceil(steps / N) full UNet calls each): uniform, DP with
+the default objective (guided-noise reuse error) with and without DEC, DP with §5.2's feature
+distance, and DP with the feature distance weighted by the sampler (the previous default); plus
+W8A8 uncached and W8A8 + DP N=5 with and without DEC.
 Speed is not measured here (benchmarks/diffusion.py does that on sd-small).
 
     python benchmarks/diffusion_reference.py [--steps 50] [--seeds 3]
@@ -62,17 +66,16 @@ def ssim(a: np.ndarray, b: np.ndarray, win: int = 7) -> float:
 
 def compile_all(source: Path, root: Path, steps: int, guidance: float) -> dict[str, Path]:
     common = dict(steps=steps, calib_prompts=CALIB, guidance_scale=guidance, quiet=True, overwrite=True)
-    plan = {
-        "dp5": DiffusionCompileOptions(cache_interval=5, schedule="dp", dec=True, **common),
-        "dp5_unweighted": DiffusionCompileOptions(cache_interval=5, schedule="dp", schedule_weights="none", **common),
-        "uniform5": DiffusionCompileOptions(cache_interval=5, schedule="uniform", **common),
-        "dp10": DiffusionCompileOptions(cache_interval=10, schedule="dp", dec=True, **common),
-        "uniform10": DiffusionCompileOptions(cache_interval=10, schedule="uniform", **common),
-        # DEC's fit on every prompt (calibration seed 1000; the evaluation seeds stay unseen)
-        "dp5_calib12": DiffusionCompileOptions(cache_interval=5, schedule="dp", dec=True,
-                                               **{**common, "calib_prompts": shapes.PROMPTS}),
-        "w8a8_dp5": DiffusionCompileOptions(cache_interval=5, schedule="dp", quantize="int8", dec=True, **common),
-    }
+    plan = {}
+    for n in INTERVALS:
+        # the default DP: guided-noise reuse error through the shallow engine, unweighted
+        plan[f"dp{n}"] = DiffusionCompileOptions(cache_interval=n, schedule="dp", dec=n in DEC_INTERVALS, **common)
+        plan[f"dp{n}_feature"] = DiffusionCompileOptions(cache_interval=n, schedule="dp", schedule_distance="feature",
+                                                         **common)  # docs/design.md §5.2's J
+        plan[f"dp{n}_feature_sampler"] = DiffusionCompileOptions(  # the previous default
+            cache_interval=n, schedule="dp", schedule_distance="feature", schedule_weights="sampler", **common)
+        plan[f"uniform{n}"] = DiffusionCompileOptions(cache_interval=n, schedule="uniform", **common)
+    plan["w8a8_dp5"] = DiffusionCompileOptions(cache_interval=5, schedule="dp", quantize="int8", dec=True, **common)
     out = {}
     for name, opts in plan.items():
         out[name] = root / name
@@ -84,28 +87,33 @@ def compile_all(source: Path, root: Path, steps: int, guidance: float) -> dict[s
     return out
 
 
-# arm -> (engine folder key, generate kwargs)
-ARMS = {
-    "FP32 uncached (baseline)": ("dp5", dict(cache=False)),
-    "uniform N=5": ("uniform5", {}),
-    "DP N=5, unweighted J": ("dp5_unweighted", {}),
-    "DP N=5": ("dp5", dict(dec=False)),
-    "DP N=5 + DEC": ("dp5", {}),
-    "uniform N=10": ("uniform10", {}),
-    "DP N=10": ("dp10", dict(dec=False)),
-    "DP N=10 + DEC": ("dp10", {}),
-    "DP N=5, 12 calibration prompts": ("dp5_calib12", dict(dec=False)),
-    "DP N=5 + DEC, 12 calibration prompts": ("dp5_calib12", {}),
-    "W8A8 uncached": ("w8a8_dp5", dict(cache=False)),
-    "DP N=5 + W8A8": ("w8a8_dp5", dict(dec=False)),
-    "DP N=5 + W8A8 + DEC": ("w8a8_dp5", {}),
-}
+INTERVALS = (5, 10, 20)  # N: K = ceil(50 / N) = 10, 5, 3 full steps
+DEC_INTERVALS = (5, 10)
+
+
+def _arms() -> dict[str, tuple[str, dict]]:
+    """arm -> (engine folder key, generate kwargs)."""
+    arms = {"FP32 uncached (baseline)": ("dp5", dict(cache=False))}
+    for n in INTERVALS:
+        arms[f"uniform N={n}"] = (f"uniform{n}", {})
+        arms[f"DP N={n}"] = (f"dp{n}", dict(dec=False))
+        arms[f"DP N={n}, feature J"] = (f"dp{n}_feature", {})
+        arms[f"DP N={n}, feature J sampler-weighted"] = (f"dp{n}_feature_sampler", {})
+        if n in DEC_INTERVALS:
+            arms[f"DP N={n} + DEC"] = (f"dp{n}", {})
+    arms["W8A8 uncached"] = ("w8a8_dp5", dict(cache=False))
+    arms["DP N=5 + W8A8"] = ("w8a8_dp5", dict(dec=False))
+    arms["DP N=5 + W8A8 + DEC"] = ("w8a8_dp5", {})
+    return arms
+
+
+ARMS = _arms()
 
 # (first arm, second arm) compared image by image in the results
-PAIRS = (("DP N=5", "uniform N=5"), ("DP N=5, unweighted J", "uniform N=5"), ("DP N=10", "uniform N=10"),
-         ("DP N=5 + DEC", "DP N=5"), ("DP N=10 + DEC", "DP N=10"),
-         ("DP N=5 + DEC, 12 calibration prompts", "DP N=5, 12 calibration prompts"),
-         ("DP N=5 + W8A8 + DEC", "DP N=5 + W8A8"))
+PAIRS = tuple((f"DP N={n}{v}", f"uniform N={n}") for n in INTERVALS
+              for v in ("", ", feature J", ", feature J sampler-weighted")) + tuple(
+    (f"DP N={n}", f"DP N={n}, feature J") for n in INTERVALS) + tuple(
+    (f"DP N={n} + DEC", f"DP N={n}") for n in DEC_INTERVALS) + (("DP N=5 + W8A8 + DEC", "DP N=5 + W8A8"),)
 
 
 def run(args) -> dict:
@@ -127,11 +135,13 @@ def run(args) -> dict:
                  for k, v in folders.items()}
     rows = []
     for arm, r in outs.items():
-        key, kw = ARMS.get(arm, ("dp5", dict(cache=False)))
-        full = len(schedules[key]) if kw.get("cache", True) else args.steps
+        # UNet calls the loop made (its requests share every call: all sit at the same step)
+        full, shallow = r.loop.full_calls, r.loop.shallow_calls
+        if full + shallow != args.steps:
+            raise RuntimeError(f"{arm}: {full} full + {shallow} shallow calls for {args.steps} steps")
         p = [psnr(a, b) for a, b in zip(r.images, base.images)]
         rows.append({
-            "arm": arm, "full_steps": full, "shallow_steps": args.steps - full,
+            "arm": arm, "full_steps": full, "shallow_steps": shallow,
             "psnr_db": float(np.mean(p)) if arm != "FP32 uncached (baseline)" else float("inf"),
             "psnr_db_min": float(np.min(p)) if arm != "FP32 uncached (baseline)" else float("inf"),
             "ssim": float(np.mean([ssim(a, b) for a, b in zip(r.images, base.images)])),
@@ -142,7 +152,7 @@ def run(args) -> dict:
     return {"machine": info, "source": str(source), "training": {k: training[k] for k in (
             "wall_seconds", "stopped_by", "vae", "denoiser", "parameters", "data", "config", "torch", "diffusers")},
             "steps": args.steps, "guidance_scale": args.guidance, "sampler": "DDIM (eta=0)", "calib_prompts": list(CALIB),
-            "eval_prompts": list(EVAL), "seeds": seeds, "images_per_arm": len(cases), "rows": rows,
+            "eval_prompts": list(EVAL), "seeds": seeds, "intervals": list(INTERVALS), "images_per_arm": len(cases), "rows": rows,
             "schedules": schedules}
 
 
@@ -153,6 +163,13 @@ def write_grid(outs: dict, path: Path, columns: int, scale: int = 3) -> None:
     rows = [np.concatenate(r.images[:columns], axis=1) for r in outs.values()]
     grid = np.concatenate(rows, axis=0)
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST).save(path)
+
+
+def bootstrap_interval(d: np.ndarray, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile bootstrap interval of the mean of paired differences ``d``."""
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def write(res: dict, name: str) -> None:
@@ -171,8 +188,13 @@ def write(res: dict, name: str) -> None:
         f"seeds {res['seeds']}; calibration prompts {', '.join(res['calib_prompts'])}. Every column compares an arm's "
         "image with the FP32 uncached engine's image of the same prompt and seed (mean over images; PSNR also the "
         "worst image). The last row is the baseline at another seed: an unrelated image of the same prompt.",
+        "N is the cache interval: every schedule of an N makes the same K = ceil(steps / N) full UNet calls. "
+        "\"DP\" is the default objective (the L1 error reuse puts into the guided noise prediction, measured through "
+        "the shallow engine on the calibration trajectories, unweighted); \"feature J\" is docs/design.md §5.2's "
+        "cached-feature distance; \"sampler-weighted\" adds the DDIM per-step weights (the previous default). "
+        "Why they differ: `diffusion_reuse_diagnosis.md`.",
         "",
-        "| arm | full/shallow steps | PSNR (dB) | worst PSNR (dB) | SSIM | final-latent rel. error |",
+        "| arm | full/shallow UNet calls | PSNR (dB) | worst PSNR (dB) | SSIM | final-latent rel. error |",
         "|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
@@ -181,19 +203,26 @@ def write(res: dict, name: str) -> None:
                      f"{r['latent_rel_err']:.4f} |")
     by = {r["arm"]: r for r in res["rows"]}
     lines += ["", "Paired per image (same prompt and seed): how often the first arm is closer to the baseline than "
-              "the second, and the median PSNR difference.", "",
-              "| first arm | second arm | first closer | median PSNR difference (dB) |", "|---|---|---|---|"]
+              "the second, the median PSNR difference, and the mean difference with its 95 % bootstrap interval "
+              "(2000 resamples of the images, seed 0).", "",
+              "| first arm | second arm | first closer | median PSNR difference (dB) | mean difference [95 % CI] (dB) |",
+              "|---|---|---|---|---|"]
     for a, b in PAIRS:
         pa, pb = np.array(by[a]["psnr_per_image"]), np.array(by[b]["psnr_per_image"])
-        lines.append(f"| {a} | {b} | {int((pa > pb).sum())}/{len(pa)} | {float(np.median(pa - pb)):+.2f} |")
+        lo, hi = bootstrap_interval(pa - pb)
+        lines.append(f"| {a} | {b} | {int((pa > pb).sum())}/{len(pa)} | {float(np.median(pa - pb)):+.2f} | "
+                     f"{float(np.mean(pa - pb)):+.2f} [{lo:+.2f}, {hi:+.2f}] |")
     def gap(a: str, b: str) -> str:
         return f"{by[a]['psnr_db'] - by[b]['psnr_db']:+.2f} dB mean PSNR"
 
     lines += ["", "Verdicts (mean over images; the paired table says how consistent each is):",
-              f"- DP minus uniform at equal budget: N=5 {gap('DP N=5', 'uniform N=5')}, N=10 {gap('DP N=10', 'uniform N=10')}"
-              f" (worst image {by['DP N=5']['psnr_db_min']:.1f} vs {by['uniform N=5']['psnr_db_min']:.1f} dB at N=5).",
-              f"- DEC minus no DEC: DP N=5 {gap('DP N=5 + DEC', 'DP N=5')}, DP N=10 {gap('DP N=10 + DEC', 'DP N=10')}, "
-              f"DP N=5 + W8A8 {gap('DP N=5 + W8A8 + DEC', 'DP N=5 + W8A8')}.",
+              "- DP (default objective) minus uniform at equal budget: " + ", ".join(
+                  f"N={n} {gap(f'DP N={n}', f'uniform N={n}')}" for n in res.get("intervals", INTERVALS)) + ".",
+              "- the previous default (feature J, sampler-weighted) minus uniform: " + ", ".join(
+                  f"N={n} {gap(f'DP N={n}, feature J sampler-weighted', f'uniform N={n}')}"
+                  for n in res.get("intervals", INTERVALS)) + ".",
+              "- DEC minus no DEC: " + ", ".join(f"DP N={n} {gap(f'DP N={n} + DEC', f'DP N={n}')}" for n in DEC_INTERVALS)
+              + f", DP N=5 + W8A8 {gap('DP N=5 + W8A8 + DEC', 'DP N=5 + W8A8')}.",
               f"- W8A8 distance to FP32 (uncached): {by['W8A8 uncached']['psnr_db']:.2f} dB PSNR, SSIM "
               f"{by['W8A8 uncached']['ssim']:.4f}.",
               "", "Reproduce: `python scripts/train_reference_diffusion.py && python benchmarks/diffusion_reference.py`."]
@@ -206,7 +235,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", default=str(DEFAULT_OUTPUT), help="reference pipeline folder (trained when missing)")
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--seeds", type=int, default=3, help="seeds per evaluation prompt")
+    ap.add_argument("--seeds", type=int, default=6, help="seeds per evaluation prompt (100, 101, ...)")
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--root", default=None, help="engine folders (default artifacts/bench-diffusion-reference-STEPS)")
     ap.add_argument("--rewrite", action="store_true", help="rewrite the .md from the saved JSON (no runs)")

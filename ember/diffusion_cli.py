@@ -27,9 +27,12 @@ def add_diffusion_compile_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guidance-scale", type=float, default=7.5, help="default CFG scale (also used in calibration)")
     g.add_argument("--schedule-features", choices=["auto", "float", "quantized"], default="auto",
                    help="measure DP/DEC features through the float or the quantized graphs (auto: quantized if --quantize)")
-    g.add_argument("--schedule-weights", choices=["sampler", "none"], default="sampler",
-                   help="weight each step's feature error in the DP objective by how far the sampler carries a "
-                        "noise-prediction error at that step into x_0 (none: docs/design.md §5.2's unweighted J)")
+    g.add_argument("--schedule-distance", choices=["noise", "feature"], default="noise",
+                   help="DP reuse cost: the error reusing a cached feature puts into the guided noise prediction, "
+                        "measured through the shallow engine (default), or docs/design.md §5.2's feature L1 distance")
+    g.add_argument("--schedule-weights", choices=["none", "sampler"], default="none",
+                   help="weight each step's reuse cost by how far the DDIM sampler carries a noise-prediction error "
+                        "at that step into x_0 (undamped; overstates early steps on a trained model)")
     g.add_argument("--fused-attention", choices=["auto", "on", "off"], default="auto",
                    help="rewrite the UNet attention into com.microsoft.MultiHeadAttention (auto: with --dtype fp16)")
     g.add_argument("--calib-device", default="cpu", help="where calibration runs the pipeline (cpu or cuda[:N])")
@@ -56,7 +59,7 @@ def run_diffusion_compile(a, out: str) -> int:
     kw = dict(steps=a.steps, cache_interval=a.cache_interval, cache_speedup=a.cache_speedup, schedule=a.schedule,
               branch=a.cache_branch, image_size=a.image_size, quantize=a.quantize, calib_method=a.calib_method, dec=a.dec,
               schedule_features=a.schedule_features,
-              schedule_weights=a.schedule_weights, guidance_scale=a.guidance_scale, seed=a.seed,
+              schedule_weights=a.schedule_weights, schedule_distance=a.schedule_distance, guidance_scale=a.guidance_scale, seed=a.seed,
               validate=not getattr(a, "no_validate", False), overwrite=getattr(a, "overwrite", False),
               quiet=getattr(a, "quiet", False), backend=getattr(a, "backend", "onnxruntime"),
               backend_extra=getattr(a, "trt_options", {}), dtype=getattr(a, "dtype", "fp32"),

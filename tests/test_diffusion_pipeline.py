@@ -94,7 +94,7 @@ def test_loop_runs_exactly_the_manifest_schedule_and_feeds_the_dec_rows(dp_engin
     engine runs the uniform ones, and shallow steps get the DEC table's rows (identity with dec=False)."""
     pipe = ember.load(dp_engine)
     cache = pipe.manifest.extra["diffusion"]["cache"]
-    assert cache["weights"] == "sampler"
+    assert cache["weights"] == "none" and cache["distance"] == "noise"
     calls = _run_and_record(pipe)
     assert [s for s, kind, _ in calls if kind == "full"] == cache["full_steps"]
     with np.load(dp_engine / "dec.npz") as z:
@@ -111,6 +111,33 @@ def test_loop_runs_exactly_the_manifest_schedule_and_feeds_the_dec_rows(dp_engin
     compile_diffusion("sd-tiny", uni, DiffusionCompileOptions(steps=STEPS, cache_interval=3, schedule="uniform", quiet=True), open_pipeline=DiffusionPipeline)
     assert [s for s, kind, _ in _run_and_record(ember.load(uni)) if kind == "full"] == [0, 3, 6, 9]
     assert all(k == "full" for _, k, _ in _run_and_record(pipe, cache=False))
+
+
+def test_dp_schedule_minimises_the_guided_noise_error_of_reuse(dp_engine) -> None:
+    """The default DP objective: D[s, i] = the L1 error reusing step s's feature puts into step i's
+    guided noise prediction (shallow engine vs the full engine's own output on the calibration
+    trajectory); the manifest's schedule is the DP optimum of exactly that matrix."""
+    from ember.passes import cache_schedule as cs
+
+    pipe = ember.load(dp_engine)
+    spec = pipe.manifest.extra["diffusion"]
+    cc, qc = spec["cache_channels"], spec["quant_channels"]
+    traj = calib.collect_trajectories(pipe, ["a cat", "a dog", "a house"], STEPS, seed=1000, guidance_scale=7.5)
+    span = cs.group_bounds(STEPS, 4)[1]
+    cost = calib.reuse_costs(pipe, traj, span, 7.5, cc, qc)
+    off = np.array([cost[s, i] for i in range(STEPS) for s in range(max(0, i - span + 1), i)])
+    assert (off > 0).all()
+    # reusing a step's own feature is the full step: the split graphs agree
+    assert np.diag(cost).max() < 1e-4 * off.mean()
+    assert all(cost[s, i] == 0 for s in range(STEPS) for i in range(STEPS) if i < s or i - s >= span)
+    feeds, feats = traj.feeds[1][7], traj.features[1]
+    shallow = pipe.shallow.run({**feeds, "cached": feats[4], **calib.identity_rows(2, cc, qc)})[0]
+    one = np.abs(calib.guided(shallow, 7.5) - calib.guided(traj.noise[1][7], 7.5)).sum()
+    others = sum(np.abs(calib.guided(pipe.shallow.run({**t[7], "cached": f[4], **calib.identity_rows(2, cc, qc)})[0], 7.5)
+                        - calib.guided(n[7], 7.5)).sum()
+                 for t, f, n in zip(traj.feeds[::2], traj.features[::2], traj.noise[::2]))
+    assert cost[4, 7] == pytest.approx(one + others, rel=1e-5)
+    assert list(cs.dp_schedule(cost, 4, cs.group_bounds(STEPS, 4)).full_steps) == spec["cache"]["full_steps"]
 
 
 def test_dec_reduces_cached_feature_error_on_held_out_prompts(dp_engine) -> None:

@@ -136,3 +136,15 @@ def test_sampler_weights_move_full_steps_to_the_heavy_early_steps() -> None:
         from ember.compiler.diffusion import DiffusionCompileOptions
 
         DiffusionCompileOptions(schedule_weights="x0")
+
+
+def test_default_dp_objective_is_the_unweighted_noise_error() -> None:
+    """On the trained reference model the sampler's weights overstate the early steps (a trained
+    denoiser damps an early error) and made the DP lose to uniform (benchmarks/results/
+    diffusion_reference.md): the default is the error reuse puts into the guided noise, unweighted."""
+    from ember.compiler.diffusion import DiffusionCompileOptions
+
+    opts = DiffusionCompileOptions(cache_interval=5)
+    assert (opts.schedule_distance, opts.schedule_weights) == ("noise", "none")
+    with pytest.raises(ConfigError, match="schedule_distance 'eps' must be one of noise, feature"):
+        DiffusionCompileOptions(schedule_distance="eps")

@@ -32,6 +32,7 @@ from ember.progress import StageLog
 PART_NAMES = ("text_encoder", "unet_full", "unet_shallow", "vae_decoder")
 SCHEDULES = ("dp", "uniform")
 SCHEDULE_WEIGHTS = ("sampler", "none")
+SCHEDULE_DISTANCES = ("noise", "feature")
 # docs/design.md §5.4: keep the input/output convs, the time embedding and shortcut convs in float.
 KEEP_FLOAT = (r"conv_in/", r"conv_out/", r"time_embedding", r"conv_shortcut")
 BACKENDS = ("onnxruntime", *PLAN_BACKENDS)
@@ -52,7 +53,12 @@ class DiffusionCompileOptions:
     quant_calib_steps: int = 6  # trajectory steps per calibration prompt used as quantization feeds
     dec: bool = False  # fit decoupled error correction tables
     schedule_features: str = "auto"  # float | quantized | auto (quantized when --quantize)
-    schedule_weights: str = "sampler"  # DP objective per-step weights: sampler (DDIM eps -> x_0 gain) | none (docs/design.md §5.2's J)
+    # DP reuse cost D[s, i]: noise (L1 error of step i's guided noise prediction when it reuses step s's
+    # cached feature, through the shallow engine) | feature (docs/design.md §5.2's ||X_i - X_s||_1)
+    schedule_distance: str = "noise"
+    # per-step weights on D: none | sampler (DDIM's eps -> x_0 gain; overstates early steps on a trained
+    # model, docs/diffusion.md "Cache schedule")
+    schedule_weights: str = "none"
     calib_prompts: tuple[str, ...] = calib.DEFAULT_CALIB_PROMPTS
     calib_seed: int = 1000
     guidance_scale: float = 7.5
@@ -84,6 +90,8 @@ class DiffusionCompileOptions:
             raise ConfigError(f"--quantize {self.quantize!r}: diffusion engines support int8 (W8A8) and int8-weights")
         if self.schedule_weights not in SCHEDULE_WEIGHTS:
             raise ConfigError(f"schedule_weights {self.schedule_weights!r} must be one of {', '.join(SCHEDULE_WEIGHTS)}")
+        if self.schedule_distance not in SCHEDULE_DISTANCES:
+            raise ConfigError(f"schedule_distance {self.schedule_distance!r} must be one of {', '.join(SCHEDULE_DISTANCES)}")
         if self.schedule_features not in ("float", "quantized", "auto"):
             raise ConfigError(f"schedule_features {self.schedule_features!r} must be float, quantized or auto")
         if self.steps < 1:
@@ -112,21 +120,27 @@ class DiffusionCompileOptions:
         return (self.caching and self.schedule == "dp") or self.dec or self.quantize is not None
 
 
+def _budget(opts: DiffusionCompileOptions, macs: dict[str, int]) -> tuple[int, float]:
+    """(K full steps, mean interval N) of a caching compile."""
+    from ember.passes import cache_schedule as cs
+
+    if opts.cache_speedup is not None:
+        budget = cs.budget_for_speedup(opts.steps, opts.cache_speedup, macs["unet_shallow"] / macs["unet_full"])
+        return budget, opts.steps / budget
+    return cs.budget_for_interval(opts.steps, opts.cache_interval), float(opts.cache_interval)
+
+
 def _schedule(opts: DiffusionCompileOptions, macs: dict[str, int], distances: np.ndarray | None,
               step_weights: np.ndarray | None = None):
-    """The cache schedule; ``distances`` (DP only) is D of the calibration features and
-    ``step_weights`` the per-step weights of the DP objective (None: unweighted)."""
+    """The cache schedule; ``distances`` (DP only) is the reuse cost D[s, i] of the calibration
+    trajectories (``schedule_distance``) and ``step_weights`` the per-step weights of the DP
+    objective (None: unweighted)."""
     from ember.passes import cache_schedule as cs
 
     t = opts.steps
     if not opts.caching:
         return cs.CacheSchedule(t, tuple(range(t)), "none", 1.0)
-    if opts.cache_speedup is not None:
-        budget = cs.budget_for_speedup(t, opts.cache_speedup, macs["unet_shallow"] / macs["unet_full"])
-        interval = t / budget
-    else:
-        interval = float(opts.cache_interval)
-        budget = cs.budget_for_interval(t, opts.cache_interval)
+    budget, interval = _budget(opts, macs)
     if opts.schedule == "uniform":
         return cs.uniform_schedule(t, max(1, int(interval)))
     if step_weights is not None:
@@ -277,16 +291,17 @@ def compile_diffusion(source: str | os.PathLike, out_dir: str | os.PathLike,
                                                         opts.guidance_scale)
         feats = traj_q if traj_q is not None else traj
         with log.stage(f"cache schedule ({opts.schedule if opts.caching else 'none'})"):
-            from ember.passes.cache_schedule import pairwise_l1
-
             need_d = opts.caching and opts.schedule == "dp"
-            weights = None
-            if need_d and opts.schedule_weights == "sampler":
-                weights = pipe.sampler.eps_weights(opts.steps)  # the sampler of the folder's scheduler config
-            sched = _schedule(opts, macs, pairwise_l1(feats.features) if need_d else None, weights)
+            weights = distances = None
+            if need_d:
+                distances = _reuse_distances(pipe, feats, opts, macs, cc, qc)
+                if opts.schedule_weights == "sampler":
+                    weights = pipe.sampler.eps_weights(opts.steps)  # the sampler of the folder's scheduler config
+            sched = _schedule(opts, macs, distances, weights)
             spec["cache"] = {**sched.to_dict(), "budget": sched.budget,
                              "features": "quantized" if feats is traj_q and traj_q is not None else "float",
-                             "weights": opts.schedule_weights if need_d else None}
+                             "weights": opts.schedule_weights if need_d else None,
+                             "distance": opts.schedule_distance if need_d else None}
             log.note(f"full steps ({sched.budget}/{opts.steps}): {list(sched.full_steps)}")
         tables = list(quant["tables"]) if quant else []
         if opts.dec:
@@ -389,6 +404,17 @@ def _export(src, source: str, folder: Path, opts: DiffusionCompileOptions) -> No
 
 def _part_files(folder: Path) -> list[Path]:
     return [f for n in PART_NAMES for f in (folder / f"{n}.onnx", folder / f"{n}.onnx.data") if f.exists()]
+
+
+def _reuse_distances(pipe, traj, opts: DiffusionCompileOptions, macs: dict[str, int], cc: int, qc: int) -> np.ndarray:
+    """D[s, i] of the DP objective from the calibration trajectories (``opts.schedule_distance``)."""
+    from ember.passes import cache_schedule as cs
+
+    if opts.schedule_distance == "feature":
+        return cs.pairwise_l1(traj.features)
+    budget, _ = _budget(opts, macs)
+    span = cs.group_bounds(opts.steps, budget)[1]  # the longest group the DP may form
+    return calib.reuse_costs(pipe, traj, span, opts.guidance_scale, cc, qc)
 
 
 def _export_parts(src, folder: Path, branch: int) -> None:

@@ -27,6 +27,7 @@ class CalibrationPipeline(Protocol):
     """What calibration uses of a loaded diffusion folder (``ember.runtime.diffusion.pipeline.DiffusionPipeline``)."""
 
     sampler: Any  # the folder's DDIM sampler: ``eps_weights(steps)``
+    shallow: Any  # the shallow UNet engine: ``run(feeds) -> [noise]``
 
     def make_jobs(self, prompts: list[str], **kw: Any) -> tuple[list, Any]: ...
 
@@ -39,10 +40,12 @@ PipelineOpener = Callable[..., CalibrationPipeline]
 
 @dataclass
 class Trajectories:
-    """Per calibration prompt: cached feature per step [T, R, Cc, h, w], and full-engine feeds per step."""
+    """Per calibration prompt: cached feature per step [T, R, Cc, h, w], the full engine's noise
+    prediction per step [T, R, C, h, w], and full-engine feeds per step."""
 
     features: list[np.ndarray] = field(default_factory=list)
     feeds: list[list[dict[str, np.ndarray]]] = field(default_factory=list)
+    noise: list[np.ndarray] = field(default_factory=list)
 
 
 def collect_trajectories(pipe: CalibrationPipeline, prompts: list[str], steps: int, seed: int, guidance_scale: float) -> Trajectories:
@@ -51,16 +54,45 @@ def collect_trajectories(pipe: CalibrationPipeline, prompts: list[str], steps: i
     for i, prompt in enumerate(prompts):
         jobs, _ = pipe.make_jobs([prompt], steps=steps, seed=seed + i, guidance_scale=guidance_scale, cache=False)
         feats: list[np.ndarray] = []
+        noise: list[np.ndarray] = []
         feeds: list[dict[str, np.ndarray]] = []
 
-        def observe(job, kind, f, outs, feats=feats, feeds=feeds):
+        def observe(job, kind, f, outs, feats=feats, noise=noise, feeds=feeds):
+            noise.append(outs[0].copy())
             feats.append(outs[1].copy())
             feeds.append({k: v.copy() for k, v in f.items()})
 
         pipe.run_jobs(jobs, observer=observe)
         out.features.append(np.stack(feats))
+        out.noise.append(np.stack(noise))
         out.feeds.append(feeds)
     return out
+
+
+def guided(noise: np.ndarray, guidance_scale: float) -> np.ndarray:
+    """[R, ...] CFG rows (uncond, cond) -> the noise the sampler steps with (as the runtime's loop)."""
+    return noise[0] + guidance_scale * (noise[1] - noise[0]) if noise.shape[0] == 2 else noise[0]
+
+
+def reuse_costs(pipe: CalibrationPipeline, traj: Trajectories, span: int, guidance_scale: float, cc: int, qc: int) -> np.ndarray:
+    """E[s, i] = sum over runs of ||guided(shallow(step i; X_s)) - guided(full(step i))||_1 for
+    s <= i < s + span: the error reusing step s's cached feature puts into step i's guided noise
+    prediction, measured through the shallow engine on the (uncached) calibration trajectory.
+    Zero elsewhere (pairs no schedule with groups of at most ``span`` steps uses)."""
+    steps = traj.features[0].shape[0]
+    cost = np.zeros((steps, steps), dtype=np.float64)
+    for feats, noise, feeds in zip(traj.features, traj.noise, traj.feeds):
+        rows = feats.shape[1]
+        for i in range(steps):
+            refs = list(range(max(0, i - span + 1), i + 1))
+            batch = {k: np.concatenate([v] * len(refs)) for k, v in feeds[i].items()}
+            batch["cached"] = np.concatenate([feats[s] for s in refs])
+            batch.update(identity_rows(rows * len(refs), cc, qc))
+            out = pipe.shallow.run(batch)[0]
+            target = guided(noise[i], guidance_scale)
+            for k, s in enumerate(refs):
+                cost[s, i] += np.abs(guided(out[k * rows:(k + 1) * rows], guidance_scale) - target).sum()
+    return cost
 
 
 def spread_steps(steps: int, count: int) -> list[int]:
