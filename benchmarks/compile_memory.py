@@ -4,7 +4,10 @@
 Each precision runs ``ember compile SOURCE -o DIR [--quantize ...]`` as a child process; peak RSS is
 the child's ``VmHWM`` sampled every 50 ms (``ember.bench.peers.arms.run_child``), wall time its whole
 run (model load, export, validation, quantization with its held-out accuracy report, engine files).
-The engine folder's files and size are recorded, then the folder is removed.
+The engine folder's files and size are recorded, then the folder is removed (``--keep DIR``: kept as
+``DIR/PRECISION``). The host's 1-minute load average is recorded before and after each compile, and the
+compile's CPU seconds (user + system): on a shared host the wall time depends on the load, the CPU time
+much less.
 
     python benchmarks/compile_memory.py                      # llama-1b: fp32, int4, int8-weights
     python benchmarks/compile_memory.py --source gpt2-124m --precisions fp32,int4 --name compile_gpt2
@@ -13,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import resource
 import shutil
 import sys
 import tempfile
@@ -64,6 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument("--precisions", default="fp32,int4,int8-weights")
     ap.add_argument("--name", default="compile_llama1b")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--keep", default=None, help="keep each engine folder as KEEP/PRECISION (e.g. to compare bytes)")
     args = ap.parse_args(argv)
     precisions = [p for p in args.precisions.split(",") if p]
     bad = [p for p in precisions if p not in PRECISIONS]
@@ -74,7 +80,9 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="ember-compile-mem-", dir=args.workdir) as tmp:
         for p in precisions:
-            out, log = Path(tmp) / p, Path(tmp) / f"{p}.log"
+            out, log = (Path(args.keep) if args.keep else Path(tmp)) / p, Path(tmp) / f"{p}.log"
+            load_before = os.getloadavg()[0]
+            cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
             cmd = [sys.executable, "-m", "ember.cli", "compile", args.source, "-o", str(out), *PRECISIONS[p]]
             t0 = time.perf_counter()
             try:
@@ -83,16 +91,20 @@ def main(argv=None) -> int:
                 rows.append({"precision": p, "failed": str(e)})
                 print(f"{p}: failed: {e}", flush=True)
                 continue
+            cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu_s = cpu.ru_utime - cpu_before.ru_utime + cpu.ru_stime - cpu_before.ru_stime
             files = sorted(q.relative_to(out).as_posix() for q in out.rglob("*") if q.is_file())
             row = {"precision": p, "wall_s": round(wall, 1), "peak_rss_gb": round(peak_mib * 2**20 / 1e9, 2),
                    "rss_over_fp32_weights": round(peak_mib * 2**20 / weights, 2),
-                   "engine_gb": round(dir_bytes(out) / 1e9, 3), "files": files, "stages_s": stage_times(log)}
+                   "engine_gb": round(dir_bytes(out) / 1e9, 3), "files": files, "stages_s": stage_times(log),
+                   "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)], "cpu_s": round(cpu_s, 1)}
             row["meets_time"] = wall <= TARGET_S
             row["meets_rss"] = row["rss_over_fp32_weights"] <= TARGET_RSS_X
             rows.append(row)
-            print(f"{p}: {row['wall_s']} s, peak RSS {row['peak_rss_gb']} GB ({row['rss_over_fp32_weights']}x), "
-                  f"engine {row['engine_gb']} GB ({time.perf_counter() - t0:.0f} s)", flush=True)
-            shutil.rmtree(out, ignore_errors=True)
+            print(f"{p}: {row['wall_s']} s ({row['cpu_s']} CPU s), peak RSS {row['peak_rss_gb']} GB ({row['rss_over_fp32_weights']}x), "
+                  f"engine {row['engine_gb']} GB ({time.perf_counter() - t0:.0f} s), load {row['load_avg_1m']}", flush=True)
+            if not args.keep:
+                shutil.rmtree(out, ignore_errors=True)
     doc = {"machine": info, "source": args.source, "fp32_weight_bytes": weights, "targets":
            {"wall_s": TARGET_S, "rss_over_fp32_weights": TARGET_RSS_X}, "rows": rows}
     RESULTS.mkdir(exist_ok=True)
@@ -101,15 +113,16 @@ def main(argv=None) -> int:
           f"Machine: {machine_line(info)}", f"FP32 weights: {weights / 1e9:.2f} GB. Targets (issue 18): wall <= "
           f"{TARGET_S:.0f} s, peak RSS <= {TARGET_RSS_X:.0f}x the FP32 weight bytes. Each compile is its own process "
           f"(`ember compile {args.source} -o DIR [options]`, export validation and the quantization accuracy report on).",
-          "", "| precision | wall s | peak RSS GB | RSS / FP32 weights | engine GB | files | stages (s) | time | memory |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "", "| precision | wall s | CPU s | peak RSS GB | RSS / FP32 weights | engine GB | files | stages (s) | load avg before/after | time | memory |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "failed" in r:
-            md.append(f"| {r['precision']} | failed: {r['failed'][:200]} |||||||")
+            md.append(f"| {r['precision']} | failed: {r['failed'][:200]} |||||||||")
             continue
         stages = ", ".join(f"{k.split(' ')[0]} {v:.0f}" for k, v in r["stages_s"].items())
-        md.append(f"| {r['precision']} | {r['wall_s']:.0f} | {r['peak_rss_gb']:.2f} | {r['rss_over_fp32_weights']:.2f}x | "
-                  f"{r['engine_gb']:.2f} | {', '.join(r['files'])} | {stages} | {'met' if r['meets_time'] else 'NOT met'} | "
+        md.append(f"| {r['precision']} | {r['wall_s']:.0f} | {r.get('cpu_s', float('nan')):.0f} | {r['peak_rss_gb']:.2f} | {r['rss_over_fp32_weights']:.2f}x | "
+                  f"{r['engine_gb']:.2f} | {', '.join(r['files'])} | {stages} | "
+                  f"{' / '.join(f'{x:.1f}' for x in r['load_avg_1m'])} | {'met' if r['meets_time'] else 'NOT met'} | "
                   f"{'met' if r['meets_rss'] else 'NOT met'} |")
     md += ["", f"Reproduce: `python benchmarks/compile_memory.py --source {args.source} --precisions {args.precisions}`"]
     (RESULTS / f"{args.name}.md").write_text("\n".join(md) + "\n")

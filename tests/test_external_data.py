@@ -219,3 +219,27 @@ def test_w8a8_reads_weights_from_the_data_file(tmp_path, external_always, monkey
     monkeypatch.setattr(ed, "load_all", load_all)
     compile_decoder("llama-tiny", tmp_path / "e", CompileOptions(quantize="int8", quiet=True))
     assert (tmp_path / "e" / "step.onnx.data").exists()
+
+
+def test_w8a8_spills_its_weights_and_the_folder_keeps_only_manifest_files(tmp_path, external_always, monkeypatch):
+    """--quantize int8 of a large graph: the Q/DQ weights leave memory for a spill file before the held-out
+    float session opens (the peak of the compile), the sessions map it, and the save copies it into
+    step.onnx.data; the spill file is not left in the engine folder."""
+    import ember.compiler.quantize_step as qs
+    from ember.engine_format import manifest as mf
+
+    spilled = []
+    real = qs.spill_weights
+
+    def spy(model, folder):
+        spilled.append(real(model, folder))
+        assert (folder / (qs.SPILL_FILE + ".data")).stat().st_size > 0
+        assert all(is_external(t) for t in model.graph.initializer if t.name.endswith("_quantized"))
+        return spilled[-1]
+
+    monkeypatch.setattr(qs, "spill_weights", spy)
+    m = compile_decoder("llama-tiny", tmp_path / "e", CompileOptions(quantize="int8", quiet=True))
+    assert spilled == [True]
+    listed = {"manifest.json"} | {p.file for p in m.parts} | {r["file"] for p in m.parts for r in p.external_data} \
+        | {t["file"] for t in m.tables} | {f"{mf.TOKENIZER_DIR}/tokenizer.json"}
+    assert {p.relative_to(tmp_path / "e").as_posix() for p in (tmp_path / "e").rglob("*") if p.is_file()} == listed

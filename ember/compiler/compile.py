@@ -172,6 +172,7 @@ def wants_fused_decode(options: CompileOptions, family: str, head_dim: int = 64,
 def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions = CompileOptions()) -> mf.Manifest:
     """Compile a decoder SOURCE (HF folder or built-in name) into the engine folder ``out``."""
     from ember.compiler.decoder_passes import LM_HEAD_GEMM, decoder_passes
+    from ember.compiler.quantize_step import remove_spilled
     from ember.export.onnx_export import (check_against_reference, export_step_graph_file, save_onnx,
                                           torch_step_reference)
     from ember.export.sources import resolve_decoder_source
@@ -224,6 +225,7 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
         quant_info = next((r.record for r in graph_records if r.name == "quantize"), None)
         if any(r.changed for r in graph_records):
             save_onnx(proto, step_path, base_dir=tmp, keep_in_memory=False)
+            remove_spilled(tmp)  # the Q/DQ pass's weights, copied into step.onnx.data by the save
         files = sorted(f.name for f in tmp.glob(STEP_FILE + "*"))
         with log.stage(f"building the {options.backend} engine" + (" + fused decode graph" if fused else "")
                        + (" + paged step graph" if paged else "")):

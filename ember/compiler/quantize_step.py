@@ -30,7 +30,9 @@ def _prompt_ids(src, prompts: list[str], limit: int) -> list[list[int]]:
 def quantize_step_graph(proto: onnx.ModelProto, src, options, folder: Path, log: StageLog
                         ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Quantize ``proto`` per ``options`` (CompileOptions); write ``tables/quant_scales.safetensors``
-    under ``folder``; return the new graph and the manifest's ``quantization`` record."""
+    under ``folder``; return the new graph and the manifest's ``quantization`` record. The Q/DQ graph's
+    weights may come back spilled into ``folder`` (``spill_weights``): save it with ``base_dir=folder``,
+    then ``remove_spilled(folder)``."""
     if options.blockwise:
         return quantize_blockwise(proto, src, options, log, base_dir=folder)
     from safetensors.numpy import save_file
@@ -62,8 +64,11 @@ def quantize_step_graph(proto: onnx.ModelProto, src, options, folder: Path, log:
     # weights are read one at a time from the step graph's data file; the float ones the quantized
     # graph still reads (norms) stay references into it, streamed into the engine's file by save_onnx
     quant, report = quantize_model(proto, feeds, qopts, base_dir=folder)
+    n_feeds = len(feeds)
+    del feeds  # their K/V pools (~60 MB a feed for llama-1b) are not read again
     log.note(f"{len(report.quantized_nodes)} nodes quantized; weights {report.weight_bytes_float / 1e6:.1f} MB -> "
              f"{report.weight_bytes_quantized / 1e6:.1f} MB")
+    spill_weights(quant, folder)  # not in memory beside the float graph's session (next); mapped by the quantized one's
     float_outputs: list = []
     held_feeds = decoder_step_feeds(proto, held_ids, CALIB_CAPACITY, decode_steps=CALIB_DECODE_STEPS,
                                     base_dir=folder, outputs=float_outputs)
@@ -74,6 +79,7 @@ def quantize_step_graph(proto: onnx.ModelProto, src, options, folder: Path, log:
             raise
         acc = {"skipped": f"ONNX Runtime could not run the FP8 graph on this machine ({type(e).__name__}); "
                           "the graph was validated structurally for TensorRT"}
+    del held_feeds, float_outputs
     if "max_rel_error" in acc:
         log.note("accuracy on held-out prompts: " + format_accuracy(acc))
         if options.max_error is not None and acc["max_rel_error"] > options.max_error:
@@ -87,8 +93,33 @@ def quantize_step_graph(proto: onnx.ModelProto, src, options, folder: Path, log:
     info = report.to_dict()
     info["accuracy"] = {k: v for k, v in acc.items() if k != "outputs"}
     info["calibration"] = {"prompts": len(calib_ids), "source": str(options.calib or "built-in"),
-                           "feeds": len(feeds), "held_out_prompts": len(held_ids)}
+                           "feeds": n_feeds, "held_out_prompts": len(held_ids)}
     return quant, info
+
+
+SPILL_FILE = ".quantized-step.onnx"  # spill_weights' graph file in the compile folder (remove_spilled removes it)
+
+
+def spill_weights(model: onnx.ModelProto, folder: Path) -> bool:
+    """Where ``save_onnx`` will write ``model``'s weights to a data file anyway (``saves_external``: a large
+    model), move them out of memory now, into ``folder/SPILL_FILE.data`` (page-aligned: ONNX Runtime sessions
+    over it, ``ort_session(model, base_dir=folder)``, map them); ``model`` refers to that file from then on,
+    and saving it (``save_onnx(model, path, base_dir=folder)``) copies them file to file, the same bytes.
+    Whoever saves it calls ``remove_spilled(folder)`` next. Returns whether it spilled."""
+    from ember.export.external_data import write_model
+    from ember.export.onnx_export import saves_external
+
+    if not saves_external(model):
+        return False
+    write_model(model, Path(folder) / SPILL_FILE, base_dir=folder)
+    return True
+
+
+def remove_spilled(folder: Path) -> None:
+    """Remove ``spill_weights``' files from ``folder`` (none there: nothing to do)."""
+    path = Path(folder) / SPILL_FILE
+    path.unlink(missing_ok=True)
+    path.with_name(path.name + ".data").unlink(missing_ok=True)
 
 
 def blockwise_options(options, graph: onnx.ModelProto):

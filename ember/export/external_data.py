@@ -76,14 +76,23 @@ def load_tensor(t: TensorProto, base_dir: str | os.PathLike | None) -> TensorPro
     """An inline copy of ``t`` (``t`` itself when it is inline already; never modified)."""
     if not is_external(t):
         return t
-    if base_dir is None:
-        raise ValueError(f"tensor {t.name!r} is stored in an external file; pass the folder it lies in")
     out = TensorProto()
     out.CopyFrom(t)
-    del out.external_data[:]
-    out.data_location = TensorProto.DEFAULT
-    out.raw_data = _read_bytes(t, base_dir)
-    return out
+    return inline_tensor(out, base_dir)
+
+
+def inline_tensor(t: TensorProto, base_dir: str | os.PathLike | None) -> TensorProto:
+    """Bring external ``t``'s data into ``t`` itself, in place (one copy of the bytes, read from
+    ``base_dir``); an inline ``t`` is left as it is. Returns ``t``."""
+    if not is_external(t):
+        return t
+    if base_dir is None:
+        raise ValueError(f"tensor {t.name!r} is stored in an external file; pass the folder it lies in")
+    data = _read_bytes(t, base_dir)
+    del t.external_data[:]
+    t.data_location = TensorProto.DEFAULT
+    t.raw_data = data
+    return t
 
 
 def read_tensor(t: TensorProto, base_dir: str | os.PathLike | None) -> np.ndarray:
@@ -95,8 +104,7 @@ def load_all(model: onnx.ModelProto, base_dir: str | os.PathLike | None) -> onnx
     """Bring every external tensor of ``model`` into memory, in place (for passes that rewrite all
     weights, e.g. the FP16 and Q/DQ passes); returns ``model``."""
     for t in model.graph.initializer:
-        if is_external(t):
-            t.CopyFrom(load_tensor(t, base_dir))
+        inline_tensor(t, base_dir)
     return model
 
 
@@ -126,23 +134,64 @@ def write_model(model: onnx.ModelProto, path: str | os.PathLike, base_dir: str |
         return [path.name]
     for t in model.graph.initializer:  # small tensors live in the graph, wherever they were
         if is_external(t) and tensor_nbytes(t) < INLINE_BYTES:
-            t.CopyFrom(load_tensor(t, base_dir))
+            inline_tensor(t, base_dir)
     tmp_data = path.parent / f".{data_name}.tmp-{os.getpid()}"
     try:
-        with open(tmp_data, "wb") as out:
+        out = os.open(tmp_data, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            end = 0
             for t in _big_tensors(model.graph.initializer):
-                data = _raw(t, base_dir)
-                if len(data) >= ALIGN_BYTES and out.tell() % PAGE:
-                    out.write(b"\0" * (PAGE - out.tell() % PAGE))
-                offset = out.tell()
-                out.write(data)
-                del data
-                _point_to(t, data_name, offset, out.tell() - offset)
+                nbytes = tensor_nbytes(t)
+                if nbytes >= ALIGN_BYTES and end % PAGE:
+                    end += PAGE - end % PAGE  # a hole: reads back as zeros
+                written = _copy_external(t, base_dir, out, end) if is_external(t) else _write_all(out, _raw(t, base_dir), end)
+                _point_to(t, data_name, end, written)
+                end += written
+            os.ftruncate(out, end)  # a trailing hole still counts
+        finally:
+            os.close(out)
         os.replace(tmp_data, data_path)
     finally:
         tmp_data.unlink(missing_ok=True)
     onnx.save_model(model, str(path))
     return [path.name, data_name]
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> int:
+    view, done = memoryview(data), 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+    return done
+
+
+def _copy_external(t: TensorProto, base_dir, fd: int, offset: int) -> int:
+    """Copy external ``t``'s bytes into ``fd`` at ``offset`` file to file (``os.copy_file_range``: the
+    kernel copies them, no buffer the size of the tensor is allocated here); bytes copied."""
+    if base_dir is None:
+        raise ValueError(f"tensor {t.name!r} is stored in an external file; pass the folder it lies in")
+    location, start, length = external_info(t)
+    path = Path(base_dir) / location
+    if not path.is_file():
+        raise FileNotFoundError(f"external data {location!r} of tensor {t.name!r} is missing from {base_dir}")
+    with open(path, "rb") as src:
+        size = os.fstat(src.fileno()).st_size
+        length = size - start if length is None else length
+        if start + length > size:
+            raise ValueError(f"external data {location!r} of tensor {t.name!r} is truncated "
+                             f"({max(size - start, 0)} of {length} bytes at offset {start})")
+        done = 0
+        try:
+            while done < length:
+                n = os.copy_file_range(src.fileno(), fd, length - done, start + done, offset + done)
+                if n == 0:
+                    break
+                done += n
+        except OSError:  # a file system (or kernel) without it: copy through memory
+            pass
+        if done < length:
+            src.seek(start + done)
+            done += _write_all(fd, src.read(length - done), offset + done)
+    return done
 
 
 def _big_tensors(tensors: Iterable[TensorProto]) -> Iterable[TensorProto]:

@@ -138,6 +138,11 @@ def _name_output_dims(proto, cfg: DecoderConfig) -> None:
                 d.dim_value = want
 
 
+def saves_external(proto) -> bool:
+    """Whether ``save_onnx`` (unasked) writes ``proto``'s weights to a ``.data`` file: past ``EXTERNAL_DATA_THRESHOLD``."""
+    return weight_bytes(proto) > EXTERNAL_DATA_THRESHOLD
+
+
 def save_onnx(proto, path: str | os.PathLike, external: bool | None = None, base_dir: str | os.PathLike | None = None,
               keep_in_memory: bool = True) -> list[str]:
     """Save a model; its weights to one page-aligned ``<name>.data`` file (``external_data.write_model``)
@@ -150,7 +155,7 @@ def save_onnx(proto, path: str | os.PathLike, external: bool | None = None, base
     """
     path = Path(path)
     if external is None:
-        external = weight_bytes(proto) > EXTERNAL_DATA_THRESHOLD
+        external = saves_external(proto)
     files = write_model(proto, path, base_dir, external=external)
     if external and keep_in_memory:
         load_all(proto, path.parent)

@@ -286,8 +286,6 @@ def _quantize_each_weight(model: onnx.ModelProto, options: NBitsOptions, widths:
     """Replace each constant-weight MatMul by ONNX Runtime's MatMulNBits for it at its width (``widths``;
     None: left float), in place; each weight is read, quantized on a one-MatMul graph and dropped before
     the next is read (the float initializers left unread go in ``_drop_unread_initializers``)."""
-    from ember.export.external_data import load_tensor
-
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     done: dict[tuple[str, int], tuple[onnx.NodeProto, list[onnx.TensorProto]]] = {}  # (weight, bits) -> node, tensors
@@ -295,7 +293,7 @@ def _quantize_each_weight(model: onnx.ModelProto, options: NBitsOptions, widths:
     for node in targets:
         key = (node.input[1], widths[node.name])
         if key not in done:
-            done[key] = _quantize_one(node, load_tensor(inits[key[0]], base_dir), options, key[1], mnq)
+            done[key] = _quantize_one(node, inits[key[0]], options, key[1], mnq, base_dir)
             g.initializer.extend(done[key][1])
         q = onnx.NodeProto()
         q.CopyFrom(done[key][0])
@@ -308,14 +306,27 @@ def _quantize_each_weight(model: onnx.ModelProto, options: NBitsOptions, widths:
     return model
 
 
-def _quantize_one(node: onnx.NodeProto, weight: onnx.TensorProto, options: NBitsOptions, bits: int, mnq
-                  ) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
-    """ONNX Runtime's quantizer on a graph of this one MatMul, at ``bits``: its MatMulNBits node and tensors."""
+def one_matmul_model(node: onnx.NodeProto, weight: onnx.TensorProto, base_dir=None) -> onnx.ModelProto:
+    """A model of this one MatMul ``x @ weight``, ``weight`` inline (read from ``base_dir`` where it is
+    external). The weight's bytes are copied once, into the model's initializer: building the graph with
+    ``helper.make_graph(initializer=...)`` and ``make_model`` would copy them twice more."""
+    from ember.export.external_data import inline_tensor
+
     k, n = weight.dims
     graph = helper.make_graph([helper.make_node("MatMul", ["x", weight.name], ["y"], name=node.name)], "one_matmul",
                               [helper.make_tensor_value_info("x", weight.data_type, ["rows", k])],
-                              [helper.make_tensor_value_info("y", weight.data_type, ["rows", n])], initializer=[weight])
+                              [helper.make_tensor_value_info("y", weight.data_type, ["rows", n])])
     one = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    w = one.graph.initializer.add()
+    w.CopyFrom(weight)  # an external weight: its name, type, shape and file reference
+    inline_tensor(w, base_dir)
+    return one
+
+
+def _quantize_one(node: onnx.NodeProto, weight: onnx.TensorProto, options: NBitsOptions, bits: int, mnq,
+                  base_dir=None) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    """ONNX Runtime's quantizer on a graph of this one MatMul, at ``bits``: its MatMulNBits node and tensors."""
+    one = one_matmul_model(node, weight, base_dir)
     if options.method_for(bits) == "rtn":
         algo = mnq.DefaultWeightOnlyQuantConfig(block_size=options.block_size, is_symmetric=options.symmetric, bits=bits)
     else:
