@@ -159,7 +159,7 @@ class DecoderEngine:
                 "slot_moves_total": self.scheduler.total_moves,
                 "longrope_recomputes_total": self.scheduler.total_recomputes,
                 **self.counters,
-                **(self.executor.stats() if hasattr(self.executor, "stats") else {}),  # e.g. CUDA graphs, memory plan
+                **self.executor.stats(),  # e.g. CUDA graphs, memory plan
             }
 
     # -- loop ------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ behind the same methods (the ``Executor`` protocol, ``executor_protocol.py``).
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -65,6 +65,9 @@ class HostGreedy:
 
     supports_chaining = False
 
+    def stats(self) -> dict[str, Any]:
+        return {}
+
     def launch_greedy(self, start: int, input_ids: np.ndarray, positions: np.ndarray, new_lengths: np.ndarray,
                       logit_rows: np.ndarray | list[int] = (), chain=None, rope_long: np.ndarray | None = None
                       ) -> DoneStep:
@@ -87,6 +90,9 @@ class PoolSlots:
     ``lock``: held around the shrink (a device executor's session lock; none on the host)."""
 
     lock = contextlib.nullcontext()
+
+    def stats(self) -> dict[str, Any]:
+        return {}
 
     def release(self, slot: int) -> None:
         self.pool.release(slot)

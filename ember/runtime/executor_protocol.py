@@ -64,6 +64,10 @@ class Executor(Protocol):
         """Tokens with K/V in the pool."""
         ...
 
+    def stats(self) -> dict[str, Any]:
+        """The executor's own gauges for ``engine.stats()`` (CUDA graphs, memory plan); may be empty."""
+        ...
+
     def close(self) -> None:
         ...
 
@@ -103,6 +107,10 @@ class PagedExecutor(Protocol):
 
     def maybe_shrink(self) -> None:
         """Called when no sequence runs; may give memory back (a no-op is fine)."""
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """As ``Executor.stats``."""
         ...
 
     def close(self) -> None:

@@ -13,6 +13,8 @@ Sliding-window layers (``kv_rings``) are refused: their ring layout is per slot.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from ember.engine_format.decoder_spec import KVGeometry
@@ -85,6 +87,9 @@ class HostPagedExecutor:
 
     def maybe_shrink(self) -> None:
         """Nothing to give back: the pool is sized once (untouched blocks were never paged in)."""
+
+    def stats(self) -> dict[str, Any]:
+        return {}
 
     def close(self) -> None:
         pass
