@@ -108,6 +108,14 @@ class DiffusionConfig:
         return asdict(self)
 
 
+# SD-1.x's UNet block structure: 3 cross-attention down blocks + a plain one, the up path mirrored,
+# 2 layers per block
+_SD1_BLOCKS = dict(
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=2,
+)
+
 BUILTIN: dict[str, DiffusionConfig] = {
     # Tests: runs in well under a second per UNet call.
     "sd-tiny": DiffusionConfig(
@@ -135,9 +143,7 @@ BUILTIN: dict[str, DiffusionConfig] = {
         name="sd-small",
         sample_size=32,
         block_out_channels=(64, 128, 256, 256),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        layers_per_block=2,
+        **_SD1_BLOCKS,
         cross_attention_dim=128,
         attention_head_dim=8,
         norm_num_groups=32,
@@ -156,9 +162,7 @@ BUILTIN: dict[str, DiffusionConfig] = {
         name="sd-15-shape",
         sample_size=64,
         block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        layers_per_block=2,
+        **_SD1_BLOCKS,
         cross_attention_dim=768,
         attention_head_dim=8,
         norm_num_groups=32,
