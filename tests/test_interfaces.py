@@ -72,7 +72,7 @@ def test_paged_executors_implement_the_paged_protocol():
 
 
 @pytest.mark.parametrize("path", ["executor.py", "decoder.py", "cuda_session.py", "tp/executor.py", "paged_executor.py",
-                                  "step_runner.py"])
+                                  "cuda_paged.py", "step_runner.py"])
 def test_the_engine_never_probes_an_executor(path):
     text = (Path(__file__).parents[1] / "ember" / "runtime" / path).read_text()
     assert not re.findall(r"\b(getattr|hasattr)\(", text), f"ember/runtime/{path} probes attributes"

@@ -46,6 +46,14 @@ class PagedGraphSession(Protocol):
         returns the logits [B, V] float32 as a torch tensor."""
         ...
 
+    def stats(self) -> dict[str, Any]:
+        """Its counters for ``engine.stats()`` (CUDA graphs); may be empty."""
+        ...
+
+    def forget_graphs(self) -> None:
+        """Drop whatever was captured over the pools being freed (a no-op where nothing is)."""
+        ...
+
 
 class OrtPagedRunner:
     """``paged_step.onnx`` on ONNX Runtime's CUDA provider (``paged_graphs.PagedRunner``): a
@@ -170,7 +178,8 @@ class PagedGraphExecutor:
         self.session, self.num_blocks, self.block_size = session, num_blocks, block_size
         self.memory_plan: dict | None = None
         shape = (num_blocks + session.scratch_blocks, block_size, kv_heads, head_dim)
-        self.pools = {name: torch.zeros(shape, dtype=getattr(torch, kv_dtype), device=device)
+        dtype = {"float16": torch.float16, "int8": torch.int8, "float8_e4m3fn": torch.float8_e4m3fn}[kv_dtype]
+        self.pools = {name: torch.zeros(shape, dtype=dtype, device=device)
                       for name, _ in cache_bindings(num_layers)}
         if session.scratch_blocks:
             scratch = np.array([[num_blocks]], np.int32)
@@ -197,7 +206,7 @@ class PagedGraphExecutor:
 
     def stats(self) -> dict[str, Any]:
         """The session's counters (CUDA graphs: status, captures, replays) and the memory plan."""
-        out = dict(self.session.stats()) if hasattr(self.session, "stats") else {}
+        out = dict(self.session.stats())
         if self.memory_plan is not None:
             out["memory_plan"] = self.memory_plan
         return out
@@ -207,5 +216,4 @@ class PagedGraphExecutor:
 
     def close(self) -> None:
         self.pools = {}
-        if hasattr(self.session, "forget_graphs"):
-            self.session.forget_graphs()
+        self.session.forget_graphs()
