@@ -34,6 +34,7 @@ from ember.engine_format.manifest import EnginePart
 from ember.engine_format.tensorrt_part import PLAN_TITLES, is_plan
 from ember.errors import ArtifactError, ConfigError, InputError
 from ember.runtime.backend_choice import onnx_graph, runs_plan
+from ember.runtime.cuda_session import _np_of, ort_run_options
 
 BATCH_DIM = "batch"  # the dynamic dim name of every diffusion part (export/diffusion/onnx_export.py)
 MAX_GRAPH_BATCHES = 6  # a fused loop of 3 requests under CFG: batches 2, 4, 6
@@ -178,21 +179,14 @@ class DevicePartSession:
         return sess
 
     def _run_options(self, graph_id: int | None):
-        """Run options: a CUDA graph id (-1: never capture) and, on CUDA, no synchronisation at
-        the end of the run (ordered on the stream; the host reads results through synchronising copies)."""
-        import onnxruntime as ort
-
-        ro = ort.RunOptions()
-        if graph_id is not None:
-            ro.add_run_config_entry("gpu_graph_id", str(graph_id))
-        if self.ctx.is_cuda:
-            ro.add_run_config_entry("disable_synchronize_execution_providers", "1")
-        return ro
+        """``cuda_session.ort_run_options``: no synchronisation at the end of a CUDA run (ordered on
+        the stream; the host reads results through synchronising copies)."""
+        return ort_run_options(graph_id, async_launch=self.ctx.is_cuda)
 
     # -- binding ---------------------------------------------------------------------------
     def _bind(self, binding, name: str, t, output: bool = False) -> None:
         kind = "cuda" if self.ctx.is_cuda else "cpu"
-        args = (name, kind, self.ctx.index, _numpy_dtype(t), list(t.shape), t.data_ptr())
+        args = (name, kind, self.ctx.index, _np_of(t), list(t.shape), t.data_ptr())
         (binding.bind_output if output else binding.bind_input)(*args)
 
     def _alloc_outputs(self, inputs: dict) -> list:
@@ -261,10 +255,3 @@ class DevicePartSession:
             return None
         self._graphs[batch] = g
         return g
-
-
-def _numpy_dtype(t) -> type:
-    import torch
-
-    return {torch.float16: np.float16, torch.float32: np.float32, torch.int64: np.int64,
-            torch.int32: np.int32}[t.dtype]
