@@ -180,9 +180,8 @@ class PagedSession:
     @property
     def buffer_bytes(self) -> int:
         """Device bytes of the logits buffer and (with graphs) the decode graphs' static inputs."""
-        r = self._static_rows
-        static = r * 8 + (r + 1) * 4 + r * 4 + r * self.max_blocks * 4 if self.cuda_graph_status == "on" else 0
-        return r * self.vocab * 4 + static
+        static = self._static_specs() if self.cuda_graph_status == "on" else {}
+        return self._static_rows * self.vocab * 4 + sum(n * dtype.itemsize for n, dtype in static.values())
 
     def logits_buffer(self):
         """[rows, V] float32: every call's output, a view of it (sized once)."""
@@ -201,14 +200,17 @@ class PagedSession:
         self.counters["paged_plain_calls_total"] += 1
         return logits
 
+    def _static_specs(self) -> dict[str, tuple[int, Any]]:
+        """The decode graphs' static inputs: name -> (elements, torch dtype), for the largest bucket."""
+        torch, r = self.torch, self._static_rows
+        return {"input_ids": (r, torch.int64), "cumulative_sequence_length": (r + 1, torch.int32),
+                "past_seqlens": (r, torch.int32), "block_table": (r * self.max_blocks, torch.int32)}
+
     def _static_inputs(self) -> dict[str, Any]:
         """Flat device buffers every decode graph binds views of (their starts never move)."""
         if self._static is None:
-            torch, r = self.torch, self._static_rows
-            self._static = {"input_ids": torch.zeros(r, dtype=torch.int64, device=self.device),
-                            "cumulative_sequence_length": torch.zeros(r + 1, dtype=torch.int32, device=self.device),
-                            "past_seqlens": torch.zeros(r, dtype=torch.int32, device=self.device),
-                            "block_table": torch.zeros(r * self.max_blocks, dtype=torch.int32, device=self.device)}
+            self._static = {name: self.torch.zeros(n, dtype=dtype, device=self.device)
+                            for name, (n, dtype) in self._static_specs().items()}
         return self._static
 
     def _views(self, bucket: DecodeBucket) -> dict[str, Any]:
