@@ -58,18 +58,28 @@ def has_external(model: onnx.ModelProto) -> bool:
     return any(is_external(t) for t in model.graph.initializer)
 
 
-def _read_bytes(t: TensorProto, base_dir: str | os.PathLike) -> bytes:
-    location, offset, length = external_info(t)
+def _extent(t: TensorProto, base_dir: str | os.PathLike | None) -> tuple[Path, int, int]:
+    """The file, offset and byte count of external ``t``'s data, checked: the file is there and holds them."""
+    if base_dir is None:
+        raise ValueError(f"tensor {t.name!r} is stored in an external file; pass the folder it lies in")
+    location, start, length = external_info(t)
     path = Path(base_dir) / location
     if not path.is_file():
         raise FileNotFoundError(f"external data {location!r} of tensor {t.name!r} is missing from {base_dir}")
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read() if length is None else f.read(length)
-    if length is not None and len(data) != length:
+    size = path.stat().st_size
+    if length is None:
+        length = max(size - start, 0)
+    elif start + length > size:
         raise ValueError(f"external data {location!r} of tensor {t.name!r} is truncated "
-                         f"({len(data)} of {length} bytes at offset {offset})")
-    return data
+                         f"({max(size - start, 0)} of {length} bytes at offset {start})")
+    return path, start, length
+
+
+def _read_bytes(t: TensorProto, base_dir: str | os.PathLike | None) -> bytes:
+    path, start, length = _extent(t, base_dir)
+    with open(path, "rb") as f:
+        f.seek(start)
+        return f.read(length)
 
 
 def load_tensor(t: TensorProto, base_dir: str | os.PathLike | None) -> TensorProto:
@@ -86,8 +96,6 @@ def inline_tensor(t: TensorProto, base_dir: str | os.PathLike | None) -> TensorP
     ``base_dir``); an inline ``t`` is left as it is. Returns ``t``."""
     if not is_external(t):
         return t
-    if base_dir is None:
-        raise ValueError(f"tensor {t.name!r} is stored in an external file; pass the folder it lies in")
     data = _read_bytes(t, base_dir)
     del t.external_data[:]
     t.data_location = TensorProto.DEFAULT
@@ -167,18 +175,8 @@ def _write_all(fd: int, data: bytes, offset: int) -> int:
 def _copy_external(t: TensorProto, base_dir, fd: int, offset: int) -> int:
     """Copy external ``t``'s bytes into ``fd`` at ``offset`` file to file (``os.copy_file_range``: the
     kernel copies them, no buffer the size of the tensor is allocated here); bytes copied."""
-    if base_dir is None:
-        raise ValueError(f"tensor {t.name!r} is stored in an external file; pass the folder it lies in")
-    location, start, length = external_info(t)
-    path = Path(base_dir) / location
-    if not path.is_file():
-        raise FileNotFoundError(f"external data {location!r} of tensor {t.name!r} is missing from {base_dir}")
+    path, start, length = _extent(t, base_dir)
     with open(path, "rb") as src:
-        size = os.fstat(src.fileno()).st_size
-        length = size - start if length is None else length
-        if start + length > size:
-            raise ValueError(f"external data {location!r} of tensor {t.name!r} is truncated "
-                             f"({max(size - start, 0)} of {length} bytes at offset {start})")
         done = 0
         try:
             while done < length:
