@@ -51,6 +51,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from diffusion import psnr, rel_err  # noqa: E402
 from machine import machine_info, machine_line  # noqa: E402
 
 CALIB = ("a photograph of an astronaut riding a horse", "a watercolor painting of a lighthouse at dawn")
@@ -135,15 +136,6 @@ def time_generate(pipe, prompt: str, lat: np.ndarray, steps: int, repeats: int, 
             "shallow_steps": r.loop.shallow_calls, "latents": r.latents[0], "image": r.images[0],
             "cuda_graphs": pipe.device_status if pipe.full.use_graphs else {"UNets": "plain launches (use_graphs=False)"},
             "notes": r.notes}
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
-def rel_err(x: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
 
 def ember_arms(args, folders: dict[str, Path], prompt: str, seed: int) -> dict:
