@@ -25,6 +25,10 @@ OPSET = 17
 # ONNX protobufs are capped at 2 GiB: past this many bytes of weights (half the cap, leaving
 # room for the graph) ``save_onnx`` writes them to one external data file, ``<name>.data``.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
+# The exporter's whole-graph shape inference (``weightless_shape_inference``) is handed only
+# parameters up to this many elements, or not floating point: shape arithmetic reads small
+# integer tensors (Reshape/Slice/Expand operands), never a weight matrix's values.
+SHAPE_INFERENCE_MAX_VALUE_ELEMENTS = 1 << 16
 
 
 def step_io_names(cfg: DecoderConfig) -> tuple[list[str], list[str]]:
@@ -107,13 +111,44 @@ def exported(module: torch.nn.Module, args: tuple, workdir: str | os.PathLike, *
     scratch = Path(tempfile.mkdtemp(prefix=".export-", dir=workdir))
     try:
         path = scratch / "model.onnx"
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), weightless_shape_inference():
             warnings.simplefilter("ignore")
             torch.onnx.export(module, args, str(path), opset_version=OPSET, dynamo=False, do_constant_folding=True,
                               **export_kw)
         yield onnx.load(str(path), load_external_data=False), scratch
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextmanager
+def weightless_shape_inference():
+    """For the duration, the TorchScript exporter's whole-graph ONNX shape inference
+    (``torch._C._jit_pass_onnx_graph_shape_type_inference``, run twice per export) sees the graph's
+    weights by type and shape only, not by value.
+
+    Given a parameter's value, that pass copies it into a one-node ONNX model for every node that
+    reads it, so a model's weights are serialized again per reader: 36 of llama-1b's 68 s of export
+    on the 2-core host (issue 18). Weights are graph inputs of known dtype and shape, so shape
+    inference gets the same answer from their types; the parameters it still receives are the
+    non-float ones and those of at most ``SHAPE_INFERENCE_MAX_VALUE_ELEMENTS`` elements (the shape
+    operands constant folding leaves as initializers). The exported graph is unchanged
+    (tests/test_export_speed.py compares it with an export without this)."""
+    original = torch._C._jit_pass_onnx_graph_shape_type_inference
+
+    def without_weight_values(graph, params_dict, opset_version):
+        small = {name: value for name, value in params_dict.items() if not _is_weight_value(value)}
+        return original(graph, small, opset_version)
+
+    torch._C._jit_pass_onnx_graph_shape_type_inference = without_weight_values
+    try:
+        yield
+    finally:
+        torch._C._jit_pass_onnx_graph_shape_type_inference = original
+
+
+def _is_weight_value(value) -> bool:
+    return (isinstance(value, torch.Tensor) and value.is_floating_point()
+            and value.numel() > SHAPE_INFERENCE_MAX_VALUE_ELEMENTS)
 
 
 def torch_export(module: torch.nn.Module, args: tuple, workdir: str | os.PathLike, **export_kw):
