@@ -12,12 +12,14 @@ from _quantize_models import feeds, mlp
 from ember.errors import ConfigError
 from ember.export.onnx_export import export_step_graph
 from ember.export.sources import resolve_decoder_source
+from ember.passes import calibration
+from ember.passes.calibration import StatsCollector
 from ember.passes.calibration_data import decoder_step_feeds, default_prompts, load_prompts
 from ember.passes.quant_accuracy import accuracy_report
 from ember.passes.quant_graph import ort_session
 from ember.passes.quant_plan import PlanRules, plan_quantization
 from ember.passes.qdq_validate import validate_qdq
-from ember.passes.quantize import QuantOptions, cpu_int8_needs_reduced_range, quantize_model
+from ember.passes.quantize import QuantOptions, activation_tensors, cpu_int8_needs_reduced_range, quantize_model
 from ember.passes.smoothquant import apply_smoothquant, smooth_groups
 
 RR = cpu_int8_needs_reduced_range()
@@ -50,6 +52,31 @@ def test_int8_step_graph_matches_float_and_uses_fused_int8_kernels(decoder, tmp_
     assert ops["MatMulIntegerToFloat"] == weight_matmuls, ops  # every quantized Linear runs int8 in ORT
     assert rep.to_dict()["weight_compression"] > 3.5
     json.dumps(rep.to_dict())
+
+
+def test_calibration_reuses_the_runs_that_made_the_feeds(decoder, monkeypatch):
+    """Issue 18: the float runs that make the calibration feeds record the activation ranges, so
+    quantize_model does not run the feeds again, and its scales equal a separate calibration pass's."""
+    name, model, _, _ = decoder
+    src = resolve_decoder_source(name)
+    ids = [src.tokenizer.encode(p).ids for p in default_prompts("calib")[:12]]
+    opts = QuantOptions(reduce_range=RR)
+    observe = StatsCollector(activation_tensors(model, opts))
+    feeds = decoder_step_feeds(model, ids, CAPACITY, batch_size=8, decode_steps=2, observe=observe)
+    assert len(feeds) == 2 * 3 and observe.names
+    _, separate = quantize_model(model, feeds, opts)
+    real_runs, runs = calibration._runs, []
+    monkeypatch.setattr(calibration, "_runs", lambda *a, **k: runs.append(a[2]) or real_runs(*a, **k))
+    _, reused = quantize_model(model, feeds, opts, activation_stats=observe.stats)
+    assert runs == [], f"calibration ran the feeds again for {runs}"
+    assert reused.activation_scales.keys() == separate.activation_scales.keys()
+    for t, scale in separate.activation_scales.items():
+        assert reused.activation_scales[t] == pytest.approx(scale, rel=1e-6), t
+    # a tensor the stats lack is still calibrated by the pass itself
+    partial = dict(list(observe.stats.items())[1:])
+    _, filled = quantize_model(model, feeds, opts, activation_stats=partial)
+    assert len(runs) == 1 and runs[0] == [next(iter(observe.stats))]
+    assert filled.activation_scales == pytest.approx(separate.activation_scales, rel=1e-6)
 
 
 @pytest.mark.skipif(not RR, reason="this CPU has VNNI: ONNX Runtime's int8 GEMM does not saturate")

@@ -39,9 +39,10 @@ def quantize_step_graph(proto: onnx.ModelProto, src, options, folder: Path, log:
 
     from ember.export.external_data import load_all
 
+    from ember.passes.calibration import StatsCollector
     from ember.passes.calibration_data import decoder_step_feeds, default_prompts, load_prompts
     from ember.passes.quant_accuracy import accuracy_report, format_accuracy
-    from ember.passes.quantize import QuantOptions, cpu_int8_needs_reduced_range, quantize_model
+    from ember.passes.quantize import QuantOptions, activation_tensors, cpu_int8_needs_reduced_range, quantize_model
 
     qopts = QuantOptions(scheme=options.quantize, calib_method=options.calib_method,
                          smoothquant_alpha=options.smoothquant, upgrade_opset=options.quantize == "fp8",
@@ -57,13 +58,18 @@ def quantize_step_graph(proto: onnx.ModelProto, src, options, folder: Path, log:
     held_out = default_prompts("heldout")
     calib_ids = _prompt_ids(src, calib_prompts, limit)
     held_ids = _prompt_ids(src, held_out, limit)
-    feeds = [] if qopts.weights_only else decoder_step_feeds(proto, calib_ids, CALIB_CAPACITY,
-                                                             decode_steps=CALIB_DECODE_STEPS, base_dir=folder)
+    # the float runs that make the feeds also record the activation ranges calibration needs (SmoothQuant
+    # excepted: it rescales those activations first, so quantize_model measures them after it)
+    observed = activation_tensors(proto, qopts, folder) if qopts.smoothquant_alpha is None else []
+    observe = StatsCollector(observed) if observed else None
+    feeds = [] if qopts.weights_only else decoder_step_feeds(proto, calib_ids, CALIB_CAPACITY, decode_steps=CALIB_DECODE_STEPS,
+                                                             base_dir=folder, observe=observe)
     log.note(f"calibration: {len(calib_ids)} prompts ({'user file' if options.calib else 'built-in set'}), "
              f"{len(feeds)} step feeds")
     # weights are read one at a time from the step graph's data file; the float ones the quantized
     # graph still reads (norms) stay references into it, streamed into the engine's file by save_onnx
-    quant, report = quantize_model(proto, feeds, qopts, base_dir=folder)
+    quant, report = quantize_model(proto, feeds, qopts, base_dir=folder,
+                                   activation_stats=None if observe is None else observe.stats)
     n_feeds = len(feeds)
     del feeds  # their K/V pools (~60 MB a feed for llama-1b) are not read again
     log.note(f"{len(report.quantized_nodes)} nodes quantized; weights {report.weight_bytes_float / 1e6:.1f} MB -> "

@@ -28,7 +28,9 @@ class TensorStats:
     channel_amax: np.ndarray | None = None  # max |x| per last-axis channel (SmoothQuant), [C]
 
 
-def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose outputs also include the tensors ``names`` (weights shared by
+    reference where external: the copy holds the same external references)."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     have = {o.name for o in probe.graph.output}
@@ -38,10 +40,33 @@ def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPro
     return probe
 
 
+class StatsCollector:
+    """Accumulates ``TensorStats`` (max |x|, and per-channel maxima of ``channel_tensors``) of the
+    tensors ``names`` from values seen one at a time: by ``collect_stats``' own runs, or by the runs
+    that make calibration feeds (``calibration_data.decoder_step_feeds(observe=)``), so that those
+    runs need not be repeated to calibrate."""
+
+    def __init__(self, tensors: Sequence[str], channel_tensors: Sequence[str] = ()):
+        self.names = sorted(set(tensors) | set(channel_tensors))
+        self.channel = set(channel_tensors)
+        self.stats = {n: TensorStats(0.0) for n in self.names}
+
+    def add(self, name: str, value: np.ndarray) -> None:
+        if value.dtype.kind != "f":
+            raise ConfigError(f"tensor {name!r} is {value.dtype}, not float: it cannot be quantized; exclude its consumer")
+        st = self.stats[name]
+        if value.size:
+            a = np.abs(value)
+            st.amax = max(st.amax, float(a.max()))
+            if name in self.channel:
+                cmax = a.reshape(-1, a.shape[-1]).max(axis=0)
+                st.channel_amax = cmax if st.channel_amax is None else np.maximum(st.channel_amax, cmax)
+
+
 def _runs(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]], names: list[str], threads: int,
           base_dir=None):
     """Yield (name, value) for every requested tensor of every feed, a chunk of names at a time."""
-    sess = ort_session(_with_outputs(model, names), threads=threads, base_dir=base_dir)
+    sess = ort_session(with_outputs(model, names), threads=threads, base_dir=base_dir)
     for start in range(0, len(names), _OUTPUTS_PER_RUN):
         chunk = names[start:start + _OUTPUTS_PER_RUN]
         for feed in feeds:
@@ -57,27 +82,25 @@ def collect_stats(
     channel_tensors: Sequence[str] = (),
     threads: int = 0,
     base_dir=None,
+    observed: dict[str, TensorStats] | None = None,
 ) -> dict[str, TensorStats]:
     """Stats of ``tensors`` (+ per-channel maxima of ``channel_tensors``) over ``feeds`` (weights
     ``model`` keeps in external files are read from ``base_dir``).
 
+    ``observed``: stats of some of ``tensors`` already gathered over these same ``feeds``
+    (``StatsCollector``); their max |x| is taken from it instead of running the graph again.
     ``histogram_bins`` > 0 adds a second pass that fills |x| histograms over [0, amax].
     """
-    names = sorted(set(tensors) | set(channel_tensors))
-    if not names:
+    wanted, per_channel = set(tensors), set(channel_tensors)
+    observed = {n: st for n, st in (observed or {}).items() if n in wanted and n not in per_channel}
+    collector = StatsCollector([n for n in tensors if n not in observed], channel_tensors)
+    if collector.names:
+        for name, value in _runs(model, feeds, collector.names, threads, base_dir):
+            collector.add(name, value)
+    stats = {**{n: TensorStats(st.amax) for n, st in observed.items()}, **collector.stats}
+    stats = {n: stats[n] for n in sorted(stats)}
+    if not stats:
         return {}
-    stats = {n: TensorStats(0.0) for n in names}
-    channel = set(channel_tensors)
-    for name, value in _runs(model, feeds, names, threads, base_dir):
-        if value.dtype.kind != "f":
-            raise ConfigError(f"tensor {name!r} is {value.dtype}, not float: it cannot be quantized; exclude its consumer")
-        st = stats[name]
-        if value.size:
-            a = np.abs(value)
-            st.amax = max(st.amax, float(a.max()))
-            if name in channel:
-                cmax = a.reshape(-1, a.shape[-1]).max(axis=0)
-                st.channel_amax = cmax if st.channel_amax is None else np.maximum(st.channel_amax, cmax)
     if histogram_bins > 0:
         for st in stats.values():
             st.hist = np.zeros(histogram_bins, dtype=np.int64)

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from ember.errors import ConfigError
+from ember.passes.calibration import StatsCollector, with_outputs
 from ember.passes.quant_graph import ort_session
 
 # Varied English (narrative, technical, dialogue, lists, code-ish) so activation ranges of
@@ -132,7 +133,8 @@ def _kv_layout(model: onnx.ModelProto) -> tuple[int, int, int]:
 
 def decoder_step_feeds(model: onnx.ModelProto, prompts_ids: Sequence[Sequence[int]], past_capacity: int,
                        batch_size: int = 8, decode_steps: int = 1, threads: int = 0,
-                       base_dir=None, outputs: list | None = None) -> list[dict[str, np.ndarray]]:
+                       base_dir=None, outputs: list | None = None, observe: StatsCollector | None = None
+                       ) -> list[dict[str, np.ndarray]]:
     """Step-graph feeds for prompts: per batch of ``batch_size`` prompts, one prefill feed
     (prompts right-padded to the longest, ``past_lengths`` 0, a zero pool of ``past_capacity``)
     then ``decode_steps`` decode feeds (T=1) whose next tokens and past K/V come from running
@@ -140,6 +142,9 @@ def decoder_step_feeds(model: onnx.ModelProto, prompts_ids: Sequence[Sequence[in
     Weights ``model`` keeps in external files are read from ``base_dir``. Given a list as ``outputs``,
     the float model's outputs on every feed (all graph outputs, in graph order) are appended to it, so
     an accuracy report need not run the float model again (``quant_accuracy.accuracy_report``).
+    Given ``observe``, its tensors are fetched from those same runs (every feed is then run, the last
+    decode step's too) and accumulated into it: the activation stats calibration needs, without
+    running the feeds again (``calibration.collect_stats(observed=)``).
     """
     if not prompts_ids or any(len(p) == 0 for p in prompts_ids):
         raise ConfigError("every calibration prompt must have at least one token")
@@ -151,7 +156,11 @@ def decoder_step_feeds(model: onnx.ModelProto, prompts_ids: Sequence[Sequence[in
     # a LongRoPE graph's per-row factor set: short, as the runtime runs prompts within
     # original_max_position_embeddings (calibration prompts are short)
     longrope = any(v.name == "rope_long" for v in model.graph.input)
-    sess = ort_session(model, threads, base_dir=base_dir) if decode_steps or outputs is not None else None
+    observed = [] if observe is None else [n for n in observe.names if n not in {o.name for o in model.graph.output}]
+    run_last = outputs is not None or observe is not None  # the last decode step's outputs are wanted too
+    sess = None
+    if decode_steps or run_last:
+        sess = ort_session(with_outputs(model, observed) if observed else model, threads, base_dir=base_dir)
     graph_outputs = [o.name for o in model.graph.output]
     feeds: list[dict[str, np.ndarray]] = []
     for start in range(0, len(prompts_ids), batch_size):
@@ -169,9 +178,14 @@ def decoder_step_feeds(model: onnx.ModelProto, prompts_ids: Sequence[Sequence[in
         past_len = np.zeros(b, np.int64)
         for step in range(decode_steps + 1):
             feeds.append(feed)
-            if step == decode_steps and outputs is None:
+            if step == decode_steps and not run_last:
                 break
-            res = dict(zip(graph_outputs, sess.run(graph_outputs, feed)))
+            res = dict(zip(graph_outputs + observed, sess.run(graph_outputs + observed, feed)))
+            if observe is not None:
+                for name in observe.names:
+                    observe.add(name, res[name])
+                for name in observed:
+                    del res[name]  # a prefill's activations (~2 MB each for llama-1b): not kept past this step
             if outputs is not None:
                 outputs.append([res[n] for n in graph_outputs])
             if step == decode_steps:

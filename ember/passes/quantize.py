@@ -22,7 +22,7 @@ import onnx
 from onnx import helper
 
 from ember.errors import ConfigError
-from ember.passes.calibration import CALIB_METHODS, collect_stats, threshold
+from ember.passes.calibration import CALIB_METHODS, TensorStats, collect_stats, threshold
 from ember.passes.qdq_validate import MIN_OPSET, QdqValidation, assert_trt_compatible
 from ember.passes.quant_gemm import gemm_to_matmul
 from ember.passes.quant_graph import default_opset, ort_disabled_optimizers, upgrade_opset
@@ -189,9 +189,27 @@ def _no_quantizable_ops(plan: QuantPlan, options: QuantOptions) -> ConfigError:
                        f"was selected ({reasons}); check include_ops/exclude_ops/exclude_names, or compile without --quantize")
 
 
+def activation_tensors(model: onnx.ModelProto, options: QuantOptions = QuantOptions(), base_dir=None) -> list[str]:
+    """The tensors ``quantize_model(model, feeds, options)`` calibrates (none for weights-only schemes).
+    Observe them in the runs that make the feeds (``calibration.StatsCollector``,
+    ``calibration_data.decoder_step_feeds(observe=)``) and hand the stats to ``quantize_model`` as
+    ``activation_stats``, so calibration does not run the feeds again. Planned on a copy of ``model``
+    as given: a constant-weight Gemm reads the same activation as the MatMul ``gemm_as_matmul`` makes
+    of it; a tensor the pass plans that the stats lack is calibrated by the pass itself."""
+    if options.weights_only:
+        return []
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)  # planning names unnamed nodes
+    return plan_quantization(probe, _rules(options), base_dir).activation_tensors()
+
+
 def quantize_model(model: onnx.ModelProto, calib_feeds: Sequence[dict[str, np.ndarray]],
-                   options: QuantOptions = QuantOptions(), base_dir=None) -> tuple[onnx.ModelProto, QuantReport]:
+                   options: QuantOptions = QuantOptions(), base_dir=None,
+                   activation_stats: dict[str, TensorStats] | None = None) -> tuple[onnx.ModelProto, QuantReport]:
     """Quantize ``model`` (left untouched) with calibration on ``calib_feeds`` (graph input name -> array).
+    ``activation_stats``: max |x| of activation tensors already observed over exactly ``calib_feeds``
+    (``activation_tensors``); the graph runs again only for tensors it lacks (and for histograms).
+    Ignored under SmoothQuant, which changes the activations it scales.
 
     Feeds may be empty only for the weights-only scheme. Returns (new model, report). Weights ``model``
     keeps in external files are read from ``base_dir`` one at a time (calibration sessions map them);
@@ -234,7 +252,7 @@ def quantize_model(model: onnx.ModelProto, calib_feeds: Sequence[dict[str, np.nd
     if plan.activations:
         bins = options.histogram_bins if options.calib_method != "max" else 0
         stats = collect_stats(out, calib_feeds, plan.activation_tensors(), histogram_bins=bins, threads=options.threads,
-                              base_dir=base_dir)
+                              base_dir=base_dir, observed=activation_stats if options.smoothquant_alpha is None else None)
         scales = {t: threshold(s, options.calib_method, options.percentile) / fmt.act_max for t, s in stats.items()}
 
     bytes_float = 4 * (sum(w.size for w in plan.weights) + sum(e.size for e in plan.embeddings))
@@ -252,5 +270,5 @@ def quantize_model(model: onnx.ModelProto, calib_feeds: Sequence[dict[str, np.nd
     return out, report
 
 
-__all__ = ["SCHEMES", "MIN_OPSET", "QuantOptions", "QuantReport", "check_calib_feeds", "cpu_int8_needs_reduced_range",
-           "quantize_model"]
+__all__ = ["SCHEMES", "MIN_OPSET", "QuantOptions", "QuantReport", "activation_tensors", "check_calib_feeds",
+           "cpu_int8_needs_reduced_range", "quantize_model"]
