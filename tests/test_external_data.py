@@ -243,3 +243,27 @@ def test_w8a8_spills_its_weights_and_the_folder_keeps_only_manifest_files(tmp_pa
     listed = {"manifest.json"} | {p.file for p in m.parts} | {r["file"] for p in m.parts for r in p.external_data} \
         | {t["file"] for t in m.tables} | {f"{mf.TOKENIZER_DIR}/tokenizer.json"}
     assert {p.relative_to(tmp_path / "e").as_posix() for p in (tmp_path / "e").rglob("*") if p.is_file()} == listed
+
+
+def test_quantization_plan_reads_no_weight_bytes(llama_graph, tmp_path, monkeypatch):
+    """Issue 18: planning needs each weight's shape and dtype only; reading llama-1b's 4.4 GB for them
+    cost seconds per plan. The plan equals one made from the values."""
+    from ember.export import external_data
+    from ember.passes.quant_graph import GraphIndex
+    from ember.passes.quant_plan import plan_quantization
+    from ember.passes.quantize import QuantOptions, _rules
+
+    model = onnx.ModelProto()
+    model.CopyFrom(llama_graph)
+    write_model(model, tmp_path / "step.onnx", external=True)
+    reads = []
+    real_read = external_data.read_tensor
+    monkeypatch.setattr(external_data, "read_tensor", lambda t, base: reads.append(t.name) or real_read(t, base))
+    plan = plan_quantization(model, _rules(QuantOptions()), tmp_path)
+    assert plan.weights and reads == [], f"planning read {reads[:5]}"
+    idx = GraphIndex.build(model.graph, tmp_path)
+    for site in plan.weights + plan.embeddings:
+        name = site.tensor if hasattr(site, "tensor") else site.table
+        value = idx.constant_weight(name)[0]
+        spec = idx.constant_weight_spec(name)
+        assert (spec.shape, spec.dtype) == (value.shape, value.dtype) == (tuple(site.shape), value.dtype), name

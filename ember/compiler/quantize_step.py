@@ -40,7 +40,7 @@ def quantize_step_graph(proto: onnx.ModelProto, src, options, folder: Path, log:
     from ember.export.external_data import load_all
 
     from ember.passes.calibration import StatsCollector
-    from ember.passes.calibration_data import decoder_step_feeds, default_prompts, load_prompts
+    from ember.passes.calibration_data import decoder_step_feeds, default_prompts, float_step_session, load_prompts
     from ember.passes.quant_accuracy import accuracy_report, format_accuracy
     from ember.passes.quantize import QuantOptions, activation_tensors, cpu_int8_needs_reduced_range, quantize_model
 
@@ -62,10 +62,17 @@ def quantize_step_graph(proto: onnx.ModelProto, src, options, folder: Path, log:
     # excepted: it rescales those activations first, so quantize_model measures them after it)
     observed = activation_tensors(proto, qopts, folder) if qopts.smoothquant_alpha is None else []
     observe = StatsCollector(observed) if observed else None
+    # one float session runs the calibration prompts and the held-out ones (the accuracy report's
+    # reference, made here so that session is opened once); closed before the quantized graph is built
+    session = float_step_session(proto, observe, base_dir=folder)
     feeds = [] if qopts.weights_only else decoder_step_feeds(proto, calib_ids, CALIB_CAPACITY, decode_steps=CALIB_DECODE_STEPS,
-                                                             base_dir=folder, observe=observe)
+                                                             base_dir=folder, observe=observe, session=session)
     log.note(f"calibration: {len(calib_ids)} prompts ({'user file' if options.calib else 'built-in set'}), "
              f"{len(feeds)} step feeds")
+    float_outputs: list = []
+    held_feeds = decoder_step_feeds(proto, held_ids, CALIB_CAPACITY, decode_steps=CALIB_DECODE_STEPS,
+                                    base_dir=folder, outputs=float_outputs, session=session)
+    del session
     # weights are read one at a time from the step graph's data file; the float ones the quantized
     # graph still reads (norms) stay references into it, streamed into the engine's file by save_onnx
     quant, report = quantize_model(proto, feeds, qopts, base_dir=folder,
@@ -74,10 +81,7 @@ def quantize_step_graph(proto: onnx.ModelProto, src, options, folder: Path, log:
     del feeds  # their K/V pools (~60 MB a feed for llama-1b) are not read again
     log.note(f"{len(report.quantized_nodes)} nodes quantized; weights {report.weight_bytes_float / 1e6:.1f} MB -> "
              f"{report.weight_bytes_quantized / 1e6:.1f} MB")
-    spill_weights(quant, folder)  # not in memory beside the float graph's session (next); mapped by the quantized one's
-    float_outputs: list = []
-    held_feeds = decoder_step_feeds(proto, held_ids, CALIB_CAPACITY, decode_steps=CALIB_DECODE_STEPS,
-                                    base_dir=folder, outputs=float_outputs)
+    spill_weights(quant, folder)  # out of memory: the quantized graph's session maps them
     try:
         acc = accuracy_report(proto, quant, held_feeds, base_dir=folder, float_outputs=float_outputs)
     except Exception as e:  # ONNX Runtime has no CPU kernels for some FP8 patterns

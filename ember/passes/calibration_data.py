@@ -131,10 +131,24 @@ def _kv_layout(model: onnx.ModelProto) -> tuple[int, int, int]:
     return len(past), int(dims[1].dim_value), int(dims[3].dim_value)
 
 
+def float_step_session(model: onnx.ModelProto, observe: StatsCollector | None = None, threads: int = 0,
+                       base_dir=None):
+    """The ONNX Runtime session ``decoder_step_feeds`` runs: over ``model``, with ``observe``'s tensors
+    as extra outputs where given (fetched only when asked, so the session also serves calls without it)."""
+    extra = _extra_outputs(model, observe)
+    return ort_session(with_outputs(model, extra) if extra else model, threads, base_dir=base_dir)
+
+
+def _extra_outputs(model: onnx.ModelProto, observe: StatsCollector | None) -> list[str]:
+    """``observe``'s tensors that are not already outputs of ``model``."""
+    outputs = {o.name for o in model.graph.output}
+    return [] if observe is None else [n for n in observe.names if n not in outputs]
+
+
 def decoder_step_feeds(model: onnx.ModelProto, prompts_ids: Sequence[Sequence[int]], past_capacity: int,
                        batch_size: int = 8, decode_steps: int = 1, threads: int = 0,
-                       base_dir=None, outputs: list | None = None, observe: StatsCollector | None = None
-                       ) -> list[dict[str, np.ndarray]]:
+                       base_dir=None, outputs: list | None = None, observe: StatsCollector | None = None,
+                       session=None) -> list[dict[str, np.ndarray]]:
     """Step-graph feeds for prompts: per batch of ``batch_size`` prompts, one prefill feed
     (prompts right-padded to the longest, ``past_lengths`` 0, a zero pool of ``past_capacity``)
     then ``decode_steps`` decode feeds (T=1) whose next tokens and past K/V come from running
@@ -144,7 +158,9 @@ def decoder_step_feeds(model: onnx.ModelProto, prompts_ids: Sequence[Sequence[in
     an accuracy report need not run the float model again (``quant_accuracy.accuracy_report``).
     Given ``observe``, its tensors are fetched from those same runs (every feed is then run, the last
     decode step's too) and accumulated into it: the activation stats calibration needs, without
-    running the feeds again (``calibration.collect_stats(observed=)``).
+    running the feeds again (``calibration.collect_stats(observed=)``). ``session``: an ONNX Runtime
+    session over ``with_outputs(model, observe.names)`` (``float_step_session``) to run instead of
+    opening one, so that two calls (calibration and held-out prompts) share it.
     """
     if not prompts_ids or any(len(p) == 0 for p in prompts_ids):
         raise ConfigError("every calibration prompt must have at least one token")
@@ -156,11 +172,11 @@ def decoder_step_feeds(model: onnx.ModelProto, prompts_ids: Sequence[Sequence[in
     # a LongRoPE graph's per-row factor set: short, as the runtime runs prompts within
     # original_max_position_embeddings (calibration prompts are short)
     longrope = any(v.name == "rope_long" for v in model.graph.input)
-    observed = [] if observe is None else [n for n in observe.names if n not in {o.name for o in model.graph.output}]
+    observed = _extra_outputs(model, observe)
     run_last = outputs is not None or observe is not None  # the last decode step's outputs are wanted too
-    sess = None
-    if decode_steps or run_last:
-        sess = ort_session(with_outputs(model, observed) if observed else model, threads, base_dir=base_dir)
+    sess = session
+    if sess is None and (decode_steps or run_last):
+        sess = float_step_session(model, observe, threads, base_dir)
     graph_outputs = [o.name for o in model.graph.output]
     feeds: list[dict[str, np.ndarray]] = []
     for start in range(0, len(prompts_ids), batch_size):
@@ -170,8 +186,11 @@ def decoder_step_feeds(model: onnx.ModelProto, prompts_ids: Sequence[Sequence[in
         ids = np.zeros((b, t), np.int64)
         for i, r in enumerate(rows):
             ids[i, :len(r)] = r
-        pool = {f"past_{kv}.{i}": np.zeros((b, hkv, past_capacity, d), np.float32)
-                for i in range(layers) for kv in ("key", "value")}
+        # every step's pools are views into one block: one allocation (huge pages, where numpy asks for them)
+        # instead of 2 x layers small ones, whose page faults cost llama-1b 5 s of calibration
+        pool_names = [f"past_{kv}.{i}" for i in range(layers) for kv in ("key", "value")]
+        block = np.zeros((len(pool_names), b, hkv, past_capacity, d), np.float32)
+        pool = dict(zip(pool_names, block))
         feed = {"input_ids": ids, "positions": np.broadcast_to(np.arange(t, dtype=np.int64), (b, t)).copy(),
                 "past_lengths": np.zeros(b, np.int64), "new_lengths": lengths, **pool,
                 **({"rope_long": np.zeros(b, np.int64)} if longrope else {})}
@@ -190,7 +209,8 @@ def decoder_step_feeds(model: onnx.ModelProto, prompts_ids: Sequence[Sequence[in
                 outputs.append([res[n] for n in graph_outputs])
             if step == decode_steps:
                 break
-            pool = {k: v.copy() for k, v in pool.items()}
+            block = block.copy()
+            pool = dict(zip(pool_names, block))
             for i in range(layers):
                 for kv in ("key", "value"):
                     new = res[f"new_{kv}.{i}"]

@@ -5,6 +5,7 @@ Nothing here decides *what* to quantize (that is ``quant_plan``) or *how* (``qua
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections import defaultdict
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from ember.errors import ConfigError
 
@@ -49,6 +50,22 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
             f"could not convert the model from opset {default_opset(model)} to {target} ({e}); "
             f"re-export it with torch.onnx.export(opset_version={target})"
         ) from e
+
+
+@dataclass(frozen=True)
+class ConstantSpec:
+    """A constant's shape and dtype (``GraphIndex.constant_weight_spec``)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
 
 
 @dataclass
@@ -101,11 +118,9 @@ class GraphIndex:
         name = self._through_identity(name)
         return name in self.initializers or (name in self.producer and self.producer[name].op_type == "Constant")
 
-    def constant_weight(self, name: str) -> tuple[np.ndarray, list[onnx.NodeProto]] | None:
-        """A constant weight, possibly behind Transpose nodes of a constant (folded here).
-
-        Returns (value, the Transpose nodes folded) or None when ``name`` is computed at run time.
-        """
+    def _behind_transposes(self, name: str) -> tuple[str, list[list[int] | None], list[onnx.NodeProto]] | None:
+        """(the constant, the perms, the Transpose nodes) that ``name`` is a chain of Transposes of;
+        None when ``name`` is computed at run time."""
         folded: list[onnx.NodeProto] = []
         perms: list[list[int] | None] = []
         cur = name
@@ -117,11 +132,41 @@ class GraphIndex:
             folded.append(node)
             perms.append(perm)
             cur = node.input[0]
+        return cur, perms, folded
+
+    def constant_weight(self, name: str) -> tuple[np.ndarray, list[onnx.NodeProto]] | None:
+        """A constant weight, possibly behind Transpose nodes of a constant (folded here).
+
+        Returns (value, the Transpose nodes folded) or None when ``name`` is computed at run time.
+        """
+        found = self._behind_transposes(name)
+        if found is None:
+            return None
+        cur, perms, folded = found
         value = self.constant(cur)
         assert value is not None
         for perm in reversed(perms):
             value = np.transpose(value, perm)
         return np.ascontiguousarray(value), folded
+
+    def constant_weight_spec(self, name: str) -> ConstantSpec | None:
+        """The shape and dtype ``constant_weight(name)``'s value has, without reading an initializer's
+        bytes (a planner that needs only these need not read a multi-GiB model's weights); None when
+        ``name`` is computed at run time."""
+        found = self._behind_transposes(name)
+        if found is None:
+            return None
+        cur, perms, _ = found
+        t = self.initializers.get(self._through_identity(cur))
+        if t is not None:
+            spec = ConstantSpec(tuple(int(d) for d in t.dims), np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)))
+        else:
+            value = self.constant(cur)
+            spec = ConstantSpec(value.shape, value.dtype)
+        shape = spec.shape
+        for perm in reversed(perms):
+            shape = tuple(shape[p] for p in perm) if perm else shape[::-1]
+        return ConstantSpec(shape, spec.dtype)
 
     def source_through_movement(self, name: str) -> str:
         """Walk up data-movement ops from ``name`` while each tensor passed is read only by the

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ember.passes.quant_graph import NO_QDQ_OUTPUT_OPS, GraphIndex, unique_name
+from ember.passes.quant_graph import NO_QDQ_OUTPUT_OPS, ConstantSpec, GraphIndex, unique_name
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 QUANTIZABLE_OPS = (*WEIGHT_OPS, "Add", "Gather")
@@ -115,7 +115,7 @@ def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
     return next((int(a.i) for a in node.attribute if a.name == name), default)
 
 
-def _weight_axis(node: onnx.NodeProto, value: np.ndarray) -> int | None:
+def _weight_axis(node: onnx.NodeProto, value: ConstantSpec) -> int | None:
     op = node.op_type
     if op == "Conv":
         return 0
@@ -186,13 +186,13 @@ def plan_quantization(model: onnx.ModelProto, rules: PlanRules, base_dir=None) -
         if why:
             plan.skipped[node.name] = why
             continue
-        weight_ins: list[tuple[int, np.ndarray]] = []  # (input index, value: read here for its shape and dtype)
+        weight_ins: list[tuple[int, ConstantSpec]] = []  # (input index, its shape and dtype; read when applied)
         act_ins: list[int] = []
         if node.op_type == "Gather":
-            found = idx.constant_weight(node.input[0]) if rules.embeddings else None
-            if found is None or found[0].ndim != 2 or _attr(node, "axis", 0) != 0 or found[0].size < _MIN_EMBEDDING_ELEMENTS:
+            found = idx.constant_weight_spec(node.input[0]) if rules.embeddings else None
+            if found is None or found.ndim != 2 or _attr(node, "axis", 0) != 0 or found.size < _MIN_EMBEDDING_ELEMENTS:
                 continue  # an index/shape Gather, not an embedding table (R5)
-            plan.embeddings.append(EmbeddingSite(node.name, node.input[0], _reader(idx, node.input[0]), found[0].shape))
+            plan.embeddings.append(EmbeddingSite(node.name, node.input[0], _reader(idx, node.input[0]), found.shape))
             plan.quantized_nodes.append(node.name)
             continue
         if node.op_type == "Add":
@@ -206,9 +206,9 @@ def plan_quantization(model: onnx.ModelProto, rules: PlanRules, base_dir=None) -
             if node.op_type == "Gemm" and w_idx == 0:
                 plan.skipped[node.name] = "Gemm with a constant A and run-time B is not planned"
                 continue
-            found = idx.constant_weight(node.input[1])
-            if found is not None and found[0].dtype.kind == "f":
-                weight_ins.append((1, found[0]))
+            found = idx.constant_weight_spec(node.input[1])
+            if found is not None and found.dtype.kind == "f":
+                weight_ins.append((1, found))
                 act_ins = [0] if not idx.is_constant(node.input[0]) else []
             elif node.op_type == "MatMul" and not idx.is_constant(node.input[0]) and found is None:
                 if not (rules.activation_matmul and rules.activations):
