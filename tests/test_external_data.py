@@ -267,3 +267,20 @@ def test_quantization_plan_reads_no_weight_bytes(llama_graph, tmp_path, monkeypa
         value = idx.constant_weight(name)[0]
         spec = idx.constant_weight_spec(name)
         assert (spec.shape, spec.dtype) == (value.shape, value.dtype) == (tuple(site.shape), value.dtype), name
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int8, np.int64])
+def test_read_tensor_reads_external_bytes_straight_into_the_array(tmp_path, monkeypatch, dtype):
+    """Issue 18: an external tensor is read into its array directly, not copied through a TensorProto
+    (three copies of every weight); same values, a writable array."""
+    from ember.export import external_data
+
+    value = (np.arange(300 * 700) % 251 - 125).astype(dtype).reshape(300, 700)
+    model = helper.make_model(helper.make_graph([], "g", [], [], initializer=[numpy_helper.from_array(value, "w")]))
+    write_model(model, tmp_path / "m.onnx", external=True)
+    t = model.graph.initializer[0]
+    assert is_external(t)
+    monkeypatch.setattr(external_data, "load_tensor", lambda *a: pytest.fail("read through a TensorProto copy"))
+    got = read_tensor(t, tmp_path)
+    assert got.dtype == value.dtype and got.shape == value.shape and np.array_equal(got, value)
+    assert got.flags.writeable
