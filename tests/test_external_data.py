@@ -222,8 +222,8 @@ def test_w8a8_reads_weights_from_the_data_file(tmp_path, external_always, monkey
 
 
 def test_w8a8_spills_its_weights_and_the_folder_keeps_only_manifest_files(tmp_path, external_always, monkeypatch):
-    """--quantize int8 of a large graph: the Q/DQ weights leave memory for a spill file before the held-out
-    float session opens (the peak of the compile), the sessions map it, and the save copies it into
+    """--quantize int8 of a large graph: the Q/DQ weights leave memory for a spill file before the quantized
+    graph's session opens for the accuracy report, the session maps it, and the save copies it into
     step.onnx.data; the spill file is not left in the engine folder."""
     import ember.compiler.quantize_step as qs
     from ember.engine_format import manifest as mf
@@ -284,3 +284,19 @@ def test_read_tensor_reads_external_bytes_straight_into_the_array(tmp_path, monk
     got = read_tensor(t, tmp_path)
     assert got.dtype == value.dtype and got.shape == value.shape and np.array_equal(got, value)
     assert got.flags.writeable
+
+
+def test_w8a8_compile_opens_one_float_session(tmp_path, monkeypatch):
+    """Issue 18: --quantize int8 runs the float graph in one ONNX Runtime session, for the calibration
+    prompts (which also give the activation ranges) and the held-out ones; then the quantized graph's
+    for the accuracy report. It opened four: feeds, two calibration passes' worth, held-out feeds."""
+    from ember.passes import calibration, calibration_data, quant_accuracy
+
+    opened = []
+    for module in (calibration, calibration_data, quant_accuracy):
+        def counting(model, *args, _real=module.ort_session, **kwargs):
+            opened.append(any(n.op_type == "QuantizeLinear" for n in model.graph.node))
+            return _real(model, *args, **kwargs)
+        monkeypatch.setattr(module, "ort_session", counting)
+    compile_decoder("llama-tiny", tmp_path / "e", CompileOptions(quantize="int8", quiet=True))
+    assert opened == [False, True], f"sessions opened (quantized graph or not): {opened}"
