@@ -1,4 +1,4 @@
-"""Compile time and peak memory of a large decoder (issue 18: llama-1b FP32 and int4 within 2 min and
+"""Compile time and peak memory of a large decoder (issue 18: llama-1b FP32, int4 and int8 within 2 min and
 2x the FP32 weight bytes of RSS on the 2-core host), each compile in its own process.
 
 Each precision runs ``ember compile SOURCE -o DIR [--quantize ...]`` as a child process; peak RSS is
@@ -9,7 +9,7 @@ The engine folder's files and size are recorded, then the folder is removed (``-
 compile's CPU seconds (user + system): on a shared host the wall time depends on the load, the CPU time
 much less.
 
-    python benchmarks/compile_memory.py                      # llama-1b: fp32, int4, int8-weights
+    python benchmarks/compile_memory.py                      # llama-1b: fp32, int4, int8 (W8A8): the committed compile_llama1b.md
     python benchmarks/compile_memory.py --source gpt2-124m --precisions fp32,int4 --name compile_gpt2
 """
 from __future__ import annotations
@@ -66,7 +66,7 @@ def stage_times(log: Path) -> dict[str, float]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--source", default="llama-1b")
-    ap.add_argument("--precisions", default="fp32,int4,int8-weights")
+    ap.add_argument("--precisions", default="fp32,int4,int8")
     ap.add_argument("--name", default="compile_llama1b")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--keep", default=None, help="keep each engine folder as KEEP/PRECISION (e.g. to compare bytes)")
