@@ -132,7 +132,7 @@ def weightless_shape_inference():
     inference gets the same answer from their types; the parameters it still receives are the
     non-float ones and those of at most ``SHAPE_INFERENCE_MAX_VALUE_ELEMENTS`` elements (the shape
     operands constant folding leaves as initializers). The exported graph is unchanged
-    (tests/test_export_speed.py compares it with an export without this)."""
+    (tests/test_export_shape_inference.py compares it with an export without this)."""
     original = torch._C._jit_pass_onnx_graph_shape_type_inference
 
     def without_weight_values(graph, params_dict, opset_version):
