@@ -346,8 +346,9 @@ def run(args) -> dict:
         side = args.image_size // cfg.vae_scale if args.image_size else cfg.sample_size
         res["image_size"] = side * cfg.vae_scale
         lat = np.random.default_rng(seed).standard_normal((1, cfg.latent_channels, side, side)).astype(np.float32)
-        arms["diffusers FP16 (SDPA)" if args.device.startswith("cuda") else "diffusers FP32 (SDPA, CPU)"] = \
-            diffusers_arm(args, prompt, lat, args.repeats)
+        name = "diffusers FP16 (SDPA)" if args.device.startswith("cuda") else "diffusers FP32 (SDPA, CPU)"
+        arms[name] = diffusers_arm(args, prompt, lat, args.repeats)
+        print(f"{name}: {arms[name].get('total_s', arms[name].get('skipped'))}", flush=True)
     except Exception as e:  # noqa: BLE001
         arms["diffusers"] = {"error": f"{type(e).__name__}: {e}"[:500]}
         traceback.print_exc()
@@ -373,6 +374,7 @@ def run(args) -> dict:
             if fp16 is None or (name == "w8a8_optimized_ops" and "w8a8_dp5" not in folders):
                 raise RuntimeError("the engine folder it needs did not build or load")
             res[name] = fn()
+            print(f"{name}: {json.dumps(res[name], default=str)[:400]}", flush=True)
         except Exception as e:  # noqa: BLE001
             res["errors"][name] = f"{type(e).__name__}: {e}"[:500]
             traceback.print_exc()
