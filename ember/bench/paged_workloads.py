@@ -1,6 +1,7 @@
-"""Issue 19's serving workloads (``benchmarks/gpu_paged_serve.py``): each workload's requests and
-arms, how an arm runs them on a loaded engine, and the report. No device code: all of it runs on
-the CPU (the benchmark's ``--device cpu`` smoke run, and tests/test_paged_workloads.py).
+"""Issue 19's serving workloads (``ember bench paged``, ``benchmarks/gpu_paged_serve.py``): each
+workload's sizes, requests and arms, and how an arm runs them on a loaded engine (the processes
+and the run: ``paged_serve.py``; the report: ``paged_report.py``). No device code: all of it runs
+on the CPU (the benchmark's ``--device cpu`` smoke run, and tests/test_paged_workloads.py).
 
 Workloads (greedy, EOS ignored, so every request generates exactly its ``new`` tokens):
   burst   ``requests`` prompts at once, each a shared ``system``-token prompt + ``own`` tokens;
@@ -14,15 +15,16 @@ Workloads (greedy, EOS ignored, so every request generates exactly its ``new`` t
   ttft1   ``ttft_requests`` prompts of ``ttft_prompt`` tokens, one at a time (batch 1): time to first
           token and decode ms/token; arms: slots, paged, ONNX Runtime GenAI (``engine``)
 Each burst workload first runs a warm-up burst of another seed (another system prompt); ttft1
-first runs ``ttft_warm`` requests.
+first runs ``ttft_warm`` requests. Every paged arm uses blocks of ``kv_block_size`` tokens.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import statistics
 import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -33,9 +35,6 @@ from ember.errors import InputError
 
 WORKLOADS = ("burst", "prefix", "mixed", "ttft1")
 GENAI = "onnxruntime-genai"
-# issue 19's targets: (workload, the ratio's key, the least it must be)
-TARGETS = (("prefix", "ttft_median_off_over_on", 5.0), ("mixed", "running_peak_paged_over_slots", 3.0),
-           ("mixed", "tok_per_s_paged_over_slots", 1.3))
 
 
 @dataclass(frozen=True)
@@ -81,6 +80,7 @@ class Sizes:
     ttft_new: int = 64
     ttft_warm: int = 3
     ttft_max_batch: int = 16
+    kv_block_size: int = 16  # every paged arm's
     seed: int = 0
 
     def positions(self, workloads: tuple[str, ...] | list[str]) -> int:
@@ -105,6 +105,33 @@ SIZES = {
 }
 
 
+SIZE_HELP = {"kv_memory": "burst's paged arm's block pool, bytes ", "kv_block_size": "tokens per block, every paged arm ",
+             "mixed_slots": "mixed's slot arm's max_batch; the KV budget follows ",
+             "mixed_max_batch": "mixed's paged arm's cap on running sequences "}
+
+
+def size_arguments(ap: argparse.ArgumentParser) -> None:
+    """One flag per ``Sizes`` field (``--mixed-prompt 16:2048``...); None: the device's ``SIZES``."""
+    g = ap.add_argument_group("workload sizes (default: the CUDA run's, or the smoke run's with --device cpu)")
+    for f in fields(Sizes):
+        kind, metavar = {"LengthDist": (LengthDist.parse, "LO:HI"), "str": (str, "BYTES")}.get(f.type, (int, "N"))
+        g.add_argument("--" + f.name.replace("_", "-"), dest=f"size_{f.name}", type=kind, default=None, metavar=metavar,
+                       help=f"{SIZE_HELP.get(f.name, '')}(cuda {getattr(SIZES['cuda'], f.name)}, "
+                            f"cpu {getattr(SIZES['cpu'], f.name)})")
+
+
+def sizes_from_arguments(args: argparse.Namespace, device: str) -> Sizes:
+    """``SIZES`` of ``device`` (cuda:N or cpu) with the flags ``size_arguments`` added that were given."""
+    base = SIZES["cuda" if device.startswith("cuda") else "cpu"]
+    return replace(base, **{f.name: v for f in fields(Sizes) if (v := getattr(args, f"size_{f.name}")) is not None})
+
+
+def size_flags(args: argparse.Namespace) -> list[str]:
+    """The size flags that were given, as they would be typed (for a report's command line)."""
+    return [f"--{f.name.replace('_', '-')}={f'{v.lo}:{v.hi}' if isinstance(v, LengthDist) else v}"
+            for f in fields(Sizes) if (v := getattr(args, f"size_{f.name}")) is not None]
+
+
 # -- requests -------------------------------------------------------------------------------
 def shared_prefix(vocab: int, requests: int, system: int, own: int, new: int, seed: int) -> list[Request]:
     """``requests`` prompts of one ``system``-token prefix + ``own`` tokens each (ids >= 3: no special token)."""
@@ -124,6 +151,11 @@ def slot_budget(geometry: KVGeometry, itemsize: int, slots: int, seq_len: int) -
     return slots * geometry.slot_bytes(seq_len, itemsize)
 
 
+def paged_layout(s: Sizes) -> dict:
+    """A paged arm's ``ember.load`` options of its layout."""
+    return {"kv_layout": "paged", "kv_block_size": s.kv_block_size}
+
+
 def plan_arms(workload: str, s: Sizes, vocab: int, geometry: KVGeometry, itemsize: int,
               kv_dtypes: tuple[str, ...] = ()) -> list[Arm]:
     """The arms of ``workload`` (``WORKLOADS``) and their requests; the GenAI arm of ttft1 included;
@@ -131,13 +163,15 @@ def plan_arms(workload: str, s: Sizes, vocab: int, geometry: KVGeometry, itemsiz
     if workload == "burst":
         warm, timed = (shared_prefix(vocab, s.requests, s.system, s.own, s.new, s.seed + k) for k in (1, 2))
         return [Arm("slots", {"max_batch": s.requests}, warm, timed),
-                Arm("paged", {"max_batch": s.requests, "kv_layout": "paged", "kv_memory": s.kv_memory}, warm, timed)]
+                Arm("paged", {"max_batch": s.requests, **paged_layout(s), "kv_memory": s.kv_memory}, warm, timed)]
     if workload == "prefix":
         warm, timed = (shared_prefix(vocab, s.prefix_requests, s.prefix_system, s.prefix_own, s.prefix_new, s.seed + k)
                        for k in (1, 2))
-        # the pool holds every request unshared, so turning the cache off costs compute only, never admission
-        pool = slot_budget(geometry, itemsize, s.prefix_requests, s.positions(["prefix"]))
-        paged = {"max_batch": s.prefix_requests, "kv_layout": "paged", "kv_memory": pool}
+        # the pool holds every request unshared (whole blocks each), so turning the cache off costs compute
+        # only, never admission
+        blocks = -(-s.positions(["prefix"]) // s.kv_block_size)
+        pool = slot_budget(geometry, itemsize, s.prefix_requests, blocks * s.kv_block_size)
+        paged = {"max_batch": s.prefix_requests, **paged_layout(s), "kv_memory": pool}
         return [Arm("paged cache on", paged, warm, timed),
                 Arm("paged cache off", {**paged, "prefix_caching": False}, warm, timed),
                 Arm("slots", {"max_batch": s.prefix_requests, "kv_memory": pool}, warm, timed)]
@@ -145,7 +179,7 @@ def plan_arms(workload: str, s: Sizes, vocab: int, geometry: KVGeometry, itemsiz
         warm = mixed_lengths(vocab, s.mixed_warm, s.mixed_prompt, s.mixed_output, s.seed + 1)
         timed = mixed_lengths(vocab, s.mixed_requests, s.mixed_prompt, s.mixed_output, s.seed + 2)
         budget = slot_budget(geometry, itemsize, s.mixed_slots, s.positions(["mixed"]))
-        paged = {"max_batch": s.mixed_max_batch, "kv_layout": "paged", "kv_memory": budget}
+        paged = {"max_batch": s.mixed_max_batch, **paged_layout(s), "kv_memory": budget}
         return [Arm("slots", {"max_batch": s.mixed_slots, "kv_memory": budget}, warm, timed),
                 Arm("paged", paged, warm, timed),
                 *[Arm(f"paged {d} KV", paged, warm, timed, kv_dtype=d) for d in kv_dtypes]]
@@ -153,7 +187,7 @@ def plan_arms(workload: str, s: Sizes, vocab: int, geometry: KVGeometry, itemsiz
         warm, timed = (shared_prefix(vocab, n, 0, s.ttft_prompt, s.ttft_new, s.seed + k)
                        for k, n in ((1, s.ttft_warm), (2, s.ttft_requests)))
         return [Arm("slots", {"max_batch": s.ttft_max_batch}, warm, timed, sequential=True),
-                Arm("paged", {"max_batch": s.ttft_max_batch, "kv_layout": "paged"}, warm, timed, sequential=True),
+                Arm("paged", {"max_batch": s.ttft_max_batch, **paged_layout(s)}, warm, timed, sequential=True),
                 Arm(GENAI, {}, warm, timed, sequential=True, engine=GENAI)]
     raise InputError(f"workload {workload!r} is not one of {', '.join(WORKLOADS)}")
 
@@ -233,168 +267,3 @@ def run_sequential(runner, warm: list[Request], timed: list[Request]) -> dict:
     return {"ttft_ms": _ms([t.ttft for t, _ in runs]),
             "decode_ms_per_token": 1e3 * statistics.median(t.decode_s_per_step for t, _ in runs),
             "tokens": [list(tokens) for _, tokens in runs]}
-
-
-# -- the report -----------------------------------------------------------------------------
-def tokens_equal(arms: dict[str, dict], reference: str) -> dict[str, str]:
-    """Per arm that ran: how many requests got ``reference``'s greedy tokens ('k/n')."""
-    ref = arms.get(reference, {}).get("tokens")
-    if ref is None:
-        return {}
-    return {name: f"{sum(a == b for a, b in zip(r['tokens'], ref))}/{len(ref)}"
-            for name, r in arms.items() if name != reference and "tokens" in r}
-
-
-def _ratio(num: float | None, den: float | None) -> float | None:
-    return None if num is None or not den else num / den
-
-
-def derived(workload: str, arms: dict[str, dict]) -> dict:
-    """The workload's comparisons (ratios and token agreement) from its arms' results."""
-    ok = {k: v for k, v in arms.items() if "error" not in v and "skipped" not in v}
-    get = lambda arm, *keys: _dig(ok.get(arm), keys)  # noqa: E731
-    out: dict = {"tokens_equal_to": {}}
-    if workload == "prefix":
-        out["ttft_median_off_over_on"] = _ratio(get("paged cache off", "ttft_ms", "p50"),
-                                                get("paged cache on", "ttft_ms", "p50"))
-        out["ttft_p90_off_over_on"] = _ratio(get("paged cache off", "ttft_ms", "p90"),
-                                             get("paged cache on", "ttft_ms", "p90"))
-        out["tokens_equal_to"]["paged cache on"] = tokens_equal(ok, "paged cache on")
-    elif workload == "mixed":
-        for arm in [a for a in arms if a.startswith("paged")]:  # "paged", then "paged int8 KV"...
-            tag = arm.replace(" KV", "").replace(" ", "_")
-            out[f"running_peak_{tag}_over_slots"] = _ratio(get(arm, "stats", "running_peak"),
-                                                           get("slots", "stats", "running_peak"))
-            out[f"tok_per_s_{tag}_over_slots"] = _ratio(get(arm, "tok_per_s"), get("slots", "tok_per_s"))
-        out["tokens_equal_to"]["slots"] = tokens_equal(ok, "slots")
-    elif workload == "ttft1":
-        out["ttft_median_paged_over_genai"] = _ratio(get("paged", "ttft_ms", "p50"), get(GENAI, "ttft_ms", "p50"))
-        out["ttft_median_slots_over_genai"] = _ratio(get("slots", "ttft_ms", "p50"), get(GENAI, "ttft_ms", "p50"))
-        out["tokens_equal_to"]["slots"] = tokens_equal(ok, "slots")
-    else:
-        out["tokens_equal_to"]["slots"] = tokens_equal(ok, "slots")
-    return out
-
-
-def _dig(d: dict | None, keys: tuple) -> float | None:
-    for k in keys:
-        if not isinstance(d, dict) or k not in d:
-            return None
-        d = d[k]
-    return d
-
-
-def verdicts(doc: dict) -> list[str]:
-    """One line per issue 19 target whose workload ran: the number, the target, met or not."""
-    lines = []
-    for workload, key, least in TARGETS:
-        w = doc["workloads"].get(workload)
-        if w is None:
-            continue
-        v = w.get("derived", {}).get(key)
-        verdict = "not measured (an arm failed)" if v is None else \
-            f"{v:.2f} (target >= {least:g}): {'met' if v >= least else 'NOT met'}"
-        lines.append(f"- {workload} {key}: {verdict}")
-    ttft = doc["workloads"].get("ttft1", {}).get("derived", {}).get("ttft_median_paged_over_genai")
-    if ttft is not None:
-        lines.append(f"- ttft1 paged TTFT / ONNX Runtime GenAI's: {ttft:.2f} (target <= 1): "
-                     f"{'met' if ttft <= 1 else 'NOT met'}")
-    return lines
-
-
-def _f(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
-
-
-COLUMNS = {  # workload -> (header, value of an arm's result)
-    "burst": (("burst s", lambda r: _f(r.get("wall_s"), ".2f")), ("tok/s", lambda r: _f(r.get("tok_per_s"), ".0f")),
-              ("TTFT median ms", lambda r: _f(_dig(r, ("ttft_ms", "p50")), ".1f")),
-              ("TTFT p90 ms", lambda r: _f(_dig(r, ("ttft_ms", "p90")), ".1f")),
-              ("prompt tokens computed", lambda r: _f(_dig(r, ("stats", "prefill_tokens_total")), "d"))),
-    "prefix": (("TTFT median ms", lambda r: _f(_dig(r, ("ttft_ms", "p50")), ".1f")),
-               ("TTFT p90 ms", lambda r: _f(_dig(r, ("ttft_ms", "p90")), ".1f")),
-               ("burst s", lambda r: _f(r.get("wall_s"), ".2f")),
-               ("prompt tokens computed", lambda r: _f(_dig(r, ("stats", "prefill_tokens_total")), "d")),
-               ("prefix cache hits", lambda r: _f(_dig(r, ("stats", "prefix_cache_hits_total")), "d"))),
-    "mixed": (("max_batch", lambda r: _f(_dig(r, ("stats", "max_batch")), "d")),
-              ("KV positions", lambda r: _f(_dig(r, ("stats", "kv_capacity_tokens")), "d")),
-              ("running peak", lambda r: _f(_dig(r, ("stats", "running_peak")), "d")),
-              ("running mean", lambda r: _f(r.get("running_mean_polled"), ".1f")),
-              ("preemptions", lambda r: _f(_dig(r, ("stats", "preemptions_total")), "d")),
-              ("output tok/s", lambda r: _f(r.get("tok_per_s"), ".0f")),
-              ("burst s", lambda r: _f(r.get("wall_s"), ".2f")),
-              ("TTFT median ms", lambda r: _f(_dig(r, ("ttft_ms", "p50")), ".0f"))),
-    "ttft1": (("TTFT median ms", lambda r: _f(_dig(r, ("ttft_ms", "p50")), ".2f")),
-              ("TTFT p90 ms", lambda r: _f(_dig(r, ("ttft_ms", "p90")), ".2f")),
-              ("decode ms/token", lambda r: _f(r.get("decode_ms_per_token"), ".2f"))),
-}
-MEMORY = (("device used after load MiB", lambda r: _f(r.get("device_used_after_load_mib"), ".0f")),
-          ("device peak MiB", lambda r: _f(r.get("device_peak_mib"), ".0f")),
-          ("peak / (weights + KV held)", lambda r: _f(r.get("peak_over_weights_and_kv"), ".2f")))
-
-
-def workload_table(workload: str, arms: dict[str, dict], memory: bool = True) -> list[str]:
-    """The workload's markdown table: one row per arm (a failed or skipped arm says why); ``memory``:
-    the device memory columns."""
-    cols = COLUMNS[workload] + (MEMORY if memory else ())
-    lines = ["| arm | " + " | ".join(h for h, _ in cols) + " |", "|---|" + "---|" * len(cols)]
-    for name, r in arms.items():
-        why = r.get("error") or r.get("skipped")
-        if why:
-            kind = "error" if "error" in r else "skipped"
-            lines.append(f"| {name} | {kind}: {str(why)[:200]} |" + " |" * (len(cols) - 1))
-        else:
-            lines.append(f"| {name} | " + " | ".join(cell(r) for _, cell in cols) + " |")
-    return lines
-
-
-HEADLINES = {
-    "burst": "{requests} requests at once, each a shared {system}-token system prompt + {own} own tokens, {new} new "
-             "tokens.",
-    "prefix": "{prefix_requests} requests at once, each a shared {prefix_system}-token system prompt + {prefix_own} "
-              "own tokens, {prefix_new} new tokens; the paged arms share one block pool that holds every request "
-              "unshared.",
-    "mixed": "{mixed_requests} requests at once, prompts {mixed_prompt} tokens, outputs {mixed_output} tokens "
-             "(seed {seed}); one KV budget for both arms (below). Running peak: the engine's `running_peak` (the "
-             "most sequences running at once; the {mixed_warm}-request warm-up included); running mean: polled every "
-             "10 ms over the timed burst; output tok/s: every output token over the burst's wall time.",
-    "ttft1": "{ttft_requests} requests one at a time, prompts of {ttft_prompt} tokens, {ttft_new} new tokens, after "
-             "{ttft_warm} warm-up requests; TTFT from the call (ONNX Runtime GenAI: from `append_tokens`, its "
-             "`Generator` made before the clock starts), decode ms/token after the first token.",
-}
-
-
-def markdown(doc: dict) -> str:
-    """The whole report: a section per workload that ran, then issue 19's targets."""
-    s = doc["sizes"]
-    md = [f"# Paged KV serving workloads (issue 19) -- {doc['model']} on {doc['device_name']}", "",
-          f"Machine: {doc['machine_line']}.", f"Model: {doc['model_line']}.", ""]
-    for workload, w in doc["workloads"].items():
-        md += [f"## {workload}", "", HEADLINES[workload].format(**s)]
-        if workload == "mixed" and "budget_bytes" in w:
-            md.append(f"KV budget {w['budget_bytes'] / 2**20:.2f} MiB = {s['mixed_slots']} slot rows x {w['seq_len']} "
-                      f"positions x {doc['token_bytes']} bytes per token; the paged arm's block pool has the same "
-                      f"bytes.")
-        if workload in ("burst", "prefix") and doc.get("cuda", True):
-            md.append("Device memory: the whole device's use seen by the arm's process (CUDA context included); "
-                      "`peak / (weights + KV held)` divides its growth from before the load by the paged graph's "
-                      "weights plus the KV the burst holds at most (the system prompt once where it is shared; the "
-                      "slot engine loads the step graph and the fused decode part, two copies of the weights).")
-        if "error" in w:
-            md.append(f"Workload failed: {w['error'][:300]}")
-        md += [""] + workload_table(workload, w.get("arms", {}), memory=doc.get("cuda", True)) + [""]
-        d = w.get("derived", {})
-        for key, v in d.items():
-            if key == "tokens_equal_to":
-                for ref, eq in v.items():
-                    if eq:
-                        md.append(f"Requests whose greedy tokens equal the {ref} arm's: "
-                                  + ", ".join(f"{k} {n}" for k, n in eq.items()) + ".")
-            elif v is not None:
-                md.append(f"{key}: {v:.2f}.")
-        md.append("")
-    lines = verdicts(doc)
-    if lines:
-        md += ["## Targets (issue 19)", "", *lines, ""]
-    md.append(f"Reproduce: `{doc['command']}`")
-    return "\n".join(md) + "\n"
