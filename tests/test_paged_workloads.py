@@ -166,3 +166,58 @@ def test_kv_held_counts_the_system_prompt_once_only_where_it_is_shared():
     assert kv_held_tokens("burst", burst_paged, s) == 256 + 32 * 96 and kv_held_tokens("mixed", burst_paged, s) is None
     res = {"device_peak_mib": 3000.0, "device_used_before_load_mib": 500.0}
     assert memory_ratio(res, 2 * 2**30, 2**29) == pytest.approx(2500 / 2560)
+
+
+# -- ember bench paged ----------------------------------------------------------------------
+TINY = ["--prefix-requests", "4", "--prefix-system", "32", "--mixed-requests", "8", "--mixed-prompt", "4:16",
+        "--mixed-output", "4:16", "--mixed-slots", "2", "--kv-block-size", "8"]
+
+
+def test_cli_runs_prefix_and_mixed_on_a_compiled_folder(llama_tiny_paged, tmp_path, capsys):
+    from ember.cli import main
+
+    stem = tmp_path / "paged"
+    assert main(["bench", "paged", str(llama_tiny_paged), "--workloads", "prefix,mixed", *TINY, "-o", str(stem)]) == 0
+    doc = json.loads(stem.with_suffix(".json").read_text())
+    prefix, mixed = doc["workloads"]["prefix"], doc["workloads"]["mixed"]
+    assert list(prefix["arms"]) == ["paged cache on", "paged cache off", "slots"]
+    assert list(mixed["arms"]) == ["slots", "paged"]
+    assert not [a for a in (*prefix["arms"].values(), *mixed["arms"].values()) if "error" in a or "skipped" in a]
+    on, off = prefix["arms"]["paged cache on"]["stats"], prefix["arms"]["paged cache off"]["stats"]
+    assert off["prefix_cache_hits_total"] == 0 < on["prefix_cache_hits_total"] and on["kv_block_size"] == 8
+    assert prefix["derived"]["tokens_equal_to"]["paged cache on"]["paged cache off"] == "4/4"  # the cache changes no token
+    assert prefix["derived"]["ttft_median_off_over_on"] > 0 and prefix["derived"]["ttft_p90_off_over_on"] > 0
+    assert mixed["derived"]["running_peak_paged_over_slots"] > 1 and mixed["derived"]["tok_per_s_paged_over_slots"] > 0
+    # the budget is the folder's own: 2 slot rows x 32 positions x its bytes per token (FP16 llama-tiny: 256)
+    assert mixed["budget_bytes"] == 2 * 32 * doc["token_bytes"] == 2 * 32 * 2 * 2 * 2 * 16 * 2
+    md = stem.with_suffix(".md").read_text()
+    assert "## prefix" in md and "## mixed" in md and md in capsys.readouterr().out
+    assert doc["command"].startswith(f"ember bench paged {llama_tiny_paged} --device cpu --workloads prefix,mixed")
+    assert "--mixed-prompt=4:16" in doc["command"]  # as typed: the command reruns
+
+
+def test_cli_checks_the_folder_before_it_runs(llama_tiny, tmp_path, capsys):
+    from ember.cli import main
+
+    folder = str(llama_tiny)
+    assert main(["bench", "paged", folder, "--workloads", "prefix", "--prefix-system", "300"]) == 2
+    err = capsys.readouterr().err
+    assert folder in err and "holds 256 positions" in err and "--prefix-system" in err
+    assert main(["bench", "paged", folder, "--workloads", "ttft1", "--genai-folder", str(tmp_path)]) == 2
+    assert "no genai_config.json" in capsys.readouterr().err
+
+
+def test_paged_arms_of_a_folder_without_the_paged_graph_are_skipped_on_cuda(llama_tiny, tmp_path):
+    from ember.bench.paged_serve import PagedRun, run_workloads
+
+    sizes = replace(SIZES["cpu"], prefix_requests=2, prefix_system=16, prefix_own=4, prefix_new=2)
+    run = PagedRun(llama_tiny, ("prefix",), sizes, device="cuda:0")
+    ran = []  # the slot arm's process: no arm of the paged layout starts one
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("ember.bench.paged_serve.run_arm", lambda folder, genai, w, arm, *a: ran.append(arm.name) or {})
+        doc = run_workloads(run, {"command": "test"}, log=lambda _: None)
+    arms = doc["workloads"]["prefix"]["arms"]
+    assert ran == ["slots"]
+    for name in ("paged cache on", "paged cache off"):
+        assert str(llama_tiny) in arms[name]["skipped"] and "--paged on" in arms[name]["skipped"]
+    assert "| paged cache on | skipped: " in markdown(doc)

@@ -1,7 +1,12 @@
-"""``ember bench serve artifacts/NAME``: the serving benchmark from the command line."""
+"""``ember bench serve artifacts/NAME`` (Ember's fused scheduler against batching baselines) and
+``ember bench paged artifacts/NAME`` (issue 19's workloads: the slot KV layout against the paged
+one) from the command line."""
 from __future__ import annotations
 
+import argparse
 import math
+import shlex
+from pathlib import Path
 
 from ember.errors import InputError
 
@@ -20,7 +25,8 @@ def _rates(text: str) -> list[float]:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("bench", help="benchmarks")
     sub = p.add_subparsers(dest="bench_command", required=True)
-    s = sub.add_parser("serve", help="serving benchmark: Ember's fused scheduler vs batching baselines")
+    s = sub.add_parser("serve", help="serving benchmark: Ember's fused scheduler vs batching baselines "
+                                     "(issue 19's slots-vs-paged workloads: ember bench paged)")
     s.add_argument("folder", help="a compiled decoder folder (artifacts/NAME)")
     s.add_argument("--arms", default="fused,static,dynamic,sequential",
                    help="comma list of: fused, holes, static, dynamic, concurrent, sequential, hf")
@@ -46,6 +52,7 @@ def add_parser(subparsers) -> None:
     s.add_argument("--name", default="serve")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_serve)
+    _add_paged(sub)
 
 
 def _cmd_serve(a) -> int:
@@ -66,6 +73,75 @@ def _cmd_serve(a) -> int:
                     sizes=sizes, name=a.name, show_progress=not a.quiet)
     if a.output:
         for p in write_report(doc, a.output):
+            print(f"wrote {p}")
+    print(markdown(doc))
+    return 0
+
+
+PAGED_DESCRIPTION = """\
+Issue 19's serving workloads on a compiled folder: the slot KV layout against the paged one
+(kv_layout='paged': a pool of --kv-block-size-token blocks with prefix caching), each arm in a
+process of its own, one after another. Greedy, EOS ignored.
+
+  burst   --requests prompts at once behind a shared --system-token prompt: slots vs paged
+          (--kv-memory: the paged arm's pool)
+  prefix  --prefix-requests prompts behind one --prefix-system-token system prompt: paged with
+          the prefix cache on and off (one pool that holds every request unshared), and slots;
+          TTFT median off / on (issue 19's target: >= 5)
+  mixed   --mixed-requests prompts of U[--mixed-prompt] tokens, U[--mixed-output] new tokens,
+          all at once, under one KV budget in bytes (--mixed-slots slot rows x the longest
+          request, which is also the paged arm's pool): peak running sequences and output
+          tok/s, paged / slots (targets: >= 3, >= 1.3)
+  ttft1   --ttft-requests requests one at a time: TTFT and decode ms/token of slots, paged and
+          ONNX Runtime GenAI (--genai-folder; skipped with the reason without one)
+
+Sizes default to issue 19's with --device cuda:N, and to a smoke run's with --device cpu (it
+fits llama-tiny's 256 positions); every size has a flag. The budgets follow the folder's own
+KV geometry and its slot KV dtype. On CUDA the paged arms run the folder's paged step graph
+(`ember compile SOURCE --dtype fp16 --paged on`); without it they are skipped with that reason.
+On the CPU they run the step graph over gathered blocks.
+
+`ember bench serve` is the other harness (its own arms and arrival-rate workloads, one
+process). benchmarks/gpu_paged_serve.py runs this same code on random-weight folders it builds."""
+
+
+def _add_paged(sub) -> None:
+    from ember.bench.paged_workloads import WORKLOADS, size_arguments
+
+    p = sub.add_parser("paged", help="issue 19's workloads (burst, prefix, mixed, ttft1): slot vs paged KV",
+                       description=PAGED_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", help="a compiled decoder folder (artifacts/NAME)")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)}")
+    p.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
+    p.add_argument("--genai-folder", default=None,
+                   help="ONNX Runtime GenAI's folder of the same model, for ttft1's GenAI arm (skipped without one)")
+    p.add_argument("--timeout-s", type=float, default=900, help="per arm (default 900)")
+    p.add_argument("-o", "--output", default=None, help="write STEM.json and STEM.md")
+    size_arguments(p)
+    p.set_defaults(func=_cmd_paged)
+
+
+def _cmd_paged(a) -> int:
+    from ember.bench.paged_report import markdown
+    from ember.bench.paged_serve import PagedRun, genai_missing, make_log, run_workloads, write_report
+    from ember.bench.paged_workloads import parse_workloads, size_flags, sizes_from_arguments
+
+    workloads = tuple(parse_workloads(a.workloads))
+    genai = Path(a.genai_folder) if a.genai_folder else None
+    if genai is not None and not (genai / "genai_config.json").is_file():
+        raise InputError(f"--genai-folder {genai}: no genai_config.json there; give the folder ONNX Runtime GenAI's "
+                         f"model builder wrote (python -m onnxruntime_genai.models.builder ... -o FOLDER)")
+    skipped = None
+    if "ttft1" in workloads:
+        skipped = genai_missing() or (None if genai else "no --genai-folder given")
+    run = PagedRun(Path(a.folder), workloads, sizes_from_arguments(a, a.device), a.device, genai, skipped,
+                   timeout_s=a.timeout_s)
+    command = ["ember", "bench", "paged", a.folder, "--device", a.device, "--workloads", ",".join(workloads),
+               *size_flags(a), *(["--genai-folder", str(genai)] if genai else [])]
+    doc = run_workloads(run, {"command": shlex.join(command), "model_note": f"{a.folder}: "},
+                        make_log("ember bench paged"))
+    if a.output:
+        for p in write_report(doc, Path(a.output)):
             print(f"wrote {p}")
     print(markdown(doc))
     return 0
