@@ -22,6 +22,12 @@ Experiments (sizes fit one device call; ``--small`` for a smoke run):
    (``EMBER_ASYNC_LAUNCH=0``), and static batching, interleaved over rounds.
 
     python benchmarks/serve_gpu.py artifacts/llama-1b-fp16 --out benchmarks/results
+
+Every arm here runs on the slot KV layout. Issue 19's serving workloads (slots against the paged
+layout: prefix caching on/off, mixed lengths under one KV budget, batch-1 TTFT against ONNX Runtime
+GenAI, a burst) are ``benchmarks/gpu_paged_serve.py`` (random-weight folders it builds) and
+``ember bench paged FOLDER`` (a folder compiled with ``--paged on``), one implementation:
+``ember/bench/paged_serve.py``.
 """
 from __future__ import annotations
 
