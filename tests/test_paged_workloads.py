@@ -185,7 +185,8 @@ def test_cli_runs_prefix_and_mixed_on_a_compiled_folder(llama_tiny_paged, tmp_pa
     assert not [a for a in (*prefix["arms"].values(), *mixed["arms"].values()) if "error" in a or "skipped" in a]
     on, off = prefix["arms"]["paged cache on"]["stats"], prefix["arms"]["paged cache off"]["stats"]
     assert off["prefix_cache_hits_total"] == 0 < on["prefix_cache_hits_total"] and on["kv_block_size"] == 8
-    assert prefix["derived"]["tokens_equal_to"]["paged cache on"]["paged cache off"] == "4/4"  # the cache changes no token
+    # the prefix cache changes no token
+    assert prefix["derived"]["tokens_equal_to"]["paged cache on"]["paged cache off"] == "4/4"
     assert prefix["derived"]["ttft_median_off_over_on"] > 0 and prefix["derived"]["ttft_p90_off_over_on"] > 0
     assert mixed["derived"]["running_peak_paged_over_slots"] > 1 and mixed["derived"]["tok_per_s_paged_over_slots"] > 0
     # the budget is the folder's own: 2 slot rows x 32 positions x its bytes per token (FP16 llama-tiny: 256)

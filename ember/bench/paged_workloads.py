@@ -105,7 +105,8 @@ SIZES = {
 }
 
 
-SIZE_HELP = {"kv_memory": "burst's paged arm's block pool, bytes ", "kv_block_size": "tokens per block, every paged arm ",
+SIZE_HELP = {"kv_memory": "burst's paged arm's block pool, bytes ",
+             "kv_block_size": "tokens per block, every paged arm ",
              "mixed_slots": "mixed's slot arm's max_batch; the KV budget follows ",
              "mixed_max_batch": "mixed's paged arm's cap on running sequences "}
 
