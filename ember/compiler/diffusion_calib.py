@@ -27,7 +27,7 @@ class CalibrationPipeline(Protocol):
     """What calibration uses of a loaded diffusion folder (``ember.runtime.diffusion.pipeline.DiffusionPipeline``)."""
 
     sampler: Any  # the folder's DDIM sampler: ``eps_weights(steps)``
-    shallow: Any  # the shallow UNet engine: ``run(feeds) -> [noise]``
+    shallow: Any  # the shallow UNet engine: ``run_host(numpy feeds) -> [numpy noise]``
 
     def make_jobs(self, prompts: list[str], **kw: Any) -> tuple[list, Any]: ...
 
@@ -88,7 +88,7 @@ def reuse_costs(pipe: CalibrationPipeline, traj: Trajectories, span: int, guidan
             batch = {k: np.concatenate([v] * len(refs)) for k, v in feeds[i].items()}
             batch["cached"] = np.concatenate([feats[s] for s in refs])
             batch.update(identity_rows(rows * len(refs), cc, qc))
-            out = pipe.shallow.run(batch)[0]
+            out = pipe.shallow.run_host(batch)[0]
             target = guided(noise[i], guidance_scale)
             for k, s in enumerate(refs):
                 cost[s, i] += np.abs(guided(out[k * rows:(k + 1) * rows], guidance_scale) - target).sum()

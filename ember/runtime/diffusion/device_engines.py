@@ -230,6 +230,15 @@ class DevicePartSession:
         self.sess.run_with_iobinding(self._binding(self.sess, inputs, outputs), self._plain)
         return outputs
 
+    def run_host(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """``run`` from and to host arrays (calibration's numpy feeds), on the context's stream,
+        synchronised before the outputs are read."""
+        torch = self.torch
+        with self.ctx.active():
+            outs = self.run({n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in feeds.items()})
+            self.ctx.synchronize()
+            return [o.cpu().numpy() for o in outs]
+
     def _device_inputs(self, feeds: dict) -> dict:
         return {n: t.to(device=self.ctx.device, dtype=self.input_dtypes[n]).contiguous() for n, t in feeds.items()}
 

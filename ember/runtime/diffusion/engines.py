@@ -51,6 +51,8 @@ class PartSession:
         """Feeds are cast to the graph's input types (an FP16 engine takes the loop's float32)."""
         return self.sess.run(self.output_names, {k: np.asarray(v, self.input_dtypes[k]) for k, v in feeds.items()})
 
+    run_host = run  # host arrays in and out (the device path's ``DevicePartSession.run_host``)
+
 
 ORT_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
              "tensor(int32)": np.int32}
