@@ -63,6 +63,20 @@ def test_device_path_gives_the_host_path_images_with_cache_dec_and_staggered_fus
         assert dev.device_status["unet_full"] == "on (shared, batches [2, 4, 6])"
 
 
+def test_calibration_through_the_device_path_makes_the_host_paths_schedule(fp32_engine, tmp_path) -> None:
+    """``ember compile --calib-device cuda`` calibrates on the device path (DevicePartSession): the
+    DP costs run the shallow engine on host arrays (``run_host``); on the CPU provider the same
+    folder results as the host path's."""
+    import functools
+
+    out = tmp_path / "dev-calibrated"
+    opts = DiffusionCompileOptions(steps=STEPS, cache_interval=3, schedule="dp", dec=True, quiet=True, calib_prompts=CALIB)
+    compile_diffusion("sd-tiny", out, opts, open_pipeline=functools.partial(DiffusionPipeline, io_binding=True,
+                                                                            cuda_graph=False))
+    host, dev = (ember.load(f).cache for f in (fp32_engine, out))
+    assert dev["method"] == host["method"] == "dp" and dev["full_steps"] == host["full_steps"]
+
+
 def test_graph_sessions_fall_back_per_batch_then_plain_with_the_reasons(fp32_engine, monkeypatch) -> None:
     from ember.runtime.diffusion.device_engines import DevicePartSession
 
