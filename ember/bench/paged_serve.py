@@ -196,7 +196,7 @@ def run_workloads(run: PagedRun, header: dict, log: Callable[[str], None] = prin
     step_kv = m.part("step").tensor(PAST_KEY, layer=0).dtype
     itemsize = kv_itemsize(step_kv)  # the slot pool's: the budgets are in its bytes
     paged_part = m.find_part("paged")
-    weights = (paged_part or m.part("step")).size
+    weights = (paged_part or m.part("step")).total_bytes  # the graph and its external weights
     token_bytes = geometry.slot_bytes(1, itemsize)
     no_paged = paged_graph_missing(run.folder, m, run.device)
     info = machine_info()

@@ -64,8 +64,7 @@ def describe(m: Manifest, folder: Path) -> str:
     lines.append("  engine parts")
     manifest_members(m, str(folder / MANIFEST_NAME))  # every file record well-formed, or an ArtifactError naming it
     for p in m.parts:
-        size = p.size + sum(e["size"] for e in p.external_data)
-        lines.append(f"    {p.name:<14}{p.backend:<13}{p.file:<22}{_mb(size):>10}  sha256 {p.sha256[:12]}")
+        lines.append(f"    {p.name:<14}{p.backend:<13}{p.file:<22}{_mb(p.total_bytes):>10}  sha256 {p.sha256[:12]}")
         ins = ", ".join(f"{t.name}{list(t.shape)}:{t.dtype}" for t in p.inputs[:5])
         more = f" (+{len(p.inputs) - 5} more)" if len(p.inputs) > 5 else ""
         lines.append(f"      inputs  {ins}{more}")

@@ -72,6 +72,11 @@ class EnginePart:
     external_data: list[dict[str, Any]] = field(default_factory=list)  # [{file, sha256, size}]
     extra: dict[str, Any] = field(default_factory=dict)  # backend details: profiles, rank, dtype
 
+    @property
+    def total_bytes(self) -> int:
+        """The graph file's bytes plus its external data files' (the weights, for a large part)."""
+        return self.size + sum(int(e["size"]) for e in self.external_data)
+
     def tensor(self, role: str, layer: int | None = None, output: bool = False) -> TensorSpec:
         """The input (or ``output``) with ``role`` (and ``layer``); ArtifactError when there is none."""
         found = self.find_tensor(role, layer, output)
