@@ -68,7 +68,8 @@ def derive_fp16(src: Path, dst: Path, keep: tuple[str, ...], fused: bool = False
                                  external_data=[mf.file_record(tmp, f) for f in files if f != "step.onnx"],
                                  extra={"dtype": "fp16", "keep_fp32": list(keep)})]
         if fused:
-            from ember.compiler.compile import CompileOptions, fused_decode_part
+            from ember.compiler.compile import CompileOptions
+            from ember.compiler.fused_decode import fused_decode_part
             from ember.export.sources import resolve_decoder_source
             from ember.progress import StageLog
 
