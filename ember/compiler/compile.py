@@ -184,6 +184,7 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
         log.note(f"{c.family}: {c.num_layers} layers, hidden {c.hidden_size}, heads {c.num_heads}/{c.num_kv_heads} kv, "
                  f"vocab {c.vocab_size}, {sum(p.numel() for p in src.model.parameters()) / 1e6:.1f} M parameters")
     fused = wants_fused_decode(options, c.family, c.head_dim, c.fused_decode_refusal())
+    log.total += int(fused)  # the decode graph's own export stage
     paged = options.paged == "on"
     if paged:  # refuse an unsupported family before the long export
         from ember.export.paged_step import check_supported
@@ -205,7 +206,12 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
             proto = export_step_graph_file(src.model, c, step_path, rewrite=export_rewrite)
         check = None
         reference = torch_step_reference(src.model, c) if options.validate else None
-        if not (fused or paged):  # nothing below needs the torch weights: free them before ONNX Runtime maps its own
+        if fused:  # all the part needs from torch, before the torch weights go (compiler/fused_decode.py)
+            from ember.compiler.fused_decode import export_float_decode
+
+            with log.stage("exporting the fused decode graph"):
+                decode = export_float_decode(src, tmp, options)
+        if not paged:  # nothing below needs the torch weights: free them before ONNX Runtime maps its own
             src.model = None
             gc.collect()
         if reference is not None:
@@ -230,7 +236,7 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
             if fused:
                 from ember.compiler.fused_decode import fused_decode_part
 
-                part, decode_files = fused_decode_part(src, tmp, options, log)
+                part, decode_files = fused_decode_part(decode, c, tmp, options, log)
                 parts.append(part)
                 files += decode_files
             if paged:

@@ -35,10 +35,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from ember.errors import ConfigError
-from ember.export.external_data import TensorFileWriter
+from ember.export.external_data import TensorFileWriter, is_external, read_tensor
 from ember.export.fused_graph import DTYPES, LINEARS, FusedGraph, gpt2_body, llama_body, rotary_tables
 from ember.export.matmul_sites import write_sites
 from ember.models.registry import FAMILY_MODULES
@@ -87,12 +87,16 @@ def write_decode_graph(model, cfg, path: str | os.PathLike, dtype: str = "float1
     ``<name>.data`` past ``EXTERNAL_DATA_THRESHOLD``, else inline), each weight written to the data file
     as it is made: the graph never holds a copy of the torch model's weights (issue 18: 4.4 GB for
     llama-1b). Returns the graph, its big weights external references into ``path``'s folder."""
-    from ember.export.onnx_export import save_onnx
+    from ember.export.onnx_export import save_onnx, saves_external
 
     path = Path(path)
     with TensorFileWriter(path.with_name(path.name + ".data")) as data:
         proto = build_decode_graph(model, cfg, dtype, linears, data=data)
-    save_onnx(proto, path, base_dir=path.parent, keep_in_memory=False)  # the weights are in place: nothing copied
+    if not saves_external(proto):  # a small graph holds its weights, as ``numpy_helper.from_array`` writes them
+        for t in proto.graph.initializer:
+            if is_external(t):
+                t.CopyFrom(numpy_helper.from_array(read_tensor(t, path.parent), t.name))
+    save_onnx(proto, path, base_dir=path.parent, keep_in_memory=False)  # big weights are in place: nothing copied
     return proto
 
 
