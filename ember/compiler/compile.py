@@ -209,7 +209,7 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
         if fused:  # all the part needs from torch, before the torch weights go (compiler/fused_decode.py)
             from ember.compiler.fused_decode import export_float_decode
 
-            with log.stage("exporting the fused decode graph"):
+            with log.stage("fused decode graph export from torch"):
                 decode = export_float_decode(src, tmp, options)
         if not paged:  # nothing below needs the torch weights: free them before ONNX Runtime maps its own
             src.model = None

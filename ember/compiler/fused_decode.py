@@ -67,6 +67,9 @@ def fused_decode_part(decode: FloatDecode, cfg, folder: Path, options: CompileOp
     from ember.export.onnx_export import save_onnx
 
     dtype, path = _dtype(options), folder / DECODE_FILE
+    if decode.path != (folder / FLOAT_DIR / DECODE_FILE if options.blockwise else path):
+        raise ValueError(f"fused decode part: {decode.path} is not where export_float_decode writes the float graph "
+                         f"for these options in {folder}; export it with the same folder and options")
     if options.validate:  # a block-wise graph's structure, before its weights are quantized
         _check_decode_against_torch(decode, cfg, dtype, options, log, "float " if options.blockwise else "")
     quant_info = None
