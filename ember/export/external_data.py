@@ -145,7 +145,8 @@ def write_model(model: onnx.ModelProto, path: str | os.PathLike, base_dir: str |
     """Save ``model`` to ``path``; with ``external``, every initializer of ``INLINE_BYTES`` or more goes to
     ``<name>.data`` (page-aligned where ``ALIGN_BYTES`` or more) and ``model`` is left referring to it,
     its data no longer in memory. Tensors are read from wherever they are now (``base_dir`` for external
-    ones), so the data file may be the one being replaced. Without ``external`` every tensor is brought
+    ones), so the data file may be the one being replaced; where they already lie in ``<name>.data`` as this
+    would write them (``TensorFileWriter`` wrote them there), nothing is copied. Without ``external`` every tensor is brought
     inline and a stale ``<name>.data`` is removed. Returns the files written, relative to ``path``'s folder.
     """
     path = Path(path)
