@@ -9,7 +9,8 @@ The engine folder's files and size are recorded, then the folder is removed (``-
 compile's CPU seconds (user + system): on a shared host the wall time depends on the load, the CPU time
 much less.
 
-    python benchmarks/compile_memory.py                      # llama-1b: fp32, int4, int8 (W8A8): the committed compile_llama1b.md
+    python benchmarks/compile_memory.py                      # llama-1b: fp32, int4, int8 (W8A8), fp32 and int4 with
+                                                             # --fused-decode on: the committed compile_llama1b.md
     python benchmarks/compile_memory.py --source gpt2-124m --precisions fp32,int4 --name compile_gpt2
 """
 from __future__ import annotations
@@ -32,7 +33,10 @@ from ember.bench.peers.arms import dir_bytes, run_child  # noqa: E402
 
 RESULTS = Path(__file__).with_name("results")
 PRECISIONS = {"fp32": [], "int4": ["--quantize", "int4"], "int8-weights": ["--quantize", "int8-weights"],
-              "int8": ["--quantize", "int8"], "fp16": ["--dtype", "fp16"]}
+              "int8": ["--quantize", "int8"], "fp16": ["--dtype", "fp16"],
+              # with the fused (GroupQueryAttention) decode part: a second graph of the same weights
+              "fp32-fused": ["--fused-decode", "on"], "int4-fused": ["--quantize", "int4", "--fused-decode", "on"]}
+DEFAULT_PRECISIONS = "fp32,int4,int8,fp32-fused,int4-fused"  # the committed compile_llama1b.md
 TARGET_S = 120.0
 TARGET_RSS_X = 2.0
 
@@ -66,7 +70,7 @@ def stage_times(log: Path) -> dict[str, float]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--source", default="llama-1b")
-    ap.add_argument("--precisions", default="fp32,int4,int8")
+    ap.add_argument("--precisions", default=DEFAULT_PRECISIONS, help=f"comma-separated, of {', '.join(PRECISIONS)}")
     ap.add_argument("--name", default="compile_llama1b")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--keep", default=None, help="keep each engine folder as KEEP/PRECISION (e.g. to compare bytes)")

@@ -68,13 +68,16 @@ def derive_fp16(src: Path, dst: Path, keep: tuple[str, ...], fused: bool = False
                                  external_data=[mf.file_record(tmp, f) for f in files if f != "step.onnx"],
                                  extra={"dtype": "fp16", "keep_fp32": list(keep)})]
         if fused:
-            from ember.compiler.compile import CompileOptions, fused_decode_part
+            from ember.compiler.compile import CompileOptions
+            from ember.compiler.fused_decode import export_float_decode, fused_decode_part
             from ember.export.sources import resolve_decoder_source
             from ember.progress import StageLog
 
             source = resolve_decoder_source(m.model["name"], seed=m.model["seed"])
             log = StageLog(total=1)
-            part, _ = fused_decode_part(source, tmp, CompileOptions(dtype="fp16"), log)
+            options = CompileOptions(dtype="fp16")
+            decode = export_float_decode(source, tmp, options)
+            part, _ = fused_decode_part(decode, source.config, tmp, options, log)
             m.parts.append(part)
             del source
         m.extra = {**m.extra, "dtype": "fp16", "derived_from": str(src)}

@@ -11,8 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import ember
 from ember.compiler.compile import CompileOptions, compile_decoder
-from ember.export.external_data import (ALIGN_BYTES, PAGE, external_info, is_external, load_all, read_tensor,
-                                        weight_bytes, write_model)
+from ember.export.external_data import (ALIGN_BYTES, PAGE, TensorFileWriter, external_info, is_external, load_all,
+                                        read_tensor, weight_bytes, write_model)
 from ember.passes.matmul_nbits import NBitsOptions, quantize_matmul_nbits
 from ember.passes.quant_graph import ort_session
 
@@ -32,6 +32,32 @@ def _two_matmuls() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 512])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 96])], initializer=inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), w
+
+
+def test_tensors_written_in_place_are_not_copied_again(tmp_path):
+    """A graph whose weights ``TensorFileWriter`` wrote as they were made (``FusedGraph``): ``write_model``
+    leaves its data file as it is (the same file, not a rewritten copy), the bytes a save from memory
+    writes; a tensor out of that layout makes it write the file anew."""
+    (tmp_path / "memory").mkdir()
+    write_model(_two_matmuls()[0], tmp_path / "memory" / "m.onnx")
+    model, _ = _two_matmuls()
+    with TensorFileWriter(tmp_path / "m.onnx.data") as data:
+        for t in model.graph.initializer:
+            if t.name in ("big", "mid"):
+                data.add(t)
+    inode = (tmp_path / "m.onnx.data").stat().st_ino
+    write_model(model, tmp_path / "m.onnx", base_dir=tmp_path)
+    assert (tmp_path / "m.onnx.data").stat().st_ino == inode
+    for name in ("m.onnx", "m.onnx.data"):
+        assert (tmp_path / name).read_bytes() == (tmp_path / "memory" / name).read_bytes(), name
+    inits = {t.name: t for t in model.graph.initializer}
+    model.graph.initializer.remove(inits["big"])  # "mid" first: neither is where write_model puts it now
+    model.graph.initializer.append(inits["big"])
+    write_model(model, tmp_path / "m.onnx", base_dir=tmp_path)
+    assert (tmp_path / "m.onnx.data").stat().st_ino != inode
+    again = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    for t in again.graph.initializer:
+        np.testing.assert_array_equal(read_tensor(t, tmp_path), _two_matmuls()[1].get(t.name, np.zeros(96, np.float32)))
 
 
 def test_write_read_and_rewrite_over_the_same_file(tmp_path):

@@ -12,7 +12,8 @@ import pytest
 from onnx import TensorProto, numpy_helper
 
 import ember
-from ember.compiler.compile import QUANT_DECODE_TOLERANCE, CompileOptions, compile_decoder, wants_fused_decode
+from ember.compiler.compile import CompileOptions, compile_decoder, wants_fused_decode
+from ember.compiler.fused_decode import QUANT_DECODE_TOLERANCE
 from ember.compiler.inspect import describe
 from ember.compiler.quantize_step import float32_feeds
 from ember.engine_format.manifest import read_manifest

@@ -145,7 +145,8 @@ def write_model(model: onnx.ModelProto, path: str | os.PathLike, base_dir: str |
     """Save ``model`` to ``path``; with ``external``, every initializer of ``INLINE_BYTES`` or more goes to
     ``<name>.data`` (page-aligned where ``ALIGN_BYTES`` or more) and ``model`` is left referring to it,
     its data no longer in memory. Tensors are read from wherever they are now (``base_dir`` for external
-    ones), so the data file may be the one being replaced. Without ``external`` every tensor is brought
+    ones), so the data file may be the one being replaced; where they already lie in ``<name>.data`` as this
+    would write them (``TensorFileWriter`` wrote them there), nothing is copied. Without ``external`` every tensor is brought
     inline and a stale ``<name>.data`` is removed. Returns the files written, relative to ``path``'s folder.
     """
     path = Path(path)
@@ -159,26 +160,82 @@ def write_model(model: onnx.ModelProto, path: str | os.PathLike, base_dir: str |
     for t in model.graph.initializer:  # small tensors live in the graph, wherever they were
         if is_external(t) and tensor_nbytes(t) < INLINE_BYTES:
             inline_tensor(t, base_dir)
-    tmp_data = path.parent / f".{data_name}.tmp-{os.getpid()}"
-    try:
-        out = os.open(tmp_data, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    if not _laid_out(model, data_path, base_dir):  # else its tensors are where this would write them
+        tmp_data = path.parent / f".{data_name}.tmp-{os.getpid()}"
         try:
-            end = 0
-            for t in _big_tensors(model.graph.initializer):
-                nbytes = tensor_nbytes(t)
-                if nbytes >= ALIGN_BYTES and end % PAGE:
-                    end += PAGE - end % PAGE  # a hole: reads back as zeros
-                written = _copy_external(t, base_dir, out, end) if is_external(t) else _write_all(out, _raw(t, base_dir), end)
-                _point_to(t, data_name, end, written)
-                end += written
-            os.ftruncate(out, end)  # a trailing hole still counts
+            with TensorFileWriter(tmp_data, location=data_name) as data:
+                for t in _big_tensors(model.graph.initializer):
+                    data.add(t, base_dir=base_dir)
+            os.replace(tmp_data, data_path)
         finally:
-            os.close(out)
-        os.replace(tmp_data, data_path)
-    finally:
-        tmp_data.unlink(missing_ok=True)
+            tmp_data.unlink(missing_ok=True)
     onnx.save_model(model, str(path))
     return [path.name, data_name]
+
+
+class TensorFileWriter:
+    """Writes tensors one after another into the data file ``data_path`` in ``write_model``'s layout
+    (in order; those of ``ALIGN_BYTES`` or more at page offsets), pointing each at its bytes there
+    (``location``: the file's name as the graph refers to it, by default ``data_path``'s name). A graph
+    built a weight at a time (``export/fused_graph.FusedGraph``) writes each into the file as it is
+    made, so the graph never holds the weights in memory; ``write_model`` on that graph, the file being
+    its ``<name>.data``, then finds them in place and copies nothing. Use as a context manager."""
+
+    def __init__(self, data_path: str | os.PathLike, location: str | None = None):
+        self.path = Path(data_path)
+        self.location = location or self.path.name
+        self.end = 0  # bytes of the file so far
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def add(self, t: TensorProto, data: bytes | memoryview | None = None,
+            base_dir: str | os.PathLike | None = None) -> None:
+        """Append ``t``'s bytes -- ``data`` (its raw little-endian bytes), else read from wherever ``t``
+        holds them (an external one from ``base_dir``, copied file to file) -- and point ``t`` at them."""
+        offset = _aligned(self.end, len(data) if data is not None else tensor_nbytes(t))
+        if data is not None:
+            written = _write_all(self._fd, data, offset)
+        elif is_external(t):
+            written = _copy_external(t, base_dir, self._fd, offset)
+        else:
+            written = _write_all(self._fd, _raw(t, base_dir), offset)
+        _point_to(t, self.location, offset, written)
+        self.end = offset + written
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            try:
+                os.ftruncate(self._fd, self.end)  # a trailing hole still counts
+            finally:
+                os.close(self._fd)
+                self._fd = -1
+
+    def __enter__(self) -> TensorFileWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _aligned(end: int, nbytes: int) -> int:
+    """The offset of a tensor of ``nbytes`` written after ``end`` bytes (a hole up to the page
+    boundary reads back as zeros)."""
+    return end + (-end % PAGE) if nbytes >= ALIGN_BYTES else end
+
+
+def _laid_out(model: onnx.ModelProto, data_path: Path, base_dir: str | os.PathLike | None) -> bool:
+    """Whether every tensor ``write_model`` would write to ``data_path`` is already there, external at
+    the offset it would get, and the file holds nothing else (``TensorFileWriter`` wrote it)."""
+    if base_dir is None or not data_path.is_file() or Path(base_dir).resolve() != data_path.parent.resolve():
+        return False
+    end = 0
+    for t in _big_tensors(model.graph.initializer):
+        if not is_external(t):
+            return False
+        location, offset, length = external_info(t)
+        if location != data_path.name or length is None or offset != _aligned(end, length):
+            return False
+        end = offset + length
+    return data_path.stat().st_size == end
 
 
 def _write_all(fd: int, data: bytes, offset: int) -> int:

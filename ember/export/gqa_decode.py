@@ -28,14 +28,17 @@ differ (none in Ember's runtime) must use the step graph.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from ember.errors import ConfigError
+from ember.export.external_data import TensorFileWriter, is_external, read_tensor
 from ember.export.fused_graph import DTYPES, LINEARS, FusedGraph, gpt2_body, llama_body, rotary_tables
 from ember.export.matmul_sites import write_sites
 from ember.models.registry import FAMILY_MODULES
@@ -78,20 +81,42 @@ def check_supported(cfg) -> None:
                           "GroupQueryAttention requires; compile with --fused-decode off")
 
 
-def build_decode_graph(model, cfg, dtype: str = "float16", linears: str = "gemm") -> onnx.ModelProto:
+def write_decode_graph(model, cfg, path: str | os.PathLike, dtype: str = "float16", linears: str = "gemm"
+                       ) -> onnx.ModelProto:
+    """``build_decode_graph`` saved to ``path`` as ``onnx_export.save_onnx`` saves it (its weights in
+    ``<name>.data`` past ``EXTERNAL_DATA_THRESHOLD``, else inline), each weight written to the data file
+    as it is made: the graph never holds a copy of the torch model's weights (issue 18: 4.4 GB for
+    llama-1b). Returns the graph, its big weights external references into ``path``'s folder."""
+    from ember.export.onnx_export import save_onnx, saves_external
+
+    path = Path(path)
+    with TensorFileWriter(path.with_name(path.name + ".data")) as data:
+        proto = build_decode_graph(model, cfg, dtype, linears, data=data)
+    if not saves_external(proto):  # a small graph holds its weights, as ``numpy_helper.from_array`` writes them
+        for t in proto.graph.initializer:
+            if is_external(t):
+                t.CopyFrom(numpy_helper.from_array(read_tensor(t, path.parent), t.name))
+    save_onnx(proto, path, base_dir=path.parent, keep_in_memory=False)  # big weights are in place: nothing copied
+    return proto
+
+
+def build_decode_graph(model, cfg, dtype: str = "float16", linears: str = "gemm",
+                       data: TensorFileWriter | None = None) -> onnx.ModelProto:
     """The fused decode graph of ``model`` (an ``llama.LlamaStep`` or ``gpt2.GPT2Step`` with
     weights) in ``dtype``. ``linears``: ``gemm`` writes every layer's linear as ``Gemm(transB=1)``
     on torch's [out, in] weight (the float GPU form, below); ``matmul`` as ``MatMul`` on the
     [in, out] weight (+ ``Add`` for a bias), the form ONNX Runtime's block-wise quantizer turns
     into ``MatMulNBits`` (``--quantize int4|int8-weights``) without a float32 copy of each weight.
-    The LM head is a ``Gemm(transB=1)`` either way (kept float unless ``--quantize-lm-head``)."""
+    The LM head is a ``Gemm(transB=1)`` either way (kept float unless ``--quantize-lm-head``).
+    ``data``: the file the big weights go to as they are made (``write_decode_graph``); without it
+    the graph holds them."""
     check_supported(cfg)
     if dtype not in DTYPES:
         raise ConfigError(f"fused decode dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if linears not in LINEARS:
         raise ConfigError(f"fused decode linears {linears!r} is not one of {', '.join(LINEARS)}")
     np_dtype, onnx_dtype = DTYPES[dtype]
-    g = FusedGraph(np_dtype, linears)
+    g = FusedGraph(np_dtype, linears, data)
     ids = g.node("Reshape", ["input_ids", g.shape("flat", [-1])], name="ids_flat")[0]
     if cfg.positions == "learned":  # GPT-2: K/V heads = heads, no rotary; each row's position is its past length
         hid, head = gpt2_body(g, model, cfg, ids, "seqlens_k", lambda g, name, i, _, qkv: _attention(g, name, i, qkv, cfg, None))
@@ -166,6 +191,38 @@ def step_graph_reference(step_path, num_layers: int) -> DecodeReference:
     return run
 
 
+def decode_check_state(cfg, kv_dtype, batch: int = 3, capacity: int = 48, seed: int = 0
+                       ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """``check_decode_graph``'s random decode state: ids [B,1], past lengths [B] (row 0 at the
+    buffer's last position), K/V 2L x [B,Hkv,S,D] in ``kv_dtype``; S = ``capacity`` (at most
+    ``max_positions``)."""
+    capacity = min(capacity, cfg.max_positions)
+    rng = np.random.default_rng(seed)
+    past = rng.integers(0, capacity - 1, batch).astype(np.int64)
+    past[0] = capacity - 1  # one row at the buffer's last position
+    ids = rng.integers(0, cfg.vocab_size, (batch, 1)).astype(np.int64)
+    kv = [rng.standard_normal((batch, cfg.num_kv_heads, capacity, cfg.head_dim)).astype(kv_dtype)
+          for _ in range(2 * cfg.num_layers)]
+    return ids, past, kv
+
+
+def recorded_reference(reference: DecodeReference, cfg, kv_dtype, **state) -> DecodeReference:
+    """``reference``'s answer on ``check_decode_graph``'s decode state (``state``: its batch, capacity
+    and seed; ``kv_dtype``: the part's K/V type), computed now and given back later without
+    ``reference``: the compile records the torch model's before it frees the torch weights."""
+    ids, past, kv = decode_check_state(cfg, kv_dtype, **state)
+    answer = reference(ids, past, kv)
+
+    def run(ids_: np.ndarray, past_: np.ndarray, kv_: list[np.ndarray]):
+        same = (np.array_equal(ids, ids_) and np.array_equal(past, past_) and len(kv) == len(kv_)
+                and all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(kv, kv_)))
+        if not same:
+            raise ValueError("a recorded decode reference answers only the decode state it was recorded on: call "
+                             "check_decode_graph with the batch, capacity and seed given to recorded_reference")
+        return answer
+    return run
+
+
 def check_decode_graph(model, cfg, onnx_path, batch: int = 3, capacity: int = 48, seed: int = 0,
                        reference: DecodeReference | None = None, kv_tol: float | None = None) -> float:
     """Run the fused graph (ONNX Runtime CPU, K/V bound in place) against a reference
@@ -177,15 +234,9 @@ def check_decode_graph(model, cfg, onnx_path, batch: int = 3, capacity: int = 48
     from ember.errors import EmberError
     from ember.ort.decode_session import DecodeSession
 
-    capacity = min(capacity, cfg.max_positions)
-    rng = np.random.default_rng(seed)
     sess = DecodeSession(onnx_path, cfg.num_layers)
     kv_dtype = np.float16 if sess.sess.get_inputs()[3].type == "tensor(float16)" else np.float32
-    past = rng.integers(0, capacity - 1, batch).astype(np.int64)
-    past[0] = capacity - 1  # one row at the buffer's last position
-    ids = rng.integers(0, cfg.vocab_size, (batch, 1)).astype(np.int64)
-    kv = [rng.standard_normal((batch, cfg.num_kv_heads, capacity, cfg.head_dim)).astype(kv_dtype)
-          for _ in range(2 * cfg.num_layers)]
+    ids, past, kv = decode_check_state(cfg, kv_dtype, batch, capacity, seed)
     before = [a.copy() for a in kv]
     want, new_kv = (reference or torch_reference(model))(ids, past, kv)  # before the part updates kv in place
     logits = sess.run(ids, past, kv)
