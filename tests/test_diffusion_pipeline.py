@@ -11,7 +11,7 @@ import ember
 from ember.compiler import diffusion_calib as calib
 from ember.compiler.diffusion import DiffusionCompileOptions, compile_diffusion
 from ember.errors import ConfigError, InputError
-from ember.passes.cache_schedule import uniform_schedule
+from ember.passes.cache_schedule import CacheSchedule, uniform_schedule
 from ember.passes.error_correction import fit_cache_correction, fit_channel_affine, relative_l2
 from ember.runtime.diffusion.pipeline import DiffusionPipeline
 
@@ -152,6 +152,34 @@ def test_dec_reduces_cached_feature_error_on_held_out_prompts(dp_engine) -> None
             if ref[t] != t:
                 before += relative_l2(feats[ref[t]], feats[t])
                 after += relative_l2(table.apply(t, feats[ref[t]]), feats[t])
+    assert after < 0.9 * before, (before, after)
+
+
+def test_dec_cache_table_lowers_the_guided_noise_error_of_reuse_on_the_calibration_runs(dp_engine) -> None:
+    """The compiled cache table (noise target) must lower, through the exported shallow engine, the
+    error reuse puts into the guided noise prediction on the compile's own calibration runs, at
+    every cached step (L-BFGS starts at the identity and keeps it when it cannot do better)."""
+    pipe = ember.load(dp_engine)
+    spec = pipe.manifest.extra["diffusion"]
+    cc, qc = spec["cache_channels"], spec["quant_channels"]
+    assert spec["dec"]["target"] == "noise" and spec["dec"]["runs"] == 3
+    mse = spec["dec"]["calibration_noise_mse"]
+    assert mse["corrected"] < 0.9 * mse["uncorrected"], mse
+    traj = calib.collect_trajectories(pipe, ["a cat", "a dog", "a house"], STEPS, seed=1000, guidance_scale=7.5)
+    ref = CacheSchedule.from_dict(spec["cache"]).reference()
+    with np.load(dp_engine / "dec.npz") as z:
+        scale, bias = z["cache_scale"], z["cache_bias"]
+    before = after = 0.0
+    for t in np.flatnonzero(ref != np.arange(STEPS)):
+        step_before = step_after = 0.0
+        for feeds, feats, noise in zip(traj.feeds, traj.features, traj.noise):
+            f = {**feeds[t], "cached": feats[ref[t]], **calib.identity_rows(2, cc, qc)}
+            target = calib.guided(noise[t], 7.5)
+            step_before += float(((calib.guided(pipe.shallow.run(f)[0], 7.5) - target) ** 2).sum())
+            f["cache_scale"], f["cache_bias"] = np.repeat(scale[t][None], 2, 0), np.repeat(bias[t][None], 2, 0)
+            step_after += float(((calib.guided(pipe.shallow.run(f)[0], 7.5) - target) ** 2).sum())
+        assert step_after <= step_before * (1 + 1e-3), (t, step_before, step_after)
+        before, after = before + step_before, after + step_after
     assert after < 0.9 * before, (before, after)
 
 
