@@ -192,6 +192,30 @@ def test_affine_fit_recovers_known_channels() -> None:
     np.testing.assert_allclose(fb, b, atol=1e-5)
 
 
+def test_output_affine_fit_recovers_the_correction_through_a_channel_mixing_tail() -> None:
+    """fit_output_affine sees only the tail's output: it must find the per-channel (a, b) on the
+    tail's input that reproduce the target, and keep its start when that is already optimal."""
+    import torch
+
+    from ember.passes.error_correction import fit_output_affine
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(64, 3, generator=g), torch.randn(3, 5, generator=g)
+    a, b = torch.tensor([0.5, 2.0, -1.0]), torch.tensor([0.1, -3.0, 0.0])
+
+    def tail(sa, sb):
+        return torch.tanh((x * sa + sb) @ w)
+
+    target = tail(a, b)
+    fa, fb, start, end = fit_output_affine(tail, target, np.ones(3, np.float32), np.zeros(3, np.float32), iterations=200)
+    np.testing.assert_allclose(fa, a.numpy(), atol=1e-3)
+    np.testing.assert_allclose(fb, b.numpy(), atol=1e-3)
+    assert end < 1e-6 * start
+    same = fit_output_affine(tail, target, a.numpy(), b.numpy())
+    np.testing.assert_array_equal(same[0], a.numpy())
+    assert same[2] == same[3] == 0.0
+
+
 def test_quantized_dec_compile_and_generate(tiny_folder, tmp_path) -> None:
     out = tmp_path / "tiny-q"
     m = compile_diffusion(str(tiny_folder), out, DiffusionCompileOptions(
