@@ -9,13 +9,17 @@ the FP32 uncached engine's images of the same prompt and seed:
   unrelated image of the same prompt (the floor of every column).
 Arms per cache interval N (5, 10, 20; K = ceil(steps / N) full UNet calls each): uniform, DP with
 the default objective (guided-noise reuse error) with and without DEC, DP with §5.2's feature
-distance, and DP with the feature distance weighted by the sampler (the previous default); plus
-W8A8 uncached and W8A8 + DP N=5 with and without DEC.
+distance, and DP with the feature distance weighted by the sampler (the previous default); DEC
+with its default noise target and with the feature target (the previous default) at N=5 and 10;
+plus W8A8 uncached and W8A8 + DP N=5 with and without DEC. Every compile calibrates on the same
+runs: the 3 calibration prompts x --calib-seeds seeds each (1 = the compiler's default), plus
+--uncond-runs runs of the empty prompt (unconditional samples: every colour and shape the model
+draws, yellow included, which no calibration prompt names).
 Speed is not measured here (benchmarks/diffusion.py does that on sd-small).
 
-    python benchmarks/diffusion_reference.py [--steps 50] [--seeds 3]
-Engine folders live in --root (default artifacts/bench-diffusion-reference-<steps>) and are reused
-when present. Writes benchmarks/results/diffusion_reference.{json,md,png}.
+    python benchmarks/diffusion_reference.py [--steps 50] [--seeds 6] [--calib-seeds 1]
+Engine folders live in --root (default artifacts/bench-diffusion-reference-<steps>, with -calib<S>
+for S > 1 calibration seeds) and are reused when present. Writes benchmarks/results/diffusion_reference.{json,md,png}.
 """
 from __future__ import annotations
 
@@ -64,8 +68,10 @@ def ssim(a: np.ndarray, b: np.ndarray, win: int = 7) -> float:
     return float(s.mean())
 
 
-def compile_all(source: Path, root: Path, steps: int, guidance: float) -> dict[str, Path]:
-    common = dict(steps=steps, calib_prompts=CALIB, guidance_scale=guidance, quiet=True, overwrite=True)
+def compile_all(source: Path, root: Path, steps: int, guidance: float, calib_seeds: int,
+                uncond_runs: int = 0) -> dict[str, Path]:
+    common = dict(steps=steps, calib_prompts=CALIB + ("",) * uncond_runs, calib_seeds=calib_seeds, guidance_scale=guidance, quiet=True,
+                  overwrite=True)
     plan = {}
     for n in INTERVALS:
         # the default DP: guided-noise reuse error through the shallow engine, unweighted
@@ -75,6 +81,9 @@ def compile_all(source: Path, root: Path, steps: int, guidance: float) -> dict[s
         plan[f"dp{n}_feature_sampler"] = DiffusionCompileOptions(  # the previous default
             cache_interval=n, schedule="dp", schedule_distance="feature", schedule_weights="sampler", **common)
         plan[f"uniform{n}"] = DiffusionCompileOptions(cache_interval=n, schedule="uniform", **common)
+        if n in DEC_INTERVALS:  # the same DP schedule (same calibration runs), DEC's previous fit target
+            plan[f"dp{n}_decfeature"] = DiffusionCompileOptions(cache_interval=n, schedule="dp", dec=True,
+                                                                dec_target="feature", **common)
     plan["w8a8_dp5"] = DiffusionCompileOptions(cache_interval=5, schedule="dp", quantize="int8", dec=True, **common)
     out = {}
     for name, opts in plan.items():
@@ -101,6 +110,7 @@ def _arms() -> dict[str, tuple[str, dict]]:
         arms[f"DP N={n}, feature J sampler-weighted"] = (f"dp{n}_feature_sampler", {})
         if n in DEC_INTERVALS:
             arms[f"DP N={n} + DEC"] = (f"dp{n}", {})
+            arms[f"DP N={n} + DEC, feature target"] = (f"dp{n}_decfeature", {})
     arms["W8A8 uncached"] = ("w8a8_dp5", dict(cache=False))
     arms["DP N=5 + W8A8"] = ("w8a8_dp5", dict(dec=False))
     arms["DP N=5 + W8A8 + DEC"] = ("w8a8_dp5", {})
@@ -113,15 +123,20 @@ ARMS = _arms()
 PAIRS = tuple((f"DP N={n}{v}", f"uniform N={n}") for n in INTERVALS
               for v in ("", ", feature J", ", feature J sampler-weighted")) + tuple(
     (f"DP N={n}", f"DP N={n}, feature J") for n in INTERVALS) + tuple(
-    (f"DP N={n} + DEC", f"DP N={n}") for n in DEC_INTERVALS) + (("DP N=5 + W8A8 + DEC", "DP N=5 + W8A8"),)
+    (f"DP N={n} + DEC", f"DP N={n}") for n in DEC_INTERVALS) + tuple(
+    (f"DP N={n} + DEC, feature target", f"DP N={n}") for n in DEC_INTERVALS) + tuple(
+    (f"DP N={n} + DEC", f"DP N={n} + DEC, feature target") for n in DEC_INTERVALS) + (
+    ("DP N=5 + W8A8 + DEC", "DP N=5 + W8A8"),)
 
 
 def run(args) -> dict:
     info = machine_info()
     source = ensure_reference_pipeline(Path(args.source))
     training = json.loads((source / "training.json").read_text())
-    root = Path(args.root or f"artifacts/bench-diffusion-reference-{args.steps}")
-    folders = compile_all(source, root, args.steps, args.guidance)
+    suffix = (f"-calib{args.calib_seeds}" if args.calib_seeds > 1 else "") + (
+        f"-uncond{args.uncond_runs}" if args.uncond_runs else "")
+    root = Path(args.root or f"artifacts/bench-diffusion-reference-{args.steps}{suffix}")
+    folders = compile_all(source, root, args.steps, args.guidance, args.calib_seeds, args.uncond_runs)
     pipes = {k: ember.load(v) for k, v in folders.items()}
     seeds = [100 + s for s in range(args.seeds)]
     cases = [(p, s) for s in seeds for p in EVAL]
@@ -133,6 +148,7 @@ def run(args) -> dict:
     base = outs["FP32 uncached (baseline)"]
     schedules = {k: json.loads((v / "manifest.json").read_text())["extra"]["diffusion"]["cache"]["full_steps"]
                  for k, v in folders.items()}
+    decs = {k: json.loads((v / "manifest.json").read_text())["extra"]["diffusion"]["dec"] for k, v in folders.items()}
     rows = []
     for arm, r in outs.items():
         # UNet calls the loop made (its requests share every call: all sit at the same step)
@@ -152,6 +168,7 @@ def run(args) -> dict:
     return {"machine": info, "source": str(source), "training": {k: training[k] for k in (
             "wall_seconds", "stopped_by", "vae", "denoiser", "parameters", "data", "config", "torch", "diffusers")},
             "steps": args.steps, "guidance_scale": args.guidance, "sampler": "DDIM (eta=0)", "calib_prompts": list(CALIB),
+            "calib_seeds": args.calib_seeds, "uncond_runs": args.uncond_runs, "dec": {k: v for k, v in decs.items() if v},
             "eval_prompts": list(EVAL), "seeds": seeds, "intervals": list(INTERVALS), "images_per_arm": len(cases), "rows": rows,
             "schedules": schedules}
 
@@ -185,7 +202,9 @@ def write(res: dict, name: str) -> None:
         f"{t['denoiser']['steps']} UNet steps, VAE reconstruction {t['vae']['recon_psnr_db']:.1f} dB; trained in "
         f"{t['wall_seconds']:.0f} s, torch {t['torch']}).",
         f"{res['images_per_arm']} images per arm: the {len(res['eval_prompts'])} prompts not used for calibration x "
-        f"seeds {res['seeds']}; calibration prompts {', '.join(res['calib_prompts'])}. Every column compares an arm's "
+        f"seeds {res['seeds']}; calibration prompts {', '.join(res['calib_prompts'])} x {res.get('calib_seeds', 1)} seeds "
+        f"each{' and the empty prompt x ' + str(res['uncond_runs']) if res.get('uncond_runs') else ''} "
+        "(seeds 1000+, every compile the same runs). Every column compares an arm's "
         "image with the FP32 uncached engine's image of the same prompt and seed (mean over images; PSNR also the "
         "worst image). The last row is the baseline at another seed: an unrelated image of the same prompt.",
         "N is the cache interval: every schedule of an N makes the same K = ceil(steps / N) full UNet calls. "
@@ -212,6 +231,16 @@ def write(res: dict, name: str) -> None:
         lo, hi = bootstrap_interval(pa - pb)
         lines.append(f"| {a} | {b} | {int((pa > pb).sum())}/{len(pa)} | {float(np.median(pa - pb)):+.2f} | "
                      f"{float(np.mean(pa - pb)):+.2f} [{lo:+.2f}, {hi:+.2f}] |")
+    dec_pairs = [(a, b) for a, b in PAIRS if "DEC" in a and "DEC" not in b and a in by and b in by]
+    prompts = res["eval_prompts"]
+    lines += ["", "DEC minus no DEC per evaluation prompt (mean PSNR difference over its seeds, dB); the calibration "
+              "prompts name red, green and blue, never yellow.", "",
+              "| first arm | second arm | " + " | ".join(p.removeprefix("a ") for p in prompts) + " |",
+              "|---|---|" + "---|" * len(prompts)]
+    for a, b in dec_pairs:
+        d = (np.array(by[a]["psnr_per_image"]) - np.array(by[b]["psnr_per_image"])).reshape(-1, len(prompts))
+        lines.append(f"| {a} | {b} | " + " | ".join(f"{v:+.2f}" for v in d.mean(axis=0)) + " |")
+
     def gap(a: str, b: str) -> str:
         return f"{by[a]['psnr_db'] - by[b]['psnr_db']:+.2f} dB mean PSNR"
 
@@ -223,9 +252,20 @@ def write(res: dict, name: str) -> None:
                   for n in res.get("intervals", INTERVALS)) + ".",
               "- DEC minus no DEC: " + ", ".join(f"DP N={n} {gap(f'DP N={n} + DEC', f'DP N={n}')}" for n in DEC_INTERVALS)
               + f", DP N=5 + W8A8 {gap('DP N=5 + W8A8 + DEC', 'DP N=5 + W8A8')}.",
+              "- DEC with the feature target (the previous default) minus no DEC: " + ", ".join(
+                  f"DP N={n} {gap(f'DP N={n} + DEC, feature target', f'DP N={n}')}" for n in DEC_INTERVALS
+                  if f"DP N={n} + DEC, feature target" in by) + ".",
               f"- W8A8 distance to FP32 (uncached): {by['W8A8 uncached']['psnr_db']:.2f} dB PSNR, SSIM "
               f"{by['W8A8 uncached']['ssim']:.4f}.",
-              "", "Reproduce: `python scripts/train_reference_diffusion.py && python benchmarks/diffusion_reference.py`."]
+              "", "Reproduce: `python scripts/train_reference_diffusion.py && python benchmarks/diffusion_reference.py"
+              + (f" --calib-seeds {res['calib_seeds']}" if res.get("calib_seeds", 1) > 1 else "")
+              + (f" --uncond-runs {res['uncond_runs']}" if res.get("uncond_runs") else "")
+              + (f" --name {name}" if name != "diffusion_reference" else "") + "`."]
+    fits = [f"{k}: {v['calibration_noise_mse']['corrected'] / v['calibration_noise_mse']['uncorrected']:.3f}"
+            for k, v in res.get("dec", {}).items() if v.get("calibration_noise_mse")]
+    if fits:
+        lines += ["", "DEC cache fit (noise target), guided-noise MSE of reuse on the calibration runs with the table, "
+                  "as a fraction of without (summed over cached steps): " + "; ".join(fits) + "."]
     lines += ["", "Schedules (full steps): " + "; ".join(f"{k}: {v}" for k, v in res["schedules"].items()),
               "", f"Images (`{name}.png`): one row per arm in table order, the first seed's {len(res['eval_prompts'])} prompts."]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
@@ -237,6 +277,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--seeds", type=int, default=6, help="seeds per evaluation prompt (100, 101, ...)")
     ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--calib-seeds", type=int, default=1, help="seeds per calibration prompt of every compile")
+    ap.add_argument("--uncond-runs", type=int, default=0, help="extra calibration runs of the empty prompt")
     ap.add_argument("--root", default=None, help="engine folders (default artifacts/bench-diffusion-reference-STEPS)")
     ap.add_argument("--rewrite", action="store_true", help="rewrite the .md from the saved JSON (no runs)")
     ap.add_argument("--name", default="diffusion_reference", help="results file stem under benchmarks/results")

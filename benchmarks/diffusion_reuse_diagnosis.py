@@ -11,7 +11,12 @@ engine folder compiled from ``artifacts/reference-diffusion``:
   ``w_i * ||noise error||_1`` (1 = the sampler's prediction; below 1 = later steps damp it);
 - DEC: on held-out prompts, how much the fitted per-channel cache correction (and an oracle fitted
   per run and step on the held-out features themselves) reduces the feature error and the guided
-  noise error at the reuse steps of a uniform schedule.
+  noise error at the reuse steps of a uniform schedule;
+- DEC fit targets (``--dec-target feature|noise``) and calibration runs: each table fitted on the
+  calibration prompts at 1 or ``--dec-seeds`` seeds each, checked on the calibration prompts at
+  other seeds (5000+; not the evaluation set): the guided-noise MSE of reuse with the table as a
+  fraction of without, and the closed loop (uniform schedule, PSNR of the image against the
+  uncached one).
 
     python benchmarks/diffusion_reuse_diagnosis.py [--folder F] [--interval 5]
 Writes benchmarks/results/diffusion_reuse_diagnosis.{json,md}.
@@ -26,16 +31,20 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+from diffusion import psnr  # noqa: E402
 from diffusion_reference import CALIB, EVAL  # noqa: E402
 from machine import machine_info, machine_line  # noqa: E402
 
 import ember  # noqa: E402
 from ember.compiler import diffusion_calib as calib  # noqa: E402
 from ember.compiler.diffusion import DiffusionCompileOptions, compile_diffusion  # noqa: E402
+from ember.compiler.diffusion_dec import fit_cache_through_tail  # noqa: E402
+from ember.export.diffusion.source import load_source  # noqa: E402
+from ember.runtime.diffusion.denoise import DecRows  # noqa: E402
 from ember.passes.cache_schedule import uniform_schedule  # noqa: E402
 from ember.passes.error_correction import fit_cache_correction, fit_channel_affine  # noqa: E402
 from ember.reference.diffusion_train import DEFAULT_OUTPUT, ensure_reference_pipeline  # noqa: E402
-from ember.runtime.diffusion.pipeline import DiffusionPipeline  # noqa: E402
+from ember.runtime.diffusion.pipeline import DiffusionPipeline, to_uint8  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 CALIB_SEED = DiffusionCompileOptions().calib_seed
@@ -98,6 +107,45 @@ def dec_check(pipe, fit, held, steps: int, interval: int, guidance: float, cc: i
     return {k: float(sums[k] / sums[k.split("_")[0]]) for k in sums if "_" in k}
 
 
+def dec_targets(pipe, source: Path, fit, check, steps: int, intervals: tuple[int, ...], guidance: float,
+                cc: int, qc: int, closed_seeds: int) -> dict:
+    """Per interval and table (target x calibration runs): the check runs' guided-noise MSE of reuse
+    at the uniform schedule's reuse steps, as a fraction of without the table, and the closed-loop
+    PSNR of the calibration prompts at ``closed_seeds`` other seeds each (5000+)."""
+    src = load_source(source)
+    prompts = list(CALIB) * closed_seeds
+    seeds = [5000 + i for i in range(len(prompts))]
+    base = pipe.generate(prompts, seed=seeds, steps=steps, cache=False)
+    identity_q = (np.ones((steps, qc), np.float32), np.zeros((steps, qc), np.float32))
+    out: dict = {}
+    for n in intervals:
+        ref, full = uniform_schedule(steps, n).reference(), uniform_schedule(steps, n).is_full()
+        tables = {"none": (np.ones((steps, cc), np.float32), np.zeros((steps, cc), np.float32))}
+        for runs in sorted({len(CALIB), len(fit.features)}):
+            sub = calib.Trajectories(fit.features[:runs], fit.feeds[:runs], fit.noise[:runs])
+            t = fit_cache_correction(sub.features, ref)
+            tables[f"feature, {runs} runs"] = (t.scale, t.bias)
+            t, _ = fit_cache_through_tail(src, 0, sub, ref, guidance)
+            tables[f"noise, {runs} runs"] = (t.scale, t.bias)
+        res: dict = {}
+        for name, (scale, bias) in tables.items():
+            mse = 0.0
+            for feats, outs, feeds in zip(check.features, check.noise, check.feeds):
+                for i in np.flatnonzero(ref != np.arange(steps)):
+                    e = shallow_noise(pipe, feeds[i], feats[ref[i]], cc, qc, guidance, scale[i], bias[i])
+                    mse += float(((e - calib.guided(outs[i], guidance)) ** 2).sum())
+            jobs, _ = pipe.make_jobs(prompts, seed=seeds, steps=steps)
+            for j in jobs:  # uniform N and this table's rows, whatever the folder was compiled with
+                j.full, j.dec = full.copy(), DecRows(scale, bias, *identity_q)
+            pipe.run_jobs(jobs)
+            imgs = to_uint8(pipe.decode(np.stack([j.latents for j in jobs])))
+            res[name] = {"noise_mse": mse, "psnr": [psnr(a, b) for a, b in zip(imgs, base.images)]}
+        for r in res.values():
+            r["noise_mse_fraction"] = r["noise_mse"] / res["none"]["noise_mse"]
+        out[str(n)] = res
+    return out
+
+
 def run(args) -> dict:
     info = machine_info()
     source = ensure_reference_pipeline(Path(args.source))
@@ -111,11 +159,14 @@ def run(args) -> dict:
     cc, qc = int(spec["cache_channels"]), int(spec["quant_channels"])
     fit = calib.collect_trajectories(pipe, list(CALIB), args.steps, CALIB_SEED, args.guidance)
     held = calib.collect_trajectories(pipe, list(EVAL), args.steps, 100, args.guidance)
+    fit_more = calib.collect_trajectories(pipe, list(CALIB) * args.dec_seeds, args.steps, CALIB_SEED, args.guidance)
+    check = calib.collect_trajectories(pipe, list(CALIB) * 3, args.steps, 5000, args.guidance)
     return {"machine": info, "source": str(source), "folder": str(folder), "steps": args.steps, "interval": args.interval,
             "guidance_scale": args.guidance, "calib_prompts": list(CALIB), "calib_seed": CALIB_SEED,
             "held_out_prompts": list(EVAL), "held_out_seed": 100,
             "profiles": step_profiles(pipe, fit, args.steps, args.interval, args.guidance, cc, qc),
-            "dec": dec_check(pipe, fit, held, args.steps, args.interval, args.guidance, cc, qc)}
+            "dec": dec_check(pipe, fit, held, args.steps, args.interval, args.guidance, cc, qc),
+            "dec_targets": dec_targets(pipe, source, fit_more, check, args.steps, (5, 10), args.guidance, cc, qc, 6)}
 
 
 def write(res: dict, name: str) -> None:
@@ -167,6 +218,18 @@ def write(res: dict, name: str) -> None:
         f"| oracle per-channel affine (fitted per held-out run and step on its own features) | "
         f"{res['dec']['feature_oracle']:.3f} | {res['dec']['noise_oracle']:.3f} |",
     ]
+    if "dec_targets" in res:
+        lines += ["", "DEC fit targets (`--dec-target`) and calibration runs: tables fitted on the calibration prompts "
+                  "(seeds 1000+), checked on the calibration prompts at other seeds (5000+; not the evaluation set) "
+                  "at a uniform schedule's reuse steps. Noise MSE: the guided-noise MSE of reuse on 9 such runs, as a "
+                  "fraction of without DEC. PSNR: closed loop, 18 such images against their uncached images.", "",
+                  "| N | table | noise MSE | PSNR (dB) | closer than without DEC |", "|---|---|---|---|---|"]
+        for n, tabs in res["dec_targets"].items():
+            none = np.array(tabs["none"]["psnr"])
+            for k, v in tabs.items():
+                p = np.array(v["psnr"])
+                lines.append(f"| {n} | {k} | {v['noise_mse_fraction']:.3f} | {p.mean():.2f} | "
+                             f"{int((p > none).sum())}/{len(p)} |")
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
@@ -178,6 +241,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--interval", type=int, default=5, help="N: the reuse distance of the propagation runs and DEC")
     ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--dec-seeds", type=int, default=4, help="seeds per calibration prompt of the larger DEC fits")
     ap.add_argument("--name", default="diffusion_reuse_diagnosis", help="results file stem under benchmarks/results")
     ap.add_argument("--rewrite", action="store_true", help="rewrite the .md from the saved JSON (no runs)")
     args = ap.parse_args()

@@ -23,6 +23,11 @@ def add_diffusion_compile_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-branch", type=int, default=0, help="skip branch to cache at (0 = shallowest)")
     g.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: the source's)")
     g.add_argument("--dec", action="store_true", help="fit decoupled error-correction tables")
+    g.add_argument("--dec-target", choices=["noise", "feature"], default="noise",
+                   help="DEC cache table: the per-channel affine that minimises the shallow tail's guided-noise error "
+                        "(default), or the least-squares regression of the cached feature itself")
+    g.add_argument("--calib-seeds", type=int, default=1, metavar="S",
+                   help="calibration trajectories per calibration prompt (seeds 1000, 1001, ...; default 1)")
     g.add_argument("--steps", type=int, default=50, help="denoising steps the schedule/DEC are fitted for")
     g.add_argument("--guidance-scale", type=float, default=7.5, help="default CFG scale (also used in calibration)")
     g.add_argument("--schedule-features", choices=["auto", "float", "quantized"], default="auto",
@@ -58,6 +63,7 @@ def run_diffusion_compile(a, out: str) -> int:
 
     kw = dict(steps=a.steps, cache_interval=a.cache_interval, cache_speedup=a.cache_speedup, schedule=a.schedule,
               branch=a.cache_branch, image_size=a.image_size, quantize=a.quantize, calib_method=a.calib_method, dec=a.dec,
+              dec_target=a.dec_target, calib_seeds=a.calib_seeds,
               schedule_features=a.schedule_features,
               schedule_weights=a.schedule_weights, schedule_distance=a.schedule_distance, guidance_scale=a.guidance_scale, seed=a.seed,
               validate=not getattr(a, "no_validate", False), overwrite=getattr(a, "overwrite", False),

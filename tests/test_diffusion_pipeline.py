@@ -11,7 +11,7 @@ import ember
 from ember.compiler import diffusion_calib as calib
 from ember.compiler.diffusion import DiffusionCompileOptions, compile_diffusion
 from ember.errors import ConfigError, InputError
-from ember.passes.cache_schedule import uniform_schedule
+from ember.passes.cache_schedule import CacheSchedule, uniform_schedule
 from ember.passes.error_correction import fit_cache_correction, fit_channel_affine, relative_l2
 from ember.runtime.diffusion.pipeline import DiffusionPipeline
 
@@ -155,6 +155,34 @@ def test_dec_reduces_cached_feature_error_on_held_out_prompts(dp_engine) -> None
     assert after < 0.9 * before, (before, after)
 
 
+def test_dec_cache_table_lowers_the_guided_noise_error_of_reuse_on_the_calibration_runs(dp_engine) -> None:
+    """The compiled cache table (noise target) must lower, through the exported shallow engine, the
+    error reuse puts into the guided noise prediction on the compile's own calibration runs, at
+    every cached step (L-BFGS starts at the identity and keeps it when it cannot do better)."""
+    pipe = ember.load(dp_engine)
+    spec = pipe.manifest.extra["diffusion"]
+    cc, qc = spec["cache_channels"], spec["quant_channels"]
+    assert spec["dec"]["target"] == "noise" and spec["dec"]["runs"] == 3
+    mse = spec["dec"]["calibration_noise_mse"]
+    assert mse["corrected"] < 0.9 * mse["uncorrected"], mse
+    traj = calib.collect_trajectories(pipe, ["a cat", "a dog", "a house"], STEPS, seed=1000, guidance_scale=7.5)
+    ref = CacheSchedule.from_dict(spec["cache"]).reference()
+    with np.load(dp_engine / "dec.npz") as z:
+        scale, bias = z["cache_scale"], z["cache_bias"]
+    before = after = 0.0
+    for t in np.flatnonzero(ref != np.arange(STEPS)):
+        step_before = step_after = 0.0
+        for feeds, feats, noise in zip(traj.feeds, traj.features, traj.noise):
+            f = {**feeds[t], "cached": feats[ref[t]], **calib.identity_rows(2, cc, qc)}
+            target = calib.guided(noise[t], 7.5)
+            step_before += float(((calib.guided(pipe.shallow.run(f)[0], 7.5) - target) ** 2).sum())
+            f["cache_scale"], f["cache_bias"] = np.repeat(scale[t][None], 2, 0), np.repeat(bias[t][None], 2, 0)
+            step_after += float(((calib.guided(pipe.shallow.run(f)[0], 7.5) - target) ** 2).sum())
+        assert step_after <= step_before * (1 + 1e-3), (t, step_before, step_after)
+        before, after = before + step_before, after + step_after
+    assert after < 0.9 * before, (before, after)
+
+
 def test_affine_fit_recovers_known_channels() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(4, 3, 5, 5))
@@ -162,6 +190,30 @@ def test_affine_fit_recovers_known_channels() -> None:
     fa, fb = fit_channel_affine(x, x * a[None, :, None, None] + b[None, :, None, None])
     np.testing.assert_allclose(fa, a, atol=1e-5)
     np.testing.assert_allclose(fb, b, atol=1e-5)
+
+
+def test_output_affine_fit_recovers_the_correction_through_a_channel_mixing_tail() -> None:
+    """fit_output_affine sees only the tail's output: it must find the per-channel (a, b) on the
+    tail's input that reproduce the target, and keep its start when that is already optimal."""
+    import torch
+
+    from ember.passes.error_correction import fit_output_affine
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(64, 3, generator=g), torch.randn(3, 5, generator=g)
+    a, b = torch.tensor([0.5, 2.0, -1.0]), torch.tensor([0.1, -3.0, 0.0])
+
+    def tail(sa, sb):
+        return torch.tanh((x * sa + sb) @ w)
+
+    target = tail(a, b)
+    fa, fb, start, end = fit_output_affine(tail, target, np.ones(3, np.float32), np.zeros(3, np.float32), iterations=200)
+    np.testing.assert_allclose(fa, a.numpy(), atol=1e-3)
+    np.testing.assert_allclose(fb, b.numpy(), atol=1e-3)
+    assert end < 1e-6 * start
+    same = fit_output_affine(tail, target, a.numpy(), b.numpy())
+    np.testing.assert_array_equal(same[0], a.numpy())
+    assert same[2] == same[3] == 0.0
 
 
 def test_quantized_dec_compile_and_generate(tiny_folder, tmp_path) -> None:

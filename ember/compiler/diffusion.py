@@ -22,6 +22,7 @@ import onnx
 from ember.compiler import diffusion_calib as calib
 from ember.compiler.backends.tensorrt import check_plan_options
 from ember.compiler.diffusion_calib import PipelineOpener
+from ember.compiler.diffusion_dec import DEC_TARGETS, fit_dec
 from ember.engine_format import manifest as mf
 from ember.engine_format.io_specs import io_specs
 from ember.engine_format.tensorrt_part import PLAN_BACKENDS
@@ -52,6 +53,9 @@ class DiffusionCompileOptions:
     calib_method: str = "max"
     quant_calib_steps: int = 6  # trajectory steps per calibration prompt used as quantization feeds
     dec: bool = False  # fit decoupled error correction tables
+    # DEC's cache table: noise (per-channel affine minimising the shallow tail's guided-noise error) |
+    # feature (least-squares regression of the cached feature, docs/design.md §5.3's formula); diffusion_dec.py
+    dec_target: str = "noise"
     schedule_features: str = "auto"  # float | quantized | auto (quantized when --quantize)
     # DP reuse cost D[s, i]: noise (L1 error of step i's guided noise prediction when it reuses step s's
     # cached feature, through the shallow engine) | feature (docs/design.md §5.2's ||X_i - X_s||_1)
@@ -61,6 +65,7 @@ class DiffusionCompileOptions:
     schedule_weights: str = "none"
     calib_prompts: tuple[str, ...] = calib.DEFAULT_CALIB_PROMPTS
     calib_seed: int = 1000
+    calib_seeds: int = 1  # trajectories per calibration prompt (seeds calib_seed, calib_seed + 1, ...)
     guidance_scale: float = 7.5
     seed: int = 0  # built-in configs' weight seed
     validate: bool = True
@@ -92,6 +97,10 @@ class DiffusionCompileOptions:
             raise ConfigError(f"schedule_weights {self.schedule_weights!r} must be one of {', '.join(SCHEDULE_WEIGHTS)}")
         if self.schedule_distance not in SCHEDULE_DISTANCES:
             raise ConfigError(f"schedule_distance {self.schedule_distance!r} must be one of {', '.join(SCHEDULE_DISTANCES)}")
+        if self.dec_target not in DEC_TARGETS:
+            raise ConfigError(f"dec_target {self.dec_target!r} must be one of {', '.join(DEC_TARGETS)}")
+        if self.calib_seeds < 1:
+            raise ConfigError(f"--calib-seeds {self.calib_seeds} must be >= 1 (trajectories per calibration prompt)")
         if self.schedule_features not in ("float", "quantized", "auto"):
             raise ConfigError(f"schedule_features {self.schedule_features!r} must be float, quantized or auto")
         if self.steps < 1:
@@ -274,10 +283,11 @@ def compile_diffusion(source: str | os.PathLike, out_dir: str | os.PathLike,
         spec["cache"] = {**_schedule_stub(opts.steps), "steps": opts.steps}
         draft = _manifest(tmp, str(source), src, opts, spec, None, [], "fp32")
         traj = traj_q = None
+        calib_runs = list(opts.calib_prompts) * opts.calib_seeds  # run i: seed calib_seed + i
         if opts.needs_calibration:
-            with log.stage(f"calibrate: {len(opts.calib_prompts)} prompts x {opts.steps} full steps"):
+            with log.stage(f"calibrate: {len(opts.calib_prompts)} prompts x {opts.calib_seeds} seeds x {opts.steps} full steps"):
                 pipe = _open(open_pipeline, tmp, draft, opts)
-                traj = calib.collect_trajectories(pipe, list(opts.calib_prompts), opts.steps, opts.calib_seed, opts.guidance_scale)
+                traj = calib.collect_trajectories(pipe, calib_runs, opts.steps, opts.calib_seed, opts.guidance_scale)
         quant = None
         float_shallow = onnx.load(str(tmp / "unet_shallow.onnx"))
         if opts.quantize:
@@ -287,8 +297,7 @@ def compile_diffusion(source: str | os.PathLike, out_dir: str | os.PathLike,
                 use_q = opts.schedule_features in ("quantized", "auto") and (opts.dec or opts.schedule == "dp") and opts.caching
                 if use_q:
                     pipe = _open(open_pipeline, tmp, draft, opts)
-                    traj_q = calib.collect_trajectories(pipe, list(opts.calib_prompts), opts.steps, opts.calib_seed,
-                                                        opts.guidance_scale)
+                    traj_q = calib.collect_trajectories(pipe, calib_runs, opts.steps, opts.calib_seed, opts.guidance_scale)
         feats = traj_q if traj_q is not None else traj
         with log.stage(f"cache schedule ({opts.schedule if opts.caching else 'none'})"):
             need_d = opts.caching and opts.schedule == "dp"
@@ -306,7 +315,7 @@ def compile_diffusion(source: str | os.PathLike, out_dir: str | os.PathLike,
         tables = list(quant["tables"]) if quant else []
         if opts.dec:
             with log.stage("fit decoupled error correction"):
-                _fit_dec(tmp, feats, sched, float_shallow, bool(opts.quantize), opts, cc, qc, spec)
+                spec["dec"] = fit_dec(tmp, src, feats, sched, float_shallow, opts, cc, qc)
                 tables.append("dec.npz")
         finished = None
         if opts.dtype == "fp16" or opts.fuse_attention:
@@ -467,38 +476,3 @@ def _quantize(tmp: Path, opts: DiffusionCompileOptions, traj, cc: int, qc: int) 
         np.savez(tmp / f"{name}.scales.npz", **report.scale_tables())
     summary["tables"] = [f"{n}.scales.npz" for n in summary["parts"]]
     return summary
-
-
-def _fit_dec(tmp: Path, traj, sched, float_shallow: onnx.ModelProto, quantized: bool, opts: DiffusionCompileOptions,
-             cc: int, qc: int, spec: dict[str, Any]) -> None:
-    """Cache correction from the trajectory features; quantization correction on the conv that
-    reads the cached channels, float vs quantized shallow graph, both fed the corrected cache."""
-    from ember.passes.error_correction import AffineTable, fit_cache_correction, fit_quant_correction
-    from ember.passes.quant_graph import ort_session
-
-    ref = sched.reference()
-    cache_t = fit_cache_correction(traj.features, ref)
-    quant_t = AffineTable.identity(opts.steps, qc)
-    if quantized:
-        q_model = onnx.load(str(tmp / "unet_shallow.onnx"))
-        probe_fp, probe_q = calib.quant_probe_tensor(float_shallow), calib.quant_probe_tensor(q_model)
-        s_fp = ort_session(calib.with_outputs(float_shallow, [probe_fp]), opts.threads or 0)
-        s_q = ort_session(calib.with_outputs(q_model, [probe_q]), opts.threads or 0)
-        y_fp: dict[int, np.ndarray] = {}
-        y_q: dict[int, np.ndarray] = {}
-        for t in range(opts.steps):
-            if ref[t] == t:
-                continue
-            fp_rows, q_rows = [], []
-            for feeds, feats in zip(traj.feeds, traj.features):
-                rows = feats.shape[1]
-                f = {**feeds[t], "cached": feats[ref[t]], **calib.identity_rows(rows, cc, qc)}
-                f["cache_scale"] = np.repeat(cache_t.scale[t][None], rows, 0)
-                f["cache_bias"] = np.repeat(cache_t.bias[t][None], rows, 0)
-                fp_rows.append(s_fp.run([probe_fp], f)[0])
-                q_rows.append(s_q.run([probe_q], f)[0])
-            y_fp[t], y_q[t] = np.concatenate(fp_rows), np.concatenate(q_rows)
-        quant_t = fit_quant_correction(y_fp, y_q, opts.steps, qc)
-    np.savez(tmp / "dec.npz", cache_scale=cache_t.scale, cache_bias=cache_t.bias,
-             quant_scale=quant_t.scale, quant_bias=quant_t.bias)
-    spec["dec"] = {"file": "dec.npz", "cache": True, "quant": quantized, "fitted_on": spec["cache"]["method"]}

@@ -1,8 +1,14 @@
-"""Decoupled error correction (DEC, docs/design.md §5.3): per-step, per-channel least-squares affine fits.
+"""Decoupled error correction (DEC, docs/design.md §5.3): per-step, per-channel affine fits.
 
-- Cache error: on a cached step t that reuses the feature of full step r, fit
-  ``X_t ≈ a_t ⊙ X_r + b_t`` per channel with ``a = Cov(X_r, X_t) / Var(X_r)``,
-  ``b = E[X_t] − a·E[X_r]``, pooled over calibration runs × batch × H × W.
+- Cache error: on a cached step t that reuses the feature of full step r, a per-channel
+  ``h <- a_t ⊙ X_r + b_t`` on the cached feature. Two fits:
+  ``fit_output_affine`` (what the compiler uses) chooses (a_t, b_t) to minimise the squared error
+  of what the correction feeds: the shallow tail's guided noise prediction against the full
+  step's, by L-BFGS from the identity; ``fit_cache_correction`` regresses the feature itself,
+  ``X_t ≈ a_t ⊙ X_r + b_t`` with ``a = Cov(X_r, X_t) / Var(X_r)``, ``b = E[X_t] − a·E[X_r]``,
+  pooled over calibration runs × batch × H × W. The feature fit lowers the feature error but
+  not the noise error (the tail's GroupNorm undoes a shared scale and shift; measured on the
+  reference pipeline it *raised* the noise MSE of reuse, docs/diffusion.md).
 - Quantization error: on the conv that consumes the cached channels, fit
   ``Y_fp ≈ α_t ⊙ Y_q + β_t`` per output channel (same estimator), where both outputs are
   computed from the cache-corrected input.
@@ -13,7 +19,7 @@ identity (scale 1, bias 0). The runtime feeds row t to the shallow engine as an 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -67,6 +73,38 @@ def fit_cache_correction(features: Sequence[np.ndarray], reference: np.ndarray) 
         y = np.concatenate([f[t] for f in features])
         table.scale[t], table.bias[t] = fit_channel_affine(x, y)
     return table
+
+
+def fit_output_affine(tail: Callable[[Any, Any], Any], target: Any, scale: np.ndarray, bias: np.ndarray,
+                      iterations: int = 40) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Per-channel (a, b) [C] minimising ``mean((tail(a, b) - target)**2)`` by L-BFGS (strong Wolfe
+    line search) from (scale, bias). ``tail(a, b)`` maps float32 torch tensors [C] to a tensor
+    shaped like ``target`` and must be differentiable in them. -> (a, b, loss at the start, loss
+    at the end); the start is returned when the search does not lower the loss."""
+    import torch
+
+    a = torch.tensor(scale, dtype=torch.float32, device=target.device, requires_grad=True)
+    b = torch.tensor(bias, dtype=torch.float32, device=target.device, requires_grad=True)
+
+    def loss() -> Any:
+        return ((tail(a, b) - target) ** 2).mean()
+
+    with torch.no_grad():
+        start = float(loss())
+    opt = torch.optim.LBFGS([a, b], max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure() -> Any:
+        opt.zero_grad()
+        value = loss()
+        value.backward()
+        return value
+
+    opt.step(closure)
+    with torch.no_grad():
+        end = float(loss())
+    if not end < start:
+        return np.asarray(scale, np.float32), np.asarray(bias, np.float32), start, start
+    return a.detach().cpu().numpy().astype(np.float32), b.detach().cpu().numpy().astype(np.float32), start, end
 
 
 def fit_quant_correction(y_fp: dict[int, np.ndarray], y_q: dict[int, np.ndarray], steps: int, channels: int) -> AffineTable:
