@@ -10,7 +10,7 @@ the FP32 uncached engine's images of the same prompt and seed:
 Arms per cache interval N (5, 10, 20; K = ceil(steps / N) full UNet calls each): uniform, DP with
 the default objective (guided-noise reuse error) with and without DEC, DP with §5.2's feature
 distance, and DP with the feature distance weighted by the sampler (the previous default); DEC
-with its default noise target and with the feature target (the previous default) at N=5 and 10;
+with the noise target and with the feature target (the compiler's default) at N=5 and 10;
 plus W8A8 uncached and W8A8 + DP N=5 with and without DEC. Every compile calibrates on the same
 runs: the 3 calibration prompts x --calib-seeds seeds each (1 = the compiler's default), plus
 --uncond-runs runs of the empty prompt (unconditional samples: every colour and shape the model
@@ -75,16 +75,18 @@ def compile_all(source: Path, root: Path, steps: int, guidance: float, calib_see
     plan = {}
     for n in INTERVALS:
         # the default DP: guided-noise reuse error through the shallow engine, unweighted
-        plan[f"dp{n}"] = DiffusionCompileOptions(cache_interval=n, schedule="dp", dec=n in DEC_INTERVALS, **common)
+        plan[f"dp{n}"] = DiffusionCompileOptions(cache_interval=n, schedule="dp", dec=n in DEC_INTERVALS,
+                                                 dec_target="noise", **common)
         plan[f"dp{n}_feature"] = DiffusionCompileOptions(cache_interval=n, schedule="dp", schedule_distance="feature",
                                                          **common)  # docs/design.md §5.2's J
         plan[f"dp{n}_feature_sampler"] = DiffusionCompileOptions(  # the previous default
             cache_interval=n, schedule="dp", schedule_distance="feature", schedule_weights="sampler", **common)
         plan[f"uniform{n}"] = DiffusionCompileOptions(cache_interval=n, schedule="uniform", **common)
-        if n in DEC_INTERVALS:  # the same DP schedule (same calibration runs), DEC's previous fit target
+        if n in DEC_INTERVALS:  # the same DP schedule (same calibration runs), the compiler's default DEC target
             plan[f"dp{n}_decfeature"] = DiffusionCompileOptions(cache_interval=n, schedule="dp", dec=True,
                                                                 dec_target="feature", **common)
-    plan["w8a8_dp5"] = DiffusionCompileOptions(cache_interval=5, schedule="dp", quantize="int8", dec=True, **common)
+    plan["w8a8_dp5"] = DiffusionCompileOptions(cache_interval=5, schedule="dp", quantize="int8", dec=True,
+                                               dec_target="noise", **common)
     out = {}
     for name, opts in plan.items():
         out[name] = root / name
@@ -250,9 +252,9 @@ def write(res: dict, name: str) -> None:
               "- the previous default (feature J, sampler-weighted) minus uniform: " + ", ".join(
                   f"N={n} {gap(f'DP N={n}, feature J sampler-weighted', f'uniform N={n}')}"
                   for n in res.get("intervals", INTERVALS)) + ".",
-              "- DEC minus no DEC: " + ", ".join(f"DP N={n} {gap(f'DP N={n} + DEC', f'DP N={n}')}" for n in DEC_INTERVALS)
+              "- DEC (noise target) minus no DEC: " + ", ".join(f"DP N={n} {gap(f'DP N={n} + DEC', f'DP N={n}')}" for n in DEC_INTERVALS)
               + f", DP N=5 + W8A8 {gap('DP N=5 + W8A8 + DEC', 'DP N=5 + W8A8')}.",
-              "- DEC with the feature target (the previous default) minus no DEC: " + ", ".join(
+              "- DEC with the feature target (the compiler's default) minus no DEC: " + ", ".join(
                   f"DP N={n} {gap(f'DP N={n} + DEC, feature target', f'DP N={n}')}" for n in DEC_INTERVALS
                   if f"DP N={n} + DEC, feature target" in by) + ".",
               f"- W8A8 distance to FP32 (uncached): {by['W8A8 uncached']['psnr_db']:.2f} dB PSNR, SSIM "

@@ -23,9 +23,10 @@ def add_diffusion_compile_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-branch", type=int, default=0, help="skip branch to cache at (0 = shallowest)")
     g.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: the source's)")
     g.add_argument("--dec", action="store_true", help="fit decoupled error-correction tables")
-    g.add_argument("--dec-target", choices=["noise", "feature"], default="noise",
-                   help="DEC cache table: the per-channel affine that minimises the shallow tail's guided-noise error "
-                        "(default), or the least-squares regression of the cached feature itself")
+    g.add_argument("--dec-target", choices=["noise", "feature"], default="feature",
+                   help="DEC cache table: the least-squares regression of the cached feature (default), or the "
+                        "per-channel affine that minimises the shallow tail's guided-noise error (better where the "
+                        "calibration prompts cover what is generated, worse where they do not; docs/diffusion.md)")
     g.add_argument("--calib-seeds", type=int, default=1, metavar="S",
                    help="calibration trajectories per calibration prompt (seeds 1000, 1001, ...; default 1)")
     g.add_argument("--steps", type=int, default=50, help="denoising steps the schedule/DEC are fitted for")

@@ -33,7 +33,7 @@ def dp_engine(tiny_folder, tmp_path_factory):
     """Float engines from the folder, DP schedule N=3 over 12 steps, DEC tables."""
     out = tmp_path_factory.mktemp("eng") / "tiny-dp"
     opts = DiffusionCompileOptions(steps=STEPS, cache_interval=3, schedule="dp", dec=True, quiet=True,
-                                   calib_prompts=("a cat", "a dog", "a house"))
+                                   calib_prompts=("a cat", "a dog", "a house"), dec_target="noise")
     compile_diffusion(str(tiny_folder), out, opts, open_pipeline=DiffusionPipeline)
     return out
 

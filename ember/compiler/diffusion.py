@@ -53,9 +53,11 @@ class DiffusionCompileOptions:
     calib_method: str = "max"
     quant_calib_steps: int = 6  # trajectory steps per calibration prompt used as quantization feeds
     dec: bool = False  # fit decoupled error correction tables
-    # DEC's cache table: noise (per-channel affine minimising the shallow tail's guided-noise error) |
-    # feature (least-squares regression of the cached feature, docs/design.md §5.3's formula); diffusion_dec.py
-    dec_target: str = "noise"
+    # DEC's cache table: feature (least-squares regression of the cached feature, docs/design.md §5.3's
+    # formula; the default: it never cost more than 0.4 dB) | noise (per-channel affine minimising the shallow
+    # tail's guided-noise error: up to +1.7 dB where calibration covers what is generated, -0.7 dB on the
+    # reference model's default 3 prompts; docs/diffusion.md); diffusion_dec.py
+    dec_target: str = "feature"
     schedule_features: str = "auto"  # float | quantized | auto (quantized when --quantize)
     # DP reuse cost D[s, i]: noise (L1 error of step i's guided noise prediction when it reuses step s's
     # cached feature, through the shallow engine) | feature (docs/design.md §5.2's ||X_i - X_s||_1)
