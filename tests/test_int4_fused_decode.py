@@ -148,8 +148,8 @@ def test_compile_refuses_a_decode_part_that_differs_from_the_step_graph(tmp_path
 
     real = qs.quantize_decode_part
 
-    def doubled_scales(proto, options, base_dir=None):  # a quantizer bug: layer 0's up_proj scales doubled
-        quant, info = real(proto, options, base_dir)
+    def doubled_scales(proto, options, base_dir=None, cache=None):  # a quantizer bug: layer 0's up_proj scales doubled
+        quant, info = real(proto, options, base_dir, cache)
         up = next(n for n in quant.graph.node if n.op_type == "MatMulNBits" and "layers.0.up_proj" in n.name)
         scales = next(i for i in quant.graph.initializer if i.name == up.input[2])
         scales.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scales) * np.float16(2), scales.name))
