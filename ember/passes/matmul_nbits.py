@@ -307,10 +307,12 @@ def _quantize_each_weight(model: onnx.ModelProto, options: NBitsOptions, widths:
     return model
 
 
-def one_matmul_model(node: onnx.NodeProto, weight: onnx.TensorProto, base_dir=None) -> onnx.ModelProto:
+def one_matmul_model(node: onnx.NodeProto, weight: onnx.TensorProto, base_dir=None, data: bytes | None = None
+                     ) -> onnx.ModelProto:
     """A model of this one MatMul ``x @ weight``, ``weight`` inline (read from ``base_dir`` where it is
-    external). The weight's bytes are copied once, into the model's initializer: building the graph with
-    ``helper.make_graph(initializer=...)`` and ``make_model`` would copy them twice more."""
+    external, or ``data``: its bytes, read already). The weight's bytes are copied once, into the model's
+    initializer: building the graph with ``helper.make_graph(initializer=...)`` and ``make_model`` would
+    copy them twice more."""
     from ember.export.external_data import inline_tensor
 
     k, n = weight.dims
@@ -320,7 +322,7 @@ def one_matmul_model(node: onnx.NodeProto, weight: onnx.TensorProto, base_dir=No
     one = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     w = one.graph.initializer.add()
     w.CopyFrom(weight)  # an external weight: its name, type, shape and file reference
-    inline_tensor(w, base_dir)
+    inline_tensor(w, base_dir, data)
     return one
 
 
@@ -328,13 +330,16 @@ def _quantize_one(node: onnx.NodeProto, weight: onnx.TensorProto, options: NBits
                   base_dir=None, cache: NBitsCache | None = None) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
     """ONNX Runtime's quantizer on a graph of this one MatMul, at ``bits``: its MatMulNBits node and tensors
     (``cache``'s, where it holds them for these float bytes and options)."""
-    one = one_matmul_model(node, weight, base_dir)
-    content = None
+    data = content = None
     if cache is not None:
-        content = cache.key(one.graph.initializer[0], options, bits)
+        from ember.export.external_data import raw_bytes
+
+        data = raw_bytes(weight, base_dir)  # read once: hashed, then (not cached) the one-MatMul graph's
+        content = cache.key(data, weight, options, bits)
         hit = cache.get(content, weight.name)
         if hit is not None:
             return hit
+    one = one_matmul_model(node, weight, base_dir, data)
     if options.method_for(bits) == "rtn":
         algo = mnq.DefaultWeightOnlyQuantConfig(block_size=options.block_size, is_symmetric=options.symmetric, bits=bits)
     else:
@@ -372,14 +377,12 @@ class NBitsCache:
         self._dir = None
 
     @staticmethod
-    def key(weight: onnx.TensorProto, options: NBitsOptions, bits: int) -> tuple:
-        """What decides ``_quantize_one``'s result for an inline ``weight`` (its bytes by SHA-256)."""
+    def key(data: bytes, weight: onnx.TensorProto, options: NBitsOptions, bits: int) -> tuple:
+        """What decides ``_quantize_one``'s result for ``weight``, whose bytes are ``data`` (by SHA-256)."""
         import hashlib
 
-        digest = hashlib.sha256(weight.raw_data).hexdigest() if weight.HasField("raw_data") else \
-            hashlib.sha256(weight.SerializeToString()).hexdigest()
-        return (digest, tuple(weight.dims), weight.data_type, bits, options.method_for(bits), options.block_size,
-                options.symmetric)
+        return (hashlib.sha256(data).hexdigest(), tuple(weight.dims), weight.data_type, bits,
+                options.method_for(bits), options.block_size, options.symmetric)
 
     def put(self, key: tuple, weight_name: str, node: onnx.NodeProto, tensors: Sequence[onnx.TensorProto]) -> None:
         if self._tensors is None and key not in self.entries and all(t.name.startswith(weight_name) for t in tensors):
