@@ -148,8 +148,8 @@ def test_compile_refuses_a_decode_part_that_differs_from_the_step_graph(tmp_path
 
     real = qs.quantize_decode_part
 
-    def doubled_scales(proto, options, base_dir=None):  # a quantizer bug: layer 0's up_proj scales doubled
-        quant, info = real(proto, options, base_dir)
+    def doubled_scales(proto, options, base_dir=None, cache=None):  # a quantizer bug: layer 0's up_proj scales doubled
+        quant, info = real(proto, options, base_dir, cache)
         up = next(n for n in quant.graph.node if n.op_type == "MatMulNBits" and "layers.0.up_proj" in n.name)
         scales = next(i for i in quant.graph.initializer if i.name == up.input[2])
         scales.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scales) * np.float16(2), scales.name))
@@ -203,3 +203,43 @@ def test_fp16_int4_fused_decode_on_cuda(folders):
     cpu, gpu = _greedy(folder, True), _greedy(folder, True, device="cuda:0")
     agree = np.mean([np.mean(np.array(a) == np.array(b)) for a, b in zip(cpu, gpu)])
     assert agree >= 0.9, (agree, cpu, gpu)
+
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external-data"])
+def test_fused_int4_compile_quantizes_each_distinct_float_weight_once(tmp_path, monkeypatch, external):
+    """The step graph and the part share their o, gate, up and down weights (the part's packed q/k/v carry the
+    folded attention scale): ONNX Runtime's quantizer runs once per distinct float weight (``NBitsCache``), the
+    part reading the step graph's results back from step.onnx(.data), and the engine's files are the bytes that
+    quantizing every weight again gives."""
+    import ember.export.onnx_export as onnx_export
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    from ember.passes import matmul_nbits
+
+    if external:
+        monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 1000)
+    runs, keys = [], []
+    process, key = mnq.MatMulNBitsQuantizer.process, matmul_nbits.NBitsCache.key
+    monkeypatch.setattr(mnq.MatMulNBitsQuantizer, "process", lambda self: runs.append(1) or process(self))
+    monkeypatch.setattr(matmul_nbits.NBitsCache, "key", staticmethod(lambda *a: keys.append(key(*a)) or keys[-1]))
+    options = CompileOptions(dtype="fp16", quantize="int4", fused_decode="on", validate=False, quiet=True)
+    compile_decoder("llama-tiny", tmp_path / "reuse", options)
+    weights = len(_nbits(tmp_path / "reuse" / "step.onnx")) + len(_nbits(tmp_path / "reuse" / "decode.onnx"))
+    assert len(keys) == weights  # each graph's weights, looked up
+    assert len(set(keys)) == weights - 2 * 4  # o, gate, up and down of both layers are the step graph's
+    assert len(runs) == len(set(keys))
+
+    class NoReuse(matmul_nbits.NBitsCache):
+        def get(self, key, weight_name):
+            return None
+
+    monkeypatch.setattr(matmul_nbits, "NBitsCache", NoReuse)
+    runs.clear()
+    compile_decoder("llama-tiny", tmp_path / "each", options)
+    assert len(runs) == weights
+    files = sorted(p.name for p in (tmp_path / "reuse").iterdir() if p.name.endswith((".onnx", ".data")))
+    assert files == (["decode.onnx", "decode.onnx.data", "step.onnx", "step.onnx.data"] if external
+                     else ["decode.onnx", "step.onnx"])
+    for name in files:
+        assert (tmp_path / "reuse" / name).read_bytes() == (tmp_path / "each" / name).read_bytes(), name

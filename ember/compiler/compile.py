@@ -174,6 +174,7 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
                                           torch_step_reference)
     from ember.export.sources import resolve_decoder_source
     from ember.passes.contract import PassContext, run_passes
+    from ember.passes.matmul_nbits import NBitsCache
 
     prepare_output(out, overwrite=options.overwrite, source=source)  # fail before the long export
     passes = decoder_passes(options)
@@ -223,7 +224,10 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
                         f"exported graph differs from the torch model (relative error {check.max_rel_error:.2e} "
                         f"on {check.worst_output}); this is an Ember export bug: please report it with the source"
                     )
-        proto, graph_records = run_passes(passes, proto, PassContext(folder=tmp, options=options, source=src, log=log))
+        # a fused block-wise compile quantizes each float weight the two graphs share once (issue 18)
+        nbits_cache = NBitsCache() if fused and options.blockwise and options.int4_method != "gptq" else None
+        proto, graph_records = run_passes(passes, proto, PassContext(folder=tmp, options=options, source=src, log=log,
+                                                                     nbits_cache=nbits_cache))
         records += graph_records
         quant_info = next((r.record for r in graph_records if r.name == "quantize"), None)
         if any(r.changed for r in graph_records):
@@ -236,7 +240,7 @@ def compile_decoder(source: str, out: str | os.PathLike, options: CompileOptions
             if fused:
                 from ember.compiler.fused_decode import fused_decode_part
 
-                part, decode_files = fused_decode_part(decode, c, tmp, options, log)
+                part, decode_files = fused_decode_part(decode, c, tmp, options, log, nbits_cache)
                 parts.append(part)
                 files += decode_files
             if paged:

@@ -31,7 +31,8 @@ def _fp16(model: onnx.ModelProto, context: PassContext) -> PassResult:
 def _quantize(model: onnx.ModelProto, context: PassContext) -> PassResult:
     from ember.compiler.quantize_step import quantize_step_graph
 
-    model, info = quantize_step_graph(model, context.source, context.options, context.folder, context.log)
+    model, info = quantize_step_graph(model, context.source, context.options, context.folder, context.log,
+                                      cache=context.nbits_cache)
     return PassResult(model, True, info)
 
 

@@ -55,14 +55,16 @@ def export_float_decode(src, folder: Path, options: CompileOptions) -> FloatDeco
     return FloatDecode(path, reference)
 
 
-def fused_decode_part(decode: FloatDecode, cfg, folder: Path, options: CompileOptions, log: StageLog
-                      ) -> tuple[mf.EnginePart, list[str]]:
+def fused_decode_part(decode: FloatDecode, cfg, folder: Path, options: CompileOptions, log: StageLog,
+                      nbits_cache=None) -> tuple[mf.EnginePart, list[str]]:
     """Check ``decode`` (``export_float_decode``) against the torch model and make it the part
     ``folder/decode.onnx``. Under a block-wise ``--quantize`` its weight MatMuls become MatMulNBits
     exactly as the step graph's (``quantize_step.quantize_decode_part``, a weight at a time): the float
     graph is checked against torch first, then the quantized part against the quantized step graph
     (``folder/step.onnx``), which runs the prefills the part's decodes continue; the part's
-    ``extra["quantization"]`` records both. ``cfg``: the model's DecoderConfig."""
+    ``extra["quantization"]`` records both. ``cfg``: the model's DecoderConfig. ``nbits_cache``: the
+    ``NBitsCache`` the step graph's quantization recorded (its weights read back from ``folder/step.onnx``
+    where the part holds the same float weight), or None to quantize every weight."""
     from ember.export.gqa_decode import DECODE_FILE, DECODE_PART
     from ember.export.onnx_export import save_onnx
 
@@ -77,8 +79,11 @@ def fused_decode_part(decode: FloatDecode, cfg, folder: Path, options: CompileOp
         from ember.compiler.quantize_step import quantize_decode_part
 
         proto = onnx.load(str(decode.path), load_external_data=False)  # past 1 GiB its weights stay in the .data file
-        proto, quant_info = quantize_decode_part(proto, options, base_dir=decode.path.parent)
-        log.note(f"fused decode part: {quant_info['summary']}")
+        if nbits_cache is not None:
+            nbits_cache.attach(folder / STEP_FILE)
+        proto, quant_info = quantize_decode_part(proto, options, base_dir=decode.path.parent, cache=nbits_cache)
+        reused = f"; {nbits_cache.hits} weights as quantized for the step graph" if nbits_cache is not None else ""
+        log.note(f"fused decode part: {quant_info['summary']}{reused}")
         save_onnx(proto, path, base_dir=decode.path.parent, keep_in_memory=False)
         del proto
         shutil.rmtree(decode.path.parent)

@@ -27,14 +27,15 @@ def _prompt_ids(src, prompts: list[str], limit: int) -> list[list[int]]:
     return [i for i in ids if i]
 
 
-def quantize_step_graph(proto: onnx.ModelProto, src, options, folder: Path, log: StageLog
+def quantize_step_graph(proto: onnx.ModelProto, src, options, folder: Path, log: StageLog, cache=None
                         ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Quantize ``proto`` per ``options`` (CompileOptions); write ``tables/quant_scales.safetensors``
     under ``folder``; return the new graph and the manifest's ``quantization`` record. The Q/DQ graph's
     weights may come back spilled into ``folder`` (``spill_weights``): save it with ``base_dir=folder``,
-    then ``remove_spilled(folder)``."""
+    then ``remove_spilled(folder)``. ``cache``: block-wise schemes, an ``NBitsCache`` recording each
+    weight's result for the fused decode part (``quantize_decode_part``)."""
     if options.blockwise:
-        return quantize_blockwise(proto, src, options, log, base_dir=folder)
+        return quantize_blockwise(proto, src, options, log, base_dir=folder, cache=cache)
     from safetensors.numpy import save_file
 
     from ember.export.external_data import load_all
@@ -216,7 +217,7 @@ def float32_feeds(*models: onnx.ModelProto) -> Iterator[None]:
                 v.type.tensor_type.elem_type = TensorProto.FLOAT16
 
 
-def quantize_blockwise(proto: onnx.ModelProto, src, options, log: StageLog, base_dir=None
+def quantize_blockwise(proto: onnx.ModelProto, src, options, log: StageLog, base_dir=None, cache=None
                        ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """``--quantize int4`` / ``int8-weights`` on ONNX Runtime: weight MatMuls -> MatMulNBits
     (passes/matmul_nbits.py), reading weights kept in external files from ``base_dir`` one at a time;
@@ -233,7 +234,7 @@ def quantize_blockwise(proto: onnx.ModelProto, src, options, log: StageLog, base
         calib_ids = _prompt_ids(src, calib_prompts, limit)
         feeds = decoder_step_feeds(proto, calib_ids, CALIB_CAPACITY, decode_steps=CALIB_DECODE_STEPS, base_dir=base_dir)
         calib_info = {"prompts": len(calib_ids), "source": str(options.calib or "built-in"), "feeds": len(feeds)}
-    quant, report = quantize_matmul_nbits(proto, nb, feeds, base_dir=base_dir)
+    quant, report = quantize_matmul_nbits(proto, nb, feeds, base_dir=base_dir, cache=cache)
     match_scales_to_activations(quant, activation_dtype(proto))
     log.note(f"{report.summary()}; weights {report.weight_bytes_float / 1e6:.1f} MB -> "
              f"{report.weight_bytes_quantized / 1e6:.1f} MB (accuracy_level {nb.accuracy_level})")
@@ -255,13 +256,15 @@ def quantize_blockwise(proto: onnx.ModelProto, src, options, log: StageLog, base
     return quant, info
 
 
-def quantize_decode_part(proto: onnx.ModelProto, options, base_dir=None) -> tuple[onnx.ModelProto, dict[str, Any]]:
+def quantize_decode_part(proto: onnx.ModelProto, options, base_dir=None, cache=None
+                         ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The fused decode part (``export/gqa_decode.py``, built with ``linears="matmul"``) under the
     step graph's block-wise scheme: same bits, block size, method, zero points and LM-head rule;
-    weights ``proto`` keeps in external files are read from ``base_dir``. Returns the new graph and
-    its record (the manifest part's ``extra["quantization"]``)."""
+    weights ``proto`` keeps in external files are read from ``base_dir``. ``cache``: the step graph's
+    ``NBitsCache``, attached to its saved file: a weight the step graph holds too is not quantized again.
+    Returns the new graph and its record (the manifest part's ``extra["quantization"]``)."""
     from ember.passes.matmul_nbits import quantize_matmul_nbits
 
-    quant, report = quantize_matmul_nbits(proto, blockwise_options(options, proto), base_dir=base_dir)
+    quant, report = quantize_matmul_nbits(proto, blockwise_options(options, proto), base_dir=base_dir, cache=cache)
     match_scales_to_activations(quant, activation_dtype(proto))
     return quant, {**report.to_dict(), "scheme": options.quantize}

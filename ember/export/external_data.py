@@ -92,12 +92,14 @@ def load_tensor(t: TensorProto, base_dir: str | os.PathLike | None) -> TensorPro
     return inline_tensor(out, base_dir)
 
 
-def inline_tensor(t: TensorProto, base_dir: str | os.PathLike | None) -> TensorProto:
+def inline_tensor(t: TensorProto, base_dir: str | os.PathLike | None, data: bytes | None = None) -> TensorProto:
     """Bring external ``t``'s data into ``t`` itself, in place (one copy of the bytes, read from
-    ``base_dir``); an inline ``t`` is left as it is. Returns ``t``."""
+    ``base_dir``, or ``data``: its bytes, read already by ``raw_bytes``); an inline ``t`` is left as it
+    is. Returns ``t``."""
     if not is_external(t):
         return t
-    data = _read_bytes(t, base_dir)
+    if data is None:
+        data = _read_bytes(t, base_dir)
     del t.external_data[:]
     t.data_location = TensorProto.DEFAULT
     t.raw_data = data
@@ -132,7 +134,8 @@ def load_all(model: onnx.ModelProto, base_dir: str | os.PathLike | None) -> onnx
     return model
 
 
-def _raw(t: TensorProto, base_dir) -> bytes:
+def raw_bytes(t: TensorProto, base_dir) -> bytes:
+    """``t``'s data as little-endian bytes, read from ``base_dir`` where it is external."""
     if is_external(t):
         return _read_bytes(t, base_dir)
     if t.raw_data:
@@ -197,7 +200,7 @@ class TensorFileWriter:
         elif is_external(t):
             written = _copy_external(t, base_dir, self._fd, offset)
         else:
-            written = _write_all(self._fd, _raw(t, base_dir), offset)
+            written = _write_all(self._fd, raw_bytes(t, base_dir), offset)
         _point_to(t, self.location, offset, written)
         self.end = offset + written
 

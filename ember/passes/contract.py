@@ -45,6 +45,7 @@ class PassContext:
     options: Any = None
     source: Any = None
     log: Any = None  # a progress.StageLog, or None for silence
+    nbits_cache: Any = None  # block-wise quantization: a matmul_nbits.NBitsCache shared with another graph, or None
     facts: set[str] = field(default_factory=lambda: set(EXPORTED_FACTS))
 
 

@@ -199,13 +199,14 @@ def _weight_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 
 def quantize_matmul_nbits(model: onnx.ModelProto, options: NBitsOptions, calib_feeds: Sequence[dict[str, np.ndarray]] = (),
-                          base_dir=None) -> tuple[onnx.ModelProto, NBitsReport]:
+                          base_dir=None, cache: NBitsCache | None = None) -> tuple[onnx.ModelProto, NBitsReport]:
     """Return a new model whose weight MatMuls are MatMulNBits (``model`` is not modified).
 
     RTN and HQQ quantize one weight at a time (ONNX Runtime's quantizer on a one-MatMul graph), reading
     weights kept in external files from ``base_dir``: a multi-GiB graph is never in memory as a whole,
     and the result holds only the packed weights plus references to the weights left float. GPTQ needs
-    the whole graph and the calibration feeds."""
+    the whole graph and the calibration feeds. ``cache`` (RTN and HQQ): an ``NBitsCache`` that records
+    each weight's result, or gives back one recorded for the same float weight in another graph."""
     try:
         from onnxruntime.quantization import matmul_nbits_quantizer as mnq
     except ModuleNotFoundError as e:  # it imports onnx_ir
@@ -239,7 +240,7 @@ def quantize_matmul_nbits(model: onnx.ModelProto, options: NBitsOptions, calib_f
             quantizer.process()
             result = quantizer.model.model
         else:
-            result = _quantize_each_weight(out, options, widths, base_dir, mnq)
+            result = _quantize_each_weight(out, options, widths, base_dir, mnq, cache)
     finally:
         logging.getLogger("onnxruntime.quantization").setLevel(level)
     _drop_unread_initializers(result)
@@ -281,8 +282,8 @@ def _shape_only(t: onnx.TensorProto) -> onnx.TensorProto:
     return onnx.TensorProto(name=t.name, dims=list(t.dims), data_type=t.data_type)
 
 
-def _quantize_each_weight(model: onnx.ModelProto, options: NBitsOptions, widths: dict[str, int | None], base_dir, mnq
-                          ) -> onnx.ModelProto:
+def _quantize_each_weight(model: onnx.ModelProto, options: NBitsOptions, widths: dict[str, int | None], base_dir, mnq,
+                          cache: NBitsCache | None = None) -> onnx.ModelProto:
     """Replace each constant-weight MatMul by ONNX Runtime's MatMulNBits for it at its width (``widths``;
     None: left float), in place; each weight is read, quantized on a one-MatMul graph and dropped before
     the next is read (the float initializers left unread go in ``_drop_unread_initializers``)."""
@@ -293,7 +294,7 @@ def _quantize_each_weight(model: onnx.ModelProto, options: NBitsOptions, widths:
     for node in targets:
         key = (node.input[1], widths[node.name])
         if key not in done:
-            done[key] = _quantize_one(node, inits[key[0]], options, key[1], mnq, base_dir)
+            done[key] = _quantize_one(node, inits[key[0]], options, key[1], mnq, base_dir, cache)
             g.initializer.extend(done[key][1])
         q = onnx.NodeProto()
         q.CopyFrom(done[key][0])
@@ -306,10 +307,12 @@ def _quantize_each_weight(model: onnx.ModelProto, options: NBitsOptions, widths:
     return model
 
 
-def one_matmul_model(node: onnx.NodeProto, weight: onnx.TensorProto, base_dir=None) -> onnx.ModelProto:
+def one_matmul_model(node: onnx.NodeProto, weight: onnx.TensorProto, base_dir=None, data: bytes | None = None
+                     ) -> onnx.ModelProto:
     """A model of this one MatMul ``x @ weight``, ``weight`` inline (read from ``base_dir`` where it is
-    external). The weight's bytes are copied once, into the model's initializer: building the graph with
-    ``helper.make_graph(initializer=...)`` and ``make_model`` would copy them twice more."""
+    external, or ``data``: its bytes, read already). The weight's bytes are copied once, into the model's
+    initializer: building the graph with ``helper.make_graph(initializer=...)`` and ``make_model`` would
+    copy them twice more."""
     from ember.export.external_data import inline_tensor
 
     k, n = weight.dims
@@ -319,14 +322,24 @@ def one_matmul_model(node: onnx.NodeProto, weight: onnx.TensorProto, base_dir=No
     one = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     w = one.graph.initializer.add()
     w.CopyFrom(weight)  # an external weight: its name, type, shape and file reference
-    inline_tensor(w, base_dir)
+    inline_tensor(w, base_dir, data)
     return one
 
 
 def _quantize_one(node: onnx.NodeProto, weight: onnx.TensorProto, options: NBitsOptions, bits: int, mnq,
-                  base_dir=None) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
-    """ONNX Runtime's quantizer on a graph of this one MatMul, at ``bits``: its MatMulNBits node and tensors."""
-    one = one_matmul_model(node, weight, base_dir)
+                  base_dir=None, cache: NBitsCache | None = None) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    """ONNX Runtime's quantizer on a graph of this one MatMul, at ``bits``: its MatMulNBits node and tensors
+    (``cache``'s, where it holds them for these float bytes and options)."""
+    data = content = None
+    if cache is not None:
+        from ember.export.external_data import raw_bytes
+
+        data = raw_bytes(weight, base_dir)  # read once: hashed, then (not cached) the one-MatMul graph's
+        content = cache.key(data, weight, options, bits)
+        hit = cache.get(content, weight.name)
+        if hit is not None:
+            return hit
+    one = one_matmul_model(node, weight, base_dir, data)
     if options.method_for(bits) == "rtn":
         algo = mnq.DefaultWeightOnlyQuantConfig(block_size=options.block_size, is_symmetric=options.symmetric, bits=bits)
     else:
@@ -339,7 +352,79 @@ def _quantize_one(node: onnx.NodeProto, weight: onnx.TensorProto, options: NBits
     if len(nodes) != 1 or len(result.node) != 1:
         raise ConfigError(f"ONNX Runtime's quantizer turned MatMul {node.name!r} into "
                           f"{[m.op_type for m in result.node]}, not one MatMulNBits; compile without --quantize")
-    return nodes[0], [t for t in result.initializer if t.name != weight.name]
+    tensors = [t for t in result.initializer if t.name != weight.name]
+    if cache is not None:
+        cache.put(content, weight.name, nodes[0], tensors)
+    return nodes[0], tensors
+
+
+class NBitsCache:
+    """``_quantize_one``'s results by float weight content, to quantize a weight once per compile where two
+    graphs hold it (issue 18: a fused int4 compile's step graph and decode part share their o, gate, up and
+    down weights, ~88 % of the bytes; the decode part's query weights carry the folded attention scale).
+
+    The first graph records each weight's MatMulNBits node and the names of its tensors (``put``); once
+    that graph is saved, ``attach`` points the cache at its file, and ``get`` reads the tensors recorded
+    for a weight of the same bytes, shape, type, width, method, block size and zero points back from it,
+    named for the new weight as ONNX Runtime's quantizer names them: the same node and tensors, byte for
+    byte, that quantizing it again gives. Nothing is recorded after ``attach``, and nothing is held in
+    memory but names and the attached graph's structure."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple, tuple[onnx.NodeProto, str, list[str]]] = {}  # key -> node, weight, tensor names
+        self.hits = 0
+        self._tensors: dict[str, onnx.TensorProto] | None = None  # the attached graph's initializers
+        self._dir = None
+
+    @staticmethod
+    def key(data: bytes, weight: onnx.TensorProto, options: NBitsOptions, bits: int) -> tuple:
+        """What decides ``_quantize_one``'s result for ``weight``, whose bytes are ``data`` (by SHA-256)."""
+        import hashlib
+
+        return (hashlib.sha256(data).hexdigest(), tuple(weight.dims), weight.data_type, bits,
+                options.method_for(bits), options.block_size, options.symmetric)
+
+    def put(self, key: tuple, weight_name: str, node: onnx.NodeProto, tensors: Sequence[onnx.TensorProto]) -> None:
+        if self._tensors is None and key not in self.entries and all(t.name.startswith(weight_name) for t in tensors):
+            template = onnx.NodeProto()
+            template.CopyFrom(node)
+            self.entries[key] = (template, weight_name, [t.name for t in tensors])
+
+    def attach(self, graph_path) -> None:
+        """Read recorded tensors from the saved graph ``graph_path`` (its external data beside it) from now on."""
+        from pathlib import Path
+
+        graph = onnx.load(str(graph_path), load_external_data=False)
+        self._tensors = {t.name: t for t in graph.graph.initializer}
+        self._dir = Path(graph_path).parent
+
+    def get(self, key: tuple, weight_name: str) -> tuple[onnx.NodeProto, list[onnx.TensorProto]] | None:
+        """The node and tensors recorded for ``key``, renamed for ``weight_name``; None: not recorded, or
+        no graph attached that holds them."""
+        from ember.export.external_data import load_tensor
+
+        entry = self.entries.get(key)
+        if entry is None or self._tensors is None:
+            return None
+        template, old, names = entry
+        if not all(n in self._tensors for n in names):
+            return None
+        rename = {n: weight_name + n[len(old):] for n in names}
+        tensors = []
+        for n in names:
+            t = load_tensor(self._tensors[n], self._dir)  # an external one: a copy, its bytes read in
+            if t is self._tensors[n]:
+                t = onnx.TensorProto()
+                t.CopyFrom(self._tensors[n])
+            t.ClearField("data_location")  # as the quantizer made it: raw bytes, no location field
+            t.name = rename[n]
+            tensors.append(t)
+        node = onnx.NodeProto()
+        node.CopyFrom(template)
+        for k, name in enumerate(node.input):
+            node.input[k] = rename.get(name, name)
+        self.hits += 1
+        return node, tensors
 
 
 def _finish(model: onnx.ModelProto, options: NBitsOptions, weights: dict[str, onnx.TensorProto],
