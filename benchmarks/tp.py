@@ -187,7 +187,7 @@ def run_model(name: str, args) -> dict:
     for label, tp, threads in ARMS:
         folder = compiled(name, tp, segmented="segmented" in label)
         with ember.load(folder, max_batch=max(max(args.batches), args.requests), threads=threads) as eng:
-            rank_bytes = [sum(p.size for p in eng.manifest.parts if p.extra.get("rank", 0) == r) for r in range(tp)]
+            rank_bytes = [sum(p.total_bytes for p in eng.manifest.parts if p.extra.get("rank", 0) == r) for r in range(tp)]
             vocab = int(eng.config["vocab_size"])
             steps = step_times(eng, args.batches, args.context, args.steps, vocab)
             serve, tokens[label] = serving(eng, args.requests, args.prompt_len, args.new_tokens, vocab)

@@ -134,7 +134,7 @@ def compile_tp_folder(src, out, options, log: StageLog, source: str | None = Non
                                    extra={"dtype": options.dtype, "tp": parts[0].extra["tp"],
                                           "passes": [{"name": p.name, "on": "every segment"} for p in segment_passes(options)],
                                           "options": options_record(options)})
-    size = sum(p.size for p in parts) / options.tp
+    size = sum(p.total_bytes for p in parts) / options.tp
     log.note(f"wrote {out} ({options.tp} ranks x {len(parts) // options.tp} segments, {size / 1e6:.1f} MB per rank)")
     return m
 
