@@ -82,8 +82,7 @@ def fit_cache_through_tail(src: Any, branch: int, traj: calib.Trajectories, ref:
         def tail(a: Any, b: Any, sample=sample, timestep=timestep, text=text, cached=cached, ones=ones, zeros=zeros,
                  n=n) -> Any:
             out = shallow(sample, timestep, text, cached, a.expand(n, -1), b.expand(n, -1), ones, zeros)
-            out = out.reshape(n // rows, rows, *out.shape[1:])
-            return out[:, 0] + guidance_scale * (out[:, 1] - out[:, 0]) if rows == 2 else out[:, 0]
+            return calib.guided(out.reshape(n // rows, rows, *out.shape[1:]).transpose(0, 1), guidance_scale)
 
         table.scale[t], table.bias[t], start, end = fit_output_affine(tail, target, table.scale[t], table.bias[t])
         before, after = before + start, after + end

@@ -2,9 +2,9 @@
 
 - Cache error: on a cached step t that reuses the feature of full step r, a per-channel
   ``h <- a_t ⊙ X_r + b_t`` on the cached feature. Two fits:
-  ``fit_output_affine`` (what the compiler uses) chooses (a_t, b_t) to minimise the squared error
+  ``fit_output_affine`` (the compiler's ``--dec-target noise``) chooses (a_t, b_t) to minimise the squared error
   of what the correction feeds: the shallow tail's guided noise prediction against the full
-  step's, by L-BFGS from the identity; ``fit_cache_correction`` regresses the feature itself,
+  step's, by L-BFGS from the identity; ``fit_cache_correction`` (the default target) regresses the feature itself,
   ``X_t ≈ a_t ⊙ X_r + b_t`` with ``a = Cov(X_r, X_t) / Var(X_r)``, ``b = E[X_t] − a·E[X_r]``,
   pooled over calibration runs × batch × H × W. The feature fit lowers the feature error but
   not the noise error (the tail's GroupNorm undoes a shared scale and shift; measured on the
