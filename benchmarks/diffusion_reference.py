@@ -10,7 +10,8 @@ the FP32 uncached engine's images of the same prompt and seed:
 Arms per cache interval N (5, 10, 20; K = ceil(steps / N) full UNet calls each): uniform, DP with
 the default objective (guided-noise reuse error) with and without DEC, DP with §5.2's feature
 distance, and DP with the feature distance weighted by the sampler (the previous default); DEC
-with the noise target and with the feature target (the compiler's default) at N=5 and 10;
+with the noise target and with the feature target (the compiler's default) at N=5 and 10, each
+with the held-out shrinkage (``--dec-shrink cv``, the default) and without it (``off``);
 plus W8A8 uncached and W8A8 + DP N=5 with and without DEC. Every compile calibrates on the same
 runs: the 3 calibration prompts x --calib-seeds seeds each (1 = the compiler's default), plus
 --uncond-runs runs of the empty prompt (unconditional samples: every colour and shape the model
@@ -37,6 +38,7 @@ from machine import machine_info, machine_line  # noqa: E402
 
 import ember  # noqa: E402
 from ember.compiler.diffusion import DiffusionCompileOptions, compile_diffusion  # noqa: E402
+from ember.compiler.diffusion_dec import DEC_TARGETS  # noqa: E402
 from ember.reference import shapes  # noqa: E402
 from ember.reference.diffusion_train import DEFAULT_OUTPUT, ensure_reference_pipeline  # noqa: E402
 from ember.runtime.diffusion.pipeline import DiffusionPipeline  # noqa: E402
@@ -85,6 +87,9 @@ def compile_all(source: Path, root: Path, steps: int, guidance: float, calib_see
         if n in DEC_INTERVALS:  # the same DP schedule (same calibration runs), the compiler's default DEC target
             plan[f"dp{n}_decfeature"] = DiffusionCompileOptions(cache_interval=n, schedule="dp", dec=True,
                                                                 dec_target="feature", **common)
+            for target in DEC_TARGETS:  # the tables as fitted, without the held-out shrinkage (--dec-shrink off)
+                plan[f"dp{n}_dec{target}_raw"] = DiffusionCompileOptions(
+                    cache_interval=n, schedule="dp", dec=True, dec_target=target, dec_shrink="off", **common)
     plan["w8a8_dp5"] = DiffusionCompileOptions(cache_interval=5, schedule="dp", quantize="int8", dec=True,
                                                dec_target="noise", **common)
     out = {}
@@ -113,6 +118,8 @@ def _arms() -> dict[str, tuple[str, dict]]:
         if n in DEC_INTERVALS:
             arms[f"DP N={n} + DEC"] = (f"dp{n}", {})
             arms[f"DP N={n} + DEC, feature target"] = (f"dp{n}_decfeature", {})
+            arms[f"DP N={n} + DEC, no shrinkage"] = (f"dp{n}_decnoise_raw", {})
+            arms[f"DP N={n} + DEC, feature target, no shrinkage"] = (f"dp{n}_decfeature_raw", {})
     arms["W8A8 uncached"] = ("w8a8_dp5", dict(cache=False))
     arms["DP N=5 + W8A8"] = ("w8a8_dp5", dict(dec=False))
     arms["DP N=5 + W8A8 + DEC"] = ("w8a8_dp5", {})
@@ -127,6 +134,7 @@ PAIRS = tuple((f"DP N={n}{v}", f"uniform N={n}") for n in INTERVALS
     (f"DP N={n}", f"DP N={n}, feature J") for n in INTERVALS) + tuple(
     (f"DP N={n} + DEC", f"DP N={n}") for n in DEC_INTERVALS) + tuple(
     (f"DP N={n} + DEC, feature target", f"DP N={n}") for n in DEC_INTERVALS) + tuple(
+    (f"DP N={n} + DEC{v}, no shrinkage", f"DP N={n}") for n in DEC_INTERVALS for v in ("", ", feature target")) + tuple(
     (f"DP N={n} + DEC", f"DP N={n} + DEC, feature target") for n in DEC_INTERVALS) + (
     ("DP N=5 + W8A8 + DEC", "DP N=5 + W8A8"),)
 
@@ -257,6 +265,9 @@ def write(res: dict, name: str) -> None:
               "- DEC with the feature target (the compiler's default) minus no DEC: " + ", ".join(
                   f"DP N={n} {gap(f'DP N={n} + DEC, feature target', f'DP N={n}')}" for n in DEC_INTERVALS
                   if f"DP N={n} + DEC, feature target" in by) + ".",
+              "- the same tables without the held-out shrinkage (`--dec-shrink off`) minus no DEC: " + ", ".join(
+                  f"DP N={n}{v} {gap(f'DP N={n} + DEC{v}, no shrinkage', f'DP N={n}')}" for n in DEC_INTERVALS
+                  for v in ("", ", feature target") if f"DP N={n} + DEC{v}, no shrinkage" in by) + ".",
               f"- W8A8 distance to FP32 (uncached): {by['W8A8 uncached']['psnr_db']:.2f} dB PSNR, SSIM "
               f"{by['W8A8 uncached']['ssim']:.4f}.",
               "", "Reproduce: `python scripts/train_reference_diffusion.py && python benchmarks/diffusion_reference.py"
@@ -266,8 +277,14 @@ def write(res: dict, name: str) -> None:
     fits = [f"{k}: {v['calibration_noise_mse']['corrected'] / v['calibration_noise_mse']['uncorrected']:.3f}"
             for k, v in res.get("dec", {}).items() if v.get("calibration_noise_mse")]
     if fits:
-        lines += ["", "DEC cache fit (noise target), guided-noise MSE of reuse on the calibration runs with the table, "
+        lines += ["", "DEC cache tables, guided-noise MSE of reuse on the calibration runs with the table, "
                   "as a fraction of without (summed over cached steps): " + "; ".join(fits) + "."]
+    cvs = [f"{k}: mean share {v['cv']['mean_gamma']:.2f}, held-out MSE "
+           f"{v['cv']['heldout_noise_mse_chosen'] / v['cv']['heldout_noise_mse_uncorrected']:.3f} of uncorrected"
+           for k, v in res.get("dec", {}).items() if v.get("cv")]
+    if cvs:
+        lines += ["", "Held-out shrinkage (`--dec-shrink cv`): the share of each cached step's correction kept, chosen by "
+                  "leaving one calibration run out: " + "; ".join(cvs) + "."]
     lines += ["", "Schedules (full steps): " + "; ".join(f"{k}: {v}" for k, v in res["schedules"].items()),
               "", f"Images (`{name}.png`): one row per arm in table order, the first seed's {len(res['eval_prompts'])} prompts."]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")

@@ -162,7 +162,9 @@ def test_dec_cache_table_lowers_the_guided_noise_error_of_reuse_on_the_calibrati
     pipe = ember.load(dp_engine)
     spec = pipe.manifest.extra["diffusion"]
     cc, qc = spec["cache_channels"], spec["quant_channels"]
-    assert spec["dec"]["target"] == "noise" and spec["dec"]["runs"] == 3
+    assert spec["dec"]["target"] == "noise" and spec["dec"]["runs"] == 3 and spec["dec"]["shrink"] == "cv"
+    cached_steps = {str(t) for t in np.flatnonzero(CacheSchedule.from_dict(spec["cache"]).reference() != np.arange(STEPS))}
+    assert set(spec["dec"]["cv"]["gamma"]) == cached_steps  # one share per cached step, chosen on held-out runs
     mse = spec["dec"]["calibration_noise_mse"]
     assert mse["corrected"] < 0.9 * mse["uncorrected"], mse
     traj = calib.collect_trajectories(pipe, ["a cat", "a dog", "a house"], STEPS, seed=1000, guidance_scale=7.5)
@@ -290,3 +292,36 @@ def test_a_calibrating_compile_needs_the_pipeline_from_the_caller(tmp_path):
         compile_diffusion("sd-tiny", tmp_path / "x", opts)
     assert not (tmp_path / "x").exists()
 
+
+
+class _QuadraticTail:
+    """A stand-in for GuidedTail: run k's loss is ||a - a_k||^2 + ||b - b_k||^2 (one channel)."""
+
+    def __init__(self, a_runs, b_runs):
+        self.a, self.b = np.asarray(a_runs, np.float64), np.asarray(b_runs, np.float64)
+
+    def loss(self, t, r, runs, a, b):
+        return float(np.mean([(a[0] - self.a[k]) ** 2 + (b[0] - self.b[k]) ** 2 for k in runs]))
+
+    def fit(self, t, chosen):
+        return np.array([self.a[chosen].mean()], np.float32), np.array([self.b[chosen].mean()], np.float32)
+
+
+@pytest.mark.parametrize("a_runs, b_runs, gamma", [((2.0, 2.0, 2.0), (0.5, 0.5, 0.5), 1.0),   # every run agrees
+                                                   ((3.0, -1.0, 1.0), (2.0, -2.0, 0.0), 0.0)])  # no run predicts another
+def test_dec_shrinkage_keeps_the_correction_only_where_it_carries_to_held_out_runs(a_runs, b_runs, gamma) -> None:
+    from ember.compiler.diffusion_dec import shrink_by_cv
+    from ember.passes.error_correction import AffineTable
+
+    tail = _QuadraticTail(a_runs, b_runs)
+    ref = np.array([0, 0, 2])  # step 1 reuses step 0's feature
+    full = AffineTable.identity(3, 1)
+    full.scale[1], full.bias[1] = tail.fit(1, [0, 1, 2])
+    shrunk, record = shrink_by_cv(tail, ref, full, lambda t, chosen: tail.fit(t, chosen), [0, 1, 2])
+    assert record["gamma"] == {"1": gamma}
+    np.testing.assert_allclose(shrunk.scale[1], 1 + gamma * (full.scale[1] - 1))
+    np.testing.assert_allclose(shrunk.bias[1], gamma * full.bias[1])
+    assert shrunk.scale[0] == 1 and shrunk.scale[2] == 1  # full steps keep the identity
+    assert record["heldout_noise_mse_chosen"] <= record["heldout_noise_mse_uncorrected"]
+    if gamma == 1.0:
+        assert record["heldout_noise_mse_chosen"] < 1e-9 < record["heldout_noise_mse_uncorrected"]

@@ -22,7 +22,7 @@ import onnx
 from ember.compiler import diffusion_calib as calib
 from ember.compiler.backends.tensorrt import check_plan_options
 from ember.compiler.diffusion_calib import PipelineOpener
-from ember.compiler.diffusion_dec import DEC_TARGETS, fit_dec
+from ember.compiler.diffusion_dec import DEC_SHRINK, DEC_TARGETS, fit_dec
 from ember.engine_format import manifest as mf
 from ember.engine_format.io_specs import io_specs
 from ember.engine_format.tensorrt_part import PLAN_BACKENDS
@@ -58,6 +58,9 @@ class DiffusionCompileOptions:
     # tail's guided-noise error: up to +1.7 dB where calibration covers what is generated, -0.7 dB on the
     # reference model's default 3 prompts; docs/diffusion.md); diffusion_dec.py
     dec_target: str = "feature"
+    # keep, per cached step, the share of DEC's cache correction (0, 1/4 ... 1) that lowers the guided-noise error
+    # most on calibration runs the fit left out (leave one run out; needs >= 2 runs): cv | off; diffusion_dec.py
+    dec_shrink: str = "cv"
     schedule_features: str = "auto"  # float | quantized | auto (quantized when --quantize)
     # DP reuse cost D[s, i]: noise (L1 error of step i's guided noise prediction when it reuses step s's
     # cached feature, through the shallow engine) | feature (docs/design.md §5.2's ||X_i - X_s||_1)
@@ -101,6 +104,8 @@ class DiffusionCompileOptions:
             raise ConfigError(f"schedule_distance {self.schedule_distance!r} must be one of {', '.join(SCHEDULE_DISTANCES)}")
         if self.dec_target not in DEC_TARGETS:
             raise ConfigError(f"dec_target {self.dec_target!r} must be one of {', '.join(DEC_TARGETS)}")
+        if self.dec_shrink not in DEC_SHRINK:
+            raise ConfigError(f"dec_shrink {self.dec_shrink!r} must be one of {', '.join(DEC_SHRINK)}")
         if self.calib_seeds < 1:
             raise ConfigError(f"--calib-seeds {self.calib_seeds} must be >= 1 (trajectories per calibration prompt)")
         if self.schedule_features not in ("float", "quantized", "auto"):

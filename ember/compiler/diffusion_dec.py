@@ -11,21 +11,26 @@ tail, the quantization table at the conv that reads the cached channels.
   (§5.3's formula), which on the reference pipeline does not lower the noise error but never cost
   more than 0.4 dB, where the noise target gains up to 1.7 dB with calibration that covers what
   is generated and loses 0.7 dB without (docs/diffusion.md).
+- Held-out shrinkage (``dec_shrink="cv"``, the default): either cache table is shrunk toward the
+  identity per step by the share that lowers the guided-noise error most on calibration runs the
+  fit left out (``shrink_by_cv``).
 - Quantization correction (with ``--quantize``): ``Y_fp ≈ α_t ⊙ Y_q + β_t`` at the first tail
   conv, float vs quantized shallow graph, both fed the cache-corrected input.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
 
 from ember.compiler import diffusion_calib as calib
-from ember.passes.error_correction import AffineTable, fit_cache_correction, fit_output_affine, fit_quant_correction
+from ember.passes.error_correction import AffineTable, fit_channel_affine, fit_output_affine, fit_quant_correction
 
 DEC_TARGETS = ("noise", "feature")
+DEC_SHRINK = ("cv", "off")
+SHRINK_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)  # gamma: the share of the fitted correction kept (0 = identity)
 
 
 def fit_dec(tmp: Path, src: Any, traj: calib.Trajectories, sched: Any, float_shallow: onnx.ModelProto, opts: Any,
@@ -33,60 +38,146 @@ def fit_dec(tmp: Path, src: Any, traj: calib.Trajectories, sched: Any, float_sha
     """Fit both tables from the calibration trajectories ``traj``, write ``tmp/dec.npz``; -> the
     manifest's ``dec`` record. ``opts``: the compile's ``DiffusionCompileOptions``."""
     ref = sched.reference()
+    runs = list(range(len(traj.features)))
+    shrink = opts.dec_shrink == "cv" and len(runs) >= 2
+    tail = GuidedTail(src, opts.branch, traj, opts.guidance_scale, opts.calib_device) \
+        if opts.dec_target == "noise" or shrink else None
     if opts.dec_target == "noise":
-        cache_t, fit = fit_cache_through_tail(src, opts.branch, traj, ref, opts.guidance_scale, opts.calib_device)
+        def fit_runs(t: int, chosen: list[int]) -> tuple[np.ndarray, np.ndarray]:
+            return tail.fit(t, int(ref[t]), chosen)
     else:
-        cache_t, fit = fit_cache_correction(traj.features, ref), None
+        def fit_runs(t: int, chosen: list[int]) -> tuple[np.ndarray, np.ndarray]:
+            r = int(ref[t])
+            return fit_channel_affine(np.concatenate([traj.features[k][r] for k in chosen]),
+                                      np.concatenate([traj.features[k][t] for k in chosen]))
+    cache_t = AffineTable.identity(traj.features[0].shape[0], traj.features[0].shape[2])
+    for t in range(cache_t.scale.shape[0]):
+        if int(ref[t]) != t:
+            cache_t.scale[t], cache_t.bias[t] = fit_runs(t, runs)
+    record: dict[str, Any] = {"file": "dec.npz", "cache": True, "quant": bool(opts.quantize),
+                              "fitted_on": sched.method, "target": opts.dec_target, "runs": len(runs),
+                              "shrink": "cv" if shrink else "off"}
+    if shrink:
+        cache_t, record["cv"] = shrink_by_cv(tail, ref, cache_t, fit_runs, runs)
+    if tail is not None:
+        record["calibration_noise_mse"] = tail.total_loss(ref, cache_t, runs)
     quant_t = AffineTable.identity(opts.steps, qc)
     if opts.quantize:
         quant_t = _fit_quant(tmp, traj, ref, cache_t, float_shallow, opts, cc, qc)
     np.savez(tmp / "dec.npz", cache_scale=cache_t.scale, cache_bias=cache_t.bias,
              quant_scale=quant_t.scale, quant_bias=quant_t.bias)
-    record: dict[str, Any] = {"file": "dec.npz", "cache": True, "quant": bool(opts.quantize),
-                              "fitted_on": sched.method, "target": opts.dec_target, "runs": len(traj.features)}
-    if fit is not None:
-        record["calibration_noise_mse"] = fit
     return record
+
+
+def shrink_by_cv(tail: "GuidedTail", ref: np.ndarray, table: AffineTable,
+                 fit_runs: Callable[[int, list[int]], tuple[np.ndarray, np.ndarray]],
+                 runs: list[int]) -> tuple[AffineTable, dict[str, Any]]:
+    """Per cached step t, keep the share gamma_t in ``SHRINK_GRID`` of the fitted correction,
+    ``a <- 1 + gamma (a - 1)``, ``b <- gamma b``, that gives the lowest guided-noise error on
+    calibration runs the fit did not see: leave one run out, fit on the others with ``fit_runs``,
+    score every gamma on the run left out, sum over runs. gamma 0 (no correction) wins where the
+    fit does not carry to an unseen run, so the table never costs more than it gains on held-out
+    calibration runs. -> (shrunk table, record: gamma per step and held-out MSE at gamma 0 / chosen)."""
+    out = AffineTable(table.scale.copy(), table.bias.copy())
+    gammas: dict[int, float] = {}
+    held_none = held_chosen = 0.0
+    for t in range(table.scale.shape[0]):
+        r = int(ref[t])
+        if r == t:
+            continue
+        held = np.zeros(len(SHRINK_GRID))
+        for k in runs:
+            a, b = fit_runs(t, [j for j in runs if j != k])
+            for i, g in enumerate(SHRINK_GRID):
+                held[i] += tail.loss(t, r, [k], 1 + g * (a - 1), g * b)
+        best = int(np.argmin(held))
+        g = SHRINK_GRID[best]
+        gammas[t] = g
+        held_none, held_chosen = held_none + held[0], held_chosen + held[best]
+        out.scale[t] = (1 + g * (table.scale[t] - 1)).astype(np.float32)
+        out.bias[t] = (g * table.bias[t]).astype(np.float32)
+    return out, {"gamma": {str(t): g for t, g in gammas.items()}, "mean_gamma": float(np.mean(list(gammas.values())))
+                 if gammas else 0.0, "heldout_noise_mse_uncorrected": held_none, "heldout_noise_mse_chosen": held_chosen}
 
 
 def fit_cache_through_tail(src: Any, branch: int, traj: calib.Trajectories, ref: np.ndarray, guidance_scale: float,
                            device: str = "cpu") -> tuple[AffineTable, dict[str, float]]:
-    """The noise-target cache table (module doc) -> (table, the calibration runs' guided-noise MSE
-    summed over cached steps without and with the correction)."""
-    import torch
+    """The noise-target cache table over every calibration run, unshrunk -> (table, the runs'
+    guided-noise MSE summed over cached steps without and with it)."""
+    tail = GuidedTail(src, branch, traj, guidance_scale, device)
+    runs = list(range(len(traj.features)))
+    table = AffineTable.identity(traj.features[0].shape[0], traj.features[0].shape[2])
+    for t in range(table.scale.shape[0]):
+        if int(ref[t]) != t:
+            table.scale[t], table.bias[t] = tail.fit(t, int(ref[t]), runs)
+    return table, tail.total_loss(ref, table, runs)
 
-    from ember.export.diffusion.unet_split import UNetShallow
 
-    steps, rows = traj.features[0].shape[0], traj.features[0].shape[1]
-    shallow = UNetShallow(src.unet, branch).to(device).eval()
-    for p in shallow.parameters():
-        p.requires_grad_(False)
-    cc, qc = shallow.cache_channels, shallow.quant_channels
-    table = AffineTable.identity(steps, cc)
-    before = after = 0.0
-    dev = torch.device(device)
-    for t in range(steps):
-        r = int(ref[t])
-        if r == t:
-            continue
+class GuidedTail:
+    """The source's float shallow UNet (``UNetShallow``, the module the shallow graph is exported
+    from) on ``device``, fed a cached step's calibration inputs with a per-channel correction of the
+    cached feature: the guided noise it predicts, its squared error against the full step's, and the
+    noise-target fit (module doc)."""
+
+    def __init__(self, src: Any, branch: int, traj: calib.Trajectories, guidance_scale: float, device: str = "cpu"):
+        import torch
+
+        from ember.export.diffusion.unet_split import UNetShallow
+
+        self.traj, self.guidance_scale, self.dev = traj, guidance_scale, torch.device(device)
+        self.rows = traj.features[0].shape[1]
+        self.shallow = UNetShallow(src.unet, branch).to(device).eval()
+        for p in self.shallow.parameters():
+            p.requires_grad_(False)
+        self.qc = self.shallow.quant_channels
+
+    def _tail(self, t: int, r: int, runs: list[int]) -> tuple[Callable[[Any, Any], Any], Any]:
+        """(tail(a, b) -> guided noise [len(runs), ...], target) for step t reusing step r."""
+        import torch
 
         def stack(name: str) -> Any:
-            return torch.from_numpy(np.concatenate([f[t][name] for f in traj.feeds])).to(dev)
+            return torch.from_numpy(np.concatenate([self.traj.feeds[k][t][name] for k in runs])).to(self.dev)
 
         sample, timestep, text = stack("sample"), stack("timestep"), stack("encoder_hidden_states")
-        cached = torch.from_numpy(np.concatenate([f[r] for f in traj.features])).to(dev)
-        target = torch.from_numpy(np.stack([calib.guided(n[t], guidance_scale) for n in traj.noise])).to(dev)
-        n = cached.shape[0]
-        ones, zeros = torch.ones(n, qc, device=dev), torch.zeros(n, qc, device=dev)
+        cached = torch.from_numpy(np.concatenate([self.traj.features[k][r] for k in runs])).to(self.dev)
+        target = torch.from_numpy(np.stack([calib.guided(self.traj.noise[k][t], self.guidance_scale)
+                                            for k in runs])).to(self.dev)
+        n, rows, gs = cached.shape[0], self.rows, self.guidance_scale
+        ones, zeros = torch.ones(n, self.qc, device=self.dev), torch.zeros(n, self.qc, device=self.dev)
 
-        def tail(a: Any, b: Any, sample=sample, timestep=timestep, text=text, cached=cached, ones=ones, zeros=zeros,
-                 n=n) -> Any:
-            out = shallow(sample, timestep, text, cached, a.expand(n, -1), b.expand(n, -1), ones, zeros)
-            return calib.guided(out.reshape(n // rows, rows, *out.shape[1:]).transpose(0, 1), guidance_scale)
+        def tail(a: Any, b: Any) -> Any:
+            out = self.shallow(sample, timestep, text, cached, a.expand(n, -1), b.expand(n, -1), ones, zeros)
+            return calib.guided(out.reshape(n // rows, rows, *out.shape[1:]).transpose(0, 1), gs)
 
-        table.scale[t], table.bias[t], start, end = fit_output_affine(tail, target, table.scale[t], table.bias[t])
-        before, after = before + start, after + end
-    return table, {"uncorrected": before, "corrected": after}
+        return tail, target
+
+    def loss(self, t: int, r: int, runs: list[int], a: np.ndarray, b: np.ndarray) -> float:
+        """Mean squared guided-noise error over ``runs`` with the correction (a, b) [C]."""
+        import torch
+
+        tail, target = self._tail(t, r, runs)
+        with torch.no_grad():
+            out = tail(torch.as_tensor(np.asarray(a, np.float32), device=self.dev),
+                       torch.as_tensor(np.asarray(b, np.float32), device=self.dev))
+            return float(((out - target) ** 2).mean())
+
+    def fit(self, t: int, r: int, runs: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The noise-target (a, b) over ``runs``, by L-BFGS from the identity."""
+        tail, target = self._tail(t, r, runs)
+        c = self.traj.features[0].shape[2]
+        a, b, _, _ = fit_output_affine(tail, target, np.ones(c, np.float32), np.zeros(c, np.float32))
+        return a, b
+
+    def total_loss(self, ref: np.ndarray, table: AffineTable, runs: list[int]) -> dict[str, float]:
+        """The calibration runs' guided-noise MSE summed over cached steps, without and with ``table``."""
+        c = table.scale.shape[1]
+        before = after = 0.0
+        for t in range(table.scale.shape[0]):
+            r = int(ref[t])
+            if r != t:
+                before += self.loss(t, r, runs, np.ones(c, np.float32), np.zeros(c, np.float32))
+                after += self.loss(t, r, runs, table.scale[t], table.bias[t])
+        return {"uncorrected": before, "corrected": after}
 
 
 def _fit_quant(tmp: Path, traj: calib.Trajectories, ref: np.ndarray, cache_t: AffineTable,
