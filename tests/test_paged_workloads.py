@@ -46,7 +46,8 @@ def test_mixed_arms_get_the_same_kv_bytes_and_slots_fit_the_longest_request():
     assert paged_sched.max_batch == s.mixed_max_batch > s.mixed_slots  # blocks, not max_batch, bound it
     assert slots.timed == paged.timed and len(slots.timed) == s.mixed_requests and slots.warm != slots.timed
     *_, int8 = plan_arms("mixed", s, 32000, LLAMA_1B, 2, kv_dtypes=("int8",))
-    assert (int8.name, int8.kv_dtype, int8.load) == ("paged int8 KV", "int8", paged.load)  # same bytes, other folder
+    assert (int8.name, int8.kv_dtype) == ("paged int8 KV", "int8")  # same bytes, other folder, its own default block
+    assert int8.load == {**paged.load, "kv_block_size": 16} and paged.load["kv_block_size"] == 256
     got = derived("mixed", {"slots": {"stats": {"running_peak": 16}, "tok_per_s": 100.0},
                             "paged": {"stats": {"running_peak": 32}, "tok_per_s": 150.0},
                             "paged int8 KV": {"stats": {"running_peak": 64}, "tok_per_s": 160.0}})
@@ -71,7 +72,10 @@ def test_prefix_arms_differ_only_in_prefix_caching_and_hold_every_request_unshar
     assert on.warm[0].prompt[:1024] != on.timed[0].prompt[:1024]  # the warm-up caches another system prompt
     paged_sched = scheduler_of(off.load, 2560)
     assert paged_sched.kv_capacity_tokens >= 64 * (1024 + 16 + 16)  # cache off costs compute, not admission
-    assert scheduler_of(slots.load, 2560).max_seq_len == 1024 + 16 + 16
+    assert on.load["kv_block_size"] == 256  # the engine's default on CUDA for llama-1b's FP16 pool (head size 64)
+    assert scheduler_of(slots.load, 2560).max_seq_len == 5 * 256  # the same bytes: 1,056 positions in whole blocks
+    small = plan_arms("prefix", replace(s, kv_block_size=16), 32000, LLAMA_1B, 2)[2]
+    assert scheduler_of(small.load, 2560).max_seq_len == 1024 + 16 + 16
     big = plan_arms("prefix", replace(s, kv_block_size=64), 32000, LLAMA_1B, 2)[1]  # 1,056 positions: 16.5 blocks
     assert big.load["kv_block_size"] == 64 and scheduler_of(big.load, 2560).blocks.num_blocks == 64 * 17
 

@@ -215,7 +215,7 @@ def run_workloads(run: PagedRun, header: dict, log: Callable[[str], None] = prin
         w: dict = {"arms": {}}
         doc["workloads"][workload] = w
         try:
-            arms = plan_arms(workload, run.sizes, int(cfg["vocab_size"]), geometry, itemsize, kv_dtypes)
+            arms = plan_arms(workload, run.sizes, int(cfg["vocab_size"]), geometry, itemsize, kv_dtypes, run.device)
             if workload == "mixed":
                 w["budget_bytes"], w["seq_len"] = arms[0].load["kv_memory"], run.sizes.positions(["mixed"])
             tokens = {}

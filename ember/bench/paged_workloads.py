@@ -15,7 +15,8 @@ Workloads (greedy, EOS ignored, so every request generates exactly its ``new`` t
   ttft1   ``ttft_requests`` prompts of ``ttft_prompt`` tokens, one at a time (batch 1): time to first
           token and decode ms/token; arms: slots, paged, ONNX Runtime GenAI (``engine``)
 Each burst workload first runs a warm-up burst of another seed (another system prompt); ttft1
-first runs ``ttft_warm`` requests. Every paged arm uses blocks of ``kv_block_size`` tokens.
+first runs ``ttft_warm`` requests. Every paged arm uses blocks of ``kv_block_size`` tokens (None: the
+engine's default for its device, KV dtype and head size).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from ember.bench.metrics import percentiles
 from ember.bench.workload import LengthDist, WorkloadSpec, make_workload
 from ember.engine_format.decoder_spec import KVGeometry
 from ember.errors import InputError
+from ember.runtime.kv_blocks import default_kv_block_size
 
 WORKLOADS = ("burst", "prefix", "mixed", "ttft1")
 GENAI = "onnxruntime-genai"
@@ -80,7 +82,7 @@ class Sizes:
     ttft_new: int = 64
     ttft_warm: int = 3
     ttft_max_batch: int = 16
-    kv_block_size: int = 16  # every paged arm's
+    kv_block_size: int | None = None  # every paged arm's; None: the engine's (kv_blocks.default_kv_block_size)
     seed: int = 0
 
     def positions(self, workloads: tuple[str, ...] | list[str]) -> int:
@@ -106,7 +108,8 @@ SIZES = {
 
 
 SIZE_HELP = {"kv_memory": "burst's paged arm's block pool, bytes ",
-             "kv_block_size": "tokens per block, every paged arm ",
+             "kv_block_size": "tokens per block, every paged arm (default: the engine's, 256/128 on CUDA "
+                              "with a float pool, 16 elsewhere) ",
              "mixed_slots": "mixed's slot arm's max_batch; the KV budget follows ",
              "mixed_max_batch": "mixed's paged arm's cap on running sequences "}
 
@@ -152,27 +155,34 @@ def slot_budget(geometry: KVGeometry, itemsize: int, slots: int, seq_len: int) -
     return slots * geometry.slot_bytes(seq_len, itemsize)
 
 
-def paged_layout(s: Sizes) -> dict:
-    """A paged arm's ``ember.load`` options of its layout."""
-    return {"kv_layout": "paged", "kv_block_size": s.kv_block_size}
+KV_DTYPE_NAMES = {"int8": "int8", "fp8": "float8_e4m3fn"}  # --mixed-kv-dtype -> the pool's dtype
+
+
+def paged_layout(s: Sizes, device: str, kv_dtype: str, head_dim: int) -> dict:
+    """A paged arm's ``ember.load`` options of its layout: ``s.kv_block_size``, else the block size
+    the engine would choose on ``device`` for a ``kv_dtype`` pool (named, so the report shows it)."""
+    return {"kv_layout": "paged", "kv_block_size": s.kv_block_size or default_kv_block_size(device, kv_dtype, head_dim)}
 
 
 def plan_arms(workload: str, s: Sizes, vocab: int, geometry: KVGeometry, itemsize: int,
-              kv_dtypes: tuple[str, ...] = ()) -> list[Arm]:
+              kv_dtypes: tuple[str, ...] = (), device: str = "cuda:0") -> list[Arm]:
     """The arms of ``workload`` (``WORKLOADS``) and their requests; the GenAI arm of ttft1 included;
-    ``kv_dtypes`` (int8, fp8): mixed adds a paged arm per quantized KV pool, in the same bytes."""
+    ``kv_dtypes`` (int8, fp8): mixed adds a paged arm per quantized KV pool, in the same bytes;
+    ``itemsize``: the float pool's bytes per element (2: FP16)."""
+    layout = paged_layout(s, device, "float16" if itemsize == 2 else "float32", geometry.head_dim)
     if workload == "burst":
         warm, timed = (shared_prefix(vocab, s.requests, s.system, s.own, s.new, s.seed + k) for k in (1, 2))
         return [Arm("slots", {"max_batch": s.requests}, warm, timed),
-                Arm("paged", {"max_batch": s.requests, **paged_layout(s), "kv_memory": s.kv_memory}, warm, timed)]
+                Arm("paged", {"max_batch": s.requests, **layout, "kv_memory": s.kv_memory}, warm, timed)]
     if workload == "prefix":
         warm, timed = (shared_prefix(vocab, s.prefix_requests, s.prefix_system, s.prefix_own, s.prefix_new, s.seed + k)
                        for k in (1, 2))
         # the pool holds every request unshared (whole blocks each), so turning the cache off costs compute
         # only, never admission
-        blocks = -(-s.positions(["prefix"]) // s.kv_block_size)
-        pool = slot_budget(geometry, itemsize, s.prefix_requests, blocks * s.kv_block_size)
-        paged = {"max_batch": s.prefix_requests, **paged_layout(s), "kv_memory": pool}
+        bs = layout["kv_block_size"]
+        blocks = -(-s.positions(["prefix"]) // bs)
+        pool = slot_budget(geometry, itemsize, s.prefix_requests, blocks * bs)
+        paged = {"max_batch": s.prefix_requests, **layout, "kv_memory": pool}
         return [Arm("paged cache on", paged, warm, timed),
                 Arm("paged cache off", {**paged, "prefix_caching": False}, warm, timed),
                 Arm("slots", {"max_batch": s.prefix_requests, "kv_memory": pool}, warm, timed)]
@@ -180,15 +190,16 @@ def plan_arms(workload: str, s: Sizes, vocab: int, geometry: KVGeometry, itemsiz
         warm = mixed_lengths(vocab, s.mixed_warm, s.mixed_prompt, s.mixed_output, s.seed + 1)
         timed = mixed_lengths(vocab, s.mixed_requests, s.mixed_prompt, s.mixed_output, s.seed + 2)
         budget = slot_budget(geometry, itemsize, s.mixed_slots, s.positions(["mixed"]))
-        paged = {"max_batch": s.mixed_max_batch, **paged_layout(s), "kv_memory": budget}
+        paged = {"max_batch": s.mixed_max_batch, **layout, "kv_memory": budget}
         return [Arm("slots", {"max_batch": s.mixed_slots, "kv_memory": budget}, warm, timed),
                 Arm("paged", paged, warm, timed),
-                *[Arm(f"paged {d} KV", paged, warm, timed, kv_dtype=d) for d in kv_dtypes]]
+                *[Arm(f"paged {d} KV", {**paged, **paged_layout(s, device, KV_DTYPE_NAMES[d], geometry.head_dim)},
+                      warm, timed, kv_dtype=d) for d in kv_dtypes]]
     if workload == "ttft1":
         warm, timed = (shared_prefix(vocab, n, 0, s.ttft_prompt, s.ttft_new, s.seed + k)
                        for k, n in ((1, s.ttft_warm), (2, s.ttft_requests)))
         return [Arm("slots", {"max_batch": s.ttft_max_batch}, warm, timed, sequential=True),
-                Arm("paged", {"max_batch": s.ttft_max_batch, **paged_layout(s)}, warm, timed, sequential=True),
+                Arm("paged", {"max_batch": s.ttft_max_batch, **layout}, warm, timed, sequential=True),
                 Arm(GENAI, {}, warm, timed, sequential=True, engine=GENAI)]
     raise InputError(f"workload {workload!r} is not one of {', '.join(WORKLOADS)}")
 

@@ -56,6 +56,21 @@ def kv_itemsize(kv_dtype: str) -> int:
     return 1 if kv_dtype == "float8_e4m3fn" else np.dtype(kv_dtype).itemsize
 
 
+PAGED_BLOCK_SIZE = 16  # the paged layout's block on the CPU and for quantized (int8/fp8) pools
+
+
+def default_kv_block_size(device: str, kv_dtype: str, head_dim: int) -> int:
+    """The paged layout's block size when ``kv_block_size`` is not given. On CUDA with a float pool,
+    the tile ONNX Runtime's FlashAttention reads K/V in (256 tokens at head size <= 64, 128 above):
+    blocks that small or smaller send PagedAttention's prefill and mixed calls to its gathering backend,
+    which copies every row's past into a dense workspace (llama-1b, H100, mixed workload at one KV
+    budget: 16-token blocks peaked at 32.9 GB and 3,052 output tok/s, 256-token blocks at 5.0 GB and
+    5,555 tok/s; docs/kv.md). Elsewhere ``PAGED_BLOCK_SIZE``."""
+    if device.startswith("cuda") and kv_itemsize(kv_dtype) >= 2:
+        return 256 if head_dim <= 64 else 128
+    return PAGED_BLOCK_SIZE
+
+
 def kv_blocks_within(geometry: KVGeometry, itemsize: int, block_size: int, kv_bytes: int) -> int:
     """How many blocks of ``block_size`` positions fit ``kv_bytes`` (every layer's K and V: a block
     holds what a slot of ``block_size`` positions does; paged geometries have no rings)."""

@@ -18,6 +18,8 @@ from ember.engine_format.roles import KEY_CACHE, PAST_KEY
 from ember.engine_format.tp_spec import is_tensor_parallel
 from ember.errors import ArtifactError, InputError
 from ember.runtime.backend_choice import choose_backend, onnx_graph, plan_needs_gpu, runs_plan
+from ember.runtime.kv_blocks import default_kv_block_size
+
 
 def load(path: str | os.PathLike, verify: str = "full", **opts):
     """Load an engine folder. Decoder options: max_batch, kv_memory, max_queue, prefill_chunk,
@@ -72,7 +74,7 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
                  max_queue: int = 1024, prefill_chunk: int | None = None, threads: int | None = None,
                  compaction: str = "min-move", device: str = "cpu", fused_decode: bool | None = None,
                  admit_batch: int | None = None, backend: str | None = None, kv_layout: str = "slots",
-                 kv_block_size: int = 16, prefix_caching: bool = True):
+                 kv_block_size: int | None = None, prefix_caching: bool = True):
     """``prefill_chunk``: prompt tokens prefilled per iteration (None: 128 on the CPU, 1024 on
     CUDA; ``scheduler.PREFILL_CHUNK``). ``admit_batch``: requests admitted together while the
     slots are busy (None: 1 on the CPU, 8 on CUDA; ``scheduler.ADMIT_BATCH``).
@@ -82,7 +84,7 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
     ``'onnxruntime'`` (a plan's source ONNX graph on ONNX Runtime; ``load`` checks it).
     ``kv_layout``: ``'slots'`` (default) or ``'paged'`` (blocks of ``kv_block_size`` tokens with
     prefix caching, which ``prefix_caching=False`` turns off: ``engine_builder.SchedulerOptions``,
-    docs/kv.md). Paged on the CPU runs the
+    docs/kv.md; None: ``kv_blocks.default_kv_block_size``, 256 or 128 on CUDA with a float pool, 16 elsewhere). Paged on the CPU runs the
     step graph over gathered blocks (no fused decode part); on CUDA it runs the folder's paged
     step graph (``ember compile --dtype fp16 --paged on``) alone: one copy of the weights."""
     from ember.runtime.engine_builder import SchedulerOptions, make_engine, make_scheduler
@@ -93,8 +95,6 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
     part = manifest.part("step")
     geometry = kv_geometry(cfg)
     kv_dtype = part.tensor(PAST_KEY, layer=0).dtype
-    options = SchedulerOptions(max_batch, kv_memory, max_queue, prefill_chunk, compaction, admit_batch, kv_layout,
-                               kv_block_size, prefix_caching)
     paged_part = None
     if kv_layout == "paged" and device.startswith("cuda"):
         paged_part = manifest.find_part("paged")
@@ -103,6 +103,10 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
                              f"not have; recompile with `ember compile SOURCE --dtype fp16 --paged on`, or load with "
                              f"kv_layout='slots' (CLI: --kv-layout slots)")
         kv_dtype = paged_part.tensor(KEY_CACHE, layer=0).dtype
+    if kv_block_size is None:
+        kv_block_size = default_kv_block_size(device, kv_dtype, geometry.head_dim)
+    options = SchedulerOptions(max_batch, kv_memory, max_queue, prefill_chunk, compaction, admit_batch, kv_layout,
+                               kv_block_size, prefix_caching)
     scheduler = make_scheduler(options, max_positions=int(cfg["max_positions"]), geometry=geometry, kv_dtype=kv_dtype,
                                device=device, rope_switch=longrope_switch(cfg, part, str(folder / MANIFEST_NAME)))
     if runs_plan(part, backend) and not device.startswith("cuda"):
