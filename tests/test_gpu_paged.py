@@ -29,7 +29,8 @@ def test_paged_engine_on_cuda_gives_the_slot_engines_tokens(source, tmp_path):
     cfg = read_manifest(out).model["config"]
     block_bytes = 2 * cfg["num_layers"] * cfg["num_kv_heads"] * cfg["head_dim"] * 2 * 16  # K+V, FP16, 16 tokens
     for kv_memory in (None, 14 * block_bytes):  # ample; 14 blocks of 16 tokens: the burst must preempt
-        with ember.load(out, device="cuda:0", max_batch=8, kv_layout="paged", kv_memory=kv_memory) as paged:
+        with ember.load(out, device="cuda:0", max_batch=8, kv_layout="paged", kv_block_size=16,
+                        kv_memory=kv_memory) as paged:  # 16-token blocks: the prompt shares two, the burst preempts
             first = paged.generate(prompts[:1], max_new_tokens=24, ignore_eos=True)[0].token_ids
             rest = [h.result(timeout=120).token_ids for h in [paged.submit(p, max_new_tokens=24, ignore_eos=True)
                                                               for p in prompts[1:]]]
