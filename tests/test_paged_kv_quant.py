@@ -271,3 +271,12 @@ def test_onnx_runtime_resolves_the_quantized_graph(kv_dtype, tmp_path):
                                 kv_dtype=kv_dtype), str(path))
     with pytest.raises(Exception, match="NOT_IMPLEMENTED : Could not find an implementation for PagedAttention"):
         ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_int8_scales_leave_headroom_over_the_calibration_bound_and_fp8_scales_do_not():
+    bounds = [(np.array([[2.0, 0.0]], np.float32), np.array([[254.0, 1.0]], np.float32))]  # [Hkv=1, D=2]
+    (k8, v8), = kv_scales(bounds, kv_cache_dtype("int8"))
+    np.testing.assert_allclose(v8[0, 0], [1.25 * 254 / 127, 1.25 / 127], rtol=1e-6)
+    assert k8[0, 0, 1] == np.finfo(np.float32).tiny  # a channel calibration never moved: no zero scale
+    (_, vf), = kv_scales(bounds, kv_cache_dtype("fp8"))
+    np.testing.assert_allclose(vf[0, 0], [254 / 448, 1 / 448], rtol=1e-6)

@@ -304,7 +304,7 @@ def paged_kv_scales(src, options: CompileOptions, log: StageLog) -> tuple[list, 
              f"bound {max(float(k.max()) for k, _ in bounds):.3g}, |V| {max(float(v.max()) for _, v in bounds):.3g}")
     record = {"dtype": dtype.name, "quant_type": QUANT_TYPE, "scale_shape": [src.config.num_kv_heads, 1,
                                                                              src.config.head_dim],
-              "scale": f"bound / {dtype.qmax:g}; V bound: per-channel absmax; K bound: " + (
+              "scale": f"{dtype.headroom:g} x bound / {dtype.qmax:g}; V bound: per-channel absmax; K bound: " + (
                   "per-channel absmax (no rotary)" if src.config.positions == "learned" else
                   "per-channel max of the rotary pair norm sqrt(k_i^2 + k_(i+D/2)^2) (covers rotated K at every position)"),
               "calibration": {"source": source, "prompts": len(prompts), "tokens": sum(map(len, prompts))},
