@@ -308,7 +308,9 @@ class _QuadraticTail:
 
 
 @pytest.mark.parametrize("a_runs, b_runs, gamma", [((2.0, 2.0, 2.0), (0.5, 0.5, 0.5), 1.0),   # every run agrees
-                                                   ((3.0, -1.0, 1.0), (2.0, -2.0, 0.0), 0.0)])  # no run predicts another
+                                                   ((3.0, -1.0, 1.0), (2.0, -2.0, 0.0), 0.0),  # no run predicts another
+                                                   ((2.0,) * 6, (0.5,) * 6, 1.0),  # 6 runs: 3 folds of 2
+                                                   ((3.0, -1.0, 1.0) * 2, (2.0, -2.0, 0.0) * 2, 0.0)])
 def test_dec_shrinkage_keeps_the_correction_only_where_it_carries_to_held_out_runs(a_runs, b_runs, gamma) -> None:
     from ember.compiler.diffusion_dec import shrink_by_cv
     from ember.passes.error_correction import AffineTable
@@ -316,8 +318,17 @@ def test_dec_shrinkage_keeps_the_correction_only_where_it_carries_to_held_out_ru
     tail = _QuadraticTail(a_runs, b_runs)
     ref = np.array([0, 0, 2])  # step 1 reuses step 0's feature
     full = AffineTable.identity(3, 1)
-    full.scale[1], full.bias[1] = tail.fit(1, [0, 1, 2])
-    shrunk, record = shrink_by_cv(tail, ref, full, lambda t, chosen: tail.fit(t, chosen), [0, 1, 2])
+    runs = list(range(len(a_runs)))
+    full.scale[1], full.bias[1] = tail.fit(1, runs)
+    fitted_on = []
+
+    def fit_runs(t, chosen):
+        fitted_on.append(tuple(chosen))
+        return tail.fit(t, chosen)
+
+    shrunk, record = shrink_by_cv(tail, ref, full, fit_runs, runs)
+    assert len(fitted_on) == min(len(runs), 3)  # one fit per fold, at most 3 folds
+    assert all(len(c) == len(runs) - len(runs) // min(len(runs), 3) for c in fitted_on)
     assert record["gamma"] == {"1": gamma}
     np.testing.assert_allclose(shrunk.scale[1], 1 + gamma * (full.scale[1] - 1))
     np.testing.assert_allclose(shrunk.bias[1], gamma * full.bias[1])

@@ -31,6 +31,7 @@ from ember.passes.error_correction import AffineTable, fit_channel_affine, fit_o
 DEC_TARGETS = ("noise", "feature")
 DEC_SHRINK = ("cv", "off")
 SHRINK_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)  # gamma: the share of the fitted correction kept (0 = identity)
+CV_FOLDS = 3  # at most: 1 + CV_FOLDS fits per step whatever the number of calibration runs
 
 
 def fit_dec(tmp: Path, src: Any, traj: calib.Trajectories, sched: Any, float_shallow: onnx.ModelProto, opts: Any,
@@ -74,11 +75,14 @@ def shrink_by_cv(tail: "GuidedTail", ref: np.ndarray, table: AffineTable,
                  runs: list[int]) -> tuple[AffineTable, dict[str, Any]]:
     """Per cached step t, keep the share gamma_t in ``SHRINK_GRID`` of the fitted correction,
     ``a <- 1 + gamma (a - 1)``, ``b <- gamma b``, that gives the lowest guided-noise error on
-    calibration runs the fit did not see: leave one run out, fit on the others with ``fit_runs``,
-    score every gamma on the run left out, sum over runs. gamma 0 (no correction) wins where the
-    fit does not carry to an unseen run, so the table never costs more than it gains on held-out
-    calibration runs. -> (shrunk table, record: gamma per step and held-out MSE at gamma 0 / chosen)."""
+    calibration runs the fit did not see: the runs in ``min(len(runs), CV_FOLDS)`` folds (run i in
+    fold i mod folds: with up to 3 runs, leave one run out), each fold left out in turn, the
+    correction fitted on the others with ``fit_runs``, every gamma scored on the fold left out, summed
+    over runs. gamma 0 (no correction) wins where the fit does not carry to unseen runs, so the table
+    never costs more than it gains on held-out calibration runs. -> (shrunk table, record: gamma per
+    step and held-out MSE at gamma 0 / chosen)."""
     out = AffineTable(table.scale.copy(), table.bias.copy())
+    folds = [runs[i::min(len(runs), CV_FOLDS)] for i in range(min(len(runs), CV_FOLDS))]
     gammas: dict[int, float] = {}
     held_none = held_chosen = 0.0
     for t in range(table.scale.shape[0]):
@@ -86,10 +90,10 @@ def shrink_by_cv(tail: "GuidedTail", ref: np.ndarray, table: AffineTable,
         if r == t:
             continue
         held = np.zeros(len(SHRINK_GRID))
-        for k in runs:
-            a, b = fit_runs(t, [j for j in runs if j != k])
+        for fold in folds:
+            a, b = fit_runs(t, [j for j in runs if j not in fold])
             for i, g in enumerate(SHRINK_GRID):
-                held[i] += tail.loss(t, r, [k], 1 + g * (a - 1), g * b)
+                held[i] += len(fold) * tail.loss(t, r, fold, 1 + g * (a - 1), g * b)
         best = int(np.argmin(held))
         g = SHRINK_GRID[best]
         gammas[t] = g
