@@ -33,6 +33,7 @@ from ember.bench.metrics import percentiles
 from ember.bench.workload import LengthDist, WorkloadSpec, make_workload
 from ember.engine_format.decoder_spec import KVGeometry
 from ember.errors import InputError
+from ember.export.kv_quant import kv_cache_dtype
 from ember.runtime.kv_blocks import default_kv_block_size
 
 WORKLOADS = ("burst", "prefix", "mixed", "ttft1")
@@ -155,9 +156,6 @@ def slot_budget(geometry: KVGeometry, itemsize: int, slots: int, seq_len: int) -
     return slots * geometry.slot_bytes(seq_len, itemsize)
 
 
-KV_DTYPE_NAMES = {"int8": "int8", "fp8": "float8_e4m3fn"}  # --mixed-kv-dtype -> the pool's dtype
-
-
 def paged_layout(s: Sizes, device: str, kv_dtype: str, head_dim: int) -> dict:
     """A paged arm's ``ember.load`` options of its layout: ``s.kv_block_size``, else the block size
     the engine would choose on ``device`` for a ``kv_dtype`` pool (named, so the report shows it)."""
@@ -193,7 +191,7 @@ def plan_arms(workload: str, s: Sizes, vocab: int, geometry: KVGeometry, itemsiz
         paged = {"max_batch": s.mixed_max_batch, **layout, "kv_memory": budget}
         return [Arm("slots", {"max_batch": s.mixed_slots, "kv_memory": budget}, warm, timed),
                 Arm("paged", paged, warm, timed),
-                *[Arm(f"paged {d} KV", {**paged, **paged_layout(s, device, KV_DTYPE_NAMES[d], geometry.head_dim)},
+                *[Arm(f"paged {d} KV", {**paged, **paged_layout(s, device, kv_cache_dtype(d).name, geometry.head_dim)},
                       warm, timed, kv_dtype=d) for d in kv_dtypes]]
     if workload == "ttft1":
         warm, timed = (shared_prefix(vocab, n, 0, s.ttft_prompt, s.ttft_new, s.seed + k)

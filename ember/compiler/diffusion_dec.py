@@ -26,7 +26,8 @@ import numpy as np
 import onnx
 
 from ember.compiler import diffusion_calib as calib
-from ember.passes.error_correction import AffineTable, fit_channel_affine, fit_output_affine, fit_quant_correction
+from ember.passes.error_correction import (AffineTable, fit_cached_steps, fit_feature_step, fit_output_affine,
+                                          fit_quant_correction)
 
 DEC_TARGETS = ("noise", "feature")
 DEC_SHRINK = ("cv", "off")
@@ -48,13 +49,8 @@ def fit_dec(tmp: Path, src: Any, traj: calib.Trajectories, sched: Any, float_sha
             return tail.fit(t, int(ref[t]), chosen)
     else:
         def fit_runs(t: int, chosen: list[int]) -> tuple[np.ndarray, np.ndarray]:
-            r = int(ref[t])
-            return fit_channel_affine(np.concatenate([traj.features[k][r] for k in chosen]),
-                                      np.concatenate([traj.features[k][t] for k in chosen]))
-    cache_t = AffineTable.identity(traj.features[0].shape[0], traj.features[0].shape[2])
-    for t in range(cache_t.scale.shape[0]):
-        if int(ref[t]) != t:
-            cache_t.scale[t], cache_t.bias[t] = fit_runs(t, runs)
+            return fit_feature_step([traj.features[k] for k in chosen], t, int(ref[t]))
+    cache_t = fit_cached_steps(ref, traj.features[0].shape[2], lambda t, r: fit_runs(t, runs))
     record: dict[str, Any] = {"file": "dec.npz", "cache": True, "quant": bool(opts.quantize),
                               "fitted_on": sched.method, "target": opts.dec_target, "runs": len(runs),
                               "shrink": "cv" if shrink else "off"}
@@ -100,8 +96,9 @@ def shrink_by_cv(tail: "GuidedTail", ref: np.ndarray, table: AffineTable,
         held_none, held_chosen = held_none + held[0], held_chosen + held[best]
         out.scale[t] = (1 + g * (table.scale[t] - 1)).astype(np.float32)
         out.bias[t] = (g * table.bias[t]).astype(np.float32)
-    return out, {"gamma": {str(t): g for t, g in gammas.items()}, "mean_gamma": float(np.mean(list(gammas.values())))
-                 if gammas else 0.0, "heldout_noise_mse_uncorrected": held_none, "heldout_noise_mse_chosen": held_chosen}
+    mean_gamma = float(np.mean(list(gammas.values()))) if gammas else 0.0
+    return out, {"gamma": {str(t): g for t, g in gammas.items()}, "mean_gamma": mean_gamma,
+                 "heldout_noise_mse_uncorrected": held_none, "heldout_noise_mse_chosen": held_chosen}
 
 
 def fit_cache_through_tail(src: Any, branch: int, traj: calib.Trajectories, ref: np.ndarray, guidance_scale: float,
@@ -110,10 +107,7 @@ def fit_cache_through_tail(src: Any, branch: int, traj: calib.Trajectories, ref:
     guided-noise MSE summed over cached steps without and with it)."""
     tail = GuidedTail(src, branch, traj, guidance_scale, device)
     runs = list(range(len(traj.features)))
-    table = AffineTable.identity(traj.features[0].shape[0], traj.features[0].shape[2])
-    for t in range(table.scale.shape[0]):
-        if int(ref[t]) != t:
-            table.scale[t], table.bias[t] = tail.fit(t, int(ref[t]), runs)
+    table = fit_cached_steps(ref, traj.features[0].shape[2], lambda t, r: tail.fit(t, r, runs))
     return table, tail.total_loss(ref, table, runs)
 
 

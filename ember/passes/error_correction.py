@@ -60,19 +60,27 @@ def fit_channel_affine(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.nda
     return a.astype(np.float32), b.astype(np.float32)
 
 
+def fit_cached_steps(reference: np.ndarray, channels: int,
+                     fit_step: Callable[[int, int], tuple[np.ndarray, np.ndarray]]) -> AffineTable:
+    """The table [T, C] whose cached steps t (``reference[t] != t``) hold ``fit_step(t, reference[t])``
+    -> (a_t, b_t); full steps keep the identity."""
+    table = AffineTable.identity(len(reference), channels)
+    for t in range(len(reference)):
+        r = int(reference[t])
+        if r != t:
+            table.scale[t], table.bias[t] = fit_step(t, r)
+    return table
+
+
+def fit_feature_step(features: Sequence[np.ndarray], t: int, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """``X_t ≈ a ⊙ X_r + b`` per channel over the runs ``features`` (one [T, B, C, H, W] array each)."""
+    return fit_channel_affine(np.concatenate([f[r] for f in features]), np.concatenate([f[t] for f in features]))
+
+
 def fit_cache_correction(features: Sequence[np.ndarray], reference: np.ndarray) -> AffineTable:
     """features: one [T, B, C, H, W] array per calibration run (the true cached feature at each
     step); reference [T]: the full step each step reuses. -> (a_t, b_t) table [T, C]."""
-    steps, channels = features[0].shape[0], features[0].shape[2]
-    table = AffineTable.identity(steps, channels)
-    for t in range(steps):
-        r = int(reference[t])
-        if r == t:
-            continue
-        x = np.concatenate([f[r] for f in features])
-        y = np.concatenate([f[t] for f in features])
-        table.scale[t], table.bias[t] = fit_channel_affine(x, y)
-    return table
+    return fit_cached_steps(reference, features[0].shape[2], lambda t, r: fit_feature_step(features, t, r))
 
 
 def fit_output_affine(tail: Callable[[Any, Any], Any], target: Any, scale: np.ndarray, bias: np.ndarray,
