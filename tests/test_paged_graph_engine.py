@@ -198,6 +198,8 @@ def test_decode_graphs_replay_padded_buckets_with_the_solo_tokens(paged_folder):
     assert st["cuda_graph_replays_total"] > st["cuda_graph_captures_total"], st
     assert st["cuda_graph_padding_rows_total"] > 0, st
     assert session.runner.replays == st["cuda_graph_replays_total"]
+    # plain launches (the prefills) bind the pools once, then rebind only the feeds and logits
+    assert st["paged_plain_calls_total"] >= 2 and session.runner.rebinds == st["paged_plain_calls_total"] - 1, st
 
 
 def test_decode_graphs_fall_back_to_plain_launches_when_capture_is_refused(paged_folder):

@@ -215,13 +215,17 @@ class ReplayingReferenceRunner:
         self.model, self.num_layers, self.graphs, self.refuse = model, num_layers, graphs, refuse
         self.sess = reference_session(model)
         self.captured: dict[int, dict] = {}
-        self.replays = 0
+        self.replays = self.rebinds = 0
 
     def ordered(self):
         return contextlib.nullcontext()
 
     def bind(self, device_feeds: dict, host_feeds: dict, pools: dict, logits) -> dict:
         return {"device": dict(device_feeds), "host": dict(host_feeds), "pools": dict(pools), "logits": logits}
+
+    def rebind(self, binding: dict, device_feeds: dict, host_feeds: dict, logits) -> None:
+        binding.update(device=dict(device_feeds), host=dict(host_feeds), logits=logits)
+        self.rebinds += 1
 
     def run(self, binding: dict, graph_id: int | None) -> None:
         import torch

@@ -105,6 +105,15 @@ class OrtPagedRunner:
         io.bind_output("logits", "cuda", idx, np.float32, tuple(logits.shape), logits.data_ptr())
         return _Binding(io, [device_feeds, host_feeds])
 
+    def rebind(self, binding, device_feeds: dict[str, Any], host_feeds: dict[str, np.ndarray], logits) -> None:
+        io, idx = binding.io, self.device_index  # a name bound again replaces its earlier binding
+        for name, t in device_feeds.items():
+            io.bind_input(name, "cuda", idx, _np_of(t), tuple(t.shape), t.data_ptr())
+        for name, a in host_feeds.items():
+            io.bind_cpu_input(name, a)
+        io.bind_output("logits", "cuda", idx, np.float32, tuple(logits.shape), logits.data_ptr())
+        binding.keep = [device_feeds, host_feeds]
+
     def run(self, binding, graph_id: int | None) -> None:
         if graph_id is None:
             ro = self._plain

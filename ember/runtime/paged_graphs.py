@@ -32,6 +32,7 @@ import numpy as np
 
 from ember.engine_format.paged_feeds import HOST_BOUNDS
 from ember.errors import InputError
+from ember.runtime.feed_staging import FeedStaging, layout
 
 MIN_KV_BOUND = 256  # the smallest KV-length bucket, tokens: shorter contexts share one graph per row count
 
@@ -115,6 +116,11 @@ class PagedRunner(Protocol):
         ``*_cache_out`` and ``logits`` [B, V] float32 as the output."""
         ...
 
+    def rebind(self, binding: Any, device_feeds: dict[str, Any], host_feeds: dict[str, np.ndarray],
+               logits: Any) -> None:
+        """``binding`` (from ``bind``) with new feeds and logits; its pools stay bound."""
+        ...
+
     def run(self, binding: Any, graph_id: int | None) -> None:
         """Run ``binding``; ``graph_id`` None: a plain launch (never captured); an int: capture on
         its first run, replay the captured graph afterwards (the binding's addresses then)."""
@@ -149,7 +155,10 @@ class PagedSession:
                                       "the lengths back from the device (no capture); recompile the folder")
         self.lock = threading.RLock()
         self._logits = None
-        self._static: dict[str, Any] | None = None
+        self._static: FeedStaging | None = None  # the decode graphs' inputs, at fixed offsets
+        self._static_offsets: dict[str, int] = {}
+        self._plain_staging: FeedStaging | None = None  # a plain launch's inputs, back to back
+        self._plain_binding: tuple[tuple, Any] | None = None  # (pools' addresses and shape, binding)
         self._graphs: dict[tuple, tuple[Any, int]] = {}  # (bucket, pools' addresses and shape) -> (binding, graph id)
         self._graph_ids = 0  # ONNX Runtime keeps every graph it captured: an id is never used twice
         self.counters = {"cuda_graph_captures_total": 0, "cuda_graph_replays_total": 0, "paged_plain_calls_total": 0,
@@ -191,12 +200,22 @@ class PagedSession:
         return self._logits
 
     def _run_plain(self, feeds: dict[str, np.ndarray], pools: dict[str, Any]):
-        torch = self.torch
-        device = {n: torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for n, a in feeds.items()
-                  if n != HOST_BOUNDS}
+        """A plain launch: the feeds in one copy, one binding reused while the pools stay (only
+        the feeds and logits are rebound: binding every pool again costs more host time than
+        the copy)."""
+        if self._plain_staging is None:
+            self._plain_staging = FeedStaging(self.torch, self.device)
+        device = self._plain_staging.put({n: a for n, a in feeds.items() if n != HOST_BOUNDS})
         host = {HOST_BOUNDS: feeds[HOST_BOUNDS]} if HOST_BOUNDS in feeds else {}
         logits = self.logits_buffer()[:len(feeds["past_seqlens"])]
-        self.runner.run(self.runner.bind(device, host, pools, logits), None)
+        key = _pools_key(pools)
+        if self._plain_binding is not None and self._plain_binding[0] == key:
+            binding = self._plain_binding[1]
+            self.runner.rebind(binding, device, host, logits)
+        else:
+            binding = self.runner.bind(device, host, pools, logits)
+            self._plain_binding = (key, binding)
+        self.runner.run(binding, None)
         self.counters["paged_plain_calls_total"] += 1
         return logits
 
@@ -206,26 +225,30 @@ class PagedSession:
         return {"input_ids": (r, torch.int64), "cumulative_sequence_length": (r + 1, torch.int32),
                 "past_seqlens": (r, torch.int32), "block_table": (r * self.max_blocks, torch.int32)}
 
-    def _static_inputs(self) -> dict[str, Any]:
-        """Flat device buffers every decode graph binds views of (their starts never move)."""
+    def _static_inputs(self) -> FeedStaging:
+        """One device buffer every decode graph binds views of (their starts never move), and
+        its pinned host mirror: each replay's inputs move in one copy."""
         if self._static is None:
-            self._static = {name: self.torch.zeros(n, dtype=dtype, device=self.device)
-                            for name, (n, dtype) in self._static_specs().items()}
+            specs = {name: n * np.dtype(str(dtype).removeprefix("torch.")).itemsize
+                     for name, (n, dtype) in self._static_specs().items()}
+            self._static_offsets, total = layout(specs)
+            self._static = FeedStaging(self.torch, self.device, total)
         return self._static
 
     def _views(self, bucket: DecodeBucket) -> dict[str, Any]:
-        s, r = self._static_inputs(), bucket.rows
-        return {"input_ids": s["input_ids"][:r], "cumulative_sequence_length": s["cumulative_sequence_length"][:r + 1],
-                "past_seqlens": s["past_seqlens"][:r],
-                "block_table": s["block_table"][:r * bucket.table_width].view(r, bucket.table_width)}
+        s, at, r = self._static_inputs(), self._static_offsets, bucket.rows
+        return {"input_ids": s.view(at["input_ids"], np.int64, (r,)),
+                "cumulative_sequence_length": s.view(at["cumulative_sequence_length"], np.int32, (r + 1,)),
+                "past_seqlens": s.view(at["past_seqlens"], np.int32, (r,)),
+                "block_table": s.view(at["block_table"], np.int32, (r, bucket.table_width))}
 
     def _replay(self, feeds: dict[str, np.ndarray], pools: dict[str, Any], bucket: DecodeBucket):
         padded = pad_decode_feeds(feeds, bucket, scratch_block=_num_blocks(pools) - 1)
         views = self._views(bucket)
-        for name, view in views.items():  # copied in before the replay reads them
-            view.copy_(self.torch.from_numpy(padded[name]))
+        # copied in (one copy, on the session's stream) before the replay reads them
+        self._static_inputs().put_fixed({n: padded[n] for n in views}, self._static_offsets)
         logits = self.logits_buffer()[:bucket.rows]
-        key = (bucket, tuple(int(t.data_ptr()) for t in pools.values()), tuple(next(iter(pools.values())).shape))
+        key = (bucket, *_pools_key(pools))
         self.counters["cuda_graph_padding_rows_total"] += bucket.rows - len(feeds["past_seqlens"])
         if key in self._graphs:
             binding, graph_id = self._graphs[key]
@@ -241,6 +264,7 @@ class PagedSession:
             self.cuda_graph_status = f"unavailable: capturing decode bucket {bucket.rows} x {bucket.kv_bound} " \
                                      f"failed ({str(e).splitlines()[0][:300] if str(e) else type(e).__name__})"
             self._graphs.clear()
+            self._plain_binding = None
             del binding  # it holds the graph-enabled session, which goes before the plain one loads
             self.runner = self.runner.without_graphs()
             with self.runner.ordered():  # the new session's stream, joined to the caller's as the old one was
@@ -252,9 +276,15 @@ class PagedSession:
     def forget_graphs(self) -> None:
         """Stop replaying the captured graphs (their pools are gone); later calls capture anew, under new ids."""
         self._graphs.clear()
+        self._plain_binding = None
 
     def stats(self) -> dict[str, Any]:
         return {"cuda_graph_status": self.cuda_graph_status, **self.counters}
+
+
+def _pools_key(pools: dict[str, Any]) -> tuple:
+    """What a binding of ``pools`` depends on: their addresses and shape."""
+    return tuple(int(t.data_ptr()) for t in pools.values()), tuple(next(iter(pools.values())).shape)
 
 
 def _block_size(pools: dict[str, Any]) -> int:
