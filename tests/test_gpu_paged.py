@@ -81,6 +81,8 @@ def test_paged_decode_graphs_on_cuda_give_the_plain_launches_tokens(tmp_path, mo
     assert plain["cuda_graph_status"] == "off" and plain["cuda_graph_captures_total"] == 0, plain
     assert st["cuda_graph_status"] == "on", st
     assert st["cuda_graph_replays_total"] > 0 and st["cuda_graph_padding_rows_total"] > 0, st
+    assert st["cuda_graph_prefill_calls_total"] > 0, st  # the prompts (<= 256 tokens) are captured too
+    assert st["paged_chained_calls_total"] > 0, st  # greedy decodes chained on the device
     assert got == want
     plan = st["memory_plan"]
     assert plan["weights"] > 0 and plan["planned"] >= plan["weights"] + plan["pools"] + plan["activations"], plan

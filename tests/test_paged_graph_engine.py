@@ -21,7 +21,7 @@ from ember.errors import InputError
 from ember.export.paged_reference import ReplayingReferenceRunner, reference_session
 from ember.runtime.cuda_paged import PagedGraphExecutor
 from ember.runtime.engine_builder import SchedulerOptions, make_engine, make_scheduler
-from ember.runtime.paged_graphs import PagedSession, decode_bucket, pad_decode_feeds
+from ember.runtime.paged_graphs import PagedSession, decode_bucket, pad_feeds, prefill_bucket
 
 torch = pytest.importorskip("torch")
 
@@ -36,9 +36,13 @@ class ReferencePagedSession:
         self.sess = reference_session(onnx.load(str(path)))
         self.bindings = cache_bindings(num_layers)
         self.calls = []
+        self.chained = 0
 
-    def run(self, feeds, pools):
+    def run(self, feeds, pools, device_ids=None):
         self.calls.append(len(feeds["input_ids"]))
+        if device_ids is not None:
+            feeds = {**feeds, "input_ids": device_ids.numpy().astype(np.int64)}
+            self.chained += 1
         outs = dict(zip(self.sess.output_names,
                         self.sess.run(None, {**feeds, **{k: v.numpy() for k, v in pools.items()}})))
         for cache_in, cache_out in self.bindings:
@@ -90,6 +94,7 @@ def test_fused_paged_graph_requests_get_their_solo_tokens(paged_folder):
                                                           for p in prompts[1:]]]
         stats = eng.stats()
     assert [first] + rest == want
+    assert session.chained > 0  # greedy decodes with nobody waiting ran behind the last step, ids on the device
     assert stats["prefix_cache_hits_total"] >= 2 * 8  # two requests found the system prompt's two full blocks
     assert max(session.calls) < sum(map(len, prompts))  # packed: no call computes padding
     small, _ = paged_engine(paged_folder, num_blocks_memory=7 * block_bytes)  # 28 positions: forces preemption
@@ -165,7 +170,7 @@ def test_decode_buckets_pad_rows_to_a_scratch_block_under_replay_wide_bounds():
     assert decode_bucket(1, 129, 16, max_blocks=8) is None  # longer than a table: a plain launch
     feeds = pack_rows([np.array([7]), np.array([9]), np.array([4])], np.array([20, 3, 40]),
                       np.array([[5, 6, -1], [2, -1, -1], [1, 3, 8]], np.int32), 16, host_bounds=True)
-    padded = pad_decode_feeds(feeds, b, scratch_block=99)
+    padded = pad_feeds(feeds, b, scratch_block=99)
     assert padded["input_ids"].tolist() == [7, 9, 4, 0]
     assert padded["cumulative_sequence_length"].tolist() == [0, 1, 2, 3, 4]
     assert padded["past_seqlens"].tolist() == [20, 3, 40, 0]
@@ -174,7 +179,30 @@ def test_decode_buckets_pad_rows_to_a_scratch_block_under_replay_wide_bounds():
     assert padded["block_table"][3, 0] == 99 and (padded["block_table"][:, 3:] == -1).all()
     assert padded[HOST_BOUNDS].tolist() == [1, 512]
     with pytest.raises(ValueError, match="does not fit"):
-        pad_decode_feeds(feeds, decode_bucket(2, 41, 16, max_blocks=128), scratch_block=99)
+        pad_feeds(feeds, decode_bucket(2, 41, 16, max_blocks=128), scratch_block=99)
+
+
+def test_prefill_buckets_add_a_padding_row_that_takes_the_spare_tokens():
+    b = prefill_bucket(1, 100, 100, 16, max_blocks=128)
+    assert (b.rows, b.tokens, b.kv_bound) == (2, 128, 256)  # one padding row; 101 tokens -> the 128 bucket
+    assert prefill_bucket(1, 127, 127, 16, max_blocks=128).tokens == 128
+    assert prefill_bucket(1, 128, 128, 16, max_blocks=128).tokens == 192  # the padding row needs a token
+    assert prefill_bucket(3, 40, 900, 16, max_blocks=128).kv_bound == 1024  # a suffix behind a cached prefix
+    assert prefill_bucket(4, 40, 40, 16, max_blocks=128) is None  # past PREFILL_GRAPH_MAX_ROWS: a plain launch
+    assert prefill_bucket(1, 300, 300, 16, max_blocks=128) is None  # past PREFILL_GRAPH_MAX_TOKENS
+    feeds = pack_rows([np.arange(1, 11), np.array([42])], np.array([0, 20]),
+                      np.array([[5, -1, -1], [2, 3, -1]], np.int32), 16, host_bounds=True)
+    b = prefill_bucket(2, 11, 21, 16, max_blocks=128)
+    assert (b.rows, b.tokens) == (4, 16)
+    padded = pad_feeds(feeds, b, scratch_block=99)
+    assert padded["input_ids"].tolist() == list(range(1, 11)) + [42] + [0] * 5
+    assert padded["cumulative_sequence_length"].tolist() == [0, 10, 11, 15, 16]  # padding rows: 4 tokens, then 1
+    assert padded["past_seqlens"].tolist() == [0, 20, 0, 0]
+    assert padded["block_table"][:2, :3].tolist() == [[5, -1, -1], [2, 3, -1]]
+    assert (padded["block_table"][2:, 0] == 99).all() and (padded["block_table"][2:, 1:] == -1).all()
+    assert padded[HOST_BOUNDS].tolist() == [16, 256]
+    with pytest.raises(ValueError, match="does not fit"):
+        pad_feeds(feeds, decode_bucket(2, 21, 16, max_blocks=128), scratch_block=99)
 
 
 def test_decode_graphs_replay_padded_buckets_with_the_solo_tokens(paged_folder):
@@ -198,8 +226,9 @@ def test_decode_graphs_replay_padded_buckets_with_the_solo_tokens(paged_folder):
     assert st["cuda_graph_replays_total"] > st["cuda_graph_captures_total"], st
     assert st["cuda_graph_padding_rows_total"] > 0, st
     assert session.runner.replays == st["cuda_graph_replays_total"]
-    # plain launches (the prefills) bind the pools once, then rebind only the feeds and logits
-    assert st["paged_plain_calls_total"] >= 2 and session.runner.rebinds == st["paged_plain_calls_total"] - 1, st
+    # the prefills are small: captured too (a padding row each), no plain launch
+    assert st["cuda_graph_prefill_calls_total"] >= 2 and st["paged_plain_calls_total"] == 0, st
+    assert st["paged_chained_calls_total"] > 0, st  # decodes chained behind the last, ids copied in on the device
 
 
 def test_decode_graphs_fall_back_to_plain_launches_when_capture_is_refused(paged_folder):
@@ -215,6 +244,8 @@ def test_decode_graphs_fall_back_to_plain_launches_when_capture_is_refused(paged
     assert st["cuda_graph_status"].startswith("unavailable: capturing decode bucket 1 x 8 failed"), st
     assert st["cuda_graph_captures_total"] == 0 and st["paged_plain_calls_total"] > 0, st
     assert not session.runner.graphs
+    # plain launches bind the pools once, then rebind only the feeds and logits
+    assert st["paged_plain_calls_total"] >= 2 and session.runner.rebinds == st["paged_plain_calls_total"] - 1, st
 
 
 def test_graphs_of_closed_pools_are_never_replayed(paged_folder):

@@ -41,9 +41,10 @@ class PagedGraphSession(Protocol):
     host_bounds: bool  # the graph takes ``attention_metadata``
     scratch_blocks: int  # blocks the executor adds past the scheduler's at the end of each pool, for the session
 
-    def run(self, feeds: dict[str, np.ndarray], pools: dict[str, Any]) -> Any:
+    def run(self, feeds: dict[str, np.ndarray], pools: dict[str, Any], device_ids: Any = None) -> Any:
         """One call: host ``feeds`` (``pack_rows``), the pools by input name (updated in place);
-        returns the logits [B, V] float32 as a torch tensor."""
+        returns the logits [B, V] float32 as a torch tensor. ``device_ids``: the ids as a tensor
+        (a chained decode call; those in ``feeds`` are placeholders)."""
         ...
 
     def stats(self) -> dict[str, Any]:
@@ -176,7 +177,7 @@ class PagedGraphExecutor:
     decode graph here, on a padding row alone, so a refusal shows in ``stats()`` at load.
     ``memory_plan``: the loader's ``paged_memory.memory_plan``, reported by ``stats()``."""
 
-    supports_chaining = False  # paged plans are never chained (docs/kv.md)
+    supports_chaining = True  # a pure-decode step runs behind the last, its ids that step's argmax on the device
     mixed_steps = True  # prefill chunks and decodes in one call: the rows are packed, no padding is computed
 
     def __init__(self, session: PagedGraphSession, num_layers: int, kv_heads: int, head_dim: int,
@@ -196,9 +197,11 @@ class PagedGraphExecutor:
                                                 host_bounds=session.host_bounds), self.pools)).result()
 
     def launch_paged(self, input_ids: np.ndarray, positions: np.ndarray, past_lengths: np.ndarray,
-                     new_lengths: np.ndarray, block_tables: np.ndarray, logit_rows=()) -> PendingGreedy:
+                     new_lengths: np.ndarray, block_tables: np.ndarray, logit_rows=(),
+                     chain: PendingGreedy | None = None) -> PendingGreedy:
         """Rows as in ``PagedExecutor.launch_paged``; the graph rotates each token at its position
-        ``past + i``, so ``positions`` must say the same (an InputError otherwise)."""
+        ``past + i``, so ``positions`` must say the same (an InputError otherwise). ``chain``: the
+        ids are its argmax, on the device (one token per row)."""
         new = np.asarray(new_lengths, dtype=np.int64)
         past = np.asarray(past_lengths, dtype=np.int64)
         tokens = [np.asarray(input_ids[r, :n]) for r, n in enumerate(new)]
@@ -207,7 +210,13 @@ class PagedGraphExecutor:
                 raise InputError(f"paged step row {r}: positions {positions[r, :n].tolist()} are not its past length "
                                  f"{int(past[r])} onward, which the paged graph assumes")
         feeds = pack_rows(tokens, past, block_tables, self.block_size, host_bounds=self.session.host_bounds)
-        return PendingGreedy(self.session.run(feeds, self.pools), logit_rows)
+        device_ids = None
+        if chain is not None:
+            device_ids = chain.device_tokens.reshape(-1)
+            if len(device_ids) != len(new) or (new != 1).any():
+                raise ValueError(f"a chained paged call feeds one token per row of the call it follows "
+                                 f"({len(device_ids)} rows); got {new.tolist()}")
+        return PendingGreedy(self.session.run(feeds, self.pools, device_ids=device_ids), logit_rows)
 
     @property
     def pool_bytes(self) -> int:

@@ -100,9 +100,12 @@ class PagedExecutor(Protocol):
     block_size: int
 
     def launch_paged(self, input_ids: np.ndarray, positions: np.ndarray, past_lengths: np.ndarray,
-                     new_lengths: np.ndarray, block_tables: np.ndarray, logit_rows: Any = ()) -> PendingStep:
+                     new_lengths: np.ndarray, block_tables: np.ndarray, logit_rows: Any = (),
+                     chain: PendingStep | None = None) -> PendingStep:
         """input_ids/positions int64 [B,T]; past_lengths/new_lengths int64 [B] (new >= 1);
-        block_tables int32 [B, M]."""
+        block_tables int32 [B, M]. ``chain`` (only where ``supports_chaining``): a pending
+        one-token-per-row call of the same B rows, whose argmax (on the device) are this call's
+        ids, one per row; ``input_ids`` is then ignored."""
         ...
 
     def maybe_shrink(self) -> None:

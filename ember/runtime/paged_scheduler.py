@@ -77,12 +77,17 @@ class PagedScheduler(FusionScheduler):
         bs = self.blocks.block_size
         for s in [s for g in plan.prefill for s in g.seqs] + plan.decode_seqs:
             if s.num_cached // bs > self.blocks.hashed_blocks(s):  # a block filled: share it
-                self.blocks.mark_computed(s, s.token_ids(), s.num_cached)
+                tokens = s.token_ids()  # a chained step's token in flight is not among them yet:
+                self.blocks.mark_computed(s, tokens, min(s.num_cached, len(tokens)))  # its block waits
 
-    def continuation(self, last: StepPlan, **_) -> StepPlan | None:
-        """Never: a chained step would need its blocks reserved before ``last``'s tokens are
-        known; the paged executors do not chain."""
-        return None
+    def continuation(self, last: StepPlan, *, chaining: bool, cancelling: bool, length_limit: int) -> StepPlan | None:
+        """``FusionScheduler.continuation``'s step (the same decode rows, fed ``last``'s argmax on
+        the device), when every row's block for its chained token can be taken from the free
+        pool now: a chained step never preempts (``schedule`` does, with the tokens known)."""
+        plan = super().continuation(last, chaining=chaining, cancelling=cancelling, length_limit=length_limit)
+        if plan is None or not all(self.blocks.append_slots(s, s.num_cached + 1) for s in plan.decode_seqs):
+            return None
+        return plan
 
     def kv_stats(self) -> dict:
         return {"kv_used_tokens": sum(s.num_cached for s in self.active), "kv_layout": "paged",

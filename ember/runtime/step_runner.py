@@ -60,19 +60,21 @@ def samples(s: Sequence) -> bool:
     return s.params.temperature > 0
 
 
-def chunk_inputs(seqs: list[Sequence], lengths: list[int]
+def chunk_inputs(seqs: list[Sequence], lengths: list[int], chained: bool = False
                    ) -> tuple[np.ndarray, np.ndarray, list[tuple[Sequence, int]], list[int]]:
     """A call's ids and positions for a chunk of new tokens per row (int64 [B, T], rows padded
     to the longest chunk; a decode row is a one-token chunk), the rows whose prompt (or
     recomputed sequence) ends in this chunk -- they yield their next token -- and which of
-    those sample. Reads ``num_cached`` as planned."""
+    those sample. Reads ``num_cached`` as planned. ``chained``: decode rows fed the token in
+    flight (its id comes from the device: 0 here), every row yielding its next token."""
     b, t = len(seqs), max(lengths)
     ids = np.zeros((b, t), dtype=np.int64)
     pos = np.zeros((b, t), dtype=np.int64)
     for r, (s, n) in enumerate(zip(seqs, lengths)):
-        ids[r, :n] = s.token_ids()[s.num_cached:s.num_cached + n]  # a recompute re-feeds generated tokens
+        if not chained:
+            ids[r, :n] = s.token_ids()[s.num_cached:s.num_cached + n]  # a recompute re-feeds generated tokens
         pos[r, :n] = np.arange(s.num_cached, s.num_cached + n)
-    ending = [(s, r) for r, (s, n) in enumerate(zip(seqs, lengths)) if s.num_cached + n == s.total_tokens]
+    ending = [(s, r) for r, (s, n) in enumerate(zip(seqs, lengths)) if chained or s.num_cached + n == s.total_tokens]
     return ids, pos, ending, [r for s, r in ending if samples(s)]
 
 
@@ -140,10 +142,11 @@ class PagedStepRunner:
 
     def launch(self, plan: StepPlan, chain: PendingStep | None = None) -> InflightStep:
         """Queue the plan's rows: one call for the prefill rows and one for the decode rows, or
-        a single call for both when the executor declares ``mixed_steps`` (``chain`` is never
-        given: paged plans do not chain). A decode row is a one-token chunk of its sequence."""
-        if chain is not None:
-            raise ValueError("a paged step cannot be chained")
+        a single call for both when the executor declares ``mixed_steps``. A decode row is a
+        one-token chunk of its sequence. ``chain`` (``PagedScheduler.continuation``: a pure-decode
+        plan of the rows ``chain`` computes, in its order): the ids come from its argmax on the device."""
+        if chain is not None and plan.prefill:
+            raise ValueError("only a pure-decode paged step can be chained")
         groups = [(list(g.seqs), list(g.lengths)) for g in plan.prefill]
         if plan.decode_seqs:
             groups.append((list(plan.decode_seqs), [1] * len(plan.decode_seqs)))
@@ -151,15 +154,17 @@ class PagedStepRunner:
             groups = [([s for seqs, _ in groups for s in seqs], [n for _, ns in groups for n in ns])]
         calls = []
         for seqs, lengths in groups:
-            ids, pos, ending, sampled = chunk_inputs(seqs, lengths)
-            calls.append(LaunchedCall(ending, sampled, self._launch(seqs, ids, pos, lengths, sampled)))
+            ids, pos, ending, sampled = chunk_inputs(seqs, lengths, chained=chain is not None)
+            calls.append(LaunchedCall(ending, sampled, self._launch(seqs, ids, pos, lengths, sampled, chain)))
         return InflightStep(plan, calls)
 
     def _launch(self, seqs: list[Sequence], ids: np.ndarray, pos: np.ndarray, lengths: list[int],
-                sampled: list[int]) -> PendingStep:
+                sampled: list[int], chain: PendingStep | None = None) -> PendingStep:
         tables = [self.blocks.table(s) for s in seqs]
         padded = np.full((len(seqs), max(map(len, tables))), -1, dtype=np.int32)  # -1: unmapped
         for r, t in enumerate(tables):
             padded[r, :len(t)] = t
         past = np.asarray([s.num_cached for s in seqs], dtype=np.int64)
-        return self.executor.launch_paged(ids, pos, past, np.asarray(lengths, dtype=np.int64), padded, sampled)
+        chained = {"chain": chain} if chain is not None else {}
+        return self.executor.launch_paged(ids, pos, past, np.asarray(lengths, dtype=np.int64), padded, sampled,
+                                          **chained)
