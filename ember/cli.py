@@ -227,8 +227,8 @@ def add_kv_layout_arguments(g) -> None:
                    help="KV memory layout: 'slots' (default: one row per sequence) or 'paged' (blocks shared by every "
                         "sequence, with prefix caching and preemption; on a GPU it needs a folder compiled with --paged on)")
     g.add_argument("--kv-block-size", type=int, default=None,
-                   help="tokens per KV block with --kv-layout paged (default: 256 or 128 on CUDA with an FP16 pool, "
-                        "FlashAttention's tile for the head size; 16 on the CPU and for int8/fp8 pools; docs/kv.md)")
+                   help="tokens per KV block with --kv-layout paged (default: 256 or 128 on CUDA, FlashAttention's "
+                        "tile for the head size; 16 on the CPU; docs/kv.md)")
     g.add_argument("--prefix-cache", dest="prefix_caching", type=_on_off, default=None, metavar="{on,off}",
                    help="with --kv-layout paged: share computed prompt blocks between requests (default on)")
 

@@ -60,13 +60,14 @@ PAGED_BLOCK_SIZE = 16  # the paged layout's block on the CPU and for quantized (
 
 
 def default_kv_block_size(device: str, kv_dtype: str, head_dim: int) -> int:
-    """The paged layout's block size when ``kv_block_size`` is not given. On CUDA with a float pool,
-    the tile ONNX Runtime's FlashAttention reads K/V in (256 tokens at head size <= 64, 128 above):
-    blocks that small or smaller send PagedAttention's prefill and mixed calls to its gathering backend,
-    which copies every row's past into a dense workspace (llama-1b, H100, mixed workload at one KV
-    budget: 16-token blocks peaked at 32.9 GB and 3,052 output tok/s, 256-token blocks at 5.0 GB and
-    5,555 tok/s; docs/kv.md). Elsewhere ``PAGED_BLOCK_SIZE``."""
-    if device.startswith("cuda") and kv_itemsize(kv_dtype) >= 2:
+    """The paged layout's block size when ``kv_block_size`` is not given. On CUDA, the tile ONNX
+    Runtime's FlashAttention reads K/V in (256 tokens at head size <= 64, 128 above): smaller blocks
+    send PagedAttention's prefill and mixed calls over a float pool to its gathering backend, which
+    copies every row's past into a dense workspace (llama-1b, H100, mixed workload at one KV budget:
+    16-token blocks peaked at 32.9 GB and 3,052 output tok/s, 256-token blocks at 5.0 GB and 5,555
+    tok/s), and an int8 pool decoded at a third of the speed (1,585 vs 5,423 tok/s; docs/kv.md).
+    Elsewhere (the host executor) ``PAGED_BLOCK_SIZE``."""
+    if device.startswith("cuda"):
         return 256 if head_dim <= 64 else 128
     return PAGED_BLOCK_SIZE
 

@@ -84,7 +84,7 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
     ``'onnxruntime'`` (a plan's source ONNX graph on ONNX Runtime; ``load`` checks it).
     ``kv_layout``: ``'slots'`` (default) or ``'paged'`` (blocks of ``kv_block_size`` tokens with
     prefix caching, which ``prefix_caching=False`` turns off: ``engine_builder.SchedulerOptions``,
-    docs/kv.md; None: ``kv_blocks.default_kv_block_size``, 256 or 128 on CUDA with a float pool, 16 elsewhere). Paged on the CPU runs the
+    docs/kv.md; None: ``kv_blocks.default_kv_block_size``, 256 or 128 on CUDA (FlashAttention's tile at the head size), 16 elsewhere). Paged on the CPU runs the
     step graph over gathered blocks (no fused decode part); on CUDA it runs the folder's paged
     step graph (``ember compile --dtype fp16 --paged on``) alone: one copy of the weights."""
     from ember.runtime.engine_builder import SchedulerOptions, make_engine, make_scheduler
