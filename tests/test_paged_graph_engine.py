@@ -7,6 +7,8 @@ replayed as CUDA graphs (``runtime/paged_graphs.PagedSession``: rows padded to b
 copied into static buffers) over a runner that replays what it captured, as ONNX Runtime does."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import onnx
 import pytest
@@ -276,3 +278,34 @@ def test_memory_plan_counts_one_copy_of_the_weights_and_the_largest_calls_worksp
     assert act["total"] == act["dense"] + act["attention_gather"] + act["lm_head"]  # attention outweighs the MLP
     plan = memory_plan(llama_1b, want, 10, 20, 1088, 64, 2048)
     assert plan["planned"] == want + 10 + 20 + act["total"]
+
+
+def test_chained_paged_decodes_cancel_and_sample_without_leaking_blocks(paged_folder):
+    """Chained greedy decodes next to a cancelled request, a short one and a sampled one (which
+    never chains): the greedy requests keep their solo tokens and every block is free at the end
+    (the chained token's block included)."""
+    from ember.runtime.requests import FinishReason
+
+    prompts = [[5, 6, 7, 8, 9], [11, 12, 13], [21, 22, 23, 24]]
+    with ember.load(paged_folder, device="cpu", max_batch=1, fused_decode=False) as solo:
+        want = [solo.generate([p], max_new_tokens=n, ignore_eos=True)[0].token_ids for p, n in zip(prompts, (14, 1, 5))]
+    eng, session = paged_engine(paged_folder, num_blocks_memory=None, session_of=graphed_session())
+    with eng:
+        greedy = eng.submit(prompts[0], max_new_tokens=14, ignore_eos=True)
+        victim = eng.submit(prompts[1], max_new_tokens=200, ignore_eos=True)
+        short = eng.submit(prompts[2], max_new_tokens=5, ignore_eos=True)
+        sampled = eng.submit(prompts[0], max_new_tokens=6, ignore_eos=True, temperature=0.8, seed=3)
+        for i, _ in enumerate(victim):
+            if i == 3:
+                victim.cancel()
+        done = victim.result(timeout=60)
+        assert done.finish_reason is FinishReason.CANCELLED and done.token_ids[:1] == want[1]
+        assert greedy.result(timeout=60).token_ids == want[0]
+        assert short.result(timeout=60).token_ids == want[2]
+        assert len(sampled.result(timeout=60).token_ids) == 6
+        deadline = time.time() + 10
+        while eng.stats()["running"] and time.time() < deadline:
+            time.sleep(0.01)
+        st = eng.stats()
+    assert st["paged_chained_calls_total"] > 0, st
+    assert st["running"] == 0 and st["kv_blocks_used"] == 0 and st["kv_blocks_free"] == st["kv_blocks_total"], st
