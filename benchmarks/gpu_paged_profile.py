@@ -12,6 +12,9 @@ Per arm:
   raw       (paged) the session call alone (``PagedGraphExecutor.launch_paged`` of one prompt on
             spare blocks): host launch time, and launch to logits on the host; the plain and the
             CUDA-graph decode call the same way
+  batches   (``--decode-batches``) B requests at once, decode ms/token once every row decodes (median
+            over the requests), paged vs slots: issue 19's "decode at batch 1-128 no slower than the
+            fused part"; ``--only-batches`` runs this section alone
   genai     (``--genai-folder``) ONNX Runtime GenAI in a process of its own (no torch there):
             ``append_tokens`` of the prompt and the first ``generate_next_token``, each timed
 Writes OUT/NAME.{json,md}. Device:
@@ -87,6 +90,26 @@ def profile_engine(eng, vocab: int, a) -> dict:
                      "kernel_ms_per_token": (dec["kernel_ms_per_unit"] * (a.new + 1) - pre["kernel_ms_per_unit"]) / a.new,
                      "kernels_per_token": (dec["kernels_per_unit"] * (a.new + 1) - pre["kernels_per_unit"]) / a.new,
                      "top": dec["top"]}
+    return out
+
+
+def batch_decode(eng, vocab: int, a) -> dict:
+    """Decode ms/token with B requests at once, for each B of ``--decode-batches`` (a warm-up burst first)."""
+    from ember.runtime.requests import SamplingParams
+
+    params = SamplingParams(max_new_tokens=a.new, ignore_eos=True, temperature=0.0)
+    out = {}
+    for b in a.decode_batches:
+        runs = []
+        for k in range(2):  # warm-up, then timed (captures its graphs first)
+            hs = [eng.submit(p, params) for p in prompts(vocab, b, a.prompt, PROMPT_SEED + 100 * b + k)]
+            runs = [h.result(timeout=600) for h in hs]
+        # steps after the last row's first token: every row decodes
+        start = max(c.token_times[0] for c in runs)
+        per = [(c.token_times[-1] - max(start, c.token_times[0])) / sum(t > start for t in c.token_times)
+               for c in runs if sum(t > start for t in c.token_times) > 0]
+        out[str(b)] = {"decode_ms_per_token": 1e3 * statistics.median(per), "requests": b,
+                       "tok_per_s": b / statistics.median(per)}
     return out
 
 
@@ -175,10 +198,25 @@ def markdown(doc: dict) -> str:
         if "error" in r:
             lines.append(f"| {arm} | error: {r['error'][:200]} |")
             continue
+        if "prefill" not in r:
+            continue
         p, d = r["prefill"], r["decode"]
         lines.append(f"| {arm} | {r['ttft_ms']:.2f} | {p['kernel_ms_per_unit']:.2f} | {p['kernels_per_unit']:.0f} | "
                      f"{p['copies_per_unit']:.0f} | {r['decode_ms_per_token']:.2f} | {d['kernel_ms_per_token']:.2f} | "
                      f"{d['kernels_per_token']:.0f} |")
+    batches = {arm: r["batches"] for arm, r in doc["arms"].items() if "batches" in r}
+    if batches:
+        sizes = sorted({int(b) for r in batches.values() for b in r})
+        lines += ["", "Decode ms/token with B requests at once (every row decoding; median over the requests):", "",
+                  "| arm | " + " | ".join(f"B={b}" for b in sizes) + " |", "|---|" + "---|" * len(sizes)]
+        for arm, r in batches.items():
+            lines.append(f"| {arm} | " + " | ".join(f"{r[str(b)]['decode_ms_per_token']:.2f}" if str(b) in r else "-"
+                                                 for b in sizes) + " |")
+        if {"paged", "slots"} <= batches.keys():
+            lines.append("| paged / slots | " + " | ".join(
+                f"{batches['paged'][str(b)]['decode_ms_per_token'] / batches['slots'][str(b)]['decode_ms_per_token']:.2f}x"
+                for b in sizes) + " |")
+        lines.append("")
     g = doc.get("genai")
     if g and "error" not in g:
         lines.append(f"| onnxruntime-genai | {g['ttft_ms']:.2f} (append_tokens {g['append_tokens_ms']:.2f} + first "
@@ -191,7 +229,7 @@ def markdown(doc: dict) -> str:
                   "| call | launch | to tokens |", "|---|---|---|"]
         lines += [f"| {k} | {v['launch_ms']:.3f} | {v['to_tokens_ms']:.3f} |" for k, v in raw.items()]
     for arm, r in doc["arms"].items():
-        if "error" in r:
+        if "error" in r or "prefill" not in r:
             continue
         for phase in ("prefill", "decode"):
             lines += ["", f"### {arm}: costliest kernels per {'prefill' if phase == 'prefill' else 'decoded token'}", "",
@@ -211,6 +249,9 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=20)
     ap.add_argument("--warm", type=int, default=3)
     ap.add_argument("--arms", default="paged,slots")
+    ap.add_argument("--decode-batches", default="", type=lambda t: [int(x) for x in t.split(",") if x.strip()],
+                    help="comma list of B: decode ms/token with B requests at once (e.g. 16,64,128)")
+    ap.add_argument("--only-batches", action="store_true", help="run the --decode-batches section alone")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--name", default="gpu_paged_profile")
     a = ap.parse_args()
@@ -228,18 +269,24 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     for arm in a.arms.split(","):
         try:
-            with ember.load(folder, device="cuda:0", max_batch=16, kv_layout=arm) as eng:
-                r = profile_engine(eng, vocab, a)
-                r["stats"] = {k: v for k, v in eng.stats().items() if isinstance(v, (int, float, str))}
-                if arm == "paged":
-                    r["raw"] = raw_paged_calls(eng, vocab, a)
+            r = {}
+            if not a.only_batches:
+                with ember.load(folder, device="cuda:0", max_batch=16, kv_layout=arm) as eng:
+                    r = profile_engine(eng, vocab, a)
+                    r["stats"] = {k: v for k, v in eng.stats().items() if isinstance(v, (int, float, str))}
+                    if arm == "paged":
+                        r["raw"] = raw_paged_calls(eng, vocab, a)
+            if a.decode_batches:
+                with ember.load(folder, device="cuda:0", max_batch=max(a.decode_batches), kv_layout=arm) as eng:
+                    r["batches"] = batch_decode(eng, vocab, a)
+                    r["batch_stats"] = {k: v for k, v in eng.stats().items() if isinstance(v, (int, float, str))}
             doc["arms"][arm] = r
         except Exception as e:  # noqa: BLE001 -- reported; the other arms still run
             import traceback
 
             doc["arms"][arm] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
-        print(json.dumps({arm: {k: v for k, v in doc["arms"][arm].items() if k in ("ttft_ms", "decode_ms_per_token", "error")}}),
-              flush=True)
+        print(json.dumps({arm: {k: v for k, v in doc["arms"][arm].items()
+                                if k in ("ttft_ms", "decode_ms_per_token", "batches", "error")}}), flush=True)
     if a.genai_folder:
         doc["genai"] = genai_section(Path(a.genai_folder), vocab, a, out)
         (out / "genai_prompts.json").unlink(missing_ok=True)
