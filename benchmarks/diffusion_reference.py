@@ -9,7 +9,8 @@ the FP32 uncached engine's images of the same prompt and seed:
   unrelated image of the same prompt (the floor of every column).
 Arms per cache interval N (5, 10, 20; K = ceil(steps / N) full UNet calls each): uniform, DP with
 the default objective (guided-noise reuse error) with and without DEC, DP with §5.2's feature
-distance, and DP with the feature distance weighted by the sampler (the previous default); DEC
+distance, DP with the feature distance weighted by the sampler (the previous default), and DP with
+the default objective weighted by each step's measured propagation (``--schedule-weights measured``); DEC
 with the noise target and with the feature target (the compiler's default) at N=5 and 10, each
 with the held-out shrinkage (``--dec-shrink cv``, the default) and without it (``off``);
 plus W8A8 uncached and W8A8 + DP N=5 without DEC and with DEC of either target. Every compile calibrates on the same
@@ -83,6 +84,8 @@ def compile_all(source: Path, root: Path, steps: int, guidance: float, calib_see
                                                          **common)  # docs/design.md §5.2's J
         plan[f"dp{n}_feature_sampler"] = DiffusionCompileOptions(  # the previous default
             cache_interval=n, schedule="dp", schedule_distance="feature", schedule_weights="sampler", **common)
+        plan[f"dp{n}_measured"] = DiffusionCompileOptions(  # each step's cost weighted by its measured propagation
+            cache_interval=n, schedule="dp", schedule_weights="measured", **common)
         plan[f"uniform{n}"] = DiffusionCompileOptions(cache_interval=n, schedule="uniform", **common)
         if n in DEC_INTERVALS:  # the same DP schedule (same calibration runs), the compiler's default DEC target
             plan[f"dp{n}_decfeature"] = DiffusionCompileOptions(cache_interval=n, schedule="dp", dec=True,
@@ -117,6 +120,7 @@ def _arms() -> dict[str, tuple[str, dict]]:
         arms[f"DP N={n}"] = (f"dp{n}", dict(dec=False))
         arms[f"DP N={n}, feature J"] = (f"dp{n}_feature", {})
         arms[f"DP N={n}, feature J sampler-weighted"] = (f"dp{n}_feature_sampler", {})
+        arms[f"DP N={n}, propagation-weighted"] = (f"dp{n}_measured", {})
         if n in DEC_INTERVALS:
             arms[f"DP N={n} + DEC"] = (f"dp{n}", {})
             arms[f"DP N={n} + DEC, feature target"] = (f"dp{n}_decfeature", {})
@@ -133,8 +137,9 @@ ARMS = _arms()
 
 # (first arm, second arm) compared image by image in the results
 PAIRS = tuple((f"DP N={n}{v}", f"uniform N={n}") for n in INTERVALS
-              for v in ("", ", feature J", ", feature J sampler-weighted")) + tuple(
+              for v in ("", ", feature J", ", feature J sampler-weighted", ", propagation-weighted")) + tuple(
     (f"DP N={n}", f"DP N={n}, feature J") for n in INTERVALS) + tuple(
+    (f"DP N={n}, propagation-weighted", f"DP N={n}") for n in INTERVALS) + tuple(
     (f"DP N={n} + DEC", f"DP N={n}") for n in DEC_INTERVALS) + tuple(
     (f"DP N={n} + DEC, feature target", f"DP N={n}") for n in DEC_INTERVALS) + tuple(
     (f"DP N={n} + DEC{v}, no shrinkage", f"DP N={n}") for n in DEC_INTERVALS for v in ("", ", feature target")) + tuple(
@@ -223,7 +228,9 @@ def write(res: dict, name: str) -> None:
         "N is the cache interval: every schedule of an N makes the same K = ceil(steps / N) full UNet calls. "
         "\"DP\" is the default objective (the L1 error reuse puts into the guided noise prediction, measured through "
         "the shallow engine on the calibration trajectories, unweighted); \"feature J\" is docs/design.md §5.2's "
-        "cached-feature distance; \"sampler-weighted\" adds the DDIM per-step weights (the previous default). "
+        "cached-feature distance; \"sampler-weighted\" adds the DDIM per-step weights (the previous default); "
+        "\"propagation-weighted\" weights the default objective by each step's measured response (`--schedule-weights "
+        "measured`: how far a small perturbation of that step's noise prediction moves the final latent). "
         "Why they differ: `diffusion_reuse_diagnosis.md`.",
         "",
         "| arm | full/shallow UNet calls | PSNR (dB) | worst PSNR (dB) | SSIM | final-latent rel. error |",

@@ -39,9 +39,11 @@ def add_diffusion_compile_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--schedule-distance", choices=["noise", "feature"], default="noise",
                    help="DP reuse cost: the error reusing a cached feature puts into the guided noise prediction, "
                         "measured through the shallow engine (default), or docs/design.md §5.2's feature L1 distance")
-    g.add_argument("--schedule-weights", choices=["none", "sampler"], default="none",
-                   help="weight each step's reuse cost by how far the DDIM sampler carries a noise-prediction error "
-                        "at that step into x_0 (undamped; overstates early steps on a trained model)")
+    g.add_argument("--schedule-weights", choices=["none", "sampler", "measured"], default="none",
+                   help="weight each step's reuse cost: 'sampler', by how far the DDIM sampler carries a noise-prediction "
+                        "error at that step into x_0 (undamped; overstates early steps on a trained model); 'measured', "
+                        "by how far a perturbation of that step's prediction moves the final latent on the calibration "
+                        "runs (costs steps + 1 calibration runs of UNet rows, batched)")
     g.add_argument("--fused-attention", choices=["auto", "on", "off"], default="auto",
                    help="rewrite the UNet attention into com.microsoft.MultiHeadAttention (auto: with --dtype fp16)")
     g.add_argument("--calib-device", default="cpu", help="where calibration runs the pipeline (cpu or cuda[:N])")

@@ -64,3 +64,40 @@ def test_eps_weights_are_how_far_an_eps_error_moves_x0(spacing: str) -> None:
     for i in (0, 3, steps // 2, steps - 1):
         moved = float(np.mean(np.abs(final(i) - plain))) / 1e-2
         assert moved == pytest.approx(w[i], rel=2e-2), i
+
+
+def test_measured_propagation_weights_equal_the_samplers_where_the_unet_ignores_its_input() -> None:
+    """``diffusion_calib.propagation_weights`` perturbs one step's guided noise per batched copy of a
+    calibration run and measures how far the final latent moves: with a noise prediction that
+    ignores x (the loop is affine in each eps), that is exactly ``DDIM.eps_weights``, scaled to mean 1."""
+    from ember.compiler.diffusion_calib import propagation_weights
+    from ember.runtime.diffusion.denoise import DecRows, DenoiseJob, run_loop
+
+    steps, rng = 12, np.random.default_rng(1)
+    eps = rng.standard_normal((4, 2, 2)).astype(np.float32)
+
+    class IgnoresInput:
+        def run(self, feeds):
+            r = len(feeds["sample"])
+            return [np.repeat(eps[None], r, 0), np.zeros((r, 1, 1, 1), np.float32)]
+
+    class Pipe:
+        sampler = DDIM.from_config(SD1_SCHEDULER)
+        full, shallow = IgnoresInput(), None
+
+        def make_jobs(self, prompts, *, steps, seed, guidance_scale, cache):
+            ts = self.sampler.timesteps(steps)
+            rows = np.zeros((steps, 1), np.float32)
+            return [DenoiseJob(text=np.zeros((2, 1, 1), np.float32),
+                               latents=np.random.default_rng(s).standard_normal((4, 2, 2)).astype(np.float32),
+                               timesteps=ts, full=np.ones(steps, bool), guidance_scale=guidance_scale,
+                               dec=DecRows(rows + 1, rows, rows + 1, rows)) for s in seed], []
+
+        def run_jobs(self, jobs, observer=None):
+            return run_loop(jobs, self.sampler, self.full, self.shallow)
+
+    pipe = Pipe()
+    w = propagation_weights(pipe, ["a", "b"], steps, seed=5, guidance_scale=7.5)
+    want = pipe.sampler.eps_weights(steps)
+    np.testing.assert_allclose(w, want / want.mean(), rtol=2e-2)
+    assert isinstance(pipe.full, IgnoresInput)  # the perturbing wrapper is gone afterwards

@@ -32,7 +32,7 @@ from ember.progress import StageLog
 
 PART_NAMES = ("text_encoder", "unet_full", "unet_shallow", "vae_decoder")
 SCHEDULES = ("dp", "uniform")
-SCHEDULE_WEIGHTS = ("sampler", "none")
+SCHEDULE_WEIGHTS = ("sampler", "measured", "none")
 SCHEDULE_DISTANCES = ("noise", "feature")
 # docs/design.md §5.4: keep the input/output convs, the time embedding and shortcut convs in float.
 KEEP_FLOAT = (r"conv_in/", r"conv_out/", r"time_embedding", r"conv_shortcut")
@@ -66,7 +66,8 @@ class DiffusionCompileOptions:
     # cached feature, through the shallow engine) | feature (docs/design.md §5.2's ||X_i - X_s||_1)
     schedule_distance: str = "noise"
     # per-step weights on D: none | sampler (DDIM's eps -> x_0 gain; overstates early steps on a trained
-    # model, docs/diffusion.md "Cache schedule")
+    # model, docs/diffusion.md "Cache schedule") | measured (how far a perturbation of each step's noise
+    # prediction moves the final latent on the calibration runs: diffusion_calib.propagation_weights)
     schedule_weights: str = "none"
     calib_prompts: tuple[str, ...] = calib.DEFAULT_CALIB_PROMPTS
     calib_seed: int = 1000
@@ -313,10 +314,15 @@ def compile_diffusion(source: str | os.PathLike, out_dir: str | os.PathLike,
                 distances = _reuse_distances(pipe, feats, opts, macs, cc, qc)
                 if opts.schedule_weights == "sampler":
                     weights = pipe.sampler.eps_weights(opts.steps)  # the sampler of the folder's scheduler config
+                elif opts.schedule_weights == "measured":
+                    weights = calib.propagation_weights(pipe, calib_runs, opts.steps, opts.calib_seed,
+                                                        opts.guidance_scale)
             sched = _schedule(opts, macs, distances, weights)
             spec["cache"] = {**sched.to_dict(), "budget": sched.budget,
                              "features": "quantized" if feats is traj_q and traj_q is not None else "float",
                              "weights": opts.schedule_weights if need_d else None,
+                             **({"step_weights": [round(float(w), 5) for w in weights]}
+                                if need_d and weights is not None else {}),
                              "distance": opts.schedule_distance if need_d else None}
             log.note(f"full steps ({sched.budget}/{opts.steps}): {list(sched.full_steps)}")
         tables = list(quant["tables"]) if quant else []

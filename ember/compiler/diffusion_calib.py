@@ -69,6 +69,53 @@ def collect_trajectories(pipe: CalibrationPipeline, prompts: list[str], steps: i
     return out
 
 
+def propagation_weights(pipe: CalibrationPipeline, prompts: list[str], steps: int, seed: int, guidance_scale: float,
+                        relative: float = 1e-2) -> np.ndarray:
+    """w[t]: how far a perturbation of step t's guided noise prediction moves the final latent, per
+    unit of perturbation (||x_0' - x_0|| / ||delta||), measured on the calibration runs through the
+    full engine and the sampler, mean over runs, scaled to mean 1: the DP's per-step weights
+    (``--schedule-weights measured``). Per run, ``steps + 1`` copies of it denoise in one batch:
+    copy 0 as is, copy 1 + t with ``delta`` (a fixed Gaussian direction, ``relative`` x the RMS of
+    that step's prediction, on every CFG row, so the guided noise moves by exactly ``delta``) added
+    to its prediction at step t only. Costs ``steps + 1`` times a calibration run's UNet rows."""
+    total = np.zeros(steps, dtype=np.float64)
+    for i, prompt in enumerate(prompts):
+        n = steps + 1
+        jobs, _ = pipe.make_jobs([prompt] * n, steps=steps, seed=[seed + i] * n, guidance_scale=guidance_scale,
+                                 cache=False)
+        full, norms, rng = pipe.full, np.zeros(steps), np.random.default_rng(seed + i)
+        starts = np.cumsum([0] + [j.rows for j in jobs])
+
+        class Perturbed:
+            """The full engine, adding delta to copy 1 + t's rows at iteration t."""
+
+            calls = 0
+
+            def run(self, feeds):
+                outs = full.run(feeds)
+                t, self.calls = self.calls, self.calls + 1
+                if t < steps:
+                    e = outs[0][starts[1 + t]:starts[2 + t]]
+                    delta = relative * float(np.sqrt(np.mean(np.square(e, dtype=np.float64)))) * rng.standard_normal(e.shape[1:])
+                    e += delta.astype(e.dtype)  # a view: every CFG row of the copy
+                    norms[t] = np.linalg.norm(delta)
+                return outs
+
+            def __getattr__(self, name):
+                return getattr(full, name)
+
+        pipe.full = Perturbed()
+        try:
+            pipe.run_jobs(jobs)
+        finally:
+            pipe.full = full
+        base = np.asarray(jobs[0].latents, dtype=np.float64)
+        for t in range(steps):
+            total[t] += np.linalg.norm(np.asarray(jobs[1 + t].latents, dtype=np.float64) - base) / max(norms[t], 1e-30)
+    w = total / len(prompts)
+    return w / w.mean()
+
+
 def guided(noise: np.ndarray, guidance_scale: float) -> np.ndarray:
     """[R, ...] CFG rows (uncond, cond) -> the noise the sampler steps with (as the runtime's loop)."""
     return noise[0] + guidance_scale * (noise[1] - noise[0]) if noise.shape[0] == 2 else noise[0]
