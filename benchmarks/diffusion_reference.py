@@ -72,7 +72,7 @@ def ssim(a: np.ndarray, b: np.ndarray, win: int = 7) -> float:
 
 
 def compile_all(source: Path, root: Path, steps: int, guidance: float, calib_seeds: int,
-                uncond_runs: int = 0) -> dict[str, Path]:
+                uncond_runs: int = 0, only: set[str] | None = None) -> dict[str, Path]:
     common = dict(steps=steps, calib_prompts=CALIB + ("",) * uncond_runs, calib_seeds=calib_seeds, guidance_scale=guidance, quiet=True,
                   overwrite=True)
     plan = {}
@@ -99,6 +99,8 @@ def compile_all(source: Path, root: Path, steps: int, guidance: float, calib_see
                                                           dec_target="feature", **common)  # the compiler's default DEC
     out = {}
     for name, opts in plan.items():
+        if only is not None and name not in only:
+            continue
         out[name] = root / name
         if (root / name / "manifest.json").exists():
             continue
@@ -154,12 +156,14 @@ def run(args) -> dict:
     suffix = (f"-calib{args.calib_seeds}" if args.calib_seeds > 1 else "") + (
         f"-uncond{args.uncond_runs}" if args.uncond_runs else "")
     root = Path(args.root or f"artifacts/bench-diffusion-reference-{args.steps}{suffix}")
-    folders = compile_all(source, root, args.steps, args.guidance, args.calib_seeds, args.uncond_runs)
+    arms = selected_arms(args.arms)
+    folders = compile_all(source, root, args.steps, args.guidance, args.calib_seeds, args.uncond_runs,
+                          only={key for key, _ in arms.values()} | {"dp5"})
     pipes = {k: ember.load(v) for k, v in folders.items()}
     seeds = [100 + s for s in range(args.seeds)]
     cases = [(p, s) for s in seeds for p in EVAL]
     prompts, case_seeds = [p for p, _ in cases], [s for _, s in cases]
-    outs = {arm: pipes[key].generate(prompts, seed=case_seeds, steps=args.steps, **kw) for arm, (key, kw) in ARMS.items()}
+    outs = {arm: pipes[key].generate(prompts, seed=case_seeds, steps=args.steps, **kw) for arm, (key, kw) in arms.items()}
     # the floor: the same prompt at the next seed (last seed wraps to the first)
     shifted = [s + 1 if s + 1 in seeds else seeds[0] for s in case_seeds]
     outs[FLOOR] = pipes["dp5"].generate(prompts, seed=shifted, steps=args.steps, cache=False)
@@ -188,7 +192,15 @@ def run(args) -> dict:
             "steps": args.steps, "guidance_scale": args.guidance, "sampler": "DDIM (eta=0)", "calib_prompts": list(CALIB),
             "calib_seeds": args.calib_seeds, "uncond_runs": args.uncond_runs, "dec": {k: v for k, v in decs.items() if v},
             "eval_prompts": list(EVAL), "seeds": seeds, "intervals": list(INTERVALS), "images_per_arm": len(cases), "rows": rows,
-            "schedules": schedules}
+            "schedules": schedules, "arms_filter": args.arms or None}
+
+
+def selected_arms(spec: str | None) -> dict[str, tuple[str, dict]]:
+    """``ARMS`` whose name contains one of ``spec``'s comma-separated parts (all of them when empty),
+    the FP32 baseline always."""
+    parts = [p.strip() for p in (spec or "").split(",") if p.strip()]
+    return {arm: v for arm, v in ARMS.items()
+            if not parts or arm == "FP32 uncached (baseline)" or any(p in arm for p in parts)}
 
 
 def write_grid(outs: dict, path: Path, columns: int, scale: int = 3) -> None:
@@ -246,7 +258,7 @@ def write(res: dict, name: str) -> None:
               "(2000 resamples of the images, seed 0).", "",
               "| first arm | second arm | first closer | median PSNR difference (dB) | mean difference [95 % CI] (dB) |",
               "|---|---|---|---|---|"]
-    for a, b in PAIRS:
+    for a, b in [(a, b) for a, b in PAIRS if a in by and b in by]:
         pa, pb = np.array(by[a]["psnr_per_image"]), np.array(by[b]["psnr_per_image"])
         lo, hi = bootstrap_interval(pa - pb)
         lines.append(f"| {a} | {b} | {int((pa > pb).sum())}/{len(pa)} | {float(np.median(pa - pb)):+.2f} | "
@@ -264,27 +276,37 @@ def write(res: dict, name: str) -> None:
     def gap(a: str, b: str) -> str:
         return f"{by[a]['psnr_db'] - by[b]['psnr_db']:+.2f} dB mean PSNR"
 
-    lines += ["", "Verdicts (mean over images; the paired table says how consistent each is):",
-              "- DP (default objective) minus uniform at equal budget: " + ", ".join(
-                  f"N={n} {gap(f'DP N={n}', f'uniform N={n}')}" for n in res.get("intervals", INTERVALS)) + ".",
-              "- the previous default (feature J, sampler-weighted) minus uniform: " + ", ".join(
-                  f"N={n} {gap(f'DP N={n}, feature J sampler-weighted', f'uniform N={n}')}"
-                  for n in res.get("intervals", INTERVALS)) + ".",
-              "- DEC (noise target) minus no DEC: " + ", ".join(f"DP N={n} {gap(f'DP N={n} + DEC', f'DP N={n}')}" for n in DEC_INTERVALS)
-              + f", DP N=5 + W8A8 {gap('DP N=5 + W8A8 + DEC', 'DP N=5 + W8A8')}.",
-              "- DEC with the feature target (the compiler's default) minus no DEC: " + ", ".join(
-                  f"DP N={n} {gap(f'DP N={n} + DEC, feature target', f'DP N={n}')}" for n in DEC_INTERVALS
-                  if f"DP N={n} + DEC, feature target" in by) + (
-                  f", DP N=5 + W8A8 {gap('DP N=5 + W8A8 + DEC, feature target', 'DP N=5 + W8A8')}"
-                  if "DP N=5 + W8A8 + DEC, feature target" in by else "") + ".",
-              "- the same tables without the held-out shrinkage (`--dec-shrink off`) minus no DEC: " + ", ".join(
-                  f"DP N={n}{v} {gap(f'DP N={n} + DEC{v}, no shrinkage', f'DP N={n}')}" for n in DEC_INTERVALS
-                  for v in ("", ", feature target") if f"DP N={n} + DEC{v}, no shrinkage" in by) + ".",
-              f"- W8A8 distance to FP32 (uncached): {by['W8A8 uncached']['psnr_db']:.2f} dB PSNR, SSIM "
-              f"{by['W8A8 uncached']['ssim']:.4f}.",
+    def verdict(title: str, pairs: list[tuple[str, str, str]]) -> list[str]:
+        """``- title: label gap, ...`` over the (label, a, b) pairs this run has both arms of."""
+        have = [f"{label} {gap(a, b)}" for label, a, b in pairs if a in by and b in by]
+        return [f"- {title}: " + ", ".join(have) + "."] if have else []
+
+    intervals = res.get("intervals", INTERVALS)
+    lines += ["", "Verdicts (mean over images; the paired table says how consistent each is):"]
+    lines += verdict("DP (default objective) minus uniform at equal budget",
+                     [(f"N={n}", f"DP N={n}", f"uniform N={n}") for n in intervals])
+    lines += verdict("the previous default (feature J, sampler-weighted) minus uniform",
+                     [(f"N={n}", f"DP N={n}, feature J sampler-weighted", f"uniform N={n}") for n in intervals])
+    lines += verdict("DP weighted by measured propagation minus uniform",
+                     [(f"N={n}", f"DP N={n}, propagation-weighted", f"uniform N={n}") for n in intervals])
+    lines += verdict("DEC (noise target) minus no DEC",
+                     [(f"DP N={n}", f"DP N={n} + DEC", f"DP N={n}") for n in DEC_INTERVALS]
+                     + [("DP N=5 + W8A8", "DP N=5 + W8A8 + DEC", "DP N=5 + W8A8")])
+    lines += verdict("DEC with the feature target (the compiler's default) minus no DEC",
+                     [(f"DP N={n}", f"DP N={n} + DEC, feature target", f"DP N={n}") for n in DEC_INTERVALS]
+                     + [("DP N=5 + W8A8", "DP N=5 + W8A8 + DEC, feature target", "DP N=5 + W8A8")])
+    lines += verdict("the same tables without the held-out shrinkage (`--dec-shrink off`) minus no DEC",
+                     [(f"DP N={n}{v}", f"DP N={n} + DEC{v}, no shrinkage", f"DP N={n}")
+                      for n in DEC_INTERVALS for v in ("", ", feature target")])
+    if "W8A8 uncached" in by:
+        lines.append(f"- W8A8 distance to FP32 (uncached): {by['W8A8 uncached']['psnr_db']:.2f} dB PSNR, SSIM "
+                     f"{by['W8A8 uncached']['ssim']:.4f}.")
+    lines += [
               "", "Reproduce: `python scripts/train_reference_diffusion.py && python benchmarks/diffusion_reference.py"
               + (f" --calib-seeds {res['calib_seeds']}" if res.get("calib_seeds", 1) > 1 else "")
               + (f" --uncond-runs {res['uncond_runs']}" if res.get("uncond_runs") else "")
+              + (f" --seeds {len(res['seeds'])}" if len(res.get("seeds", [])) != 6 else "")
+              + (f" --arms '{res['arms_filter']}'" if res.get("arms_filter") else "")
               + (f" --name {name}" if name != "diffusion_reference" else "") + "`."]
     fits = [f"{k}: {v['calibration_noise_mse']['corrected'] / v['calibration_noise_mse']['uncorrected']:.3f}"
             for k, v in res.get("dec", {}).items() if v.get("calibration_noise_mse")]
@@ -313,6 +335,8 @@ def main() -> None:
     ap.add_argument("--root", default=None, help="engine folders (default artifacts/bench-diffusion-reference-STEPS)")
     ap.add_argument("--rewrite", action="store_true", help="rewrite the .md from the saved JSON (no runs)")
     ap.add_argument("--name", default="diffusion_reference", help="results file stem under benchmarks/results")
+    ap.add_argument("--arms", default="", help="comma-separated parts of arm names: run only the arms naming one "
+                                               "(and the FP32 baseline), e.g. 'W8A8,DP N=5' (default: every arm)")
     args = ap.parse_args()
     if args.rewrite:
         write(json.loads((RESULTS / f"{args.name}.json").read_text()), args.name)
