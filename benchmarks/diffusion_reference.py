@@ -90,6 +90,9 @@ def compile_all(source: Path, root: Path, steps: int, guidance: float, calib_see
         if n in DEC_INTERVALS:  # the same DP schedule (same calibration runs), the compiler's default DEC target
             plan[f"dp{n}_decfeature"] = DiffusionCompileOptions(cache_interval=n, schedule="dp", dec=True,
                                                                 dec_target="feature", **common)
+            for target, key in (("noise", ""), ("feature", "feature")):  # DEC also fitted on 6 empty-prompt runs
+                plan[f"dp{n}_dec{key}u6"] = DiffusionCompileOptions(cache_interval=n, schedule="dp", dec=True,
+                                                                    dec_target=target, dec_uncond_runs=6, **common)
             for target in DEC_TARGETS:  # the tables as fitted, without the held-out shrinkage (--dec-shrink off)
                 plan[f"dp{n}_dec{target}_raw"] = DiffusionCompileOptions(
                     cache_interval=n, schedule="dp", dec=True, dec_target=target, dec_shrink="off", **common)
@@ -97,6 +100,8 @@ def compile_all(source: Path, root: Path, steps: int, guidance: float, calib_see
                                                dec_target="noise", **common)
     plan["w8a8_dp5_decfeature"] = DiffusionCompileOptions(cache_interval=5, schedule="dp", quantize="int8", dec=True,
                                                           dec_target="feature", **common)  # the compiler's default DEC
+    plan["w8a8_dp5_decu6"] = DiffusionCompileOptions(cache_interval=5, schedule="dp", quantize="int8", dec=True,
+                                                     dec_target="noise", dec_uncond_runs=6, **common)
     out = {}
     for name, opts in plan.items():
         if only is not None and name not in only:
@@ -128,10 +133,13 @@ def _arms() -> dict[str, tuple[str, dict]]:
             arms[f"DP N={n} + DEC, feature target"] = (f"dp{n}_decfeature", {})
             arms[f"DP N={n} + DEC, no shrinkage"] = (f"dp{n}_decnoise_raw", {})
             arms[f"DP N={n} + DEC, feature target, no shrinkage"] = (f"dp{n}_decfeature_raw", {})
+            arms[f"DP N={n} + DEC, uncond DEC runs"] = (f"dp{n}_decu6", {})
+            arms[f"DP N={n} + DEC, feature target, uncond DEC runs"] = (f"dp{n}_decfeatureu6", {})
     arms["W8A8 uncached"] = ("w8a8_dp5", dict(cache=False))
     arms["DP N=5 + W8A8"] = ("w8a8_dp5", dict(dec=False))
     arms["DP N=5 + W8A8 + DEC"] = ("w8a8_dp5", {})
     arms["DP N=5 + W8A8 + DEC, feature target"] = ("w8a8_dp5_decfeature", {})
+    arms["DP N=5 + W8A8 + DEC, uncond DEC runs"] = ("w8a8_dp5_decu6", {})
     return arms
 
 
@@ -146,7 +154,9 @@ PAIRS = tuple((f"DP N={n}{v}", f"uniform N={n}") for n in INTERVALS
     (f"DP N={n} + DEC, feature target", f"DP N={n}") for n in DEC_INTERVALS) + tuple(
     (f"DP N={n} + DEC{v}, no shrinkage", f"DP N={n}") for n in DEC_INTERVALS for v in ("", ", feature target")) + tuple(
     (f"DP N={n} + DEC", f"DP N={n} + DEC, feature target") for n in DEC_INTERVALS) + (
-    ("DP N=5 + W8A8 + DEC", "DP N=5 + W8A8"), ("DP N=5 + W8A8 + DEC, feature target", "DP N=5 + W8A8"))
+    ("DP N=5 + W8A8 + DEC", "DP N=5 + W8A8"), ("DP N=5 + W8A8 + DEC, feature target", "DP N=5 + W8A8"),
+    ("DP N=5 + W8A8 + DEC, uncond DEC runs", "DP N=5 + W8A8")) + tuple(
+    (f"DP N={n} + DEC{v}, uncond DEC runs", f"DP N={n}") for n in DEC_INTERVALS for v in ("", ", feature target"))
 
 
 def run(args) -> dict:
@@ -200,7 +210,8 @@ def selected_arms(spec: str | None) -> dict[str, tuple[str, dict]]:
     the FP32 baseline always."""
     parts = [p.strip() for p in (spec or "").split(",") if p.strip()]
     return {arm: v for arm, v in ARMS.items()
-            if not parts or arm == "FP32 uncached (baseline)" or any(p in arm for p in parts)}
+            if not parts or arm == "FP32 uncached (baseline)"
+            or any(arm == p[1:] if p.startswith("=") else p in arm for p in parts)}
 
 
 def write_grid(outs: dict, path: Path, columns: int, scale: int = 3) -> None:
@@ -336,7 +347,8 @@ def main() -> None:
     ap.add_argument("--rewrite", action="store_true", help="rewrite the .md from the saved JSON (no runs)")
     ap.add_argument("--name", default="diffusion_reference", help="results file stem under benchmarks/results")
     ap.add_argument("--arms", default="", help="comma-separated parts of arm names: run only the arms naming one "
-                                               "(and the FP32 baseline), e.g. 'W8A8,DP N=5' (default: every arm)")
+                                               "(and the FP32 baseline), e.g. 'W8A8,DP N=5'; '=NAME' matches one arm "
+                                               "exactly (default: every arm)")
     args = ap.parse_args()
     if args.rewrite:
         write(json.loads((RESULTS / f"{args.name}.json").read_text()), args.name)

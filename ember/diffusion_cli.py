@@ -30,6 +30,9 @@ def add_diffusion_compile_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dec-shrink", choices=["cv", "off"], default="cv",
                    help="keep per step the share of the DEC cache correction that lowers the guided-noise error most "
                         "on calibration runs the fit left out (cv, default; needs 2+ calibration runs), or all of it (off)")
+    g.add_argument("--dec-uncond-runs", type=int, default=0, metavar="N",
+                   help="DEC's fit also sees N calibration runs of the empty prompt (unconditional samples), which "
+                        "the cache schedule does not (default 0; docs/diffusion.md)")
     g.add_argument("--calib-seeds", type=int, default=1, metavar="S",
                    help="calibration trajectories per calibration prompt (seeds 1000, 1001, ...; default 1)")
     g.add_argument("--steps", type=int, default=50, help="denoising steps the schedule/DEC are fitted for")
@@ -70,6 +73,7 @@ def run_diffusion_compile(a, out: str) -> int:
     kw = dict(steps=a.steps, cache_interval=a.cache_interval, cache_speedup=a.cache_speedup, schedule=a.schedule,
               branch=a.cache_branch, image_size=a.image_size, quantize=a.quantize, calib_method=a.calib_method, dec=a.dec,
               dec_target=a.dec_target, dec_shrink=a.dec_shrink, calib_seeds=a.calib_seeds,
+              dec_uncond_runs=a.dec_uncond_runs,
               schedule_features=a.schedule_features,
               schedule_weights=a.schedule_weights, schedule_distance=a.schedule_distance, guidance_scale=a.guidance_scale, seed=a.seed,
               validate=not getattr(a, "no_validate", False), overwrite=getattr(a, "overwrite", False),

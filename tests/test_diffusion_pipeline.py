@@ -336,3 +336,20 @@ def test_dec_shrinkage_keeps_the_correction_only_where_it_carries_to_held_out_ru
     assert record["heldout_noise_mse_chosen"] <= record["heldout_noise_mse_uncorrected"]
     if gamma == 1.0:
         assert record["heldout_noise_mse_chosen"] < 1e-9 < record["heldout_noise_mse_uncorrected"]
+
+
+def test_dec_uncond_runs_feed_the_dec_fit_and_leave_the_schedule(tiny_folder, dp_engine, tmp_path) -> None:
+    """``dec_uncond_runs``: DEC's fit also sees runs of the empty prompt; the cache schedule comes from
+    the calibration runs alone, so it is the plain compile's."""
+    out = tmp_path / "u"
+    opts = DiffusionCompileOptions(steps=STEPS, cache_interval=3, schedule="dp", dec=True, quiet=True,
+                                   calib_prompts=("a cat", "a dog", "a house"), dec_target="noise", dec_uncond_runs=2)
+    compile_diffusion(str(tiny_folder), out, opts, open_pipeline=DiffusionPipeline)
+    got = json.loads((out / "manifest.json").read_text())["extra"]["diffusion"]
+    plain = json.loads((dp_engine / "manifest.json").read_text())["extra"]["diffusion"]
+    assert got["dec"]["fit_runs"] == {"calibration": 3, "empty_prompt": 2}
+    assert got["cache"]["full_steps"] == plain["cache"]["full_steps"]
+    with ember.load(out) as pipe:
+        assert pipe.generate(["a cat"], steps=STEPS, seed=0).loop.shallow_calls > 0
+    with pytest.raises(ConfigError, match="dec-uncond-runs"):
+        DiffusionCompileOptions(steps=STEPS, dec=True, dec_uncond_runs=-1)

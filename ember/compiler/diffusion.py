@@ -72,6 +72,9 @@ class DiffusionCompileOptions:
     calib_prompts: tuple[str, ...] = calib.DEFAULT_CALIB_PROMPTS
     calib_seed: int = 1000
     calib_seeds: int = 1  # trajectories per calibration prompt (seeds calib_seed, calib_seed + 1, ...)
+    # DEC's fit also sees this many runs of the empty prompt (unconditional samples: the CFG branch every
+    # request computes), after the calibration runs' seeds; the cache schedule does not (docs/diffusion.md)
+    dec_uncond_runs: int = 0
     guidance_scale: float = 7.5
     seed: int = 0  # built-in configs' weight seed
     validate: bool = True
@@ -109,6 +112,8 @@ class DiffusionCompileOptions:
             raise ConfigError(f"dec_shrink {self.dec_shrink!r} must be one of {', '.join(DEC_SHRINK)}")
         if self.calib_seeds < 1:
             raise ConfigError(f"--calib-seeds {self.calib_seeds} must be >= 1 (trajectories per calibration prompt)")
+        if self.dec_uncond_runs < 0:
+            raise ConfigError(f"--dec-uncond-runs {self.dec_uncond_runs} must be >= 0")
         if self.schedule_features not in ("float", "quantized", "auto"):
             raise ConfigError(f"schedule_features {self.schedule_features!r} must be float, quantized or auto")
         if self.steps < 1:
@@ -327,8 +332,16 @@ def compile_diffusion(source: str | os.PathLike, out_dir: str | os.PathLike,
             log.note(f"full steps ({sched.budget}/{opts.steps}): {list(sched.full_steps)}")
         tables = list(quant["tables"]) if quant else []
         if opts.dec:
+            dec_feats = feats
+            if opts.dec_uncond_runs:
+                with log.stage(f"calibrate DEC: {opts.dec_uncond_runs} runs of the empty prompt x {opts.steps} full steps"):
+                    extra = calib.collect_trajectories(pipe, [""] * opts.dec_uncond_runs, opts.steps,
+                                                       opts.calib_seed + len(calib_runs), opts.guidance_scale)
+                    dec_feats = calib.Trajectories(feats.features + extra.features, feats.feeds + extra.feeds,
+                                                   feats.noise + extra.noise)
             with log.stage("fit decoupled error correction"):
-                spec["dec"] = fit_dec(tmp, src, feats, sched, float_shallow, opts, cc, qc)
+                spec["dec"] = fit_dec(tmp, src, dec_feats, sched, float_shallow, opts, cc, qc)
+                spec["dec"]["fit_runs"] = {"calibration": len(feats.features), "empty_prompt": opts.dec_uncond_runs}
                 tables.append("dec.npz")
         finished = None
         if opts.dtype == "fp16" or opts.fuse_attention:
