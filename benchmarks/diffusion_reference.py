@@ -306,6 +306,10 @@ def write(res: dict, name: str) -> None:
     lines += verdict("DEC with the feature target (the compiler's default) minus no DEC",
                      [(f"DP N={n}", f"DP N={n} + DEC, feature target", f"DP N={n}") for n in DEC_INTERVALS]
                      + [("DP N=5 + W8A8", "DP N=5 + W8A8 + DEC, feature target", "DP N=5 + W8A8")])
+    lines += verdict("DEC fitted with 6 empty-prompt runs too (`--dec-uncond-runs 6`) minus no DEC",
+                     [(f"DP N={n}{v}", f"DP N={n} + DEC{v}, uncond DEC runs", f"DP N={n}")
+                      for n in DEC_INTERVALS for v in ("", ", feature target")]
+                     + [("DP N=5 + W8A8", "DP N=5 + W8A8 + DEC, uncond DEC runs", "DP N=5 + W8A8")])
     lines += verdict("the same tables without the held-out shrinkage (`--dec-shrink off`) minus no DEC",
                      [(f"DP N={n}{v}", f"DP N={n} + DEC{v}, no shrinkage", f"DP N={n}")
                       for n in DEC_INTERVALS for v in ("", ", feature target")])
