@@ -8,7 +8,7 @@ typed views are what the session binds.
 
 Two uses (``runtime/paged_graphs.PagedSession``): ``put`` lays the arrays out back to back
 (a plain launch: any shapes, the buffer grown when a call needs more), ``put_fixed`` writes them
-at offsets fixed once (the CUDA-graph decode buckets: a captured graph reads the same
+at offsets fixed once (the CUDA-graph buckets, decode and prefill: a captured graph reads the same
 addresses at every replay). The host buffer is rewritten only once the previous copy out of it
 has finished (an event), so a caller that launches ahead of the device never corrupts a copy in
 flight.
