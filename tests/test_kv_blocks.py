@@ -166,8 +166,8 @@ def test_a_prefix_being_computed_is_in_flight_until_computed_or_freed():
 def test_default_block_size_is_flash_attentions_tile_on_cuda() -> None:
     from ember.runtime.kv_blocks import PAGED_BLOCK_SIZE, default_kv_block_size
 
-    assert default_kv_block_size("cuda:0", "float16", 64) == 256  # llama-1b, TinyLlama
-    assert default_kv_block_size("cuda:1", "float16", 128) == 128  # Llama 3 8B, Qwen3
-    assert default_kv_block_size("cuda:0", "int8", 64) == 256  # measured: 3.4x the tok/s of 16-token int8 blocks
-    assert default_kv_block_size("cuda:0", "float8_e4m3fn", 128) == 128
-    assert default_kv_block_size("cpu", "float32", 64) == PAGED_BLOCK_SIZE
+    # any pool dtype (int8 measured: 3.4x the tok/s of 16-token blocks; the mixed workload's int8 arm
+    # takes the FP16 arm's layout: tests/test_paged_workloads.py)
+    assert default_kv_block_size("cuda:0", 64) == 256  # llama-1b, TinyLlama
+    assert default_kv_block_size("cuda:1", 128) == 128  # Llama 3 8B, Qwen3
+    assert default_kv_block_size("cpu", 64) == PAGED_BLOCK_SIZE

@@ -33,7 +33,6 @@ from ember.bench.metrics import percentiles
 from ember.bench.workload import LengthDist, WorkloadSpec, make_workload
 from ember.engine_format.decoder_spec import KVGeometry
 from ember.errors import InputError
-from ember.export.kv_quant import kv_cache_dtype
 from ember.runtime.kv_blocks import default_kv_block_size
 
 WORKLOADS = ("burst", "prefix", "mixed", "ttft1")
@@ -109,8 +108,8 @@ SIZES = {
 
 
 SIZE_HELP = {"kv_memory": "burst's paged arm's block pool, bytes ",
-             "kv_block_size": "tokens per block, every paged arm (default: the engine's, 256/128 on CUDA "
-                              "with a float pool, 16 elsewhere) ",
+             "kv_block_size": "tokens per block, every paged arm (default: the engine's, 256/128 on CUDA, "
+                              "16 elsewhere) ",
              "mixed_slots": "mixed's slot arm's max_batch; the KV budget follows ",
              "mixed_max_batch": "mixed's paged arm's cap on running sequences "}
 
@@ -156,10 +155,10 @@ def slot_budget(geometry: KVGeometry, itemsize: int, slots: int, seq_len: int) -
     return slots * geometry.slot_bytes(seq_len, itemsize)
 
 
-def paged_layout(s: Sizes, device: str, kv_dtype: str, head_dim: int) -> dict:
+def paged_layout(s: Sizes, device: str, head_dim: int) -> dict:
     """A paged arm's ``ember.load`` options of its layout: ``s.kv_block_size``, else the block size
-    the engine would choose on ``device`` for a ``kv_dtype`` pool (named, so the report shows it)."""
-    return {"kv_layout": "paged", "kv_block_size": s.kv_block_size or default_kv_block_size(device, kv_dtype, head_dim)}
+    the engine would choose on ``device`` (named, so the report shows it)."""
+    return {"kv_layout": "paged", "kv_block_size": s.kv_block_size or default_kv_block_size(device, head_dim)}
 
 
 def plan_arms(workload: str, s: Sizes, vocab: int, geometry: KVGeometry, itemsize: int,
@@ -167,7 +166,7 @@ def plan_arms(workload: str, s: Sizes, vocab: int, geometry: KVGeometry, itemsiz
     """The arms of ``workload`` (``WORKLOADS``) and their requests; the GenAI arm of ttft1 included;
     ``kv_dtypes`` (int8, fp8): mixed adds a paged arm per quantized KV pool, in the same bytes;
     ``itemsize``: the float pool's bytes per element (2: FP16)."""
-    layout = paged_layout(s, device, "float16" if itemsize == 2 else "float32", geometry.head_dim)
+    layout = paged_layout(s, device, geometry.head_dim)
     if workload == "burst":
         warm, timed = (shared_prefix(vocab, s.requests, s.system, s.own, s.new, s.seed + k) for k in (1, 2))
         return [Arm("slots", {"max_batch": s.requests}, warm, timed),
@@ -191,8 +190,7 @@ def plan_arms(workload: str, s: Sizes, vocab: int, geometry: KVGeometry, itemsiz
         paged = {"max_batch": s.mixed_max_batch, **layout, "kv_memory": budget}
         return [Arm("slots", {"max_batch": s.mixed_slots, "kv_memory": budget}, warm, timed),
                 Arm("paged", paged, warm, timed),
-                *[Arm(f"paged {d} KV", {**paged, **paged_layout(s, device, kv_cache_dtype(d).name, geometry.head_dim)},
-                      warm, timed, kv_dtype=d) for d in kv_dtypes]]
+                *[Arm(f"paged {d} KV", paged, warm, timed, kv_dtype=d) for d in kv_dtypes]]
     if workload == "ttft1":
         warm, timed = (shared_prefix(vocab, n, 0, s.ttft_prompt, s.ttft_new, s.seed + k)
                        for k, n in ((1, s.ttft_warm), (2, s.ttft_requests)))

@@ -56,11 +56,11 @@ def kv_itemsize(kv_dtype: str) -> int:
     return 1 if kv_dtype == "float8_e4m3fn" else np.dtype(kv_dtype).itemsize
 
 
-PAGED_BLOCK_SIZE = 16  # the paged layout's block on the CPU and for quantized (int8/fp8) pools
+PAGED_BLOCK_SIZE = 16  # the paged layout's block on the CPU (the host executor)
 
 
-def default_kv_block_size(device: str, kv_dtype: str, head_dim: int) -> int:
-    """The paged layout's block size when ``kv_block_size`` is not given. On CUDA, the tile ONNX
+def default_kv_block_size(device: str, head_dim: int) -> int:
+    """The paged layout's block size when ``kv_block_size`` is not given, whatever the pool's dtype. On CUDA, the tile ONNX
     Runtime's FlashAttention reads K/V in (256 tokens at head size <= 64, 128 above): smaller blocks
     send PagedAttention's prefill and mixed calls over a float pool to its gathering backend, which
     copies every row's past into a dense workspace (llama-1b, H100, mixed workload at one KV budget:

@@ -104,7 +104,7 @@ def load_decoder(folder: Path, manifest: Manifest, *, max_batch: int = 32, kv_me
                              f"kv_layout='slots' (CLI: --kv-layout slots)")
         kv_dtype = paged_part.tensor(KEY_CACHE, layer=0).dtype
     if kv_block_size is None:
-        kv_block_size = default_kv_block_size(device, kv_dtype, geometry.head_dim)
+        kv_block_size = default_kv_block_size(device, geometry.head_dim)
     options = SchedulerOptions(max_batch, kv_memory, max_queue, prefill_chunk, compaction, admit_batch, kv_layout,
                                kv_block_size, prefix_caching)
     scheduler = make_scheduler(options, max_positions=int(cfg["max_positions"]), geometry=geometry, kv_dtype=kv_dtype,

@@ -131,7 +131,7 @@ def graph_bucket(feeds: dict[str, np.ndarray], block_size: int, max_blocks: int,
     rows, tokens = len(feeds["past_seqlens"]), len(feeds["input_ids"])
     cu = feeds["cumulative_sequence_length"]
     max_total = int((feeds["past_seqlens"].astype(np.int64) + np.diff(cu)).max())
-    if tokens == rows:
+    if is_decode_only(feeds):
         return decode_bucket(rows, max_total, block_size, max_blocks, min_kv_bound)
     return prefill_bucket(rows, tokens, max_total, block_size, max_blocks, min_kv_bound)
 
